@@ -1,0 +1,109 @@
+// Shared helpers for geokern's CUDA kernels: elementwise layouts with broadcasting,
+// launch sizing, and error checks. Narrow headers only: torch/extension.h triples
+// the compile time.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/irange.h>
+
+#include <vector>
+
+namespace geokern {
+
+// Up to kMaxDims leading dims after coalescing; per-operand strides in elements,
+// zero where the operand is broadcast. `comp` is the stride of the last (component) dim.
+constexpr int kMaxDims = 4;
+
+struct RowLayout {
+  int ndim;
+  int64_t size[kMaxDims];
+  int64_t stride[3][kMaxDims];  // [operand][dim]
+  int64_t comp[3];
+
+  __device__ __forceinline__ void offsets(int64_t row, int64_t* off) const {
+    off[0] = off[1] = off[2] = 0;
+#pragma unroll
+    for (int d = kMaxDims - 1; d >= 0; --d) {
+      if (d < ndim) {
+        int64_t i = row % size[d];
+        row /= size[d];
+        off[0] += i * stride[0][d];
+        off[1] += i * stride[1][d];
+        off[2] += i * stride[2][d];
+      }
+    }
+  }
+};
+
+// The broadcast shape of the leading dims (all but the last) of a and b.
+inline std::vector<int64_t> broadcast_leading(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t na = a.dim() - 1, nb = b.dim() - 1, n = std::max(na, nb);
+  std::vector<int64_t> shape(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ia = i - (n - na), ib = i - (n - nb);
+    const int64_t sa = ia >= 0 ? a.size(ia) : 1, sb = ib >= 0 ? b.size(ib) : 1;
+    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, "geokern: leading dims of a ", a.sizes(),
+                " and b ", b.sizes(), " do not broadcast (dim ", i, ": ", sa, " vs ", sb, ")");
+    shape[i] = sa == 1 ? sb : sa;
+  }
+  return shape;
+}
+
+// Strides of `t` viewed as `shape` (+ its last dim), zero on broadcast dims.
+inline std::vector<int64_t> broadcast_strides(const at::Tensor& t, const std::vector<int64_t>& shape) {
+  const int64_t n = shape.size(), nt = t.dim() - 1;
+  std::vector<int64_t> st(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t it = i - (n - nt);
+    if (it >= 0 && t.size(it) != 1) st[i] = t.stride(it);
+  }
+  return st;
+}
+
+// Merges adjacent leading dims where every operand is linear across them. Returns false
+// when more than kMaxDims remain (the caller then makes the operands contiguous).
+inline bool make_row_layout(const std::vector<int64_t>& shape,
+                            const std::vector<std::vector<int64_t>>& strides,
+                            const int64_t* comp, RowLayout* L) {
+  std::vector<int64_t> sz;
+  std::vector<std::vector<int64_t>> st(strides.size());
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] == 1) continue;
+    bool merge = !sz.empty();
+    for (size_t o = 0; merge && o < strides.size(); ++o)
+      merge = st[o].back() == strides[o][d] * shape[d];
+    if (merge) {
+      sz.back() *= shape[d];
+      for (size_t o = 0; o < strides.size(); ++o) st[o].back() = strides[o][d];
+    } else {
+      sz.push_back(shape[d]);
+      for (size_t o = 0; o < strides.size(); ++o) st[o].push_back(strides[o][d]);
+    }
+  }
+  if (sz.size() > static_cast<size_t>(kMaxDims)) return false;
+  L->ndim = static_cast<int>(sz.size());
+  for (int d = 0; d < kMaxDims; ++d) {
+    L->size[d] = d < L->ndim ? sz[d] : 1;
+    for (size_t o = 0; o < 3; ++o)
+      L->stride[o][d] = (d < L->ndim && o < strides.size()) ? st[o][d] : 0;
+  }
+  for (size_t o = 0; o < 3; ++o) L->comp[o] = o < strides.size() ? comp[o] : 0;
+  return true;
+}
+
+inline int grid_for(int64_t work, int threads) {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t want = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sms) * 32)));
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace geokern

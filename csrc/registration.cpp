@@ -1,0 +1,36 @@
+// geokern._C: every op schema is declared here, once; each family's .cu adds only
+// its TORCH_LIBRARY_IMPL. The module itself uses the limited Python API (no pybind11)
+// so the wheel is abi3; its one function reports the facts it was built with.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef GEOKERN_ARCHS
+#define GEOKERN_ARCHS "unknown"
+#endif
+#ifndef GEOKERN_TORCH_VERSION
+#define GEOKERN_TORCH_VERSION "unknown"
+#endif
+#ifndef GEOKERN_CUDA_VERSION
+#define GEOKERN_CUDA_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(geokern, m) {
+  // Hypercomplex products; n is the algebra dimension (4: quaternions, 8: octonions).
+  // Inputs are broadcast against each other in their leading dims.
+  m.def("hypercomplex_mul_cuda(Tensor a, Tensor b, int n) -> Tensor");
+  m.def("hypercomplex_mul_backward_cuda(Tensor grad, Tensor a, Tensor b, int n) -> (Tensor, Tensor)");
+  m.def("hypercomplex_conj_cuda(Tensor a, int n) -> Tensor");
+}
+
+static PyObject* build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:s,s:s}", "archs", GEOKERN_ARCHS, "torch", GEOKERN_TORCH_VERSION,
+                       "cuda", GEOKERN_CUDA_VERSION);
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Archs, torch and CUDA versions _C was built with."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+extern "C" PyObject* PyInit__C(void) { return PyModule_Create(&module); }

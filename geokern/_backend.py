@@ -1,0 +1,74 @@
+"""Backend selection: backend= "auto" | "cuda" | "triton" | "torch", or $GEOKERN_BACKEND.
+
+An explicitly requested backend that cannot run is an error saying why, never a
+silent fallback. "auto" takes the family's measured preference order for CUDA
+tensors and the reference ("torch") for CPU tensors.
+"""
+
+import functools
+import os
+
+import torch
+
+from geokern import _ext
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+
+def interpret_mode():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(None)
+def triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def why_unavailable(backend, device):
+    """None if `backend` can run on tensors on `device`, else the reason."""
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        if not _ext.HAS_C:
+            return f"the CUDA extension geokern._C is not built or does not load ({_ext.LOAD_ERROR})"
+        if device.type != "cuda":
+            return f"the CUDA kernels need CUDA tensors, got device {device}"
+        return None
+    if backend == "triton":
+        if triton_version() is None:
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
+            return None
+        return f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(op, backend, device, prefer=("cuda", "triton")):
+    """The backend to run `op` with for tensors on `device`."""
+    if backend is None:
+        backend = os.environ.get("GEOKERN_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for b in prefer:
+            if why_unavailable(b, device) is None:
+                return b
+        return "torch"
+    why = why_unavailable(backend, device)
+    if why is not None:
+        raise RuntimeError(f"{op}: backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+def available(device=None):
+    """The explicit backends usable for tensors on `device` (default: cuda if present)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [b for b in BACKENDS[1:] if why_unavailable(b, torch.device(device)) is None]

@@ -1,0 +1,40 @@
+"""Input validation shared by every public op: clear errors naming the argument."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(op, name, t, *, dtypes=FLOAT_DTYPES, last_dim=None, min_dim=1):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({allowed}), got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dim(s), got shape {tuple(t.shape)}")
+    if last_dim is not None and t.shape[-1] != last_dim:
+        raise ValueError(
+            f"{op}: {name} must have last dim {last_dim}, got shape {tuple(t.shape)}"
+        )
+
+
+def check_same(op, named):
+    """All tensors in `named` ({name: tensor}) share one dtype and one device."""
+    (n0, t0), *rest = named.items()
+    for n, t in rest:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{op}: {n} has dtype {t.dtype} but {n0} has {t0.dtype}")
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {n} is on {t.device} but {n0} is on {t0.device}")
+
+
+def broadcast_leading(op, a_name, a, b_name, b):
+    """The broadcast shape of all dims but the last, or a ValueError naming both inputs."""
+    try:
+        return torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: leading dims of {a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} "
+            "do not broadcast"
+        ) from None

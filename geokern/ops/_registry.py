@@ -1,0 +1,52 @@
+"""Custom-op plumbing shared by every op family.
+
+CUDA-backend ops are declared in csrc/registration.cpp (geokern::<op>_cuda); here they
+get fake implementations and the reference as their CPU implementation, so that
+opcheck and torch.compile run on machines without a GPU. Triton-backend ops are
+torch.library.triton_op (geokern::<op>_triton), so torch.compile sees into them.
+"""
+
+import torch
+
+from geokern import _ext
+from geokern._backend import interpret_mode
+
+CUSTOM_OPS = []  # (backend, qualified name): every op geokern defines, for tests and docs
+
+
+def cuda_op(name, fake, cpu_impl):
+    """torch.ops.geokern.<name> from _C with its fake and CPU implementations, or None."""
+    if not _ext.HAS_C:
+        return None
+    qualname = f"geokern::{name}"
+    torch.library.register_fake(qualname)(fake)
+    torch.library.register_kernel(qualname, "cpu")(cpu_impl)
+    CUSTOM_OPS.append(("cuda", qualname))
+    return getattr(torch.ops.geokern, name).default
+
+
+def triton_op(name, impl):
+    """A triton_op geokern::<name> whose body calls `impl(*args, launch=...)`.
+
+    On CUDA, kernels launch through wrap_triton so torch.compile traces them. On CPU
+    tensors under TRITON_INTERPRET=1 the interpreter's kernels cannot be wrapped, so
+    they launch directly (eager only: tracing CPU Triton ops is unsupported).
+    """
+    qualname = f"geokern::{name}"
+
+    def body(*args):
+        traced = not interpret_mode()
+        return impl(*args, launch=torch.library.wrap_triton if traced else None)
+
+    body.__signature__ = _signature_of(impl)
+    op = torch.library.triton_op(qualname, body, mutates_args=())
+    CUSTOM_OPS.append(("triton", qualname))
+    return op
+
+
+def _signature_of(impl):
+    import inspect
+
+    sig = inspect.signature(impl)
+    params = [p for p in sig.parameters.values() if p.name != "launch"]
+    return sig.replace(parameters=params)

@@ -1,0 +1,158 @@
+"""Quaternion and octonion products and conjugates: checks, backends, autograd.
+
+Public: quaternion_mul, quaternion_conj, octonion_mul, octonion_conj. Each takes
+tensors whose last dim is 4 (quaternions, (w, x, y, z)) or 8 (octonions, Cayley-Dickson
+pairs of quaternions, see geokern.reference.hypercomplex) and broadcasts the leading
+dims. float16 / bfloat16 / float32 / float64; arithmetic in float32 (float64 for
+float64). The backward of a product is two products (dA = dC conj(B),
+dB = conj(A) dC), summed over broadcast dims in float32.
+"""
+
+import torch
+
+from geokern import _backend
+from geokern._checks import FLOAT_DTYPES, broadcast_leading, check_same, check_tensor
+from geokern.kernels import hypercomplex as tk
+from geokern.ops._registry import cuda_op, triton_op
+from geokern.reference import hypercomplex as ref
+
+_NAMES = {4: "quaternion", 8: "octonion"}
+_PREFER = ("cuda", "triton")  # measured on H100: see benchmarks/results
+
+
+# ---- custom ops ----------------------------------------------------------------
+
+
+def _fake_mul(a, b, n):
+    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return a.new_empty(tuple(lead) + (n,))
+
+
+def _fake_mul_bwd(grad, a, b, n):
+    return a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _fake_conj(a, n):
+    return a.new_empty(a.shape)
+
+
+def _ref_conj(a, n):
+    return ref.hypercomplex_conj(a, n).contiguous()
+
+
+_mul_cuda = cuda_op("hypercomplex_mul_cuda", _fake_mul, ref.hypercomplex_mul)
+_mul_bwd_cuda = cuda_op("hypercomplex_mul_backward_cuda", _fake_mul_bwd, ref.hypercomplex_mul_backward)
+_conj_cuda = cuda_op("hypercomplex_conj_cuda", _fake_conj, _ref_conj)
+
+
+def _mul_triton(a: torch.Tensor, b: torch.Tensor, n: int, launch=None) -> torch.Tensor:
+    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    c = a.new_empty(tuple(lead) + (n,))
+    return tk.hypercomplex_fwd(a, b, c, lead, n, tk.MUL, launch)
+
+
+def _conj_triton(a: torch.Tensor, n: int, launch=None) -> torch.Tensor:
+    c = a.new_empty(a.shape)
+    return tk.hypercomplex_fwd(a, a, c, a.shape[:-1], n, tk.CONJ, launch)
+
+
+def _mul_bwd_triton(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int, launch=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lead = grad.shape[:-1]
+    reduce = tuple(a.shape) != tuple(grad.shape) or tuple(b.shape) != tuple(grad.shape)
+    # broadcast dims are summed afterwards: keep the full-shape grads in float32 then
+    acc = torch.float32 if reduce and a.dtype != torch.float64 else a.dtype
+    da = grad.new_empty(grad.shape, dtype=acc)
+    db = grad.new_empty(grad.shape, dtype=acc)
+    tk.hypercomplex_mul_bwd(grad.contiguous(), a, b, da, db, lead, n, launch)
+    return da.sum_to_size(a.shape).to(a.dtype), db.sum_to_size(b.shape).to(b.dtype)
+
+
+_mul_tri = triton_op("hypercomplex_mul_triton", _mul_triton)
+_mul_bwd_tri = triton_op("hypercomplex_mul_backward_triton", _mul_bwd_triton)
+_conj_tri = triton_op("hypercomplex_conj_triton", _conj_triton)
+
+_KERNELS = {
+    "cuda": (_mul_cuda, _mul_bwd_cuda, _conj_cuda),
+    "triton": (_mul_tri, _mul_bwd_tri, _conj_tri),
+}
+
+
+# ---- autograd ------------------------------------------------------------------
+
+
+class HypercomplexMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(a, b, n, backend):
+        return _KERNELS[backend][0](a, b, n)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b, n, backend = inputs
+        ctx.save_for_backward(a, b)
+        ctx.n, ctx.backend = n, backend
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        da, db = _KERNELS[ctx.backend][1](grad, a, b, ctx.n)
+        return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None), None, None
+
+
+class HypercomplexConjFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(a, n, backend):
+        return _KERNELS[backend][2](a, n)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.n, ctx.backend = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):  # conj is linear and its own adjoint
+        return _KERNELS[ctx.backend][2](grad, ctx.n), None, None
+
+
+# ---- public ops ----------------------------------------------------------------
+
+
+def _mul(a, b, n, backend):
+    op = f"{_NAMES[n]}_mul"
+    check_tensor(op, "a", a, dtypes=FLOAT_DTYPES, last_dim=n)
+    check_tensor(op, "b", b, dtypes=FLOAT_DTYPES, last_dim=n)
+    check_same(op, {"a": a, "b": b})
+    broadcast_leading(op, "a", a, "b", b)
+    be = _backend.resolve(op, backend, a.device, _PREFER)
+    if be == "torch":
+        return ref.hypercomplex_mul(a, b, n)
+    return HypercomplexMulFunction.apply(a, b, n, be)
+
+
+def _conj(a, n, backend):
+    op = f"{_NAMES[n]}_conj"
+    check_tensor(op, "a", a, dtypes=FLOAT_DTYPES, last_dim=n)
+    be = _backend.resolve(op, backend, a.device, _PREFER)
+    if be == "torch":
+        return ref.hypercomplex_conj(a, n)
+    return HypercomplexConjFunction.apply(a, n, be)
+
+
+def quaternion_mul(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Hamilton product a b of quaternions (w, x, y, z) in the last dim; leading dims broadcast."""
+    return _mul(a, b, 4, backend)
+
+
+def octonion_mul(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Octonion product a b (Cayley-Dickson over quaternion halves); leading dims broadcast."""
+    return _mul(a, b, 8, backend)
+
+
+def quaternion_conj(a: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """(w, -x, -y, -z)."""
+    return _conj(a, 4, backend)
+
+
+def octonion_conj(a: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """(a0, -a1, ..., -a7)."""
+    return _conj(a, 8, backend)

@@ -1,0 +1,200 @@
+"""Triton kernels for quaternion (n = 4) and octonion (n = 8) products and conjugates.
+
+Memory-bound elementwise kernels. A program handles BLOCK rows as one [BLOCK, n]
+tile, so each row's components are contiguous in a thread's registers (16-byte loads
+for float32 quaternions); tl.split / tl.join move between the tile and its n
+component vectors. Broadcast and strided operands index through a row layout
+(kernels/_layout.py) instead of being copied. Arithmetic in float32 (float64 for
+float64 inputs).
+"""
+
+import triton
+import triton.language as tl
+
+from geokern.kernels._layout import layout_for
+
+# op codes of hypercomplex_fwd_kernel
+MUL, CONJ = 0, 1
+
+
+@triton.jit
+def _split4(x, BLOCK: tl.constexpr):
+    # [BLOCK, 4] -> 4 x [BLOCK]; reshape gives [r, i, j] = x[r, 2i + j]
+    e, o = tl.split(tl.reshape(x, (BLOCK, 2, 2)))
+    c0, c2 = tl.split(e)
+    c1, c3 = tl.split(o)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _join4(c0, c1, c2, c3, BLOCK: tl.constexpr):
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK, 4))
+
+
+@triton.jit
+def _split8(x, BLOCK: tl.constexpr):
+    # [BLOCK, 8] -> [BLOCK, 2, 4]: first half (a) and second half (b) of each octonion
+    x = tl.reshape(x, (BLOCK, 2, 4))
+    x = tl.permute(x, (0, 2, 1))
+    a, b = tl.split(x)
+    a0, a1, a2, a3 = _split4(a, BLOCK)
+    b0, b1, b2, b3 = _split4(b, BLOCK)
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK: tl.constexpr):
+    a = _join4(c0, c1, c2, c3, BLOCK)
+    b = _join4(c4, c5, c6, c7, BLOCK)
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BLOCK, 8))
+
+
+@triton.jit
+def _qmul(aw, ax, ay, az, bw, bx, by, bz):
+    return (
+        aw * bw - ax * bx - ay * by - az * bz,
+        aw * bx + ax * bw + ay * bz - az * by,
+        aw * by - ax * bz + ay * bw + az * bx,
+        aw * bz + ax * by - ay * bx + az * bw,
+    )
+
+
+@triton.jit
+def _omul(x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7):
+    # Cayley-Dickson: (a, b)(c, d) = (a c - conj(d) b, d a + b conj(c))
+    p0, p1, p2, p3 = _qmul(x0, x1, x2, x3, y0, y1, y2, y3)
+    q0, q1, q2, q3 = _qmul(y4, -y5, -y6, -y7, x4, x5, x6, x7)
+    r0, r1, r2, r3 = _qmul(y4, y5, y6, y7, x0, x1, x2, x3)
+    s0, s1, s2, s3 = _qmul(x4, x5, x6, x7, y0, -y1, -y2, -y3)
+    return p0 - q0, p1 - q1, p2 - q2, p3 - q3, r0 + s0, r1 + s1, r2 + s2, r3 + s3
+
+
+@triton.jit
+def _hmul(x, y, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Product of two [BLOCK, N] tiles."""
+    if N == 4:
+        a0, a1, a2, a3 = _split4(x, BLOCK)
+        b0, b1, b2, b3 = _split4(y, BLOCK)
+        c0, c1, c2, c3 = _qmul(a0, a1, a2, a3, b0, b1, b2, b3)
+        return _join4(c0, c1, c2, c3, BLOCK)
+    else:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _split8(x, BLOCK)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _split8(y, BLOCK)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _omul(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7)
+        return _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK)
+
+
+@triton.jit
+def _hconj(x, N: tl.constexpr):
+    cols = tl.arange(0, N)[None, :]
+    return tl.where(cols == 0, x, -x)
+
+
+@triton.jit
+def _row_offsets(rows, s0, s1, s2, s3, t0, t1, t2, t3):
+    """Element offset of each row for an operand with strides t over sizes s (outermost first)."""
+    i3 = rows % s3
+    r = rows // s3
+    i2 = r % s2
+    r = r // s2
+    i1 = r % s1
+    i0 = r // s1
+    return i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3
+
+
+@triton.jit
+def hypercomplex_fwd_kernel(
+    a_ptr, b_ptr, c_ptr, rows_total,
+    s0, s1, s2, s3,
+    as0, as1, as2, as3, a_comp,
+    bs0, bs1, bs2, bs3, b_comp,
+    OP: tl.constexpr, N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, N)
+    mask = (rows < rows_total)[:, None]
+    if DENSE:
+        a_off = rows[:, None] * N + cols[None, :]
+        b_off = a_off
+    else:
+        a_off = _row_offsets(rows, s0, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
+        b_off = _row_offsets(rows, s0, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
+    ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    x = tl.load(a_ptr + a_off, mask=mask).to(ACC)
+    if OP == 0:
+        y = tl.load(b_ptr + b_off, mask=mask).to(ACC)
+        z = _hmul(x, y, N, BLOCK)
+    else:
+        z = _hconj(x, N)
+    tl.store(c_ptr + rows[:, None] * N + cols[None, :], z.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def hypercomplex_mul_bwd_kernel(
+    g_ptr, a_ptr, b_ptr, da_ptr, db_ptr, rows_total,
+    s0, s1, s2, s3,
+    as0, as1, as2, as3, a_comp,
+    bs0, bs1, bs2, bs3, b_comp,
+    N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # dA = dC conj(B), dB = conj(A) dC; g, da, db are contiguous in the broadcast shape
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, N)
+    mask = (rows < rows_total)[:, None]
+    out_off = rows[:, None] * N + cols[None, :]
+    if DENSE:
+        a_off = out_off
+        b_off = out_off
+    else:
+        a_off = _row_offsets(rows, s0, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
+        b_off = _row_offsets(rows, s0, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
+    ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    g = tl.load(g_ptr + out_off, mask=mask).to(ACC)
+    x = tl.load(a_ptr + a_off, mask=mask).to(ACC)
+    y = tl.load(b_ptr + b_off, mask=mask).to(ACC)
+    da = _hmul(g, _hconj(y, N), N, BLOCK)
+    db = _hmul(_hconj(x, N), g, N, BLOCK)
+    tl.store(da_ptr + out_off, da.to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + out_off, db.to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(n):
+    return 1024 if n == 4 else 512
+
+
+def _layout_args(a, b, lead, n):
+    """(a, b, dense, flat layout args) for the kernels above."""
+    dense = all(t.is_contiguous() and tuple(t.shape[:-1]) == tuple(lead) for t in (a, b))
+    if dense:
+        return a, b, True, [1, 1, 1, 1] + [0, 0, 0, 0, 1] * 2
+    a, b, sizes, strides = layout_for(a, b, lead, n)
+    return a, b, False, list(sizes) + strides[0] + [a.stride(-1)] + strides[1] + [b.stride(-1)]
+
+
+def hypercomplex_fwd(a, b, c, lead, n, op, launch=None):
+    """c = a b (op=MUL) or conj(a) (op=CONJ); c is contiguous with shape lead + (n,).
+
+    `launch` wraps the kernel (torch.library.wrap_triton inside a triton_op).
+    """
+    rows = c.numel() // n
+    if rows == 0:
+        return c
+    a, b, dense, args = _layout_args(a, b, lead, n)
+    kernel = (launch or (lambda k: k))(hypercomplex_fwd_kernel)
+    block = _block(n)
+    kernel[(triton.cdiv(rows, block),)](a, b, c, rows, *args, OP=op, N=n, DENSE=dense, BLOCK=block, num_warps=4)
+    return c
+
+
+def hypercomplex_mul_bwd(g, a, b, da, db, lead, n, launch=None):
+    """Writes dA, dB at the broadcast shape lead + (n,) into da, db (contiguous)."""
+    rows = g.numel() // n
+    if rows == 0:
+        return da, db
+    a, b, dense, args = _layout_args(a, b, lead, n)
+    kernel = (launch or (lambda k: k))(hypercomplex_mul_bwd_kernel)
+    block = _block(n)
+    kernel[(triton.cdiv(rows, block),)](g, a, b, da, db, rows, *args, N=n, DENSE=dense, BLOCK=block, num_warps=4)
+    return da, db

@@ -1,0 +1,156 @@
+"""Build geokern and, when a CUDA toolkit and a CUDA build of torch are present, geokern._C.
+
+Environment:
+  GEOKERN_BUILD_CUDA=auto|0|1   auto (default): build _C if possible; 0: skip; 1: failure is an error
+  TORCH_CUDA_ARCH_LIST          archs to compile for (default "8.0;9.0")
+  MAX_JOBS                      parallel compile jobs (ninja)
+  CUDA_HOME                     the toolkit; found by itself when unset (see _find_cuda_home)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _read_wrapper_target(path):
+    """If `path` is a small shell script that execs a real nvcc, return that nvcc."""
+    try:
+        if os.path.getsize(path) > 64 * 1024:
+            return None
+        with open(path, "r", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    m = re.search(r"(/\S+/bin/nvcc)\b", text)
+    return m.group(1) if m and os.path.isfile(m.group(1)) else None
+
+
+def _find_cuda_home():
+    """The real toolkit, so that a wrapper `nvcc` on PATH does not mislead torch.
+
+    torch guesses CUDA_HOME as dirname(dirname(which nvcc)); on machines where nvcc on
+    PATH is a wrapper script outside the toolkit this yields e.g. /usr/local and the
+    link fails with `cannot find -lcudart`. Order: $CUDA_HOME / $CUDA_PATH, the standard
+    /usr/local/cuda, the toolkit a wrapper script calls, the nvcc binary's own folder.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return home
+    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = _read_wrapper_target(nvcc) or os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if os.path.isdir(os.path.join(home, "include")):
+            return home
+    return None
+
+
+def _nvcc_version(cuda_home):
+    out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _want_cuda():
+    mode = os.environ.get("GEOKERN_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"GEOKERN_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _fail_or_skip(mode, why):
+    if mode == "1":
+        sys.exit(f"geokern: GEOKERN_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
+    print(f"geokern: building without the CUDA extension ({why})", file=sys.stderr)
+    return None
+
+
+def _cuda_extension():
+    mode = _want_cuda()
+    if mode == "0":
+        return None
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        return _fail_or_skip(mode, "no CUDA toolkit found (set CUDA_HOME)")
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDAExtension
+    except ImportError as e:
+        return _fail_or_skip(mode, f"torch is not importable ({e})")
+    if torch.version.cuda is None:
+        return _fail_or_skip(mode, f"torch {torch.__version__} is a CPU-only build")
+    nvcc_ver = _nvcc_version(cuda_home)
+    torch_ver = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
+    if nvcc_ver is None or nvcc_ver[0] != torch_ver[0]:
+        return _fail_or_skip(
+            mode,
+            f"nvcc {nvcc_ver} in {cuda_home} does not match the CUDA major version torch was "
+            f"built with ({torch.version.cuda}); install a matching toolkit or set CUDA_HOME",
+        )
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    arch_label = archs.replace(" ", ";")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*.cu") + glob.glob("csrc/*/*.cpp"))
+    return CUDAExtension(
+        name="geokern._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[
+            ("GEOKERN_ARCHS", f'"{arch_label}"'),
+            ("GEOKERN_TORCH_VERSION", f'"{torch.__version__}"'),
+            ("GEOKERN_CUDA_VERSION", f'"{nvcc_ver[0]}.{nvcc_ver[1]}"'),
+            ("Py_LIMITED_API", "0x03090000"),
+        ],
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+        py_limited_api=True,
+    )
+
+
+def _local_version():
+    """+cu130torch2.11, as flash-attention names its wheels (only when _C is built)."""
+    try:
+        import torch
+
+        if torch.version.cuda is None:
+            return ""
+        cu = "".join(torch.version.cuda.split(".")[:2])
+        tv = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        return f"+cu{cu}torch{tv}"
+    except ImportError:
+        return ""
+
+
+ext = _cuda_extension()
+ext_modules, cmdclass, options = [], {}, {}
+version = VERSION
+if ext is not None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext_modules = [ext]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    options = {"bdist_wheel": {"py_limited_api": "cp39"}}
+    if os.environ.get("GEOKERN_LOCAL_VERSION", "1") == "1":
+        version = VERSION + _local_version()
+
+setup(
+    version=version,
+    packages=find_packages(include=["geokern", "geokern.*"]) + ["geokern.kernels"],
+    package_dir={"geokern.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options=options,
+)
