@@ -17,7 +17,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+VERSION = open(os.path.join(ROOT, "geokern", "_version.py")).read().split('"')[1]
 
 
 def _read_wrapper_target(path):

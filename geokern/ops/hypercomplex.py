@@ -16,6 +16,8 @@ from geokern.kernels import hypercomplex as tk
 from geokern.ops._registry import cuda_op, triton_op
 from geokern.reference import hypercomplex as ref
 
+__all__ = ["quaternion_mul", "quaternion_conj", "octonion_mul", "octonion_conj"]
+
 _NAMES = {4: "quaternion", 8: "octonion"}
 _PREFER = ("cuda", "triton")  # measured on H100: see benchmarks/results
 
