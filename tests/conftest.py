@@ -1,0 +1,36 @@
+"""Test setup: the Triton interpreter without a GPU, and NaN-poisoned allocations."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # must precede the first import of geokern: triton.jit reads it at decoration time
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def _poison(t):
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        return t.fill_(True)
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """torch.empty & co. return NaN-filled memory, so an element a kernel fails to write
+    fails the comparison. C++ allocations (at::empty in geokern._C) come from the CUDA
+    caching allocator: it is handed a NaN-filled block first, which they then reuse."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(new_empty(self, *a, **k)))
+    if HAS_CUDA:
+        block = empty(64 << 20, device="cuda").fill_(float("nan"))
+        del block
+    yield
