@@ -1,0 +1,113 @@
+"""Max-plus (tropical) and min-plus matrix products: the definition (spec section 1).
+
+    C[..., i, j] = max_k (A[..., i, k] + B[..., k, j])        semiring="maxplus"
+    C[..., i, j] = min_k (A[..., i, k] + B[..., k, j])        semiring="minplus"
+
+A is (..., M, K), B is (..., K, N); the leading dims broadcast. -inf is the max-plus
+semiring zero (+inf the min-plus one): an empty K gives it. Conventions every backend
+follows:
+
+- argmax (argmin for min-plus) is the k that wins each entry; ties go to the smallest k.
+  For an entry whose sums are all -inf that is k = 0; for K = 0 it is -1. For a NaN entry
+  the reference returns the first k whose sum is NaN; kernels return some k in [0, K)
+  (NaN entries have no meaningful route).
+- NaN in any sum gives NaN out (so does -inf + inf, as in IEEE arithmetic).
+- margin is the gap between the winner and the runner-up over k (top1 - top2 for
+  max-plus, top2 - top1 for min-plus; 0 on ties): the entry cannot change under
+  perturbations of the inputs smaller than margin / 2. It is +inf where there is no
+  finite runner-up (K < 2, or the runner-up is the semiring zero), NaN where C is NaN.
+- Gradient flows through the argmax only: dA[i, k] = sum_j dC[i, j] [k == argmax(i, j)],
+  likewise dB. The result below is built by gathering A and B at the argmax, so
+  autograd of this function is exactly that rule.
+
+Memory-bounded: K is processed in chunks so that no M x K x N tensor is formed
+(at most about _CHUNK_ELEMS sums at a time). Works in any float dtype, on any device;
+16-bit inputs are summed in their own dtype (rounding is monotone, so the max of the
+rounded sums equals the rounded max: only the argmax among near-ties can differ from
+a float32 computation).
+"""
+
+import torch
+
+SEMIRINGS = ("maxplus", "minplus")
+_CHUNK_ELEMS = 1 << 24
+
+
+def _route(A, B):
+    """(top1, argmax, top2) of max-plus over k for broadcast A (L, M, K), B (L, K, N)."""
+    L, M, K = A.shape
+    N = B.shape[-1]
+    kc = max(1, min(K, _CHUNK_ELEMS // max(1, L * M * N)))
+    top1 = top2 = idx = None
+    for k0 in range(0, K, kc):
+        k1 = min(K, k0 + kc)
+        s = A[:, :, k0:k1, None] + B[:, None, k0:k1, :]  # (L, M, kc, N)
+        ks = torch.arange(k0, k1, device=A.device).view(1, 1, -1, 1)
+        # chunk winner: NaN wins (first NaN k), else the max, ties to the smallest k
+        nan = torch.isnan(s)
+        c1 = s.amax(dim=2)  # propagates NaN
+        win = torch.where(nan.any(dim=2, keepdim=True), nan, s == c1.unsqueeze(2))
+        i1 = torch.where(win, ks, K).amin(dim=2)
+        # runner-up in the chunk: the max after removing the winner (one copy of it)
+        s2 = s.masked_fill(ks == i1.unsqueeze(2), float("-inf"))
+        c2 = s2.amax(dim=2) if k1 - k0 > 1 else torch.full_like(c1, float("-inf"))
+        if top1 is None:
+            top1, idx, top2 = c1, i1, c2
+            continue
+        # combine with earlier chunks: a later k takes over only if strictly greater
+        # (or the first NaN); earlier k keeps ties
+        take = (c1 > top1) | (torch.isnan(c1) & ~torch.isnan(top1))
+        new2 = torch.where(take, torch.maximum(top1, c2), torch.maximum(top2, c1))
+        top1, idx, top2 = torch.where(take, c1, top1), torch.where(take, i1, idx), new2
+    return top1, idx, top2
+
+
+def maxplus_matmul(A, B, return_argmax=False, return_margin=False, semiring="maxplus"):
+    """C = A (max,+) B, optionally with (argmax, margin). See the module docstring."""
+    if semiring not in SEMIRINGS:
+        raise ValueError(f"maxplus_matmul: semiring must be one of {SEMIRINGS}, got {semiring!r}")
+    if A.dim() < 2 or B.dim() < 2 or A.shape[-1] != B.shape[-2]:
+        raise ValueError(f"maxplus_matmul: A (..., M, K) and B (..., K, N) do not match: {tuple(A.shape)}, {tuple(B.shape)}")
+    sign = 1.0 if semiring == "maxplus" else -1.0
+    lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
+    Ae, Be = A.expand(*lead, M, K), B.expand(*lead, K, N)
+    if K == 0:
+        C = A.new_full((*lead, M, N), -sign * float("inf"))
+        idx = torch.full((*lead, M, N), -1, dtype=torch.int64, device=A.device)
+        margin = torch.full_like(C, float("inf"))
+    else:
+        with torch.no_grad():
+            a = (sign * Ae.detach()).reshape(-1, M, K)
+            b = (sign * Be.detach()).reshape(-1, K, N)
+            top1, idx, top2 = _route(a, b)
+            idx = idx.reshape(*lead, M, N)
+            gap = top1 - top2
+            margin = torch.where((top2 == float("-inf")) & ~torch.isnan(top1), float("inf"), gap)
+            margin = margin.reshape(*lead, M, N)
+        # C built by gathering the winners: exact, and differentiable along the route only
+        C = Ae.gather(-1, idx) + Be.gather(-2, idx)
+    out = (C,)
+    if return_argmax:
+        out += (idx,)
+    if return_margin:
+        out += (margin,)
+    return out[0] if len(out) == 1 else out
+
+
+def maxplus_matmul_backward(grad, argmax, a_shape, b_shape):
+    """(dA, dB) for C = maxplus_matmul(A, B) from dC = grad and the argmax route.
+
+    dA[..., i, k] = sum_j grad[..., i, j] [k == argmax[..., i, j]], dB likewise; summed
+    over dims where A or B was broadcast. Accumulates in float32 (float64 for float64).
+    """
+    *lead, M, N = grad.shape
+    K = a_shape[-1]
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)
+    dA = torch.zeros(*lead, M, K, dtype=acc, device=grad.device)
+    dB = torch.zeros(*lead, K, N, dtype=acc, device=grad.device)
+    if K > 0 and grad.numel() > 0:
+        dA.scatter_add_(-1, argmax, g)
+        dB.scatter_add_(-2, argmax, g)
+    return dA.sum_to_size(a_shape).to(grad.dtype), dB.sum_to_size(b_shape).to(grad.dtype)
