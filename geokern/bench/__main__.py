@@ -1,0 +1,3 @@
+from geokern.bench.runner import main
+
+main()

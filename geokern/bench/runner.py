@@ -1,0 +1,200 @@
+"""`python -m geokern.bench`: time every registered case against its peers and ceilings.
+
+For each case: check every implementation against the reference (an implementation
+that fails is reported as failed, never timed), time it with do_bench (median, inputs
+rotated through buffers larger than L2), and write one JSON per op family plus a PNG
+plot to the output folder, in the schema of DESIGN.md.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from geokern.bench import ceilings, registry
+
+L2_BYTES = 50 << 20
+
+
+def _device_slug():
+    name = torch.cuda.get_device_name(0)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.check_output(["git", "-C", root, "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("GEOKERN_COMMIT", "unknown")
+
+
+def _rel_err(out, ref):
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        o, r = o.double(), r.double()
+        if torch.isnan(o).any() and not torch.isnan(r).any():
+            return math.inf
+        den = r.norm().item() or 1.0
+        worst = max(worst, (o - r).norm().item() / den)
+    return worst
+
+
+def _time(fn, input_sets, do_bench):
+    it = itertools.cycle(input_sets)
+    return do_bench(lambda: fn(*next(it)), warmup=25, rep=200, return_mode="median")
+
+
+def run_case(case, ceils, do_bench, progress):
+    sets = [case.make_inputs()]
+    if case.input_bytes:
+        n = min(8, max(1, math.ceil(3 * L2_BYTES / case.input_bytes)))
+        sets += [case.make_inputs() for _ in range(n - 1)]
+    ref = case.reference(*sets[0])
+    timed = {}
+    for name, fn in itertools.chain(case.impls.items(), case.peers.items()):
+        progress(f"{case.key} {name}")
+        try:
+            err = _rel_err(fn(*sets[0]), ref)
+        except Exception as e:  # an unsupported peer (out of memory, compile failure)
+            timed[name] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            torch.cuda.empty_cache()
+            continue
+        if not err <= case.tol:
+            timed[name] = (None, f"failed check: relative error {err:.2e} > {case.tol:.0e}")
+            continue
+        timed[name] = (_time(fn, sets, do_bench), None)
+    peer_name = next(iter(case.peers), None)
+    peer_ms = timed.get(peer_name, (None,))[0] if peer_name else None
+    rows = []
+    for name, (ms, err) in timed.items():
+        is_peer = name in case.peers
+        value = case.amount / (ms * 1e-3) / 1e12 if ms else None
+        rows.append(
+            {
+                "op": case.op,
+                "backend": name,
+                "shape": case.shape,
+                "dtype": case.dtype,
+                "direction": case.direction,
+                "ms": ms,
+                "metric": case.metric,
+                "value": value,
+                "peer": None if is_peer else peer_name,
+                "peer_ms": None if is_peer else peer_ms,
+                "speedup_vs_peer": (peer_ms / ms) if (ms and peer_ms and not is_peer) else None,
+                "fraction_of_ceiling": (value / ceils[case.ceiling]) if value else None,
+                "error": err,
+            }
+        )
+    del sets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def print_table(rows, file=sys.stdout):
+    head = f"{'op':<22} {'shape':<22} {'dtype':<9} {'dir':<7} {'backend':<16} {'ms':>9} {'value':>9} {'metric':<8} {'of ceil':>7} {'vs peer':>8}"
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in rows:
+        line = (
+            f"{r['op']:<22} {r['shape']:<22} {r['dtype']:<9} {r['direction']:<7} {r['backend']:<16} "
+            f"{_fmt(r['ms'], '9.4f')} {_fmt(r['value'], '9.2f')} {r['metric']:<8} "
+            f"{_fmt(r['fraction_of_ceiling'] and 100 * r['fraction_of_ceiling'], '6.1f')}% "
+            f"{_fmt(r['speedup_vs_peer'], '7.2f')}x"
+        )
+        if r.get("error"):
+            line += f"  [{r['error']}]"
+        print(line, file=file)
+
+
+def plot(family, rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = list(dict.fromkeys(f"{r['op']}\n{r['shape']} {r['dtype']} {r['direction']}" for r in rows))
+    names = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ys = []
+        for c in cases:
+            r = next((r for r in rows if r["backend"] == name and f"{r['op']}\n{r['shape']} {r['dtype']} {r['direction']}" == c), None)
+            ys.append(100 * r["fraction_of_ceiling"] if r and r["fraction_of_ceiling"] else 0)
+        ax.bar([x + i * width for x in range(len(cases))], ys, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, fontsize=7)
+    ax.set_ylabel("% of ceiling")
+    ax.set_title(f"geokern {family} on {torch.cuda.get_device_name(0)}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m geokern.bench", description=__doc__)
+    p.add_argument("--family", action="append", help="op families to run (default: all): " + ", ".join(registry.families()))
+    p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("geokern.bench times GPU kernels and needs a CUDA device; none is visible here.")
+        return 0
+    from triton.testing import do_bench
+
+    import geokern
+
+    out = args.out or os.path.join("benchmarks", "results", _device_slug())
+    os.makedirs(out, exist_ok=True)
+    print("measuring ceilings ...", flush=True)
+    ceils = ceilings.measure(do_bench)
+    print(", ".join(f"{k} = {v:.2f}" for k, v in ceils.items()), flush=True)
+    info = geokern.info()
+    header = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "triton": info["triton"],
+        "cuda": torch.version.cuda,
+        "commit": _commit(),
+        "ceilings": ceils,
+    }
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    for fam in args.family or registry.families():
+        cases = registry.cases(fam)
+        bar = tqdm(total=len(cases), desc=fam, file=sys.stderr) if tqdm else None
+        rows = []
+        for case in cases:
+            rows += run_case(case, ceils, do_bench, (bar.set_postfix_str if bar else (lambda s: print("  " + s, file=sys.stderr, flush=True))))
+            if bar:
+                bar.update()
+        if bar:
+            bar.close()
+        with open(os.path.join(out, f"{fam}.json"), "w") as f:
+            json.dump({**header, "rows": rows}, f, indent=1)
+        plot(fam, rows, os.path.join(out, f"{fam}.png"))
+        print(f"\n== {fam} ({header['device']}, torch {header['torch']}, triton {header['triton']}) ==")
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# make gpu [OUT=folder] [SELECT=family]: the one script for a GPU machine that may have
+# no network (python3 there already has torch, triton, pytest, ninja). Builds geokern._C,
+# runs the whole test suite on CUDA, compute-sanitizer (memcheck) over the CUDA
+# extension's tests, then the benchmarks. Everything is logged to OUT/gpu.log; result
+# files (one JSON and one PNG per op family) land in OUT.
+set -uo pipefail
+PY=${PYTHON:-python3}
+OUT=${1:-}
+SELECT=${2:-}
+if [ -z "$OUT" ]; then
+  OUT=benchmarks/results/$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")
+fi
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+: >"$LOG"
+status=0
+step() {  # step NAME CMD...: run, log, remember failure, go on
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=1
+}
+export MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PYTHONUNBUFFERED=1
+K=${SELECT:+-k $SELECT}
+step build $PY -m pip install --no-build-isolation --no-deps -e . -q
+step info $PY -c "import geokern, json; print(json.dumps(geokern.info(), indent=1))"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >>"$LOG" 2>&1
+step tests $PY -m pytest tests -q -p no:cacheprovider $K
+# Each allocation its own cudaMalloc, so memcheck sees out-of-bounds accesses that the
+# caching allocator would otherwise hide inside a larger block.
+step sanitizer env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  $PY -m pytest tests -q -p no:cacheprovider -k "cuda and not compile${SELECT:+ and $SELECT}"
+step bench $PY -m geokern.bench --out "$OUT" ${SELECT:+--family $SELECT}
+echo "=== make gpu: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
+exit $status
