@@ -20,6 +20,12 @@ TORCH_LIBRARY(geokern, m) {
   m.def("hypercomplex_mul_cuda(Tensor a, Tensor b, int n) -> Tensor");
   m.def("hypercomplex_mul_backward_cuda(Tensor grad, Tensor a, Tensor b, int n) -> (Tensor, Tensor)");
   m.def("hypercomplex_conj_cuda(Tensor a, int n) -> Tensor");
+
+  // Max-plus / min-plus matrix product (csrc/maxplus): a (..., M, K), b (..., K, N), batch
+  // dims broadcast. Returns (C, argmax, margin); outputs not asked for are empty.
+  m.def("maxplus_cuda(Tensor a, Tensor b, bool minplus, bool want_argmax, bool want_margin) -> (Tensor, Tensor, Tensor)");
+  // dA, dB (shapes a_shape, b_shape) from dC routed along argmax.
+  m.def("maxplus_backward_cuda(Tensor grad, Tensor argmax, int[] a_shape, int[] b_shape) -> (Tensor, Tensor)");
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {

@@ -1,0 +1,239 @@
+"""Triton kernels for the max-plus / min-plus matrix product and its backward.
+
+Forward (maxplus_fwd_kernel): a GEMM-shaped kernel. Each program owns a BM x BN
+tile of C in registers and walks K one step at a time: it loads a BM-vector of A's
+column k and a BN-vector of B's row k (cached in L1; the launcher makes A k-major on
+the GPU so the column load is contiguous) and updates the tile with one add and one
+max per element. A 3-D broadcast [BM, BK, BN] + tl.max would cross threads in the
+reduction; this stays in each thread's registers. Programs are ordered in groups of
+GROUP_M tile rows so neighbouring programs share A and B tiles in L2 (Triton's
+matmul tutorial). The batch is folded into program axis 0 and indexed through a
+4-dim layout with zero strides for broadcast operands (kernels/_layout.py).
+
+Value-only, the update is max.NaN(acc, a + b) (NaN propagates). With ARGMAX a
+strict comparison against the old accumulator records k (ties keep the smallest k);
+with MARGIN a second accumulator keeps the runner-up: top2 = max(top2, min(top1, s)).
+MIN flips every comparison (min-plus). Sums in float32 (float64 for float64 inputs).
+
+Backward (maxplus_bwd_kernel): dC is scattered along the recorded route with atomic
+adds into float32 buffers of A's and B's own shapes (broadcast batch dims alias one
+slot, so the batch reduction happens in the same adds). The order of the adds is not
+fixed, so dA / dB may differ from run to run in the last bits when several entries
+share a route.
+"""
+
+import triton
+import triton.language as tl
+
+from geokern.kernels._layout import MAX_DIMS, row_layout
+from geokern._backend import interpret_mode
+
+
+def _configs():
+    if interpret_mode():  # the CPU interpreter: one small tile keeps CI fast
+        return [triton.Config({"BM": 16, "BN": 16, "GROUP_M": 2}, num_warps=1)]
+    out = []
+    for bm, bn, w in ((128, 128, 8), (128, 128, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4), (64, 64, 2)):
+        out.append(triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w))
+    return out
+
+
+@triton.jit
+def _batch_offset(bat, s1, s2, s3, t0, t1, t2, t3):
+    """Element offset of flat batch index `bat` for strides t over sizes (s0,) s1, s2, s3."""
+    i3 = bat % s3
+    r = bat // s3
+    i2 = r % s2
+    r = r // s2
+    i1 = r % s1
+    i0 = r // s1
+    return i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3
+
+
+@triton.jit
+def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(batch, tile row, tile col) of program `pid`, tile rows grouped by GROUP_M."""
+    tm = tl.cdiv(M, BM)
+    tn = tl.cdiv(N, BN)
+    bat = pid // (tm * tn)
+    t = pid % (tm * tn)
+    per_group = GROUP_M * tn
+    first_m = (t // per_group) * GROUP_M
+    gm = tl.minimum(tm - first_m, GROUP_M)
+    pm = first_m + (t % per_group) % gm
+    pn = (t % per_group) // gm
+    return bat, pm, pn
+
+
+@triton.jit
+def _step(s, k, top1, idx, top2, MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr):
+    if MARGIN:
+        if MIN:
+            top2 = tl.minimum(top2, tl.maximum(top1, s))
+        else:
+            top2 = tl.maximum(top2, tl.minimum(top1, s))
+    if ARGMAX:
+        if MIN:
+            take = s < top1
+        else:
+            take = s > top1
+        idx = tl.where(take, k, idx)
+    if MIN:
+        top1 = tl.minimum(top1, s, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        top1 = tl.maximum(top1, s, propagate_nan=tl.PropagateNan.ALL)
+    return top1, idx, top2
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "MIN", "ARGMAX", "MARGIN"])
+@triton.jit
+def maxplus_fwd_kernel(
+    a_ptr, b_ptr, c_ptr, idx_ptr, mg_ptr,
+    M, N, K,
+    s1, s2, s3,
+    ab0, ab1, ab2, ab3, sam, sak,
+    bb0, bb1, bb2, bb3, sbk, sbn,
+    MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # C, argmax and margin are contiguous (batch, M, N)
+    pid = tl.program_id(0).to(tl.int64)
+    bat, pm, pn = _tile_of(pid, M, N, BM, BN, GROUP_M)
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    # clamped rows / cols: every load is in bounds and unmasked; the store is masked
+    rmc = tl.minimum(rm, M - 1)
+    rnc = tl.minimum(rn, N - 1)
+    a_ptrs = a_ptr + _batch_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rmc * sam
+    b_ptrs = b_ptr + _batch_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + rnc * sbn
+    ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    ZERO = float("inf") if MIN else float("-inf")
+    top1 = tl.full((BM, BN), ZERO, ACC)
+    top2 = tl.full((BM, BN), ZERO, ACC)
+    idx = tl.zeros((BM, BN), tl.int32)
+    for k in range(0, K):
+        a = tl.load(a_ptrs).to(ACC)
+        b = tl.load(b_ptrs).to(ACC)
+        top1, idx, top2 = _step(a[:, None] + b[None, :], k, top1, idx, top2, MIN, ARGMAX, MARGIN)
+        a_ptrs += sak
+        b_ptrs += sbk
+    out = bat * M * N + rm[:, None] * N + rn[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(c_ptr + out, top1.to(c_ptr.dtype.element_ty), mask=mask)
+    if ARGMAX:
+        tl.store(idx_ptr + out, idx.to(tl.int64), mask=mask)
+    if MARGIN:
+        if MIN:
+            gap = top2 - top1
+        else:
+            gap = top1 - top2
+        gap = tl.where((top2 == ZERO) & (top1 == top1), float("inf"), gap)
+        tl.store(mg_ptr + out, gap.to(mg_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def maxplus_bwd_kernel(
+    g_ptr, idx_ptr, da_ptr, db_ptr,
+    M, N, K,
+    s1, s2, s3,
+    ab0, ab1, ab2, ab3, sam, sak,
+    bb0, bb1, bb2, bb3, sbk, sbn,
+    WANT_A: tl.constexpr, WANT_B: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    # dA[i, argmax[i, j]] += g[i, j]; dB[argmax[i, j], j] += g[i, j]; g, argmax contiguous
+    pid = tl.program_id(0).to(tl.int64)
+    tm = tl.cdiv(M, BM)
+    tn = tl.cdiv(N, BN)
+    bat = pid // (tm * tn)
+    t = pid % (tm * tn)
+    rm = (t // tn) * BM + tl.arange(0, BM)
+    rn = (t % tn) * BN + tl.arange(0, BN)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    off = bat * M * N + rm[:, None] * N + rn[None, :]
+    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(da_ptr.dtype.element_ty)
+    k = tl.load(idx_ptr + off, mask=mask, other=0)
+    if WANT_A:
+        pa = da_ptr + _batch_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rm[:, None] * sam + k * sak
+        tl.atomic_add(pa, g, mask=mask)
+    if WANT_B:
+        pb = db_ptr + _batch_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + k * sbk + rn[None, :] * sbn
+        tl.atomic_add(pb, g, mask=mask)
+
+
+def _batch_layout(lead, a, b):
+    """(sizes, a batch strides, b batch strides) over the broadcast batch `lead`, or None.
+
+    Strides are zero where an operand is broadcast; None when more than MAX_DIMS
+    non-mergeable batch dims remain (the caller then copies)."""
+    def strides(t):
+        n, nt = len(lead), t.dim() - 2
+        out = [0] * n
+        for i in range(n):
+            it = i - (n - nt)
+            if it >= 0 and t.shape[it] != 1:
+                out[i] = t.stride(it)
+        return out
+
+    c_strides, s = [0] * len(lead), 1
+    for i in range(len(lead) - 1, -1, -1):
+        c_strides[i], s = s, s * lead[i]
+    return row_layout(lead, [strides(a), strides(b), c_strides])
+
+
+def _flat_args(lead, a, b):
+    lay = _batch_layout(lead, a, b)
+    if lay is None:  # rare: more than MAX_DIMS batch dims that cannot be merged
+        a = a.expand(*lead, *a.shape[-2:]).contiguous()
+        b = b.expand(*lead, *b.shape[-2:]).contiguous()
+        lay = _batch_layout(lead, a, b)
+    sizes, (sa, sb, _) = lay
+    assert len(sizes) == MAX_DIMS == 4
+    return a, b, sizes[1:] + sa + [a.stride(-2), a.stride(-1)] + sb + [b.stride(-2), b.stride(-1)]
+
+
+def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
+    """Writes C (and argmax / margin where given, else None) for a (.., M, K), b (.., K, N).
+
+    c, idx, margin are contiguous (*lead, M, N). `launch` wraps the kernel
+    (torch.library.wrap_triton inside a triton_op)."""
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = c.numel() // max(1, M * N)
+    if c.numel() == 0:
+        return
+    if a.is_cuda and a.stride(-2) != 1 and M > 1:
+        # k-major A: the per-k column load becomes one contiguous vector (costs M*K copy)
+        a = a.transpose(-1, -2).contiguous().transpose(-1, -2)
+    a, b, args = _flat_args(lead, a, b)
+    kernel = (launch or (lambda k: k))(maxplus_fwd_kernel)
+
+    def grid(meta):
+        return (batch * triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+    kernel[grid](
+        a, b, c, idx if idx is not None else c, margin if margin is not None else c,
+        M, N, K, *args,
+        MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
+    )
+
+
+def batch_layout_ok(lead, a, b):
+    """Whether a and b (or buffers of their shapes) index through one batch layout."""
+    return _batch_layout(lead, a, b) is not None
+
+
+def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True, launch=None):
+    """Accumulates the route-scattered dC into da and db: zeroed, contiguous float32
+    (float64) buffers of A's and B's shapes, whose batch dims broadcast to `lead`
+    through one layout (batch_layout_ok)."""
+    M, N, K = g.shape[-2], g.shape[-1], da.shape[-1]
+    batch = g.numel() // max(1, M * N)
+    if g.numel() == 0 or K == 0:
+        return
+    lay = _batch_layout(lead, da, db)
+    assert lay is not None, "maxplus_bwd: buffers need one batch layout (see batch_layout_ok)"
+    _, _, args = _flat_args(lead, da, db)
+    kernel = (launch or (lambda k: k))(maxplus_bwd_kernel)
+    bm, bn = (16, 16) if interpret_mode() else (32, 128)
+    grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    kernel[grid](g, idx, da, db, M, N, K, *args, WANT_A=want_a, WANT_B=want_b, BM=bm, BN=bn, num_warps=4)
