@@ -1,0 +1,270 @@
+"""Metric-weighted retrieval cost and fused retrieval attention: checks, backends, autograd.
+
+Public: retrieval_cost, retrieval_attention (definitions, shapes and broadcasting in
+geokern.reference.retrieval; metrics in geokern.metric).
+
+Backends. "torch" runs the reference (float64-capable, chunked over queries).
+"triton" runs the flash-style kernels of geokern.kernels.retrieval for
+retrieval_attention (float16 / bfloat16 / float32; forward and backward, gradients to
+query, keys, values, R and the metric). Those kernels expand the squared distance as
+|q|^2_w + |k|^2_w - 2 (w q).k on tensor cores (see the kernel module for its error
+when q is close to k); non-diagonal metrics are applied as a linear feature map in
+PyTorch first, so the kernels see a diagonal metric. There is no CUDA C++ kernel for
+this family yet: backend="cuda" raises. retrieval_cost runs the reference on every
+backend that can run ("triton" and "cuda" raise: the cost matrix is the output, there
+is nothing to fuse beyond what the reference does).
+"""
+
+import math
+import numbers
+import os
+from typing import Optional
+
+import torch
+
+from geokern import _backend
+from geokern._checks import check_same, check_tensor
+from geokern.kernels import retrieval as tk
+from geokern.metric import Diag, Metric
+from geokern.ops._registry import triton_op
+from geokern.reference import retrieval as ref
+
+__all__ = ["retrieval_cost", "retrieval_attention"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PREFER = ("triton",)
+
+
+def _cuda_unavailable(op, backend, device):
+    if backend == "cuda" or (backend is None and os.environ.get("GEOKERN_BACKEND") == "cuda"):
+        raise RuntimeError(f"{op}: backend='cuda' is unavailable: this op family has no CUDA C++ kernel yet "
+                           "(use backend='triton' or 'torch')")
+
+
+# ---- custom ops ------------------------------------------------------------------
+
+
+def _lead(q, k, v):
+    return tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
+
+
+def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
+                   mask: Optional[torch.Tensor], beta: float, eps: float, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    return tk.attn_fwd(q, k, v, w, r, mask, beta, eps, launch)
+
+
+def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                   r: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, beta: float,
+                   eps: float, launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tk.attn_bwd(do, q, k, v, w, r, mask, out, lse, beta, eps, launch)
+
+
+_attn_fwd_tri = triton_op("retrieval_attention_fwd_triton", _attn_fwd_impl)
+_attn_bwd_tri = triton_op("retrieval_attention_bwd_triton", _attn_bwd_impl)
+
+
+# ---- autograd --------------------------------------------------------------------
+
+
+class RetrievalAttentionFunction(torch.autograd.Function):
+    """Inputs are 4-D ([NB0, NB1, L, F], size-1 batch dims where shared); gradients are
+    reduced back to each input's shape."""
+
+    @staticmethod
+    def forward(q, k, v, w, r, mask, beta, eps):
+        return _attn_fwd_tri(q, k, v, w, r, mask, beta, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, w, r, mask, beta, eps = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, w, r, mask, out, lse)
+        ctx.beta, ctx.eps = beta, eps
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, w, r, mask, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, out, lse, ctx.beta, ctx.eps)
+        need = ctx.needs_input_grad
+        return (
+            dq.sum_to_size(q.shape) if need[0] else None,
+            dk.sum_to_size(k.shape) if need[1] else None,
+            dv.sum_to_size(v.shape) if need[2] else None,
+            dw if need[3] else None,
+            dr.sum_to_size(r.shape) if need[4] else None,
+            None, None, None,
+        )
+
+
+# ---- input checks and shape plumbing ---------------------------------------------
+
+
+def _check_number(op, name, x, positive=False):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__}")
+    if not math.isfinite(x) or (positive and x <= 0) or (not positive and x < 0):
+        raise ValueError(f"{op}: {name} must be finite and {'> 0' if positive else '>= 0'}, got {x}")
+
+
+def _check_inputs(op, query, keys, values, R, metric, eps, mask):
+    named = {"query": query, "keys": keys}
+    check_tensor(op, "query", query, min_dim=2)
+    check_tensor(op, "keys", keys, min_dim=2)
+    if values is not None:
+        check_tensor(op, "values", values, min_dim=2)
+        named["values"] = values
+    check_same(op, named)
+    if not isinstance(metric, Metric):
+        raise TypeError(f"{op}: metric must be a geokern.metric metric (diag, rotor_diag, lowrank), "
+                        f"got {type(metric).__name__}")
+    n = query.shape[-1]
+    if keys.shape[-1] != n or metric.n != n:
+        raise ValueError(f"{op}: query, keys and metric must share the coordinate dim; got query "
+                         f"{tuple(query.shape)}, keys {tuple(keys.shape)}, metric n = {metric.n}")
+    for name, t in vars(metric).items():
+        if isinstance(t, torch.Tensor) and t.device != query.device:
+            raise ValueError(f"{op}: metric.{name} is on {t.device} but query is on {query.device}")
+    if values is not None and values.shape[-2] != keys.shape[-2]:
+        raise ValueError(f"{op}: values must have as many rows as keys ({keys.shape[-2]}), got {tuple(values.shape)}")
+    _check_number(op, "eps", eps)
+    q, k, squeeze = ref.as_batched(query, keys)
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2],
+                                      *([] if values is None else [ref._values_batched(values).shape[:-2]]))
+    except RuntimeError:
+        raise ValueError(f"{op}: leading dims of query {tuple(query.shape)}, keys {tuple(keys.shape)}"
+                         + ("" if values is None else f" and values {tuple(values.shape)}") + " do not broadcast") from None
+    cost_shape = tuple(lead) + (q.shape[-2], k.shape[-2])
+    user_shape = cost_shape[:-2] + cost_shape[-1:] if squeeze else cost_shape
+    if isinstance(R, torch.Tensor):
+        if not R.dtype.is_floating_point:
+            raise TypeError(f"{op}: R must be a floating-point tensor or a number, got {R.dtype}")
+        if R.device != query.device:
+            raise ValueError(f"{op}: R is on {R.device} but query is on {query.device}")
+        _check_broadcast(op, "R", R.shape, user_shape, squeeze)
+    elif isinstance(R, bool) or not isinstance(R, numbers.Real):
+        raise TypeError(f"{op}: R must be a tensor or a real number, got {type(R).__name__}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{op}: mask must be a bool tensor, got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if mask.device != query.device:
+            raise ValueError(f"{op}: mask is on {mask.device} but query is on {query.device}")
+        _check_broadcast(op, "mask", mask.shape, user_shape, squeeze)
+    return lead, squeeze
+
+
+def _check_broadcast(op, name, shape, target, squeeze):
+    ok = len(shape) <= len(target)
+    if ok:
+        try:
+            ok = tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+        except RuntimeError:
+            ok = False
+    if not ok:
+        hint = " (a per-query value of a 2-D query is [B, 1])" if squeeze else " (per query: [..., Lq, 1])"
+        raise ValueError(f"{op}: {name} of shape {tuple(shape)} must broadcast to the cost shape {tuple(target)}{hint}")
+
+
+def _to4(t, lead, tail):
+    """t viewed as [NB0, NB1, *tail] with size-1 batch dims where t is broadcast.
+
+    lead is the full broadcast batch shape; t's own leading dims are right-aligned in it.
+    """
+    own = (1,) * (len(lead) - (t.dim() - len(tail))) + tuple(t.shape[: t.dim() - len(tail)])
+    t = t.reshape(own + tuple(t.shape[t.dim() - len(tail):]))
+    if len(lead) <= 2:
+        return t.reshape((1,) * (2 - len(lead)) + tuple(t.shape))
+    outer, inner = own[:-1], own[-1]
+    if all(s == 1 for s in outer):
+        n0 = 1
+    else:
+        t = t.expand(tuple(lead[:-1]) + tuple(t.shape[len(lead) - 1:]))  # differentiable; copies below
+        n0 = math.prod(lead[:-1])
+    return t.reshape((n0, inner) + tuple(t.shape[len(lead):]))
+
+
+def _user_to4(x, lead, squeeze, tail_rank):
+    """R or mask (user shape, broadcasting to the cost) as [NB0|1, NB1|1, Lq|1, M|1]."""
+    if squeeze and x.dim() >= 2:
+        x = x.unsqueeze(-2)
+    while x.dim() < 2:
+        x = x.unsqueeze(0)
+    return _to4(x, lead, x.shape[-2:])
+
+
+# ---- public ops ------------------------------------------------------------------
+
+
+def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, eps: float = 1e-8, *,
+                   backend: str | None = None) -> torch.Tensor:
+    """cost = R * sqrt(max(g(keys - query, keys - query), 0) + eps), in float32 (float64 for float64).
+
+    query [B, n] or [..., Lq, n]; keys [M, n] (shared) or [..., M, n]; R a number or a tensor
+    broadcasting to the cost shape [B, M] / [..., Lq, M] (per query: [B, 1] / [..., Lq, 1]).
+    Differentiable in query, keys, R and the metric's parameters. Runs the reference.
+    """
+    op = "retrieval_cost"
+    _check_inputs(op, query, keys, None, R, metric, eps, None)
+    _cuda_unavailable(op, backend, query.device)
+    be = _backend.resolve(op, backend, query.device, ("torch",))
+    if be == "triton":
+        raise RuntimeError(f"{op}: backend='triton' is unavailable: retrieval_cost has only the reference "
+                           "implementation (use backend='torch'); the fused kernels are in retrieval_attention")
+    return ref.retrieval_cost(query, keys, R, metric, eps)
+
+
+def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, R, metric: Metric,
+                        beta: float, eps: float = 1e-8, mask: torch.Tensor | None = None, *,
+                        return_lse: bool = False, backend: str | None = None):
+    """out = softmax_m(-beta * cost) @ values, flash-style, never materialising the cost.
+
+    query [B, n] (one query per row) or [..., Lq, n]; keys [M, n] (shared) or [..., M, n];
+    values [M, d_v] or [..., M, d_v]; R and mask (bool, True = keep) broadcast to the cost
+    shape [B, M] / [..., Lq, M]. Returns out ([B, d_v] / [..., Lq, d_v], values' dtype)
+    and, with return_lse=True, the log-sum-exp per query (float32; -inf for a fully
+    masked row, whose output is zeros).
+    """
+    op = "retrieval_attention"
+    lead, squeeze = _check_inputs(op, query, keys, values, R, metric, eps, mask)
+    _check_number(op, "beta", beta)
+    _cuda_unavailable(op, backend, query.device)
+    be = _backend.resolve(op, backend, query.device, _PREFER)
+    if be == "triton" and query.dtype not in _KERNEL_DTYPES:
+        if backend is None or backend == "auto":
+            be = "torch"
+        else:
+            raise TypeError(f"{op}: backend='triton' supports query dtypes float16, bfloat16, float32; "
+                            f"got {query.dtype} (use backend='torch')")
+    if be == "torch":
+        return ref.retrieval_attention(query, keys, values, R, metric, beta, eps, mask, return_lse)
+
+    # a general metric is a linear feature map plus diagonal weights: map, then run the diag kernel
+    if isinstance(metric, Diag):
+        fq, fk = query, keys
+        w = metric.lam.to(torch.float32)
+    else:
+        fq, w = metric.features(query)
+        fk, _ = metric.features(keys)
+        w = w.to(torch.float32)
+    q, k, _ = ref.as_batched(fq, fk)
+    v = values.unsqueeze(0) if values.dim() == 2 else values
+    lead = tuple(lead)
+    q4 = _to4(q, lead, q.shape[-2:])
+    k4 = _to4(k, lead, k.shape[-2:])
+    v4 = _to4(v, lead, v.shape[-2:])
+    if isinstance(R, torch.Tensor):
+        r4 = _user_to4(R.to(torch.float32), lead, squeeze, 2)
+    else:
+        r4 = torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=query.device)
+    mask4 = None if mask is None else _user_to4(mask, lead, squeeze, 2)
+    out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, float(beta), float(eps))
+    full = lead + (q.shape[-2],)
+    out = out.reshape(full + (v.shape[-1],))
+    lse = lse.reshape(full)
+    if squeeze:
+        out, lse = out.squeeze(-2), lse.squeeze(-1)
+    return (out, lse) if return_lse else out
