@@ -76,9 +76,12 @@ def _mask_slice(mask, s, e):
     return mask[..., s:e, :]
 
 
-def retrieval_cost(query, keys, R, metric, eps=1e-8):
-    """cost = R * sqrt(max(g(keys - query), 0) + eps): [B, M] or [..., Lq, M]."""
-    acc = acc_dtype(query.dtype)
+def retrieval_cost(query, keys, R, metric, eps=1e-8, compute_dtype=None):
+    """cost = R * sqrt(max(g(keys - query), 0) + eps): [B, M] or [..., Lq, M].
+
+    compute_dtype overrides the arithmetic dtype (tests use the inputs' own 16-bit
+    dtype to measure the error plain PyTorch makes at that precision)."""
+    acc = compute_dtype or acc_dtype(query.dtype)
     q, k, squeeze = as_batched(query, keys)
     q, k = q.to(acc), k.to(acc)
     R = _r_batched(R, squeeze)
@@ -96,9 +99,10 @@ def retrieval_cost(query, keys, R, metric, eps=1e-8):
     return cost.squeeze(-2) if squeeze else cost
 
 
-def retrieval_attention(query, keys, values, R, metric, beta, eps=1e-8, mask=None, return_lse=False):
+def retrieval_attention(query, keys, values, R, metric, beta, eps=1e-8, mask=None, return_lse=False,
+                        compute_dtype=None):
     """out = softmax(-beta * cost) @ values ([B, dv] or [..., Lq, dv]); optionally the lse."""
-    acc = acc_dtype(query.dtype)
+    acc = compute_dtype or acc_dtype(query.dtype)
     q, k, squeeze = as_batched(query, keys)
     v = _values_batched(values)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)

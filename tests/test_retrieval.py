@@ -1,0 +1,389 @@
+"""Retrieval cost and fused retrieval attention: every backend against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+from _tolerance import assert_close
+from conftest import DEVICE, HAS_CUDA
+
+import geokern
+import geokern.metric as gm
+from geokern import _backend
+from geokern.ops import _registry
+from geokern.reference import retrieval as ref
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _id(x):
+    if isinstance(x, torch.dtype):
+        return str(x).replace("torch.", "")
+    return str(x)
+
+
+def need(backend):
+    why = _backend.why_unavailable(backend, DEVICE)
+    if why:
+        pytest.skip(f"backend {backend} unavailable here: {why}")
+
+
+def rnd(*shape, scale=1.0):
+    return (scale * torch.randn(*shape, device=DEVICE, dtype=torch.float64))
+
+
+def metric_of(kind, n, gen_params=None):
+    """A metric of the family `kind` with float64 parameters (list returned for grads)."""
+    lam = torch.rand(n, device=DEVICE, dtype=torch.float64) + 0.5
+    if kind == "diag":
+        return [lam], lambda p: gm.diag(p[0])
+    if kind == "rotor_diag":
+        theta = rnd(3)
+        pairs = [(0, 1), (2, n - 1), (1, 2)]
+        return [lam, theta], lambda p: gm.rotor_diag(p[0], p[1], pairs)
+    q, _ = torch.linalg.qr(rnd(n, n))
+    u, d = rnd(n, 2, scale=0.3), torch.tensor([0.4, -0.3], device=DEVICE, dtype=torch.float64)
+    om = torch.tensor(0.8, device=DEVICE, dtype=torch.float64)
+    return [om, q, lam, u, d], lambda p: gm.lowrank(p[0], p[1], p[2], p[3], p[4])
+
+
+# ---- the cost: reference semantics ----------------------------------------------
+
+
+def test_cost_hand_computed():
+    q = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    k = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    c = geokern.retrieval_cost(q, k, 2.0, gm.diag(torch.tensor([1.0, 1.0], dtype=torch.float64)), eps=0.0)
+    torch.testing.assert_close(c, torch.tensor([[10.0, 0.0, 2.0]], dtype=torch.float64))
+    # lam weights each coordinate; eps sits inside the sqrt
+    c = geokern.retrieval_cost(q, k, 1.0, gm.diag(torch.tensor([4.0, 0.25], dtype=torch.float64)), eps=1.0)
+    torch.testing.assert_close(c, torch.tensor([[math.sqrt(36 + 4 + 1), 1.0, math.sqrt(5.0)]], dtype=torch.float64))
+    # a quarter turn in the (0, 1) plane swaps which coordinate lam weights
+    rot = gm.rotor_diag(torch.tensor([4.0, 0.25], dtype=torch.float64), torch.tensor([math.pi / 2], dtype=torch.float64), [(0, 1)])
+    c = geokern.retrieval_cost(q, k[:1], 1.0, rot, eps=0.0)
+    torch.testing.assert_close(c, torch.tensor([[math.sqrt(4 * 16 + 0.25 * 9)]], dtype=torch.float64))
+    # an indefinite lowrank metric: g < 0 is clamped, cost = R sqrt(eps)
+    eye = torch.eye(2, dtype=torch.float64)
+    lr = gm.lowrank(1.0, eye, torch.ones(2, dtype=torch.float64), eye[:, :1], torch.tensor([-10.0], dtype=torch.float64))
+    c = geokern.retrieval_cost(q, k[2:], 3.0, lr, eps=1e-8)
+    torch.testing.assert_close(c, torch.tensor([[3e-4]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["diag", "rotor_diag", "lowrank"])
+def test_metric_features_reproduce_the_quadratic_form(kind):
+    params, make = metric_of(kind, 6)
+    m = make(params)
+    dv = rnd(50, 6)
+    phi, w = m.features(dv)
+    torch.testing.assert_close(m.quad(dv), (phi * phi * w).sum(-1))
+    # linear: phi(k - q) = phi(k) - phi(q), which the fused path relies on
+    a, b = rnd(50, 6), rnd(50, 6)
+    torch.testing.assert_close(m.features(a - b)[0], m.features(a)[0] - m.features(b)[0])
+
+
+def test_rotor_is_out_of_place_and_ordered():
+    lam = torch.ones(3, dtype=torch.float64)
+    th = torch.tensor([0.3, -1.1], dtype=torch.float64)
+    m = gm.rotor_diag(lam, th, [(0, 1), (1, 2)])
+    x = rnd(4, 3)
+    x0 = x.clone()
+    r = m.rotate(x)
+    assert torch.equal(x, x0), "rotate must not modify its input"
+    c0, s0, c1, s1 = math.cos(0.3), math.sin(0.3), math.cos(-1.1), math.sin(-1.1)
+    a = c0 * x0[:, 0] - s0 * x0[:, 1]
+    b = s0 * x0[:, 0] + c0 * x0[:, 1]
+    torch.testing.assert_close(r, torch.stack([a, c1 * b - s1 * x0[:, 2], s1 * b + c1 * x0[:, 2]], -1))
+
+
+@pytest.mark.parametrize("rshape", ["scalar", "query", "key", "pair"])
+def test_cost_shapes_and_R_broadcast(rshape):
+    B, M, n = 4, 9, 5
+    q, k = rnd(B, n), rnd(M, n)
+    R = {"scalar": 1.5, "query": rnd(B, 1).abs(), "key": rnd(M).abs(), "pair": rnd(B, M).abs()}[rshape]
+    lam = torch.rand(n, dtype=torch.float64, device=DEVICE) + 0.1
+    c = geokern.retrieval_cost(q, k, R, gm.diag(lam))
+    want = (torch.as_tensor(R, dtype=torch.float64, device=DEVICE)
+            * torch.sqrt(((k[None] - q[:, None]) ** 2 * lam).sum(-1) + 1e-8))
+    torch.testing.assert_close(c, want)
+    # the same rows as a [B, Lq=1, n] query against per-row keys
+    c3 = geokern.retrieval_cost(q[:, None], k.expand(B, M, n), R if rshape in ("scalar", "key") else R.unsqueeze(-2), gm.diag(lam))
+    torch.testing.assert_close(c3[:, 0], want)
+
+
+@pytest.mark.parametrize("kind", ["diag", "rotor_diag", "lowrank"])
+def test_metric_gradients_by_finite_differences(kind):
+    params, make = metric_of(kind, 5)
+    params = [p.requires_grad_() for p in params]
+    q, k, v = rnd(2, 3, 5), rnd(2, 7, 5), rnd(2, 7, 4)
+    R = (rnd(2, 3, 1).abs() + 0.5).requires_grad_()
+
+    def f(*p):
+        return ref.retrieval_attention(q, k, v, R, make(p), 1.3), ref.retrieval_cost(q, k, R, make(p))
+
+    assert torch.autograd.gradcheck(f, params)
+
+
+# ---- attention: every backend vs the float64 reference -----------------------------
+
+# (query shape, keys shape, values shape, R kind, mask kind)
+CASES = {
+    "4d-B2H3-L19-M23-D16": ((2, 3, 19, 16), (2, 3, 23, 16), (2, 3, 23, 12), "key", None),
+    "3d-B2-L33-M17-D8-pair-mask": ((2, 33, 8), (2, 17, 8), (2, 17, 20), "pair", "pair"),
+    "decode-B5-M37-shared-bank": ((5, 8), (37, 8), (37, 24), "query", "key"),
+    "headshared-keys-L7-M40-D32": ((2, 2, 7, 32), (2, 1, 40, 32), (2, 1, 40, 16), "scalar", "key"),
+    "4d-L1-M3": ((1, 2, 1, 16), (1, 2, 3, 16), (1, 2, 3, 16), "query", None),
+}
+
+
+def _R(kind, qshape, kshape):
+    m = kshape[-2]
+    if kind == "scalar":
+        return 0.8
+    lead = qshape[:-1] if len(qshape) > 2 else qshape[:-1]
+    if kind == "query":
+        return rnd(*lead, 1).abs() + 0.3
+    if kind == "key":
+        return rnd(m).abs() + 0.3
+    return rnd(*lead, m).abs() + 0.3
+
+
+def _mask(kind, qshape, kshape):
+    m = kshape[-2]
+    if kind is None:
+        return None
+    if kind == "key":
+        lead = qshape[:-1] if len(qshape) == 2 else qshape[:-2] + (1,)
+        mk = torch.rand(*lead, m, device=DEVICE) > 0.3
+    else:
+        mk = torch.rand(*qshape[:-1], m, device=DEVICE) > 0.3
+    mk[..., 0] = False  # and one fully masked row
+    mk.view(-1, m)[0] = False
+    return mk
+
+
+def _run(backend, dtype, tensors, R, mask, make, params, beta, compute_dtype=None):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in tensors)
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    Rt = R.detach().clone().requires_grad_() if isinstance(R, torch.Tensor) else R
+    if backend == "ref":
+        out, lse = ref.retrieval_attention(q, k, v, Rt, make(ps), beta, 1e-8, mask, True, compute_dtype)
+    else:
+        out, lse = geokern.retrieval_attention(q, k, v, Rt, make(ps), beta, 1e-8, mask, return_lse=True, backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.device, dtype)
+    (out * g).sum().backward()
+    grads = {"dquery": q.grad, "dkeys": k.grad, "dvalues": v.grad}
+    for i, p in enumerate(ps):
+        grads[f"dmetric[{i}]"] = p.grad
+    if isinstance(Rt, torch.Tensor):
+        grads["dR"] = Rt.grad
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_matches_reference(case, dtype, backend):
+    need(backend)
+    qs, ks, vs, rkind, mkind = CASES[case]
+    torch.manual_seed(hash(case) % 1000)
+    tensors = (rnd(*qs), rnd(*ks), rnd(*vs))
+    # round the inputs to dtype first, so every run sees the same numbers
+    tensors = tuple(t.to(dtype).double() for t in tensors)
+    R = _R(rkind, qs, ks)
+    mask = _mask(mkind, qs, ks)
+    params, make = metric_of("diag", qs[-1])
+    params = [p.to(dtype).double() for p in params]
+    beta = 2.0
+    out64, lse64, g64 = _run("ref", torch.float64, tensors, R, mask, make, params, beta)
+    outd, lsed, gd = _run("ref", dtype, tensors, R, mask, make, params, beta, compute_dtype=dtype)
+    out, lse, g = _run(backend, dtype, tensors, R, mask, make, params, beta)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("output", out, out64.to(dtype), outd)
+    fin = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), fin), "lse: -inf exactly on the fully masked rows"
+    assert_close("lse", lse[fin].float(), lse64[fin].float(), lsed[fin].float())
+    if mask is not None:
+        empty = ~mask.expand(out64.shape[:-1] + (mask.shape[-1],)).any(-1) if mask.dim() > 1 else None
+        if empty is not None and empty.any():
+            assert (out[empty] == 0).all(), "output: fully masked rows must be zeros"
+    for name in g64:
+        assert_close(name, g[name].to(dtype), g64[name], gd[name])
+
+
+def test_trainer_case_mask_reproduces_the_1e4_offset():
+    """The trainer: diag metric, n = 8, one query per row, per-query R, beta = 5, eps = 1e-8;
+    it masks a key by adding 1e4 to its cost. A boolean mask must give the same output."""
+    B, T, C, n, dv = 3, 12, 20, 8, 16
+    q = rnd(B, n)
+    seq, bank = rnd(B, T, n), rnd(C, n)
+    vseq, vbank = rnd(B, T, dv), rnd(C, dv)
+    keys = torch.cat([seq, bank.expand(B, C, n)], 1)
+    values = torch.cat([vseq, vbank.expand(B, C, dv)], 1)
+    lam = torch.rand(n, dtype=torch.float64, device=DEVICE) + 0.1
+    R = rnd(B).abs() + 0.5  # one R_sc per row
+    keep = torch.rand(B, T + C, device=DEVICE) > 0.4
+    keep[:, 0] = True
+    dvv = keys - q[:, None]
+    cost = R[:, None] * torch.sqrt(torch.clamp((dvv * dvv * lam).sum(-1), min=0) + 1e-8)
+    cost = cost + 1e4 * (~keep)
+    want = (torch.softmax(-5.0 * cost, -1)[:, None] @ values)[:, 0]
+    for backend in BACKENDS:
+        if _backend.why_unavailable(backend, DEVICE):
+            continue
+        for dtype in (torch.float64, torch.float32):
+            if backend == "triton" and dtype == torch.float64:
+                continue
+            got = geokern.retrieval_attention(q.to(dtype), keys.to(dtype), values.to(dtype), R[:, None].to(dtype),
+                                              gm.diag(lam.to(dtype)), 5.0, 1e-8, keep, backend=backend)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-10,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-10,
+                                       msg=f"trainer case, {backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_equal_to_key_is_finite_and_clamped(backend):
+    """q == k: g = 0 exactly in the reference (cost = R sqrt(eps)); the kernels expand the
+    distance, so g comes out as rounding noise of either sign and the clamp keeps it real.
+    Values, lse and gradients stay finite, and the coincident key dominates."""
+    need(backend)
+    B, L, n = 2, 9, 16
+    k = rnd(B, L, n)
+    q = k.clone()  # every query sits on a key
+    v = rnd(B, L, 8)
+    lam = torch.rand(n, dtype=torch.float64, device=DEVICE) + 0.5
+    for dtype in ([torch.float64] if backend == "torch" else []) + [torch.float32, torch.bfloat16]:
+        out, lse, g = _run(backend, dtype, (q, k, v), 1.0, None, lambda p: gm.diag(p[0]), [lam], 4.0)
+        for name, t in [("output", out), ("lse", lse), *g.items()]:
+            assert torch.isfinite(t).all(), f"{name}: non-finite with q == k ({backend}, {dtype})"
+        out64, lse64, g64 = _run("ref", torch.float64, (q, k, v), 1.0, None, lambda p: gm.diag(p[0]), [lam], 4.0)
+        # the expanded distance's error at q == k is about sqrt(u) |q|: judge by that
+        tol = {torch.float64: 1e-10, torch.float32: 2e-3, torch.bfloat16: 3e-2}[dtype]
+        err = ((out.double() - out64).norm() / out64.norm()).item()
+        assert err < tol, f"output: relative error {err:.2e} with q == k ({backend}, {dtype})"
+    # the reference's cost is exactly R sqrt(eps) on the diagonal
+    c = ref.retrieval_cost(q, k, 2.0, gm.diag(lam))
+    torch.testing.assert_close(torch.diagonal(c, dim1=-2, dim2=-1), torch.full((B, L), 2e-4, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rotor_diag", "lowrank"])
+def test_general_metrics_and_their_gradients(kind, backend):
+    need(backend)
+    params, make = metric_of(kind, 8)
+    tensors = (rnd(2, 11, 8), rnd(2, 13, 8), rnd(2, 13, 8))
+    R = rnd(13).abs() + 0.5
+    out64, _, g64 = _run("ref", torch.float64, tensors, R, None, make, params, 1.5)
+    out, _, g = _run(backend, torch.float32, tensors, R, None, make, params, 1.5)
+    outd, _, gd = _run("ref", torch.float32, tensors, R, None, make, params, 1.5)
+    assert_close("output", out, out64.float(), outd)
+    for name in g64:
+        if backend == "triton" and name.startswith("dmetric"):
+            # dw = sum ds (q - k)^2 is accumulated expanded (q^2, q k, k^2 terms) in the
+            # kernels, which cancels: float32 keeps about 1e-6 of it, not 1e-7
+            err = (g[name].double() - g64[name]).norm() / g64[name].norm()
+            assert err < 1e-5, f"{name}: relative error {err:.2e} (triton, float32)"
+        else:
+            assert_close(name, g[name].float(), g64[name], gd[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    need(backend)
+    lam = torch.ones(8, device=DEVICE)
+    f = lambda q, k, v: geokern.retrieval_attention(q, k, v, 1.0, gm.diag(lam), 1.0, return_lse=True, backend=backend)  # noqa: E731
+    out, lse = f(torch.randn(2, 0, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE))
+    assert out.shape == (2, 0, 3) and lse.shape == (2, 0)
+    out, lse = f(torch.randn(2, 4, 8, device=DEVICE), torch.randn(2, 0, 8, device=DEVICE), torch.randn(2, 0, 3, device=DEVICE))
+    assert out.shape == (2, 4, 3) and (out == 0).all() and (lse == -math.inf).all()
+
+
+# ---- custom ops ------------------------------------------------------------------
+
+
+def _op_samples(qualname):
+    q, k, v = torch.randn(2, 1, 17, 16, device=DEVICE), torch.randn(1, 1, 20, 16, device=DEVICE), torch.randn(2, 1, 20, 8, device=DEVICE)
+    w = torch.rand(16, device=DEVICE) + 0.5
+    r = torch.rand(1, 1, 1, 20, device=DEVICE) + 0.5
+    mask = torch.rand(2, 1, 1, 20, device=DEVICE) > 0.2
+    if "bwd" in qualname:
+        out, lse = torch.ops.geokern.retrieval_attention_fwd_triton(q, k, v, w, r, mask, 1.5, 1e-8)
+        return [(torch.randn_like(out), q, k, v, w, r, mask, out, lse, 1.5, 1e-8)]
+    return [(q, k, v, w, r, mask, 1.5, 1e-8), (q, k, v, w, r.expand(1, 1, 17, 20).contiguous(), None, 0.5, 1e-6)]
+
+
+def _ops_for_here():
+    if not HAS_CUDA:
+        return []  # triton_op traces kernels for CUDA tensors only; eager runs are tested above
+    return [name for backend, name in _registry.CUSTOM_OPS if "retrieval" in name]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="triton_op traces its kernels for CUDA tensors only")
+@pytest.mark.parametrize("qualname", _ops_for_here())
+def test_opcheck(qualname):
+    op = getattr(torch.ops.geokern, qualname.split("::")[1]).default
+    for args in _op_samples(qualname):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
+def test_public_op_compiles_with_backward():
+    q, k, v = (torch.randn(2, 2, 33, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    lam = (torch.rand(16, device=DEVICE) + 0.5).requires_grad_()
+    R = (torch.rand(33, device=DEVICE) + 0.5).requires_grad_()
+    f = torch.compile(lambda q, k, v, lam, R: geokern.retrieval_attention(q, k, v, R, gm.diag(lam), 1.5, backend="triton").sum(),
+                      fullgraph=True)
+    got = torch.autograd.grad(f(q, k, v, lam, R), (q, k, v, lam, R))
+    want = torch.autograd.grad(ref.retrieval_attention(q, k, v, R, gm.diag(lam), 1.5).sum(), (q, k, v, lam, R))
+    for name, a, b in zip(["dquery", "dkeys", "dvalues", "dlam", "dR"], got, want):
+        assert_close(name, a, b.double(), b)
+
+
+# ---- bad input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    need(backend)
+    q, k, v = torch.randn(3, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE), torch.randn(10, 4, device=DEVICE)
+    m = gm.diag(torch.ones(8, device=DEVICE))
+    att = lambda *a, **kw: geokern.retrieval_attention(*a, backend=backend, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="share the coordinate dim"):
+        att(q, torch.randn(10, 7, device=DEVICE), v, 1.0, m, 1.0)
+    with pytest.raises(ValueError, match="values must have as many rows as keys"):
+        att(q, k, v[:9], 1.0, m, 1.0)
+    with pytest.raises(TypeError, match="keys has dtype torch.float64 but query has torch.float32"):
+        att(q, k.double(), v, 1.0, m, 1.0)
+    with pytest.raises(TypeError, match="metric must be a geokern.metric"):
+        att(q, k, v, 1.0, torch.ones(8), 1.0)
+    with pytest.raises(ValueError, match="R of shape \\(3,\\) must broadcast .* \\[B, 1\\]"):
+        att(q, k, v, torch.ones(3, device=DEVICE), m, 1.0)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        att(q, k, v, 1.0, m, 1.0, mask=torch.ones(10, device=DEVICE))
+    with pytest.raises(ValueError, match="mask of shape \\(11,\\)"):
+        att(q, k, v, 1.0, m, 1.0, mask=torch.ones(11, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="beta must be finite"):
+        att(q, k, v, 1.0, m, float("nan"))
+    with pytest.raises(TypeError, match="R must be a tensor or a real number"):
+        att(q, k, v, "1", m, 1.0)
+    with pytest.raises(ValueError, match="query must have at least 2 dim"):
+        att(torch.randn(8, device=DEVICE), k, v, 1.0, m, 1.0)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        att(torch.randn(3, 2, 8, device=DEVICE), torch.randn(4, 10, 8, device=DEVICE), torch.randn(4, 10, 4, device=DEVICE), 1.0, m, 1.0)
+    with pytest.raises(ValueError, match="metric: rotor_diag pairs"):
+        gm.rotor_diag(torch.ones(8), torch.ones(1), [(0, 8)])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        geokern.retrieval_attention(q, k, v, 1.0, m, 1.0, backend="numpy")
+
+
+def test_unavailable_backends_are_errors_not_fallbacks():
+    q, k, v = torch.randn(3, 8), torch.randn(10, 8), torch.randn(10, 4)
+    m = gm.diag(torch.ones(8))
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+        geokern.retrieval_attention(q, k, v, 1.0, m, 1.0, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+        geokern.retrieval_cost(q, k, 1.0, m, backend="cuda")
+    if _backend.why_unavailable("triton", DEVICE) is None:
+        with pytest.raises(TypeError, match="backend='triton' supports query dtypes"):
+            geokern.retrieval_attention(q.double().to(DEVICE), k.double().to(DEVICE), v.double().to(DEVICE), 1.0,
+                                        gm.diag(torch.ones(8, dtype=torch.float64, device=DEVICE)), 1.0, backend="triton")
