@@ -85,6 +85,14 @@ def _step(s, k, top1, idx, top2, MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN
     return top1, idx, top2
 
 
+@triton.jit
+def _narrow(x, dt: tl.constexpr):
+    # round to nearest even, as torch does (the interpreter truncates bf16 by default)
+    if dt == tl.float16 or dt == tl.bfloat16:
+        return x.to(dt, fp_downcast_rounding="rtne")
+    return x.to(dt)
+
+
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "MIN", "ARGMAX", "MARGIN"])
 @triton.jit
 def maxplus_fwd_kernel(
@@ -119,7 +127,7 @@ def maxplus_fwd_kernel(
         b_ptrs += sbk
     out = bat * M * N + rm[:, None] * N + rn[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(c_ptr + out, top1.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + out, _narrow(top1, c_ptr.dtype.element_ty), mask=mask)
     if ARGMAX:
         tl.store(idx_ptr + out, idx.to(tl.int64), mask=mask)
     if MARGIN:
@@ -128,7 +136,7 @@ def maxplus_fwd_kernel(
         else:
             gap = top1 - top2
         gap = tl.where((top2 == ZERO) & (top1 == top1), float("inf"), gap)
-        tl.store(mg_ptr + out, gap.to(mg_ptr.dtype.element_ty), mask=mask)
+        tl.store(mg_ptr + out, _narrow(gap, mg_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

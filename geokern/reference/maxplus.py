@@ -78,8 +78,9 @@ def maxplus_matmul(A, B, return_argmax=False, return_margin=False, semiring="max
         margin = torch.full_like(C, float("inf"))
     else:
         with torch.no_grad():
-            a = (sign * Ae.detach()).reshape(-1, M, K)
-            b = (sign * Be.detach()).reshape(-1, K, N)
+            L = lead.numel()
+            a = (sign * Ae.detach()).reshape(L, M, K)
+            b = (sign * Be.detach()).reshape(L, K, N)
             top1, idx, top2 = _route(a, b)
             idx = idx.reshape(*lead, M, N)
             gap = top1 - top2

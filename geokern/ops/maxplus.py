@@ -1,0 +1,194 @@
+"""Max-plus / min-plus matrix product: checks, backends, custom ops, autograd.
+
+Public: maxplus_matmul. Definition and conventions (ties to the smallest k, -inf as
+the semiring zero, NaN propagation, margin) in geokern.reference.maxplus. Kernels sum
+in float32 (float64 for float64 inputs); because rounding is monotone, the result
+equals the reference's float64 result rounded to the output dtype, except where
+a + b itself overflows or loses bits (operands of very different magnitude).
+
+The backward routes dC along the argmax only; the forward records the argmax whenever
+A or B requires grad. dA and dB are accumulated in float32 with atomic adds on the
+GPU: their last bits may vary from run to run where several entries share a route.
+"""
+
+import torch
+
+from geokern import _backend
+from geokern._checks import FLOAT_DTYPES, check_same, check_tensor
+from geokern.kernels import maxplus as tk
+from geokern.ops._registry import cuda_op, triton_op
+from geokern.reference import maxplus as ref
+
+__all__ = ["maxplus_matmul"]
+
+_PREFER = ("cuda", "triton")  # measured on H100: see benchmarks/results
+_OP = "maxplus_matmul"
+_INT32_MAX = 2**31 - 1
+
+
+# ---- custom ops ----------------------------------------------------------------
+# forward: (a, b, minplus, want_argmax, want_margin) -> (C, argmax, margin); outputs
+# not asked for are empty (0 elements). backward: (grad, argmax, a_shape, b_shape) ->
+# (dA, dB) in grad's dtype, summed over broadcast batch dims.
+
+
+def _out_shape(a, b):
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return tuple(lead) + (a.shape[-2], b.shape[-1])
+
+
+def _fake_fwd(a, b, minplus, want_argmax, want_margin):
+    shape = _out_shape(a, b)
+    c = a.new_empty(shape)
+    idx = a.new_empty(shape if want_argmax else (0,), dtype=torch.int64)
+    mg = a.new_empty(shape if want_margin else (0,))
+    return c, idx, mg
+
+
+def _fake_bwd(grad, argmax, a_shape, b_shape):
+    return grad.new_empty(a_shape), grad.new_empty(b_shape)
+
+
+def _ref_fwd(a, b, minplus, want_argmax, want_margin):
+    c, idx, mg = ref.maxplus_matmul(a, b, True, True, "minplus" if minplus else "maxplus")
+    empty = a.new_empty((0,))
+    return (
+        c.contiguous(),
+        idx.contiguous() if want_argmax else empty.to(torch.int64),
+        mg.contiguous() if want_margin else empty,
+    )
+
+
+def _ref_bwd(grad, argmax, a_shape, b_shape):
+    return ref.maxplus_matmul_backward(grad, argmax, a_shape, b_shape)
+
+
+_fwd_cuda = cuda_op("maxplus_cuda", _fake_fwd, _ref_fwd)
+_bwd_cuda = cuda_op("maxplus_backward_cuda", _fake_bwd, _ref_bwd)
+
+
+def _fwd_triton(
+    a: torch.Tensor, b: torch.Tensor, minplus: bool, want_argmax: bool, want_margin: bool, launch=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = _out_shape(a, b)
+    c = a.new_empty(shape)
+    idx = a.new_empty(shape if want_argmax else (0,), dtype=torch.int64)
+    mg = a.new_empty(shape if want_margin else (0,))
+    if a.shape[-1] == 0:  # empty K: the semiring zero, no route
+        c.fill_(float("inf") if minplus else float("-inf"))
+        idx.fill_(-1)
+        mg.fill_(float("inf"))
+        return c, idx, mg
+    tk.maxplus_fwd(a, b, c, idx if want_argmax else None, mg if want_margin else None, shape[:-2], minplus, launch)
+    return c, idx, mg
+
+
+def _bwd_triton(
+    grad: torch.Tensor, argmax: torch.Tensor, a_shape: list[int], b_shape: list[int], launch=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    lead = tuple(grad.shape[:-2])
+    da = grad.new_zeros(a_shape, dtype=acc)
+    db = grad.new_zeros(b_shape, dtype=acc)
+    if not tk.batch_layout_ok(lead, da, db):  # rare: many unmergeable batch dims
+        da = grad.new_zeros(lead + tuple(a_shape[-2:]), dtype=acc)
+        db = grad.new_zeros(lead + tuple(b_shape[-2:]), dtype=acc)
+    tk.maxplus_bwd(grad.contiguous(), argmax.contiguous(), da, db, lead, launch=launch)
+    return da.sum_to_size(a_shape).to(grad.dtype), db.sum_to_size(b_shape).to(grad.dtype)
+
+
+_fwd_tri = triton_op("maxplus_triton", _fwd_triton)
+_bwd_tri = triton_op("maxplus_backward_triton", _bwd_triton)
+
+_KERNELS = {"cuda": (_fwd_cuda, _bwd_cuda), "triton": (_fwd_tri, _bwd_tri)}
+
+
+# ---- autograd ------------------------------------------------------------------
+
+
+class MaxplusMatmulFunction(torch.autograd.Function):
+    """(C, argmax, margin) = maxplus(A, B); the gradient follows the argmax route."""
+
+    @staticmethod
+    def forward(a, b, minplus, want_argmax, want_margin, backend):
+        return _KERNELS[backend][0](a, b, minplus, want_argmax, want_margin)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b, minplus, want_argmax, want_margin, backend = inputs
+        c, idx, mg = output
+        ctx.mark_non_differentiable(idx, mg)
+        ctx.save_for_backward(idx)
+        ctx.a_shape, ctx.b_shape, ctx.backend = list(a.shape), list(b.shape), backend
+
+    @staticmethod
+    def backward(ctx, grad, _gidx, _gmg):
+        (idx,) = ctx.saved_tensors
+        da, db = _KERNELS[ctx.backend][1](grad, idx, ctx.a_shape, ctx.b_shape)
+        return (
+            da if ctx.needs_input_grad[0] else None,
+            db if ctx.needs_input_grad[1] else None,
+            None, None, None, None,
+        )
+
+
+# ---- public op -----------------------------------------------------------------
+
+
+def _check(A, B, return_argmax, return_margin, semiring):
+    check_tensor(_OP, "A", A, dtypes=FLOAT_DTYPES, min_dim=2)
+    check_tensor(_OP, "B", B, dtypes=FLOAT_DTYPES, min_dim=2)
+    check_same(_OP, {"A": A, "B": B})
+    if A.shape[-1] != B.shape[-2]:
+        raise ValueError(
+            f"{_OP}: A (..., M, K) and B (..., K, N) disagree on K: A has shape {tuple(A.shape)}, "
+            f"B has shape {tuple(B.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"{_OP}: batch dims of A {tuple(A.shape)} and B {tuple(B.shape)} do not broadcast"
+        ) from None
+    if semiring not in ref.SEMIRINGS:
+        raise ValueError(f"{_OP}: semiring must be one of {ref.SEMIRINGS}, got {semiring!r}")
+    for name, flag in (("return_argmax", return_argmax), ("return_margin", return_margin)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{_OP}: {name} must be a bool, got {type(flag).__name__}")
+
+
+def maxplus_matmul(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    return_argmax: bool = False,
+    return_margin: bool = False,
+    semiring: str = "maxplus",
+    backend: str | None = None,
+):
+    """C[..., i, j] = max_k A[..., i, k] + B[..., k, j] (min_k for semiring="minplus").
+
+    A is (..., M, K), B is (..., K, N); batch dims broadcast; any strides. Returns C, or
+    (C, argmax) / (C, margin) / (C, argmax, margin) as asked: argmax (int64) is the
+    winning k (ties -> smallest k), margin the gap to the runner-up (see
+    geokern.reference.maxplus). Differentiable in A and B along the argmax route.
+    """
+    _check(A, B, return_argmax, return_margin, semiring)
+    be = _backend.resolve(_OP, backend, A.device, _PREFER)
+    if be == "torch":
+        return ref.maxplus_matmul(A, B, return_argmax, return_margin, semiring)
+    if max(A.shape[-2] * A.shape[-1], B.shape[-2] * B.shape[-1], A.shape[-2] * B.shape[-1]) > _INT32_MAX:
+        raise ValueError(
+            f"{_OP}: backend {be!r} indexes one matrix with 32-bit offsets; A {tuple(A.shape)} or "
+            f"B {tuple(B.shape)} has a matrix of more than 2**31 - 1 elements (use backend='torch')"
+        )
+    need_route = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
+    c, idx, mg = MaxplusMatmulFunction.apply(
+        A, B, semiring == "minplus", return_argmax or need_route, return_margin, be
+    )
+    out = (c,)
+    if return_argmax:
+        out += (idx,)
+    if return_margin:
+        out += (mg,)
+    return out[0] if len(out) == 1 else out
