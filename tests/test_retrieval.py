@@ -1,6 +1,7 @@
 """Retrieval cost and fused retrieval attention: every backend against the float64 reference."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -21,6 +22,12 @@ def _id(x):
     if isinstance(x, torch.dtype):
         return str(x).replace("torch.", "")
     return str(x)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # a fixed seed per test id: failures reproduce, runs do not depend on test order
+    torch.manual_seed(zlib.crc32(request.node.name.encode()))
 
 
 def need(backend):
@@ -186,7 +193,6 @@ def _run(backend, dtype, tensors, R, mask, make, params, beta, compute_dtype=Non
 def test_attention_matches_reference(case, dtype, backend):
     need(backend)
     qs, ks, vs, rkind, mkind = CASES[case]
-    torch.manual_seed(hash(case) % 1000)
     tensors = (rnd(*qs), rnd(*ks), rnd(*vs))
     # round the inputs to dtype first, so every run sees the same numbers
     tensors = tuple(t.to(dtype).double() for t in tensors)
