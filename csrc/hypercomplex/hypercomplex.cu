@@ -46,32 +46,12 @@ __device__ __forceinline__ void hmul(const A* x, const A* y, A* z) {
   }
 }
 
-// Rows per thread on the fast path so that each load is at least 16 bytes.
+constexpr int kThreads = 256;
+
+// Rows per thread on the dense path, so that a thread moves at least 16 bytes per operand.
 template <typename T, int N>
 constexpr int rows_per_thread() {
   return (N * sizeof(T)) >= 16 ? 1 : int(16 / (N * sizeof(T)));
-}
-
-template <typename T, int M>
-struct alignas(16) Pack {
-  T v[M];
-};
-
-template <typename T, int N, int R>
-__device__ __forceinline__ void load_rows(const T* p, int64_t first_row, at::opmath_type<T>* out) {
-  using P = Pack<T, N * R>;
-  const P pk = *reinterpret_cast<const P*>(p + first_row * N);
-#pragma unroll
-  for (int i = 0; i < N * R; ++i) out[i] = static_cast<at::opmath_type<T>>(pk.v[i]);
-}
-
-template <typename T, int N, int R>
-__device__ __forceinline__ void store_rows(T* p, int64_t first_row, const at::opmath_type<T>* in) {
-  using P = Pack<T, N * R>;
-  P pk;
-#pragma unroll
-  for (int i = 0; i < N * R; ++i) pk.v[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<P*>(p + first_row * N) = pk;
 }
 
 template <typename T, int N>
@@ -80,85 +60,146 @@ __device__ __forceinline__ void load_row(const T* p, int64_t comp, at::opmath_ty
   for (int i = 0; i < N; ++i) out[i] = static_cast<at::opmath_type<T>>(p[i * comp]);
 }
 
-// OP 0: c = a b.  OP 1: c = conj(a) (b unused).
-template <typename T, int N, int OP>
-__device__ __forceinline__ void apply(const at::opmath_type<T>* a, const at::opmath_type<T>* b,
-                                      at::opmath_type<T>* c) {
-  if constexpr (OP == 0) hmul<N>(a, b, c);
-  else hconj<N>(a, c);
-}
+// The elementwise maps, each from kIn rows to kOut rows.
+template <int N>
+struct MulOp {  // c = a b
+  static constexpr int kIn = 2, kOut = 1, kDenseIn = 0;
+  template <typename A>
+  __device__ static void apply(const A (&x)[kIn][N], A (&y)[kOut][N]) { hmul<N>(x[0], x[1], y[0]); }
+};
 
-template <typename T, int N, int OP>
-__global__ void hypercomplex_fwd_fast_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                                             T* __restrict__ c, int64_t rows) {
+template <int N>
+struct ConjOp {  // c = conj(a)
+  static constexpr int kIn = 1, kOut = 1, kDenseIn = 0;
+  template <typename A>
+  __device__ static void apply(const A (&x)[kIn][N], A (&y)[kOut][N]) { hconj<N>(x[0], y[0]); }
+};
+
+template <int N>
+struct MulBwdOp {  // (g, a, b) -> (g conj(b), conj(a) g): true in every composition algebra
+  static constexpr int kIn = 3, kOut = 2, kDenseIn = 1;
+  template <typename A>
+  __device__ static void apply(const A (&x)[kIn][N], A (&y)[kOut][N]) {
+    A cj[N];
+    hconj<N>(x[2], cj);
+    hmul<N>(x[0], cj, y[0]);
+    hconj<N>(x[1], cj);
+    hmul<N>(cj, x[0], y[1]);
+  }
+};
+
+template <typename T>
+struct Ptrs {
+  const T* in[3];
+  T* out[2];
+};
+
+// Contiguous, same-shape, 16-byte-aligned operands. A block stages a tile of
+// kThreads * R rows of every input through shared memory with coalesced 16-byte
+// loads, each thread computes its R rows from a conflict-free 16-byte shared read,
+// and the outputs leave the same way. Rows past the last whole tile go row by row.
+template <typename T, int N, typename Op>
+__global__ void __launch_bounds__(kThreads) hypercomplex_dense_kernel(Ptrs<T> p, int64_t rows) {
   using A = at::opmath_type<T>;
+  constexpr int kIn = Op::kIn, kOut = Op::kOut;
   constexpr int R = rows_per_thread<T, N>();
-  const int64_t packs = rows / R;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t p = tid; p < packs; p += stride) {
-    A x[N * R], y[N * R], z[N * R];
-    load_rows<T, N, R>(a, p * R, x);
-    if constexpr (OP == 0) load_rows<T, N, R>(b, p * R, y);
+  constexpr int VPT = R * N * int(sizeof(T)) / 16;  // 16-byte vectors per thread per operand
+  constexpr int64_t TILE = int64_t(kThreads) * R;
+  static_assert(VPT >= 1 && VPT * 16 == R * N * int(sizeof(T)), "rows must pack into 16-byte vectors");
+  __shared__ uint4 smem[kIn][kThreads * VPT];
+  const int tid = threadIdx.x;
+  const int64_t tiles = rows / TILE;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t base = t * kThreads * VPT;
 #pragma unroll
-    for (int r = 0; r < R; ++r) apply<T, N, OP>(x + r * N, y + r * N, z + r * N);
-    store_rows<T, N, R>(c, p * R, z);
+    for (int k = 0; k < kIn; ++k)
+#pragma unroll
+      for (int v = 0; v < VPT; ++v)
+        smem[k][tid + v * kThreads] = reinterpret_cast<const uint4*>(p.in[k])[base + tid + v * kThreads];
+    __syncthreads();
+    T in[kIn][R * N], out[kOut][R * N];
+#pragma unroll
+    for (int k = 0; k < kIn; ++k) {
+      uint4 v[VPT];
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) v[j] = smem[k][tid * VPT + j];
+      memcpy(in[k], v, sizeof(v));
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      A x[kIn][N], y[kOut][N];
+#pragma unroll
+      for (int k = 0; k < kIn; ++k)
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[k][i] = static_cast<A>(in[k][r * N + i]);
+      Op::apply(x, y);
+#pragma unroll
+      for (int o = 0; o < kOut; ++o)
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[o][r * N + i] = static_cast<T>(y[o][i]);
+    }
+    __syncthreads();  // every thread has read its inputs: reuse the buffers for outputs
+#pragma unroll
+    for (int o = 0; o < kOut; ++o) {
+      uint4 v[VPT];
+      memcpy(v, out[o], sizeof(v));
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) smem[o][tid * VPT + j] = v[j];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int o = 0; o < kOut; ++o)
+#pragma unroll
+      for (int v = 0; v < VPT; ++v)
+        reinterpret_cast<uint4*>(p.out[o])[base + tid + v * kThreads] = smem[o][tid + v * kThreads];
+    __syncthreads();  // before the next tile overwrites the buffers
   }
-  for (int64_t r = packs * R + tid; r < rows; r += stride) {  // tail of < R rows
-    A x[N], y[N], z[N];
-    load_row<T, N>(a + r * N, 1, x);
-    if constexpr (OP == 0) load_row<T, N>(b + r * N, 1, y);
-    apply<T, N, OP>(x, y, z);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = tiles * TILE + int64_t(blockIdx.x) * blockDim.x + tid; r < rows; r += stride) {
+    A x[kIn][N], y[kOut][N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) c[r * N + i] = static_cast<T>(z[i]);
+    for (int k = 0; k < kIn; ++k) load_row<T, N>(p.in[k] + r * N, 1, x[k]);
+    Op::apply(x, y);
+#pragma unroll
+    for (int o = 0; o < kOut; ++o)
+#pragma unroll
+      for (int i = 0; i < N; ++i) p.out[o][r * N + i] = static_cast<T>(y[o][i]);
   }
 }
 
-template <typename T, int N, int OP>
-__global__ void hypercomplex_fwd_strided_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                                                T* __restrict__ c, int64_t rows, RowLayout L) {
+template <typename T, int N, typename Op>
+void launch_dense(Ptrs<T> p, int64_t rows, cudaStream_t stream) {
+  const int64_t tiles = rows / (int64_t(kThreads) * rows_per_thread<T, N>());
+  hypercomplex_dense_kernel<T, N, Op><<<grid_for(std::max<int64_t>(tiles, 1) * kThreads, kThreads), kThreads, 0, stream>>>(p, rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Broadcast or strided operands, row by row through a RowLayout. Inputs before
+// Op::kDenseIn (the backward's grad) are contiguous in the broadcast shape; the others
+// take layout slots 0 and 1. Outputs are contiguous in the broadcast shape, of type O:
+// T, or float when the caller then sums broadcast dims and wants that sum exact.
+template <typename T, typename O, int N, typename Op>
+__global__ void hypercomplex_strided_kernel(Ptrs<T> p, O* out0, O* out1, int64_t rows, RowLayout L) {
   using A = at::opmath_type<T>;
+  O* out[2] = {out0, out1};
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
     int64_t off[3];
     L.offsets(r, off);
-    A x[N], y[N], z[N];
-    load_row<T, N>(a + off[0], L.comp[0], x);
-    if constexpr (OP == 0) load_row<T, N>(b + off[1], L.comp[1], y);
-    apply<T, N, OP>(x, y, z);
+    A x[Op::kIn][N], y[Op::kOut][N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) c[off[2] + i] = static_cast<T>(z[i]);
+    for (int k = 0; k < Op::kIn; ++k) {
+      const int slot = k - Op::kDenseIn;
+      if (slot < 0) load_row<T, N>(p.in[k] + r * N, 1, x[k]);
+      else load_row<T, N>(p.in[k] + off[slot], L.comp[slot], x[k]);
+    }
+    Op::apply(x, y);
+#pragma unroll
+    for (int o = 0; o < Op::kOut; ++o)
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[o][r * N + i] = static_cast<O>(y[o][i]);
   }
 }
-
-// da = g conj(b), db = conj(a) g (true in every composition algebra, octonions included).
-// g, da, db are contiguous in the broadcast shape; O is T, or float when the caller
-// reduces broadcast dims afterwards and wants the sum taken at full precision.
-template <typename T, typename O, int N>
-__global__ void hypercomplex_mul_bwd_kernel(const T* __restrict__ g, const T* __restrict__ a,
-                                            const T* __restrict__ b, O* __restrict__ da,
-                                            O* __restrict__ db, int64_t rows, RowLayout L) {
-  using A = at::opmath_type<T>;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
-    int64_t off[3];
-    L.offsets(r, off);
-    A x[N], y[N], gr[N], cj[N], z[N];
-    load_row<T, N>(a + off[0], L.comp[0], x);
-    load_row<T, N>(b + off[1], L.comp[1], y);
-    load_row<T, N>(g + r * N, 1, gr);
-    hconj<N>(y, cj);
-    hmul<N>(gr, cj, z);
-#pragma unroll
-    for (int i = 0; i < N; ++i) da[r * N + i] = static_cast<O>(z[i]);
-    hconj<N>(x, cj);
-    hmul<N>(cj, gr, z);
-#pragma unroll
-    for (int i = 0; i < N; ++i) db[r * N + i] = static_cast<O>(z[i]);
-  }
-}
-
-constexpr int kThreads = 256;
 
 void check_inputs(const char* op, const at::Tensor& a, const at::Tensor* b, int64_t n) {
   TORCH_CHECK(n == 4 || n == 8, op, ": n must be 4 (quaternion) or 8 (octonion), got ", n);
@@ -208,57 +249,78 @@ RowLayout layout_for(at::Tensor& a, at::Tensor& b, const std::vector<int64_t>& l
   TORCH_CHECK(false, "geokern: could not build an element layout");
 }
 
-template <int OP>
-at::Tensor fwd(const at::Tensor& a_in, const at::Tensor& b_in, int64_t n) {
-  const char* name = OP == 0 ? "hypercomplex_mul_cuda" : "hypercomplex_conj_cuda";
-  check_inputs(name, a_in, OP == 0 ? &b_in : nullptr, n);
-  at::Tensor a = a_in, b = OP == 0 ? b_in : a_in;
-  const auto lead = broadcast_leading(a, b);
-  at::Tensor c = at::empty(with_last(lead, n), a.options());
-  const int64_t rows = c.numel() / n;
-  if (rows == 0) return c;
+bool dense_for(const at::Tensor& t, const std::vector<int64_t>& full) {
+  return t.is_contiguous() && t.sizes() == at::IntArrayRef(full) && aligned16(t.const_data_ptr());
+}
+
+// Runs Op over the broadcast shape `full`: the dense kernel when every operand is
+// contiguous in that shape, the strided one otherwise. `dense_in` are the inputs that
+// are contiguous in `full` by construction (the grad), a and b are laid out.
+// O: the output type, void for the input's own.
+template <template <int> class Op, typename O>
+void run(const std::vector<at::Tensor>& dense_in, at::Tensor a, at::Tensor b,
+         const std::vector<int64_t>& lead, int64_t n, std::vector<at::Tensor>& out) {
+  const auto full = with_last(lead, n);
+  const int64_t rows = out[0].numel() / n;
+  if (rows == 0) return;
   c10::cuda::CUDAGuard guard(a.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool fast = a.is_contiguous() && b.is_contiguous() && a.sizes() == c.sizes() &&
-                    b.sizes() == c.sizes() && aligned16(a.data_ptr()) &&
-                    aligned16(b.data_ptr());
+  bool dense = dense_for(a, full) && dense_for(b, full) && out[0].scalar_type() == a.scalar_type();
+  for (const auto& t : dense_in) dense = dense && dense_for(t, full);
+  for (const auto& t : out) dense = dense && aligned16(t.const_data_ptr());
   RowLayout L{};
-  if (!fast) L = layout_for(a, b, lead, n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "hypercomplex_fwd_cuda", [&] {
-    const auto* pa = a.const_data_ptr<scalar_t>();
-    const auto* pb = b.const_data_ptr<scalar_t>();
-    auto* pc = c.mutable_data_ptr<scalar_t>();
-    auto launch = [&](auto nc) {
+  if (!dense) L = layout_for(a, b, lead, n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "geokern_hypercomplex", [&] {
+    using T = scalar_t;
+    Ptrs<T> p{};
+    int k = 0;
+    for (const auto& t : dense_in) p.in[k++] = t.const_data_ptr<T>();
+    p.in[k++] = a.const_data_ptr<T>();
+    p.in[k++] = b.const_data_ptr<T>();
+    auto go = [&](auto nc) {
       constexpr int N = decltype(nc)::value;
-      if (fast) {
-        const int64_t work = rows / rows_per_thread<scalar_t, N>() + 1;
-        hypercomplex_fwd_fast_kernel<scalar_t, N, OP>
-            <<<grid_for(work, kThreads), kThreads, 0, stream>>>(pa, pb, pc, rows);
+      using OpN = Op<N>;
+      using Out = std::conditional_t<std::is_same_v<O, void>, T, O>;
+      Out* o0 = out[0].mutable_data_ptr<Out>();
+      Out* o1 = out.size() > 1 ? out[1].mutable_data_ptr<Out>() : nullptr;
+      if (dense) {
+        if constexpr (std::is_same_v<Out, T>) {
+          p.out[0] = o0;
+          p.out[1] = o1;
+          launch_dense<T, N, OpN>(p, rows, stream);
+        }
       } else {
-        hypercomplex_fwd_strided_kernel<scalar_t, N, OP>
-            <<<grid_for(rows, kThreads), kThreads, 0, stream>>>(pa, pb, pc, rows, L);
+        hypercomplex_strided_kernel<T, Out, N, OpN>
+            <<<grid_for(rows, kThreads), kThreads, 0, stream>>>(p, o0, o1, rows, L);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (n == 4) launch(std::integral_constant<int, 4>{});
-    else launch(std::integral_constant<int, 8>{});
+    if (n == 4) go(std::integral_constant<int, 4>{});
+    else go(std::integral_constant<int, 8>{});
   });
-  return c;
 }
 
 at::Tensor hypercomplex_mul_cuda(const at::Tensor& a, const at::Tensor& b, int64_t n) {
-  return fwd<0>(a, b, n);
+  check_inputs("hypercomplex_mul_cuda", a, &b, n);
+  const auto lead = broadcast_leading(a, b);
+  std::vector<at::Tensor> out{at::empty(with_last(lead, n), a.options())};
+  run<MulOp, void>({}, a, b, lead, n, out);
+  return out[0];
 }
 
-at::Tensor hypercomplex_conj_cuda(const at::Tensor& a, int64_t n) { return fwd<1>(a, a, n); }
+at::Tensor hypercomplex_conj_cuda(const at::Tensor& a, int64_t n) {
+  check_inputs("hypercomplex_conj_cuda", a, nullptr, n);
+  const std::vector<int64_t> lead(a.sizes().begin(), a.sizes().end() - 1);
+  std::vector<at::Tensor> out{at::empty(a.sizes(), a.options())};
+  run<ConjOp, void>({}, a, a, lead, n, out);
+  return out[0];
+}
 
 std::tuple<at::Tensor, at::Tensor> hypercomplex_mul_backward_cuda(const at::Tensor& grad,
-                                                                  const at::Tensor& a_in,
-                                                                  const at::Tensor& b_in,
-                                                                  int64_t n) {
+                                                                  const at::Tensor& a,
+                                                                  const at::Tensor& b, int64_t n) {
   const char* name = "hypercomplex_mul_backward_cuda";
-  check_inputs(name, a_in, &b_in, n);
-  at::Tensor a = a_in, b = b_in;
+  check_inputs(name, a, &b, n);
   const auto lead = broadcast_leading(a, b);
   const auto full = with_last(lead, n);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(full), name, ": grad must have shape ", full,
@@ -266,39 +328,19 @@ std::tuple<at::Tensor, at::Tensor> hypercomplex_mul_backward_cuda(const at::Tens
   TORCH_CHECK(grad.device() == a.device() && grad.scalar_type() == a.scalar_type(), name,
               ": grad must match a in device and dtype, got ", grad.device(), " ",
               grad.scalar_type());
-  const at::Tensor g = grad.contiguous();
-  const bool reduce_a = a.sizes() != at::IntArrayRef(full);
-  const bool reduce_b = b.sizes() != at::IntArrayRef(full);
+  const bool reduce = a.sizes() != at::IntArrayRef(full) || b.sizes() != at::IntArrayRef(full);
   const auto acc = at::toOpMathType(a.scalar_type());
-  const bool wide = (reduce_a || reduce_b) && acc != a.scalar_type();
-  at::Tensor da = at::empty(full, a.options().dtype(wide ? acc : a.scalar_type()));
-  at::Tensor db = at::empty(full, a.options().dtype(wide ? acc : a.scalar_type()));
-  const int64_t rows = da.numel() / n;
-  if (rows > 0) {
-    c10::cuda::CUDAGuard guard(a.device());
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    RowLayout L = layout_for(a, b, lead, n);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "hypercomplex_mul_backward_cuda", [&] {
-      auto launch = [&](auto nc, auto* out_tag) {
-        constexpr int N = decltype(nc)::value;
-        using O = std::remove_pointer_t<decltype(out_tag)>;
-        hypercomplex_mul_bwd_kernel<scalar_t, O, N><<<grid_for(rows, kThreads), kThreads, 0, stream>>>(
-            g.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-            da.mutable_data_ptr<O>(), db.mutable_data_ptr<O>(), rows, L);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      using Acc = at::opmath_type<scalar_t>;
-      if (n == 4) {
-        if (wide) launch(std::integral_constant<int, 4>{}, static_cast<Acc*>(nullptr));
-        else launch(std::integral_constant<int, 4>{}, static_cast<scalar_t*>(nullptr));
-      } else {
-        if (wide) launch(std::integral_constant<int, 8>{}, static_cast<Acc*>(nullptr));
-        else launch(std::integral_constant<int, 8>{}, static_cast<scalar_t*>(nullptr));
-      }
-    });
+  // broadcast dims are summed afterwards: keep the full-shape grads in float32 then
+  const auto out_type = reduce ? acc : a.scalar_type();
+  std::vector<at::Tensor> out{at::empty(full, a.options().dtype(out_type)),
+                              at::empty(full, a.options().dtype(out_type))};
+  if (out_type == a.scalar_type()) run<MulBwdOp, void>({grad.contiguous()}, a, b, lead, n, out);
+  else run<MulBwdOp, float>({grad.contiguous()}, a, b, lead, n, out);
+  at::Tensor da = out[0], db = out[1];
+  if (reduce) {
+    da = da.sum_to_size(a.sizes()).to(a.scalar_type());
+    db = db.sum_to_size(b.sizes()).to(b.scalar_type());
   }
-  if (reduce_a) da = da.sum_to_size(a_in.sizes()).to(a_in.scalar_type());
-  if (reduce_b) db = db.sum_to_size(b_in.sizes()).to(b_in.scalar_type());
   return {da, db};
 }
 
