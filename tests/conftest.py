@@ -13,6 +13,7 @@ if not HAS_CUDA:
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+@torch.no_grad()  # callers may ask for requires_grad=True (torch.compile does)
 def _poison(t):
     if t.dtype.is_floating_point or t.dtype.is_complex:
         return t.fill_(float("nan"))
