@@ -11,9 +11,24 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/irange.h>
 
+#include <string>
 #include <vector>
 
 namespace geokern {
+
+// Numbers and shapes for error messages, formatted without iostreams. Built on the
+// H100 machine's toolchain, an integer streamed into a TORCH_CHECK message from a .cu
+// file crashed the process (ostream::_M_insert<long> ran from our .so with a locale
+// facet that was not its own); std::to_string does not touch locales.
+inline std::string fmt(int64_t v) { return std::to_string(v); }
+
+inline std::string fmt(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+inline std::string fmt(const std::vector<int64_t>& shape) { return fmt(at::IntArrayRef(shape)); }
 
 // Up to kMaxDims leading dims after coalescing; per-operand strides in elements,
 // zero where the operand is broadcast. `comp` is the stride of the last (component) dim.
@@ -47,8 +62,9 @@ inline std::vector<int64_t> broadcast_leading(const at::Tensor& a, const at::Ten
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ia = i - (n - na), ib = i - (n - nb);
     const int64_t sa = ia >= 0 ? a.size(ia) : 1, sb = ib >= 0 ? b.size(ib) : 1;
-    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, "geokern: leading dims of a ", a.sizes(),
-                " and b ", b.sizes(), " do not broadcast (dim ", i, ": ", sa, " vs ", sb, ")");
+    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, "geokern: leading dims of a ", fmt(a.sizes()),
+                " and b ", fmt(b.sizes()), " do not broadcast (dim ", fmt(i), ": ", fmt(sa), " vs ",
+                fmt(sb), ")");
     shape[i] = sa == 1 ? sb : sa;
   }
   return shape;

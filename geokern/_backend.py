@@ -5,7 +5,6 @@ silent fallback. "auto" takes the family's measured preference order for CUDA
 tensors and the reference ("torch") for CPU tensors.
 """
 
-import functools
 import os
 
 import torch
@@ -19,14 +18,16 @@ def interpret_mode():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(None)
-def triton_version():
+def _find_triton():
     try:
         import triton
 
         return triton.__version__
     except ImportError:
         return None
+
+
+TRITON_VERSION = _find_triton()  # once, at import: torch.compile traces the checks below
 
 
 def why_unavailable(backend, device):
@@ -40,7 +41,7 @@ def why_unavailable(backend, device):
             return f"the CUDA kernels need CUDA tensors, got device {device}"
         return None
     if backend == "triton":
-        if triton_version() is None:
+        if TRITON_VERSION is None:
             return "triton is not installed"
         if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
             return None

@@ -13,7 +13,7 @@ def info():
         "geokern": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": _backend.triton_version(),
+        "triton": _backend.TRITON_VERSION,
         "triton_interpret": _backend.interpret_mode(),
         "cuda_extension": _ext.build_info(),
         "cuda_extension_error": _ext.LOAD_ERROR,

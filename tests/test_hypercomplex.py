@@ -266,6 +266,10 @@ def test_cuda_op_checks_its_inputs():
         torch.ops.geokern.hypercomplex_mul_cuda(a, a, 5)
     with pytest.raises(RuntimeError, match="b has dtype"):
         torch.ops.geokern.hypercomplex_mul_cuda(a, a.double(), 4)
+    with pytest.raises(RuntimeError, match=r"a must have last dim 8, got shape \[3, 4\]"):
+        torch.ops.geokern.hypercomplex_conj_cuda(a, 8)
+    with pytest.raises(RuntimeError, match=r"leading dims of a \[3, 4\] and b \[2, 4\] do not broadcast"):
+        torch.ops.geokern.hypercomplex_mul_cuda(a, rand((2,), 4), 4)
 
 
 def test_info_reports_backends():

@@ -202,19 +202,19 @@ __global__ void hypercomplex_strided_kernel(Ptrs<T> p, O* out0, O* out1, int64_t
 }
 
 void check_inputs(const char* op, const at::Tensor& a, const at::Tensor* b, int64_t n) {
-  TORCH_CHECK(n == 4 || n == 8, op, ": n must be 4 (quaternion) or 8 (octonion), got ", n);
+  TORCH_CHECK(n == 4 || n == 8, op, ": n must be 4 (quaternion) or 8 (octonion), got ", fmt(n));
   TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got device ", a.device());
   TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": a must be floating point, got ",
               a.scalar_type());
-  TORCH_CHECK(a.dim() >= 1 && a.size(-1) == n, op, ": a must have last dim ", n, ", got shape ",
-              a.sizes());
+  TORCH_CHECK(a.dim() >= 1 && a.size(-1) == n, op, ": a must have last dim ", fmt(n), ", got shape ",
+              fmt(a.sizes()));
   if (b) {
     TORCH_CHECK(b->device() == a.device(), op, ": b is on ", b->device(), " but a is on ",
                 a.device());
     TORCH_CHECK(b->scalar_type() == a.scalar_type(), op, ": b has dtype ", b->scalar_type(),
                 " but a has ", a.scalar_type());
-    TORCH_CHECK(b->dim() >= 1 && b->size(-1) == n, op, ": b must have last dim ", n,
-                ", got shape ", b->sizes());
+    TORCH_CHECK(b->dim() >= 1 && b->size(-1) == n, op, ": b must have last dim ", fmt(n),
+                ", got shape ", fmt(b->sizes()));
   }
 }
 
@@ -323,8 +323,8 @@ std::tuple<at::Tensor, at::Tensor> hypercomplex_mul_backward_cuda(const at::Tens
   check_inputs(name, a, &b, n);
   const auto lead = broadcast_leading(a, b);
   const auto full = with_last(lead, n);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(full), name, ": grad must have shape ", full,
-              ", got ", grad.sizes());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(full), name, ": grad must have shape ", fmt(full),
+              ", got ", fmt(grad.sizes()));
   TORCH_CHECK(grad.device() == a.device() && grad.scalar_type() == a.scalar_type(), name,
               ": grad must match a in device and dtype, got ", grad.device(), " ",
               grad.scalar_type());
