@@ -10,6 +10,7 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 OUT ?=
 SELECT ?=
+BENCH ?= 1
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cuh csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: test bench wheel gpu clean
@@ -36,7 +37,7 @@ wheel: $(VENV)/.deps
 	ls dist/
 
 gpu:
-	bash scripts/gpu.sh $(OUT) $(SELECT)
+	BENCH=$(BENCH) bash scripts/gpu.sh $(OUT) $(SELECT)
 
 clean:
 	rm -rf build dist *.egg-info geokern/_C*.so $(VENV)/.built

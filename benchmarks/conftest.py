@@ -7,14 +7,16 @@ if not torch.cuda.is_available():
     collect_ignore_glob = ["bench_*.py"]  # GPU timings only; the runner says so too
 
 
-def case_params(family):
-    """(case, impl name, fn) for every implementation and peer of a family's cases."""
+def case_params():
+    """(case, impl name, fn) for every implementation and peer of every registered case;
+    ids start with the family, so `-k maxplus` picks one."""
     from geokern.bench import registry
 
     params = []
-    for case in registry.cases(family):
-        for name, fn in list(case.impls.items()) + list(case.peers.items()):
-            params.append(pytest.param(case, name, fn, id=f"{case.key}-{name}"))
+    for family in registry.families():
+        for case in registry.cases(family):
+            for name, fn in list(case.impls.items()) + list(case.peers.items()):
+                params.append(pytest.param(case, name, fn, id=f"{family}-{case.key}-{name}"))
     return params
 
 

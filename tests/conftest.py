@@ -15,6 +15,8 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 @torch.no_grad()  # callers may ask for requires_grad=True (torch.compile does)
 def _poison(t):
+    if torch.compiler.is_compiling():
+        return t  # a fill traced into a graph before a Triton kernel trips inductor's reinplacing
     if t.dtype.is_floating_point or t.dtype.is_complex:
         return t.fill_(float("nan"))
     if t.dtype == torch.bool:

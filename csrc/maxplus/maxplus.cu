@@ -394,8 +394,8 @@ std::vector<int64_t> batch_shape(const at::Tensor& a, const at::Tensor& b) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ia = i - (n - na), ib = i - (n - nb);
     const int64_t sa = ia >= 0 ? a.size(ia) : 1, sb = ib >= 0 ? b.size(ib) : 1;
-    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, "maxplus_cuda: batch dims of a ", a.sizes(),
-                " and b ", b.sizes(), " do not broadcast");
+    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, "maxplus_cuda: batch dims of a ", fmt(a.sizes()),
+                " and b ", fmt(b.sizes()), " do not broadcast");
     shape[i] = sa == 1 ? sb : sa;
   }
   return shape;
@@ -433,10 +433,10 @@ void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": a must be floating point, got ", a.scalar_type());
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b has dtype ", b.scalar_type(), " but a has ",
               a.scalar_type());
-  TORCH_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": a and b need at least 2 dims, got ", a.sizes(), " and ",
-              b.sizes());
-  TORCH_CHECK(a.size(-1) == b.size(-2), op, ": a (..., M, K) and b (..., K, N) disagree on K: ", a.sizes(),
-              " and ", b.sizes());
+  TORCH_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": a and b need at least 2 dims, got ", fmt(a.sizes()), " and ",
+              fmt(b.sizes()));
+  TORCH_CHECK(a.size(-1) == b.size(-2), op, ": a (..., M, K) and b (..., K, N) disagree on K: ", fmt(a.sizes()),
+              " and ", fmt(b.sizes()));
   const int64_t lim = std::numeric_limits<int>::max();
   const int64_t span_a = (a.size(-2) - 1) * std::abs(a.stride(-2)) + (a.size(-1) - 1) * std::abs(a.stride(-1));
   const int64_t span_b = (b.size(-2) - 1) * std::abs(b.stride(-2)) + (b.size(-1) - 1) * std::abs(b.stride(-1));
@@ -515,13 +515,13 @@ std::tuple<at::Tensor, at::Tensor> maxplus_backward_cuda(const at::Tensor& grad,
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating point, got ",
               grad.scalar_type());
   TORCH_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad.sizes(), op,
-              ": argmax must be int64 with grad's shape ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
-              argmax.sizes());
+              ": argmax must be int64 with grad's shape ", fmt(grad.sizes()), ", got ", argmax.scalar_type(), " ",
+              fmt(argmax.sizes()));
   TORCH_CHECK(grad.dim() >= 2 && a_shape.size() >= 2 && b_shape.size() >= 2, op,
               ": grad, a_shape and b_shape need at least 2 dims");
   const int64_t M = grad.size(-2), N = grad.size(-1), K = a_shape.back();
   TORCH_CHECK(a_shape[a_shape.size() - 2] == M && b_shape.back() == N && b_shape[b_shape.size() - 2] == K, op,
-              ": a_shape ", a_shape, " and b_shape ", b_shape, " do not match grad ", grad.sizes());
+              ": a_shape ", fmt(a_shape), " and b_shape ", fmt(b_shape), " do not match grad ", fmt(grad.sizes()));
   const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor da = at::zeros(a_shape, grad.options().dtype(acc));
   at::Tensor db = at::zeros(b_shape, grad.options().dtype(acc));

@@ -28,11 +28,13 @@ def _device_slug():
 
 
 def _commit():
+    if os.environ.get("GEOKERN_COMMIT"):
+        return os.environ["GEOKERN_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return subprocess.check_output(["git", "-C", root, "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
-        return os.environ.get("GEOKERN_COMMIT", "unknown")
+        return "unknown"
 
 
 def _rel_err(out, ref):
