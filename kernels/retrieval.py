@@ -53,15 +53,20 @@ def _configs(bwd=False):
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 1)]
         ]
+    # Hopper: 128-row query tiles (two warpgroups at 8 warps), keys streamed 64 or 128 at a time
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3),
-        ]
+        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2)]
     ]
 
 
+def _even_block():
+    """A multiple of every BLOCK_M / BLOCK_N the configs use: a length divisible by it needs no masks."""
+    return 16 if interpret_mode() else 128
+
+
 _KEY = ["LQ", "M", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE"]
+_FWD_KEY = _KEY + ["EVEN_M", "EVEN_N", "EXP_MODE"]
 
 
 @triton.jit
@@ -103,16 +108,96 @@ def _mm(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _spd(qw, k, qn, kn, eps, PREC: tl.constexpr):
-    """(spd, s >= 0) for a tile: spd = sqrt(max(|q|^2 + |k|^2 - 2 qw.k, 0) + eps)."""
+    """(spd, 1 / spd, s >= 0) for a tile: spd = sqrt(max(|q|^2 + |k|^2 - 2 qw.k, 0) + eps).
+    One rsqrt.approx (MUFU.RSQ) gives both: the backward needs 1 / spd for d cost / d s."""
     dot = _mm(qw, tl.trans(k), PREC)
     s = qn[:, None] + kn[None, :] - 2.0 * dot
-    return tl.sqrt(tl.maximum(s, 0.0) + eps), s >= 0.0
+    t = tl.maximum(s, 0.0) + eps
+    inv = tl.math.rsqrt(t)
+    return t * inv, inv, s >= 0.0
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _exp2_fma(x):
+    """2^x on the FMA pipe (FlashAttention-4's trick), for finite x <= 0: the MUFU unit
+    (16 ops / clk / SM) is the forward's bottleneck, the FMA pipe (128 / clk) has room.
+    x = j + f with j = round(x), f in [-0.5, 0.5]; 2^f by a degree-3 polynomial (relative
+    error 7.7e-5, below the bf16 rounding of P), 2^j added into the exponent bits."""
+    xc = tl.maximum(x, -125.0)
+    t = xc + 12582912.0  # 1.5 * 2^23: the nearest integer lands in the low mantissa bits
+    f = xc - (t - 12582912.0)
+    poly = 0.055088821798563004 * f + 0.24260465800762177
+    poly = poly * f + 0.6932762861251831
+    poly = poly * f + 0.999928891658783
+    bits = poly.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, s_r, s_c, rvalid, cvalid, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+    """A [rows, cols] tile; masks only where a dim is not a multiple of its block."""
+    p = ptr + rows[:, None] * s_r + cols[None, :] * s_c
+    if EVEN_R and EVEN_C:
+        return tl.load(p)
+    elif EVEN_R:
+        return tl.load(p, mask=cvalid[None, :], other=0.0)
+    elif EVEN_C:
+        return tl.load(p, mask=rvalid[:, None], other=0.0)
+    else:
+        return tl.load(p, mask=rvalid[:, None] & cvalid[None, :], other=0.0)
+
+
+@triton.jit
+def _fwd_tile(qw2, qne, nr_row, m_i, l_i, acc, start, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+              k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
+              R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
+              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, FMA_EXP: tl.constexpr):
+    """One key tile of the online softmax: returns the updated (m_i, l_i, acc)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    nvalid = offs_n < M
+    k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
+    if EVEN_N:
+        kn = tl.load(kn_b + offs_n * sknn)
+    else:
+        kn = tl.load(kn_b + offs_n * sknn, mask=nvalid, other=0.0)
+    # t = max(|q|^2 + eps + |k|^2 - 2 (w q).k, eps) = max(s, 0) + eps: one GEMM, two adds, one max
+    t = tl.maximum(_mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :], eps)
+    spd = tl.sqrt(t)  # sqrt.approx.f32: MUFU.SQRT, relative error ~2^-22
+    if R_MODE == 2:
+        if EVEN_N:
+            nr = -scale * tl.load(r_b + offs_n * srn)
+        else:
+            nr = -scale * tl.load(r_b + offs_n * srn, mask=nvalid, other=0.0)
+        x = spd * nr[None, :]  # logit in log2 units
+    elif R_MODE == 3:
+        x = spd * (-scale * _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE))
+    else:
+        x = spd * nr_row[:, None]
+    if MASK_MODE != 0:
+        keep = _keep(mk_b, offs_m, offs_n, mvalid, nvalid, smm, smn, MASK_MODE)
+        x = tl.where(keep, x, float("-inf"))
+    elif not EVEN_N:
+        x = tl.where(nvalid[None, :], x, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    if MASK_MODE != 0:
+        # rows with nothing kept so far: subtract 0 so exp2(-inf) = 0, not exp2(nan)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if FMA_EXP:
+        p = _exp2_fma(x - m_new[:, None])
+    else:
+        p = tl.math.exp2(x - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=_configs(), key=_FWD_KEY)
 @triton.jit
 def retrieval_attn_fwd_kernel(
-    qw_ptr, qn_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, o_ptr, lse_ptr,
+    q_ptr, w_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, o_ptr, lse_ptr,
     sq0, sq1, sqm, sqd,
     sk0, sk1, skn, skd,
     skn0, skn1, sknn,
@@ -122,8 +207,13 @@ def retrieval_attn_fwd_kernel(
     NB1, LQ, M, D, DV,
     scale, eps,
     R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    EXP_MODE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # EVEN_M / EVEN_N: LQ / M are multiples of every BLOCK_M / BLOCK_N (128): no row or key masks.
+    # EXP_MODE 1: every second key tile takes 2^x on the FMA pipe (needs M % (2 BLOCK_N) == 0,
+    # no mask), offloading the MUFU unit that sqrt and exp2 share.
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
@@ -131,55 +221,87 @@ def retrieval_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
     mvalid = offs_m < LQ
-    qw = tl.load(qw_ptr + b0 * sq0 + b1 * sq1 + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                 mask=mvalid[:, None] & (offs_d < D)[None, :], other=0.0)
-    qn = tl.load(qn_ptr + pid_b * LQ + offs_m, mask=mvalid, other=0.0)
+    dvalid = offs_d < D
+    evalid = offs_e < DV
+    # |q|^2_w and -2 w q from q itself: no pre-pass over the queries
+    q = _load_tile(q_ptr + b0 * sq0 + b1 * sq1, offs_m, offs_d, sqm, sqd, mvalid, dvalid, EVEN_M, EVEN_D)
+    w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
+    qf = q.to(tl.float32)
+    qwf = qf * w[None, :]
+    qne = tl.sum(qwf * qf, 1) + eps
+    qw2 = (-2.0 * qwf).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
     k_b = k_ptr + b0 * sk0 + b1 * sk1
     kn_b = kn_ptr + b0 * skn0 + b1 * skn1
     v_b = v_ptr + b0 * sv0 + b1 * sv1
     r_b = r_ptr + b0 * sr0 + b1 * sr1
     mk_b = mk_ptr + b0 * sm0 + b1 * sm1
+    if R_MODE == 0:
+        nr_row = tl.zeros([BLOCK_M], tl.float32) - scale * tl.load(r_b).to(tl.float32)
+    elif R_MODE == 1:
+        nr_row = -scale * tl.load(r_b + offs_m * srm, mask=mvalid, other=0.0).to(tl.float32)
+    else:
+        nr_row = tl.zeros([BLOCK_M], tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start in range(0, M, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        nvalid = offs_n < M
-        k = tl.load(k_b + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=nvalid[:, None] & (offs_d < D)[None, :], other=0.0)
-        kn = tl.load(kn_b + offs_n * sknn, mask=nvalid, other=0.0)
-        spd, _ = _spd(qw, k, qn, kn, eps, PREC)
-        r = _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE)
-        keep = _keep(mk_b, offs_m, offs_n, mvalid, nvalid, smm, smn, MASK_MODE)
-        x = tl.where(keep, -scale * r * spd, float("-inf"))  # logit in log2 units
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        # rows with nothing kept so far: subtract 0 so exp2(-inf) = 0, not exp2(nan)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(x - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_b + offs_n[:, None] * svn + offs_e[None, :] * svd,
-                    mask=nvalid[:, None] & (offs_e < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
-        m_i = m_new
+    STEP: tl.constexpr = 2 * BLOCK_N if EXP_MODE == 1 else BLOCK_N
+    for start in range(0, M, STEP):
+        m_i, l_i, acc = _fwd_tile(qw2, qne, nr_row, m_i, l_i, acc, start, offs_m, mvalid, offs_d, offs_e, dvalid,
+                                  evalid, k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn,
+                                  M, scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, False)
+        if EXP_MODE == 1:
+            m_i, l_i, acc = _fwd_tile(qw2, qne, nr_row, m_i, l_i, acc, start + BLOCK_N, offs_m, mvalid, offs_d,
+                                      offs_e, dvalid, evalid, k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd,
+                                      srm, srn, smm, smn, M, scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D,
+                                      EVEN_DV, BLOCK_N, True)
 
-    empty = l_i == 0.0  # every key masked: zeros and lse = -inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(o_ptr + pid_b * LQ * DV + offs_m[:, None] * DV + offs_e[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=mvalid[:, None] & (offs_e < DV)[None, :])
-    tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=mvalid)
+    if MASK_MODE != 0:
+        empty = l_i == 0.0  # every key masked: zeros and lse = -inf
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    else:
+        out = acc / l_i[:, None]
+        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    o_p = o_ptr + pid_b * LQ * DV + offs_m[:, None] * DV + offs_e[None, :]
+    if EVEN_M and EVEN_DV:
+        tl.store(o_p, out.to(o_ptr.dtype.element_ty))
+    else:
+        tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=mvalid[:, None] & evalid[None, :])
+    if EVEN_M:
+        tl.store(lse_ptr + pid_b * LQ + offs_m, lse)
+    else:
+        tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=mvalid)
+
+
+@triton.jit
+def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
+                  WRITE_XW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, l] = sum_d w_d x[b, l, d]^2 in float32: |k|^2_w once per key, not per score."""
+    pid_l = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    b0, b1 = pid_b // NB1, pid_b % NB1
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    lvalid = offs_l < L
+    dvalid = offs_d < D
+    x = tl.load(x_ptr + b0 * sx0 + b1 * sx1 + offs_l[:, None] * sxl + offs_d[None, :] * sxd,
+                mask=lvalid[:, None] & dvalid[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
+    tl.store(out_ptr + pid_b * L + offs_l, tl.sum(x * x * w[None, :], 1), mask=lvalid)
+    if WRITE_XW:
+        tl.store(xw_ptr + (pid_b * L + offs_l)[:, None] * D + offs_d[None, :],
+                 (x * w[None, :]).to(xw_ptr.dtype.element_ty), mask=lvalid[:, None] & dvalid[None, :])
 
 
 @triton.jit
 def _bwd_tile(qw, k, qn, kn, r, keep, lse2, dp, delta, scale, beta, eps, PREC: tl.constexpr):
     """(P, ds, dR) of one tile; lse2 is the lse in log2 units with +inf for empty rows."""
-    spd, pos = _spd(qw, k, qn, kn, eps, PREC)
+    spd, inv, pos = _spd(qw, k, qn, kn, eps, PREC)
     x = tl.where(keep, -scale * r * spd, float("-inf"))
     p = tl.math.exp2(x - lse2[:, None])
     dcost = -beta * (p * (dp - delta[:, None]))
-    ds = tl.where(pos, dcost * r / (2.0 * spd), 0.0)
+    ds = tl.where(pos, dcost * (0.5 * r) * inv, 0.0)
     return p, ds, dcost * spd
 
 
@@ -199,7 +321,7 @@ def _store_partial(ptr, part, pid_b, pid, L, offs_d, BLOCK: tl.constexpr, BLOCK_
              mask=(slot < slots_total)[:, None])
 
 
-@triton.autotune(configs=_configs(bwd=True), key=_KEY)
+@triton.autotune(configs=_configs(bwd=True), key=_KEY + ["EVEN_M", "EVEN_N"])
 @triton.jit
 def retrieval_attn_bwd_dkv_kernel(
     q_ptr, qw_ptr, qn_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, do_ptr, lse_ptr, delta_ptr, w_ptr,
@@ -212,7 +334,8 @@ def retrieval_attn_bwd_dkv_kernel(
     sm0, sm1, smm, smn,
     NB1, LQ, M, D, DV,
     scale, beta, eps,
-    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
+    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one program per (key tile, batch): loops over every query tile.
@@ -243,12 +366,14 @@ def retrieval_attn_bwd_dkv_kernel(
     for start in range(0, LQ, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mvalid = offs_m < LQ
-        qmask = mvalid[:, None] & dmask[None, :]
-        qw = tl.load(qw_ptr + (row_b + offs_m)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
-        qn = tl.load(qn_ptr + row_b + offs_m, mask=mvalid, other=0.0)
-        do = tl.load(do_ptr + (row_b + offs_m)[:, None] * DV + offs_e[None, :], mask=mvalid[:, None] & emask[None, :],
-                     other=0.0)
-        lse = tl.load(lse_ptr + row_b + offs_m, mask=mvalid, other=float("inf"))
+        qw = _load_tile(qw_ptr + row_b * D, offs_m, offs_d, D, 1, mvalid, dmask, EVEN_M, EVEN_D)
+        do = _load_tile(do_ptr + row_b * DV, offs_m, offs_e, DV, 1, mvalid, emask, EVEN_M, EVEN_DV)
+        if EVEN_M:
+            qn = tl.load(qn_ptr + row_b + offs_m)
+            lse = tl.load(lse_ptr + row_b + offs_m)
+        else:
+            qn = tl.load(qn_ptr + row_b + offs_m, mask=mvalid, other=0.0)
+            lse = tl.load(lse_ptr + row_b + offs_m, mask=mvalid, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(delta_ptr + row_b + offs_m, mask=mvalid, other=0.0)
         r = _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE)
@@ -273,7 +398,7 @@ def retrieval_attn_bwd_dkv_kernel(
     _store_partial(dwk_ptr, tl.sum(kf * kf * cs[:, None], 0), pid_b, pid_n, M, offs_d, BLOCK_N, BLOCK_D)
 
 
-@triton.autotune(configs=_configs(bwd=True), key=_KEY)
+@triton.autotune(configs=_configs(bwd=True), key=_KEY + ["EVEN_M", "EVEN_N"])
 @triton.jit
 def retrieval_attn_bwd_dq_kernel(
     q_ptr, qw_ptr, qn_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, do_ptr, lse_ptr, delta_ptr, w_ptr,
@@ -286,7 +411,8 @@ def retrieval_attn_bwd_dq_kernel(
     sm0, sm1, smm, smn,
     NB1, LQ, M, D, DV,
     scale, beta, eps,
-    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
+    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one program per (query tile, batch): loops over every key tile.
@@ -321,11 +447,12 @@ def retrieval_attn_bwd_dq_kernel(
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nvalid = offs_n < M
-        k = tl.load(k_b + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nvalid[:, None] & dmask[None, :],
-                    other=0.0)
-        kn = tl.load(kn_b + offs_n * sknn, mask=nvalid, other=0.0)
-        v = tl.load(v_b + offs_n[:, None] * svn + offs_e[None, :] * svd, mask=nvalid[:, None] & emask[None, :],
-                    other=0.0)
+        k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dmask, EVEN_N, EVEN_D)
+        v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, emask, EVEN_N, EVEN_DV)
+        if EVEN_N:
+            kn = tl.load(kn_b + offs_n * sknn)
+        else:
+            kn = tl.load(kn_b + offs_n * sknn, mask=nvalid, other=0.0)
         r = _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE)
         keep = _keep(mk_b, offs_m, offs_n, mvalid, nvalid, smm, smn, MASK_MODE)
         dp = _mm(do, tl.trans(v), PREC)
@@ -381,12 +508,10 @@ def _common(q, k, v, w, r, mask):
     lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
     lq, m, d, dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
     qe = q.expand(lead + (lq, d)).contiguous()
-    qf = qe.float()
-    qn = (qf * qf * w).sum(-1).contiguous()
-    qw = (qf * w).to(q.dtype).contiguous()
+    qw = torch.empty_like(qe)
+    qn = sqnorm(qe, w, qw)
     ke = k.expand(lead + (m, d))
-    kf = k.float()
-    kn = (kf * kf * w).sum(-1).expand(lead + (m,))
+    kn = sqnorm(k, w).expand(lead + (m,))
     ve = v.expand(lead + (m, dv))
     re = r.expand(lead + (lq, m))
     if mask is None:
@@ -399,11 +524,40 @@ def _common(q, k, v, w, r, mask):
     return lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides
 
 
+def sqnorm(x, w, xw=None):
+    """|x|^2_w per row of x [NB0, NB1, L, F] (any strides) as float32 [NB0, NB1, L]; with xw
+    (contiguous, x's shape and dtype) also writes w x rounded to x's dtype there."""
+    import torch
+
+    nb0, nb1, l, d = x.shape
+    out = torch.empty((nb0, nb1, l), dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
+    bl = 64
+    sqnorm_kernel[(triton.cdiv(l, bl), nb0 * nb1)](x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d,
+                                                 WRITE_XW=xw is not None, BLOCK_L=bl, BLOCK_D=_pow2(d))
+    return out
+
+
+def exp_mode(m, mask, dtype):
+    """1 (half the exponentials on the FMA pipe) for 16-bit inputs (P is rounded to 16 bits,
+    far coarser than the polynomial's 7.7e-5) where the key loop can take key tiles in pairs
+    without masks. Off unless GEOKERN_RETRIEVAL_FMA_EXP=1: measured on the H100 (B4 H16 N4096
+    bf16) it is slower, 1.26 vs 1.02 ms at D=64 and 1.84 vs 1.59 ms at D=128 (the extra
+    instructions cost more issue slots than the MUFU time they save in Triton's schedule)."""
+    import torch
+
+    if os.environ.get("GEOKERN_RETRIEVAL_FMA_EXP", "0") != "1" or dtype == torch.float32:
+        return 0
+    return int(mask is None and m % (2 * _even_block()) == 0)
+
+
 def attn_fwd(q, k, v, w, r, mask, beta, eps, launch=None):
     """(out [NB0, NB1, LQ, DV] in v's dtype, lse [NB0, NB1, LQ] float32)."""
     import torch
 
-    lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides = _common(q, k, v, w, r, mask)
+    lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
+    lq, m, d, dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
     out = torch.empty(lead + (lq, dv), dtype=v.dtype, device=v.device)
     lse = torch.empty(lead + (lq,), dtype=torch.float32, device=v.device)
     nb = lead[0] * lead[1]
@@ -411,12 +565,23 @@ def attn_fwd(q, k, v, w, r, mask, beta, eps, launch=None):
         return out, lse
     if m == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    kn = sqnorm(k, w).expand(lead + (m,))  # per key, once; a shared bank stays unexpanded
+    qe = q.expand(lead + (lq, d))
+    ke = k.expand(lead + (m, d))
+    ve = v.expand(lead + (m, dv))
+    re = r.expand(lead + (lq, m))
+    me = r.new_zeros((1, 1, 1, 1), dtype=torch.uint8) if mask is None else mask.view(torch.uint8).expand(lead + (lq, m))
+    strides = [*qe.stride(), *ke.stride(), *kn.stride(), *ve.stride(), *re.stride(), *me.stride()]
     r_mode, mask_mode = modes(r, mask)
+    eb = _even_block()
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), nb)  # noqa: E731
     _launch(retrieval_attn_fwd_kernel, launch)[grid](
-        qw, qn, ke, kn, ve, re, me, out, lse, *strides, lead[1], lq, m, d, dv,
+        qe, w, ke, kn, ve, re, me, out, lse, *strides, lead[1], lq, m, d, dv,
         float(beta) * LOG2E, float(eps),
-        R_MODE=r_mode, MASK_MODE=mask_mode, PREC=_prec(q.dtype), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        R_MODE=r_mode, MASK_MODE=mask_mode, PREC=_prec(q.dtype),
+        EVEN_M=lq % eb == 0, EVEN_N=m % eb == 0, EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
+        EXP_MODE=exp_mode(m, mask, q.dtype),
+        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
     )
     return out, lse
 
@@ -442,7 +607,9 @@ def attn_bwd(do, q, k, v, w, r, mask, out, lse, beta, eps, launch=None):
     do = do.expand(lead + (lq, dv)).contiguous()
     delta = (do.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
-    common = dict(R_MODE=r_mode, MASK_MODE=mask_mode, PREC=_prec(q.dtype), BLOCK_D=bd, BLOCK_DV=_pow2(dv))
+    eb = _even_block()
+    common = dict(R_MODE=r_mode, MASK_MODE=mask_mode, PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=m % eb == 0,
+                  EVEN_D=bd == d, EVEN_DV=_pow2(dv) == dv, BLOCK_D=bd, BLOCK_DV=_pow2(dv))
     scalars = (lead[1], lq, m, d, dv, float(beta) * LOG2E, float(beta), float(eps))
     drk = dr if r_mode == R_KEY else dwk  # unused pointers get any valid buffer
     grid_n = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), nb)  # noqa: E731
