@@ -15,8 +15,10 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 @torch.no_grad()  # callers may ask for requires_grad=True (torch.compile does)
 def _poison(t):
-    if torch.compiler.is_compiling():
-        return t  # a fill traced into a graph before a Triton kernel trips inductor's reinplacing
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        # traced (dynamo, or fake / functional tensors under AOT): a fill recorded into the
+        # graph ahead of a Triton kernel trips an assertion in inductor's reinplacing pass
+        return t
     if t.dtype.is_floating_point or t.dtype.is_complex:
         return t.fill_(float("nan"))
     if t.dtype == torch.bool:
