@@ -1,16 +1,33 @@
-"""Row layouts for elementwise kernels over broadcast, strided operands (no copies).
+"""Layouts over broadcast, strided leading (batch) dims, without copies.
 
 The Python twin of csrc/common.cuh's RowLayout: leading dims are coalesced where
 every operand is linear across them; operands broadcast along a dim get stride 0.
+Kernels turn a flat row (or batch) index into an operand's offset with row_offset.
 """
+
+import triton
+import triton.language as tl
 
 
 MAX_DIMS = 4
 
 
-def broadcast_strides(t, lead):
-    """Strides of t's leading dims viewed as `lead`, zero where t is broadcast."""
-    n, nt = len(lead), t.dim() - 1
+@triton.jit
+def row_offset(idx, s1, s2, s3, t0, t1, t2, t3):
+    """Element offset of flat index `idx` over sizes (s0, s1, s2, s3) with strides t."""
+    i3 = idx % s3
+    r = idx // s3
+    i2 = r % s2
+    r = r // s2
+    i1 = r % s1
+    i0 = r // s1
+    return i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3
+
+
+def broadcast_strides(t, lead, trailing=1):
+    """Strides of t's leading dims (all but its last `trailing`) viewed as `lead`,
+    zero where t is broadcast."""
+    n, nt = len(lead), t.dim() - trailing
     out = [0] * n
     for i in range(n):
         it = i - (n - nt)

@@ -11,7 +11,7 @@ float64 inputs).
 import triton
 import triton.language as tl
 
-from geokern.kernels._layout import layout_for
+from geokern.kernels._layout import layout_for, row_offset
 
 # op codes of hypercomplex_fwd_kernel
 MUL, CONJ = 0, 1
@@ -91,21 +91,9 @@ def _hconj(x, N: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(rows, s0, s1, s2, s3, t0, t1, t2, t3):
-    """Element offset of each row for an operand with strides t over sizes s (outermost first)."""
-    i3 = rows % s3
-    r = rows // s3
-    i2 = r % s2
-    r = r // s2
-    i1 = r % s1
-    i0 = r // s1
-    return i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3
-
-
-@triton.jit
 def hypercomplex_fwd_kernel(
     a_ptr, b_ptr, c_ptr, rows_total,
-    s0, s1, s2, s3,
+    s1, s2, s3,
     as0, as1, as2, as3, a_comp,
     bs0, bs1, bs2, bs3, b_comp,
     OP: tl.constexpr, N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
@@ -118,8 +106,8 @@ def hypercomplex_fwd_kernel(
         a_off = rows[:, None] * N + cols[None, :]
         b_off = a_off
     else:
-        a_off = _row_offsets(rows, s0, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
-        b_off = _row_offsets(rows, s0, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
+        a_off = row_offset(rows, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
+        b_off = row_offset(rows, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
     ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     x = tl.load(a_ptr + a_off, mask=mask).to(ACC)
     if OP == 0:
@@ -133,7 +121,7 @@ def hypercomplex_fwd_kernel(
 @triton.jit
 def hypercomplex_mul_bwd_kernel(
     g_ptr, a_ptr, b_ptr, da_ptr, db_ptr, rows_total,
-    s0, s1, s2, s3,
+    s1, s2, s3,
     as0, as1, as2, as3, a_comp,
     bs0, bs1, bs2, bs3, b_comp,
     N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
@@ -148,8 +136,8 @@ def hypercomplex_mul_bwd_kernel(
         a_off = out_off
         b_off = out_off
     else:
-        a_off = _row_offsets(rows, s0, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
-        b_off = _row_offsets(rows, s0, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
+        a_off = row_offset(rows, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
+        b_off = row_offset(rows, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
     ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     g = tl.load(g_ptr + out_off, mask=mask).to(ACC)
     x = tl.load(a_ptr + a_off, mask=mask).to(ACC)
@@ -168,9 +156,9 @@ def _layout_args(a, b, lead, n):
     """(a, b, dense, flat layout args) for the kernels above."""
     dense = all(t.is_contiguous() and tuple(t.shape[:-1]) == tuple(lead) for t in (a, b))
     if dense:
-        return a, b, True, [1, 1, 1, 1] + [0, 0, 0, 0, 1] * 2
+        return a, b, True, [1, 1, 1] + [0, 0, 0, 0, 1] * 2
     a, b, sizes, strides = layout_for(a, b, lead, n)
-    return a, b, False, list(sizes) + strides[0] + [a.stride(-1)] + strides[1] + [b.stride(-1)]
+    return a, b, False, list(sizes[1:]) + strides[0] + [a.stride(-1)] + strides[1] + [b.stride(-1)]
 
 
 def hypercomplex_fwd(a, b, c, lead, n, op, launch=None):

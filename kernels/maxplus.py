@@ -27,7 +27,7 @@ import os
 import triton
 import triton.language as tl
 
-from geokern.kernels._layout import MAX_DIMS, row_layout
+from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_strides, row_layout, row_offset
 from geokern._backend import interpret_mode
 
 
@@ -40,18 +40,6 @@ def _configs():
     for bm, bn, w in ((128, 128, 8), (128, 128, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4), (64, 64, 2)):
         out.append(triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w))
     return out
-
-
-@triton.jit
-def _batch_offset(bat, s1, s2, s3, t0, t1, t2, t3):
-    """Element offset of flat batch index `bat` for strides t over sizes (s0,) s1, s2, s3."""
-    i3 = bat % s3
-    r = bat // s3
-    i2 = r % s2
-    r = r // s2
-    i1 = r % s1
-    i0 = r // s1
-    return i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3
 
 
 @triton.jit
@@ -116,8 +104,8 @@ def maxplus_fwd_kernel(
     # clamped rows / cols: every load is in bounds and unmasked; the store is masked
     rmc = tl.minimum(rm, M - 1)
     rnc = tl.minimum(rn, N - 1)
-    a_ptrs = a_ptr + _batch_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rmc * sam
-    b_ptrs = b_ptr + _batch_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + rnc * sbn
+    a_ptrs = a_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rmc * sam
+    b_ptrs = b_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + rnc * sbn
     ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     ZERO = float("inf") if MIN else float("-inf")
     top1 = tl.full((BM, BN), ZERO, ACC)
@@ -166,10 +154,10 @@ def maxplus_bwd_kernel(
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(da_ptr.dtype.element_ty)
     k = tl.load(idx_ptr + off, mask=mask, other=0)
     if WANT_A:
-        pa = da_ptr + _batch_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rm[:, None] * sam + k * sak
+        pa = da_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rm[:, None] * sam + k * sak
         tl.atomic_add(pa, g, mask=mask)
     if WANT_B:
-        pb = db_ptr + _batch_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + k * sbk + rn[None, :] * sbn
+        pb = db_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + k * sbk + rn[None, :] * sbn
         tl.atomic_add(pb, g, mask=mask)
 
 
@@ -178,19 +166,7 @@ def _batch_layout(lead, a, b):
 
     Strides are zero where an operand is broadcast; None when more than MAX_DIMS
     non-mergeable batch dims remain (the caller then copies)."""
-    def strides(t):
-        n, nt = len(lead), t.dim() - 2
-        out = [0] * n
-        for i in range(n):
-            it = i - (n - nt)
-            if it >= 0 and t.shape[it] != 1:
-                out[i] = t.stride(it)
-        return out
-
-    c_strides, s = [0] * len(lead), 1
-    for i in range(len(lead) - 1, -1, -1):
-        c_strides[i], s = s, s * lead[i]
-    return row_layout(lead, [strides(a), strides(b), c_strides])
+    return row_layout(lead, [broadcast_strides(a, lead, 2), broadcast_strides(b, lead, 2), contiguous_strides(lead, 1)])
 
 
 def _flat_args(lead, a, b):

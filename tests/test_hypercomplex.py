@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from _custom_ops import check_compile, check_opcheck, ops_here
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
 from geokern import _backend
-from geokern.ops import _registry
 from geokern.reference import hypercomplex as ref
 
 BACKENDS = ["torch", "triton", "cuda"]
@@ -183,33 +183,14 @@ def _op_samples(qualname):
     return [(a, b, n), (a.transpose(0, 1), b[:1], n)]
 
 
-def _ops_for_here():
-    """Every custom op that can run on this machine's test device."""
-    ops = []
-    for backend, name in _registry.CUSTOM_OPS:
-        if "hypercomplex" not in name:
-            continue
-        if backend == "triton" and not HAS_CUDA:
-            continue  # triton_op traces kernels for CUDA tensors only; eager runs are tested above
-        ops.append(name)
-    return ops
-
-
-@pytest.mark.parametrize("qualname", _ops_for_here())
+@pytest.mark.parametrize("qualname", ops_here("hypercomplex"))
 def test_opcheck(qualname):
-    op = torch.ops.geokern.__getattr__(qualname.split("::")[1]).default
-    for args in _op_samples(qualname):
-        torch.library.opcheck(op, args)
+    check_opcheck(qualname, _op_samples(qualname))
 
 
-@pytest.mark.parametrize("qualname", _ops_for_here())
+@pytest.mark.parametrize("qualname", ops_here("hypercomplex"))
 def test_compile_fullgraph(qualname):
-    op = torch.ops.geokern.__getattr__(qualname.split("::")[1]).default
-    compiled = torch.compile(op, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
-    for args in _op_samples(qualname):
-        got, want = compiled(*args), op(*args)
-        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-            torch.testing.assert_close(g, w, msg=f"{qualname} compiled vs eager")
+    check_compile(qualname, _op_samples(qualname))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public ops with their kernels needs CUDA tensors")

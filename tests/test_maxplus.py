@@ -8,12 +8,12 @@ reference with the suite's tolerance table.
 
 import pytest
 import torch
+from _custom_ops import check_compile, check_opcheck, ops_here
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
 from geokern import _backend
-from geokern.ops import _registry
 from geokern.reference import maxplus as ref
 
 BACKENDS = ["torch", "triton", "cuda"]
@@ -237,31 +237,14 @@ def _op_samples(qualname):
     return [(A, B, False, True, True), (A.transpose(-1, -2)[..., :5, :], B[:7], True, False, False)]
 
 
-def _ops_for_here():
-    ops = []
-    for backend, name in _registry.CUSTOM_OPS:
-        if "maxplus" not in name:
-            continue
-        if backend == "triton" and not HAS_CUDA:
-            continue  # triton_op traces kernels for CUDA tensors only; eager runs are tested above
-        ops.append(name)
-    return ops
-
-
-@pytest.mark.parametrize("qualname", _ops_for_here())
+@pytest.mark.parametrize("qualname", ops_here("maxplus"))
 def test_opcheck(qualname):
-    op = torch.ops.geokern.__getattr__(qualname.split("::")[1]).default
-    for args in _op_samples(qualname):
-        torch.library.opcheck(op, args)
+    check_opcheck(qualname, _op_samples(qualname))
 
 
-@pytest.mark.parametrize("qualname", _ops_for_here())
+@pytest.mark.parametrize("qualname", ops_here("maxplus"))
 def test_compile_fullgraph(qualname):
-    op = torch.ops.geokern.__getattr__(qualname.split("::")[1]).default
-    compiled = torch.compile(op, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
-    for args in _op_samples(qualname):
-        for g, w in zip(compiled(*args), op(*args)):
-            torch.testing.assert_close(g, w, equal_nan=True, msg=f"{qualname} compiled vs eager")
+    check_compile(qualname, _op_samples(qualname))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

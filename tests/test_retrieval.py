@@ -5,13 +5,13 @@ import zlib
 
 import pytest
 import torch
+from _custom_ops import check_opcheck, ops_here
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
 import geokern.metric as gm
 from geokern import _backend
-from geokern.ops import _registry
 from geokern.reference import retrieval as ref
 
 BACKENDS = ["torch", "triton"]
@@ -318,18 +318,10 @@ def _op_samples(qualname):
     return [(q, k, v, w, r, mask, 1.5, 1e-8), (q, k, v, w, r.expand(1, 1, 17, 20).contiguous(), None, 0.5, 1e-6)]
 
 
-def _ops_for_here():
-    if not HAS_CUDA:
-        return []  # triton_op traces kernels for CUDA tensors only; eager runs are tested above
-    return [name for backend, name in _registry.CUSTOM_OPS if "retrieval" in name]
-
-
 @pytest.mark.skipif(not HAS_CUDA, reason="triton_op traces its kernels for CUDA tensors only")
-@pytest.mark.parametrize("qualname", _ops_for_here())
+@pytest.mark.parametrize("qualname", ops_here("retrieval"))
 def test_opcheck(qualname):
-    op = getattr(torch.ops.geokern, qualname.split("::")[1]).default
-    for args in _op_samples(qualname):
-        torch.library.opcheck(op, args)
+    check_opcheck(qualname, _op_samples(qualname))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

@@ -1,0 +1,36 @@
+"""The checks every family runs on its custom ops: opcheck and torch.compile(fullgraph)."""
+
+import torch
+from conftest import HAS_CUDA
+
+from geokern.ops import _registry
+
+
+def ops_here(family):
+    """Qualified names of the family's custom ops that can be checked on this machine.
+
+    CUDA-backend ops run their reference as the CPU implementation, so they are checked
+    everywhere; triton_op traces its kernels for CUDA tensors only (the eager kernels are
+    checked under the interpreter by the family's other tests)."""
+    return [name for backend, name in _registry.CUSTOM_OPS if family in name and (backend != "triton" or HAS_CUDA)]
+
+
+def _op(qualname):
+    return getattr(torch.ops.geokern, qualname.split("::")[1]).default
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def check_opcheck(qualname, samples):
+    for args in samples:
+        torch.library.opcheck(_op(qualname), args)
+
+
+def check_compile(qualname, samples):
+    op = _op(qualname)
+    compiled = torch.compile(op, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    for args in samples:
+        for got, want in zip(_as_tuple(compiled(*args)), _as_tuple(op(*args))):
+            torch.testing.assert_close(got, want, equal_nan=True, msg=f"{qualname} compiled vs eager")
