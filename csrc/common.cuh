@@ -55,14 +55,16 @@ struct RowLayout {
   }
 };
 
-// The broadcast shape of the leading dims (all but the last) of a and b.
-inline std::vector<int64_t> broadcast_leading(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t na = a.dim() - 1, nb = b.dim() - 1, n = std::max(na, nb);
+// The broadcast shape of the leading dims of a and b: all but their last `trailing`
+// (1 for rows of components, 2 for matrices).
+inline std::vector<int64_t> broadcast_leading(const char* op, const at::Tensor& a, const at::Tensor& b,
+                                              int64_t trailing = 1) {
+  const int64_t na = a.dim() - trailing, nb = b.dim() - trailing, n = std::max(na, nb);
   std::vector<int64_t> shape(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ia = i - (n - na), ib = i - (n - nb);
     const int64_t sa = ia >= 0 ? a.size(ia) : 1, sb = ib >= 0 ? b.size(ib) : 1;
-    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, "geokern: leading dims of a ", fmt(a.sizes()),
+    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, op, ": leading dims of a ", fmt(a.sizes()),
                 " and b ", fmt(b.sizes()), " do not broadcast (dim ", fmt(i), ": ", fmt(sa), " vs ",
                 fmt(sb), ")");
     shape[i] = sa == 1 ? sb : sa;
@@ -70,9 +72,11 @@ inline std::vector<int64_t> broadcast_leading(const at::Tensor& a, const at::Ten
   return shape;
 }
 
-// Strides of `t` viewed as `shape` (+ its last dim), zero on broadcast dims.
-inline std::vector<int64_t> broadcast_strides(const at::Tensor& t, const std::vector<int64_t>& shape) {
-  const int64_t n = shape.size(), nt = t.dim() - 1;
+// Strides of t's leading dims (all but its last `trailing`) viewed as `shape`, zero on
+// broadcast dims.
+inline std::vector<int64_t> broadcast_strides(const at::Tensor& t, const std::vector<int64_t>& shape,
+                                              int64_t trailing = 1) {
+  const int64_t n = shape.size(), nt = t.dim() - trailing;
   std::vector<int64_t> st(n, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t it = i - (n - nt);

@@ -302,7 +302,7 @@ void run(const std::vector<at::Tensor>& dense_in, at::Tensor a, at::Tensor b,
 
 at::Tensor hypercomplex_mul_cuda(const at::Tensor& a, const at::Tensor& b, int64_t n) {
   check_inputs("hypercomplex_mul_cuda", a, &b, n);
-  const auto lead = broadcast_leading(a, b);
+  const auto lead = broadcast_leading("hypercomplex_mul_cuda", a, b);
   std::vector<at::Tensor> out{at::empty(with_last(lead, n), a.options())};
   run<MulOp, void>({}, a, b, lead, n, out);
   return out[0];
@@ -321,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> hypercomplex_mul_backward_cuda(const at::Tens
                                                                   const at::Tensor& b, int64_t n) {
   const char* name = "hypercomplex_mul_backward_cuda";
   check_inputs(name, a, &b, n);
-  const auto lead = broadcast_leading(a, b);
+  const auto lead = broadcast_leading(name, a, b);
   const auto full = with_last(lead, n);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(full), name, ": grad must have shape ", fmt(full),
               ", got ", fmt(grad.sizes()));

@@ -388,34 +388,11 @@ __global__ void maxplus_bwd_kernel(const T* __restrict__ g, const int64_t* __res
 
 // ---- host ---------------------------------------------------------------------------
 
-std::vector<int64_t> batch_shape(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t na = a.dim() - 2, nb = b.dim() - 2, n = std::max(na, nb);
-  std::vector<int64_t> shape(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t ia = i - (n - na), ib = i - (n - nb);
-    const int64_t sa = ia >= 0 ? a.size(ia) : 1, sb = ib >= 0 ? b.size(ib) : 1;
-    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, "maxplus_cuda: batch dims of a ", fmt(a.sizes()),
-                " and b ", fmt(b.sizes()), " do not broadcast");
-    shape[i] = sa == 1 ? sb : sa;
-  }
-  return shape;
-}
-
-std::vector<int64_t> batch_strides(const at::Tensor& t, const std::vector<int64_t>& lead) {
-  const int64_t n = lead.size(), nt = t.dim() - 2;
-  std::vector<int64_t> st(n, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t it = i - (n - nt);
-    if (it >= 0 && t.size(it) != 1) st[i] = t.stride(it);
-  }
-  return st;
-}
-
 // The batch layout of (a, b) over `lead`; false if more than kMaxDims dims remain.
 bool make_batch(const std::vector<int64_t>& lead, const at::Tensor& a, const at::Tensor& b, Batch* B) {
   RowLayout R;
   const int64_t comp[3] = {0, 0, 0};
-  if (!make_row_layout(lead, {batch_strides(a, lead), batch_strides(b, lead)}, comp, &R)) return false;
+  if (!make_row_layout(lead, {broadcast_strides(a, lead, 2), broadcast_strides(b, lead, 2)}, comp, &R)) return false;
   // RowLayout keeps dims 0..ndim-1 outermost first; pad in front with size-1 dims
   const int pad = kMaxDims - R.ndim;
   for (int d = 0; d < kMaxDims; ++d) {
@@ -449,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
   const char* op = "maxplus_cuda";
   check_pair(op, a_in, b_in);
   at::Tensor a = a_in, b = b_in;
-  auto lead = batch_shape(a, b);
+  auto lead = broadcast_leading("maxplus_cuda", a, b, 2);
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   std::vector<int64_t> shape = lead;
   shape.push_back(M);
