@@ -5,6 +5,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST          archs to compile for (default "8.0;9.0")
   MAX_JOBS                      parallel compile jobs (ninja)
   CUDA_HOME                     the toolkit; found by itself when unset (see _find_cuda_home)
+  GEOKERN_LOCAL_VERSION=0       no +cuXYtorchA.B local version on the wheel
 """
 
 import glob

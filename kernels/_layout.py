@@ -80,6 +80,3 @@ def layout_for(a, b, lead, n):
     sizes, strides = lay
     return a, b, sizes, strides
 
-
-def is_dense_like(t, shape):
-    return tuple(t.shape) == tuple(shape) and t.is_contiguous()

@@ -6,6 +6,8 @@ opcheck and torch.compile run on machines without a GPU. Triton-backend ops are
 torch.library.triton_op (geokern::<op>_triton), so torch.compile sees into them.
 """
 
+import inspect
+
 import torch
 
 from geokern import _ext
@@ -45,8 +47,7 @@ def triton_op(name, impl):
 
 
 def _signature_of(impl):
-    import inspect
-
+    """impl's signature without `launch`: the schema torch.library infers for the op."""
     sig = inspect.signature(impl)
     params = [p for p in sig.parameters.values() if p.name != "launch"]
     return sig.replace(parameters=params)
