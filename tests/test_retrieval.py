@@ -385,3 +385,68 @@ def test_unavailable_backends_are_errors_not_fallbacks():
         with pytest.raises(TypeError, match="backend='triton' supports query dtypes"):
             geokern.retrieval_attention(q.double().to(DEVICE), k.double().to(DEVICE), v.double().to(DEVICE), 1.0,
                                         gm.diag(torch.ones(8, dtype=torch.float64, device=DEVICE)), 1.0, backend="triton")
+
+
+# ---- curvature scalar ----------------------------------------------------------------
+
+
+def _explicit_curvature(R4, g, eps):
+    """The double trace written out index by index (float64, one row)."""
+    n = R4.shape[-1]
+    total = 0.0
+    for mu in range(n):
+        for nu in range(n):
+            for rho in range(n):
+                for sigma in range(n):
+                    total += float(R4[mu, nu, rho, sigma]) * float(g[mu, rho]) * float(g[nu, sigma])
+    return math.sqrt(abs(total / n**2) + eps)
+
+
+def test_curvature_scalar_matches_explicit_sum():
+    torch.manual_seed(11)
+    n, B = 3, 4
+    R4 = torch.randn(B, n, n, n, n, dtype=torch.float64, device=DEVICE)
+    a = torch.randn(B, n, n, dtype=torch.float64, device=DEVICE)
+    g = a @ a.transpose(-1, -2) + n * torch.eye(n, dtype=torch.float64, device=DEVICE)
+    out = geokern.curvature_scalar(R4, g, 1e-8)
+    assert out.shape == (B,)
+    for b in range(B):
+        assert out[b].item() == pytest.approx(_explicit_curvature(R4[b].cpu(), g[b].cpu(), 1e-8), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_id)
+def test_curvature_scalar_dtypes_and_shared_metric(dtype):
+    torch.manual_seed(12)
+    n = 8
+    R4 = torch.randn(5, n, n, n, n, device=DEVICE).to(dtype)
+    g = (torch.eye(n, device=DEVICE) + 0.1 * torch.randn(n, n, device=DEVICE)).to(dtype)  # shared by all rows
+    out = geokern.curvature_scalar(R4, g)
+    assert out.shape == (5,) and out.dtype == (torch.float32 if dtype != torch.float64 else dtype)
+    want = ref.curvature_scalar(R4.double(), g.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6, msg="curvature_scalar output")
+
+
+def test_curvature_scalar_gradcheck_and_eps():
+    torch.manual_seed(13)
+    n = 2
+    R4 = torch.randn(3, n, n, n, n, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    g = torch.randn(3, n, n, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r, m: geokern.curvature_scalar(r, m, 1e-6), (R4, g))
+    zero = geokern.curvature_scalar(torch.zeros(n, n, n, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64), 1e-8)
+    assert zero.item() == pytest.approx(1e-4), "a vanishing trace gives sqrt(eps)"
+
+
+def test_curvature_scalar_bad_input():
+    R4, g = torch.randn(2, 3, 3, 3, 3), torch.randn(2, 3, 3)
+    with pytest.raises(ValueError, match="R4 must end in four equal dims"):
+        geokern.curvature_scalar(torch.randn(2, 3, 3, 3, 4), g)
+    with pytest.raises(ValueError, match=r"g_inv must end in \(3, 3\)"):
+        geokern.curvature_scalar(R4, torch.randn(2, 4, 4))
+    with pytest.raises(TypeError, match="g_inv has dtype torch.float64 but R4 has torch.float32"):
+        geokern.curvature_scalar(R4, g.double())
+    with pytest.raises(ValueError, match="leading dims of R4"):
+        geokern.curvature_scalar(R4, torch.randn(5, 3, 3))
+    with pytest.raises(RuntimeError, match="backend='triton' is unavailable"):
+        geokern.curvature_scalar(R4, g, backend="triton")
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+        geokern.curvature_scalar(R4, g, backend="cuda")

@@ -1,6 +1,6 @@
 """Metric-weighted retrieval cost and fused retrieval attention: checks, backends, autograd.
 
-Public: retrieval_cost, retrieval_attention (definitions, shapes and broadcasting in
+Public: retrieval_cost, retrieval_attention, curvature_scalar (definitions, shapes and broadcasting in
 geokern.reference.retrieval; metrics in geokern.metric).
 
 Backends. "torch" runs the reference (float64-capable, chunked over queries).
@@ -29,7 +29,7 @@ from geokern.metric import Diag, Metric
 from geokern.ops._registry import triton_op
 from geokern.reference import retrieval as ref
 
-__all__ = ["retrieval_cost", "retrieval_attention"]
+__all__ = ["retrieval_cost", "retrieval_attention", "curvature_scalar"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREFER = ("triton",)
@@ -268,3 +268,35 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     if squeeze:
         out, lse = out.squeeze(-2), lse.squeeze(-1)
     return (out, lse) if return_lse else out
+
+
+def curvature_scalar(R4: torch.Tensor, g_inv: torch.Tensor, eps: float = 1e-8, *,
+                     backend: str | None = None) -> torch.Tensor:
+    """R_sc = sqrt(|(1/n^2) R4[..., mu, nu, rho, sigma] g^{mu rho} g^{nu sigma}| + eps), batched.
+
+    R4 [..., n, n, n, n]; g_inv [..., n, n], the inverse metric, per row or shared (leading
+    dims broadcast). Returns the leading shape, in float32 (float64 for float64).
+    Differentiable in R4 and g_inv. Two small contractions that cuBLAS already runs at
+    its rate: the "torch" implementation is the only one; "triton" and "cuda" raise.
+    """
+    op = "curvature_scalar"
+    check_tensor(op, "R4", R4, min_dim=4)
+    n = R4.shape[-1]
+    if tuple(R4.shape[-4:]) != (n, n, n, n):
+        raise ValueError(f"{op}: R4 must end in four equal dims (..., n, n, n, n), got shape {tuple(R4.shape)}")
+    check_tensor(op, "g_inv", g_inv, min_dim=2)
+    if tuple(g_inv.shape[-2:]) != (n, n):
+        raise ValueError(f"{op}: g_inv must end in ({n}, {n}) to match R4, got shape {tuple(g_inv.shape)}")
+    check_same(op, {"R4": R4, "g_inv": g_inv})
+    try:
+        torch.broadcast_shapes(R4.shape[:-4], g_inv.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"{op}: leading dims of R4 {tuple(R4.shape)} and g_inv {tuple(g_inv.shape)} "
+                         "do not broadcast") from None
+    _check_number(op, "eps", eps)
+    _cuda_unavailable(op, backend, R4.device)
+    be = _backend.resolve(op, backend, R4.device, ("torch",))
+    if be == "triton":
+        raise RuntimeError(f"{op}: backend='triton' is unavailable: curvature_scalar has only the "
+                           "PyTorch implementation (use backend='torch')")
+    return ref.curvature_scalar(R4, g_inv, eps)

@@ -138,3 +138,18 @@ def retrieval_attention(query, keys, values, R, metric, beta, eps=1e-8, mask=Non
         out, lse = out.squeeze(-2), lse.squeeze(-1)
     out = out.to(values.dtype)
     return (out, lse) if return_lse else out
+
+
+def curvature_scalar(R4, g_inv, eps=1e-8):
+    """R_sc = sqrt(|(1/n^2) sum R4[..., mu, nu, rho, sigma] g^{mu rho} g^{nu sigma}| + eps).
+
+    R4 [..., n, n, n, n], g_inv [..., n, n] (the inverse metric); leading dims broadcast
+    and give one scalar each. Contracted one index pair at a time (never n^4 * n^2
+    products at once), in float32 for 16-bit inputs (float64 for float64).
+    """
+    acc = acc_dtype(R4.dtype)
+    n = R4.shape[-1]
+    r, g = R4.to(acc), g_inv.to(acc)
+    half = torch.einsum("...mnrs,...mr->...ns", r, g)  # contract (mu, rho)
+    trace = (half * g).sum(dim=(-2, -1)) / (n * n)  # then (nu, sigma)
+    return torch.sqrt(trace.abs() + eps)
