@@ -586,8 +586,11 @@ def attn_fwd(q, k, v, w, r, mask, beta, eps, launch=None):
     return out, lse
 
 
-def attn_bwd(do, q, k, v, w, r, mask, out, lse, beta, eps, launch=None):
-    """(dq, dk, dv at the broadcast batch shape; dr [.., LQ|1, M|1] float32; dw [F] float32)."""
+def attn_bwd(do, q, k, v, w, r, mask, out, lse, dlse, beta, eps, launch=None):
+    """(dq, dk, dv at the broadcast batch shape; dr [.., LQ|1, M|1] float32; dw [F] float32).
+
+    dlse (optional, lse's shape) is the gradient of the log-sum-exp output: with
+    d lse / d logit_j = p_j it enters as delta_i = rowsum(dO * O)_i - dlse_i."""
     import torch
 
     lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides = _common(q, k, v, w, r, mask)
@@ -605,7 +608,10 @@ def attn_bwd(do, q, k, v, w, r, mask, out, lse, beta, eps, launch=None):
         dq.zero_(), dk.zero_(), dvv.zero_(), dr.zero_()
         return dq, dk, dvv, dr, w.new_zeros(w.shape)
     do = do.expand(lead + (lq, dv)).contiguous()
-    delta = (do.float() * out.float()).sum(-1).contiguous()
+    delta = (do.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float().expand(delta.shape)
+    delta = delta.contiguous()
     lse = lse.contiguous()
     eb = _even_block()
     common = dict(R_MODE=r_mode, MASK_MODE=mask_mode, PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=m % eb == 0,

@@ -314,7 +314,8 @@ def _op_samples(qualname):
     mask = torch.rand(2, 1, 1, 20, device=DEVICE) > 0.2
     if "bwd" in qualname:
         out, lse = torch.ops.geokern.retrieval_attention_fwd_triton(q, k, v, w, r, mask, 1.5, 1e-8)
-        return [(torch.randn_like(out), q, k, v, w, r, mask, out, lse, 1.5, 1e-8)]
+        return [(torch.randn_like(out), q, k, v, w, r, mask, out, lse, None, 1.5, 1e-8),
+                (torch.randn_like(out), q, k, v, w, r, mask, out, lse, torch.randn_like(lse), 1.5, 1e-8)]
     return [(q, k, v, w, r, mask, 1.5, 1e-8), (q, k, v, w, r.expand(1, 1, 17, 20).contiguous(), None, 0.5, 1e-6)]
 
 
@@ -450,3 +451,35 @@ def test_curvature_scalar_bad_input():
         geokern.curvature_scalar(R4, g, backend="triton")
     with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
         geokern.curvature_scalar(R4, g, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lse_is_differentiable(backend):
+    """Merging segments by their log-sum-exp (geokern.nn.GeodesicRetrieval) needs d lse."""
+    if _backend.why_unavailable(backend, DEVICE):
+        pytest.skip(f"backend {backend} unavailable here")
+    torch.manual_seed(21)
+    B, L, n, dv = 3, 11, 8, 5
+    q = torch.randn(B, n, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, L, n, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, L, dv, device=DEVICE, requires_grad=True)
+    lam = (torch.rand(n, device=DEVICE) + 0.5).requires_grad_()
+    R = (torch.rand(B, 1, device=DEVICE) + 0.5).requires_grad_()
+    mask = torch.rand(B, L, device=DEVICE) > 0.3
+    mask[1] = False  # fully masked: lse = -inf, no gradient from it
+    go, gl = torch.randn(B, dv, device=DEVICE), torch.randn(B, device=DEVICE)
+    leaves = (q, k, v, lam, R)
+
+    def grads(be):
+        out, lse = geokern.retrieval_attention(q, k, v, R, gm.diag(lam), 0.9, 1e-8, mask, return_lse=True, backend=be)
+        finite = torch.isfinite(lse)
+        loss = (out * go).sum() + (torch.where(finite, lse, 0.0) * gl).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    want = grads("torch") if backend != "torch" else None
+    got = grads(backend)
+    for name, g in zip(("query", "keys", "values", "lam", "R"), got):
+        assert torch.isfinite(g).all(), f"{backend} grad {name} through lse is not finite"
+    if want is not None:
+        for name, g, w in zip(("query", "keys", "values", "lam", "R"), got, want):
+            torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-4, msg=f"{backend} grad {name} through lse")

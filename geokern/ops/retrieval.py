@@ -54,9 +54,10 @@ def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.T
 
 
 def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-                   r: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, beta: float,
-                   eps: float, launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tk.attn_bwd(do, q, k, v, w, r, mask, out, lse, beta, eps, launch)
+                   r: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                   dlse: torch.Tensor | None, beta: float, eps: float,
+                   launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tk.attn_bwd(do, q, k, v, w, r, mask, out, lse, dlse, beta, eps, launch)
 
 
 _attn_fwd_tri = triton_op("retrieval_attention_fwd_triton", _attn_fwd_impl)
@@ -80,14 +81,15 @@ class RetrievalAttentionFunction(torch.autograd.Function):
         out, lse = output
         ctx.save_for_backward(q, k, v, w, r, mask, out, lse)
         ctx.beta, ctx.eps = beta, eps
-        ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, w, r, mask, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, dr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, out, lse, ctx.beta, ctx.eps)
+        # the lse is differentiable too (merging segments by their lse needs it):
+        # d lse / d logit = p, which the kernels take as delta - dlse
+        dq, dk, dv, dr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, out, lse, dlse, ctx.beta, ctx.eps)
         need = ctx.needs_input_grad
         return (
             dq.sum_to_size(q.shape) if need[0] else None,

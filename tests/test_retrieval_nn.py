@@ -1,0 +1,97 @@
+"""geokern.nn.GeodesicRetrieval: two fused segments merged by log-sum-exp equal one
+softmax over the union; the bank is a ring buffer."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import geokern.metric as gm
+from geokern import _backend
+from geokern.nn import GeodesicRetrieval
+from geokern.reference import retrieval as ref
+
+BACKENDS = ["torch", "triton"]
+
+
+def need(backend):
+    why = _backend.why_unavailable(backend, DEVICE)
+    if why:
+        pytest.skip(f"backend {backend} unavailable here: {why}")
+
+
+def _module(n=8, dv=16, bank=12, seed=0):
+    torch.manual_seed(seed)
+    m = GeodesicRetrieval(n, dv, bank, beta=0.7, init_lam=0.8, device=DEVICE)
+    with torch.no_grad():
+        m.raw_lam.add_(0.3 * torch.randn_like(m.raw_lam))
+    return m
+
+
+def _union_reference(m, q, k, v, R, mask):
+    """One softmax over [own keys, bank]: the bank expanded per row and concatenated."""
+    B, L = k.shape[0], k.shape[1]
+    cnt = int(m.bank_count)
+    bk = m.bank_keys[:cnt].expand(B, cnt, -1)
+    bv = m.bank_values[:cnt].expand(B, cnt, -1)
+    keep = torch.cat([mask, torch.ones(B, cnt, dtype=torch.bool, device=DEVICE)], 1)
+    metric = gm.diag(torch.nn.functional.softplus(m.raw_lam))
+    return ref.retrieval_attention(q, torch.cat([k, bk], 1), torch.cat([v, bv], 1), R, metric, m.beta, m.eps, keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segments_merge_to_one_softmax(backend):
+    need(backend)
+    m = _module()
+    B, L, n, dv = 5, 9, 8, 16
+    m.write(torch.randn(7, n, device=DEVICE), torch.randn(7, dv, device=DEVICE))
+    q = torch.randn(B, n, device=DEVICE)
+    k, v = torch.randn(B, L, n, device=DEVICE), torch.randn(B, L, dv, device=DEVICE)
+    R = torch.rand(B, 1, device=DEVICE) + 0.5
+    mask = torch.rand(B, L, device=DEVICE) > 0.3
+    mask[0] = False  # a row that sees only the bank
+    out = m(q, k, v, R, mask, backend=backend)
+    want = _union_reference(m, q, k, v, R, mask)
+    torch.testing.assert_close(out, want, rtol=2e-4, atol=2e-5, msg=f"{backend} merged output")
+    # the learned metric gets the same gradient as through the union
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad((out * g).sum(), m.raw_lam)
+    (exp,) = torch.autograd.grad((_union_reference(m, q, k, v, R, mask) * g).sum(), m.raw_lam)
+    torch.testing.assert_close(got, exp, rtol=2e-3, atol=1e-5, msg=f"{backend} grad raw_lam")
+
+
+def test_ring_buffer_keeps_the_latest():
+    m = GeodesicRetrieval(2, 1, 5, device=DEVICE)
+    for start, count in ((0, 3), (3, 4), (7, 9)):  # the last write is larger than the bank
+        ids = torch.arange(start, start + count, dtype=torch.float32, device=DEVICE)
+        m.write(ids[:, None].repeat(1, 2), ids[:, None])
+    assert int(m.bank_count) == 5
+    assert sorted(m.bank_values[:, 0].tolist()) == [11.0, 12.0, 13.0, 14.0, 15.0]
+    assert torch.equal(m.bank_keys[:, 0], m.bank_values[:, 0])
+
+
+def test_bank_only_and_own_keys_only():
+    m = _module()
+    q = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="no keys passed and the bank is empty"):
+        m(q)
+    k, v = torch.randn(3, 4, 8, device=DEVICE), torch.randn(3, 4, 16, device=DEVICE)
+    own = m(q, k, v, backend="torch")
+    metric = gm.diag(torch.nn.functional.softplus(m.raw_lam))
+    torch.testing.assert_close(own, ref.retrieval_attention(q, k, v, 1.0, metric, m.beta, m.eps), msg="own keys only")
+    bk, bv = torch.randn(6, 8, device=DEVICE), torch.randn(6, 16, device=DEVICE)
+    m.write(bk, bv)
+    torch.testing.assert_close(m(q, backend="torch"), ref.retrieval_attention(q, bk, bv, 1.0, metric, m.beta, m.eps),
+                               msg="bank only")
+
+
+def test_bad_input():
+    m = _module()
+    q = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="keys and values together"):
+        m(q, torch.randn(3, 4, 8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"keys must be \[N, 8\]"):
+        m.write(torch.randn(4, 7, device=DEVICE), torch.randn(4, 16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"values must be \[4, 16\]"):
+        m.write(torch.randn(4, 8, device=DEVICE), torch.randn(4, 15, device=DEVICE))
+    with pytest.raises(ValueError, match="init_lam must be > 0"):
+        GeodesicRetrieval(8, 16, 4, init_lam=0.0)
