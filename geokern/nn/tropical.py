@@ -14,6 +14,8 @@ class TropicalLinear(nn.Module):
     weight is [out_features, in_features] as in nn.Linear and is initialised the same way
     (uniform in +-1/sqrt(in_features)), as is the bias. Gradients follow the argmax route:
     each output sends its gradient to the one (x, weight) pair that won, and to its bias.
+    The map is model_guided_research's `tropical_maxplus_layer(x, weight, bias)` at its
+    exact (beta=None) endpoint; its smoothed variant and TropicalMLP's init are not here.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, semiring="maxplus", backend=None,
