@@ -38,16 +38,21 @@ def rand(shape, n, dtype=torch.float32, **kw):
     return torch.randn(*shape, n, device=DEVICE, dtype=torch.float64, **kw).to(dtype)
 
 
+def check_mul(label, n, a, b, backend):
+    """MUL[n] on (a, b) against the float64 reference, judged by the same-dtype reference."""
+    out = MUL[n](a, b, backend=backend)
+    assert out.dtype == a.dtype, f"{backend} {label} mul{n} dtype {out.dtype} != {a.dtype}"
+    want = ref.hypercomplex_mul(a.double(), b.double(), n)
+    assert_close(f"{backend} {label} mul{n} output", out, want, ref.hypercomplex_mul(a, b, n))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("shapes", SHAPES, ids=_id)
 @pytest.mark.parametrize("n", [4, 8])
 def test_mul_matches_reference(n, shapes, dtype, backend):
     need(backend)
-    a, b = rand(shapes[0], n, dtype), rand(shapes[1], n, dtype)
-    out = MUL[n](a, b, backend=backend)
-    assert out.dtype == dtype
-    assert_close(f"{backend} mul{n} output", out, ref.hypercomplex_mul(a.double(), b.double(), n), ref.hypercomplex_mul(a, b, n))
+    check_mul("broadcast", n, rand(shapes[0], n, dtype), rand(shapes[1], n, dtype), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,16 +60,12 @@ def test_mul_matches_reference(n, shapes, dtype, backend):
 @pytest.mark.parametrize("n", [4, 8])
 def test_mul_large_and_strided(n, dtype, backend):
     need(backend)
-    base_a = rand((SIZE_BIG[1], SIZE_BIG[0]), 2 * n, dtype)
-    a = base_a.transpose(0, 1)[..., ::2]  # leading dims transposed, component stride 2
-    b = rand(SIZE_BIG, n, dtype)[:, 1:-1:1][:, ::3]
-    a = a[:, 1:-1][:, ::3]
+    # leading dims transposed, component stride 2, then rows sliced with a step
+    a = rand((SIZE_BIG[1], SIZE_BIG[0]), 2 * n, dtype).transpose(0, 1)[..., ::2][:, 1:-1][:, ::3]
+    b = rand(SIZE_BIG, n, dtype)[:, 1:-1][:, ::3]
     assert not a.is_contiguous() and not b.is_contiguous()
-    out = MUL[n](a, b, backend=backend)
-    assert_close(f"{backend} strided mul{n} output", out, ref.hypercomplex_mul(a.double(), b.double(), n), ref.hypercomplex_mul(a, b, n))
-    dense_a, dense_b = rand(SIZE_BIG, n, dtype), rand(SIZE_BIG, n, dtype)
-    out = MUL[n](dense_a, dense_b, backend=backend)
-    assert_close(f"{backend} dense mul{n} output", out, ref.hypercomplex_mul(dense_a.double(), dense_b.double(), n), ref.hypercomplex_mul(dense_a, dense_b, n))
+    check_mul("strided", n, a, b, backend)
+    check_mul("dense", n, rand(SIZE_BIG, n, dtype), rand(SIZE_BIG, n, dtype), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

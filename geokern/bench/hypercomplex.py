@@ -29,39 +29,28 @@ def _kernel_backends():
     return [b for b in _backend.available(torch.device("cuda")) if b != "torch"]
 
 
-def _fwd_case(n, dt):
+def _case(n, dt, direction):
+    """fwd: c = a b (reads 2, writes 1); bwd: (dA, dB) from (dC, a, b) (reads 3, writes 2)."""
     dtype, rows = DTYPES[dt], ROWS[n]
     size = rows * n * dtype.itemsize
+    if direction == "fwd":
+        n_in, n_out, ref_fn = 2, 1, ref.hypercomplex_mul
+        impls = {b: functools.partial(ops._mul, n=n, backend=b) for b in _kernel_backends()}
+    else:
+        n_in, n_out, ref_fn = 3, 2, ref.hypercomplex_mul_backward
+        impls = {b: functools.partial(ops._KERNELS[b][1], n=n) for b in _kernel_backends()}
+    peer = functools.partial(ref_fn, n=n)
 
     def make():
-        return tuple(torch.randn(rows, n, device="cuda", dtype=dtype) for _ in range(2))
+        return tuple(torch.randn(rows, n, device="cuda", dtype=dtype) for _ in range(n_in))
 
-    mul = functools.partial(ref.hypercomplex_mul, n=n)
     return Case(
-        op=NAMES[n], shape=f"{rows}x{n}", dtype=dt, direction="fwd", make_inputs=make,
-        impls={b: functools.partial(ops._mul, n=n, backend=b) for b in _kernel_backends()},
-        peers={"torch.compile": _compiled(mul), "eager": mul},
-        reference=lambda a, b: ref.hypercomplex_mul(a.float(), b.float(), n),
-        amount=3 * size, metric="TB/s", ceiling="copy_tb_s", tol=TOL[dt], input_bytes=2 * size,
-    )
-
-
-def _bwd_case(n, dt):
-    dtype, rows = DTYPES[dt], ROWS[n]
-    size = rows * n * dtype.itemsize
-
-    def make():
-        return tuple(torch.randn(rows, n, device="cuda", dtype=dtype) for _ in range(3))
-
-    bwd = functools.partial(ref.hypercomplex_mul_backward, n=n)
-    return Case(
-        op=NAMES[n], shape=f"{rows}x{n}", dtype=dt, direction="bwd", make_inputs=make,
-        impls={b: functools.partial(ops._KERNELS[b][1], n=n) for b in _kernel_backends()},
-        peers={"torch.compile": _compiled(bwd), "eager": bwd},
-        reference=lambda g, a, b: ref.hypercomplex_mul_backward(g.float(), a.float(), b.float(), n),
-        amount=5 * size, metric="TB/s", ceiling="copy_tb_s", tol=TOL[dt], input_bytes=3 * size,
+        op=NAMES[n], shape=f"{rows}x{n}", dtype=dt, direction=direction, make_inputs=make, impls=impls,
+        peers={"torch.compile": _compiled(peer), "eager": peer},
+        reference=lambda *t: ref_fn(*(x.float() for x in t), n),
+        amount=(n_in + n_out) * size, metric="TB/s", ceiling="copy_tb_s", tol=TOL[dt], input_bytes=n_in * size,
     )
 
 
 def cases():
-    return [f(n, dt) for f in (_fwd_case, _bwd_case) for n in (4, 8) for dt in DTYPES]
+    return [_case(n, dt, d) for d in ("fwd", "bwd") for n in (4, 8) for dt in DTYPES]
