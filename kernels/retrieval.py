@@ -501,7 +501,7 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _common(q, k, v, w, r, mask):
+def _common(q, k, v, w, r, mask, launch=None):
     """Expanded views and the strides the kernels take."""
     import torch
 
@@ -509,9 +509,9 @@ def _common(q, k, v, w, r, mask):
     lq, m, d, dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
     qe = q.expand(lead + (lq, d)).contiguous()
     qw = torch.empty_like(qe)
-    qn = sqnorm(qe, w, qw)
+    qn = sqnorm(qe, w, qw, launch)
     ke = k.expand(lead + (m, d))
-    kn = sqnorm(k, w).expand(lead + (m,))
+    kn = sqnorm(k, w, launch=launch).expand(lead + (m,))
     ve = v.expand(lead + (m, dv))
     re = r.expand(lead + (lq, m))
     if mask is None:
@@ -524,7 +524,7 @@ def _common(q, k, v, w, r, mask):
     return lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides
 
 
-def sqnorm(x, w, xw=None):
+def sqnorm(x, w, xw=None, launch=None):
     """|x|^2_w per row of x [NB0, NB1, L, F] (any strides) as float32 [NB0, NB1, L]; with xw
     (contiguous, x's shape and dtype) also writes w x rounded to x's dtype there."""
     import torch
@@ -534,7 +534,7 @@ def sqnorm(x, w, xw=None):
     if out.numel() == 0:
         return out
     bl = 64
-    sqnorm_kernel[(triton.cdiv(l, bl), nb0 * nb1)](x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d,
+    _launch(sqnorm_kernel, launch)[(triton.cdiv(l, bl), nb0 * nb1)](x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d,
                                                  WRITE_XW=xw is not None, BLOCK_L=bl, BLOCK_D=_pow2(d))
     return out
 
@@ -565,7 +565,7 @@ def attn_fwd(q, k, v, w, r, mask, beta, eps, launch=None):
         return out, lse
     if m == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    kn = sqnorm(k, w).expand(lead + (m,))  # per key, once; a shared bank stays unexpanded
+    kn = sqnorm(k, w, launch=launch).expand(lead + (m,))  # per key, once; a shared bank stays unexpanded
     qe = q.expand(lead + (lq, d))
     ke = k.expand(lead + (m, d))
     ve = v.expand(lead + (m, dv))
@@ -593,7 +593,7 @@ def attn_bwd(do, q, k, v, w, r, mask, out, lse, dlse, beta, eps, launch=None):
     d lse / d logit_j = p_j it enters as delta_i = rowsum(dO * O)_i - dlse_i."""
     import torch
 
-    lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides = _common(q, k, v, w, r, mask)
+    lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides = _common(q, k, v, w, r, mask, launch)
     r_mode, mask_mode = modes(r, mask)
     nb = lead[0] * lead[1]
     dq = torch.empty(lead + (lq, d), dtype=q.dtype, device=q.device)

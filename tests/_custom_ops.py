@@ -30,6 +30,9 @@ def check_opcheck(qualname, samples):
 
 def check_compile(qualname, samples):
     op = _op(qualname)
+    # Every op compiles through the same OpOverload.__call__ code object: without a reset
+    # the checks of one session run into dynamo's recompile limit (8), not into a bug.
+    torch._dynamo.reset()
     compiled = torch.compile(op, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
     for args in samples:
         for got, want in zip(_as_tuple(compiled(*args)), _as_tuple(op(*args))):
