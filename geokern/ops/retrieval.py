@@ -15,6 +15,7 @@ backend that can run ("triton" and "cuda" raise: the cost matrix is the output, 
 is nothing to fuse beyond what the reference does).
 """
 
+import dataclasses
 import math
 import numbers
 import os
@@ -126,7 +127,8 @@ def _check_inputs(op, query, keys, values, R, metric, eps, mask):
     if keys.shape[-1] != n or metric.n != n:
         raise ValueError(f"{op}: query, keys and metric must share the coordinate dim; got query "
                          f"{tuple(query.shape)}, keys {tuple(keys.shape)}, metric n = {metric.n}")
-    for name, t in vars(metric).items():
+    for name in (f.name for f in dataclasses.fields(metric)):  # vars() does not trace under dynamo
+        t = getattr(metric, name)
         if isinstance(t, torch.Tensor) and t.device != query.device:
             raise ValueError(f"{op}: metric.{name} is on {t.device} but query is on {query.device}")
     if values is not None and values.shape[-2] != keys.shape[-2]:
