@@ -7,7 +7,8 @@ once at the end: y[i, d] = max_j (s[i, j] + v[j, d]) - m[i], m[i] = max_j s[i, j
 
 Forward (tropical_attention_fwd_kernel): one program owns BQ queries of one (batch,
 head) and walks the visible key blocks once (blocks the causal mask hides entirely are
-never visited; the diagonal ones are masked). Per key block of BJ keys:
+never visited; on the diagonal ones hidden keys are masked out of both stages, so a
+NaN or +inf value of a hidden key never reaches the query). Per key block of BJ keys:
   stage 1: S[BQ, BJ] in registers, max over d of an outer sum of a Q column and a K
            column (Q and K are staged d-major by the launcher so each column is one
            contiguous vector load: the maxplus_matmul pattern), then masked;
@@ -114,10 +115,17 @@ def tropical_attention_fwd_kernel(
         # stage 2: y[i, d] = max_j s[i, j] + v[j, d], S read back by columns
         tl.store(scr + jl[None, :] * BQ + ql[:, None], s)
         tl.debug_barrier()
+        # on the diagonal blocks a hidden key must not enter even with a NaN / +inf value
+        if CAUSAL:
+            diag = j0 + BJ - 1 > qb * BQ + off
+        else:
+            diag = False
         for jj in range(0, tl.minimum(BJ, kend - j0)):
             sc = tl.load(scr + jj * BQ + ql)
             vr = tl.load(vb + (j0 + jj) * svt + rd * svd, mask=dmask, other=NEG).to(ACC)
             x = sc[:, None] + vr[None, :]
+            if diag:
+                x = tl.where((j0 + jj <= rq + off)[:, None], x, NEG)
             if MARGIN:
                 top2 = tl.maximum(top2, tl.minimum(top1, x))
             if ARGMAX:

@@ -44,6 +44,7 @@ __all__ = ["tropical_attention"]
 _PREFER = ("cuda", "triton")  # measured on H100: see benchmarks/results
 _OP = "tropical_attention"
 _INT32_MAX = 2**31 - 1
+_CUDA_MAX_D = 128  # the CUDA kernel keeps a query block's D channels in registers
 
 
 # ---- custom ops ------------------------------------------------------------------
@@ -70,11 +71,13 @@ def _fake_bwd(grad, q, k, argmax, rowarg, center):
 def _ref_fwd(q, k, v, causal, center, want_argmax, want_margin):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     y, idx, jm, mg = ref.core(q.to(acc), k.to(acc), v.to(acc), causal, center, want_margin)
-    empty = torch.empty((0,), dtype=torch.int32, device=q.device)
+    def empty():  # one fresh tensor per output: outputs must not alias
+        return torch.empty((0,), dtype=torch.int32, device=q.device)
+
     return (
         y.to(q.dtype).contiguous(),
-        idx.contiguous() if want_argmax else empty,
-        jm.contiguous() if want_argmax else empty,
+        idx.contiguous() if want_argmax else empty(),
+        jm.contiguous() if want_argmax else empty(),
         mg.to(q.dtype).contiguous() if want_margin else q.new_empty((0,)),
     )
 
@@ -203,12 +206,19 @@ def tropical_attention(
     Differentiable in q, k, v along the argmax routes.
     """
     _check(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift)
-    be = _backend.resolve(_OP, backend, q.device, _PREFER)
+    cuda_ok = q.dtype != torch.float64 and q.shape[3] <= _CUDA_MAX_D
+    be = _backend.resolve(_OP, backend, q.device, _PREFER if cuda_ok else ("triton",))
+    if be == "cuda" and not cuda_ok:
+        raise ValueError(f"{_OP}: backend='cuda' takes float16 / bfloat16 / float32 and head dims up to "
+                         f"{_CUDA_MAX_D}, got {q.dtype} and q {tuple(q.shape)} (use backend='triton' or 'torch')")
     if be == "torch":
         y, gamma = ref.tropical_attention(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift)
         return (y, gamma) if return_margins else y
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    if B * H > 65535:
+        raise ValueError(f"{_OP}: backend {be!r} launches one program row per (batch, head): B * H must be "
+                         f"<= 65535, got q {tuple(q.shape)} (use backend='torch')")
     if max(Tq, Tk) * D > _INT32_MAX:
         raise ValueError(f"{_OP}: backend {be!r} indexes one head with 32-bit offsets; T * D must be < 2**31, "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)} (use backend='torch')")

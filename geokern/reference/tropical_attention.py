@@ -10,13 +10,17 @@ h // (H // Hkv), as their repeat_interleave does).
     s[i, j]  = -inf where the causal mask hides key j from query i
     s        = s - evt_shift                               (if evt_shift is given)
     if score_center:  s[i, :] -= max_j s[i, j]
-    y[i, d]  = max_j (s[i, j] + v[j, d])                   (max-plus of S and V)
+    y[i, d]  = max_j (s[i, j] + v[j, d])                   (max-plus of S and V, visible j)
     gamma[i] = min_d (top1_j - top2_j of s[i, j] + v[j, d])   (return_margins; +inf if Tk < 2)
     if gauge_fix:     y = y - max over D of y
 
 The causal mask is their `causal_attn_mask(Tq, Tk)`: query i sees key j iff
 j <= i + (Tk - Tq) (Tq == Tk: lower triangle; Tq == 1: every key; Tk > Tq: the whole
-prefix plus causal within the last Tq keys); Tk < Tq is an error, as in theirs.
+prefix plus causal within the last Tq keys); Tk < Tq is an error, as in theirs. A key
+hidden from a query never enters its value stage: theirs adds the -inf score to the
+value first, so a NaN or +inf value of a hidden key turns the output NaN there (and,
+through the output gauge fix, in every channel); here it does not. For finite values
+the two are the same.
 
 Gradients: every max routes its gradient to one winner, the smallest index among ties
 (smallest d in the score, smallest key j in the value stage and in the centring max).
@@ -62,7 +66,8 @@ def repeat_kv(k, H):
 
 
 def scores(q, k, causal):
-    """s[b, h, i, j] = max_d (q[b, h, i, d] + k[b, h, j, d]), -inf where masked."""
+    """(s, visible): s[b, h, i, j] = max_d (q[b, h, i, d] + k[b, h, j, d]), -inf where
+    the causal mask hides key j (visible: that mask, or None when not causal)."""
     Tq, Tk, D = q.shape[2], k.shape[2], q.shape[3]
     step = max(1, _CHUNK_ELEMS // max(1, q.shape[0] * q.shape[1] * Tk * D))
     rows = []
@@ -70,19 +75,23 @@ def scores(q, k, causal):
         qc = q[:, :, i0 : i0 + step]
         rows.append(max_first(qc.unsqueeze(3) + k.unsqueeze(2), -1)[0])
     s = torch.cat(rows, dim=2) if rows else q.new_empty(q.shape[:3] + (Tk,))
+    visible = causal_visible(Tq, Tk, q.device) if causal else None
     if causal:
-        s = s.masked_fill(~causal_visible(Tq, Tk, q.device), float("-inf"))
-    return s
+        s = s.masked_fill(~visible, float("-inf"))
+    return s, visible
 
 
-def aggregate(s, v, want_margins):
-    """(y, argmax, gamma): y[i, d] = max_j (s[i, j] + v[j, d]), the winning j, and the
-    margin gamma[i] = min_d (top1 - top2) over j (or None), in query chunks."""
+def aggregate(s, v, want_margins, visible=None):
+    """(y, argmax, gamma): y[i, d] = max_j (s[i, j] + v[j, d]) over the keys j that
+    `visible` (Tq, Tk) lets query i see (all if None), the winning j, and the margin
+    gamma[i] = min_d (top1 - top2) over those j (or None), in query chunks."""
     Tq, Tk, D = s.shape[2], v.shape[2], v.shape[3]
     step = max(1, _CHUNK_ELEMS // max(1, s.shape[0] * s.shape[1] * Tk * D))
     ys, js, gs = [], [], []
     for i0 in range(0, Tq, step):
         z = s[:, :, i0 : i0 + step].unsqueeze(-1) + v.unsqueeze(2)  # (B, H, c, Tk, D)
+        if visible is not None:  # a hidden key never enters, even with a NaN or +inf value
+            z = z.masked_fill(~visible[i0 : i0 + step, :, None], float("-inf"))
         y, j = max_first(z, 3)
         ys.append(y)
         js.append(j)
@@ -101,16 +110,18 @@ def aggregate(s, v, want_margins):
 def tropical_attention(q, k, v, causal=True, gauge_fix=True, score_center=True, return_margins=False,
                        evt_shift=None):
     """(y, gamma) of the definition above; gamma is None unless return_margins."""
+    if q.numel() == 0 or k.shape[2] == 0:  # no query, or no key for an empty query set
+        return q.new_empty(q.shape), (q.new_empty(q.shape[:3]) if return_margins else None)
     if gauge_fix:
         q, k, v = gauge(q), gauge(k), gauge(v)
     H = q.shape[1]
     k, v = repeat_kv(k, H), repeat_kv(v, H)
-    s = scores(q, k, causal)
+    s, visible = scores(q, k, causal)
     if evt_shift is not None:
         s = s - evt_shift
     if score_center:
         s = s - max_first(s, -1)[0].unsqueeze(-1)
-    y, _, gamma = aggregate(s, v, return_margins)
+    y, _, gamma = aggregate(s, v, return_margins, visible)
     if gauge_fix:
         y = gauge(y)
     return y, gamma
@@ -126,14 +137,18 @@ def core(q, k, v, causal=True, score_center=True, want_margins=False):
     argmax[b, h, i, d] the key that wins y[i, d], rowarg[b, h, i] the key of the score
     maximum (zeros without score_center), gamma the margins (empty unless asked).
     Indices are int32."""
+    if q.numel() == 0 or k.shape[2] == 0:
+        idx = torch.zeros(q.shape, dtype=torch.int32, device=q.device)
+        rowarg = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
+        return q.new_empty(q.shape), idx, rowarg, q.new_empty(q.shape[:3] if want_margins else (0,))
     H = q.shape[1]
     kr, vr = repeat_kv(k, H), repeat_kv(v, H)
-    s = scores(q, kr, causal)
+    s, visible = scores(q, kr, causal)
     rowarg = torch.zeros(s.shape[:3], dtype=torch.int64, device=q.device)
     if score_center:
         m, rowarg = max_first(s, -1)
         s = s - m.unsqueeze(-1)
-    y, argmax, gamma = aggregate(s, vr, want_margins)
+    y, argmax, gamma = aggregate(s, vr, want_margins, visible)
     if gamma is None:
         gamma = q.new_empty((0,))
     return y, argmax.to(torch.int32), rowarg.to(torch.int32), gamma
