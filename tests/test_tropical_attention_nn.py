@@ -1,9 +1,10 @@
 """geokern.nn.TropicalCausalSelfAttention against their module's forward, same weights.
 
-Their module (model_guided_research, nanochat/tropical_attention_torch.py) is not copied
-here: its licence does not allow this project to use its code. Its forward is
-re-implemented from the spec in geokern.bench.tropical_attention (the benchmark's
-peer), materialising what theirs materialises; these tests hold our module to it.
+Their module (model_guided_research, nanochat/tropical_attention_torch.py) is neither
+copied nor run here: its licence (MIT with a rider) withholds every right from some
+parties, the authors of this code among them. Its forward is re-implemented from the
+spec in geokern.bench.tropical_attention (the benchmark's peer), materialising what
+theirs materialises; these tests hold our module to it.
 """
 
 import types

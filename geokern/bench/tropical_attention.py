@@ -7,11 +7,12 @@ Ceiling: the fp32 lane rate. The backward is timed against the same count, so it
 figure reads directly against the forward's.
 
 Peer: model_guided_research's TropicalCausalSelfAttention, whose forward materialises
-(B, H, T, T, D) logits. Its code is not copied here (its licence does not allow this
-project to use it); `their_attention` and `their_module_forward` re-implement its
-forward from the spec (geokern/specs: tropical_ultrametric_hypercomplex.md section 2)
-the way it computes it, materialising the same tensors, so their time and memory are
-what a user of it sees. Where it runs out of memory the row records the error.
+(B, H, T, T, D) logits. Its code is neither copied nor run here (its licence, MIT with
+a rider, withholds every right from some parties, the authors of this code among
+them); `their_attention` and `their_module_forward` re-implement its forward from the
+spec (tropical_ultrametric_hypercomplex.md, section 2) the way it computes it,
+materialising the same tensors, so their time and memory are what a user of it sees.
+Where it runs out of memory the row records the error.
 """
 
 import functools
