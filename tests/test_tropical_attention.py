@@ -28,7 +28,7 @@ INF, NAN = float("inf"), float("nan")
 
 # (B, H, Hkv, Tq, Tk, D, causal): single element, odd sizes, decode (Tq = 1), chunked
 # decode (Tk > Tq), grouped-query heads, non-causal with Tk < Tq
-SHAPES = [
+CPU_SHAPES = [
     (1, 1, 1, 1, 1, 1, True),
     (1, 2, 1, 7, 7, 5, True),
     (2, 2, 2, 19, 23, 17, True),
@@ -36,9 +36,13 @@ SHAPES = [
     (1, 3, 3, 9, 4, 8, False),
     (1, 2, 2, 33, 33, 64, True),
 ]
-if HAS_CUDA:
-    SHAPES += [(2, 4, 2, 257, 257, 64, True), (1, 2, 2, 300, 431, 100, True), (1, 1, 1, 129, 400, 128, False),
-               (1, 2, 1, 700, 700, 33, True)]
+GPU_SHAPES = [(2, 4, 2, 257, 257, 64, True), (1, 2, 2, 300, 431, 100, True), (1, 1, 1, 129, 400, 128, False),
+              (1, 2, 1, 700, 700, 33, True)] if HAS_CUDA else []
+SHAPES = CPU_SHAPES + GPU_SHAPES
+# every dtype on the small shapes; float32 and bfloat16 on the large ones (each new
+# shape and dtype compiles Triton variants: this keeps the GPU run short)
+SHAPE_DTYPES = [(s, d) for s in CPU_SHAPES for d in DTYPES] + [
+    (s, d) for s in GPU_SHAPES for d in (torch.float32, torch.bfloat16)]
 
 
 def _id(x):
@@ -76,8 +80,7 @@ def ref64(q, k, v, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("shape, dtype", SHAPE_DTYPES, ids=lambda x: _id(x))
 def test_matches_reference(shape, dtype, backend):
     need(backend, dtype, shape[5])
     q, k, v = qkv(shape, dtype)
@@ -104,7 +107,7 @@ def _core(backend, q, k, v, causal, center):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES[:6] + SHAPES[7:8], ids=_id)
+@pytest.mark.parametrize("shape", CPU_SHAPES + GPU_SHAPES[1:2], ids=_id)
 def test_routes_reproduce_the_output(shape, backend):
     """The recorded key of every (i, d) is visible to query i and gives y exactly."""
     need(backend, D=shape[5])
@@ -237,8 +240,12 @@ def test_backward_matches_reference(shape, backend):
         got = torch.autograd.grad(run(backend, *args, **kw), args, gy)
         a64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
         want = torch.autograd.grad(ref.tropical_attention(*a64, **kw)[0], a64, gy.double())
+        # absolute and relative: a gradient can cancel to (almost) zero, e.g. dq of a query
+        # whose every channel is won by its score-maximum key (the centring takes it back)
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            assert_close(f"{backend} {name} gauge_fix={gauge_fix} center={center}", a, b)
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol,
+                                       msg=f"{backend} {name} gauge_fix={gauge_fix} center={center}")
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["cuda"] if HAS_CUDA else []))

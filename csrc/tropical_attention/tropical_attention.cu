@@ -368,6 +368,11 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 template <int BD, int MODE>
 void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
   constexpr int bytes = smem_floats<BD>() * int(sizeof(float));
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(bytes <= optin, "tropical_attention_cuda: head dims above 64 need ", fmt(bytes),
+              " bytes of shared memory per block, this GPU gives ", fmt(optin), " (use the triton backend)");
   auto kernel = tropical_attention_fwd_kernel<BD, MODE>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
