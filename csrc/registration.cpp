@@ -26,6 +26,13 @@ TORCH_LIBRARY(geokern, m) {
   m.def("maxplus_cuda(Tensor a, Tensor b, bool minplus, bool want_argmax, bool want_margin) -> (Tensor, Tensor, Tensor)");
   // dA, dB (shapes a_shape, b_shape) from dC routed along argmax.
   m.def("maxplus_backward_cuda(Tensor grad, Tensor argmax, int[] a_shape, int[] b_shape) -> (Tensor, Tensor)");
+
+  // Fused tropical attention core (csrc/tropical_attention): q (B, H, Tq, D), k and v
+  // (B, Hkv, Tk, D). Returns (y, argmax int32 (B, H, Tq, D), rowarg int32 (B, H, Tq),
+  // margin (B, H, Tq)); outputs not asked for are empty.
+  m.def("tropical_attention_cuda(Tensor q, Tensor k, Tensor v, bool causal, bool center, bool want_argmax, bool want_margin) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (dq, dk, dv) from dy routed along argmax / rowarg (and the score argmax over D).
+  m.def("tropical_attention_backward_cuda(Tensor grad, Tensor q, Tensor k, Tensor argmax, Tensor rowarg, bool center) -> (Tensor, Tensor, Tensor)");
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {

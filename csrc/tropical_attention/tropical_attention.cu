@@ -1,0 +1,481 @@
+// Fused tropical (max-plus) attention, forward and backward (definition:
+// geokern/reference/tropical_attention.py; their tropical_max_plus_attention).
+//
+// The core is two chained max-plus products, S = Q (x) K^T over D and
+// Y = S (x) V over keys, with the causal mask and the score centring
+// y[i, d] = max_j (s[i, j] + v[j, d]) - max_j s[i, j] (max-plus is shift-equivariant, so
+// the centring is applied once at the end). The gauge fixes run in PyTorch around it.
+//
+// Forward: one block owns kBQ = 128 queries of one (batch, head) and walks the visible
+// key blocks (kBJ = 64 keys) once; key blocks the causal mask hides entirely are never
+// visited. Shared memory holds Q d-major (Qt[d][i], staged once), the key block
+// d-major (Kt[d][j]), the value block (Vs[j][d]) and the score tile key-major
+// (St[j][i]). 256 threads; thread (tx, ty) = (t % 16, t / 16) owns rows
+// {ty*4..+3, 64+ty*4..+3} of both tiles, keys tx*4..+3 of S and D/16 channels of Y:
+//   stage 1: S[8][4] in registers, max over d of Qt[d][rows] + Kt[d][keys] (two 128-bit
+//            loads of Q, one of K per 32 add+max pairs), masked on diagonal blocks, then
+//            written to St;
+//   stage 2: Y[8][D/16] = max(Y, St[j][rows] + Vs[j][channels]) over the block's keys.
+// No tensor cores exist for max-plus: each visible (query, key) pair costs 4 D fp32-lane
+// operations (an add and a max per d in stage 1 and per channel in stage 2). NaN
+// propagates through max.NaN; a key the mask hides never enters (even with a NaN or
+// +inf value). With ARGMAX the winning key per (i, d) and the key of each row's score
+// maximum are recorded (strict comparisons: ties keep the smallest key; the first NaN
+// wins); with MARGIN the runner-up per (i, d) is carried as top2 = max(top2, min(top1, x)).
+// Inputs are widened to float32 on the host (O(T D), against O(T^2 D) work), and y is
+// rounded once to the input dtype.
+//
+// Measured on an H100 (benchmarks/results, B4 H8 D64 causal, fp32, visible work only):
+// 13.97 T ops/s at T = 4096 (41.8% of the 33.45 T lane ceiling), 16.4 / 18.1 / 19.0 at
+// T = 8192 / 16384 / 32768 (49.0 / 54.0 / 56.7%). Recording the routes (the forward
+// under autograd) halves it (6.7 T ops/s at 4096: compare, two selects and a max per
+// element instead of one max.NaN). Not profiled; the rate rising with T points at
+// per-block costs amortised over fewer key blocks at T = 4096 (about 33 key blocks per
+// query block on average): staging Q, the epilogue, and the K / V block loads, which
+// are not prefetched (two blocks per SM hide them partly).
+//
+// Backward: one thread per (i, d) sends g[i, d] to dv[j, d] (j the recorded winner) and,
+// through the score s[i, j] = q[i, e] + k[j, e] at the first maximising e (recomputed,
+// D sums), to dq[i, e] and dk[j, e]; one thread per query sends -sum_d g[i, d] the same
+// way through the row's score maximum. Atomic adds in float32.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace geokern {
+namespace {
+
+constexpr int kBQ = 128, kBJ = 64, kThreads = 256, kPad = 4;
+constexpr int kQS = kBQ + kPad, kKS = kBJ + kPad;  // row strides of Qt / St and Kt
+constexpr int kArgmax = 1, kMargin = 2;             // MODE bits
+
+struct FwdParams {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* y;
+  int* idx;
+  int* jm;
+  float* mg;
+  int64_t sq[4], sk[4], sv[4];  // strides (b, h, t, d)
+  int H, G, Tq, Tk, D;
+  bool causal, center;
+};
+
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float min_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ void lds4(const float* p, float* out) {
+  const float4 f = *reinterpret_cast<const float4*>(p);
+  out[0] = f.x; out[1] = f.y; out[2] = f.z; out[3] = f.w;
+}
+
+template <int BD>
+constexpr int smem_floats() {
+  return BD * kQS + BD * kKS + kBJ * (BD + kPad) + kBJ * kQS;
+}
+
+// Stage 2 over keys [0, jn) of the block: the max-plus update of Y from St and Vs.
+// MASK: the block straddles the causal diagonal, hidden (row, key) pairs are skipped.
+template <int BD, int MODE, bool MASK>
+__device__ __forceinline__ void value_stage(const float* St, const float* Vs, int jn, int j0, const int* grow,
+                                            int off, int ty, int tx, float (&top1)[8][BD / 16],
+                                            int (&idx)[8][BD / 16], float (&top2)[8][BD / 16]) {
+  constexpr int CY = BD / 16;
+#pragma unroll 2
+  for (int jj = 0; jj < jn; ++jj) {
+    float a[8], b[CY];
+    lds4(St + jj * kQS + ty * 4, a);
+    lds4(St + jj * kQS + 64 + ty * 4, a + 4);
+    if constexpr (CY == 4) {
+      lds4(Vs + jj * (BD + kPad) + tx * 4, b);
+    } else {
+      lds4(Vs + jj * (BD + kPad) + tx * 4, b);
+      lds4(Vs + jj * (BD + kPad) + 64 + tx * 4, b + 4);
+    }
+    const int j = j0 + jj;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const bool seen = !MASK || j <= grow[i] + off;
+#pragma unroll
+      for (int c = 0; c < CY; ++c) {
+        float x = a[i] + b[c];
+        if constexpr (MASK) x = seen ? x : -INFINITY;
+        if constexpr ((MODE & kMargin) != 0) top2[i][c] = fmaxf(top2[i][c], fminf(top1[i][c], x));
+        if constexpr ((MODE & kArgmax) != 0) {
+          const bool take = x > top1[i][c] || (x != x && top1[i][c] == top1[i][c]);
+          top1[i][c] = take ? x : top1[i][c];
+          idx[i][c] = take ? j : idx[i][c];
+        } else {
+          top1[i][c] = max_nan(top1[i][c], x);
+        }
+      }
+    }
+  }
+}
+
+template <int BD, int MODE>
+__global__ void __launch_bounds__(kThreads, (BD <= 64 && MODE == 0) ? 2 : 1)
+tropical_attention_fwd_kernel(const FwdParams p) {
+  constexpr int CY = BD / 16;  // channels of Y per thread: 4 (D <= 64) or 8 (D <= 128)
+  extern __shared__ __align__(16) float smem[];
+  float* Qt = smem;                    // [BD][kQS]
+  float* Kt = Qt + BD * kQS;           // [BD][kKS]
+  float* Vs = Kt + BD * kKS;           // [kBJ][BD + kPad]
+  float* St = Vs + kBJ * (BD + kPad);  // [kBJ][kQS]
+
+  const int nqb = gridDim.x;
+  const int qb = nqb - 1 - int(blockIdx.x);  // the longest causal rows first
+  const int64_t bh = blockIdx.y;
+  const int64_t b = bh / p.H, h = bh % p.H, hk = h / p.G;
+  const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+  const int q0 = qb * kBQ;
+  const int off = p.Tk - p.Tq;
+  const float* qg = p.q + b * p.sq[0] + h * p.sq[1];
+  const float* kg = p.k + b * p.sk[0] + hk * p.sk[1];
+  const float* vg = p.v + b * p.sv[0] + hk * p.sv[1];
+
+  // Q, d-major; channels past D are -inf (they never win a score), rows past Tq are 0
+  for (int e = t; e < kBQ * BD; e += kThreads) {
+    const int i = e / BD, d = e % BD, gi = q0 + i;
+    float x = d < p.D ? 0.f : -INFINITY;
+    if (d < p.D && gi < p.Tq) x = qg[gi * p.sq[2] + d * p.sq[3]];
+    Qt[d * kQS + i] = x;
+  }
+
+  int grow[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) grow[i] = q0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+
+  float top1[8][CY], top2[8][CY];
+  int idx[8][CY];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int c = 0; c < CY; ++c) {
+      top1[i][c] = -INFINITY;
+      top2[i][c] = -INFINITY;
+      idx[i][c] = 0;
+    }
+  float m[8];
+  int jm[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    m[i] = -INFINITY;
+    jm[i] = 0;
+  }
+
+  const int kend = p.causal ? min(p.Tk, q0 + kBQ + off) : p.Tk;
+  for (int j0 = 0; j0 < kend; j0 += kBJ) {
+    __syncthreads();  // the previous block's reads of Kt, Vs, St are done (and Qt is staged)
+    for (int e = t; e < kBJ * BD; e += kThreads) {
+      const int j = e / BD, d = e % BD, gj = j0 + j;
+      float kx = d < p.D ? 0.f : -INFINITY, vx = 0.f;
+      if (d < p.D && gj < p.Tk) {
+        kx = kg[gj * p.sk[2] + d * p.sk[3]];
+        vx = vg[gj * p.sv[2] + d * p.sv[3]];
+      }
+      Kt[d * kKS + j] = kx;
+      Vs[j * (BD + kPad) + d] = vx;
+    }
+    __syncthreads();
+
+    // stage 1: s[i, j] = max_d q[i, d] + k[j, d]
+    float s[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[i][c] = -INFINITY;
+#pragma unroll 4
+    for (int d = 0; d < BD; ++d) {
+      float a[8], kv[4];
+      lds4(Qt + d * kQS + ty * 4, a);
+      lds4(Qt + d * kQS + 64 + ty * 4, a + 4);
+      lds4(Kt + d * kKS + tx * 4, kv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[i][c] = max_nan(s[i][c], a[i] + kv[c]);
+    }
+    const bool diag = p.causal && (j0 + kBJ - 1 > q0 + off);
+    if (diag || j0 + kBJ > p.Tk) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int gj = j0 + tx * 4 + c;
+          const bool seen = gj < p.Tk && (!p.causal || gj <= grow[i] + off);
+          s[i][c] = seen ? s[i][c] : -INFINITY;
+        }
+    }
+    if (p.center) {  // the row maximum (and its first key) over the 16 threads of a row
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float bm = s[i][0];
+        int bj = j0 + tx * 4;
+#pragma unroll
+        for (int c = 1; c < 4; ++c)
+          if (s[i][c] > bm) { bm = s[i][c]; bj = j0 + tx * 4 + c; }
+#pragma unroll
+        for (int o = 8; o >= 1; o >>= 1) {
+          const float om = __shfl_xor_sync(0xffffffffu, bm, o);
+          const int oj = __shfl_xor_sync(0xffffffffu, bj, o);
+          if (om > bm || (om == bm && oj < bj)) { bm = om; bj = oj; }
+        }
+        if (bm > m[i]) { m[i] = bm; jm[i] = bj; }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      float* row = St + (tx * 4 + c) * kQS;
+      *reinterpret_cast<float4*>(row + ty * 4) = make_float4(s[0][c], s[1][c], s[2][c], s[3][c]);
+      *reinterpret_cast<float4*>(row + 64 + ty * 4) = make_float4(s[4][c], s[5][c], s[6][c], s[7][c]);
+    }
+    __syncthreads();
+
+    // stage 2: y[i, d] = max_j s[i, j] + v[j, d]
+    const int jn = min(kBJ, kend - j0);
+    if (diag) value_stage<BD, MODE, true>(St, Vs, jn, j0, grow, off, ty, tx, top1, idx, top2);
+    else value_stage<BD, MODE, false>(St, Vs, jn, j0, grow, off, ty, tx, top1, idx, top2);
+  }
+
+  // epilogue: centre, store y (and the routes / margins)
+  float gap[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    gap[i] = INFINITY;
+    const int gi = grow[i];
+    const float shift = p.center ? m[i] : 0.f;
+#pragma unroll
+    for (int c = 0; c < CY; ++c) {
+      const int d = c < 4 ? tx * 4 + c : 64 + tx * 4 + c - 4;
+      if (d < p.D) {
+        if constexpr ((MODE & kMargin) != 0) gap[i] = min_nan(gap[i], top1[i][c] - top2[i][c]);
+        if (gi < p.Tq) {
+          const int64_t o = (bh * p.Tq + gi) * p.D + d;
+          p.y[o] = top1[i][c] - shift;
+          if constexpr ((MODE & kArgmax) != 0) p.idx[o] = idx[i][c];
+        }
+      }
+    }
+    if constexpr ((MODE & kMargin) != 0) {
+#pragma unroll
+      for (int o = 8; o >= 1; o >>= 1) gap[i] = min_nan(gap[i], __shfl_xor_sync(0xffffffffu, gap[i], o));
+    }
+    if (tx == 0 && gi < p.Tq) {
+      if constexpr ((MODE & kArgmax) != 0) p.jm[bh * p.Tq + gi] = jm[i];
+      if constexpr ((MODE & kMargin) != 0) p.mg[bh * p.Tq + gi] = gap[i];
+    }
+  }
+}
+
+// The first e maximising q[e] + k[e] (NaN counts as largest), strided rows of length D.
+__device__ __forceinline__ int route_e(const float* q, int64_t sq, const float* k, int64_t sk, int D) {
+  float best = -INFINITY;
+  int arg = 0;
+  for (int e = 0; e < D; ++e) {
+    const float x = q[e * sq] + k[e * sk];
+    if (x > best || (x != x && best == best)) { best = x; arg = e; }
+  }
+  return arg;
+}
+
+struct BwdParams {
+  const float* g;    // (B, H, Tq, D) contiguous
+  const float* q;    // strided
+  const float* k;    // strided
+  const int* idx;    // (B, H, Tq, D)
+  const int* jm;     // (B, H, Tq)
+  float* dq;         // (B, H, Tq, D) contiguous
+  float* dk;         // (B, Hkv, Tk, D) contiguous
+  float* dv;
+  int64_t sq[4], sk[4];
+  int H, G, Tq, Tk, D;
+};
+
+__global__ void tropical_attention_bwd_kernel(const BwdParams p, int64_t total) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int d = int(e % p.D);
+    const int64_t row = e / p.D;  // (b * H + h) * Tq + i
+    const int i = int(row % p.Tq);
+    const int64_t bh = row / p.Tq, b = bh / p.H, h = bh % p.H, hk = h / p.G;
+    const float g = p.g[e];
+    const int j = p.idx[e];
+    const int64_t kv = ((b * (p.H / p.G) + hk) * p.Tk + j) * p.D;
+    atomicAdd(p.dv + kv + d, g);
+    const float* qr = p.q + b * p.sq[0] + h * p.sq[1] + i * p.sq[2];
+    const float* kr = p.k + b * p.sk[0] + hk * p.sk[1] + int64_t(j) * p.sk[2];
+    const int r = route_e(qr, p.sq[3], kr, p.sk[3], p.D);
+    atomicAdd(p.dq + row * p.D + r, g);
+    atomicAdd(p.dk + kv + r, g);
+  }
+}
+
+// The centring: m[i] = s[i, jm[i]] entered every y[i, :] with a minus sign.
+__global__ void tropical_attention_bwd_center_kernel(const BwdParams p, int64_t rows) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows; row += stride) {
+    const int i = int(row % p.Tq);
+    const int64_t bh = row / p.Tq, b = bh / p.H, h = bh % p.H, hk = h / p.G;
+    float dm = 0.f;
+    for (int d = 0; d < p.D; ++d) dm -= p.g[row * p.D + d];
+    const int j = p.jm[row];
+    const float* qr = p.q + b * p.sq[0] + h * p.sq[1] + i * p.sq[2];
+    const float* kr = p.k + b * p.sk[0] + hk * p.sk[1] + int64_t(j) * p.sk[2];
+    const int r = route_e(qr, p.sq[3], kr, p.sk[3], p.D);
+    atomicAdd(p.dq + row * p.D + r, dm);
+    atomicAdd(p.dk + ((b * (p.H / p.G) + hk) * p.Tk + j) * p.D + r, dm);
+  }
+}
+
+// ---- host ---------------------------------------------------------------------------
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device");
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16 (float64 runs on the triton or torch backend), got ", st);
+  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k and v must share one dtype");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, T, D), got ",
+              fmt(q.sizes()), ", ", fmt(k.sizes()), ", ", fmt(v.sizes()));
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have one shape, got ", fmt(k.sizes()), " and ",
+              fmt(v.sizes()));
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k ", fmt(k.sizes()),
+              " must match q ", fmt(q.sizes()), " in B and D");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op, ": k's head count ", fmt(k.size(1)),
+              " must divide q's ", fmt(q.size(1)));
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128, op, ": the CUDA kernel takes head dims 1..128, got ",
+              fmt(q.size(3)), " (use the triton backend)");
+  const int64_t lim = std::numeric_limits<int>::max();
+  TORCH_CHECK(q.size(2) * q.size(3) < lim && k.size(2) * k.size(3) < lim, op,
+              ": T * D must be < 2**31 per head, got q ", fmt(q.sizes()), ", k ", fmt(k.sizes()));
+}
+
+template <int BD, int MODE>
+void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int bytes = smem_floats<BD>() * int(sizeof(float));
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(bytes <= optin, "tropical_attention_cuda: head dims above 64 need ", fmt(bytes),
+              " bytes of shared memory per block, this GPU gives ", fmt(optin), " (use the triton backend)");
+  auto kernel = tropical_attention_fwd_kernel<BD, MODE>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int BD>
+void launch_fwd_mode(const FwdParams& p, int mode, dim3 grid, cudaStream_t stream) {
+  if (mode == 0) launch_fwd<BD, 0>(p, grid, stream);
+  else if (mode == kArgmax) launch_fwd<BD, kArgmax>(p, grid, stream);
+  else if (mode == kMargin) launch_fwd<BD, kMargin>(p, grid, stream);
+  else launch_fwd<BD, kArgmax | kMargin>(p, grid, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tropical_attention_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal, bool center,
+    bool want_argmax, bool want_margin) {
+  const char* op = "tropical_attention_cuda";
+  check_qkv(op, q_in, k_in, v_in);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Tk = k_in.size(2);
+  TORCH_CHECK(!causal || Tk >= Tq || Tq == 1, op, ": causal attention needs Tk >= Tq (or Tq == 1), got q ",
+              fmt(q_in.sizes()), ", k ", fmt(k_in.sizes()));
+  TORCH_CHECK(Tk >= 1 || Tq == 0, op, ": k needs at least one key, got ", fmt(k_in.sizes()));
+  const auto f32 = q_in.options().dtype(at::kFloat);
+  const at::Tensor q = q_in.to(at::kFloat), k = k_in.to(at::kFloat), v = v_in.to(at::kFloat);
+  at::Tensor y = at::empty({B, H, Tq, D}, f32);
+  at::Tensor idx = at::empty(want_argmax ? at::IntArrayRef({B, H, Tq, D}) : at::IntArrayRef({0}),
+                             q_in.options().dtype(at::kInt));
+  at::Tensor jm = at::empty(want_argmax ? at::IntArrayRef({B, H, Tq}) : at::IntArrayRef({0}),
+                            q_in.options().dtype(at::kInt));
+  at::Tensor mg = at::empty(want_margin ? at::IntArrayRef({B, H, Tq}) : at::IntArrayRef({0}), f32);
+  if (y.numel() > 0) {
+    TORCH_CHECK(B * H <= 65535, op, ": B * H must be <= 65535, got ", fmt(B * H));
+    c10::cuda::CUDAGuard guard(q.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    FwdParams p{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                y.mutable_data_ptr<float>(), want_argmax ? idx.mutable_data_ptr<int>() : nullptr,
+                want_argmax ? jm.mutable_data_ptr<int>() : nullptr, want_margin ? mg.mutable_data_ptr<float>() : nullptr,
+                {}, {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D), causal, center};
+    for (int d = 0; d < 4; ++d) {
+      p.sq[d] = q.stride(d);
+      p.sk[d] = k.stride(d);
+      p.sv[d] = v.stride(d);
+    }
+    const dim3 grid(unsigned((Tq + kBQ - 1) / kBQ), unsigned(B * H));
+    const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
+    if (D <= 64) launch_fwd_mode<64>(p, mode, grid, stream);
+    else launch_fwd_mode<128>(p, mode, grid, stream);
+  }
+  const auto dt = q_in.scalar_type();
+  return {y.to(dt), idx, jm, mg.to(dt)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tropical_attention_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& argmax,
+    const at::Tensor& rowarg, bool center) {
+  const char* op = "tropical_attention_backward_cuda";
+  check_qkv(op, q_in, k_in, k_in);
+  TORCH_CHECK(grad.device() == q_in.device() && grad.sizes() == q_in.sizes(), op,
+              ": grad must be on q's device with q's shape ", fmt(q_in.sizes()), ", got ", fmt(grad.sizes()));
+  TORCH_CHECK(argmax.scalar_type() == at::kInt && argmax.sizes() == q_in.sizes(), op,
+              ": argmax must be int32 with q's shape ", fmt(q_in.sizes()), ", got ", fmt(argmax.sizes()));
+  TORCH_CHECK(!center || (rowarg.scalar_type() == at::kInt && rowarg.dim() == 3 && rowarg.numel() ==
+                          q_in.size(0) * q_in.size(1) * q_in.size(2)), op,
+              ": rowarg must be int32 of shape (B, H, Tq), got ", fmt(rowarg.sizes()));
+  const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Tk = k_in.size(2);
+  const auto f32 = q_in.options().dtype(at::kFloat);
+  at::Tensor dq = at::zeros({B, H, Tq, D}, f32);
+  at::Tensor dk = at::zeros({B, Hkv, Tk, D}, f32);
+  at::Tensor dv = at::zeros({B, Hkv, Tk, D}, f32);
+  const int64_t total = grad.numel();
+  if (total > 0) {
+    c10::cuda::CUDAGuard guard(q_in.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    const at::Tensor g = grad.to(at::kFloat).contiguous(), q = q_in.to(at::kFloat), k = k_in.to(at::kFloat);
+    const at::Tensor ix = argmax.contiguous(), jr = rowarg.contiguous();
+    BwdParams p{g.const_data_ptr<float>(), q.const_data_ptr<float>(), k.const_data_ptr<float>(),
+                ix.const_data_ptr<int>(), center ? jr.const_data_ptr<int>() : nullptr,
+                dq.mutable_data_ptr<float>(), dk.mutable_data_ptr<float>(), dv.mutable_data_ptr<float>(),
+                {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D)};
+    for (int d = 0; d < 4; ++d) {
+      p.sq[d] = q.stride(d);
+      p.sk[d] = k.stride(d);
+    }
+    tropical_attention_bwd_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(p, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (center) {
+      const int64_t rows = B * H * Tq;
+      tropical_attention_bwd_center_kernel<<<grid_for(rows, kThreads), kThreads, 0, stream>>>(p, rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  const auto dt = grad.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(geokern, CUDA, m) {
+  m.impl("tropical_attention_cuda", &tropical_attention_cuda);
+  m.impl("tropical_attention_backward_cuda", &tropical_attention_backward_cuda);
+}
+
+}  // namespace geokern
