@@ -56,20 +56,26 @@ MASK_NONE, MASK_KEY, MASK_PAIR = 0, 1, 2
 
 
 def _configs(bwd=False):
+    fwd = {} if bwd else {"RSQ": 0}
     if interpret_mode():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **fwd}, num_warps=4)]
     if os.environ.get("GEOKERN_AUTOTUNE", "1") == "0":  # tests: one config, no tuning time
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, **fwd}, num_warps=4, num_stages=2)]
     if bwd:
         # (query tile, key tile, warps, stages); the key tile is the M of the dK / dV GEMMs
         # (128-query tiles spill: dK, dV and five [key, query] tiles do not fit in registers)
-        table = [(64, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2), (64, 128, 4, 2)]
-    else:
-        # 8 warps on 128 rows: two warpgroups under one CTA barrier per key tile; 4 warps (one
-        # warpgroup) on 64 or 128 rows: two or three CTAs per SM, out of phase, so one CTA's
-        # GEMMs overlap another's exponentials and square roots
-        table = [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+        table = [(64, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 2)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+    # 8 warps on 128 rows: two warpgroups under one CTA barrier per key tile; 4 warps (one
+    # warpgroup) on 64 rows: several CTAs per SM, out of phase, so one CTA's GEMMs overlap
+    # another's square roots and exponentials. Unbounded, the 64-row kernels take 174-255
+    # registers (2 CTAs per SM); maxnreg 168 / 128 allows 3 / 4. RSQ: spd = t * rsqrt(t)
+    # (MUFU.RSQ and an FMUL) instead of MUFU.SQRT.
+    table = [(128, 64, 8, 2, 0, None), (128, 128, 8, 2, 0, None), (64, 64, 4, 2, 0, None), (64, 128, 4, 2, 0, None),
+             (128, 64, 4, 2, 0, None), (64, 64, 4, 2, 0, 168), (64, 64, 4, 2, 0, 128), (64, 128, 4, 2, 0, 168),
+             (64, 128, 4, 2, 1, None), (64, 64, 4, 2, 1, None)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "RSQ": rsq}, num_warps=w, num_stages=s, maxnreg=reg)
+            for bm, bn, w, s, rsq, reg in table]
 
 
 def _even_block():
@@ -147,11 +153,15 @@ def _load_vec(ptr, idx, stride, valid, other, EVEN: tl.constexpr):
 
 @triton.jit
 def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr):
+                GUARD: tl.constexpr, RSQ: tl.constexpr):
     """One key tile of the online softmax (logits in log2 units): the updated (m_i, l_i, acc)."""
     # t = max(|q|^2 + eps + |k|^2 - 2 (w q).k, eps) = max(s, 0) + eps: one GEMM, two adds, one max
     t = tl.maximum(_mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :], eps)
-    x = tl.sqrt(t) * nr  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22); nr = -beta log2(e) R
+    if RSQ:
+        spd = t * tl.math.rsqrt(t)  # MUFU.RSQ + FMUL
+    else:
+        spd = tl.sqrt(t)  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22)
+    x = spd * nr  # nr = -beta log2(e) R
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -171,7 +181,7 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
 def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, RSQ: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc)."""
     qi = offs_m[:, None]
     qv = mvalid[:, None]
@@ -191,9 +201,10 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         if MASK_MODE != 0:
             keep = _keep(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
-                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True)
+                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True, RSQ)
         else:
-            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False)
+            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False,
+                                         RSQ)
     return m_i, l_i, acc
 
 
@@ -209,7 +220,7 @@ def retrieval_attn_fwd_kernel(
     R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RSQ: tl.constexpr,
 ):
     # one program per (query tile, batch). Segment 1: the row's keys (s* strides, optional mask);
     # segment 2 (HAS_BANK): the bank (t* strides, unmasked), read through its own strides, so a
@@ -238,13 +249,13 @@ def retrieval_attn_fwd_kernel(
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N)
+                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, RSQ)
     if HAS_BANK:
         m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
-                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N)
+                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N, RSQ)
 
     if MASK_MODE != 0:
         empty = l_i == 0.0  # every key masked: zeros and lse = -inf
@@ -296,11 +307,11 @@ def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_a
     Accumulates dK / dV / sum_i ds / per-key dR in registers and adds the query side into
     float32 buffers with atomics. nr = -beta log2(e) R and hr = -beta R / 2 broadcast
     against the [BLOCK_N, BLOCK_M] tile."""
-    s = kn[:, None] + qn[None, :] - 2.0 * _mm(k, tl.trans(qw), PREC)
-    t = tl.maximum(s, 0.0) + eps
+    s = kn[:, None] + qn[None, :] - 2.0 * _mm(k, tl.trans(qw), PREC)  # qn carries + eps: s = g + eps
+    t = tl.maximum(s, eps)
     inv = tl.math.rsqrt(t)  # one MUFU.RSQ gives spd = t / sqrt(t) and the 1 / spd of d cost / d s
     spd = t * inv
-    c = tl.where(s >= 0.0, hr * inv, 0.0)  # d cost / d s (0 where the clamp is active); s dies here
+    c = tl.where(s >= eps, hr * inv, 0.0)  # d cost / d s (0 where the clamp is active); s dies here
     x = spd * nr
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
@@ -366,7 +377,7 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
         qv = mvalid[None, :]
         qw = _load_tile(qw_b, offs_m, offs_d, D, 1, mvalid, dvalid, EVEN_M, EVEN_D)
         do = _load_tile(do_b, offs_m, offs_e, DV, 1, mvalid, evalid, EVEN_M, EVEN_DV)
-        qn = _load_vec(qn_b, offs_m, 1, mvalid, 0.0, EVEN_M)
+        qn = _load_vec(qn_b, offs_m, 1, mvalid, 0.0, EVEN_M) + eps
         lse = _load_vec(lse_b, offs_m, 1, mvalid, float("inf"), EVEN_M)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
         delta = _load_vec(delta_b, offs_m, 1, mvalid, 0.0, EVEN_M)
@@ -502,13 +513,13 @@ def _prec(dtype):
 class _Segment:
     """One key segment expanded (as strided views) to the batch shape `lead`, with its norms."""
 
-    def __init__(self, k, v, r, mask, w, lead, lq):
+    def __init__(self, k, v, r, mask, w, lead, lq, launch):
         import torch
 
         self.k, self.v, self.r, self.mask = k, v, r, mask
         self.m = k.shape[2]
         self.ke = k.expand(lead + tuple(k.shape[2:]))
-        self.kn = sqnorm(k, w).expand(lead + (self.m,))  # per key, once; a shared bank stays unexpanded
+        self.kn = sqnorm(k, w, launch=launch).expand(lead + (self.m,))  # per key, once; a bank stays unexpanded
         self.ve = v.expand(lead + tuple(v.shape[2:]))
         self.re = r.expand(lead + (lq, self.m))  # for its strides; kernels get r (never empty) itself
         self.me = None if mask is None else mask.view(torch.uint8).expand(lead + (lq, self.m))
@@ -528,19 +539,19 @@ class _Segment:
         return self.m % _even_block() == 0
 
 
-def _segments(q, k, v, w, r, mask, bk, bv, br):
+def _segments(q, k, v, w, r, mask, bk, bv, br, launch):
     import torch
 
     lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
     lq = q.shape[2]
-    seg = _Segment(k, v, r, mask, w, lead, lq)
+    seg = _Segment(k, v, r, mask, w, lead, lq, launch)
     bank = None
     if bk is not None and bk.shape[2] > 0:
-        bank = _Segment(bk, bv, br, None, w, lead, lq)
+        bank = _Segment(bk, bv, br, None, w, lead, lq, launch)
     return lead, seg, bank
 
 
-def sqnorm(x, w, xw=None):
+def sqnorm(x, w, xw=None, launch=None):
     """|x|^2_w per row of x [NB0, NB1, L, F] (any strides) as float32 [NB0, NB1, L]; with xw
     (contiguous, x's shape and dtype) also writes w x rounded to x's dtype there."""
     import torch
@@ -550,8 +561,9 @@ def sqnorm(x, w, xw=None):
     if out.numel() == 0:
         return out
     bl = 64
-    sqnorm_kernel[(triton.cdiv(l, bl), nb0 * nb1)](x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d,
-                                                 WRITE_XW=xw is not None, BLOCK_L=bl, BLOCK_D=_pow2(d))
+    _launch(sqnorm_kernel, launch)[(triton.cdiv(l, bl), nb0 * nb1)](
+        x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d, WRITE_XW=xw is not None, BLOCK_L=bl,
+        BLOCK_D=_pow2(d))
     return out
 
 
@@ -560,7 +572,7 @@ def attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch=None):
     optional second key segment (a bank, usually shared by the batch) or None."""
     import torch
 
-    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br)
+    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch)
     lq, d, dv = q.shape[2], q.shape[3], v.shape[3]
     out = torch.empty(lead + (lq, dv), dtype=v.dtype, device=v.device)
     lse = torch.empty(lead + (lq,), dtype=torch.float32, device=v.device)
@@ -613,7 +625,7 @@ def attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, nee
     d lse / d logit_j = p_j it enters as delta_i = rowsum(dO * O)_i - dlse_i."""
     import torch
 
-    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br)
+    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch)
     lq, d, dv = q.shape[2], q.shape[3], v.shape[3]
     nb = lead[0] * lead[1]
     bd = _pow2(d)
@@ -637,7 +649,7 @@ def attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, nee
         return finish()
     qe = q.expand(lead + (lq, d)).contiguous()
     qw = torch.empty_like(qe)
-    qn = sqnorm(qe, w, qw)
+    qn = sqnorm(qe, w, qw, launch)
     do = do.expand(lead + (lq, dv)).contiguous()
     delta = (do.float() * out.float()).sum(-1)
     if dlse is not None:

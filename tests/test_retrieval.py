@@ -312,16 +312,17 @@ def test_bank_segment_equals_one_softmax_over_the_union(case, dtype, backend):
 def test_bank_needs_its_own_R_when_R_depends_on_the_key():
     q, k, v = rnd(2, 3, 8), rnd(2, 5, 8), rnd(2, 5, 4)
     bank = (rnd(7, 8), rnd(7, 4))
+    one = torch.ones(8, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="pass the bank's own R"):
-        geokern.retrieval_attention(q, k, v, rnd(5).abs(), gm.diag(torch.ones(8, dtype=torch.float64)), 1.0,
+        geokern.retrieval_attention(q, k, v, rnd(5).abs(), gm.diag(one), 1.0,
                                     bank=bank)
     with pytest.raises(ValueError, match="bank keys must be"):
-        geokern.retrieval_attention(q, k, v, 1.0, gm.diag(torch.ones(8, dtype=torch.float64)), 1.0,
+        geokern.retrieval_attention(q, k, v, 1.0, gm.diag(one), 1.0,
                                     bank=(rnd(7, 6), rnd(7, 4)))
     with pytest.raises(TypeError, match="bank must be a tuple"):
-        geokern.retrieval_attention(q, k, v, 1.0, gm.diag(torch.ones(8, dtype=torch.float64)), 1.0, bank=rnd(7, 8))
+        geokern.retrieval_attention(q, k, v, 1.0, gm.diag(one), 1.0, bank=rnd(7, 8))
     with pytest.raises(ValueError, match="must broadcast to the batch shape"):
-        geokern.retrieval_attention(q, k, v, 1.0, gm.diag(torch.ones(8, dtype=torch.float64)), 1.0,
+        geokern.retrieval_attention(q, k, v, 1.0, gm.diag(one), 1.0,
                                     bank=(rnd(3, 7, 8), rnd(3, 7, 4)))
 
 
