@@ -56,26 +56,24 @@ MASK_NONE, MASK_KEY, MASK_PAIR = 0, 1, 2
 
 
 def _configs(bwd=False):
-    fwd = {} if bwd else {"RSQ": 0}
     if interpret_mode():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **fwd}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
     if os.environ.get("GEOKERN_AUTOTUNE", "1") == "0":  # tests: one config, no tuning time
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, **fwd}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     if bwd:
-        # (query tile, key tile, warps, stages); the key tile is the M of the dK / dV GEMMs
-        # (128-query tiles spill: dK, dV and five [key, query] tiles do not fit in registers)
-        table = [(64, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 2)]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
-    # 8 warps on 128 rows: two warpgroups under one CTA barrier per key tile; 4 warps (one
-    # warpgroup) on 64 rows: several CTAs per SM, out of phase, so one CTA's GEMMs overlap
-    # another's square roots and exponentials. Unbounded, the 64-row kernels take 174-255
-    # registers (2 CTAs per SM); maxnreg 168 / 128 allows 3 / 4. RSQ: spd = t * rsqrt(t)
-    # (MUFU.RSQ and an FMUL) instead of MUFU.SQRT.
-    table = [(128, 64, 8, 2, 0, None), (128, 128, 8, 2, 0, None), (64, 64, 4, 2, 0, None), (64, 128, 4, 2, 0, None),
-             (128, 64, 4, 2, 0, None), (64, 64, 4, 2, 0, 168), (64, 64, 4, 2, 0, 128), (64, 128, 4, 2, 0, 168),
-             (64, 128, 4, 2, 1, None), (64, 64, 4, 2, 1, None)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "RSQ": rsq}, num_warps=w, num_stages=s, maxnreg=reg)
-            for bm, bn, w, s, rsq, reg in table]
+        # (query tile, key tile, warps, stages, max registers); the key tile is the M of the dK / dV
+        # GEMMs (128-query tiles spill: dK, dV and five [key, query] tiles do not fit in registers)
+        table = [(64, 128, 8, 2, None), (64, 128, 8, 1, None), (64, 64, 4, 2, None), (64, 128, 4, 2, None),
+                 (64, 64, 8, 2, None)]
+    else:
+        # 8 warps on 128 rows: two warpgroups under one CTA barrier per key tile; 4 warps (one
+        # warpgroup) on 64 rows: several CTAs per SM, out of phase, so one CTA's GEMMs overlap
+        # another's square roots and exponentials. Unbounded, the 64-row kernels take 174-255
+        # registers (2 CTAs per SM); 64 x 64 fits 168 without spilling (3 CTAs per SM).
+        table = [(128, 64, 8, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 2, None), (64, 128, 4, 2, None),
+                 (128, 64, 4, 2, None), (64, 64, 4, 2, 168)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=reg)
+            for bm, bn, w, s, reg in table]
 
 
 def _even_block():
@@ -153,15 +151,11 @@ def _load_vec(ptr, idx, stride, valid, other, EVEN: tl.constexpr):
 
 @triton.jit
 def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr, RSQ: tl.constexpr):
+                GUARD: tl.constexpr):
     """One key tile of the online softmax (logits in log2 units): the updated (m_i, l_i, acc)."""
     # t = max(|q|^2 + eps + |k|^2 - 2 (w q).k, eps) = max(s, 0) + eps: one GEMM, two adds, one max
     t = tl.maximum(_mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :], eps)
-    if RSQ:
-        spd = t * tl.math.rsqrt(t)  # MUFU.RSQ + FMUL
-    else:
-        spd = tl.sqrt(t)  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22)
-    x = spd * nr  # nr = -beta log2(e) R
+    x = tl.sqrt(t) * nr  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22); nr = -beta log2(e) R
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -181,7 +175,7 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
 def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, RSQ: tl.constexpr):
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc)."""
     qi = offs_m[:, None]
     qv = mvalid[:, None]
@@ -201,10 +195,9 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         if MASK_MODE != 0:
             keep = _keep(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
-                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True, RSQ)
+                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True)
         else:
-            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False,
-                                         RSQ)
+            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False)
     return m_i, l_i, acc
 
 
@@ -220,7 +213,7 @@ def retrieval_attn_fwd_kernel(
     R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RSQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one program per (query tile, batch). Segment 1: the row's keys (s* strides, optional mask);
     # segment 2 (HAS_BANK): the bank (t* strides, unmasked), read through its own strides, so a
@@ -249,13 +242,13 @@ def retrieval_attn_fwd_kernel(
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, RSQ)
+                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N)
     if HAS_BANK:
         m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
-                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N, RSQ)
+                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N)
 
     if MASK_MODE != 0:
         empty = l_i == 0.0  # every key masked: zeros and lse = -inf
