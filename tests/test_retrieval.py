@@ -233,6 +233,7 @@ BANK_CASES = {
     "decode-B5-T6-C37-n8": ((5, 8), (5, 6, 8), (5, 6, 24), "query", "key", 37, None),
     "4d-even-L32-M48-C64-D16": ((1, 2, 32, 16), (1, 2, 48, 16), (1, 2, 48, 16), "scalar", None, 64, None),
     "4d-no-own-keys": ((2, 1, 5, 16), (2, 1, 0, 16), (2, 1, 0, 8), "query", None, 21, None),
+    "3d-pair-R-and-bank-R": ((2, 9, 8), (2, 7, 8), (2, 7, 8), "pair", "pair", 11, "pair"),
 }
 
 
@@ -290,7 +291,7 @@ def test_bank_segment_equals_one_softmax_over_the_union(case, dtype, backend):
     qs, ks, vs, rkind, mkind, c, bkind = BANK_CASES[case]
     tensors = tuple(t.to(dtype).double() for t in (rnd(*qs), rnd(*ks), rnd(*vs), rnd(c, qs[-1]), rnd(c, vs[-1])))
     R = _R(rkind, qs, ks)
-    bR = None if bkind is None else rnd(c).abs() + 0.3
+    bR = {None: None, "key": rnd(c).abs() + 0.3, "pair": rnd(*qs[:-1], c).abs() + 0.3}[bkind]
     mask = _mask(mkind, qs, ks) if ks[-2] > 0 else None
     if mask is not None:
         mask.view(-1, ks[-2])[0] = False  # a row that sees only the bank
@@ -307,6 +308,28 @@ def test_bank_segment_equals_one_softmax_over_the_union(case, dtype, backend):
             _check_expanded_dw(name, g[name], g64[name])
         else:
             assert_close(name, g[name].to(dtype), g64[name], gd[name])
+
+
+@pytest.mark.parametrize("kind", ["rotor_diag", "lowrank"])
+def test_bank_with_general_metrics(kind):
+    """A non-diagonal metric maps the bank's keys through the same features: triton with a
+    bank against the torch backend (two reference calls merged by their lse)."""
+    need("triton")
+    params, make = metric_of(kind, 8)
+    q, k, v, bk, bv = rnd(2, 5, 8), rnd(2, 6, 8), rnd(2, 6, 4), rnd(9, 8), rnd(9, 4)
+    R = rnd(2, 5, 1).abs() + 0.5
+    res = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v, bk, bv, R)]
+        ps = [p.detach().float().requires_grad_() for p in params]
+        out = geokern.retrieval_attention(*leaves[:3], leaves[5], make(ps), 1.2, bank=tuple(leaves[3:5]),
+                                          backend=backend)
+        g = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view(out.shape)).sum(),
+                                leaves + ps)
+        res[backend] = (out, g)
+    torch.testing.assert_close(res["triton"][0], res["torch"][0], rtol=2e-5, atol=2e-6)
+    for i, (a, b) in enumerate(zip(res["triton"][1], res["torch"][1])):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=f"{kind}: gradient {i}")
 
 
 def test_bank_needs_its_own_R_when_R_depends_on_the_key():
