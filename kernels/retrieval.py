@@ -75,9 +75,11 @@ def _configs(bwd=False):
         # 8 warps on 128 rows: two warpgroups under one CTA barrier per key tile; 4 warps (one
         # warpgroup) on 64 rows: several CTAs per SM, out of phase, so one CTA's GEMMs overlap
         # another's square roots and exponentials. Unbounded, the 64-row kernels take 174-255
-        # registers (2 CTAs per SM); 64 x 64 fits 168 without spilling (3 CTAs per SM).
+        # registers (2 CTAs per SM); 64 x 64 fits 168 without spilling (3 CTAs per SM). The three
+        # 3-stage configs are the previous set (1.02 / 1.59 ms at D = 64 / 128 in an earlier run).
         table = [(128, 64, 8, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 2, None), (64, 128, 4, 2, None),
-                 (128, 64, 4, 2, None), (64, 64, 4, 2, 168)]
+                 (128, 64, 4, 2, None), (64, 64, 4, 2, 168), (128, 64, 4, 3, None), (128, 64, 8, 3, None),
+                 (128, 128, 8, 3, None)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=reg)
             for bm, bn, w, s, reg in table]
 
