@@ -1,9 +1,13 @@
 """Triton kernels for the fused retrieval attention softmax(-beta * R * sqrt(g(dv, dv) + eps)) @ V.
 
-Flash-style (triton tutorial 06): the forward runs an online softmax over tiles of
-keys and writes the output and the log-sum-exp; the backward recomputes the weights
-from the lse, one kernel over key tiles (dK, dV, per-key dR) and one over query
-tiles (dQ, per-query / per-pair dR, the metric's dW). The cost is never materialised.
+Flash-style. The forward runs an online softmax over tiles of keys and writes the output
+and the log-sum-exp; keys may come in two segments (a per-row sequence and a bank shared
+by the batch), both streamed by the same program and merged in its running max and sum,
+so the bank is never expanded or concatenated. The backward is one kernel over key tiles
+(flash-attention-2 structure): it recomputes each tile once from the lse and accumulates
+dK, dV, per-key dR in registers, and adds the query side (sum_j ds_ij k_j, sum_j ds_ij,
+per-query dR) and the metric gradient into float32 buffers with atomics; a small pass
+turns those into dQ. The cost is never materialised.
 
 The metric is diagonal with weights w (any sign; other metrics reach here as a
 linear feature map, see geokern/metric.py). The squared distance is expanded so it
@@ -14,6 +18,20 @@ accumulated in float32 (exact float32 for float32 inputs: input_precision="ieee"
 This cancels when q_i is close to k_j: s carries an absolute error of about
 u * (|q|^2_w + |k|^2_w) (u = 2^-8 in bf16, 2^-24 in fp32), so near-coincident pairs
 get spd ~ sqrt(u) |q| instead of sqrt(eps); the clamp keeps it real.
+
+Throughput bound (forward, 16-bit, H100): per score element one MUFU.SQRT and one
+MUFU.EX2; the MUFU unit does 16 / clk / SM (4 per SM sub-partition), so N^2 scores cost
+N^2 / (16 * 132 * 1.98e9) s per head: 0.51 ms for B4 H16 N4096, i.e. 535 TFLOP/s at
+D = 64 and 1070 TFLOP/s at D = 128 in the 4 B H N^2 D convention. Packed ex2.f16x2 does
+not help (ptxas splits it into two MUFU.EX2.F16). At D = 64 the MUFU time is twice the
+tensor-core time (0.26 ms at 1000 TFLOP/s): the forward is bound by the special-function
+unit, not the GEMMs, once the two overlap. Measured (H100, B4 H16 N4096 bf16): 1.07 ms at
+D = 64 and 1.68 ms at D = 128, about twice that floor: the inner loop issues 13.7
+instructions per score element (2 MUFU, a broadcast MOV and 2 FADD for the norms, 2 FMNMX
+for the clamp and the row max, the R multiply, the exponent's FFMA, the row sum, half a
+convert and half a rescale), and the GEMM of one tile waits for the exponentials of the
+previous one within a warpgroup; overlap comes only from other CTAs on the SM, and the
+64-row kernels take 174-255 registers (2 CTAs per SM).
 
 Shapes: tensors are viewed with two batch dims [NB0, NB1, L, F] (broadcast dims have
 stride 0: a shared key bank is not expanded). R and the boolean mask are read through
@@ -49,15 +67,21 @@ def _configs(bwd=False):
     if os.environ.get("GEOKERN_AUTOTUNE", "1") == "0":  # tests: one config, no tuning time
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     if bwd:
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 1)]
-        ]
-    # Hopper: 128-row query tiles (two warpgroups at 8 warps), keys streamed 64 or 128 at a time
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2)]
-    ]
+        # (query tile, key tile, warps, stages, max registers); the key tile is the M of the dK / dV
+        # GEMMs (128-query tiles spill: dK, dV and five [key, query] tiles do not fit in registers)
+        table = [(64, 128, 8, 2, None), (64, 128, 8, 1, None), (64, 64, 4, 2, None), (64, 128, 4, 2, None),
+                 (64, 64, 8, 2, None)]
+    else:
+        # 8 warps on 128 rows: two warpgroups under one CTA barrier per key tile; 4 warps (one
+        # warpgroup) on 64 rows: several CTAs per SM, out of phase, so one CTA's GEMMs overlap
+        # another's square roots and exponentials. Unbounded, the 64-row kernels take 174-255
+        # registers (2 CTAs per SM); 64 x 64 fits 168 without spilling (3 CTAs per SM). The three
+        # 3-stage configs are the previous set (1.02 / 1.59 ms at D = 64 / 128 in an earlier run).
+        table = [(128, 64, 8, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 2, None), (64, 128, 4, 2, None),
+                 (128, 64, 4, 2, None), (64, 64, 4, 2, 168), (128, 64, 4, 3, None), (128, 64, 8, 3, None),
+                 (128, 128, 8, 3, None)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=reg)
+            for bm, bn, w, s, reg in table]
 
 
 def _even_block():
@@ -65,34 +89,36 @@ def _even_block():
     return 16 if interpret_mode() else 128
 
 
-_KEY = ["LQ", "M", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE"]
-_FWD_KEY = _KEY + ["EVEN_M", "EVEN_N", "EXP_MODE"]
+_FWD_KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE", "HAS_BANK", "EVEN_M", "EVEN_N",
+            "EVEN_N2"]
+_BWD_KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE", "HAS_BANK", "EVEN_M",
+            "EVEN_N", "EVEN_N2", "SHARED_K", "SHARED_V", "SHARED_K2", "SHARED_V2", "NEED_DR"]
 
 
 @triton.jit
-def _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE: tl.constexpr):
-    """R for a [BLOCK_M, BLOCK_N] tile, shaped to broadcast against it."""
+def _load_r(r_b, qi, kj, qvalid, kvalid, srm, srn, R_MODE: tl.constexpr):
+    """R for a tile as float32. qi / kj (query and key indices) and their validity come
+    shaped [BM, 1] / [1, BN] (forward) or [1, BM] / [BN, 1] (backward): the result has
+    the shape that broadcasts against the tile in that orientation."""
     if R_MODE == 0:
         r = tl.load(r_b)
     elif R_MODE == 1:
-        r = tl.load(r_b + offs_m * srm, mask=mvalid, other=0.0)[:, None]
+        r = tl.load(r_b + qi * srm, mask=qvalid, other=0.0)
     elif R_MODE == 2:
-        r = tl.load(r_b + offs_n * srn, mask=nvalid, other=0.0)[None, :]
+        r = tl.load(r_b + kj * srn, mask=kvalid, other=0.0)
     else:
-        r = tl.load(r_b + offs_m[:, None] * srm + offs_n[None, :] * srn, mask=mvalid[:, None] & nvalid[None, :], other=0.0)
+        r = tl.load(r_b + qi * srm + kj * srn, mask=qvalid & kvalid, other=0.0)
     return r.to(tl.float32)
 
 
 @triton.jit
-def _keep(mk_b, offs_m, offs_n, mvalid, nvalid, smm, smn, MASK_MODE: tl.constexpr):
-    """Which entries of the tile are real, unmasked keys."""
-    keep = nvalid[None, :] & (offs_m >= 0)[:, None]
+def _keep(mk_b, qi, kj, qvalid, kvalid, smm, smn, MASK_MODE: tl.constexpr):
+    """Which entries of the tile are real, unmasked keys (indices shaped as in _load_r)."""
+    keep = kvalid & (qi >= 0)
     if MASK_MODE == 1:
-        mk = tl.load(mk_b + offs_n * smn, mask=nvalid, other=0)
-        keep = keep & (mk != 0)[None, :]
+        keep = keep & (tl.load(mk_b + kj * smn, mask=kvalid, other=0) != 0)
     elif MASK_MODE == 2:
-        mk = tl.load(mk_b + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=mvalid[:, None] & nvalid[None, :], other=0)
-        keep = keep & (mk != 0)
+        keep = keep & (tl.load(mk_b + qi * smm + kj * smn, mask=qvalid & kvalid, other=0) != 0)
     return keep
 
 
@@ -104,33 +130,6 @@ def _mm(a, b, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _spd(qw, k, qn, kn, eps, PREC: tl.constexpr):
-    """(spd, 1 / spd, s >= 0) for a tile: spd = sqrt(max(|q|^2 + |k|^2 - 2 qw.k, 0) + eps).
-    One rsqrt.approx (MUFU.RSQ) gives both: the backward needs 1 / spd for d cost / d s."""
-    dot = _mm(qw, tl.trans(k), PREC)
-    s = qn[:, None] + kn[None, :] - 2.0 * dot
-    t = tl.maximum(s, 0.0) + eps
-    inv = tl.math.rsqrt(t)
-    return t * inv, inv, s >= 0.0
-
-
-@triton.jit
-def _exp2_fma(x):
-    """2^x on the FMA pipe (FlashAttention-4's trick), for finite x <= 0: the MUFU unit
-    (16 ops / clk / SM) is the forward's bottleneck, the FMA pipe (128 / clk) has room.
-    x = j + f with j = round(x), f in [-0.5, 0.5]; 2^f by a degree-3 polynomial (relative
-    error 7.7e-5, below the bf16 rounding of P), 2^j added into the exponent bits."""
-    xc = tl.maximum(x, -125.0)
-    t = xc + 12582912.0  # 1.5 * 2^23: the nearest integer lands in the low mantissa bits
-    f = xc - (t - 12582912.0)
-    poly = 0.055088821798563004 * f + 0.24260465800762177
-    poly = poly * f + 0.6932762861251831
-    poly = poly * f + 0.999928891658783
-    bits = poly.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -148,72 +147,85 @@ def _load_tile(ptr, rows, cols, s_r, s_c, rvalid, cvalid, EVEN_R: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_tile(qw2, qne, nr_row, m_i, l_i, acc, start, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
-              k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
-              R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
-              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, FMA_EXP: tl.constexpr):
-    """One key tile of the online softmax: returns the updated (m_i, l_i, acc)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    nvalid = offs_n < M
-    k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
-    if EVEN_N:
-        kn = tl.load(kn_b + offs_n * sknn)
+def _load_vec(ptr, idx, stride, valid, other, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr + idx * stride)
     else:
-        kn = tl.load(kn_b + offs_n * sknn, mask=nvalid, other=0.0)
+        return tl.load(ptr + idx * stride, mask=valid, other=other)
+
+
+# ---- forward ---------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
+                GUARD: tl.constexpr):
+    """One key tile of the online softmax (logits in log2 units): the updated (m_i, l_i, acc)."""
     # t = max(|q|^2 + eps + |k|^2 - 2 (w q).k, eps) = max(s, 0) + eps: one GEMM, two adds, one max
     t = tl.maximum(_mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :], eps)
-    spd = tl.sqrt(t)  # sqrt.approx.f32: MUFU.SQRT, relative error ~2^-22
-    if R_MODE == 2:
-        if EVEN_N:
-            nr = -scale * tl.load(r_b + offs_n * srn)
-        else:
-            nr = -scale * tl.load(r_b + offs_n * srn, mask=nvalid, other=0.0)
-        x = spd * nr[None, :]  # logit in log2 units
-    elif R_MODE == 3:
-        x = spd * (-scale * _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE))
-    else:
-        x = spd * nr_row[:, None]
-    if MASK_MODE != 0:
-        keep = _keep(mk_b, offs_m, offs_n, mvalid, nvalid, smm, smn, MASK_MODE)
+    x = tl.sqrt(t) * nr  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22); nr = -beta log2(e) R
+    if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
-    elif not EVEN_N:
-        x = tl.where(nvalid[None, :], x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, 1))
-    if MASK_MODE != 0:
-        # rows with nothing kept so far: subtract 0 so exp2(-inf) = 0, not exp2(nan)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if FMA_EXP:
-        p = _exp2_fma(x - m_new[:, None])
+    if GUARD:
+        # rows with nothing kept so far: subtract 0 so exp2(-inf) = 0, not exp2(nan); m stays -inf
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        p = tl.math.exp2(x - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+        m_sub = m_new
+    p = tl.math.exp2(x - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+                 k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
+                 R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc)."""
+    qi = offs_m[:, None]
+    qv = mvalid[:, None]
+    nr_row = -scale * _load_r(r_b, qi, qi, qv, qv, srm, srn, R_MODE if R_MODE < 2 else 0)  # hoisted for modes 0, 1
+    for start in range(0, M, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nvalid = offs_n < M
+        kj = offs_n[None, :]
+        kv = nvalid[None, :]
+        k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
+        kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
+        v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
+        if R_MODE < 2:
+            nr = nr_row
+        else:
+            nr = -scale * _load_r(r_b, qi, kj, qv, kv, srm, srn, R_MODE)
+        if MASK_MODE != 0:
+            keep = _keep(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
+            if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
+                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True)
+        else:
+            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False)
+    return m_i, l_i, acc
 
 
 @triton.autotune(configs=_configs(), key=_FWD_KEY)
 @triton.jit
 def retrieval_attn_fwd_kernel(
-    q_ptr, w_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, o_ptr, lse_ptr,
+    q_ptr, w_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, k2_ptr, kn2_ptr, v2_ptr, r2_ptr, o_ptr, lse_ptr,
     sq0, sq1, sqm, sqd,
-    sk0, sk1, skn, skd,
-    skn0, skn1, sknn,
-    sv0, sv1, svn, svd,
-    sr0, sr1, srm, srn,
-    sm0, sm1, smm, smn,
-    NB1, LQ, M, D, DV,
+    sk0, sk1, skn, skd, skn0, skn1, sknn, sv0, sv1, svn, svd, sr0, sr1, srm, srn, sm0, sm1, smm, smn,
+    tk0, tk1, tkn, tkd, tkn0, tkn1, tknn, tv0, tv1, tvn, tvd, tr0, tr1, trm, trn,
+    NB1, LQ, M, M2, D, DV,
     scale, eps,
-    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    EXP_MODE: tl.constexpr,
+    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
+    PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # EVEN_M / EVEN_N: LQ / M are multiples of every BLOCK_M / BLOCK_N (128): no row or key masks.
-    # EXP_MODE 1: every second key tile takes 2^x on the FMA pipe (needs M % (2 BLOCK_N) == 0,
-    # no mask), offloading the MUFU unit that sqrt and exp2 share.
+    # one program per (query tile, batch). Segment 1: the row's keys (s* strides, optional mask);
+    # segment 2 (HAS_BANK): the bank (t* strides, unmasked), read through its own strides, so a
+    # bank shared by the batch is one copy in memory. EVEN_*: a length is a multiple of every block.
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
@@ -230,31 +242,21 @@ def retrieval_attn_fwd_kernel(
     qwf = qf * w[None, :]
     qne = tl.sum(qwf * qf, 1) + eps
     qw2 = (-2.0 * qwf).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
-    k_b = k_ptr + b0 * sk0 + b1 * sk1
-    kn_b = kn_ptr + b0 * skn0 + b1 * skn1
-    v_b = v_ptr + b0 * sv0 + b1 * sv1
-    r_b = r_ptr + b0 * sr0 + b1 * sr1
-    mk_b = mk_ptr + b0 * sm0 + b1 * sm1
-    if R_MODE == 0:
-        nr_row = tl.zeros([BLOCK_M], tl.float32) - scale * tl.load(r_b).to(tl.float32)
-    elif R_MODE == 1:
-        nr_row = -scale * tl.load(r_b + offs_m * srm, mask=mvalid, other=0.0).to(tl.float32)
-    else:
-        nr_row = tl.zeros([BLOCK_M], tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    STEP: tl.constexpr = 2 * BLOCK_N if EXP_MODE == 1 else BLOCK_N
-    for start in range(0, M, STEP):
-        m_i, l_i, acc = _fwd_tile(qw2, qne, nr_row, m_i, l_i, acc, start, offs_m, mvalid, offs_d, offs_e, dvalid,
-                                  evalid, k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn,
-                                  M, scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, False)
-        if EXP_MODE == 1:
-            m_i, l_i, acc = _fwd_tile(qw2, qne, nr_row, m_i, l_i, acc, start + BLOCK_N, offs_m, mvalid, offs_d,
-                                      offs_e, dvalid, evalid, k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd,
-                                      srm, srn, smm, smn, M, scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D,
-                                      EVEN_DV, BLOCK_N, True)
+    m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+                                 k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
+                                 v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
+                                 mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
+                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N)
+    if HAS_BANK:
+        m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+                                     k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
+                                     v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
+                                     mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
+                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N)
 
     if MASK_MODE != 0:
         empty = l_i == 0.0  # every key masked: zeros and lse = -inf
@@ -294,70 +296,76 @@ def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
                  (x * w[None, :]).to(xw_ptr.dtype.element_ty), mask=lvalid[:, None] & dvalid[None, :])
 
 
-@triton.jit
-def _bwd_tile(qw, k, qn, kn, r, keep, lse2, dp, delta, scale, beta, eps, PREC: tl.constexpr):
-    """(P, ds, dR) of one tile; lse2 is the lse in log2 units with +inf for empty rows."""
-    spd, inv, pos = _spd(qw, k, qn, kn, eps, PREC)
-    x = tl.where(keep, -scale * r * spd, float("-inf"))
-    p = tl.math.exp2(x - lse2[:, None])
-    dcost = -beta * (p * (dp - delta[:, None]))
-    ds = tl.where(pos, dcost * (0.5 * r) * inv, 0.0)
-    return p, ds, dcost * spd
+# ---- backward --------------------------------------------------------------------
 
 
 @triton.jit
-def _store_partial(ptr, part, pid_b, pid, L, offs_d, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Write a program's [BLOCK_D] partial of dw into slots of 16 rows each.
+def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_acc, dv_acc, cs, dr,
+                dqa_b, rs_b, dr_b, offs_m, mvalid, offs_n, nvalid, offs_d, dvalid, M, D,
+                R_MODE: tl.constexpr, NEED_DR: tl.constexpr, USE_KEEP: tl.constexpr, PREC: tl.constexpr):
+    """One (key tile, query tile) pair, transposed: rows are keys, columns queries.
 
-    The buffer has cdiv(L, 16) slots per batch whatever BLOCK the autotuner picks: a
-    program owns BLOCK // 16 slots, writes its partial in the first and zeros in the
-    others, so no slot is left stale (from another config's run) and the sum is exact.
-    """
-    NS: tl.constexpr = BLOCK // 16
-    slots_total = (L + 15) // 16
-    slot = pid * NS + tl.arange(0, NS)
-    vals = tl.where((tl.arange(0, NS) == 0)[:, None], part[None, :], 0.0)
-    tl.store(ptr + (pid_b * slots_total + slot)[:, None] * BLOCK_D + offs_d[None, :], vals,
-             mask=(slot < slots_total)[:, None])
+    Accumulates dK / dV / sum_i ds / per-key dR in registers and adds the query side into
+    float32 buffers with atomics. nr = -beta log2(e) R and hr = -beta R / 2 broadcast
+    against the [BLOCK_N, BLOCK_M] tile."""
+    s = kn[:, None] + qn[None, :] - 2.0 * _mm(k, tl.trans(qw), PREC)  # qn carries + eps: s = g + eps
+    t = tl.maximum(s, eps)
+    inv = tl.math.rsqrt(t)  # one MUFU.RSQ gives spd = t / sqrt(t) and the 1 / spd of d cost / d s
+    spd = t * inv
+    c = tl.where(s >= eps, hr * inv, 0.0)  # d cost / d s (0 where the clamp is active); s dies here
+    x = spd * nr
+    if USE_KEEP:
+        x = tl.where(keep, x, float("-inf"))
+    p = tl.math.exp2(x - lse2[None, :])
+    pl = p.to(do.dtype)
+    pd = p * (_mm(v, tl.trans(do), PREC) - delta[None, :])  # d loss / d logit
+    dv_acc += _mm(pl, do, PREC)
+    dsl = (pd * c).to(qw.dtype)  # d loss / d s
+    dk_acc += _mm(dsl, qw, PREC)
+    ds = pd * c
+    cs += tl.sum(ds, 1)
+    tl.atomic_add(rs_b + offs_m, tl.sum(ds, 0), mask=mvalid, sem="relaxed")
+    a = _mm(tl.trans(dsl), k, PREC)  # sum_j ds_ij k_j for these queries
+    tl.atomic_add(dqa_b + offs_m[:, None] * D + offs_d[None, :], a, mask=mvalid[:, None] & dvalid[None, :],
+                  sem="relaxed")
+    if NEED_DR:
+        drt = -beta * (pd * spd)  # d loss / d R = d loss / d cost * spd
+        if R_MODE == 2:
+            dr += tl.sum(drt, 1)
+        elif R_MODE == 3:
+            tl.store(dr_b + offs_m[None, :] * M + offs_n[:, None], drt, mask=mvalid[None, :] & nvalid[:, None])
+        else:
+            tl.atomic_add(dr_b + offs_m, tl.sum(drt, 0), mask=mvalid, sem="relaxed")
+    return dk_acc, dv_acc, cs, dr
 
 
-@triton.autotune(configs=_configs(bwd=True), key=_KEY + ["EVEN_M", "EVEN_N"])
 @triton.jit
-def retrieval_attn_bwd_dkv_kernel(
-    q_ptr, qw_ptr, qn_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, do_ptr, lse_ptr, delta_ptr, w_ptr,
-    dk_ptr, dv_ptr, drk_ptr, dwk_ptr,
-    sq0, sq1, sqm, sqd,
-    sk0, sk1, skn, skd,
-    skn0, skn1, sknn,
-    sv0, sv1, svn, svd,
-    sr0, sr1, srm, srn,
-    sm0, sm1, smm, smn,
-    NB1, LQ, M, D, DV,
-    scale, beta, eps,
-    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # one program per (key tile, batch): loops over every query tile.
-    # q, qw, do are [NB, LQ, *] contiguous; dk, dv, drk are [NB, M, *] contiguous.
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    b0, b1 = pid_b // NB1, pid_b % NB1
+def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_ptr, dw_ptr,
+                 k_b, kn_b, v_b, r_b, mk_b, dk_ptr, dv_ptr, dr_ptr,
+                 skn, skd, sknn, svn, svd, srm, srn, smm, smn,
+                 LQ, M, D, DV, scale, beta, eps,
+                 R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, SHARED_K: tl.constexpr, SHARED_V: tl.constexpr,
+                 NEED_DR: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile pid_n of one segment against every query tile of batch pid_b.
+
+    SHARED_K / SHARED_V: the segment's keys / values are one copy for the whole batch (a
+    bank): dK / dV are added into float32 [M, F] buffers with atomics, never expanded."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
     nvalid = offs_n < M
-    dmask = offs_d < D
-    emask = offs_e < DV
-    k = tl.load(k_ptr + b0 * sk0 + b1 * sk1 + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=nvalid[:, None] & dmask[None, :], other=0.0)
-    kn = tl.load(kn_ptr + b0 * skn0 + b1 * skn1 + offs_n * sknn, mask=nvalid, other=0.0)
-    v = tl.load(v_ptr + b0 * sv0 + b1 * sv1 + offs_n[:, None] * svn + offs_e[None, :] * svd,
-                mask=nvalid[:, None] & emask[None, :], other=0.0)
-    w = tl.load(w_ptr + offs_d, mask=dmask, other=0.0)
-    r_b = r_ptr + b0 * sr0 + b1 * sr1
-    mk_b = mk_ptr + b0 * sm0 + b1 * sm1
-    row_b = pid_b * LQ
+    dvalid = offs_d < D
+    evalid = offs_e < DV
+    k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
+    kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
+    v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
+    w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
+    kj = offs_n[:, None]
+    kv = nvalid[:, None]
+    # dR layout by mode: [NB, LQ] (atomics), [NB, M] (per key), [NB, LQ, M] (per pair)
+    dr_b = dr_ptr + pid_b * (LQ * M if R_MODE == 3 else (M if R_MODE == 2 else LQ))
 
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # sum_i ds_ij (w q_i)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -366,126 +374,128 @@ def retrieval_attn_bwd_dkv_kernel(
     for start in range(0, LQ, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mvalid = offs_m < LQ
-        qw = _load_tile(qw_ptr + row_b * D, offs_m, offs_d, D, 1, mvalid, dmask, EVEN_M, EVEN_D)
-        do = _load_tile(do_ptr + row_b * DV, offs_m, offs_e, DV, 1, mvalid, emask, EVEN_M, EVEN_DV)
-        if EVEN_M:
-            qn = tl.load(qn_ptr + row_b + offs_m)
-            lse = tl.load(lse_ptr + row_b + offs_m)
+        qi = offs_m[None, :]
+        qv = mvalid[None, :]
+        qw = _load_tile(qw_b, offs_m, offs_d, D, 1, mvalid, dvalid, EVEN_M, EVEN_D)
+        do = _load_tile(do_b, offs_m, offs_e, DV, 1, mvalid, evalid, EVEN_M, EVEN_DV)
+        qn = _load_vec(qn_b, offs_m, 1, mvalid, 0.0, EVEN_M) + eps
+        lse = _load_vec(lse_b, offs_m, 1, mvalid, float("inf"), EVEN_M)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
+        delta = _load_vec(delta_b, offs_m, 1, mvalid, 0.0, EVEN_M)
+        r = _load_r(r_b, qi, kj, qv, kv, srm, srn, R_MODE)
+        nr = -scale * r
+        hr = (-0.5 * beta) * r
+        if MASK_MODE != 0:
+            keep = _keep(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
+            if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked has zero gradient
+                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta,
+                                                     dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
+                                                     offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, True,
+                                                     PREC)
         else:
-            qn = tl.load(qn_ptr + row_b + offs_m, mask=mvalid, other=0.0)
-            lse = tl.load(lse_ptr + row_b + offs_m, mask=mvalid, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(delta_ptr + row_b + offs_m, mask=mvalid, other=0.0)
-        r = _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE)
-        keep = _keep(mk_b, offs_m, offs_n, mvalid, nvalid, smm, smn, MASK_MODE)
-        dp = _mm(do, tl.trans(v), PREC)
-        p, ds, dr_t = _bwd_tile(qw, k, qn, kn, r, keep, lse2, dp, delta, scale, beta, eps, PREC)
-        dv_acc += _mm(tl.trans(p).to(do.dtype), do, PREC)
-        dk_acc += _mm(tl.trans(ds).to(qw.dtype), qw, PREC)
-        cs += tl.sum(ds, 0)
-        dr += tl.sum(dr_t, 0)
+            dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, kv, eps, beta,
+                                                 dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
+                                                 offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, not EVEN_N,
+                                                 PREC)
 
     kf = k.to(tl.float32)
     dk = 2.0 * (w[None, :] * kf * cs[:, None] - dk_acc)
-    out_n = pid_b * M + offs_n
-    tl.store(dk_ptr + out_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=nvalid[:, None] & dmask[None, :])
-    tl.store(dv_ptr + out_n[:, None] * DV + offs_e[None, :], dv_acc.to(dv_ptr.dtype.element_ty),
-             mask=nvalid[:, None] & emask[None, :])
-    if R_MODE == 2:
-        tl.store(drk_ptr + out_n, dr, mask=nvalid)
+    kmask = nvalid[:, None] & dvalid[None, :]
+    vmask = nvalid[:, None] & evalid[None, :]
+    if SHARED_K:
+        tl.atomic_add(dk_ptr + offs_n[:, None] * D + offs_d[None, :], dk, mask=kmask, sem="relaxed")
+    else:
+        tl.store(dk_ptr + (pid_b * M + offs_n)[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+                 mask=kmask)
+    if SHARED_V:
+        tl.atomic_add(dv_ptr + offs_n[:, None] * DV + offs_e[None, :], dv_acc, mask=vmask, sem="relaxed")
+    else:
+        tl.store(dv_ptr + (pid_b * M + offs_n)[:, None] * DV + offs_e[None, :],
+                 dv_acc.to(dv_ptr.dtype.element_ty), mask=vmask)
+    if NEED_DR and R_MODE == 2:
+        tl.store(dr_b + offs_n, dr, mask=nvalid)
     # this tile's share of dw: sum_j k_j^2 cs_j
-    _store_partial(dwk_ptr, tl.sum(kf * kf * cs[:, None], 0), pid_b, pid_n, M, offs_d, BLOCK_N, BLOCK_D)
+    tl.atomic_add(dw_ptr + offs_d, tl.sum(kf * kf * cs[:, None], 0), mask=dvalid, sem="relaxed")
 
 
-@triton.autotune(configs=_configs(bwd=True), key=_KEY + ["EVEN_M", "EVEN_N"])
+@triton.autotune(configs=_configs(bwd=True), key=_BWD_KEY,
+                 reset_to_zero=["dqa_ptr", "rs_ptr", "dw_ptr", "dk_ptr", "dv_ptr", "dr_ptr", "dk2_ptr", "dv2_ptr",
+                                "dr2_ptr"])
 @triton.jit
-def retrieval_attn_bwd_dq_kernel(
-    q_ptr, qw_ptr, qn_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, do_ptr, lse_ptr, delta_ptr, w_ptr,
-    dq_ptr, drq_ptr, drp_ptr, dwq_ptr,
-    sq0, sq1, sqm, sqd,
-    sk0, sk1, skn, skd,
-    skn0, skn1, sknn,
-    sv0, sv1, svn, svd,
-    sr0, sr1, srm, srn,
-    sm0, sm1, smm, smn,
-    NB1, LQ, M, D, DV,
+def retrieval_attn_bwd_kernel(
+    qw_ptr, qn_ptr, do_ptr, lse_ptr, delta_ptr, w_ptr, dqa_ptr, rs_ptr, dw_ptr,
+    k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, dk_ptr, dv_ptr, dr_ptr,
+    k2_ptr, kn2_ptr, v2_ptr, r2_ptr, dk2_ptr, dv2_ptr, dr2_ptr,
+    sk0, sk1, skn, skd, skn0, skn1, sknn, sv0, sv1, svn, svd, sr0, sr1, srm, srn, sm0, sm1, smm, smn,
+    tk0, tk1, tkn, tkd, tkn0, tkn1, tknn, tv0, tv1, tvn, tvd, tr0, tr1, trm, trn,
+    NB1, LQ, M, M2, D, DV,
     scale, beta, eps,
-    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
+    SHARED_K: tl.constexpr, SHARED_V: tl.constexpr, SHARED_K2: tl.constexpr, SHARED_V2: tl.constexpr,
+    NEED_DR: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # one program per (query tile, batch): loops over every key tile.
-    pid_m = tl.program_id(0)
+    # one program per (key tile, batch); key tiles of segment 1 first, then those of the bank.
+    # qw, qn, do, lse, delta, dqa, rs are [NB, LQ, *] contiguous.
+    pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_b = pid_b * LQ
+    nblk = tl.cdiv(M, BLOCK_N)
+    if pid_n < nblk:
+        _bwd_segment(pid_n, pid_b, qw_ptr + row_b * D, qn_ptr + row_b, do_ptr + row_b * DV, lse_ptr + row_b,
+                     delta_ptr + row_b, dqa_ptr + row_b * D, rs_ptr + row_b, w_ptr, dw_ptr,
+                     k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1, v_ptr + b0 * sv0 + b1 * sv1,
+                     r_ptr + b0 * sr0 + b1 * sr1, mk_ptr + b0 * sm0 + b1 * sm1, dk_ptr, dv_ptr, dr_ptr,
+                     skn, skd, sknn, svn, svd, srm, srn, smm, smn, LQ, M, D, DV, scale, beta, eps,
+                     R_MODE, MASK_MODE, SHARED_K, SHARED_V, NEED_DR, PREC, EVEN_M, EVEN_N, EVEN_D, EVEN_DV,
+                     BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N)
+    elif HAS_BANK:
+        _bwd_segment(pid_n - nblk, pid_b, qw_ptr + row_b * D, qn_ptr + row_b, do_ptr + row_b * DV,
+                     lse_ptr + row_b, delta_ptr + row_b, dqa_ptr + row_b * D, rs_ptr + row_b, w_ptr, dw_ptr,
+                     k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1, v2_ptr + b0 * tv0 + b1 * tv1,
+                     r2_ptr + b0 * tr0 + b1 * tr1, mk_ptr, dk2_ptr, dv2_ptr, dr2_ptr,
+                     tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, LQ, M2, D, DV, scale, beta, eps,
+                     R2_MODE, 0, SHARED_K2, SHARED_V2, NEED_DR, PREC, EVEN_M, EVEN_N2, EVEN_D, EVEN_DV,
+                     BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def retrieval_bwd_dq_kernel(q_ptr, dqa_ptr, rs_ptr, w_ptr, dq_ptr, dw_ptr, ROWS, D,
+                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ = 2 w (q sum_j ds - sum_j ds k) from the atomically summed buffers, and the
+    query side of dw: sum_i q_i (q_i sum_j ds_ij - 2 sum_j ds_ij k_j)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_DV)
-    mvalid = offs_m < LQ
-    dmask = offs_d < D
-    emask = offs_e < DV
-    row = pid_b * LQ + offs_m
-    qmask = mvalid[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + row[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
-    qw = tl.load(qw_ptr + row[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
-    qn = tl.load(qn_ptr + row, mask=mvalid, other=0.0)
-    do = tl.load(do_ptr + row[:, None] * DV + offs_e[None, :], mask=mvalid[:, None] & emask[None, :], other=0.0)
-    lse = tl.load(lse_ptr + row, mask=mvalid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(delta_ptr + row, mask=mvalid, other=0.0)
-    w = tl.load(w_ptr + offs_d, mask=dmask, other=0.0)
-    k_b = k_ptr + b0 * sk0 + b1 * sk1
-    kn_b = kn_ptr + b0 * skn0 + b1 * skn1
-    v_b = v_ptr + b0 * sv0 + b1 * sv1
-    r_b = r_ptr + b0 * sr0 + b1 * sr1
-    mk_b = mk_ptr + b0 * sm0 + b1 * sm1
-
-    a_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j ds_ij k_j
-    rs = tl.zeros([BLOCK_M], tl.float32)  # sum_j ds_ij
-    dr = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, M, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        nvalid = offs_n < M
-        k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dmask, EVEN_N, EVEN_D)
-        v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, emask, EVEN_N, EVEN_DV)
-        if EVEN_N:
-            kn = tl.load(kn_b + offs_n * sknn)
-        else:
-            kn = tl.load(kn_b + offs_n * sknn, mask=nvalid, other=0.0)
-        r = _load_r(r_b, offs_m, offs_n, mvalid, nvalid, srm, srn, R_MODE)
-        keep = _keep(mk_b, offs_m, offs_n, mvalid, nvalid, smm, smn, MASK_MODE)
-        dp = _mm(do, tl.trans(v), PREC)
-        p, ds, dr_t = _bwd_tile(qw, k, qn, kn, r, keep, lse2, dp, delta, scale, beta, eps, PREC)
-        a_acc += _mm(ds.to(k.dtype), k, PREC)
-        rs += tl.sum(ds, 1)
-        if R_MODE == 3:
-            tl.store(drp_ptr + row[:, None] * M + offs_n[None, :], dr_t, mask=mvalid[:, None] & nvalid[None, :])
-        else:
-            dr += tl.sum(dr_t, 1)
-
-    qf = q.to(tl.float32)
-    dq = 2.0 * w[None, :] * (qf * rs[:, None] - a_acc)
-    tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qmask)
-    if R_MODE < 2:
-        tl.store(drq_ptr + row, dr, mask=mvalid)
-    # this tile's share of dw: sum_i (q_i^2 rs_i - 2 q_i a_i)
-    _store_partial(dwq_ptr, tl.sum(qf * (qf * rs[:, None] - 2.0 * a_acc), 0), pid_b, pid_m, LQ, offs_d, BLOCK_M,
-                   BLOCK_D)
+    rvalid = rows < ROWS
+    dvalid = offs_d < D
+    msk = rvalid[:, None] & dvalid[None, :]
+    idx = rows[:, None] * D + offs_d[None, :]
+    q = tl.load(q_ptr + idx, mask=msk, other=0.0).to(tl.float32)
+    a = tl.load(dqa_ptr + idx, mask=msk, other=0.0)
+    qr = q * tl.load(rs_ptr + rows, mask=rvalid, other=0.0)[:, None]
+    w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
+    tl.store(dq_ptr + idx, (2.0 * w[None, :] * (qr - a)).to(dq_ptr.dtype.element_ty), mask=msk)
+    tl.atomic_add(dw_ptr + offs_d, tl.sum(q * (qr - 2.0 * a), 0), mask=dvalid, sem="relaxed")
 
 
 # ---- launchers -------------------------------------------------------------------
 # Inputs are 4-D: [NB0, NB1, L, F] with size-1 batch dims where an operand is shared;
-# r is [NB0|1, NB1|1, LQ|1, M|1] float32, mask likewise (bool) or None.
+# r is [NB0|1, NB1|1, LQ|1, M|1] float32, mask likewise (bool) or None. A bank (bk, bv, br)
+# has the same layout with its own length C in place of M, and no mask.
 
 def _launch(kernel, launch):
     return (launch or (lambda k: k))(kernel)
 
 
+def r_mode(r):
+    return int(r.shape[-2] != 1) + 2 * int(r.shape[-1] != 1)
+
+
 def modes(r, mask):
-    r_mode = int(r.shape[-2] != 1) + 2 * int(r.shape[-1] != 1)
     mask_mode = MASK_NONE if mask is None else (MASK_KEY if mask.shape[-2] == 1 else MASK_PAIR)
-    return r_mode, mask_mode
+    return r_mode(r), mask_mode
 
 
 def _pow2(n):
@@ -501,27 +511,45 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _common(q, k, v, w, r, mask, launch=None):
-    """Expanded views and the strides the kernels take."""
+class _Segment:
+    """One key segment expanded (as strided views) to the batch shape `lead`, with its norms."""
+
+    def __init__(self, k, v, r, mask, w, lead, lq, launch):
+        import torch
+
+        self.k, self.v, self.r, self.mask = k, v, r, mask
+        self.m = k.shape[2]
+        self.ke = k.expand(lead + tuple(k.shape[2:]))
+        self.kn = sqnorm(k, w, launch=launch).expand(lead + (self.m,))  # per key, once; a bank stays unexpanded
+        self.ve = v.expand(lead + tuple(v.shape[2:]))
+        self.re = r.expand(lead + (lq, self.m))  # for its strides; kernels get r (never empty) itself
+        self.me = None if mask is None else mask.view(torch.uint8).expand(lead + (lq, self.m))
+        self.r_mode = r_mode(r)
+        nb = lead[0] * lead[1]
+        # one copy of the keys / values for the whole batch: the backward adds into [M, F]
+        self.shared_k = nb > 1 and k.shape[0] == 1 and k.shape[1] == 1
+        self.shared_v = nb > 1 and v.shape[0] == 1 and v.shape[1] == 1
+
+    def strides(self, with_mask):
+        s = [*self.ke.stride(), *self.kn.stride(), *self.ve.stride(), *self.re.stride()]
+        if with_mask:
+            s += [0, 0, 0, 0] if self.me is None else [*self.me.stride()]
+        return s
+
+    def even(self):
+        return self.m % _even_block() == 0
+
+
+def _segments(q, k, v, w, r, mask, bk, bv, br, launch):
     import torch
 
     lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
-    lq, m, d, dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
-    qe = q.expand(lead + (lq, d)).contiguous()
-    qw = torch.empty_like(qe)
-    qn = sqnorm(qe, w, qw, launch)
-    ke = k.expand(lead + (m, d))
-    kn = sqnorm(k, w, launch=launch).expand(lead + (m,))
-    ve = v.expand(lead + (m, dv))
-    re = r.expand(lead + (lq, m))
-    if mask is None:
-        me = r.new_zeros((1, 1, 1, 1), dtype=torch.uint8)
-    else:
-        me = mask.view(torch.uint8).expand(lead + (lq, m))
-    strides = [
-        *qw.stride(), *ke.stride(), *kn.stride(), *ve.stride(), *re.stride(), *me.stride(),
-    ]
-    return lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides
+    lq = q.shape[2]
+    seg = _Segment(k, v, r, mask, w, lead, lq, launch)
+    bank = None
+    if bk is not None and bk.shape[2] > 0:
+        bank = _Segment(bk, bv, br, None, w, lead, lq, launch)
+    return lead, seg, bank
 
 
 def sqnorm(x, w, xw=None, launch=None):
@@ -534,99 +562,123 @@ def sqnorm(x, w, xw=None, launch=None):
     if out.numel() == 0:
         return out
     bl = 64
-    _launch(sqnorm_kernel, launch)[(triton.cdiv(l, bl), nb0 * nb1)](x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d,
-                                                 WRITE_XW=xw is not None, BLOCK_L=bl, BLOCK_D=_pow2(d))
+    _launch(sqnorm_kernel, launch)[(triton.cdiv(l, bl), nb0 * nb1)](
+        x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d, WRITE_XW=xw is not None, BLOCK_L=bl,
+        BLOCK_D=_pow2(d))
     return out
 
 
-def exp_mode(m, mask, dtype):
-    """1 (half the exponentials on the FMA pipe) for 16-bit inputs (P is rounded to 16 bits,
-    far coarser than the polynomial's 7.7e-5) where the key loop can take key tiles in pairs
-    without masks. Off unless GEOKERN_RETRIEVAL_FMA_EXP=1: measured on the H100 (B4 H16 N4096
-    bf16) it is slower, 1.26 vs 1.02 ms at D=64 and 1.84 vs 1.59 ms at D=128 (the extra
-    instructions cost more issue slots than the MUFU time they save in Triton's schedule)."""
+def attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch=None):
+    """(out [NB0, NB1, LQ, DV] in v's dtype, lse [NB0, NB1, LQ] float32); bk / bv / br: an
+    optional second key segment (a bank, usually shared by the batch) or None."""
     import torch
 
-    if os.environ.get("GEOKERN_RETRIEVAL_FMA_EXP", "0") != "1" or dtype == torch.float32:
-        return 0
-    return int(mask is None and m % (2 * _even_block()) == 0)
-
-
-def attn_fwd(q, k, v, w, r, mask, beta, eps, launch=None):
-    """(out [NB0, NB1, LQ, DV] in v's dtype, lse [NB0, NB1, LQ] float32)."""
-    import torch
-
-    lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
-    lq, m, d, dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch)
+    lq, d, dv = q.shape[2], q.shape[3], v.shape[3]
     out = torch.empty(lead + (lq, dv), dtype=v.dtype, device=v.device)
     lse = torch.empty(lead + (lq,), dtype=torch.float32, device=v.device)
     nb = lead[0] * lead[1]
     if out.numel() == 0 or nb * lq == 0:
         return out, lse
-    if m == 0:
+    if seg.m == 0 and bank is None:
         return out.zero_(), lse.fill_(float("-inf"))
-    kn = sqnorm(k, w, launch=launch).expand(lead + (m,))  # per key, once; a shared bank stays unexpanded
     qe = q.expand(lead + (lq, d))
-    ke = k.expand(lead + (m, d))
-    ve = v.expand(lead + (m, dv))
-    re = r.expand(lead + (lq, m))
-    me = r.new_zeros((1, 1, 1, 1), dtype=torch.uint8) if mask is None else mask.view(torch.uint8).expand(lead + (lq, m))
-    strides = [*qe.stride(), *ke.stride(), *kn.stride(), *ve.stride(), *re.stride(), *me.stride()]
-    r_mode, mask_mode = modes(r, mask)
+    two = bank or seg  # the kernel ignores segment 2 without HAS_BANK: any valid tensors do
+    me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.uint8)
+    mask_mode = MASK_NONE if mask is None else modes(r, mask)[1]
     eb = _even_block()
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), nb)  # noqa: E731
     _launch(retrieval_attn_fwd_kernel, launch)[grid](
-        qe, w, ke, kn, ve, re, me, out, lse, *strides, lead[1], lq, m, d, dv,
+        qe, w, seg.ke, seg.kn, seg.ve, seg.r, me, two.ke, two.kn, two.ve, two.r, out, lse,
+        *qe.stride(), *seg.strides(True), *two.strides(False), lead[1], lq, seg.m, two.m, d, dv,
         float(beta) * LOG2E, float(eps),
-        R_MODE=r_mode, MASK_MODE=mask_mode, PREC=_prec(q.dtype),
-        EVEN_M=lq % eb == 0, EVEN_N=m % eb == 0, EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
-        EXP_MODE=exp_mode(m, mask, q.dtype),
+        R_MODE=seg.r_mode, MASK_MODE=mask_mode, R2_MODE=two.r_mode, HAS_BANK=bank is not None, PREC=_prec(q.dtype),
+        EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(), EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
         BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
     )
     return out, lse
 
 
-def attn_bwd(do, q, k, v, w, r, mask, out, lse, dlse, beta, eps, launch=None):
-    """(dq, dk, dv at the broadcast batch shape; dr [.., LQ|1, M|1] float32; dw [F] float32).
+def _grad_buffers(s, lead, lq, d, dv, dtype):
+    """(dk, dv, dr) buffers of one segment: float32 zeros where added into atomically."""
+    import torch
+
+    dev = s.k.device
+    if s.shared_k:
+        dk = torch.zeros((1, 1, s.m, d), dtype=torch.float32, device=dev)
+    else:
+        dk = torch.empty(lead + (s.m, d), dtype=dtype, device=dev)
+    if s.shared_v:
+        dvv = torch.zeros((1, 1, s.m, dv), dtype=torch.float32, device=dev)
+    else:
+        dvv = torch.empty(lead + (s.m, dv), dtype=dtype, device=dev)
+    dr_shape = {R_BATCH: (lq, 1), R_QUERY: (lq, 1), R_KEY: (1, s.m), R_PAIR: (lq, s.m)}[s.r_mode]
+    dr = torch.zeros(lead + dr_shape, dtype=torch.float32, device=dev)  # zeros: also where not written
+    return dk, dvv, dr
+
+
+def attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, need_dr, launch=None):
+    """(dq, dk, dv at the broadcast batch shape (dk / dv at [1, 1, M, F] for keys / values
+    shared by the batch); dr [.., LQ|1, M|1] float32; the same three for the bank (empty
+    tensors without one); dw [F] float32).
 
     dlse (optional, lse's shape) is the gradient of the log-sum-exp output: with
     d lse / d logit_j = p_j it enters as delta_i = rowsum(dO * O)_i - dlse_i."""
     import torch
 
-    lead, (lq, m, d, dv), qe, qw, qn, ke, kn, ve, re, me, strides = _common(q, k, v, w, r, mask, launch)
-    r_mode, mask_mode = modes(r, mask)
+    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch)
+    lq, d, dv = q.shape[2], q.shape[3], v.shape[3]
     nb = lead[0] * lead[1]
-    dq = torch.empty(lead + (lq, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty(lead + (m, d), dtype=k.dtype, device=k.device)
-    dvv = torch.empty(lead + (m, dv), dtype=v.dtype, device=v.device)
-    dr_shape = {0: (lq, 1), 1: (lq, 1), 2: (1, m), 3: (lq, m)}[r_mode]
-    dr = torch.empty(lead + dr_shape, dtype=torch.float32, device=q.device)
     bd = _pow2(d)
-    dwk = torch.empty((nb * triton.cdiv(m, 16), bd), dtype=torch.float32, device=q.device)
-    dwq = torch.empty((nb * triton.cdiv(lq, 16), bd), dtype=torch.float32, device=q.device)
-    if nb * lq == 0 or m == 0:
-        dq.zero_(), dk.zero_(), dvv.zero_(), dr.zero_()
-        return dq, dk, dvv, dr, w.new_zeros(w.shape)
+    dev = q.device
+    dq = torch.empty(lead + (lq, d), dtype=q.dtype, device=dev)
+    dw = torch.zeros((bd,), dtype=torch.float32, device=dev)
+    dk, dvv, dr = _grad_buffers(seg, lead, lq, d, dv, k.dtype)
+    if bank is not None:
+        dk2, dv2, dr2 = _grad_buffers(bank, lead, lq, d, dv, bk.dtype)
+    elif bk is not None:  # an empty bank: zero gradients of its (empty) shapes
+        dk2, dv2, dr2 = bk.new_zeros(bk.shape), bv.new_zeros(bv.shape), torch.zeros_like(br, dtype=torch.float32)
+    else:
+        dk2, dv2, dr2 = (dw.new_zeros((0,)) for _ in range(3))
+
+    def finish():
+        return (dq, dk.to(k.dtype), dvv.to(v.dtype), dr, dk2.to(bk.dtype) if bk is not None else dk2,
+                dv2.to(bv.dtype) if bv is not None else dv2, dr2, dw[:d])
+
+    if nb * lq == 0 or (seg.m == 0 and bank is None):
+        dq.zero_(), dk.zero_(), dvv.zero_()
+        return finish()
+    qe = q.expand(lead + (lq, d)).contiguous()
+    qw = torch.empty_like(qe)
+    qn = sqnorm(qe, w, qw, launch)
     do = do.expand(lead + (lq, dv)).contiguous()
     delta = (do.float() * out.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float().expand(delta.shape)
     delta = delta.contiguous()
     lse = lse.contiguous()
+    dqa = torch.zeros(lead + (lq, d), dtype=torch.float32, device=dev)
+    rs = torch.zeros(lead + (lq,), dtype=torch.float32, device=dev)
+    two = bank or seg
+    b_dk, b_dv, b_dr = (dk2, dv2, dr2) if bank is not None else (dw.new_zeros(1), dw.new_zeros(1), dw.new_zeros(1))
+    me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.uint8)
+    mask_mode = MASK_NONE if mask is None else modes(r, mask)[1]
     eb = _even_block()
-    common = dict(R_MODE=r_mode, MASK_MODE=mask_mode, PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=m % eb == 0,
-                  EVEN_D=bd == d, EVEN_DV=_pow2(dv) == dv, BLOCK_D=bd, BLOCK_DV=_pow2(dv))
-    scalars = (lead[1], lq, m, d, dv, float(beta) * LOG2E, float(beta), float(eps))
-    drk = dr if r_mode == R_KEY else dwk  # unused pointers get any valid buffer
-    grid_n = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), nb)  # noqa: E731
-    _launch(retrieval_attn_bwd_dkv_kernel, launch)[grid_n](
-        qe, qw, qn, ke, kn, ve, re, me, do, lse, delta, w, dk, dvv, drk, dwk, *strides, *scalars, **common
+    nblk = lambda bn: triton.cdiv(seg.m, bn) + (triton.cdiv(bank.m, bn) if bank is not None else 0)  # noqa: E731
+    grid = lambda meta: (nblk(meta["BLOCK_N"]), nb)  # noqa: E731
+    _launch(retrieval_attn_bwd_kernel, launch)[grid](
+        qw, qn, do, lse, delta, w, dqa, rs, dw,
+        seg.ke, seg.kn, seg.ve, seg.r, me, dk, dvv, dr,
+        two.ke, two.kn, two.ve, two.r, b_dk, b_dv, b_dr,
+        *seg.strides(True), *two.strides(False), lead[1], lq, seg.m, two.m, d, dv,
+        float(beta) * LOG2E, float(beta), float(eps),
+        R_MODE=seg.r_mode, MASK_MODE=mask_mode, R2_MODE=two.r_mode, HAS_BANK=bank is not None,
+        SHARED_K=seg.shared_k, SHARED_V=seg.shared_v, SHARED_K2=two.shared_k, SHARED_V2=two.shared_v,
+        NEED_DR=bool(need_dr), PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(),
+        EVEN_D=bd == d, EVEN_DV=_pow2(dv) == dv, BLOCK_D=bd, BLOCK_DV=_pow2(dv),
     )
-    drq = dr if r_mode in (R_BATCH, R_QUERY) else dwq
-    drp = dr if r_mode == R_PAIR else dwq
-    grid_m = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), nb)  # noqa: E731
-    _launch(retrieval_attn_bwd_dq_kernel, launch)[grid_m](
-        qe, qw, qn, ke, kn, ve, re, me, do, lse, delta, w, dq, drq, drp, dwq, *strides, *scalars, **common
-    )
-    dw = (dwk.sum(0) + dwq.sum(0))[:d]
-    return dq, dk, dvv, dr, dw
+    rows = nb * lq
+    br_ = 64
+    _launch(retrieval_bwd_dq_kernel, launch)[(triton.cdiv(rows, br_),)](qe, dqa, rs, w, dq, dw, rows, d,
+                                                                         BLOCK_R=br_, BLOCK_D=bd)
+    return finish()

@@ -1,8 +1,8 @@
 """Benchmark cases: the fused retrieval attention at the attention shape (spec section 2).
 
-softmax(-beta * R_j * sqrt(|q_i - k_j|^2_lam + eps)) @ V, bf16, B = 4, H = 16, N = 4096,
-D = 64 and 128, forward and forward + backward; FLOPs 4 B H N^2 D forward, 3.5x that for
-forward + backward; ceiling: the bf16 cuBLAS GEMM rate.
+softmax(-beta * R_j * sqrt(|q_i - k_j|^2_lam + eps)) @ V, bf16, B4 H16 N4096 and B1 H4
+N16384 (the same FLOPs), D = 64 and 128, forward and forward + backward; FLOPs 4 B H N^2 D
+forward, 3.5x that for forward + backward; ceiling: the bf16 cuBLAS GEMM rate.
 
 Peers, measured in the same run: FlexAttention with a score_mod computing the same
 cost from captured norms (|q|^2_lam, |k|^2_lam, R; q pre-scaled by lam), and SDPA
@@ -22,8 +22,8 @@ from geokern.bench.registry import Case
 from geokern.metric import diag
 from geokern.ops import retrieval as ops
 
-B, H = 4, 16
-SHAPES = [(4096, 64), (4096, 128)]
+# (B, H, N, D)
+SHAPES = [(4, 16, 4096, 64), (4, 16, 4096, 128), (1, 4, 16384, 64), (1, 4, 16384, 128)]
 EPS = 1e-8
 
 
@@ -31,7 +31,9 @@ def _kernel_backends():
     return [b for b in _backend.available(torch.device("cuda")) if b == "triton"]
 
 
-def _make(n, d, grad):
+def _make(b, h, n, d, grad):
+    B, H = b, h
+
     def make():
         q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
         lam = torch.rand(d, device="cuda") + 0.5
@@ -119,7 +121,7 @@ def _fwd_bwd(fn):
     return f
 
 
-def _case(n, d, direction):
+def _case(B, H, n, d, direction):
     grad = direction == "fwd+bwd"
     flops = 4 * B * H * n * n * d * (3.5 if grad else 1.0)
     impls = {b: _ours(b, d) for b in _kernel_backends()}
@@ -135,12 +137,12 @@ def _case(n, d, direction):
         reference = ref
     return Case(
         op="retrieval_attention", shape=f"B{B}-H{H}-N{n}-D{d}", dtype="bf16", direction=direction,
-        make_inputs=_make(n, d, grad), impls=impls, peers=peers, reference=reference,
+        make_inputs=_make(B, H, n, d, grad), impls=impls, peers=peers, reference=reference,
         amount=flops, metric="TFLOP/s", ceiling="bf16_gemm_tflop_s", tol=2e-2, input_bytes=3 * B * H * n * d * 2,
     )
 
 
-def _sdpa_case(n, d, direction):
+def _sdpa_case(B, H, n, d, direction):
     """SDPA (dot-product attention) on the same shapes: the ceiling the targets name."""
     grad = direction == "fwd+bwd"
     flops = 4 * B * H * n * n * d * (3.5 if grad else 1.0)
@@ -151,10 +153,10 @@ def _sdpa_case(n, d, direction):
     fn = _fwd_bwd(sdpa) if grad else sdpa
     return Case(
         op="sdpa_same_shape", shape=f"B{B}-H{H}-N{n}-D{d}", dtype="bf16", direction=direction,
-        make_inputs=_make(n, d, grad), impls={}, peers={"sdpa": fn}, reference=fn,
+        make_inputs=_make(B, H, n, d, grad), impls={}, peers={"sdpa": fn}, reference=fn,
         amount=flops, metric="TFLOP/s", ceiling="bf16_gemm_tflop_s", tol=1e-2, input_bytes=3 * B * H * n * d * 2,
     )
 
 
 def cases():
-    return [f(n, d, direction) for n, d in SHAPES for direction in ("fwd", "fwd+bwd") for f in (_case, _sdpa_case)]
+    return [f(*shape, direction) for shape in SHAPES for direction in ("fwd", "fwd+bwd") for f in (_case, _sdpa_case)]

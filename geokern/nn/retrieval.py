@@ -15,9 +15,10 @@ class GeodesicRetrieval(nn.Module):
     every row, a ring buffer of the last `bank_size` (key, value) pairs written.
 
     g = diag(softplus(raw)) is learned (positive, so the cost is a distance). The two
-    segments run as two fused retrieval_attention calls and are merged by their
-    log-sum-exp, so the bank is never expanded per row nor concatenated to the row's
-    keys; the result equals one softmax over the union. R is a number or per query
+    segments run in one retrieval_attention call (its `bank` argument: one kernel launch
+    that streams the row's keys and then the bank, merged in the online softmax), so the
+    bank is never expanded per row nor concatenated to the row's keys; the result equals
+    one softmax over the union. R is a number or per query
     ([B, 1] for queries [B, n], [..., Lq, 1] for [..., Lq, n]): it applies to both
     segments. `mask` (bool, True = keep) masks the row's own keys only. Rows that see
     no key at all give zeros.
@@ -67,22 +68,15 @@ class GeodesicRetrieval(nn.Module):
             raise ValueError("GeodesicRetrieval: pass keys and values together, or neither")
         if keys is None and mask is not None:
             raise ValueError("GeodesicRetrieval: mask applies to the row's own keys; none were passed")
-        metric, parts = self.metric, []
-        if keys is not None:
-            parts.append(retrieval_attention(query, keys, values, R, metric, self.beta, self.eps, mask,
-                                             return_lse=True, backend=backend))
         count = int(self.bank_count)
-        if count > 0:
-            bank_v = self.bank_values[:count].to(values.dtype if values is not None else query.dtype)
-            parts.append(retrieval_attention(query, self.bank_keys[:count].to(query.dtype), bank_v, R, metric,
-                                             self.beta, self.eps, return_lse=True, backend=backend))
-        if not parts:
+        if keys is None and count == 0:
             raise ValueError("GeodesicRetrieval: no keys passed and the bank is empty")
-        if len(parts) == 1:
-            return parts[0][0]
-        (o1, l1), (o2, l2) = parts
-        total = torch.logsumexp(torch.stack([l1, l2]), 0)
-        # a row that sees no key in either segment has total = -inf: weights 0, output zeros
-        safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-        w1, w2 = torch.exp(l1 - safe).unsqueeze(-1), torch.exp(l2 - safe).unsqueeze(-1)
-        return (w1 * o1.float() + w2 * o2.float()).to(o1.dtype)
+        dtype = values.dtype if values is not None else query.dtype
+        bank = None
+        if count > 0:
+            bank = (self.bank_keys[:count].to(query.dtype), self.bank_values[:count].to(dtype))
+        if keys is None:
+            keys, values = bank
+            bank = None
+        return retrieval_attention(query, keys, values, R, self.metric, self.beta, self.eps, mask, bank=bank,
+                                   backend=backend)

@@ -6,7 +6,8 @@ geokern.reference.retrieval; metrics in geokern.metric).
 Backends. "torch" runs the reference (float64-capable, chunked over queries).
 "triton" runs the flash-style kernels of geokern.kernels.retrieval for
 retrieval_attention (float16 / bfloat16 / float32; forward and backward, gradients to
-query, keys, values, R and the metric). Those kernels expand the squared distance as
+query, keys, values, R and the metric; a shared memory bank as a second key segment of
+the same launch). Those kernels expand the squared distance as
 |q|^2_w + |k|^2_w - 2 (w q).k on tensor cores (see the kernel module for its error
 when q is close to k); non-diagonal metrics are applied as a linear feature map in
 PyTorch first, so the kernels see a diagonal metric. There is no CUDA C++ kernel for
@@ -50,15 +51,19 @@ def _lead(q, k, v):
 
 
 def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
-                   mask: Optional[torch.Tensor], beta: float, eps: float, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
-    return tk.attn_fwd(q, k, v, w, r, mask, beta, eps, launch)
+                   mask: Optional[torch.Tensor], bk: Optional[torch.Tensor], bv: Optional[torch.Tensor],
+                   br: Optional[torch.Tensor], beta: float, eps: float,
+                   launch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    return tk.attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch)
 
 
 def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-                   r: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-                   dlse: torch.Tensor | None, beta: float, eps: float,
-                   launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tk.attn_bwd(do, q, k, v, w, r, mask, out, lse, dlse, beta, eps, launch)
+                   r: torch.Tensor, mask: Optional[torch.Tensor], bk: Optional[torch.Tensor],
+                   bv: Optional[torch.Tensor], br: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                   dlse: Optional[torch.Tensor], beta: float, eps: float, need_dr: bool,
+                   launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tk.attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, need_dr, launch)
 
 
 _attn_fwd_tri = triton_op("retrieval_attention_fwd_triton", _attn_fwd_impl)
@@ -69,37 +74,37 @@ _attn_bwd_tri = triton_op("retrieval_attention_bwd_triton", _attn_bwd_impl)
 
 
 class RetrievalAttentionFunction(torch.autograd.Function):
-    """Inputs are 4-D ([NB0, NB1, L, F], size-1 batch dims where shared); gradients are
-    reduced back to each input's shape."""
+    """Inputs are 4-D ([NB0, NB1, L, F], size-1 batch dims where shared); bk / bv / br the
+    bank segment or None; gradients are reduced back to each input's shape."""
 
     @staticmethod
-    def forward(q, k, v, w, r, mask, beta, eps):
-        return _attn_fwd_tri(q, k, v, w, r, mask, beta, eps)
+    def forward(q, k, v, w, r, mask, bk, bv, br, beta, eps):
+        return _attn_fwd_tri(q, k, v, w, r, mask, bk, bv, br, beta, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, w, r, mask, beta, eps = inputs
+        q, k, v, w, r, mask, bk, bv, br, beta, eps = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, w, r, mask, out, lse)
+        ctx.save_for_backward(q, k, v, w, r, mask, bk, bv, br, out, lse)
         ctx.beta, ctx.eps = beta, eps
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, w, r, mask, out, lse = ctx.saved_tensors
+        q, k, v, w, r, mask, bk, bv, br, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
+        need = ctx.needs_input_grad
         # the lse is differentiable too (merging segments by their lse needs it):
         # d lse / d logit = p, which the kernels take as delta - dlse
-        dq, dk, dv, dr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, out, lse, dlse, ctx.beta, ctx.eps)
-        need = ctx.needs_input_grad
-        return (
-            dq.sum_to_size(q.shape) if need[0] else None,
-            dk.sum_to_size(k.shape) if need[1] else None,
-            dv.sum_to_size(v.shape) if need[2] else None,
-            dw if need[3] else None,
-            dr.sum_to_size(r.shape) if need[4] else None,
-            None, None, None,
-        )
+        dq, dk, dv, dr, dbk, dbv, dbr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
+                                                          ctx.beta, ctx.eps, bool(need[4] or need[8]))
+
+        def red(g, x, i):
+            return g.sum_to_size(x.shape) if need[i] else None
+
+        return (red(dq, q, 0), red(dk, k, 1), red(dv, v, 2), dw if need[3] else None, red(dr, r, 4), None,
+                red(dbk, bk, 6) if bk is not None else None, red(dbv, bv, 7) if bv is not None else None,
+                red(dbr, br, 8) if br is not None else None, None, None)
 
 
 # ---- input checks and shape plumbing ---------------------------------------------
@@ -221,9 +226,64 @@ def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, e
     return ref.retrieval_cost(query, keys, R, metric, eps)
 
 
+def _check_bank(op, bank, query, values, R, lead, squeeze):
+    """(bank_keys, bank_values, bank_R) checked; bank_R defaults to R where R does not depend on the key."""
+    if not isinstance(bank, (tuple, list)) or len(bank) not in (2, 3):
+        raise TypeError(f"{op}: bank must be a tuple (keys, values) or (keys, values, R), got "
+                        f"{type(bank).__name__}{'' if not isinstance(bank, (tuple, list)) else f' of {len(bank)}'}")
+    bk, bv = bank[0], bank[1]
+    check_tensor(op, "bank keys", bk, min_dim=2)
+    check_tensor(op, "bank values", bv, min_dim=2)
+    check_same(op, {"query": query, "bank keys": bk, "bank values": bv})
+    if bk.shape[-1] != query.shape[-1] or bv.shape[-1] != values.shape[-1] or bv.shape[-2] != bk.shape[-2]:
+        raise ValueError(f"{op}: bank keys must be [..., C, {query.shape[-1]}] and bank values [..., C, "
+                         f"{values.shape[-1]}]; got {tuple(bk.shape)} and {tuple(bv.shape)}")
+    own = ref.as_batched(query, bk)[1].shape[:-2], ref._values_batched(bv).shape[:-2]
+    for shape in own:
+        try:
+            ok = tuple(torch.broadcast_shapes(shape, lead)) == tuple(lead)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: the bank's leading dims {tuple(shape)} must broadcast to the batch shape "
+                             f"{tuple(lead)} of query, keys and values")
+    if len(bank) == 3:
+        br = bank[2]
+    elif not isinstance(R, torch.Tensor) or R.dim() == 0 or R.shape[-1] == 1:
+        br = R  # a number or one R per query applies to both segments
+    else:
+        raise ValueError(f"{op}: R of shape {tuple(R.shape)} depends on the key; pass the bank's own R as "
+                         "bank=(keys, values, R)")
+    cost_shape = tuple(lead) + ((1,) if squeeze else (query.shape[-2],)) + (bk.shape[-2],)
+    user_shape = cost_shape[:-2] + cost_shape[-1:] if squeeze else cost_shape
+    if isinstance(br, torch.Tensor):
+        if not br.dtype.is_floating_point or br.device != query.device:
+            raise TypeError(f"{op}: bank R must be a floating-point tensor on {query.device} or a number, "
+                            f"got {br.dtype} on {br.device}")
+        _check_broadcast(op, "bank R", br.shape, user_shape, squeeze)
+    elif isinstance(br, bool) or not isinstance(br, numbers.Real):
+        raise TypeError(f"{op}: bank R must be a tensor or a real number, got {type(br).__name__}")
+    return bk, bv, br
+
+
+def _r4(R, lead, squeeze, device):
+    if isinstance(R, torch.Tensor):
+        return _user_to4(R.to(torch.float32), lead, squeeze, 2)
+    return torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=device)
+
+
+def _merge_by_lse(o1, l1, o2, l2):
+    """Outputs of two key segments merged by their log-sum-exp: one softmax over the union.
+    A row that sees no key in either (lse -inf twice) gives zeros and lse -inf."""
+    total = torch.logsumexp(torch.stack([l1, l2]), 0)
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    w1, w2 = torch.exp(l1 - safe).unsqueeze(-1), torch.exp(l2 - safe).unsqueeze(-1)
+    return (w1 * o1.to(w1.dtype) + w2 * o2.to(w1.dtype)).to(o1.dtype), total
+
+
 def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, R, metric: Metric,
                         beta: float, eps: float = 1e-8, mask: torch.Tensor | None = None, *,
-                        return_lse: bool = False, backend: str | None = None):
+                        bank=None, return_lse: bool = False, backend: str | None = None):
     """out = softmax_m(-beta * cost) @ values, flash-style, never materialising the cost.
 
     query [B, n] (one query per row) or [..., Lq, n]; keys [M, n] (shared) or [..., M, n];
@@ -231,10 +291,23 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     shape [B, M] / [..., Lq, M]. Returns out ([B, d_v] / [..., Lq, d_v], values' dtype)
     and, with return_lse=True, the log-sum-exp per query (float32; -inf for a fully
     masked row, whose output is zeros).
+
+    bank: a second key segment, (bank_keys [C, n], bank_values [C, d_v]) or
+    (bank_keys, bank_values, bank_R), usually one copy shared by the whole batch (leading
+    dims, if any, broadcast to the batch shape). The softmax runs over the union of the
+    row's keys and the bank: the same output and lse as concatenating the bank, expanded
+    per row, to keys and values, but the Triton kernel streams both segments in one launch
+    and reads the bank through its own strides (never expanded or concatenated; its
+    gradients are summed over the batch in place). bank_R (a number or a tensor
+    broadcasting to [B, C] / [..., Lq, C]) defaults to R when R is a number or per query;
+    `mask` applies to the row's keys only, the bank is never masked.
     """
     op = "retrieval_attention"
     lead, squeeze = _check_inputs(op, query, keys, values, R, metric, eps, mask)
     _check_number(op, "beta", beta)
+    bk = bv = br = None
+    if bank is not None:
+        bk, bv, br = _check_bank(op, bank, query, values, R, lead, squeeze)
     _cuda_unavailable(op, backend, query.device)
     be = _backend.resolve(op, backend, query.device, _PREFER)
     if be == "triton" and query.dtype not in _KERNEL_DTYPES:
@@ -244,28 +317,35 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
             raise TypeError(f"{op}: backend='triton' supports query dtypes float16, bfloat16, float32; "
                             f"got {query.dtype} (use backend='torch')")
     if be == "torch":
-        return ref.retrieval_attention(query, keys, values, R, metric, beta, eps, mask, return_lse)
+        out, lse = ref.retrieval_attention(query, keys, values, R, metric, beta, eps, mask, True)
+        if bank is not None:
+            o2, l2 = ref.retrieval_attention(query, bk, bv, br, metric, beta, eps, None, True)
+            out, lse = _merge_by_lse(out, lse, o2, l2)
+        return (out, lse) if return_lse else out
 
     # a general metric is a linear feature map plus diagonal weights: map, then run the diag kernel
     if isinstance(metric, Diag):
-        fq, fk = query, keys
+        fq, fk, fb = query, keys, bk
         w = metric.lam.to(torch.float32)
     else:
         fq, w = metric.features(query)
         fk, _ = metric.features(keys)
+        fb = None if bk is None else metric.features(bk)[0]
         w = w.to(torch.float32)
     q, k, _ = ref.as_batched(fq, fk)
-    v = values.unsqueeze(0) if values.dim() == 2 else values
+    v = ref._values_batched(values)
     lead = tuple(lead)
     q4 = _to4(q, lead, q.shape[-2:])
     k4 = _to4(k, lead, k.shape[-2:])
     v4 = _to4(v, lead, v.shape[-2:])
-    if isinstance(R, torch.Tensor):
-        r4 = _user_to4(R.to(torch.float32), lead, squeeze, 2)
-    else:
-        r4 = torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=query.device)
+    r4 = _r4(R, lead, squeeze, query.device)
     mask4 = None if mask is None else _user_to4(mask, lead, squeeze, 2)
-    out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, float(beta), float(eps))
+    b4 = (None, None, None)
+    if bank is not None:
+        bk3, bv3 = ref.as_batched(fq, fb)[1], ref._values_batched(bv)
+        b4 = (_to4(bk3, lead, bk3.shape[-2:]), _to4(bv3, lead, bv3.shape[-2:]),
+              r4 if br is R else _r4(br, lead, squeeze, query.device))
+    out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, *b4, float(beta), float(eps))
     full = lead + (q.shape[-2],)
     out = out.reshape(full + (v.shape[-1],))
     lse = lse.reshape(full)
