@@ -21,6 +21,9 @@ def cuda_op(name, fake, cpu_impl):
     if not _ext.HAS_C:
         return None
     qualname = f"geokern::{name}"
+    if not hasattr(torch.ops.geokern, name):
+        raise ImportError(f"geokern._C has no op {qualname}: the extension was built from older sources; "
+                          "rebuild it (pip install --no-build-isolation --no-deps -e .)")
     torch.library.register_fake(qualname)(fake)
     torch.library.register_kernel(qualname, "cpu")(cpu_impl)
     CUSTOM_OPS.append(("cuda", qualname))
