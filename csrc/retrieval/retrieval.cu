@@ -454,13 +454,20 @@ __global__ void __launch_bounds__(256) attn_fwd_kernel(const FwdParams p) {
   }
 }
 
-// Merges the splits of every row: out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s.
+// Merges the splits of every row: out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s. One block
+// per (row, kCombineCols columns), so that the partials are read by many SMs at once.
+constexpr int kCombineCols = 64;
+
 template <typename T>
-__global__ void attn_combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_m,
-                                    const float* __restrict__ part_l, T* __restrict__ out, float* __restrict__ lse,
-                                    int64_t rows, int64_t S, int64_t DV) {
-  extern __shared__ float wsm[];  // [S] weights, then the total
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+__global__ void __launch_bounds__(kCombineCols) attn_combine_kernel(const float* __restrict__ part_acc,
+                                                                   const float* __restrict__ part_m,
+                                                                   const float* __restrict__ part_l,
+                                                                   T* __restrict__ out, float* __restrict__ lse,
+                                                                   int64_t rows, int64_t S, int64_t DV) {
+  extern __shared__ float wsm[];  // [S] weights, then 1 / total
+  const int64_t cc_n = (DV + kCombineCols - 1) / kCombineCols;
+  for (int64_t bid = blockIdx.x; bid < rows * cc_n; bid += gridDim.x) {
+    const int64_t row = bid / cc_n, cc = bid % cc_n;
     __syncthreads();
     if (threadIdx.x < 32) {
       float m = -INFINITY;
@@ -478,18 +485,16 @@ __global__ void attn_combine_kernel(const float* __restrict__ part_acc, const fl
       for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
       if (threadIdx.x == 0) {
         wsm[S] = l > 0.f ? 1.f / l : 0.f;
-        lse[row] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+        if (cc == 0) lse[row] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
       }
     }
     __syncthreads();
-    const float inv = wsm[S];
-    for (int64_t c = threadIdx.x; c < DV; c += blockDim.x) {
+    const int64_t c = cc * kCombineCols + threadIdx.x;
+    if (c < DV) {
       float a = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        const float ws = wsm[s];
-        if (ws != 0.f) a = fmaf(ws, part_acc[(s * rows + row) * DV + c], a);
-      }
-      out[row * DV + c] = static_cast<T>(a * inv);
+#pragma unroll 8
+      for (int64_t s = 0; s < S; ++s) a = fmaf(wsm[s], part_acc[(s * rows + row) * DV + c], a);
+      out[row * DV + c] = static_cast<T>(a * wsm[S]);
     }
   }
 }
@@ -883,6 +888,8 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
     const int64_t base = d.rg * d.KB * p.CT;
     const int64_t max_splits = (d.M + kCH - 1) / kCH;
     int64_t want = std::max<int64_t>(1, std::min<int64_t>(max_splits, (target + base - 1) / base));
+    // a kv batch of many rows (a shared bank): each split writes rows x DV floats of partials
+    if (d.rpk > 1) want = std::min(want, std::max<int64_t>(1, env_int("GEOKERN_RETRIEVAL_BANK_SPLITS", max_splits)));
     // keep the split workspace (rows x DV floats per split) bounded
     const int64_t cap = std::max<int64_t>(1, (int64_t(256) << 20) / std::max<int64_t>(1, rows * a.DV * 4));
     want = std::min(want, cap);
@@ -924,10 +931,10 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
       else go(attn_fwd_kernel<T, 1, 1>);
     }
     if (!p.direct) {
-      const int threads = int(std::min<int64_t>(256, std::max<int64_t>(32, (a.DV + 31) / 32 * 32)));
       const size_t csm = (S_total + 1) * sizeof(float);
       TORCH_CHECK(csm <= 48 * 1024, op, ": too many key splits");
-      attn_combine_kernel<T><<<unsigned(grid_x(rows, 32)), threads, csm, stream>>>(
+      const int64_t blocks = rows * ((a.DV + kCombineCols - 1) / kCombineCols);
+      attn_combine_kernel<T><<<unsigned(grid_x(blocks, 64)), kCombineCols, csm, stream>>>(
           p.part_acc, p.part_m, p.part_l, out.mutable_data_ptr<T>(), p.lse, rows, S_total, a.DV);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -7,8 +7,9 @@ row seeing its own T = 512 keys and a memory bank of C = 4096 keys shared by the
 Implementations, timed side by side in one run:
   cuda          the CUDA op with both key sets as segments of one launch (plus the merge of the
                 splits): the bank is never expanded; a CTA reads a tile of bank values once for
-                16 rows. cuda[ctasN] are the same with the split heuristic's CTA target set to N
-                (GEOKERN_RETRIEVAL_CTAS; the default is 2 per SM).
+                16 rows. cuda[ctasN,bankS] are the same with the split heuristic's CTA target set
+                to N (GEOKERN_RETRIEVAL_CTAS; default 2 per SM) and at most S splits of the bank
+                (GEOKERN_RETRIEVAL_BANK_SPLITS; default: one per 64 keys).
   cuda-2call    the public op twice (per-row keys, then the bank) merged by log-sum-exp in PyTorch,
                 as geokern.nn.GeodesicRetrieval does today.
   triton-2call  the same with backend="triton".
@@ -35,7 +36,8 @@ from geokern.reference import retrieval as ref
 B, N, T, C, DV = 32, 8, 512, 4096, 768
 BETA, EPS = 5.0, 1e-8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CTA_SWEEP = (132, 528, 1056)
+# split heuristic variants timed beside the default: (CTA target, most splits of the bank)
+SWEEP = ((132, None), (528, None), (None, 16), (None, 32), (528, 32))
 
 
 def _make(dtype, grad):
@@ -61,17 +63,20 @@ def _segments(q, kseq, kbank, vseq, vbank, lam, R):
     return out.reshape(B, DV)
 
 
-def _with_ctas(n):
+def _with_env(ctas, bank):
+    env = {"GEOKERN_RETRIEVAL_CTAS": ctas, "GEOKERN_RETRIEVAL_BANK_SPLITS": bank}
+
     def f(*a):
-        old = os.environ.get("GEOKERN_RETRIEVAL_CTAS")
-        os.environ["GEOKERN_RETRIEVAL_CTAS"] = str(n)
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update({k: str(v) for k, v in env.items() if v is not None})
         try:
             return _segments(*a)
         finally:
-            if old is None:
-                del os.environ["GEOKERN_RETRIEVAL_CTAS"]
-            else:
-                os.environ["GEOKERN_RETRIEVAL_CTAS"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     return f
 
@@ -125,12 +130,14 @@ def _bytes(esz, grad):
 def _case(dname, direction):
     dtype = DTYPES[dname]
     grad = direction == "fwd+bwd"
-    avail = _backend.available(torch.device("cuda"))
+    # GEOKERN_DECODE_BACKENDS (comma-separated) limits the kernel backends timed
+    only = os.environ.get("GEOKERN_DECODE_BACKENDS")
+    avail = [b for b in _backend.available(torch.device("cuda")) if not only or b in only.split(",")]
     impls = {}
     if "cuda" in avail:
         if not grad:
             impls["cuda"] = _segments
-            impls.update({f"cuda[ctas{n}]": _with_ctas(n) for n in CTA_SWEEP})
+            impls.update({f"cuda[ctas{c or 'dflt'},bank{b or 'dflt'}]": _with_env(c, b) for c, b in SWEEP})
         impls["cuda-2call"] = _two_calls("cuda")
     if "triton" in avail:
         impls["triton-2call"] = _two_calls("triton")
