@@ -198,6 +198,14 @@ CASES = {
     "4d-L1-M3": ((1, 2, 1, 16), (1, 2, 3, 16), (1, 2, 3, 16), "query", None),
 }
 
+# More than 64 keys: the CUDA kernel splits them over blocks and merges the splits by their lse
+# (a shared bank read for several rows at once; per-row keys one row a block; d_v % 4 != 0).
+SPLIT_CASES = {
+    "decode-B3-M700-shared-bank-splits": ((3, 8), (700, 8), (700, 24), "key", "key"),
+    "decode-B4-M200-per-row-splits": ((4, 8), (4, 200, 8), (4, 200, 16), "query", "key"),
+    "3d-B2-L3-M300-splits-dv37": ((2, 3, 8), (2, 300, 8), (2, 300, 37), "pair", None),
+}
+
 
 def _R(kind, qshape, kshape):
     m = kshape[-2]
@@ -247,8 +255,21 @@ def _run(backend, dtype, tensors, R, mask, make, params, beta, compute_dtype=Non
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_matches_reference(case, dtype, backend):
+    _check_attention(CASES[case], dtype, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_attention_key_splits_match_reference(case, dtype, backend):
+    """The CUDA kernel's split / merge path (the Triton kernels have no such path: their key
+    tiling is covered by CASES)."""
+    _check_attention(SPLIT_CASES[case], dtype, backend)
+
+
+def _check_attention(spec, dtype, backend):
     need(backend)
-    qs, ks, vs, rkind, mkind = CASES[case]
+    qs, ks, vs, rkind, mkind = spec
     tensors = (rnd(*qs), rnd(*ks), rnd(*vs))
     # round the inputs to dtype first, so every run sees the same numbers
     tensors = tuple(t.to(dtype).double() for t in tensors)
