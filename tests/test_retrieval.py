@@ -442,13 +442,18 @@ def test_public_op_compiles_with_backward(backend):
 
 
 @pytest.mark.skipif(not _ext.HAS_C, reason="the CUDA extension geokern._C is not built")
+@pytest.mark.parametrize("chunks", ["bwd-whole", "bwd-chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
-def test_cuda_segments_op_matches_reference(dtype):
+def test_cuda_segments_op_matches_reference(dtype, chunks, monkeypatch):
     """The CUDA ops with three key segments (per row, a shared bank, shared across dim 0) in one
     call, every R form and mask form, a row masked in every segment, and the lse's gradient:
-    against autograd through the float64 reference over the concatenated keys. Without a GPU
-    this checks their CPU implementation (the spec's backward formulas)."""
+    against autograd through the float64 reference over the concatenated keys. "bwd-chunked"
+    makes the CUDA backward take one query at a time (as it does when dP would be large).
+    Without a GPU this checks their CPU implementation (the spec's backward formulas)."""
     from geokern.ops import retrieval as ops
+
+    if chunks == "bwd-chunked":
+        monkeypatch.setenv("GEOKERN_RETRIEVAL_BWD_CHUNK", "60")
 
     shapes = [((2, 3, 7, 8), (2, 3, 7, 12), (2, 3, 5, 7), (2, 3, 5, 7)),  # k, v, r, mask
               ((1, 1, 40, 8), (1, 1, 40, 12), (1, 1, 1, 40), (2, 3, 1, 40)),

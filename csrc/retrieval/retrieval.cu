@@ -18,7 +18,13 @@
 // Backward: dP = dO V^T and dV = P^T dO are float32 batched GEMMs (cuBLAS) per kv batch; a pair
 // kernel recomputes P from the lse and forms dcost = -beta P (dP - delta); the cost's backward
 // (shared with retrieval_cost) then reduces dcost to dq (per query, over keys), dk (per key, over
-// the queries that see it), dw and dR in float32, again with dv formed directly.
+// the queries that see it), dw and dR in float32, again with dv formed directly. dP and P take
+// [rows, M] float32 each: the backward runs over chunks of queries so that each stays under
+// GEOKERN_RETRIEVAL_BWD_CHUNK elements (default 2^26).
+//
+// Tuning knobs, read at each call: GEOKERN_RETRIEVAL_CTAS (the forward's target number of blocks
+// when it chooses key splits; default 2 per SM), GEOKERN_RETRIEVAL_BANK_SPLITS (at most this many
+// splits of a key set shared by several rows; default one per 64 keys).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -668,11 +674,13 @@ void launch_reduce(const XY& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// dq, dk, dr, dw of the cost from dcost g (strides sg over [b0, b1, LQ, M], float32)
+// dq, dk, dr, dw of the cost from dcost g (strides sg over [b0, b1, LQ, M], float32). The query
+// side (dq, dwp and drq: dR per batch / query / pair) is written; the key side (dk and drk: dR per
+// key) is added to when acc_k (the backward runs over chunks of queries).
 template <typename T>
 void cost_backward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& r,
                         const float* g, S4 sg, const CostShape& s, float eps, at::Tensor& dq, at::Tensor& dk,
-                        at::Tensor& dr, at::Tensor& dwp, bool accumulate, cudaStream_t stream) {
+                        at::Tensor& drq, at::Tensor& drk, at::Tensor& dwp, bool acc_k, cudaStream_t stream) {
   const int mode = r_mode(r);
   const S4 sq = bstrides(q), sk = bstrides(k), sr = bstrides(r);
   XY a{};
@@ -695,12 +703,12 @@ void cost_backward_into(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.eps = eps;
   a.out = dq.mutable_data_ptr<float>();
   a.outw = dwp.mutable_data_ptr<float>();
-  a.drx = mode < 2 ? dr.mutable_data_ptr<float>() : nullptr;
+  a.drx = mode < 2 ? drq.mutable_data_ptr<float>() : nullptr;
   if (mode == 3) {
-    a.drp = dr.mutable_data_ptr<float>();
-    a.sdp = bstrides(dr);
+    a.drp = drq.mutable_data_ptr<float>();
+    a.sdp = bstrides(drq);
   }
-  a.accumulate = accumulate;
+  a.accumulate = 0;
   launch_reduce<T>(a, stream);
   // keys: the roles swap (x = key, y = query), the pair arrays are read transposed
   XY b = a;
@@ -716,8 +724,9 @@ void cost_backward_into(const at::Tensor& q, const at::Tensor& k, const at::Tens
   b.nx1 = dk.size(1);
   b.out = dk.mutable_data_ptr<float>();
   b.outw = nullptr;
-  b.drx = mode == 2 ? dr.mutable_data_ptr<float>() : nullptr;
+  b.drx = mode == 2 ? drk.mutable_data_ptr<float>() : nullptr;
   b.drp = nullptr;
+  b.accumulate = acc_k;
   launch_reduce<T>(b, stream);
 }
 
@@ -742,8 +751,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieval_cost_backwa
     auto stream = c10::cuda::getCurrentCUDAStream();
     dispatch_kernel_dtype(q.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
-      cost_backward_into<T>(q, k, w, r, grad.const_data_ptr<float>(), bstrides(grad), s, float(eps), dq, dk, dr, dwp,
-                            false, stream);
+      cost_backward_into<T>(q, k, w, r, grad.const_data_ptr<float>(), bstrides(grad), s, float(eps), dq, dk, dr, dr,
+                            dwp, false, stream);
     });
   }
   return {dq, dk, dr, dwp.sum(0)};
@@ -950,6 +959,75 @@ at::Tensor grouped_rows(const at::Tensor& t, const SegDesc& d, int64_t NB0, int6
   return e.reshape({d.KB, d.rpk, t.size(3)});
 }
 
+// One segment's backward for the queries [i0, i0 + n) (every tensor narrowed to them along dim 2):
+// dq, dR per batch / query / pair and dw are added to the full outputs there; dk, dv and dR per
+// key are accumulated over the chunks.
+void segment_backward_chunk(const char* op, const AttnShape& a, int64_t i0, int64_t n, const at::Tensor& dout,
+                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                            const at::Tensor& r, const std::optional<at::Tensor>& m, const at::Tensor& lse,
+                            const at::Tensor& delta, double beta, double eps, at::Tensor& dq, at::Tensor& dk,
+                            at::Tensor& dv, at::Tensor& dr, at::Tensor& dw, cudaStream_t stream) {
+  const int64_t M = k.size(2);
+  const int mode = r_mode(r);
+  auto rows_of = [&](const at::Tensor& t) { return t.size(2) == 1 ? t : t.narrow(2, i0, n); };
+  const at::Tensor qc = q.narrow(2, i0, n), rc = rows_of(r);
+  const std::optional<at::Tensor> mc = m.has_value() ? std::optional<at::Tensor>(rows_of(*m)) : std::nullopt;
+  const at::Tensor lse_c = lse.narrow(2, i0, n).contiguous(), delta_c = delta.narrow(2, i0, n).contiguous();
+  SegDesc d{};
+  group(d, k, v, a.NB0, a.NB1, n);
+  const at::Tensor dog = grouped_rows(dout.narrow(2, i0, n), d, a.NB0, a.NB1);  // [KB, RPK, DV]
+  const at::Tensor vg = v.to(at::kFloat).expand({d.n0k, d.n1k, M, a.DV}).reshape({d.KB, M, a.DV});
+  at::Tensor dp = at::bmm(dog, vg.transpose(1, 2)).contiguous();  // [KB, RPK, M]
+  at::Tensor P = at::empty_like(dp);
+  PairParams pp{};
+  pp.q = qc.const_data_ptr();
+  pp.sq = bstrides(qc);
+  pp.k = k.const_data_ptr();
+  pp.sk = bstrides(k);
+  pp.r = rc.const_data_ptr<float>();
+  pp.sr = bstrides(rc);
+  pp.mask = mc.has_value() ? reinterpret_cast<const uint8_t*>(mc->const_data_ptr()) : nullptr;
+  if (mc.has_value()) pp.sm = bstrides(*mc);
+  pp.w = w.const_data_ptr<float>();
+  pp.lse = lse_c.const_data_ptr<float>();
+  pp.delta = delta_c.const_data_ptr<float>();
+  pp.dp = dp.mutable_data_ptr<float>();
+  pp.P = P.mutable_data_ptr<float>();
+  pp.NB1 = a.NB1;
+  pp.LQ = n;
+  pp.M = M;
+  pp.n1k = d.n1k;
+  pp.n0r = d.n0r;
+  pp.n1r = d.n1r;
+  pp.n0k = d.n0k;
+  pp.KB = d.KB;
+  pp.rpk = d.rpk;
+  pp.F = int(a.F);
+  pp.beta = float(beta);
+  pp.eps = float(eps);
+  // dcost in the grouped layout, as strides over [b0, b1, n, M]
+  S4 sg;
+  sg.s[0] = a.NB0 == 1 ? 0 : (d.n0k == 1 ? d.n1r * n * M : d.n1k * d.rpk * M);
+  sg.s[1] = a.NB1 == 1 ? 0 : (d.n1k == 1 ? n * M : d.rpk * M);
+  sg.s[2] = M;
+  sg.s[3] = 1;
+  const auto fopt = q.options().dtype(at::kFloat);
+  at::Tensor dq_c = at::empty({a.NB0, a.NB1, n, a.F}, fopt);
+  at::Tensor dwp = at::empty({a.NB0 * a.NB1 * n, a.F}, fopt);
+  at::Tensor drq = mode == 2 ? dr : at::empty({a.NB0, a.NB1, n, mode == 3 ? M : 1}, fopt);
+  dispatch_kernel_dtype(q.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    attn_pair_kernel<T><<<unsigned(grid_x((dp.numel() + 255) / 256, 32)), 256, 0, stream>>>(pp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cost_backward_into<T>(qc, k, w, rc, dp.const_data_ptr<float>(), sg, CostShape{a.NB0, a.NB1, n, M, a.F},
+                          float(eps), dq_c, dk, drq, dr, dwp, i0 > 0, stream);
+  });
+  dv.add_(at::bmm(P.transpose(1, 2), dog).reshape({d.n0k, d.n1k, M, a.DV}));
+  dq.narrow(2, i0, n).add_(dq_c);
+  dw.add_(dwp.sum(0));
+  if (mode != 2) dr.narrow(2, i0, n).copy_(drq);
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
 retrieval_attention_backward_cuda(const at::Tensor& dout, const at::Tensor& q, at::TensorList ks, at::TensorList vs,
                                   const at::Tensor& w, at::TensorList rs,
@@ -965,87 +1043,33 @@ retrieval_attention_backward_cuda(const at::Tensor& dout, const at::Tensor& q, a
                   lse.scalar_type() == at::kFloat,
               op, ": lse must be float32 [NB0, NB1, LQ]");
   const auto fopt = q.options().dtype(at::kFloat);
-  const int64_t rows = a.NB0 * a.NB1 * a.LQ;
   at::Tensor dq = at::zeros({a.NB0, a.NB1, a.LQ, a.F}, fopt);
-  at::Tensor dwp = at::zeros({std::max<int64_t>(rows, 1), a.F}, fopt);
+  at::Tensor dw = at::zeros({a.F}, fopt);
   std::vector<at::Tensor> dks, dvs, drs;
   const c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
   if (dlse.has_value()) delta = delta.sub(dlse->to(at::kFloat).expand({a.NB0, a.NB1, a.LQ}));
-  delta = delta.contiguous();
-  const at::Tensor lsec = lse.contiguous();
-  bool first = true;
+  // dP and P are [rows, M] float32 per chunk of queries: at most about this many elements each
+  const int64_t chunk_elems = env_int("GEOKERN_RETRIEVAL_BWD_CHUNK", int64_t(1) << 26);
   for (size_t s = 0; s < ks.size(); ++s) {
     const at::Tensor &k = ks[s], &v = vs[s], &r = rs[s];
-    const std::optional<at::Tensor> m = masks[s];
     const int64_t M = k.size(2);
     const auto dke = dk_extent(k, r);
     at::Tensor dk = at::zeros({dke[0], dke[1], M, a.F}, fopt);
     at::Tensor dr = at::zeros(dr_shape(k, r, a.NB0, a.NB1, a.LQ, M), fopt);
-    SegDesc d{};
-    group(d, k, v, a.NB0, a.NB1, a.LQ);
-    at::Tensor dv;
-    if (rows == 0 || M == 0) {
-      dv = at::zeros({d.n0k, d.n1k, M, a.DV}, fopt);
-    } else {
-      const at::Tensor dog = grouped_rows(dout, d, a.NB0, a.NB1);                          // [KB, RPK, DV]
-      const at::Tensor vg = v.to(at::kFloat).expand({d.n0k, d.n1k, M, a.DV}).reshape({d.KB, M, a.DV});
-      at::Tensor dp = at::bmm(dog, vg.transpose(1, 2)).contiguous();                       // [KB, RPK, M]
-      at::Tensor P = at::empty_like(dp);
-      PairParams pp{};
-      pp.q = q.const_data_ptr();
-      pp.sq = bstrides(q);
-      pp.k = k.const_data_ptr();
-      pp.sk = bstrides(k);
-      pp.r = r.const_data_ptr<float>();
-      pp.sr = bstrides(r);
-      pp.mask = m.has_value() ? reinterpret_cast<const uint8_t*>(m->const_data_ptr()) : nullptr;
-      if (m.has_value()) pp.sm = bstrides(*m);
-      pp.w = w.const_data_ptr<float>();
-      pp.lse = lsec.const_data_ptr<float>();
-      pp.delta = delta.const_data_ptr<float>();
-      pp.dp = dp.mutable_data_ptr<float>();
-      pp.P = P.mutable_data_ptr<float>();
-      pp.NB1 = a.NB1;
-      pp.LQ = a.LQ;
-      pp.M = M;
-      pp.n1k = d.n1k;
-      pp.n0r = d.n0r;
-      pp.n1r = d.n1r;
-      pp.n0k = d.n0k;
-      pp.KB = d.KB;
-      pp.rpk = d.rpk;
-      pp.F = int(a.F);
-      pp.beta = float(beta);
-      pp.eps = float(eps);
-      dispatch_kernel_dtype(q.scalar_type(), op, [&](auto tag) {
-        using T = decltype(tag);
-        attn_pair_kernel<T><<<unsigned(grid_x((dp.numel() + 255) / 256, 32)), 256, 0, stream>>>(pp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      dv = at::bmm(P.transpose(1, 2), dog).reshape({d.n0k, d.n1k, M, a.DV});
-      // dcost in the grouped layout, as strides over [b0, b1, LQ, M]
-      S4 sg;
-      sg.s[0] = d.n0k == 1 ? d.n1r * a.LQ * M : d.n1k * d.rpk * M;
-      sg.s[1] = d.n1k == 1 ? a.LQ * M : d.rpk * M;
-      sg.s[2] = M;
-      sg.s[3] = 1;
-      if (a.NB0 == 1) sg.s[0] = 0;
-      if (a.NB1 == 1) sg.s[1] = 0;
-      const CostShape cs{a.NB0, a.NB1, a.LQ, M, a.F};
-      dispatch_kernel_dtype(q.scalar_type(), op, [&](auto tag) {
-        using T = decltype(tag);
-        cost_backward_into<T>(q, k, w, r, dp.const_data_ptr<float>(), sg, cs, float(eps), dq, dk, dr, dwp, !first,
-                              stream);
-      });
-      first = false;
+    at::Tensor dv = at::zeros({std::max(k.size(0), v.size(0)), std::max(k.size(1), v.size(1)), M, a.DV}, fopt);
+    if (a.LQ > 0 && M > 0) {
+      const int64_t step = std::max<int64_t>(1, std::min<int64_t>(a.LQ, chunk_elems / std::max<int64_t>(1, a.NB0 * a.NB1 * M)));
+      for (int64_t i0 = 0; i0 < a.LQ; i0 += step)
+        segment_backward_chunk(op, a, i0, std::min(step, a.LQ - i0), dout, q, k, v, w, r, masks[s], lse, delta, beta,
+                               eps, dq, dk, dv, dr, dw, stream);
     }
     dks.push_back(dk);
     dvs.push_back(dv);
     drs.push_back(dr);
   }
-  return {dq, dks, dvs, drs, dwp.sum(0)};
+  return {dq, dks, dvs, drs, dw};
 }
 
 }  // namespace

@@ -157,4 +157,7 @@ def _sdpa_case(n, d, direction):
 
 
 def cases():
-    return [f(n, d, direction) for n, d in SHAPES for direction in ("fwd", "fwd+bwd") for f in (_case, _sdpa_case)]
+    from geokern.bench import _retrieval_decode  # the decode regime (trainer shape), same family
+
+    return ([f(n, d, direction) for n, d in SHAPES for direction in ("fwd", "fwd+bwd") for f in (_case, _sdpa_case)]
+            + _retrieval_decode.cases())

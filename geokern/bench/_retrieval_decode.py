@@ -1,4 +1,5 @@
 """Benchmark cases: retrieval attention in the decode regime, the trainer's shape (spec section 2).
+Part of the retrieval family (geokern/bench/retrieval.py appends these cases).
 
 One query per row, n = 8 coordinates, diag metric, per-query R, beta = 5, B = 32 rows, each
 row seeing its own T = 512 keys and a memory bank of C = 4096 keys shared by the whole batch
