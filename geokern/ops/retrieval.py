@@ -15,8 +15,12 @@ csrc/retrieval for both ops (float16 / bfloat16 / float32): they form dv = k - q
 attention kernel is flash-decoding shaped (split over keys, a shared bank read once for
 many rows, partials merged by log-sum-exp): fast in the decode regime (few queries per
 row), correct but slow for long query sequences (no tensor cores; use "triton" there).
-Its backward runs dP = dO V^T and dV = P^T dO as float32 cuBLAS GEMMs. retrieval_cost
-has the reference and the CUDA kernel ("triton" raises).
+Its backward runs dP = dO V^T and dV = P^T dO as float32 cuBLAS GEMMs over chunks of
+queries. The CUDA op (torch.ops.geokern.retrieval_attention_cuda) also takes up to 4 key
+segments in one launch (e.g. a per-row sequence and a shared bank, merged by lse); the
+public function passes one. "auto" keeps "triton" (the CUDA decode kernel is not yet
+measured against it). retrieval_cost has the reference and the CUDA kernel ("triton"
+raises).
 """
 
 import math
