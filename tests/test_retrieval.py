@@ -158,7 +158,7 @@ def _run_cost(backend, dtype, q, k, R, make, params, compute_dtype=None):
     return cost, grads
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["diag", "rotor_diag", "lowrank"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("case", list(COST_CASES))
@@ -181,7 +181,8 @@ def test_cost_matches_reference(case, dtype, kind, backend):
     cd, gd = _run_cost("ref", dtype, q, k, R, make, params, compute_dtype=torch.float32 if dtype == torch.float16 else dtype)
     c, g = _run_cost(backend, dtype, q, k, R, make, params)
     assert c.dtype == torch.float32 and c.shape == c64.shape
-    assert_close("cost", c, c64.float(), cd.float())
+    # judged at the inputs' precision: the kernels see rotor / lowrank features in that dtype
+    assert_close("cost", c.to(dtype), c64.float(), cd.float())
     for name in g64:
         assert torch.isfinite(g[name]).all(), f"{name}: non-finite ({backend}, {dtype})"
         assert_close(name, g[name].to(dtype), g64[name], gd[name])
@@ -407,8 +408,9 @@ def _cuda_op_samples(name):
 
 
 def _op_samples(qualname):
-    if qualname.endswith("_cuda"):
-        return _cuda_op_samples(qualname.split("::")[1])
+    name = qualname.split("::")[1]
+    if name.endswith("_cuda") or name.startswith("retrieval_cost"):  # the cost's Triton ops share the schema
+        return _cuda_op_samples(name.replace("_triton", "_cuda"))
     q, k, v = torch.randn(2, 1, 17, 16, device=DEVICE), torch.randn(1, 1, 20, 16, device=DEVICE), torch.randn(2, 1, 20, 8, device=DEVICE)
     w = torch.rand(16, device=DEVICE) + 0.5
     r = torch.rand(1, 1, 1, 20, device=DEVICE) + 0.5

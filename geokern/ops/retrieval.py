@@ -19,8 +19,9 @@ Its backward runs dP = dO V^T and dV = P^T dO as float32 cuBLAS GEMMs over chunk
 queries. The CUDA op (torch.ops.geokern.retrieval_attention_cuda) also takes up to 4 key
 segments in one launch (e.g. a per-row sequence and a shared bank, merged by lse); the
 public function passes one. "auto" keeps "triton" (the CUDA decode kernel is not yet
-measured against it). retrieval_cost has the reference and the CUDA kernel ("triton"
-raises).
+measured against it). retrieval_cost has the reference and both kernels
+(geokern.kernels.retrieval_cost for Triton); "auto" runs the reference there (the
+kernels are not yet measured against it).
 """
 
 import math
@@ -33,6 +34,7 @@ import torch
 from geokern import _backend
 from geokern._checks import check_same, check_tensor
 from geokern.kernels import retrieval as tk
+from geokern.kernels import retrieval_cost as tkc
 from geokern.metric import Diag, Metric
 from geokern.ops._registry import cuda_op, triton_op
 from geokern.reference import retrieval as ref
@@ -181,6 +183,19 @@ def _attn_bwd_cuda_cpu(dout, q, ks, vs, w, rs, masks, out, lse, dlse, beta, eps)
     return dq.contiguous(), dks, dvs, drs, dw
 
 
+def _cost_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, r: torch.Tensor, eps: float,
+                 launch=None) -> torch.Tensor:
+    return tkc.cost_fwd(q, k, w, r, eps, launch)
+
+
+def _cost_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
+                     eps: float, launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, _, dr = _grad_shapes(tuple(grad.shape[:2]), q, k, None, r)
+    return tkc.cost_bwd(grad, q, k, w, r, eps, (dq, dk, dr), launch)
+
+
+_cost_tri = triton_op("retrieval_cost_triton", _cost_triton)
+_cost_bwd_tri = triton_op("retrieval_cost_backward_triton", _cost_bwd_triton)
 _cost_cuda = cuda_op("retrieval_cost_cuda", _cost_fake, _cost_cpu)
 _cost_bwd_cuda = cuda_op("retrieval_cost_backward_cuda", _cost_bwd_fake, _cost_bwd_cpu)
 _attn_fwd_cuda = cuda_op("retrieval_attention_cuda", _attn_cuda_fake, _attn_cuda_cpu)
@@ -232,29 +247,30 @@ class RetrievalAttentionFunction(torch.autograd.Function):
 
 
 class RetrievalCostFunction(torch.autograd.Function):
-    """The CUDA cost on 4-D inputs ([NB0, NB1, L, F], size-1 batch dims where shared)."""
+    """The cost's kernels on 4-D inputs ([NB0, NB1, L, F], size-1 batch dims where shared)."""
 
     @staticmethod
-    def forward(q, k, w, r, eps):
-        return _cost_cuda(q, k, w, r, eps)
+    def forward(q, k, w, r, eps, backend):
+        return (_cost_cuda if backend == "cuda" else _cost_tri)(q, k, w, r, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, w, r, eps = inputs
+        q, k, w, r, eps, backend = inputs
         ctx.save_for_backward(q, k, w, r)
-        ctx.eps = eps
+        ctx.eps, ctx.backend = eps, backend
 
     @staticmethod
     def backward(ctx, grad):
         q, k, w, r = ctx.saved_tensors
-        dq, dk, dr, dw = _cost_bwd_cuda(grad.float(), q, k, w, r, ctx.eps)
+        bwd = _cost_bwd_cuda if ctx.backend == "cuda" else _cost_bwd_tri
+        dq, dk, dr, dw = bwd(grad.float().contiguous(), q, k, w, r, ctx.eps)
         need = ctx.needs_input_grad
         return (
             dq.sum_to_size(q.shape).to(q.dtype) if need[0] else None,
             dk.sum_to_size(k.shape).to(k.dtype) if need[1] else None,
             dw if need[2] else None,
             dr.sum_to_size(r.shape) if need[3] else None,
-            None,
+            None, None,
         )
 
 
@@ -391,22 +407,24 @@ def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, e
     query [B, n] or [..., Lq, n]; keys [M, n] (shared) or [..., M, n]; R a number or a tensor
     broadcasting to the cost shape [B, M] / [..., Lq, M] (per query: [B, 1] / [..., Lq, 1]).
     Differentiable in query, keys, R and the metric's parameters. "torch" runs the reference,
-    "cuda" the CUDA kernel (dv formed directly, float32 arithmetic; float16 / bfloat16 / float32).
+    "cuda" and "triton" their kernels (dv formed directly, float32 arithmetic; float16 / bfloat16 /
+    float32; "triton" up to 128 metric features).
     """
     op = "retrieval_cost"
     lead, squeeze = _check_inputs(op, query, keys, None, R, metric, eps, None)
     be = _kernel_backend(op, backend, query.device, query.dtype, ("torch",))
-    if be == "triton":
-        raise RuntimeError(f"{op}: backend='triton' is unavailable: retrieval_cost has the reference and the "
-                           "CUDA kernel only (use backend='torch' or 'cuda'); the fused Triton kernels are in "
-                           "retrieval_attention")
     if be == "torch":
         return ref.retrieval_cost(query, keys, R, metric, eps)
+    if not isinstance(metric, Diag):  # the cost is float32: map rotor / lowrank features in float32 too
+        query, keys = query.float(), keys.float()
     fq, fk, w = _features(metric, query, keys)
+    if be == "triton" and fq.shape[-1] > tkc.MAX_F:
+        raise ValueError(f"{op}: backend='triton' takes at most {tkc.MAX_F} metric features, got {fq.shape[-1]} "
+                         "(use backend='cuda' or 'torch')")
     q, k, _ = ref.as_batched(fq, fk)
     lead = tuple(lead)
     cost = RetrievalCostFunction.apply(_to4(q, lead, q.shape[-2:]), _to4(k, lead, k.shape[-2:]), w.contiguous(),
-                                       _r4(R, lead, squeeze, query.device), float(eps))
+                                       _r4(R, lead, squeeze, query.device), float(eps), be)
     cost = cost.reshape(lead + (q.shape[-2], k.shape[-2]))
     return cost.squeeze(-2) if squeeze else cost
 
