@@ -33,6 +33,15 @@ TORCH_LIBRARY(geokern, m) {
   m.def("tropical_attention_cuda(Tensor q, Tensor k, Tensor v, bool causal, bool center, bool want_argmax, bool want_margin) -> (Tensor, Tensor, Tensor, Tensor)");
   // (dq, dk, dv) from dy routed along argmax / rowarg (and the score argmax over D).
   m.def("tropical_attention_backward_cuda(Tensor grad, Tensor q, Tensor k, Tensor argmax, Tensor rowarg, bool center) -> (Tensor, Tensor, Tensor)");
+
+  // Retrieval cost and attention (csrc/retrieval) on a diagonal metric w [F] over features:
+  // q [NB0, NB1, LQ, F]; k [1|NB0, 1|NB1, M, F]; v likewise [.., M, DV]; r float32 and mask bool
+  // broadcasting to [NB0, NB1, LQ, M]. cost: [NB0, NB1, LQ, M] float32. The attention takes 1 to 4
+  // key segments (k, v, r, mask per segment) merged by log-sum-exp; returns (out, lse).
+  m.def("retrieval_cost_cuda(Tensor q, Tensor k, Tensor w, Tensor r, float eps) -> Tensor");
+  m.def("retrieval_cost_backward_cuda(Tensor grad, Tensor q, Tensor k, Tensor w, Tensor r, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("retrieval_attention_cuda(Tensor q, Tensor[] k, Tensor[] v, Tensor w, Tensor[] r, Tensor?[] mask, float beta, float eps) -> (Tensor, Tensor)");
+  m.def("retrieval_attention_backward_cuda(Tensor dout, Tensor q, Tensor[] k, Tensor[] v, Tensor w, Tensor[] r, Tensor?[] mask, Tensor out, Tensor lse, Tensor? dlse, float beta, float eps) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor)");
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {

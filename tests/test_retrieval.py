@@ -11,10 +11,10 @@ from conftest import DEVICE, HAS_CUDA
 
 import geokern
 import geokern.metric as gm
-from geokern import _backend
+from geokern import _backend, _ext
 from geokern.reference import retrieval as ref
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -131,6 +131,63 @@ def test_metric_gradients_by_finite_differences(kind):
     assert torch.autograd.gradcheck(f, params)
 
 
+# ---- the cost: every backend vs the float64 reference -------------------------------
+
+# (query shape, keys shape, R kind)
+COST_CASES = {
+    "decode-B5-M37-shared-bank": ((5, 8), (37, 8), "query"),
+    "3d-B2-L9-M13-per-row": ((2, 9, 6), (2, 13, 6), "pair"),
+    "4d-headshared-L7-M20-D16": ((2, 3, 7, 16), (2, 1, 20, 16), "key"),
+    "2d-B3-M7-scalar": ((3, 4), (7, 4), "scalar"),
+}
+
+
+def _run_cost(backend, dtype, q, k, R, make, params, compute_dtype=None):
+    q, k = (t.detach().to(dtype).requires_grad_() for t in (q, k))
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    Rt = R.detach().clone().requires_grad_() if isinstance(R, torch.Tensor) else R
+    if backend == "ref":
+        cost = ref.retrieval_cost(q, k, Rt, make(ps), 1e-8, compute_dtype)
+    else:
+        cost = geokern.retrieval_cost(q, k, Rt, make(ps), 1e-8, backend=backend)
+    g = torch.randn(cost.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(cost.device, cost.dtype)
+    (cost * g).sum().backward()
+    grads = {"dquery": q.grad, "dkeys": k.grad, **{f"dmetric[{i}]": p.grad for i, p in enumerate(ps)}}
+    if isinstance(Rt, torch.Tensor):
+        grads["dR"] = Rt.grad
+    return cost, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["diag", "rotor_diag", "lowrank"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", list(COST_CASES))
+def test_cost_matches_reference(case, dtype, kind, backend):
+    """Output and every gradient; one key equals one query (g = 0: the clamp and the eps)."""
+    need(backend)
+    qs, ks, rkind = COST_CASES[case]
+    q, k = rnd(*qs), rnd(*ks)
+    if kind != "lowrank" or backend == "torch":
+        # lowrank features are GEMMs over the whole query / key tensor (geokern.metric): two equal
+        # rows may round differently there, and d cost / d dv at g = 0 scales that by 1 / sqrt(eps)
+        k[(0,) * (k.dim() - 1)] = q[(0,) * (q.dim() - 1)]
+    q, k = q.to(dtype).double(), k.to(dtype).double()
+    R = _R(rkind, qs, ks)
+    params, make = metric_of(kind, qs[-1])
+    params = [p.to(dtype).double() for p in params]
+    c64, g64 = _run_cost("ref", torch.float64, q, k, R, make, params)
+    # eps = 1e-8 underflows in float16: that reference divides by zero at g = 0, so float16 is
+    # judged by the float32 reference's error (plus the float16 floor)
+    cd, gd = _run_cost("ref", dtype, q, k, R, make, params, compute_dtype=torch.float32 if dtype == torch.float16 else dtype)
+    c, g = _run_cost(backend, dtype, q, k, R, make, params)
+    assert c.dtype == torch.float32 and c.shape == c64.shape
+    # judged at the inputs' precision: the kernels see rotor / lowrank features in that dtype
+    assert_close("cost", c.to(dtype), c64.float(), cd.float())
+    for name in g64:
+        assert torch.isfinite(g[name]).all(), f"{name}: non-finite ({backend}, {dtype})"
+        assert_close(name, g[name].to(dtype), g64[name], gd[name])
+
+
 # ---- attention: every backend vs the float64 reference -----------------------------
 
 # (query shape, keys shape, values shape, R kind, mask kind)
@@ -140,6 +197,14 @@ CASES = {
     "decode-B5-M37-shared-bank": ((5, 8), (37, 8), (37, 24), "query", "key"),
     "headshared-keys-L7-M40-D32": ((2, 2, 7, 32), (2, 1, 40, 32), (2, 1, 40, 16), "scalar", "key"),
     "4d-L1-M3": ((1, 2, 1, 16), (1, 2, 3, 16), (1, 2, 3, 16), "query", None),
+}
+
+# More than 64 keys: the CUDA kernel splits them over blocks and merges the splits by their lse
+# (a shared bank read for several rows at once; per-row keys one row a block; d_v % 4 != 0).
+SPLIT_CASES = {
+    "decode-B3-M700-shared-bank-splits": ((3, 8), (700, 8), (700, 24), "key", "key"),
+    "decode-B4-M200-per-row-splits": ((4, 8), (4, 200, 8), (4, 200, 16), "query", "key"),
+    "3d-B2-L3-M300-splits-dv37": ((2, 3, 8), (2, 300, 8), (2, 300, 37), "pair", None),
 }
 
 
@@ -191,8 +256,21 @@ def _run(backend, dtype, tensors, R, mask, make, params, beta, compute_dtype=Non
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_matches_reference(case, dtype, backend):
+    _check_attention(CASES[case], dtype, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_attention_key_splits_match_reference(case, dtype, backend):
+    """The CUDA kernel's split / merge path (the Triton kernels have no such path: their key
+    tiling is covered by CASES)."""
+    _check_attention(SPLIT_CASES[case], dtype, backend)
+
+
+def _check_attention(spec, dtype, backend):
     need(backend)
-    qs, ks, vs, rkind, mkind = CASES[case]
+    qs, ks, vs, rkind, mkind = spec
     tensors = (rnd(*qs), rnd(*ks), rnd(*vs))
     # round the inputs to dtype first, so every run sees the same numbers
     tensors = tuple(t.to(dtype).double() for t in tensors)
@@ -370,7 +448,7 @@ def test_trainer_case_mask_reproduces_the_1e4_offset():
         if _backend.why_unavailable(backend, DEVICE):
             continue
         for dtype in (torch.float64, torch.float32):
-            if backend == "triton" and dtype == torch.float64:
+            if backend != "torch" and dtype == torch.float64:
                 continue
             got = geokern.retrieval_attention(q.to(dtype), keys.to(dtype), values.to(dtype), R[:, None].to(dtype),
                                               gm.diag(lam.to(dtype)), 5.0, 1e-8, keep, backend=backend)
@@ -436,7 +514,32 @@ def test_empty_inputs(backend):
 # ---- custom ops ------------------------------------------------------------------
 
 
+def _cuda_op_samples(name):
+    q, k, v = torch.randn(2, 1, 5, 8, device=DEVICE), torch.randn(1, 1, 9, 8, device=DEVICE), torch.randn(2, 1, 9, 6, device=DEVICE)
+    k2, v2 = torch.randn(2, 1, 4, 8, device=DEVICE), torch.randn(2, 1, 4, 6, device=DEVICE)
+    w = torch.rand(8, device=DEVICE) + 0.5
+    r, rq = torch.rand(1, 1, 1, 9, device=DEVICE) + 0.5, torch.rand(2, 1, 5, 1, device=DEVICE) + 0.5
+    rp = torch.rand(2, 1, 5, 4, device=DEVICE) + 0.5
+    mask, mask2 = torch.rand(2, 1, 1, 9, device=DEVICE) > 0.2, torch.rand(2, 1, 5, 4, device=DEVICE) > 0.2
+    if name == "retrieval_cost_cuda":
+        return [(q, k, w, r, 1e-8), (q, k2, w, rq, 1e-6)]
+    if name == "retrieval_cost_backward_cuda":
+        return [(torch.randn(2, 1, 5, 9, device=DEVICE), q, k, w, r, 1e-8),
+                (torch.randn(2, 1, 5, 4, device=DEVICE), q, k2, w, rp, 1e-8)]
+    segs = [([k], [v], [r], [mask], 1.5), ([k, k2], [v, v2], [rq, rp], [None, mask2], 0.7)]
+    if name == "retrieval_attention_cuda":
+        return [(q, ks, vs, w, rs, ms, beta, 1e-8) for ks, vs, rs, ms, beta in segs]
+    out = []
+    for (ks, vs, rs, ms, beta), dl in zip(segs, (False, True)):
+        o, lse = torch.ops.geokern.retrieval_attention_cuda(q, ks, vs, w, rs, ms, beta, 1e-8)
+        out.append((torch.randn_like(o), q, ks, vs, w, rs, ms, o, lse, torch.randn_like(lse) if dl else None, beta, 1e-8))
+    return out
+
+
 def _op_samples(qualname):
+    name = qualname.split("::")[1]
+    if name.endswith("_cuda") or name.startswith("retrieval_cost"):  # the cost's Triton ops share the schema
+        return _cuda_op_samples(name.replace("_triton", "_cuda"))
     q, k, v = torch.randn(2, 1, 17, 16, device=DEVICE), torch.randn(1, 1, 20, 16, device=DEVICE), torch.randn(2, 1, 20, 8, device=DEVICE)
     w = torch.rand(16, device=DEVICE) + 0.5
     r = torch.rand(1, 1, 1, 20, device=DEVICE) + 0.5
@@ -455,23 +558,89 @@ def _op_samples(qualname):
             (q, k, v, w, r, mask, bk, bv, br, 1.5, 1e-8)]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="triton_op traces its kernels for CUDA tensors only")
 @pytest.mark.parametrize("qualname", ops_here("retrieval"))
 def test_opcheck(qualname):
+    # without CUDA, ops_here lists only the CUDA ops (their CPU implementation is the reference)
     check_opcheck(qualname, _op_samples(qualname))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
-def test_public_op_compiles_with_backward():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_public_op_compiles_with_backward(backend):
+    need(backend)
     q, k, v = (torch.randn(2, 2, 33, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     lam = (torch.rand(16, device=DEVICE) + 0.5).requires_grad_()
     R = (torch.rand(33, device=DEVICE) + 0.5).requires_grad_()
-    f = torch.compile(lambda q, k, v, lam, R: geokern.retrieval_attention(q, k, v, R, gm.diag(lam), 1.5, backend="triton").sum(),
+    f = torch.compile(lambda q, k, v, lam, R: geokern.retrieval_attention(q, k, v, R, gm.diag(lam), 1.5, backend=backend).sum(),
                       fullgraph=True)
     got = torch.autograd.grad(f(q, k, v, lam, R), (q, k, v, lam, R))
     want = torch.autograd.grad(ref.retrieval_attention(q, k, v, R, gm.diag(lam), 1.5).sum(), (q, k, v, lam, R))
     for name, a, b in zip(["dquery", "dkeys", "dvalues", "dlam", "dR"], got, want):
         assert_close(name, a, b.double(), b)
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason="the CUDA extension geokern._C is not built")
+@pytest.mark.parametrize("chunks", ["bwd-whole", "bwd-chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+def test_cuda_segments_op_matches_reference(dtype, chunks, monkeypatch):
+    """The CUDA ops with three key segments (per row, a shared bank, shared across dim 0) in one
+    call, every R form and mask form, a row masked in every segment, and the lse's gradient:
+    against autograd through the float64 reference over the concatenated keys. "bwd-chunked"
+    makes the CUDA backward take one query at a time (as it does when dP would be large).
+    Without a GPU this checks their CPU implementation (the spec's backward formulas)."""
+    from geokern.ops import retrieval as ops
+
+    if chunks == "bwd-chunked":
+        monkeypatch.setenv("GEOKERN_RETRIEVAL_BWD_CHUNK", "60")
+
+    shapes = [((2, 3, 7, 8), (2, 3, 7, 12), (2, 3, 5, 7), (2, 3, 5, 7)),  # k, v, r, mask
+              ((1, 1, 40, 8), (1, 1, 40, 12), (1, 1, 1, 40), (2, 3, 1, 40)),
+              ((1, 3, 6, 8), (1, 3, 6, 12), (2, 3, 5, 1), None)]
+    q = rnd(2, 3, 5, 8).to(dtype)
+    ks = [rnd(*k).to(dtype) for k, _, _, _ in shapes]
+    vs = [rnd(*v).to(dtype) for _, v, _, _ in shapes]
+    rs = [(rnd(*r).abs() + 0.3).float() for _, _, r, _ in shapes]
+    ms = [None if m is None else torch.rand(*m, device=DEVICE) > 0.3 for _, _, _, m in shapes]
+    ms[0][0, 0, 0] = False
+    ms[1][0, 0] = False
+    ms[2] = torch.ones(2, 3, 5, 6, dtype=torch.bool, device=DEVICE)
+    ms[2][0, 0, 0] = False  # row (0, 0, 0) sees no key at all
+    w = (torch.rand(8, device=DEVICE) + 0.5).float()
+    beta, eps = 0.7, 1e-8
+    out, lse = torch.ops.geokern.retrieval_attention_cuda(q, ks, vs, w, rs, ms, beta, eps)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    dlse[0, 0, 0] = 0.0
+    got = torch.ops.geokern.retrieval_attention_backward_cuda(dout, q, ks, vs, w, rs, ms, out, lse, dlse, beta, eps)
+
+    def reference(prec):
+        lead = (2, 3)
+        grad_shapes = [ops._grad_shapes(lead, q, k, v, r) for k, v, r in zip(ks, vs, rs)]
+        leaf = lambda t, s: t.detach().to(prec).expand(s).clone().requires_grad_()  # noqa: E731
+        qx = leaf(q, grad_shapes[0][0])
+        kx = [leaf(k, g[1]) for k, g in zip(ks, grad_shapes)]
+        vx = [leaf(v, g[2]) for v, g in zip(vs, grad_shapes)]
+        rx = [leaf(r, g[3]) for r, g in zip(rs, grad_shapes)]
+        wx = leaf(w, w.shape)
+        _, kc, vc, rc, mc = ops._segs_cat(qx, kx, vx, rx, ms)
+        o, l = ref.retrieval_attention(qx, kc, vc, rc, gm.diag(wx), beta, eps, mc, True, compute_dtype=prec)
+        fin = torch.isfinite(l)
+        loss = (o * dout.to(prec)).sum() + (torch.where(fin, l, 0.0) * dlse.to(prec)).sum()
+        g = torch.autograd.grad(loss, [qx, *kx, *vx, *rx, wx])
+        return o, l, g
+
+    o64, l64, g64 = reference(torch.float64)
+    od, ld, gd = reference(torch.float32 if dtype == torch.float32 else dtype)
+    assert_close("output", out, o64.to(dtype), od)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(l64)), "lse: -inf exactly on the fully masked row"
+    assert (out[0, 0, 0] == 0).all(), "output: the fully masked row must be zeros"
+    fin = torch.isfinite(l64)
+    assert_close("lse", lse[fin], l64[fin].float(), ld[fin].float())
+    n = len(ks)
+    flat = [got[0], *got[1], *got[2], *got[3], got[4]]
+    names = ["dq"] + [f"{x}[{i}]" for x in ("dk", "dv", "dr") for i in range(n)] + ["dw"]
+    for name, a, b, c in zip(names, flat, g64, gd):
+        assert a.dtype == torch.float32 and a.shape == b.shape, f"{name}: {a.dtype} {tuple(a.shape)} vs {tuple(b.shape)}"
+        assert_close(name, a.to(dtype) if dtype != torch.float32 else a, b, c)
 
 
 # ---- bad input -------------------------------------------------------------------
@@ -589,7 +758,7 @@ def test_curvature_scalar_bad_input():
         geokern.curvature_scalar(R4, g, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_is_differentiable(backend):
     """Merging segments by their log-sum-exp (geokern.nn.GeodesicRetrieval) needs d lse."""
     if _backend.why_unavailable(backend, DEVICE):

@@ -10,7 +10,7 @@ from geokern import _backend
 from geokern.nn import GeodesicRetrieval
 from geokern.reference import retrieval as ref
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cuda"]
 
 
 def need(backend):

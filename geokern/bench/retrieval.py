@@ -159,4 +159,7 @@ def _sdpa_case(B, H, n, d, direction):
 
 
 def cases():
-    return [f(*shape, direction) for shape in SHAPES for direction in ("fwd", "fwd+bwd") for f in (_case, _sdpa_case)]
+    from geokern.bench import _retrieval_decode  # the decode regime (trainer shape), same family
+
+    return ([f(*shape, direction) for shape in SHAPES for direction in ("fwd", "fwd+bwd") for f in (_case, _sdpa_case)]
+            + _retrieval_decode.cases())

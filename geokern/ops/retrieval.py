@@ -10,10 +10,19 @@ query, keys, values, R and the metric; a shared memory bank as a second key segm
 the same launch). Those kernels expand the squared distance as
 |q|^2_w + |k|^2_w - 2 (w q).k on tensor cores (see the kernel module for its error
 when q is close to k); non-diagonal metrics are applied as a linear feature map in
-PyTorch first, so the kernels see a diagonal metric. There is no CUDA C++ kernel for
-this family yet: backend="cuda" raises. retrieval_cost runs the reference on every
-backend that can run ("triton" and "cuda" raise: the cost matrix is the output, there
-is nothing to fuse beyond what the reference does).
+PyTorch first, so the kernels see a diagonal metric. "cuda" runs the CUDA C++ kernels of
+csrc/retrieval for both ops (float16 / bfloat16 / float32): they form dv = k - q directly
+(no expansion, no cancellation when q is close to k) and accumulate in float32. The
+attention kernel is flash-decoding shaped (split over keys, a shared bank read once for
+many rows, partials merged by log-sum-exp): fast in the decode regime (few queries per
+row), correct but slow for long query sequences (no tensor cores; use "triton" there).
+Its backward runs dP = dO V^T and dV = P^T dO as float32 cuBLAS GEMMs over chunks of
+queries. The CUDA op (torch.ops.geokern.retrieval_attention_cuda) also takes up to 4 key
+segments in one launch: the public function passes the row's keys and, with bank=, the
+shared bank as the second segment. "auto" keeps "triton" (the CUDA decode kernel is not yet
+measured against it). retrieval_cost has the reference and both kernels
+(geokern.kernels.retrieval_cost for Triton); "auto" runs the reference there (the
+kernels are not yet measured against it).
 """
 
 import dataclasses
@@ -27,8 +36,9 @@ import torch
 from geokern import _backend
 from geokern._checks import check_same, check_tensor
 from geokern.kernels import retrieval as tk
+from geokern.kernels import retrieval_cost as tkc
 from geokern.metric import Diag, Metric
-from geokern.ops._registry import triton_op
+from geokern.ops._registry import cuda_op, triton_op
 from geokern.reference import retrieval as ref
 
 __all__ = ["retrieval_cost", "retrieval_attention", "curvature_scalar"]
@@ -70,6 +80,134 @@ _attn_fwd_tri = triton_op("retrieval_attention_fwd_triton", _attn_fwd_impl)
 _attn_bwd_tri = triton_op("retrieval_attention_bwd_triton", _attn_bwd_impl)
 
 
+# CUDA C++ ops (csrc/retrieval): 4-D inputs as above, the attention over 1 to 4 key segments
+# (k, v, r, mask lists) merged by log-sum-exp. Gradients come back in float32 at the shapes
+# below (_grad_shapes), which the fake and the CPU (reference) implementations share.
+
+
+def _r_mode(r):
+    return int(r.shape[2] != 1) + 2 * int(r.shape[3] != 1)
+
+
+def _grad_shapes(lead, q, k, v, r):
+    """(dq, dk, dv, dr) shapes: dq at the full batch; dk at k's batch dims (and R's, per key);
+    dv at the kv batch (k's and v's); dR per query / per pair at the full batch, per key at dk's."""
+    lq, m, key = q.shape[2], k.shape[2], _r_mode(r) == 2
+    kb = tuple(max(k.shape[i], r.shape[i] if key else 1) for i in range(2))
+    dr = {0: lead + (lq, 1), 1: lead + (lq, 1), 2: kb + (1, m), 3: lead + (lq, m)}[_r_mode(r)]
+    dv = None if v is None else tuple(max(k.shape[i], v.shape[i]) for i in range(2)) + tuple(v.shape[2:])
+    return lead + (lq, q.shape[3]), kb + tuple(k.shape[2:]), dv, dr
+
+
+def _cost_fake(q, k, w, r, eps):
+    lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2]))
+    return q.new_empty(lead + (q.shape[2], k.shape[2]), dtype=torch.float32)
+
+
+def _cost_bwd_fake(grad, q, k, w, r, eps):
+    dq, dk, _, dr = _grad_shapes(tuple(grad.shape[:2]), q, k, None, r)
+    return tuple(q.new_empty(s, dtype=torch.float32) for s in (dq, dk, dr, w.shape))
+
+
+def _cost_cpu(q, k, w, r, eps):
+    return ref.retrieval_cost(q, k, r, Diag(w), eps).float().contiguous()
+
+
+def _cost_grads(g, q, k, w, r, eps, lead):
+    """(dq, dk, dr, dw) of the cost from its gradient g, by the spec's formulas (the CPU
+    implementation of the backward ops: autograd does not run inside an op's kernel)."""
+    dq_s, dk_s, _, dr_s = _grad_shapes(lead, q, k, None, r)
+    dv = k.float().unsqueeze(-3) - q.float().unsqueeze(-2)  # [.., LQ, M, F]
+    sq = (dv * dv * w).sum(-1)
+    spd = torch.sqrt(sq.clamp(min=0) + eps)
+    c = torch.where(sq >= 0, g * r / spd, torch.zeros_like(spd))
+    ddv = c.unsqueeze(-1) * dv * w
+    full = lead + tuple(ddv.shape[2:])
+    ddv = ddv.expand(full)
+    dw = (0.5 * c.unsqueeze(-1) * dv * dv).expand(full).reshape(-1, w.shape[0]).sum(0)
+    return (-ddv.sum(-2)).sum_to_size(dq_s), ddv.sum(-3).sum_to_size(dk_s), (g * spd).expand(full[:-1]).sum_to_size(dr_s), dw
+
+
+def _cost_bwd_cpu(grad, q, k, w, r, eps):
+    return tuple(t.contiguous() for t in _cost_grads(grad.float(), q, k, w, r, eps, tuple(grad.shape[:2])))
+
+
+def _segs_cat(q, ks, vs, rs, masks):
+    """The segments as one key set (the CPU reference of the segmented op)."""
+    lead = tuple(torch.broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
+    lq = q.shape[2]
+    kc = torch.cat([k.expand(lead + tuple(k.shape[2:])) for k in ks], 2)
+    vc = torch.cat([v.expand(lead + tuple(v.shape[2:])) for v in vs], 2)
+    rc = torch.cat([r.expand(lead + (lq, k.shape[2])) for r, k in zip(rs, ks)], 3)
+    mc = None
+    if any(m is not None for m in masks):
+        mc = torch.cat([(torch.ones((), dtype=torch.bool, device=q.device) if m is None else m).expand(lead + (lq, k.shape[2]))
+                        for m, k in zip(masks, ks)], 3)
+    return lead, kc, vc, rc, mc
+
+
+def _attn_cuda_fake(q, ks, vs, w, rs, masks, beta, eps):
+    lead = tuple(torch.broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
+    return (q.new_empty(lead + (q.shape[2], vs[0].shape[3]), dtype=vs[0].dtype),
+            q.new_empty(lead + (q.shape[2],), dtype=torch.float32))
+
+
+def _attn_cuda_cpu(q, ks, vs, w, rs, masks, beta, eps):
+    _, kc, vc, rc, mc = _segs_cat(q, ks, vs, rs, masks)
+    out, lse = ref.retrieval_attention(q, kc, vc, rc, Diag(w), beta, eps, mc, True)
+    return out.contiguous(), lse.float().contiguous()
+
+
+def _attn_bwd_cuda_fake(dout, q, ks, vs, w, rs, masks, out, lse, dlse, beta, eps):
+    lead = tuple(dout.shape[:2])
+    shapes = [_grad_shapes(lead, q, k, v, r) for k, v, r in zip(ks, vs, rs)]
+    f32 = lambda s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return (f32(shapes[0][0]), [f32(s[1]) for s in shapes], [f32(s[2]) for s in shapes], [f32(s[3]) for s in shapes],
+            f32(w.shape))
+
+
+def _attn_bwd_cuda_cpu(dout, q, ks, vs, w, rs, masks, out, lse, dlse, beta, eps):
+    lead = tuple(dout.shape[:2])
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    finite = torch.isfinite(lse).unsqueeze(-1)
+    dq, dw, dks, dvs, drs = 0, 0, [], [], []
+    for k, v, r, m in zip(ks, vs, rs, masks):
+        spd = torch.sqrt((((k.float().unsqueeze(-3) - q.float().unsqueeze(-2)) ** 2) * w).sum(-1).clamp(min=0) + eps)
+        logit = -beta * r * spd
+        if m is not None:
+            logit = logit.masked_fill(~m, -math.inf)
+        p = torch.where(finite, torch.exp(logit - lse.unsqueeze(-1)), torch.zeros_like(logit))
+        dp = dout.float() @ v.float().transpose(-1, -2)
+        dcost = -beta * p * (dp - delta.unsqueeze(-1))
+        gq, gk, gr, gw = _cost_grads(dcost, q, k, w, r, eps, lead)
+        dq, dw = dq + gq, dw + gw
+        dks.append(gk.contiguous())
+        drs.append(gr.contiguous())
+        dvs.append((p.transpose(-1, -2) @ dout.float()).sum_to_size(_grad_shapes(lead, q, k, v, r)[2]).contiguous())
+    return dq.contiguous(), dks, dvs, drs, dw
+
+
+def _cost_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, r: torch.Tensor, eps: float,
+                 launch=None) -> torch.Tensor:
+    return tkc.cost_fwd(q, k, w, r, eps, launch)
+
+
+def _cost_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
+                     eps: float, launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, _, dr = _grad_shapes(tuple(grad.shape[:2]), q, k, None, r)
+    return tkc.cost_bwd(grad, q, k, w, r, eps, (dq, dk, dr), launch)
+
+
+_cost_tri = triton_op("retrieval_cost_triton", _cost_triton)
+_cost_bwd_tri = triton_op("retrieval_cost_backward_triton", _cost_bwd_triton)
+_cost_cuda = cuda_op("retrieval_cost_cuda", _cost_fake, _cost_cpu)
+_cost_bwd_cuda = cuda_op("retrieval_cost_backward_cuda", _cost_bwd_fake, _cost_bwd_cpu)
+_attn_fwd_cuda = cuda_op("retrieval_attention_cuda", _attn_cuda_fake, _attn_cuda_cpu)
+_attn_bwd_cuda = cuda_op("retrieval_attention_backward_cuda", _attn_bwd_cuda_fake, _attn_bwd_cuda_cpu)
+
+
 # ---- autograd --------------------------------------------------------------------
 
 
@@ -78,12 +216,16 @@ class RetrievalAttentionFunction(torch.autograd.Function):
     bank segment or None; gradients are reduced back to each input's shape."""
 
     @staticmethod
-    def forward(q, k, v, w, r, mask, bk, bv, br, beta, eps):
+    def forward(q, k, v, w, r, mask, bk, bv, br, beta, eps, backend="triton"):
+        if backend == "cuda":  # the CUDA op takes key segments as lists: the bank is the second
+            ks, vs, rs, ms = _segments(k, v, r, mask, bk, bv, br)
+            return _attn_fwd_cuda(q, ks, vs, w, rs, ms, beta, eps)
         return _attn_fwd_tri(q, k, v, w, r, mask, bk, bv, br, beta, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, w, r, mask, bk, bv, br, beta, eps = inputs
+        q, k, v, w, r, mask, bk, bv, br, beta, eps = inputs[:11]
+        ctx.backend = inputs[11] if len(inputs) > 11 else "triton"
         out, lse = output
         ctx.save_for_backward(q, k, v, w, r, mask, bk, bv, br, out, lse)
         ctx.beta, ctx.eps = beta, eps
@@ -96,15 +238,55 @@ class RetrievalAttentionFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         # the lse is differentiable too (merging segments by their lse needs it):
         # d lse / d logit = p, which the kernels take as delta - dlse
-        dq, dk, dv, dr, dbk, dbv, dbr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
-                                                          ctx.beta, ctx.eps, bool(need[4] or need[8]))
+        if ctx.backend == "cuda":
+            ks, vs, rs, ms = _segments(k, v, r, mask, bk, bv, br)
+            dq, dks, dvs, drs, dw = _attn_bwd_cuda(dout, q, ks, vs, w, rs, ms, out, lse, dlse, ctx.beta, ctx.eps)
+            dk, dv, dr = dks[0], dvs[0], drs[0]
+            dbk, dbv, dbr = (dks[1], dvs[1], drs[1]) if bk is not None else (None, None, None)
+        else:
+            dq, dk, dv, dr, dbk, dbv, dbr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
+                                                              ctx.beta, ctx.eps, bool(need[4] or need[8]))
 
         def red(g, x, i):
-            return g.sum_to_size(x.shape) if need[i] else None
+            return g.sum_to_size(x.shape).to(x.dtype) if need[i] and g is not None else None
 
         return (red(dq, q, 0), red(dk, k, 1), red(dv, v, 2), dw if need[3] else None, red(dr, r, 4), None,
-                red(dbk, bk, 6) if bk is not None else None, red(dbv, bv, 7) if bv is not None else None,
-                red(dbr, br, 8) if br is not None else None, None, None)
+                red(dbk, bk, 6), red(dbv, bv, 7), red(dbr, br, 8), None, None, None)
+
+
+def _segments(k, v, r, mask, bk, bv, br):
+    """The CUDA op's key segments (lists of keys, values, R, mask): the row's keys, then the bank."""
+    if bk is None:
+        return [k], [v], [r], [mask]
+    return [k, bk], [v, bv], [r, br], [mask, None]
+
+
+class RetrievalCostFunction(torch.autograd.Function):
+    """The cost's kernels on 4-D inputs ([NB0, NB1, L, F], size-1 batch dims where shared)."""
+
+    @staticmethod
+    def forward(q, k, w, r, eps, backend):
+        return (_cost_cuda if backend == "cuda" else _cost_tri)(q, k, w, r, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, w, r, eps, backend = inputs
+        ctx.save_for_backward(q, k, w, r)
+        ctx.eps, ctx.backend = eps, backend
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, w, r = ctx.saved_tensors
+        bwd = _cost_bwd_cuda if ctx.backend == "cuda" else _cost_bwd_tri
+        dq, dk, dr, dw = bwd(grad.float().contiguous(), q, k, w, r, ctx.eps)
+        need = ctx.needs_input_grad
+        return (
+            dq.sum_to_size(q.shape).to(q.dtype) if need[0] else None,
+            dk.sum_to_size(k.shape).to(k.dtype) if need[1] else None,
+            dw if need[2] else None,
+            dr.sum_to_size(r.shape) if need[3] else None,
+            None, None,
+        )
 
 
 # ---- input checks and shape plumbing ---------------------------------------------
@@ -205,6 +387,32 @@ def _user_to4(x, lead, squeeze, tail_rank):
     return _to4(x, lead, x.shape[-2:])
 
 
+def _kernel_backend(op, backend, device, dtype, prefer):
+    """The backend to run; an explicit kernel backend with a dtype it lacks is a TypeError."""
+    be = _backend.resolve(op, backend, device, prefer)
+    if be in ("triton", "cuda") and dtype not in _KERNEL_DTYPES:
+        if backend is None or backend == "auto":
+            return "torch"
+        raise TypeError(f"{op}: backend='{be}' supports query dtypes float16, bfloat16, float32; "
+                        f"got {dtype} (use backend='torch')")
+    return be
+
+
+def _features(metric, query, keys):
+    """(query, keys, w float32) with a general metric mapped to features: the kernels see diag(w)."""
+    if isinstance(metric, Diag):
+        return query, keys, metric.lam.to(torch.float32)
+    fq, w = metric.features(query)
+    fk, _ = metric.features(keys)
+    return fq, fk, w.to(torch.float32)
+
+
+def _r4(R, lead, squeeze, device):
+    if isinstance(R, torch.Tensor):
+        return _user_to4(R.to(torch.float32), lead, squeeze, 2)
+    return torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=device)
+
+
 # ---- public ops ------------------------------------------------------------------
 
 
@@ -214,16 +422,27 @@ def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, e
 
     query [B, n] or [..., Lq, n]; keys [M, n] (shared) or [..., M, n]; R a number or a tensor
     broadcasting to the cost shape [B, M] / [..., Lq, M] (per query: [B, 1] / [..., Lq, 1]).
-    Differentiable in query, keys, R and the metric's parameters. Runs the reference.
+    Differentiable in query, keys, R and the metric's parameters. "torch" runs the reference,
+    "cuda" and "triton" their kernels (dv formed directly, float32 arithmetic; float16 / bfloat16 /
+    float32; "triton" up to 128 metric features).
     """
     op = "retrieval_cost"
-    _check_inputs(op, query, keys, None, R, metric, eps, None)
-    _cuda_unavailable(op, backend, query.device)
-    be = _backend.resolve(op, backend, query.device, ("torch",))
-    if be == "triton":
-        raise RuntimeError(f"{op}: backend='triton' is unavailable: retrieval_cost has only the reference "
-                           "implementation (use backend='torch'); the fused kernels are in retrieval_attention")
-    return ref.retrieval_cost(query, keys, R, metric, eps)
+    lead, squeeze = _check_inputs(op, query, keys, None, R, metric, eps, None)
+    be = _kernel_backend(op, backend, query.device, query.dtype, ("torch",))
+    if be == "torch":
+        return ref.retrieval_cost(query, keys, R, metric, eps)
+    if not isinstance(metric, Diag):  # the cost is float32: map rotor / lowrank features in float32 too
+        query, keys = query.float(), keys.float()
+    fq, fk, w = _features(metric, query, keys)
+    if be == "triton" and fq.shape[-1] > tkc.MAX_F:
+        raise ValueError(f"{op}: backend='triton' takes at most {tkc.MAX_F} metric features, got {fq.shape[-1]} "
+                         "(use backend='cuda' or 'torch')")
+    q, k, _ = ref.as_batched(fq, fk)
+    lead = tuple(lead)
+    cost = RetrievalCostFunction.apply(_to4(q, lead, q.shape[-2:]), _to4(k, lead, k.shape[-2:]), w.contiguous(),
+                                       _r4(R, lead, squeeze, query.device), float(eps), be)
+    cost = cost.reshape(lead + (q.shape[-2], k.shape[-2]))
+    return cost.squeeze(-2) if squeeze else cost
 
 
 def _check_bank(op, bank, query, values, R, lead, squeeze):
@@ -266,12 +485,6 @@ def _check_bank(op, bank, query, values, R, lead, squeeze):
     return bk, bv, br
 
 
-def _r4(R, lead, squeeze, device):
-    if isinstance(R, torch.Tensor):
-        return _user_to4(R.to(torch.float32), lead, squeeze, 2)
-    return torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=device)
-
-
 def _merge_by_lse(o1, l1, o2, l2):
     """Outputs of two key segments merged by their log-sum-exp: one softmax over the union.
     A row that sees no key in either (lse -inf twice) gives zeros and lse -inf."""
@@ -308,14 +521,7 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     bk = bv = br = None
     if bank is not None:
         bk, bv, br = _check_bank(op, bank, query, values, R, lead, squeeze)
-    _cuda_unavailable(op, backend, query.device)
-    be = _backend.resolve(op, backend, query.device, _PREFER)
-    if be == "triton" and query.dtype not in _KERNEL_DTYPES:
-        if backend is None or backend == "auto":
-            be = "torch"
-        else:
-            raise TypeError(f"{op}: backend='triton' supports query dtypes float16, bfloat16, float32; "
-                            f"got {query.dtype} (use backend='torch')")
+    be = _kernel_backend(op, backend, query.device, query.dtype, _PREFER)
     if be == "torch":
         out, lse = ref.retrieval_attention(query, keys, values, R, metric, beta, eps, mask, True)
         if bank is not None:
@@ -324,14 +530,8 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
         return (out, lse) if return_lse else out
 
     # a general metric is a linear feature map plus diagonal weights: map, then run the diag kernel
-    if isinstance(metric, Diag):
-        fq, fk, fb = query, keys, bk
-        w = metric.lam.to(torch.float32)
-    else:
-        fq, w = metric.features(query)
-        fk, _ = metric.features(keys)
-        fb = None if bk is None else metric.features(bk)[0]
-        w = w.to(torch.float32)
+    fq, fk, w = _features(metric, query, keys)
+    fb = None if bk is None else _features(metric, query, bk)[1]
     q, k, _ = ref.as_batched(fq, fk)
     v = ref._values_batched(values)
     lead = tuple(lead)
@@ -345,7 +545,7 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
         bk3, bv3 = ref.as_batched(fq, fb)[1], ref._values_batched(bv)
         b4 = (_to4(bk3, lead, bk3.shape[-2:]), _to4(bv3, lead, bv3.shape[-2:]),
               r4 if br is R else _r4(br, lead, squeeze, query.device))
-    out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, *b4, float(beta), float(eps))
+    out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, *b4, float(beta), float(eps), be)
     full = lead + (q.shape[-2],)
     out = out.reshape(full + (v.shape[-1],))
     lse = lse.reshape(full)

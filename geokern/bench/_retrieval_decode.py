@@ -1,0 +1,163 @@
+"""Benchmark cases: retrieval attention in the decode regime, the trainer's shape (spec section 2).
+Part of the retrieval family (geokern/bench/retrieval.py appends these cases).
+
+One query per row, n = 8 coordinates, diag metric, per-query R, beta = 5, B = 32 rows, each
+row seeing its own T = 512 keys and a memory bank of C = 4096 keys shared by the whole batch
+(M = 4608), d_v = 768; float32 and bfloat16.
+
+Implementations, timed side by side in one run:
+  cuda          the CUDA op with both key sets as segments of one launch (plus the merge of the
+                splits): the bank is never expanded; a CTA reads a tile of bank values once for
+                16 rows. cuda[ctasN,bankS] are the same with the split heuristic's CTA target set
+                to N (GEOKERN_RETRIEVAL_CTAS; default 2 per SM) and at most S splits of the bank
+                (GEOKERN_RETRIEVAL_BANK_SPLITS; default: one per 64 keys).
+  cuda-2call    the public op twice (per-row keys, then the bank) merged by log-sum-exp in PyTorch,
+                as geokern.nn.GeodesicRetrieval does today.
+  triton-2call  the same with backend="triton", only with GEOKERN_DECODE_BACKENDS=cuda,triton: on
+                the H100 (2026-11-24) its first call at d_v = 768 (BLOCK_DV = 1024 tiles, four
+                autotuning configs per key count) had not returned after 100 s, so it is left out
+                of the default run.
+  eager (peer)  what the trainer does: concatenate the bank (expanded) to every row's keys, then the
+                eager reference (cost, softmax, weighted sum).
+
+Bytes counted (metric TB/s, judged against the copy bandwidth measured in the same run): every
+input read once and the output written once, the bank counted once (not once per row):
+(B*T + C) * (n + d_v) elements of keys and values, B * n of queries, B R values (float32) and
+B * d_v of output. The forward + backward direction counts the same plus the keys and values read
+again and their gradients written ((B*T + C) * (n + d_v) elements twice more).
+"""
+
+import os
+
+import torch
+
+from geokern import _backend
+from geokern.bench.registry import Case
+from geokern.metric import diag
+from geokern.ops import retrieval as ops
+from geokern.reference import retrieval as ref
+
+B, N, T, C, DV = 32, 8, 512, 4096, 768
+BETA, EPS = 5.0, 1e-8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# split heuristic variants timed beside the default: (CTA target, most splits of the bank)
+SWEEP = ((132, None), (528, None), (None, 16), (None, 32), (528, 32))
+
+
+def _make(dtype, grad):
+    def make():
+        g = dict(device="cuda", dtype=dtype)
+        q = torch.randn(B, N, **g)
+        kseq, kbank = torch.randn(B, T, N, **g), torch.randn(C, N, **g)
+        vseq = torch.randn(B, T, DV, **g).requires_grad_(grad)
+        vbank = torch.randn(C, DV, **g).requires_grad_(grad)
+        lam = torch.rand(N, device="cuda") * 0.05 + 0.02  # keeps the softmax spread over many keys
+        R = torch.rand(B, 1, device="cuda") + 0.5
+        return q, kseq, kbank, vseq, vbank, lam, R
+
+    return make
+
+
+def _segments(q, kseq, kbank, vseq, vbank, lam, R):
+    """Both key sets in one launch of the CUDA op (no autograd: the forward alone)."""
+    r4 = R.reshape(1, B, 1, 1)
+    out, _ = torch.ops.geokern.retrieval_attention_cuda(
+        q.reshape(1, B, 1, N), [kseq.unsqueeze(0), kbank.reshape(1, 1, C, N)],
+        [vseq.unsqueeze(0), vbank.reshape(1, 1, C, DV)], lam, [r4, r4], [None, None], BETA, EPS)
+    return out.reshape(B, DV)
+
+
+def _with_env(ctas, bank):
+    env = {"GEOKERN_RETRIEVAL_CTAS": ctas, "GEOKERN_RETRIEVAL_BANK_SPLITS": bank}
+
+    def f(*a):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update({k: str(v) for k, v in env.items() if v is not None})
+        try:
+            return _segments(*a)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return f
+
+
+def _two_calls(backend):
+    def f(q, kseq, kbank, vseq, vbank, lam, R):
+        m = diag(lam)
+        o1, l1 = ops.retrieval_attention(q, kseq, vseq, R, m, BETA, EPS, return_lse=True, backend=backend)
+        o2, l2 = ops.retrieval_attention(q, kbank, vbank, R, m, BETA, EPS, return_lse=True, backend=backend)
+        total = torch.logsumexp(torch.stack([l1, l2]), 0)
+        w1, w2 = torch.exp(l1 - total).unsqueeze(-1), torch.exp(l2 - total).unsqueeze(-1)
+        return (w1 * o1.float() + w2 * o2.float()).to(o1.dtype)
+
+    return f
+
+
+def _eager(q, kseq, kbank, vseq, vbank, lam, R):
+    keys = torch.cat([kseq, kbank.expand(B, C, N)], 1)
+    values = torch.cat([vseq, vbank.expand(B, C, DV)], 1)
+    return ref.retrieval_attention(q, keys, values, R, diag(lam), BETA, EPS)
+
+
+def _fwd_bwd(fn):
+    def f(q, kseq, kbank, vseq, vbank, lam, R):
+        vseq.grad = vbank.grad = None
+        out = fn(q, kseq, kbank, vseq, vbank, lam, R)
+        g = torch.randn(out.shape, device=out.device, generator=torch.Generator(device=out.device).manual_seed(0))
+        out.backward(g.to(out.dtype))
+        return out, vseq.grad, vbank.grad
+
+    return f
+
+
+def _reference(grad):
+    def reference(q, kseq, kbank, vseq, vbank, lam, R):
+        f32 = [t.detach().float().requires_grad_(grad) for t in (vseq, vbank)]
+        args = (q.float(), kseq.float(), kbank.float(), f32[0], f32[1], lam, R)
+        if grad:
+            return _fwd_bwd(_eager)(*args)
+        return _eager(*args)
+
+    return reference
+
+
+def _bytes(esz, grad):
+    kv = (B * T + C) * (N + DV) * esz
+    once = kv + B * N * esz + B * 4 + B * DV * esz
+    return once + (2 * kv if grad else 0)
+
+
+def _case(dname, direction):
+    dtype = DTYPES[dname]
+    grad = direction == "fwd+bwd"
+    # GEOKERN_DECODE_BACKENDS (comma-separated, default "cuda") picks the kernel backends timed
+    only = os.environ.get("GEOKERN_DECODE_BACKENDS", "cuda").split(",")
+    avail = [b for b in _backend.available(torch.device("cuda")) if b in only]
+    impls = {}
+    if "cuda" in avail:
+        if not grad:
+            impls["cuda"] = _segments
+            impls.update({f"cuda[ctas{c or 'dflt'},bank{b or 'dflt'}]": _with_env(c, b) for c, b in SWEEP})
+        impls["cuda-2call"] = _two_calls("cuda")
+    if "triton" in avail:
+        impls["triton-2call"] = _two_calls("triton")
+    peers = {"eager": _eager}
+    if grad:
+        impls = {k: _fwd_bwd(f) for k, f in impls.items()}
+        peers = {k: _fwd_bwd(f) for k, f in peers.items()}
+    esz = torch.finfo(dtype).bits // 8
+    return Case(
+        op="retrieval_decode", shape=f"B{B}-n{N}-T{T}+bank{C}-dv{DV}", dtype=dname, direction=direction,
+        make_inputs=_make(dtype, grad), impls=impls, peers=peers, reference=_reference(grad),
+        amount=_bytes(esz, grad), metric="TB/s", ceiling="copy_tb_s", tol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+        input_bytes=_bytes(esz, False),
+    )
+
+
+def cases():
+    return [_case(d, direction) for d in DTYPES for direction in ("fwd", "fwd+bwd")]
+

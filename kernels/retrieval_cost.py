@@ -1,0 +1,187 @@
+"""Triton kernels for the metric-weighted retrieval cost R * sqrt(max(g(dv, dv), 0) + eps).
+
+The metric is diagonal with weights w (other metrics reach here as a linear feature map, see
+geokern/metric.py). dv = k - q is formed directly in float32 for every (query, key) pair of a
+tile ([BLOCK_X, BLOCK_Y, BLOCK_F] differences, features in chunks of BLOCK_F): no expansion as
+|q|^2 + |k|^2 - 2 q.k, so no cancellation when q is close to k.
+
+Backward (spec section 2, with g the gradient of the cost): for a pair,
+    c = g R / spd * [s >= 0],   ddv = c w dv,   dq = -sum_keys ddv,   dk = sum_queries ddv,
+    dw = sum c dv^2 / 2,        dR = g spd
+One kernel serves both sides: for every point x (a query, or a key) it sums over the points y
+that meet it, x - y = -dv on the query side and dv on the key side, so out = w sum_y c (x - y)
+is dq or dk. Where x is shared across a batch dim (a shared key bank), the points of every batch
+meet it.
+
+Shapes: q [NB0, NB1, LQ, F], k [1|NB0, 1|NB1, M, F] (stride 0 where broadcast), w [F] float32,
+r float32 read through strides over [b0, b1, LQ, M] (zero where broadcast).
+"""
+
+import triton
+import triton.language as tl
+
+from geokern._backend import interpret_mode
+
+
+@triton.jit
+def retrieval_cost_fwd_kernel(q_ptr, k_ptr, w_ptr, r_ptr, out_ptr,
+                              sq0, sq1, sql, sqf, sk0, sk1, skl, skf, sr0, sr1, srl, srm,
+                              NB1, LQ, M, F, eps,
+                              BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_F: tl.constexpr):
+    pid_x = tl.program_id(0)
+    pid_y = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    b0, b1 = pid_b // NB1, pid_b % NB1
+    offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    offs_y = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    xv, yv = offs_x < LQ, offs_y < M
+    q_b, k_b = q_ptr + b0 * sq0 + b1 * sq1, k_ptr + b0 * sk0 + b1 * sk1
+    s = tl.zeros([BLOCK_X, BLOCK_Y], tl.float32)
+    for f0 in range(0, F, BLOCK_F):  # s = sum_f w_f (k - q)_f^2, features in chunks
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        fv = offs_f < F
+        q = tl.load(q_b + offs_x[:, None] * sql + offs_f[None, :] * sqf, mask=xv[:, None] & fv[None, :], other=0.0)
+        k = tl.load(k_b + offs_y[:, None] * skl + offs_f[None, :] * skf, mask=yv[:, None] & fv[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_f, mask=fv, other=0.0)
+        d = k.to(tl.float32)[None, :, :] - q.to(tl.float32)[:, None, :]
+        s += tl.sum(d * d * w[None, None, :], 2)
+    tile = xv[:, None] & yv[None, :]
+    r = tl.load(r_ptr + b0 * sr0 + b1 * sr1 + offs_x[:, None] * srl + offs_y[None, :] * srm, mask=tile, other=0.0)
+    cost = r * tl.sqrt_rn(tl.maximum(s, 0.0) + eps)
+    tl.store(out_ptr + (pid_b * LQ + offs_x[:, None]) * M + offs_y[None, :], cost, mask=tile)
+
+
+@triton.jit
+def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_ptr, drx_ptr, drp_ptr,
+                              sx0, sx1, sxl, sxf, sy0, sy1, syl, syf, sg0, sg1, sgx, sgy, sr0, sr1, srx, sry,
+                              sd0, sd1, sdx, sdy,
+                              NB0, NB1, NX1, LX, LY, F, eps,
+                              LOOP0: tl.constexpr, LOOP1: tl.constexpr, WRITE_W: tl.constexpr, WRITE_DRX: tl.constexpr,
+                              WRITE_DRP: tl.constexpr,
+                              BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_F: tl.constexpr):
+    """One side of the cost's backward for a tile of BLOCK_X points x: out [.., LX, F] (w sum c (x - y)),
+    outw (sum c (x - y)^2 / 2), drx (sum g spd), drp (g spd per pair). F <= BLOCK_F."""
+    pid_x = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    xb0, xb1 = pid_b // NX1, pid_b % NX1
+    offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    offs_f = tl.arange(0, BLOCK_F)
+    xv, fv = offs_x < LX, offs_f < F
+    x = tl.load(x_ptr + xb0 * sx0 + xb1 * sx1 + offs_x[:, None] * sxl + offs_f[None, :] * sxf,
+                mask=xv[:, None] & fv[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs_f, mask=fv, other=0.0)
+    acc = tl.zeros([BLOCK_X, BLOCK_F], tl.float32)
+    accw = tl.zeros([BLOCK_X, BLOCK_F], tl.float32)
+    dr = tl.zeros([BLOCK_X], tl.float32)
+    n0 = NB0 if LOOP0 else 1
+    n1 = NB1 if LOOP1 else 1
+    for i0 in range(0, n0):
+        for i1 in range(0, n1):
+            b0 = i0 if LOOP0 else xb0
+            b1 = i1 if LOOP1 else xb1
+            y_b = y_ptr + b0 * sy0 + b1 * sy1
+            for y0 in range(0, LY, BLOCK_Y):
+                offs_y = y0 + tl.arange(0, BLOCK_Y)
+                yv = offs_y < LY
+                tile = xv[:, None] & yv[None, :]
+                y = tl.load(y_b + offs_y[:, None] * syl + offs_f[None, :] * syf, mask=yv[:, None] & fv[None, :],
+                            other=0.0).to(tl.float32)
+                d = x[:, None, :] - y[None, :, :]  # [BLOCK_X, BLOCK_Y, BLOCK_F]
+                s = tl.sum(d * d * w[None, None, :], 2)
+                g = tl.load(g_ptr + b0 * sg0 + b1 * sg1 + offs_x[:, None] * sgx + offs_y[None, :] * sgy, mask=tile,
+                            other=0.0)
+                r = tl.load(r_ptr + b0 * sr0 + b1 * sr1 + offs_x[:, None] * srx + offs_y[None, :] * sry, mask=tile,
+                            other=0.0)
+                spd = tl.sqrt_rn(tl.maximum(s, 0.0) + eps)
+                c = tl.where(tile & (s >= 0.0), g * r / spd, 0.0)
+                acc += tl.sum(c[:, :, None] * d, 1)
+                if WRITE_W:
+                    accw += tl.sum(c[:, :, None] * d * d, 1)
+                gs = tl.where(tile, g * spd, 0.0)
+                if WRITE_DRX:
+                    dr += tl.sum(gs, 1)
+                if WRITE_DRP:
+                    tl.store(drp_ptr + b0 * sd0 + b1 * sd1 + offs_x[:, None] * sdx + offs_y[None, :] * sdy, gs, mask=tile)
+    row = pid_b * LX + offs_x
+    tl.store(out_ptr + row[:, None] * F + offs_f[None, :], acc * w[None, :], mask=xv[:, None] & fv[None, :])
+    if WRITE_W:
+        tl.store(outw_ptr + row[:, None] * F + offs_f[None, :], 0.5 * accw, mask=xv[:, None] & fv[None, :])
+    if WRITE_DRX:
+        tl.store(drx_ptr + row, dr, mask=xv)
+
+
+# ---- launchers -------------------------------------------------------------------
+
+MAX_F = 128  # the backward holds all features of a tile at once
+
+
+def _launch(kernel, launch):
+    return (launch or (lambda k: k))(kernel)
+
+
+def _blocks(f):
+    """(BLOCK_X = BLOCK_Y, BLOCK_F): at most 4096 pair-feature differences in a tile."""
+    bf = max(16, triton.next_power_of_2(f))
+    if interpret_mode():
+        return 8, bf
+    bxy = 4
+    while bxy * 2 <= 32 and (bxy * 2) ** 2 * bf <= 4096:
+        bxy *= 2
+    return bxy, bf
+
+
+def _bstrides(t):
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
+
+
+def cost_fwd(q, k, w, r, eps, launch=None):
+    """cost [NB0, NB1, LQ, M] float32."""
+    import torch
+
+    lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2]))
+    lq, m, f = q.shape[2], k.shape[2], q.shape[3]
+    out = torch.empty(lead + (lq, m), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    bxy, bf = _blocks(min(f, 32))
+    grid = (triton.cdiv(lq, bxy), triton.cdiv(m, bxy), lead[0] * lead[1])
+    _launch(retrieval_cost_fwd_kernel, launch)[grid](
+        q, k, w, r, out, *_bstrides(q), *_bstrides(k), *_bstrides(r), lead[1], lq, m, f, float(eps),
+        BLOCK_X=bxy, BLOCK_Y=bxy, BLOCK_F=bf)
+    return out
+
+
+def _side(x, y, w, g, sg, r, sr, out, outw, drx, drp, lead, lx, ly, eps, launch):
+    nx0, nx1 = out.shape[0], out.shape[1]
+    f = x.shape[3]
+    bxy, bf = _blocks(f)
+    grid = (triton.cdiv(lx, bxy), nx0 * nx1)
+    dummy = out
+    _launch(retrieval_cost_bwd_kernel, launch)[grid](
+        x, y, w, g, r, out, outw if outw is not None else dummy, drx if drx is not None else dummy,
+        drp if drp is not None else dummy,
+        *_bstrides(x), *_bstrides(y), *sg, *sr, *(_bstrides(drp) if drp is not None else [0, 0, 0, 0]),
+        lead[0], lead[1], nx1, lx, ly, f, float(eps),
+        LOOP0=nx0 == 1 and lead[0] > 1, LOOP1=nx1 == 1 and lead[1] > 1, WRITE_W=outw is not None,
+        WRITE_DRX=drx is not None, WRITE_DRP=drp is not None, BLOCK_X=bxy, BLOCK_Y=bxy, BLOCK_F=bf)
+
+
+def cost_bwd(grad, q, k, w, r, eps, shapes, launch=None):
+    """(dq, dk, dr, dw), float32, at the shapes (dq, dk, dr) that geokern.ops.retrieval uses."""
+    import torch
+
+    lead = tuple(grad.shape[:2])
+    lq, m = q.shape[2], k.shape[2]
+    dq_s, dk_s, dr_s = shapes
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq, dk, dr = torch.zeros(dq_s, **f32), torch.zeros(dk_s, **f32), torch.zeros(dr_s, **f32)
+    dwp = torch.zeros((lead[0] * lead[1] * lq, q.shape[3]), **f32)
+    if grad.numel() == 0:
+        return dq, dk, dr, dwp.sum(0)
+    mode = int(r.shape[2] != 1) + 2 * int(r.shape[3] != 1)
+    sg, sr = _bstrides(grad), _bstrides(r)
+    _side(q, k, w, grad, sg, r, sr, dq, dwp, dr if mode < 2 else None, dr if mode == 3 else None, lead, lq, m, eps,
+          launch)
+    tr = lambda s: [s[0], s[1], s[3], s[2]]  # noqa: E731
+    _side(k, q, w, grad, tr(sg), r, tr(sr), dk, None, dr if mode == 2 else None, None, lead, m, lq, eps, launch)
+    return dq, dk, dr, dwp.sum(0)
