@@ -84,6 +84,19 @@ def _configs(bwd=False):
             for bm, bn, w, s, reg in table]
 
 
+def _fit_value_width(configs, nargs, **kwargs):
+    """Configs whose [rows, BLOCK_DV] float32 accumulator fits in registers. Wide values (the
+    trainer's d_v = 768 takes BLOCK_DV = 1024) would spill a 64 x 1024 tile to local memory
+    and take minutes to compile and tune; they get 16-row tiles instead (the forward's rows are
+    queries, the backward's keys)."""
+    bdv = kwargs.get("BLOCK_DV", nargs.get("BLOCK_DV", 0))
+    fit = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * bdv <= 64 * 256]
+    if fit or interpret_mode():
+        return fit or configs
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
+
+
 def _even_block():
     """A multiple of every BLOCK_M / BLOCK_N the configs use: a length divisible by it needs no masks."""
     return 16 if interpret_mode() else 128
@@ -209,7 +222,7 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
     return m_i, l_i, acc
 
 
-@triton.autotune(configs=_configs(), key=_FWD_KEY)
+@triton.autotune(configs=_configs(), key=_FWD_KEY, prune_configs_by={"early_config_prune": _fit_value_width})
 @triton.jit
 def retrieval_attn_fwd_kernel(
     q_ptr, w_ptr, k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, k2_ptr, kn2_ptr, v2_ptr, r2_ptr, o_ptr, lse_ptr,
@@ -418,7 +431,7 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     tl.atomic_add(dw_ptr + offs_d, tl.sum(kf * kf * cs[:, None], 0), mask=dvalid, sem="relaxed")
 
 
-@triton.autotune(configs=_configs(bwd=True), key=_BWD_KEY,
+@triton.autotune(configs=_configs(bwd=True), key=_BWD_KEY, prune_configs_by={"early_config_prune": _fit_value_width},
                  reset_to_zero=["dqa_ptr", "rs_ptr", "dw_ptr", "dk_ptr", "dv_ptr", "dr_ptr", "dk2_ptr", "dv2_ptr",
                                 "dr2_ptr"])
 @triton.jit

@@ -6,19 +6,18 @@ row seeing its own T = 512 keys and a memory bank of C = 4096 keys shared by the
 (M = 4608), d_v = 768; float32 and bfloat16.
 
 Implementations, timed side by side in one run:
-  cuda          the CUDA op with both key sets as segments of one launch (plus the merge of the
-                splits): the bank is never expanded; a CTA reads a tile of bank values once for
-                16 rows. cuda[ctasN,bankS] are the same with the split heuristic's CTA target set
-                to N (GEOKERN_RETRIEVAL_CTAS; default 2 per SM) and at most S splits of the bank
+  cuda          the public op with bank=(bank keys, bank values), backend="cuda": both key sets
+                are segments of one launch of the CUDA op (plus the merge of the splits); the
+                bank is never expanded; a CTA reads a tile of bank values once for 16 rows.
+  cuda[ctasN,bankS]  the raw CUDA op (forward only) with the split heuristic's CTA target set to
+                N (GEOKERN_RETRIEVAL_CTAS; default 2 per SM) and at most S splits of the bank
                 (GEOKERN_RETRIEVAL_BANK_SPLITS; default: one per 64 keys).
-  cuda-2call    the public op twice (per-row keys, then the bank) merged by log-sum-exp in PyTorch,
-                as geokern.nn.GeodesicRetrieval does today.
-  triton-2call  the same with backend="triton", only with GEOKERN_DECODE_BACKENDS=cuda,triton: on
-                the H100 (2026-11-24) its first call at d_v = 768 (BLOCK_DV = 1024 tiles, four
-                autotuning configs per key count) had not returned after 100 s, so it is left out
-                of the default run.
+  triton        the public op with bank=, backend="triton" (the bank is the kernel's second key
+                segment). At d_v = 768 its value tile is 1024 wide, so it runs 16-row tiles:
+                15 of 16 query rows of each tile are empty in this regime.
   eager (peer)  what the trainer does: concatenate the bank (expanded) to every row's keys, then the
                 eager reference (cost, softmax, weighted sum).
+GEOKERN_DECODE_BACKENDS (comma-separated, default "cuda,triton") picks the kernel backends timed.
 
 Bytes counted (metric TB/s, judged against the copy bandwidth measured in the same run): every
 input read once and the output written once, the bank counted once (not once per row):
@@ -85,14 +84,9 @@ def _with_env(ctas, bank):
     return f
 
 
-def _two_calls(backend):
+def _public(backend):
     def f(q, kseq, kbank, vseq, vbank, lam, R):
-        m = diag(lam)
-        o1, l1 = ops.retrieval_attention(q, kseq, vseq, R, m, BETA, EPS, return_lse=True, backend=backend)
-        o2, l2 = ops.retrieval_attention(q, kbank, vbank, R, m, BETA, EPS, return_lse=True, backend=backend)
-        total = torch.logsumexp(torch.stack([l1, l2]), 0)
-        w1, w2 = torch.exp(l1 - total).unsqueeze(-1), torch.exp(l2 - total).unsqueeze(-1)
-        return (w1 * o1.float() + w2 * o2.float()).to(o1.dtype)
+        return ops.retrieval_attention(q, kseq, vseq, R, diag(lam), BETA, EPS, bank=(kbank, vbank), backend=backend)
 
     return f
 
@@ -134,17 +128,11 @@ def _bytes(esz, grad):
 def _case(dname, direction):
     dtype = DTYPES[dname]
     grad = direction == "fwd+bwd"
-    # GEOKERN_DECODE_BACKENDS (comma-separated, default "cuda") picks the kernel backends timed
-    only = os.environ.get("GEOKERN_DECODE_BACKENDS", "cuda").split(",")
+    only = os.environ.get("GEOKERN_DECODE_BACKENDS", "cuda,triton").split(",")
     avail = [b for b in _backend.available(torch.device("cuda")) if b in only]
-    impls = {}
-    if "cuda" in avail:
-        if not grad:
-            impls["cuda"] = _segments
-            impls.update({f"cuda[ctas{c or 'dflt'},bank{b or 'dflt'}]": _with_env(c, b) for c, b in SWEEP})
-        impls["cuda-2call"] = _two_calls("cuda")
-    if "triton" in avail:
-        impls["triton-2call"] = _two_calls("triton")
+    impls = {b: _public(b) for b in avail if b != "torch"}
+    if "cuda" in avail and not grad:
+        impls.update({f"cuda[ctas{c or 'dflt'},bank{b or 'dflt'}]": _with_env(c, b) for c, b in SWEEP})
     peers = {"eager": _eager}
     if grad:
         impls = {k: _fwd_bwd(f) for k, f in impls.items()}
