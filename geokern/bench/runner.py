@@ -154,6 +154,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m geokern.bench", description=__doc__)
     p.add_argument("--family", action="append", help="op families to run (default: all): " + ", ".join(registry.families()))
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--match", help="only the cases whose 'op shape dtype direction' matches this regular expression")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("geokern.bench times GPU kernels and needs a CUDA device; none is visible here.")
@@ -181,7 +182,8 @@ def main(argv=None):
     except ImportError:
         tqdm = None
     for fam in args.family or registry.families():
-        cases = registry.cases(fam)
+        cases = [c for c in registry.cases(fam)
+                 if not args.match or re.search(args.match, f"{c.op} {c.shape} {c.dtype} {c.direction}")]
         bar = tqdm(total=len(cases), desc=fam, file=sys.stderr) if tqdm else None
         rows = []
         for case in cases:
