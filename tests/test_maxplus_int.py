@@ -139,6 +139,32 @@ def test_int_cuda_op_checks():
         torch.ops.geokern.maxplus_backward_cuda(idx.short(), idx, [4, 5], [5, 3])
 
 
+# ---- the packed 16-bit kernel's 128-bit loads of A (CUDA) ------------------------------
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="a CUDA-kernel path")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int16], ids=_id)
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_packed_vector_loads(semiring, dtype):
+    """K % 8 == 0 with k-contiguous, 16-byte aligned rows takes the vector-load variant;
+    an unaligned view and an odd K take the scalar one. Both equal the reference."""
+    need("cuda")
+    for what, (A, B) in {
+        "vector": (torch.randn(2, 130, 264, device=DEVICE), torch.randn(264, 70, device=DEVICE)),
+        "vector, offset 8": (torch.randn(2, 130, 272, device=DEVICE)[..., 8:], torch.randn(264, 70, device=DEVICE)),
+        "scalar, offset 1": (torch.randn(2, 130, 265, device=DEVICE)[..., 1:], torch.randn(264, 70, device=DEVICE)),
+        "scalar, odd K": (torch.randn(2, 130, 261, device=DEVICE), torch.randn(261, 70, device=DEVICE)),
+    }.items():
+        if dtype.is_floating_point:
+            A, B = A.to(dtype), B.to(dtype)
+            expect = ref.maxplus_matmul(A.float(), B.float(), semiring=semiring).to(dtype)
+        else:
+            A, B = (A * 1000).to(dtype), (B * 1000).to(dtype)
+            expect = ref.maxplus_matmul(A, B, semiring=semiring)
+        got = geokern.maxplus_matmul(A, B, semiring=semiring, backend="cuda")
+        assert torch.equal(got, expect), f"{dtype} {semiring} {what}: differs from the reference"
+
+
 # ---- split-K (CUDA) -------------------------------------------------------------------
 
 

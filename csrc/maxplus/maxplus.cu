@@ -88,7 +88,6 @@ struct Params {
   int M, N, K;
   int sam, sak, sbk, sbn;  // element strides within one matrix (0 along a dim of size 1)
   int ksplit;              // k per slice (a multiple of kBK2), K without split
-  bool vec_a;              // packed kernel: A's rows are k-contiguous and 16-byte aligned at every 8 k
   int64_t batch;
   Batch L;
 };
@@ -457,13 +456,24 @@ struct Packed<int16_t> {
   }
 };
 
-template <typename T, typename Acc, bool MIN>
+template <typename H2>
+__device__ __forceinline__ unsigned bits(H2 x) {
+  unsigned u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+// VEC_A: A's rows are k-contiguous, K % 8 == 0 and every row and batch start is 16-byte
+// aligned, so each thread's 8 consecutive k of A are one 128-bit load (a separate
+// instantiation: a scalar fallback beside it in the loop costs spills).
+template <typename T, typename Acc, bool MIN, bool VEC_A>
 __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const Params<T, Acc> p) {
   using P = Packed<T>;
   using H = typename P::H;
   using H2 = typename P::H2;
-  __shared__ __align__(16) H2 As[2][kBK2 / 2][kBM + kPad];
-  __shared__ __align__(16) H2 Bs[2][kBK2 / 2][kBN + kPad];
+  // pairs as raw 32-bit words from global memory to shared (the compute reads them as H2)
+  __shared__ __align__(16) unsigned As[2][kBK2 / 2][kBM + kPad];
+  __shared__ __align__(16) unsigned Bs[2][kBK2 / 2][kBN + kPad];
   const H zero = P::template zero<MIN>();
   int m0, n0;
   tile_origin(p.M, p.N, m0, n0);
@@ -482,21 +492,25 @@ __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const P
     p.L.offsets(bat, oa, ob);
     const H* a = reinterpret_cast<const H*>(p.a) + oa;
     const H* b = reinterpret_cast<const H*>(p.b) + ob;
-    H2 ra[4], rb[4];
+    unsigned ra[4], rb[4];
     auto load = [&](int kt) {
       const int k8 = kbeg + kt * kBK2 + 2 * la_p;  // this thread's 8 consecutive k of A
-      if (p.vec_a && k8 + 8 <= kend) {  // one 128-bit load: 4 pairs (k, k + 1), low half k
-        uint4 v = *reinterpret_cast<const uint4*>(a + ao + k8);
-        v.x = P::template in2<MIN>(v.x), v.y = P::template in2<MIN>(v.y);
-        v.z = P::template in2<MIN>(v.z), v.w = P::template in2<MIN>(v.w);
-        memcpy(ra, &v, sizeof(v));
+      if constexpr (VEC_A) {  // one 128-bit load: 4 pairs (k, k + 1), low half k; kend % 8 == 0
+        if (k8 < kend) {
+          const uint4 v = *reinterpret_cast<const uint4*>(a + ao + k8);
+          ra[0] = P::template in2<MIN>(v.x), ra[1] = P::template in2<MIN>(v.y);
+          ra[2] = P::template in2<MIN>(v.z), ra[3] = P::template in2<MIN>(v.w);
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) ra[q] = bits(P::pair(zero, zero));
+        }
       } else {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int k = k8 + 2 * q;
           const H x0 = k < kend ? P::template in<MIN>(a[ao + k * p.sak]) : zero;
           const H x1 = k + 1 < kend ? P::template in<MIN>(a[ao + (k + 1) * p.sak]) : zero;
-          ra[q] = P::pair(x0, x1);
+          ra[q] = bits(P::pair(x0, x1));
         }
       }
 #pragma unroll
@@ -504,7 +518,7 @@ __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const P
         const int k = kbeg + kt * kBK2 + 2 * (lb_p + q);
         const H y0 = k < kend ? P::template in<MIN>(b[k * p.sbk + bo]) : zero;
         const H y1 = k + 1 < kend ? P::template in<MIN>(b[(k + 1) * p.sbk + bo]) : zero;
-        rb[q] = P::pair(y0, y1);
+        rb[q] = bits(P::pair(y0, y1));
       }
     };
     auto stage = [&](int buf) {
@@ -561,10 +575,14 @@ __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const P
 
 // Launches the packed kernel for 16-bit T (true), or does nothing (false).
 template <typename T, typename Acc>
-bool launch_packed(const Params<T, Acc>& p, bool minplus, dim3 grid, cudaStream_t stream) {
+bool launch_packed(const Params<T, Acc>& p, bool minplus, bool vec_a, dim3 grid, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, int16_t>) {
-    if (minplus) maxplus_fwd_packed_kernel<T, Acc, true><<<grid, kThreads, 0, stream>>>(p);
-    else maxplus_fwd_packed_kernel<T, Acc, false><<<grid, kThreads, 0, stream>>>(p);
+    auto go = [&](auto min_c, auto vec_c) {
+      maxplus_fwd_packed_kernel<T, Acc, decltype(min_c)::value, decltype(vec_c)::value>
+          <<<grid, kThreads, 0, stream>>>(p);
+    };
+    if (minplus) vec_a ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
+    else vec_a ? go(std::false_type{}, std::true_type{}) : go(std::false_type{}, std::false_type{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   } else {
@@ -722,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
   const int sam = M > 1 ? int(a.stride(-2)) : 0, sak = K > 1 ? int(a.stride(-1)) : 0;
   const int sbk = K > 1 ? int(b.stride(-2)) : 0, sbn = N > 1 ? int(b.stride(-1)) : 0;
   // 16-bit A rows read 8 k at a time: k-contiguous, every row and batch start 16-byte aligned
-  bool vec_a = a.element_size() == 2 && (sak == 1 || K == 1) && sam % 8 == 0 && aligned16(a.const_data_ptr());
+  bool vec_a = a.element_size() == 2 && sak == 1 && K % 8 == 0 && sam % 8 == 0 && aligned16(a.const_data_ptr());
   for (int d = 0; d < kMaxDims; ++d) vec_a = vec_a && L.a[d] % 8 == 0;
   AT_DISPATCH_FLOATING_TYPES_AND4(at::kHalf, at::kBFloat16, at::kInt, at::kShort, a.scalar_type(), "maxplus_cuda", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double,
@@ -739,7 +757,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
                             want_margin ? mg.mutable_data_ptr<scalar_t>() : nullptr,
                             splits > 1 ? part.mutable_data_ptr<Acc>() : nullptr,
                             splits > 1 && want_argmax ? part_idx.mutable_data_ptr<int>() : nullptr,
-                            int(M), int(N), int(K), sam, sak, sbk, sbn, int(ksplit), vec_a, batch, L};
+                            int(M), int(N), int(K), sam, sak, sbk, sbn, int(ksplit), batch, L};
     auto reduce = [&](auto min_c) {
       if (splits == 1) return;
       const int64_t total = c.numel();
@@ -758,7 +776,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
     };
     auto by_mode = [&](auto min_c) {
       const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
-      if (mode == 0 && launch_packed(p, decltype(min_c)::value, grid, stream)) {}
+      if (mode == 0 && launch_packed(p, decltype(min_c)::value, vec_a, grid, stream)) {}
       else if (mode == 0) go(min_c, std::integral_constant<int, 0>{});
       else if (mode == kArgmax) go(min_c, std::integral_constant<int, kArgmax>{});
       else if (mode == kMargin) go(min_c, std::integral_constant<int, kMargin>{});
