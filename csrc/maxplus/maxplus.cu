@@ -59,7 +59,7 @@ namespace {
 constexpr int kBM = 128, kBN = 128, kBK = 8, kThreads = 256, kPad = 4, kGroupM = 8;
 constexpr int kBK2 = 16;  // k per tile of the packed kernel: 8 pairs
 constexpr int kArgmax = 1, kMargin = 2;  // MODE bits
-constexpr int kMaxSplits = 64;
+constexpr int kMaxSplits = 256;
 
 struct Batch {  // up to kMaxDims batch dims (outermost first), strides in elements
   int64_t size[kMaxDims];
