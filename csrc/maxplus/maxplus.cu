@@ -28,9 +28,10 @@
 // inputs in [-INT_BOUND, INT_BOUND] (geokern.reference.maxplus) no sum wraps and every
 // sum with S lies beyond +-2 INT_BOUND; the epilogue stores those as the sentinel
 // (argmax 0). int32 steps are a plain add and max (min), which ptxas fuses into one
-// VIADDMNMX on sm_90 (the PTX of __viaddmax_s32); int16 value-only runs the packed kernel with
-// __viaddmax_s16x2 / __viaddmin_s16x2 (two k per instruction; emulated before sm_90),
-// int16 with argmax the 32-bit kernel on int.
+// VIADDMNMX on sm_90 (the PTX of __viaddmax_s32); int16 value-only runs the packed kernel
+// with __viaddmax_s16x2 / __viaddmin_s16x2 (two k per instruction) on sm_90, int16 with
+// argmax, or before sm_90 (where DPX is emulated by several SIMD instructions), the 32-bit
+// kernel on int.
 //
 // Split-K: when the output has too few tiles to fill the GPU (skinny M or N, long K),
 // blockIdx.z takes one slice of K; each slice writes its raw best (and argmax) to a
@@ -742,6 +743,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
   // 16-bit A rows read 8 k at a time: k-contiguous, every row and batch start 16-byte aligned
   bool vec_a = a.element_size() == 2 && sak == 1 && K % 8 == 0 && sam % 8 == 0 && aligned16(a.const_data_ptr());
   for (int d = 0; d < kMaxDims; ++d) vec_a = vec_a && L.a[d] % 8 == 0;
+  // int16x2 DPX is one instruction from sm_90 on; before, it is emulated (several SIMD
+  // instructions and 1 KB of spills in the packed kernel), so int16 takes the int32 kernel
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
+  const bool packed_ok = a.scalar_type() != at::kShort || major >= 9;
   AT_DISPATCH_FLOATING_TYPES_AND4(at::kHalf, at::kBFloat16, at::kInt, at::kShort, a.scalar_type(), "maxplus_cuda", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double,
                                    std::conditional_t<std::is_integral_v<scalar_t>, int, float>>;
@@ -776,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
     };
     auto by_mode = [&](auto min_c) {
       const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
-      if (mode == 0 && launch_packed(p, decltype(min_c)::value, vec_a, grid, stream)) {}
+      if (mode == 0 && packed_ok && launch_packed(p, decltype(min_c)::value, vec_a, grid, stream)) {}
       else if (mode == 0) go(min_c, std::integral_constant<int, 0>{});
       else if (mode == kArgmax) go(min_c, std::integral_constant<int, kArgmax>{});
       else if (mode == kMargin) go(min_c, std::integral_constant<int, kMargin>{});
