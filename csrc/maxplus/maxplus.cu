@@ -15,7 +15,12 @@
 // predicates. With argmax or margin, 16-bit inputs are widened to float when staged
 // (sums in float32, double for double); the value-only 16-bit path is
 // maxplus_fwd_packed_kernel below (half2 / bf16x2, two k per instruction). Either way the
-// result equals the exact max rounded once (rounding is monotone).
+// result equals the exact max rounded once (rounding is monotone). The previous version
+// (64-bit offsets, per-k argmax) measured on an H100 at 4096^3: float32 20.7 T ops/s,
+// packed bf16 / fp16 32.5, float32 with argmax 9.2. Its main loop per 8-k tile was 1244
+// SASS instructions for 1024 FADD + FMNMX (with local-memory reloads); this one's is 1196
+// with none, the packed loop 1213 instead of 1447 per 1024 HADD2/HFMA2 + HMNMX2, and the
+// argmax loop 1377 instead of 2260 (sm_90, nvcc 13). Not yet timed.
 //
 // Argmax without margin costs one compare per k tile, not per k: each thread keeps the
 // best sum of the current tile of 8 k (add + max per step, as value-only), and at the end
