@@ -8,8 +8,9 @@
 // from registers each thread owns an 8 x 8 tile of C (64 add+max pairs per 4 128-bit
 // shared loads), the block a 128 x 128 tile (256 threads). Per K step of 8 the block
 // stages A k-major (As[k][m], so a thread's 4 consecutive rows are one 128-bit load) and
-// B (Bs[k][n]) in double-buffered shared memory; the next tile's global loads are issued
-// into registers before the current tile is consumed. Offsets within one matrix are
+// B (Bs[k][n]) in double-buffered shared memory; the next tile is fetched while the current
+// one is consumed: float32 with cp.async straight into shared memory (kAsyncFloat), the
+// other types (converted on the way) through registers. Offsets within one matrix are
 // 32-bit (the host refuses matrices spanning 2**31 elements) and out-of-range rows /
 // columns are clamped to the last one (computed, never stored), so loads need no row
 // predicates. With argmax or margin, 16-bit inputs are widened to float when staged
@@ -51,6 +52,7 @@
 #include <ATen/ops/zeros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -66,6 +68,10 @@ constexpr int kBM = 128, kBN = 128, kBK = 8, kThreads = 256, kPad = 4, kGroupM =
 constexpr int kBK2 = 16;  // k per tile of the packed kernel: 8 pairs
 constexpr int kArgmax = 1, kMargin = 2;  // MODE bits
 constexpr int kMaxSplits = 256;
+// float32 tiles go global -> shared with cp.async (LDGSTS): with register prefetch, ptxas
+// sinks the global loads to the end of the math (to spare the 8 registers they need at
+// 128 registers per thread), so their latency was exposed before every store to shared.
+constexpr bool kAsyncFloat = true;
 
 struct Batch {  // up to kMaxDims batch dims (outermost first), strides in elements
   int64_t size[kMaxDims];
@@ -253,6 +259,7 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
   __shared__ __align__(16) Acc As[2][kBK][kBM + kPad];
   __shared__ __align__(16) Acc Bs[2][kBK][kBN + kPad];
   constexpr bool kTile = MODE == kArgmax;  // argmax per k tile, resolved in the epilogue
+  constexpr bool kAsync = kAsyncFloat && std::is_same_v<T, float>;  // nothing to convert: cp.async
   const Acc zero = zero_of<T, Acc, MIN>();
   int m0, n0;
   tile_origin(p.M, p.N, m0, n0);
@@ -291,6 +298,23 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) Bs[buf][lb_k + 2 * r][lb_n] = rb[r];
     };
+    auto copy = [&](int kt, int buf) {  // kAsync: the same elements, straight into shared memory
+      const int ka = kbeg + kt * kBK + la_k;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        Acc* dst = &As[buf][la_k][la_m + 32 * r];
+        if (ka < kend) __pipeline_memcpy_async(dst, a + ao[r] + ka * p.sak, sizeof(Acc));
+        else *dst = zero;
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int kb = kbeg + kt * kBK + lb_k + 2 * r;
+        Acc* dst = &Bs[buf][lb_k + 2 * r][lb_n];
+        if (kb < kend) __pipeline_memcpy_async(dst, b + kb * p.sbk + bo, sizeof(Acc));
+        else *dst = zero;
+      }
+      __pipeline_commit();
+    };
 
     Acc top1[8][8], top2[8][8], tb[8][8];
     int idx[8][8];
@@ -306,12 +330,20 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
       }
 
     __syncthreads();  // the previous batch's last reads are done
-    load(0);
-    stage(0);
+    if constexpr (kAsync) {
+      copy(0, 0);
+      __pipeline_wait_prior(0);
+    } else {
+      load(0);
+      stage(0);
+    }
     __syncthreads();
     for (int kt = 0; kt < ktiles; ++kt) {
       const int buf = kt & 1;
-      if (kt + 1 < ktiles) load(kt + 1);
+      if (kt + 1 < ktiles) {  // the next tile: buf ^ 1 was last read before the previous barrier
+        if constexpr (kAsync) copy(kt + 1, buf ^ 1);
+        else load(kt + 1);
+      }
 #pragma unroll
       for (int kk = 0; kk < kBK; ++kk) {
         const Vec4<Acc> a0 = lds4(&As[buf][kk][ty * 4]), a1 = lds4(&As[buf][kk][64 + ty * 4]);
@@ -355,7 +387,8 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
             top1[i][2 * q + 1] = combine<MIN>(top1[i][2 * q + 1], tb[i][2 * q + 1]);
           }
       }
-      if (kt + 1 < ktiles) stage(buf ^ 1);
+      if constexpr (kAsync) __pipeline_wait_prior(0);  // this thread's copies have landed
+      else if (kt + 1 < ktiles) stage(buf ^ 1);
       __syncthreads();
     }
 
