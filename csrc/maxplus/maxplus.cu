@@ -6,8 +6,8 @@
 // so the ceiling is the fp32 lanes: each k step is one FADD and one FMNMX per output
 // (PERF.md: the pair runs at ~80% of 16.7 T steps/s on an H100). To feed the lanes
 // from registers each thread owns an 8 x 8 tile of C (64 add+max pairs per 4 128-bit
-// shared loads), the block a 128 x 128 tile (256 threads). Per K step of 8 the block
-// stages A k-major (As[k][m], so a thread's 4 consecutive rows are one 128-bit load) and
+// shared loads), the block a 128 x 128 tile (256 threads). Per K tile (16 k for float32,
+// 8 otherwise) the block stages A k-major (As[k][m], so a thread's 4 consecutive rows are one 128-bit load) and
 // B (Bs[k][n]) in double-buffered shared memory; the next tile is fetched while the current
 // one is consumed: float32 with cp.async straight into shared memory (kAsyncFloat), the
 // other types (converted on the way) through registers. Offsets within one matrix are
@@ -19,14 +19,16 @@
 // result equals the exact max rounded once (rounding is monotone). The previous version
 // (64-bit offsets, per-k argmax) measured on an H100 at 4096^3: float32 20.7 T ops/s,
 // packed bf16 / fp16 32.5, float32 with argmax 9.2. Its main loop per 8-k tile was 1244
-// SASS instructions for 1024 FADD + FMNMX (with local-memory reloads); this one's is 1196
-// with none, the packed loop 1213 instead of 1447 per 1024 HADD2/HFMA2 + HMNMX2, and the
-// argmax loop 1377 instead of 2260 (sm_90, nvcc 13). Not yet timed.
+// SASS instructions for 1024 FADD + FMNMX (with local-memory reloads, and the prefetch
+// loads sunk by ptxas to the end of the math); this one's (cp.async, 16 k per tile) is 2371
+// for 2048 with the copies issued first, the packed loop 1213 instead of 1447 per 1024
+// HADD2/HFMA2 + HMNMX2, and the float32 argmax loop 2573 per 2048 pairs instead of 2260 per
+// 1024 (sm_90, nvcc 13). Not yet timed.
 //
 // Argmax without margin costs one compare per k tile, not per k: each thread keeps the
-// best sum of the current tile of 8 k (add + max per step, as value-only), and at the end
+// best sum of the current k tile (add + max per step, as value-only), and at the end
 // of the tile a strict compare against the running best records the tile (earlier tiles
-// keep ties). The epilogue then recomputes the 8 sums of the winning tile from global
+// keep ties). The epilogue then recomputes the sums of the winning tile from global
 // memory and returns the first k whose sum equals the best: ties go to the smallest k.
 //
 // Integers (int32, int16; forward only). Each staged value is clamped to the stand-in
@@ -240,11 +242,11 @@ __device__ __forceinline__ void put(const Params<T, Acc>& p, int64_t o, Acc v, i
   if (want_k) p.idx[o] = dead ? 0 : k;
 }
 
-// The first k in [k0, min(k0 + kBK, kend)) whose sum equals best; k0 if none (NaN).
-template <typename T, typename Acc, bool MIN>
+// The first k in [k0, min(k0 + BK, kend)) whose sum equals best; k0 if none (NaN).
+template <typename T, typename Acc, bool MIN, int BK>
 __device__ __forceinline__ int resolve(const T* a, const T* b, const Params<T, Acc>& p, int m, int n, int k0,
                                     int kend, Acc best) {
-  const int k1 = min(k0 + kBK, kend);
+  const int k1 = min(k0 + BK, kend);
 #pragma unroll 1
   for (int k = k0; k < k1; ++k) {
     const Acc s = stage_in<T, Acc, MIN>(a[m * p.sam + k * p.sak]) + stage_in<T, Acc, MIN>(b[k * p.sbk + n * p.sbn]);
@@ -256,23 +258,27 @@ __device__ __forceinline__ int resolve(const T* a, const T* b, const Params<T, A
 template <typename T, typename Acc, bool MIN, int MODE>
 __global__ void __launch_bounds__(kThreads, MODE == 0 ? 2 : 1)
 maxplus_fwd_kernel(const Params<T, Acc> p) {
-  __shared__ __align__(16) Acc As[2][kBK][kBM + kPad];
-  __shared__ __align__(16) Acc Bs[2][kBK][kBN + kPad];
   constexpr bool kTile = MODE == kArgmax;  // argmax per k tile, resolved in the epilogue
   constexpr bool kAsync = kAsyncFloat && std::is_same_v<T, float>;  // nothing to convert: cp.async
+  // k per tile: 16 with cp.async (no prefetch registers: the per-tile overhead halves), else 8
+  constexpr int BK = kAsync ? 2 * kBK : kBK;
+  constexpr int RA = kBM * BK / kThreads, RB = kBN * BK / kThreads;  // elements per loader thread
+  __shared__ __align__(16) Acc As[2][BK][kBM + kPad];
+  __shared__ __align__(16) Acc Bs[2][BK][kBN + kPad];
   const Acc zero = zero_of<T, Acc, MIN>();
   int m0, n0;
   tile_origin(p.M, p.N, m0, n0);
 
   const int t = threadIdx.x;
   const int tx = t % 16, ty = t / 16;  // compute: rows ty*4 (+64), cols tx*4 (+64)
-  const int la_k = t % kBK, la_m = t / kBK;  // A loader: 8 threads along k, 32 rows per pass
+  const int la_k = t % BK, la_m = t / BK;    // A loader: BK threads along k, kThreads / BK rows per pass
   const int lb_n = t % kBN, lb_k = t / kBN;  // B loader: 128 threads along n, 2 k per pass
+  constexpr int kRowsA = kThreads / BK, kRowsB = kThreads / kBN;
   const int kbeg = blockIdx.z * p.ksplit, kend = min(p.K, kbeg + p.ksplit);
-  const int ktiles = (kend - kbeg + kBK - 1) / kBK;
-  int ao[4];  // clamped rows: every load is in bounds
+  const int ktiles = (kend - kbeg + BK - 1) / BK;
+  int ao[RA];  // clamped rows: every load is in bounds
 #pragma unroll
-  for (int r = 0; r < 4; ++r) ao[r] = min(m0 + la_m + 32 * r, p.M - 1) * p.sam;
+  for (int r = 0; r < RA; ++r) ao[r] = min(m0 + la_m + kRowsA * r, p.M - 1) * p.sam;
   const int bo = min(n0 + lb_n, p.N - 1) * p.sbn;
 
   for (int64_t bat = blockIdx.y; bat < p.batch; bat += gridDim.y) {
@@ -281,35 +287,35 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
     const T* a = p.a + oa;
     const T* b = p.b + ob;
 
-    Acc ra[4], rb[4];  // the next tile, in flight from global memory
+    Acc ra[RA], rb[RB];  // the next tile, in flight from global memory (register path)
     auto load = [&](int kt) {
-      const int ka = kbeg + kt * kBK + la_k;
+      const int ka = kbeg + kt * BK + la_k;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) ra[r] = ka < kend ? stage_in<T, Acc, MIN>(a[ao[r] + ka * p.sak]) : zero;
+      for (int r = 0; r < RA; ++r) ra[r] = ka < kend ? stage_in<T, Acc, MIN>(a[ao[r] + ka * p.sak]) : zero;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kb = kbeg + kt * kBK + lb_k + 2 * r;
+      for (int r = 0; r < RB; ++r) {
+        const int kb = kbeg + kt * BK + lb_k + kRowsB * r;
         rb[r] = kb < kend ? stage_in<T, Acc, MIN>(b[kb * p.sbk + bo]) : zero;
       }
     };
     auto stage = [&](int buf) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) As[buf][la_k][la_m + 32 * r] = ra[r];
+      for (int r = 0; r < RA; ++r) As[buf][la_k][la_m + kRowsA * r] = ra[r];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) Bs[buf][lb_k + 2 * r][lb_n] = rb[r];
+      for (int r = 0; r < RB; ++r) Bs[buf][lb_k + kRowsB * r][lb_n] = rb[r];
     };
     auto copy = [&](int kt, int buf) {  // kAsync: the same elements, straight into shared memory
-      const int ka = kbeg + kt * kBK + la_k;
+      const int ka = kbeg + kt * BK + la_k;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        Acc* dst = &As[buf][la_k][la_m + 32 * r];
+      for (int r = 0; r < RA; ++r) {
+        Acc* dst = &As[buf][la_k][la_m + kRowsA * r];
         if (ka < kend) __pipeline_memcpy_async(dst, a + ao[r] + ka * p.sak, sizeof(Acc));
         else *dst = zero;
       }
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kb = kbeg + kt * kBK + lb_k + 2 * r;
-        Acc* dst = &Bs[buf][lb_k + 2 * r][lb_n];
+      for (int r = 0; r < RB; ++r) {
+        const int kb = kbeg + kt * BK + lb_k + kRowsB * r;
+        Acc* dst = &Bs[buf][lb_k + kRowsB * r][lb_n];
         if (kb < kend) __pipeline_memcpy_async(dst, b + kb * p.sbk + bo, sizeof(Acc));
         else *dst = zero;
       }
@@ -345,7 +351,7 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
         else load(kt + 1);
       }
 #pragma unroll
-      for (int kk = 0; kk < kBK; ++kk) {
+      for (int kk = 0; kk < BK; ++kk) {
         const Vec4<Acc> a0 = lds4(&As[buf][kk][ty * 4]), a1 = lds4(&As[buf][kk][64 + ty * 4]);
         const Vec4<Acc> b0 = lds4(&Bs[buf][kk][tx * 4]), b1 = lds4(&Bs[buf][kk][64 + tx * 4]);
         Acc av[8], bv[8];
@@ -354,7 +360,7 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
           av[i] = a0.v[i]; av[4 + i] = a1.v[i];
           bv[i] = b0.v[i]; bv[4 + i] = b1.v[i];
         }
-        const int k = kbeg + kt * kBK + kk;
+        const int k = kbeg + kt * BK + kk;
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -405,7 +411,7 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
         int k = 0;
         if constexpr (kTile) {
           const int tile = j % 2 ? int(tix[i][j / 2] >> 16) : int(tix[i][j / 2] & 0xFFFFu);
-          k = resolve<T, Acc, MIN>(a, b, p, m, n, kbeg + tile * kBK, kend, top1[i][j]);
+          k = resolve<T, Acc, MIN, BK>(a, b, p, m, n, kbeg + tile * BK, kend, top1[i][j]);
         } else if constexpr (MODE & kArgmax) {
           k = idx[i][j];
         }
