@@ -242,17 +242,24 @@ __device__ __forceinline__ void put(const Params<T, Acc>& p, int64_t o, Acc v, i
   if (want_k) p.idx[o] = dead ? 0 : k;
 }
 
-// The first k in [k0, min(k0 + BK, kend)) whose sum equals best; k0 if none (NaN).
+// The first k in [k0, min(k0 + BK, kend)) whose sum equals best; k0 if none (NaN). Fully
+// unrolled without an early exit, so the 2 BK loads are in flight together (a loop that
+// stops at the first match pays the memory latency once per k).
 template <typename T, typename Acc, bool MIN, int BK>
 __device__ __forceinline__ int resolve(const T* a, const T* b, const Params<T, Acc>& p, int m, int n, int k0,
                                     int kend, Acc best) {
-  const int k1 = min(k0 + BK, kend);
-#pragma unroll 1
-  for (int k = k0; k < k1; ++k) {
-    const Acc s = stage_in<T, Acc, MIN>(a[m * p.sam + k * p.sak]) + stage_in<T, Acc, MIN>(b[k * p.sbk + n * p.sbn]);
-    if (s == best) return k;
+  int found = k0;
+  bool hit = false;
+#pragma unroll
+  for (int kk = 0; kk < BK; ++kk) {
+    const int k = k0 + kk;
+    if (k < kend) {
+      const Acc s = stage_in<T, Acc, MIN>(a[m * p.sam + k * p.sak]) + stage_in<T, Acc, MIN>(b[k * p.sbk + n * p.sbn]);
+      found = !hit && s == best ? k : found;
+      hit = hit || s == best;
+    }
   }
-  return k0;
+  return found;
 }
 
 template <typename T, typename Acc, bool MIN, int MODE>
