@@ -14,6 +14,10 @@ Value-only, the update is max.NaN(acc, a + b) (NaN propagates). With ARGMAX a
 strict comparison against the old accumulator records k (ties keep the smallest k);
 with MARGIN a second accumulator keeps the runner-up: top2 = max(top2, min(top1, s)).
 MIN flips every comparison (min-plus). Sums in float32 (float64 for float64 inputs).
+Integer inputs (int16, int32) sum in int32: each loaded value is clamped to the stand-in
+S_IN for the sentinel (-2**(bits-2) for max-plus, 2**(bits-2) - 1 for min-plus), so no
+sum wraps for inputs in the documented range, and results beyond +-LIMIT (2 * INT_BOUND,
+geokern.reference.maxplus) are stored as the sentinel SENT with argmax 0.
 
 Backward (maxplus_bwd_kernel): dC is scattered along the recorded route with atomic
 adds into float32 buffers of A's and B's own shapes (broadcast batch dims alias one
@@ -24,11 +28,13 @@ share a route.
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_strides, row_layout, row_offset
 from geokern._backend import interpret_mode
+from geokern.reference.maxplus import int_bound, int_sentinel
 
 
 def _configs():
@@ -94,6 +100,7 @@ def maxplus_fwd_kernel(
     ab0, ab1, ab2, ab3, sam, sak,
     bb0, bb1, bb2, bb3, sbk, sbn,
     MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr,
+    IS_INT: tl.constexpr, S_IN: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # C, argmax and margin are contiguous (batch, M, N)
@@ -106,17 +113,31 @@ def maxplus_fwd_kernel(
     rnc = tl.minimum(rn, N - 1)
     a_ptrs = a_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rmc * sam
     b_ptrs = b_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + rnc * sbn
-    ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-    ZERO = float("inf") if MIN else float("-inf")
+    ACC = tl.int32 if IS_INT else (tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32)
+    ZERO = S_IN if IS_INT else (float("inf") if MIN else float("-inf"))
     top1 = tl.full((BM, BN), ZERO, ACC)
     top2 = tl.full((BM, BN), ZERO, ACC)
     idx = tl.zeros((BM, BN), tl.int32)
     for k in range(0, K):
         a = tl.load(a_ptrs).to(ACC)
         b = tl.load(b_ptrs).to(ACC)
+        if IS_INT:  # the sentinel (and anything beyond the stand-in) becomes the stand-in
+            if MIN:
+                a = tl.minimum(a, S_IN)
+                b = tl.minimum(b, S_IN)
+            else:
+                a = tl.maximum(a, S_IN)
+                b = tl.maximum(b, S_IN)
         top1, idx, top2 = _step(a[:, None] + b[None, :], k, top1, idx, top2, MIN, ARGMAX, MARGIN)
         a_ptrs += sak
         b_ptrs += sbk
+    if IS_INT:  # sums with the stand-in lie beyond +-LIMIT: the sentinel, route k = 0
+        if MIN:
+            dead = top1 > LIMIT
+        else:
+            dead = top1 < -LIMIT
+        top1 = tl.where(dead, SENT, top1)
+        idx = tl.where(dead, 0, idx)
     out = bat * M * N + rm[:, None] * N + rn[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(c_ptr + out, _narrow(top1, c_ptr.dtype.element_ty), mask=mask)
@@ -201,8 +222,17 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
     kernel[grid](
         a, b, c, idx if idx is not None else c, margin if margin is not None else c,
         M, N, K, *args,
-        MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
+        MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None, **int_constants(a.dtype, minplus),
     )
+
+
+def int_constants(dtype, minplus):
+    """IS_INT, S_IN (the sentinel's stand-in), LIMIT, SENT for the kernel (see the module doc)."""
+    if dtype.is_floating_point:
+        return dict(IS_INT=False, S_IN=0, LIMIT=0, SENT=0)
+    quarter = 2 ** (torch.iinfo(dtype).bits - 2)
+    sent = int_sentinel(dtype, "minplus" if minplus else "maxplus")
+    return dict(IS_INT=True, S_IN=quarter - 1 if minplus else -quarter, LIMIT=2 * int_bound(dtype), SENT=sent)
 
 
 def batch_layout_ok(lead, a, b):

@@ -144,30 +144,6 @@ def test_empty(backend):
     assert torch.isposinf(c).all()
 
 
-def _floyd_warshall(W):
-    D = W.clone()
-    for k in range(D.shape[0]):
-        D = torch.minimum(D, D[:, k : k + 1] + D[k : k + 1, :])
-    return D
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_all_pairs_shortest_paths(backend):
-    """Repeated min-plus squaring of a weight matrix (0 diagonal, inf for no edge)
-    gives all-pairs shortest paths; Floyd-Warshall is the check."""
-    need(backend)
-    n = 45
-    g = torch.Generator(device="cpu").manual_seed(7)
-    W = torch.randint(1, 20, (n, n), generator=g).float()
-    W[torch.rand(n, n, generator=g) < 0.85] = INF
-    W.fill_diagonal_(0)
-    W = W.to(DEVICE)
-    D = W
-    for _ in range((n - 1).bit_length()):
-        D = geokern.maxplus_matmul(D, D, semiring="minplus", backend=backend)
-    torch.testing.assert_close(D, _floyd_warshall(W), rtol=0, atol=0, msg=f"{backend} shortest paths")
-
-
 # ---- gradients ---------------------------------------------------------------------
 
 

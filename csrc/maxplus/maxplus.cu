@@ -5,26 +5,61 @@
 // Forward: a register-blocked GEMM-shaped kernel. There are no max-plus tensor cores,
 // so the ceiling is the fp32 lanes: each k step is one FADD and one FMNMX per output
 // (PERF.md: the pair runs at ~80% of 16.7 T steps/s on an H100). To feed the lanes
-// from registers each thread owns an 8 x 8 tile of C (64 add+max pairs per 16 shared
-// loads), the block a 128 x 128 tile (256 threads). Per K step of 8 the block stages
-// A k-major (As[k][m], so a thread's 4 consecutive rows are one 128-bit load) and B
-// (Bs[k][n]) in double-buffered shared memory; the next tile's global loads are issued
-// into registers before the current tile is consumed. With argmax or margin, 16-bit
-// inputs are widened to float when staged (sums in float32, double for double); the
-// value-only 16-bit path is maxplus_fwd_packed_kernel below (half2 / bf16x2, two k per
-// instruction). Either way the result equals the exact max rounded once (rounding is
-// monotone). Measured on an H100 at 4096^3: float32 20.7 T ops/s (62% of the lane
-// ceiling), packed bf16 / fp16 32.5 T ops/s, float32 with argmax 9.2 T ops/s.
+// from registers each thread owns an 8 x 8 tile of C (64 add+max pairs per 4 128-bit
+// shared loads), the block a 128 x 128 tile (256 threads). Per K tile (16 k for float32,
+// 8 otherwise) the block stages A k-major (As[k][m], so a thread's 4 consecutive rows are one 128-bit load) and
+// B (Bs[k][n]) in double-buffered shared memory; the next tile is fetched while the current
+// one is consumed: float32 with cp.async straight into shared memory (kAsyncFloat), the
+// other types (converted on the way) through registers. Offsets within one matrix are
+// 32-bit (the host refuses matrices spanning 2**31 elements) and out-of-range rows /
+// columns are clamped to the last one (computed, never stored), so loads need no row
+// predicates. With argmax or margin, 16-bit inputs are widened to float when staged
+// (sums in float32, double for double); the value-only 16-bit path is
+// maxplus_fwd_packed_kernel below (half2 / bf16x2, two k per instruction). Either way the
+// result equals the exact max rounded once (rounding is monotone). The previous version
+// (64-bit offsets, per-k argmax) measured on an H100 at 4096^3: float32 20.7 T ops/s,
+// packed bf16 / fp16 32.5, float32 with argmax 9.2. Its main loop per 8-k tile was 1244
+// SASS instructions for 1024 FADD + FMNMX (with local-memory reloads, and the prefetch
+// loads sunk by ptxas to the end of the math); this one's (cp.async, 16 k per tile) is 2371
+// for 2048 with the copies issued first, the packed loop 1213 instead of 1447 per 1024
+// HADD2/HFMA2 + HMNMX2, and the float32 argmax loop 2573 per 2048 pairs instead of 2260 per
+// 1024 (sm_90, nvcc 13). Not yet timed.
+//
+// Argmax without margin costs one compare per k tile, not per k: each thread keeps the
+// best sum of the current k tile (add + max per step, as value-only), and at the end
+// of the tile a strict compare against the running best records the tile (earlier tiles
+// keep ties). The epilogue then recomputes the sums of the winning tile from global
+// memory and returns the first k whose sum equals the best: ties go to the smallest k.
+//
+// Integers (int32, int16; forward only). Each staged value is clamped to the stand-in
+// S for the sentinel (-2**(bits-2) for max-plus, 2**(bits-2) - 1 for min-plus), so for
+// inputs in [-INT_BOUND, INT_BOUND] (geokern.reference.maxplus) no sum wraps and every
+// sum with S lies beyond +-2 INT_BOUND; the epilogue stores those as the sentinel
+// (argmax 0). int32 steps are a plain add and max (min), which ptxas fuses into one
+// VIADDMNMX on sm_90 (the PTX of __viaddmax_s32); int16 value-only runs the packed kernel
+// with __viaddmax_s16x2 / __viaddmin_s16x2 (two k per instruction) on sm_90, int16 with
+// argmax, or before sm_90 (where DPX is emulated by several SIMD instructions), the 32-bit
+// kernel on int.
+//
+// Split-K: when the output has too few tiles to fill the GPU (skinny M or N, long K),
+// blockIdx.z takes one slice of K; each slice writes its raw best (and argmax) to a
+// workspace and maxplus_split_reduce_kernel combines the slices in k order (a later
+// slice wins only if strictly better, so ties keep the smallest k; NaN sticks).
 //
 // NaN propagates through max.NaN / min.NaN (fmaxf would drop it). Out-of-range k are
-// staged as the semiring zero (-inf for max-plus), which can never win or tie a
-// comparison against a real k (comparisons are strict), so tails need no branches.
+// staged as the semiring zero (-inf for max-plus, S for integers), which can never win or
+// tie a comparison against a real k (comparisons are strict), so tails need no branches.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 
 #include "common.cuh"
 
@@ -32,7 +67,13 @@ namespace geokern {
 namespace {
 
 constexpr int kBM = 128, kBN = 128, kBK = 8, kThreads = 256, kPad = 4, kGroupM = 8;
+constexpr int kBK2 = 16;  // k per tile of the packed kernel: 8 pairs
 constexpr int kArgmax = 1, kMargin = 2;  // MODE bits
+constexpr int kMaxSplits = 256;
+// float32 tiles go global -> shared with cp.async (LDGSTS): with register prefetch, ptxas
+// sinks the global loads to the end of the math (to spare the 8 registers they need at
+// 128 registers per thread), so their latency was exposed before every store to shared.
+constexpr bool kAsyncFloat = true;
 
 struct Batch {  // up to kMaxDims batch dims (outermost first), strides in elements
   int64_t size[kMaxDims];
@@ -56,16 +97,74 @@ struct Params {
   T* c;
   int64_t* idx;
   T* margin;
+  Acc* part;      // split-K: raw best per slice, [slice][batch][M][N]; null without split
+  int* part_idx;  // split-K with argmax: the slice's winning k
   int M, N, K;
-  int64_t sam, sak, sbk, sbn;
+  int sam, sak, sbk, sbn;  // element strides within one matrix (0 along a dim of size 1)
+  int ksplit;              // k per slice (a multiple of kBK2), K without split
   int64_t batch;
   Batch L;
 };
 
-// Better-than and NaN-propagating combine for max-plus (MIN = false) or min-plus.
+// ---- integers: the sentinel, its stand-in, the exact range ----------------------------
+
+template <typename T>
+constexpr bool kIsInt = std::is_integral_v<T>;
+
+template <typename T>  // int16_t or int32_t
+struct IntSem {
+  static constexpr int kQuarter = 1 << (8 * sizeof(T) - 2);
+  static constexpr int kBound = (kQuarter - 2) / 3;  // INT_BOUND
+  static constexpr int kLimit = 2 * kBound;          // |finite result| <= kLimit
+  template <bool MIN>
+  static constexpr int stand_in() { return MIN ? kQuarter - 1 : -kQuarter; }
+  template <bool MIN>
+  static constexpr T sentinel() { return MIN ? std::numeric_limits<T>::max() : std::numeric_limits<T>::min(); }
+};
+
+// The semiring zero as staged: -inf / +inf, or the integer stand-in.
+template <typename T, typename Acc, bool MIN>
+__device__ __forceinline__ Acc zero_of() {
+  if constexpr (kIsInt<T>) return IntSem<T>::template stand_in<MIN>();
+  else return MIN ? Acc(INFINITY) : Acc(-INFINITY);
+}
+
+// One input value as staged in the accumulation type.
+template <typename T, typename Acc, bool MIN>
+__device__ __forceinline__ Acc stage_in(T x) {
+  if constexpr (kIsInt<T>) {
+    constexpr int s = IntSem<T>::template stand_in<MIN>();
+    return MIN ? min(int(x), s) : max(int(x), s);
+  } else {
+    return static_cast<Acc>(x);
+  }
+}
+
+// A raw best as output: integers beyond +-kLimit are the sentinel (`dead`, argmax 0).
+template <typename T, typename Acc, bool MIN>
+__device__ __forceinline__ T finish(Acc v, bool& dead) {
+  if constexpr (kIsInt<T>) {
+    dead = MIN ? v > IntSem<T>::kLimit : v < -IntSem<T>::kLimit;
+    return dead ? IntSem<T>::template sentinel<MIN>() : T(v);
+  } else {
+    dead = false;
+    return static_cast<T>(v);
+  }
+}
+
+// ---- one step -------------------------------------------------------------------------
+
+// Better-than for max-plus (MIN = false) or min-plus.
 template <bool MIN, typename Acc>
 __device__ __forceinline__ bool better(Acc s, Acc best) {
   return MIN ? s < best : s > best;
+}
+
+// Whether the tile best t displaces the running best (strictly better, or the first NaN;
+// once the best is NaN it stays NaN in combine, whatever this says).
+template <bool MIN, typename Acc>
+__device__ __forceinline__ bool improves(Acc t, Acc best) {
+  return MIN ? !(t >= best) : !(t <= best);
 }
 
 template <bool MIN>
@@ -82,45 +181,112 @@ __device__ __forceinline__ double combine(double acc, double s) {
   return (better<MIN>(s, acc) || s != s) ? s : acc;
 }
 
+template <bool MIN>
+__device__ __forceinline__ int combine(int acc, int s) {
+  return MIN ? min(acc, s) : max(acc, s);
+}
+
+// acc (+) (a + b). For int, ptxas fuses the plain add and min / max into one VIADDMNMX
+// on sm_90 (the PTX that __viaddmax_s32 / __viaddmin_s32 expand to there; written plainly
+// it spilled slightly less at 128 registers).
+template <bool MIN, typename Acc>
+__device__ __forceinline__ Acc addmax(Acc a, Acc b, Acc acc) {
+  return combine<MIN>(acc, a + b);
+}
+
 template <typename Acc>
 struct Vec4 {
   Acc v[4];
 };
 
-// Four consecutive Acc from shared memory: one 128-bit load for float.
+// Four consecutive Acc from shared memory: one 128-bit load for 32-bit Acc.
 template <typename Acc>
 __device__ __forceinline__ Vec4<Acc> lds4(const Acc* p) {
-  Vec4<Acc> r;
-  if constexpr (std::is_same_v<Acc, float>) {
-    const float4 f = *reinterpret_cast<const float4*>(p);
-    r.v[0] = f.x; r.v[1] = f.y; r.v[2] = f.z; r.v[3] = f.w;
+  if constexpr (sizeof(Acc) == 4) {
+    return *reinterpret_cast<const Vec4<Acc>*>(__builtin_assume_aligned(p, 16));
   } else {
+    Vec4<Acc> r;
 #pragma unroll
     for (int i = 0; i < 4; ++i) r.v[i] = p[i];
+    return r;
   }
-  return r;
+}
+
+// (m0, n0) of this block's tile: kGroupM tile rows share the B tiles they read in L2.
+__device__ __forceinline__ void tile_origin(int M, int N, int& m0, int& n0) {
+  const int tm = (M + kBM - 1) / kBM, tn = (N + kBN - 1) / kBN;
+  const int pid = blockIdx.x, per_group = kGroupM * tn;
+  const int first_m = (pid / per_group) * kGroupM;
+  const int gm = min(tm - first_m, kGroupM);
+  m0 = (first_m + (pid % per_group) % gm) * kBM;
+  n0 = ((pid % per_group) / gm) * kBN;
+}
+
+// Output row (column) of a thread's i-th entry: two groups of 4, 64 apart.
+__device__ __forceinline__ int sub(int base, int lane, int i) {
+  return base + (i < 4 ? lane * 4 + i : 64 + lane * 4 + i - 4);
+}
+
+// Writes one output entry: finished into C (and argmax) or, under split-K, raw into this
+// block's workspace slice.
+template <typename T, typename Acc, bool MIN>
+__device__ __forceinline__ void put(const Params<T, Acc>& p, int64_t o, Acc v, int k, bool want_k) {
+  if (p.part) {
+    const int64_t po = int64_t(blockIdx.z) * p.batch * p.M * p.N + o;
+    p.part[po] = v;
+    if (want_k) p.part_idx[po] = k;
+    return;
+  }
+  bool dead;
+  p.c[o] = finish<T, Acc, MIN>(v, dead);
+  if (want_k) p.idx[o] = dead ? 0 : k;
+}
+
+// The first k in [k0, min(k0 + BK, kend)) whose sum equals best; k0 if none (NaN). Fully
+// unrolled without an early exit, so the 2 BK loads are in flight together (a loop that
+// stops at the first match pays the memory latency once per k).
+template <typename T, typename Acc, bool MIN, int BK>
+__device__ __forceinline__ int resolve(const T* a, const T* b, const Params<T, Acc>& p, int m, int n, int k0,
+                                    int kend, Acc best) {
+  int found = k0;
+  bool hit = false;
+#pragma unroll
+  for (int kk = 0; kk < BK; ++kk) {
+    const int k = k0 + kk;
+    if (k < kend) {
+      const Acc s = stage_in<T, Acc, MIN>(a[m * p.sam + k * p.sak]) + stage_in<T, Acc, MIN>(b[k * p.sbk + n * p.sbn]);
+      found = !hit && s == best ? k : found;
+      hit = hit || s == best;
+    }
+  }
+  return found;
 }
 
 template <typename T, typename Acc, bool MIN, int MODE>
 __global__ void __launch_bounds__(kThreads, MODE == 0 ? 2 : 1)
 maxplus_fwd_kernel(const Params<T, Acc> p) {
-  __shared__ __align__(16) Acc As[2][kBK][kBM + kPad];
-  __shared__ __align__(16) Acc Bs[2][kBK][kBN + kPad];
-  constexpr Acc kZero = MIN ? Acc(INFINITY) : Acc(-INFINITY);
-
-  // grouped program order: kGroupM tile rows share the B tiles they read in L2
-  const int tm = (p.M + kBM - 1) / kBM, tn = (p.N + kBN - 1) / kBN;
-  const int pid = blockIdx.x, per_group = kGroupM * tn;
-  const int first_m = (pid / per_group) * kGroupM;
-  const int gm = min(tm - first_m, kGroupM);
-  const int m0 = (first_m + (pid % per_group) % gm) * kBM;
-  const int n0 = ((pid % per_group) / gm) * kBN;
+  constexpr bool kTile = MODE == kArgmax;  // argmax per k tile, resolved in the epilogue
+  constexpr bool kAsync = kAsyncFloat && std::is_same_v<T, float>;  // nothing to convert: cp.async
+  // k per tile: 16 with cp.async (no prefetch registers: the per-tile overhead halves), else 8
+  constexpr int BK = kAsync ? 2 * kBK : kBK;
+  constexpr int RA = kBM * BK / kThreads, RB = kBN * BK / kThreads;  // elements per loader thread
+  __shared__ __align__(16) Acc As[2][BK][kBM + kPad];
+  __shared__ __align__(16) Acc Bs[2][BK][kBN + kPad];
+  const Acc zero = zero_of<T, Acc, MIN>();
+  int m0, n0;
+  tile_origin(p.M, p.N, m0, n0);
 
   const int t = threadIdx.x;
   const int tx = t % 16, ty = t / 16;  // compute: rows ty*4 (+64), cols tx*4 (+64)
-  const int la_k = t % kBK, la_m = t / kBK;  // A loader: 8 threads along k, 32 rows per pass
+  const int la_k = t % BK, la_m = t / BK;    // A loader: BK threads along k, kThreads / BK rows per pass
   const int lb_n = t % kBN, lb_k = t / kBN;  // B loader: 128 threads along n, 2 k per pass
-  const int ktiles = (p.K + kBK - 1) / kBK;
+  constexpr int kRowsA = kThreads / BK, kRowsB = kThreads / kBN;
+  const int kbeg = blockIdx.z * p.ksplit, kend = min(p.K, kbeg + p.ksplit);
+  const int ktiles = (kend - kbeg + BK - 1) / BK;
+  int ao[RA];  // clamped rows: every load is in bounds
+#pragma unroll
+  for (int r = 0; r < RA; ++r) ao[r] = min(m0 + la_m + kRowsA * r, p.M - 1) * p.sam;
+  const int bo = min(n0 + lb_n, p.N - 1) * p.sbn;
 
   for (int64_t bat = blockIdx.y; bat < p.batch; bat += gridDim.y) {
     int64_t oa, ob;
@@ -128,47 +294,71 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
     const T* a = p.a + oa;
     const T* b = p.b + ob;
 
-    Acc ra[4], rb[4];  // the next tile, in flight from global memory
+    Acc ra[RA], rb[RB];  // the next tile, in flight from global memory (register path)
     auto load = [&](int kt) {
-      const int ka = kt * kBK + la_k;
+      const int ka = kbeg + kt * BK + la_k;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int m = m0 + la_m + 32 * r;
-        ra[r] = (m < p.M && ka < p.K) ? Acc(a[m * p.sam + ka * p.sak]) : kZero;
-      }
+      for (int r = 0; r < RA; ++r) ra[r] = ka < kend ? stage_in<T, Acc, MIN>(a[ao[r] + ka * p.sak]) : zero;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kb = kt * kBK + lb_k + 2 * r, n = n0 + lb_n;
-        rb[r] = (n < p.N && kb < p.K) ? Acc(b[kb * p.sbk + n * p.sbn]) : kZero;
+      for (int r = 0; r < RB; ++r) {
+        const int kb = kbeg + kt * BK + lb_k + kRowsB * r;
+        rb[r] = kb < kend ? stage_in<T, Acc, MIN>(b[kb * p.sbk + bo]) : zero;
       }
     };
     auto stage = [&](int buf) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) As[buf][la_k][la_m + 32 * r] = ra[r];
+      for (int r = 0; r < RA; ++r) As[buf][la_k][la_m + kRowsA * r] = ra[r];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) Bs[buf][lb_k + 2 * r][lb_n] = rb[r];
+      for (int r = 0; r < RB; ++r) Bs[buf][lb_k + kRowsB * r][lb_n] = rb[r];
+    };
+    auto copy = [&](int kt, int buf) {  // kAsync: the same elements, straight into shared memory
+      const int ka = kbeg + kt * BK + la_k;
+#pragma unroll
+      for (int r = 0; r < RA; ++r) {
+        Acc* dst = &As[buf][la_k][la_m + kRowsA * r];
+        if (ka < kend) __pipeline_memcpy_async(dst, a + ao[r] + ka * p.sak, sizeof(Acc));
+        else *dst = zero;
+      }
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        const int kb = kbeg + kt * BK + lb_k + kRowsB * r;
+        Acc* dst = &Bs[buf][lb_k + kRowsB * r][lb_n];
+        if (kb < kend) __pipeline_memcpy_async(dst, b + kb * p.sbk + bo, sizeof(Acc));
+        else *dst = zero;
+      }
+      __pipeline_commit();
     };
 
-    Acc top1[8][8], top2[8][8];
+    Acc top1[8][8], top2[8][8], tb[8][8];
     int idx[8][8];
+    unsigned tix[8][4];  // kTile: the winning tile of entries (i, 2q) and (i, 2q + 1), 16 bits each
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        top1[i][j] = kZero;
-        if constexpr (MODE & kMargin) top2[i][j] = kZero;
+        top1[i][j] = zero;
+        if constexpr (MODE & kMargin) top2[i][j] = zero;
         if constexpr (MODE & kArgmax) idx[i][j] = 0;
+        if constexpr (kTile) tix[i][j / 2] = 0;
       }
 
     __syncthreads();  // the previous batch's last reads are done
-    load(0);
-    stage(0);
+    if constexpr (kAsync) {
+      copy(0, 0);
+      __pipeline_wait_prior(0);
+    } else {
+      load(0);
+      stage(0);
+    }
     __syncthreads();
     for (int kt = 0; kt < ktiles; ++kt) {
       const int buf = kt & 1;
-      if (kt + 1 < ktiles) load(kt + 1);
+      if (kt + 1 < ktiles) {  // the next tile: buf ^ 1 was last read before the previous barrier
+        if constexpr (kAsync) copy(kt + 1, buf ^ 1);
+        else load(kt + 1);
+      }
 #pragma unroll
-      for (int kk = 0; kk < kBK; ++kk) {
+      for (int kk = 0; kk < BK; ++kk) {
         const Vec4<Acc> a0 = lds4(&As[buf][kk][ty * 4]), a1 = lds4(&As[buf][kk][64 + ty * 4]);
         const Vec4<Acc> b0 = lds4(&Bs[buf][kk][tx * 4]), b1 = lds4(&Bs[buf][kk][64 + tx * 4]);
         Acc av[8], bv[8];
@@ -177,122 +367,210 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
           av[i] = a0.v[i]; av[4 + i] = a1.v[i];
           bv[i] = b0.v[i]; bv[4 + i] = b1.v[i];
         }
-        const int k = kt * kBK + kk;
+        const int k = kbeg + kt * BK + kk;
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            const Acc s = av[i] + bv[j];
-            if constexpr (MODE & kMargin) {
-              const Acc worse = MIN ? fmax(top1[i][j], s) : fmin(top1[i][j], s);
-              top2[i][j] = MIN ? fmin(top2[i][j], worse) : fmax(top2[i][j], worse);
+            if constexpr (MODE == 0) {
+              top1[i][j] = addmax<MIN>(av[i], bv[j], top1[i][j]);
+            } else if constexpr (kTile) {
+              tb[i][j] = kk == 0 ? av[i] + bv[j] : addmax<MIN>(av[i], bv[j], tb[i][j]);
+            } else {
+              const Acc s = av[i] + bv[j];
+              if constexpr (MODE & kMargin) {
+                const Acc worse = MIN ? fmax(top1[i][j], s) : fmin(top1[i][j], s);
+                top2[i][j] = MIN ? fmin(top2[i][j], worse) : fmax(top2[i][j], worse);
+              }
+              if constexpr (MODE & kArgmax) idx[i][j] = better<MIN>(s, top1[i][j]) ? k : idx[i][j];
+              top1[i][j] = combine<MIN>(top1[i][j], s);
             }
-            if constexpr (MODE & kArgmax) idx[i][j] = better<MIN>(s, top1[i][j]) ? k : idx[i][j];
-            top1[i][j] = combine<MIN>(top1[i][j], s);
           }
       }
-      if (kt + 1 < ktiles) stage(buf ^ 1);
+      if constexpr (kTile) {  // record the tile where the best improves (two SEL + one LOP3 per pair)
+        const unsigned ktd = unsigned(kt) * 0x10001u;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const unsigned lo = improves<MIN>(tb[i][2 * q], top1[i][2 * q]) ? ktd : tix[i][q];
+            const unsigned hi = improves<MIN>(tb[i][2 * q + 1], top1[i][2 * q + 1]) ? ktd : tix[i][q];
+            tix[i][q] = (lo & 0xFFFFu) | (hi & 0xFFFF0000u);
+            top1[i][2 * q] = combine<MIN>(top1[i][2 * q], tb[i][2 * q]);
+            top1[i][2 * q + 1] = combine<MIN>(top1[i][2 * q + 1], tb[i][2 * q + 1]);
+          }
+      }
+      if constexpr (kAsync) __pipeline_wait_prior(0);  // this thread's copies have landed
+      else if (kt + 1 < ktiles) stage(buf ^ 1);
       __syncthreads();
     }
 
     const int64_t out0 = bat * int64_t(p.M) * p.N;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+      const int m = sub(m0, ty, i);
       if (m >= p.M) continue;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + j - 4);
+        const int n = sub(n0, tx, j);
         if (n >= p.N) continue;
         const int64_t o = out0 + int64_t(m) * p.N + n;
-        p.c[o] = static_cast<T>(top1[i][j]);
-        if constexpr (MODE & kArgmax) p.idx[o] = idx[i][j];
+        int k = 0;
+        if constexpr (kTile) {
+          const int tile = j % 2 ? int(tix[i][j / 2] >> 16) : int(tix[i][j / 2] & 0xFFFFu);
+          k = resolve<T, Acc, MIN, BK>(a, b, p, m, n, kbeg + tile * BK, kend, top1[i][j]);
+        } else if constexpr (MODE & kArgmax) {
+          k = idx[i][j];
+        }
+        put<T, Acc, MIN>(p, o, top1[i][j], k, MODE & kArgmax);
         if constexpr (MODE & kMargin) {
           const Acc t1 = top1[i][j], t2 = top2[i][j];
           const Acc gap = MIN ? t2 - t1 : t1 - t2;
-          p.margin[o] = static_cast<T>((t2 == kZero && t1 == t1) ? Acc(INFINITY) : gap);
+          p.margin[o] = static_cast<T>((t2 == zero && t1 == t1) ? Acc(INFINITY) : gap);
         }
       }
     }
   }
 }
 
-// Value-only 16-bit path: packed half2 / bf16x2 add and max (HADD2 + HMNMX2), each
-// instruction doing two k steps: a pair (k, k + 1) of one row of A and the same pair of
-// one column of B share a 32-bit register, and the two lanes are collapsed once in the
-// epilogue. Sums are rounded to 16 bits at every step, which loses nothing: rounding is
-// monotone, so max_k round(a + b) = round(max_k (a + b)), the exactly rounded result
-// (overflow to inf included). Ties between k are not tracked, so argmax / margin take
-// the float32 kernel above.
+// Value-only packed path: half2 / bf16x2 add and max (HADD2 + HMNMX2), or int16x2
+// VIADDMNMX (DPX), each instruction doing two k steps: a pair (k, k + 1) of one row of A
+// and the same pair of one column of B share a 32-bit register, and the two lanes are
+// collapsed once in the epilogue. 16-bit float sums are rounded at every step, which
+// loses nothing: rounding is monotone, so max_k round(a + b) = round(max_k (a + b)), the
+// exactly rounded result (overflow to inf included). Ties between k are not tracked, so
+// argmax / margin take the 32-bit kernel above.
 template <typename T>
 struct Packed;
-template <>
-struct Packed<at::Half> {
-  using H = __half;
-  using H2 = __half2;
-  static __device__ __forceinline__ H neg_inf() { return __ushort_as_half(0xFC00); }
-  static __device__ __forceinline__ H pos_inf() { return __ushort_as_half(0x7C00); }
-  static __device__ __forceinline__ H2 pair(H lo, H hi) { return __halves2half2(lo, hi); }
-  static __device__ __forceinline__ H lo(H2 v) { return __low2half(v); }
-  static __device__ __forceinline__ H hi(H2 v) { return __high2half(v); }
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename H_, typename H2_, unsigned short kInfBits>  // half2 / bf16x2
+struct PackedFloat {
+  using H = H_;
+  using H2 = H2_;
+  template <bool MIN>
+  static __device__ __forceinline__ H zero() {
+    const unsigned short bits = MIN ? kInfBits : kInfBits | 0x8000u;  // +inf / -inf
+    H h;
+    memcpy(&h, &bits, sizeof(h));
+    return h;
+  }
+  template <bool MIN>
+  static __device__ __forceinline__ H in(H x) { return x; }
+  template <bool MIN>
+  static __device__ __forceinline__ unsigned in2(unsigned x) { return x; }
+  static __device__ __forceinline__ H2 pair(H lo, H hi) {
+    H2 r;
+    r.x = lo;
+    r.y = hi;
+    return r;
+  }
+  template <bool MIN>
+  static __device__ __forceinline__ H2 step(H2 acc, H2 a, H2 b) {
+    const H2 s = __hadd2(a, b);
+    return MIN ? __hmin2_nan(acc, s) : __hmax2_nan(acc, s);
+  }
+  template <bool MIN>
+  static __device__ __forceinline__ float collapse(H2 v) {
+    return to_float(MIN ? __hmin_nan(v.x, v.y) : __hmax_nan(v.x, v.y));
+  }
 };
 template <>
-struct Packed<at::BFloat16> {
-  using H = __nv_bfloat16;
-  using H2 = __nv_bfloat162;
-  static __device__ __forceinline__ H neg_inf() { return __ushort_as_bfloat16(0xFF80); }
-  static __device__ __forceinline__ H pos_inf() { return __ushort_as_bfloat16(0x7F80); }
-  static __device__ __forceinline__ H2 pair(H lo, H hi) { return __halves2bfloat162(lo, hi); }
-  static __device__ __forceinline__ H lo(H2 v) { return __low2bfloat16(v); }
-  static __device__ __forceinline__ H hi(H2 v) { return __high2bfloat16(v); }
+struct Packed<at::Half> : PackedFloat<__half, __half2, 0x7C00> {};
+template <>
+struct Packed<at::BFloat16> : PackedFloat<__nv_bfloat16, __nv_bfloat162, 0x7F80> {};
+template <>
+struct Packed<int16_t> {
+  using H = int16_t;
+  using H2 = unsigned;
+  template <bool MIN>
+  static __device__ __forceinline__ H zero() { return IntSem<int16_t>::stand_in<MIN>(); }
+  template <bool MIN>
+  static __device__ __forceinline__ H in(H x) { return H(stage_in<int16_t, int, MIN>(x)); }
+  template <bool MIN>  // in() on both halves of a pair
+  static __device__ __forceinline__ unsigned in2(unsigned x) {
+    constexpr unsigned s = unsigned(uint16_t(IntSem<int16_t>::stand_in<MIN>())) * 0x10001u;
+    return MIN ? __vmins2(x, s) : __vmaxs2(x, s);
+  }
+  static __device__ __forceinline__ H2 pair(H lo, H hi) {
+    return unsigned(uint16_t(lo)) | (unsigned(uint16_t(hi)) << 16);
+  }
+  template <bool MIN>
+  static __device__ __forceinline__ H2 step(H2 acc, H2 a, H2 b) {
+    return MIN ? __viaddmin_s16x2(a, b, acc) : __viaddmax_s16x2(a, b, acc);
+  }
+  template <bool MIN>
+  static __device__ __forceinline__ int collapse(H2 v) {
+    const int x = int16_t(v & 0xFFFFu), y = int16_t(v >> 16);
+    return MIN ? min(x, y) : max(x, y);
+  }
 };
 
-constexpr int kBK2 = 16;  // k per tile of the packed kernel: 8 pairs
+template <typename H2>
+__device__ __forceinline__ unsigned bits(H2 x) {
+  unsigned u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+}
 
-template <typename T, bool MIN>
-__global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const Params<T, float> p) {
+// VEC_A: A's rows are k-contiguous, K % 8 == 0 and every row and batch start is 16-byte
+// aligned, so each thread's 8 consecutive k of A are one 128-bit load (a separate
+// instantiation: a scalar fallback beside it in the loop costs spills).
+template <typename T, typename Acc, bool MIN, bool VEC_A>
+__global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const Params<T, Acc> p) {
   using P = Packed<T>;
   using H = typename P::H;
   using H2 = typename P::H2;
-  __shared__ __align__(16) H2 As[2][kBK2 / 2][kBM + kPad];
-  __shared__ __align__(16) H2 Bs[2][kBK2 / 2][kBN + kPad];
-  const H zero = MIN ? P::pos_inf() : P::neg_inf();
-
-  const int tm = (p.M + kBM - 1) / kBM, tn = (p.N + kBN - 1) / kBN;
-  const int pid = blockIdx.x, per_group = kGroupM * tn;
-  const int first_m = (pid / per_group) * kGroupM;
-  const int gm = min(tm - first_m, kGroupM);
-  const int m0 = (first_m + (pid % per_group) % gm) * kBM;
-  const int n0 = ((pid % per_group) / gm) * kBN;
+  // pairs as raw 32-bit words from global memory to shared (the compute reads them as H2)
+  __shared__ __align__(16) unsigned As[2][kBK2 / 2][kBM + kPad];
+  __shared__ __align__(16) unsigned Bs[2][kBK2 / 2][kBN + kPad];
+  const H zero = P::template zero<MIN>();
+  int m0, n0;
+  tile_origin(p.M, p.N, m0, n0);
 
   const int t = threadIdx.x;
   const int tx = t % 16, ty = t / 16;
-  const int la_m = t / 2, la_p = (t % 2) * 4;    // A loader: 8 consecutive k of one row
+  const int la_m = t / 2, la_p = (t % 2) * 4;      // A loader: 8 consecutive k of one row
   const int lb_n = t % kBN, lb_p = (t / kBN) * 4;  // B loader: 8 k of one column
-  const int ktiles = (p.K + kBK2 - 1) / kBK2;
+  const int kbeg = blockIdx.z * p.ksplit, kend = min(p.K, kbeg + p.ksplit);
+  const int ktiles = (kend - kbeg + kBK2 - 1) / kBK2;
+  const int ao = min(m0 + la_m, p.M - 1) * p.sam;
+  const int bo = min(n0 + lb_n, p.N - 1) * p.sbn;
 
   for (int64_t bat = blockIdx.y; bat < p.batch; bat += gridDim.y) {
     int64_t oa, ob;
     p.L.offsets(bat, oa, ob);
     const H* a = reinterpret_cast<const H*>(p.a) + oa;
     const H* b = reinterpret_cast<const H*>(p.b) + ob;
-    H2 ra[4], rb[4];
+    unsigned ra[4], rb[4];
     auto load = [&](int kt) {
-      const int m = m0 + la_m;
+      const int k8 = kbeg + kt * kBK2 + 2 * la_p;  // this thread's 8 consecutive k of A
+      if constexpr (VEC_A) {  // one 128-bit load: 4 pairs (k, k + 1), low half k; kend % 8 == 0
+        if (k8 < kend) {
+          const uint4 v = *reinterpret_cast<const uint4*>(a + ao + k8);
+          ra[0] = P::template in2<MIN>(v.x), ra[1] = P::template in2<MIN>(v.y);
+          ra[2] = P::template in2<MIN>(v.z), ra[3] = P::template in2<MIN>(v.w);
+        } else {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int k = kt * kBK2 + 2 * (la_p + q);
-        const H x0 = (m < p.M && k < p.K) ? a[m * p.sam + k * p.sak] : zero;
-        const H x1 = (m < p.M && k + 1 < p.K) ? a[m * p.sam + (k + 1) * p.sak] : zero;
-        ra[q] = P::pair(x0, x1);
+          for (int q = 0; q < 4; ++q) ra[q] = bits(P::pair(zero, zero));
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int k = k8 + 2 * q;
+          const H x0 = k < kend ? P::template in<MIN>(a[ao + k * p.sak]) : zero;
+          const H x1 = k + 1 < kend ? P::template in<MIN>(a[ao + (k + 1) * p.sak]) : zero;
+          ra[q] = bits(P::pair(x0, x1));
+        }
       }
-      const int n = n0 + lb_n;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const int k = kt * kBK2 + 2 * (lb_p + q);
-        const H y0 = (n < p.N && k < p.K) ? b[k * p.sbk + n * p.sbn] : zero;
-        const H y1 = (n < p.N && k + 1 < p.K) ? b[(k + 1) * p.sbk + n * p.sbn] : zero;
-        rb[q] = P::pair(y0, y1);
+        const int k = kbeg + kt * kBK2 + 2 * (lb_p + q);
+        const H y0 = k < kend ? P::template in<MIN>(b[k * p.sbk + bo]) : zero;
+        const H y1 = k + 1 < kend ? P::template in<MIN>(b[(k + 1) * p.sbk + bo]) : zero;
+        rb[q] = bits(P::pair(y0, y1));
       }
     };
     auto stage = [&](int buf) {
@@ -326,27 +604,22 @@ __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const P
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const H2 s = __hadd2(av[i], bv[j]);
-            acc[i][j] = MIN ? __hmin2_nan(acc[i][j], s) : __hmax2_nan(acc[i][j], s);
-          }
+          for (int j = 0; j < 8; ++j) acc[i][j] = P::template step<MIN>(acc[i][j], av[i], bv[j]);
       }
       if (kt + 1 < ktiles) stage(buf ^ 1);
       __syncthreads();
     }
 
-    H* c = reinterpret_cast<H*>(p.c);
     const int64_t out0 = bat * int64_t(p.M) * p.N;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+      const int m = sub(m0, ty, i);
       if (m >= p.M) continue;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + j - 4);
+        const int n = sub(n0, tx, j);
         if (n >= p.N) continue;
-        const H x = P::lo(acc[i][j]), y = P::hi(acc[i][j]);
-        c[out0 + int64_t(m) * p.N + n] = MIN ? __hmin_nan(x, y) : __hmax_nan(x, y);
+        put<T, Acc, MIN>(p, out0 + int64_t(m) * p.N + n, Acc(P::template collapse<MIN>(acc[i][j])), 0, false);
       }
     }
   }
@@ -354,14 +627,40 @@ __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const P
 
 // Launches the packed kernel for 16-bit T (true), or does nothing (false).
 template <typename T, typename Acc>
-bool launch_packed(const Params<T, Acc>& p, bool minplus, dim3 grid, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
-    if (minplus) maxplus_fwd_packed_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
-    else maxplus_fwd_packed_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+bool launch_packed(const Params<T, Acc>& p, bool minplus, bool vec_a, dim3 grid, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, int16_t>) {
+    auto go = [&](auto min_c, auto vec_c) {
+      maxplus_fwd_packed_kernel<T, Acc, decltype(min_c)::value, decltype(vec_c)::value>
+          <<<grid, kThreads, 0, stream>>>(p);
+    };
+    if (minplus) vec_a ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
+    else vec_a ? go(std::false_type{}, std::true_type{}) : go(std::false_type{}, std::false_type{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   } else {
     return false;
+  }
+}
+
+// Split-K: combines the slices' raw bests in k order into C (and argmax).
+template <typename T, typename Acc, bool MIN>
+__global__ void maxplus_split_reduce_kernel(const Acc* __restrict__ part, const int* __restrict__ part_idx,
+                                            T* __restrict__ c, int64_t* __restrict__ idx, int splits,
+                                            int64_t total) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    Acc best = part[e];
+    int k = part_idx ? part_idx[e] : 0;
+    for (int s = 1; s < splits; ++s) {
+      const Acc v = part[s * total + e];
+      if (best == best && improves<MIN>(v, best)) {  // strictly better, or the first NaN
+        best = v;
+        if (part_idx) k = part_idx[s * total + e];
+      }
+    }
+    bool dead;
+    c[e] = finish<T, Acc, MIN>(best, dead);
+    if (idx) idx[e] = dead ? 0 : k;
   }
 }
 
@@ -407,7 +706,9 @@ bool make_batch(const std::vector<int64_t>& lead, const at::Tensor& a, const at:
 void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got device ", a.device());
   TORCH_CHECK(b.device() == a.device(), op, ": b is on ", b.device(), " but a is on ", a.device());
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": a must be floating point, got ", a.scalar_type());
+  const auto st = a.scalar_type();
+  TORCH_CHECK(at::isFloatingType(st) || st == at::kInt || st == at::kShort, op,
+              ": a must be floating point, int32 or int16, got ", st);
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b has dtype ", b.scalar_type(), " but a has ",
               a.scalar_type());
   TORCH_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": a and b need at least 2 dims, got ", fmt(a.sizes()), " and ",
@@ -421,10 +722,33 @@ void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
               ": one matrix of a or b spans 2**31 elements or more; the kernel uses 32-bit offsets within a matrix");
 }
 
+// Number of K slices for speed: enough blocks for two per SM when the output tiles alone
+// are too few, each slice at least 256 k. GEOKERN_MAXPLUS_SPLITS=n forces n (1: off).
+int choose_splits_for_speed(int64_t tiles, int64_t K) {
+  if (const char* env = std::getenv("GEOKERN_MAXPLUS_SPLITS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return int(std::min<int64_t>({n, kMaxSplits, (K + kBK2 - 1) / kBK2}));
+  }
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t want = 2 * int64_t(sms);
+  if (tiles >= want / 2) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>({(want + tiles - 1) / tiles, K / 256, kMaxSplits})));
+}
+
+// Number of K slices: 1 where splitting is not allowed (margin), else at least `least`.
+int choose_splits(int64_t tiles, int64_t K, bool allowed, int64_t least) {
+  if (!allowed) return 1;
+  return int(std::max<int64_t>(least, choose_splits_for_speed(tiles, K)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                                                             bool minplus, bool want_argmax, bool want_margin) {
   const char* op = "maxplus_cuda";
   check_pair(op, a_in, b_in);
+  const bool is_int = !at::isFloatingType(a_in.scalar_type());
+  TORCH_CHECK(!(is_int && want_margin), op, ": margin is float-only, got ", a_in.scalar_type(), " inputs");
   at::Tensor a = a_in, b = b_in;
   auto lead = broadcast_leading("maxplus_cuda", a, b, 2);
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
@@ -436,8 +760,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
                              a.options().dtype(at::kLong));
   at::Tensor mg = at::empty(want_margin ? at::IntArrayRef(shape) : at::IntArrayRef({0}), a.options());
   if (c.numel() == 0) return {c, idx, mg};
-  if (K == 0) {  // the semiring zero, no route
-    c.fill_(minplus ? INFINITY : -INFINITY);
+  if (K == 0) {  // the semiring zero (the integer sentinel), no route
+    if (a.scalar_type() == at::kInt) c.fill_(minplus ? INT32_MAX : INT32_MIN);
+    else if (a.scalar_type() == at::kShort) c.fill_(minplus ? INT16_MAX : INT16_MIN);
+    else c.fill_(minplus ? INFINITY : -INFINITY);
     if (want_argmax) idx.fill_(-1);
     if (want_margin) mg.fill_(INFINITY);
     return {c, idx, mg};
@@ -455,27 +781,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
   c10::cuda::CUDAGuard guard(a.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int tiles = int(((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN));
-  const dim3 grid(tiles, unsigned(std::min<int64_t>(batch, 65535)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "maxplus_cuda", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  // argmax alone records 16-bit tile numbers: at most 65535 tiles of kBK per slice
+  const int64_t least = want_argmax && !want_margin ? (K + 65535 * kBK - 1) / (65535 * kBK) : 1;
+  const int want_splits = choose_splits(int64_t(tiles) * batch, K, !want_margin, least);
+  // k per slice: a multiple of both kernels' k tile; the slice count follows from it
+  const int64_t ksplit = ((K + want_splits - 1) / want_splits + kBK2 - 1) / kBK2 * kBK2;
+  const int splits = int((K + ksplit - 1) / ksplit);
+  const dim3 grid(tiles, unsigned(std::min<int64_t>(batch, 65535)), unsigned(splits));
+  // strides of size-1 dims never multiply a nonzero index: 0 keeps them in 32 bits
+  const int sam = M > 1 ? int(a.stride(-2)) : 0, sak = K > 1 ? int(a.stride(-1)) : 0;
+  const int sbk = K > 1 ? int(b.stride(-2)) : 0, sbn = N > 1 ? int(b.stride(-1)) : 0;
+  // 16-bit A rows read 8 k at a time: k-contiguous, every row and batch start 16-byte aligned
+  bool vec_a = a.element_size() == 2 && sak == 1 && K % 8 == 0 && sam % 8 == 0 && aligned16(a.const_data_ptr());
+  for (int d = 0; d < kMaxDims; ++d) vec_a = vec_a && L.a[d] % 8 == 0;
+  // int16x2 DPX is one instruction from sm_90 on; before, it is emulated (several SIMD
+  // instructions and 1 KB of spills in the packed kernel), so int16 takes the int32 kernel
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
+  const bool packed_ok = a.scalar_type() != at::kShort || major >= 9;
+  AT_DISPATCH_FLOATING_TYPES_AND4(at::kHalf, at::kBFloat16, at::kInt, at::kShort, a.scalar_type(), "maxplus_cuda", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double,
+                                   std::conditional_t<std::is_integral_v<scalar_t>, int, float>>;
+    at::Tensor part, part_idx;
+    if (splits > 1) {
+      const auto acc_type = std::is_same_v<Acc, double> ? at::kDouble : std::is_same_v<Acc, int> ? at::kInt : at::kFloat;
+      part = at::empty({splits, c.numel()}, a.options().dtype(acc_type));
+      if (want_argmax) part_idx = at::empty({splits, c.numel()}, a.options().dtype(at::kInt));
+    }
     Params<scalar_t, Acc> p{a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
                             c.mutable_data_ptr<scalar_t>(),
                             want_argmax ? idx.mutable_data_ptr<int64_t>() : nullptr,
                             want_margin ? mg.mutable_data_ptr<scalar_t>() : nullptr,
-                            int(M), int(N), int(K), a.stride(-2), a.stride(-1), b.stride(-2), b.stride(-1),
-                            batch, L};
-    if (!want_argmax && !want_margin && launch_packed(p, minplus, grid, stream)) return;
-    auto go = [&](auto min_c, auto mode_c) {
-      maxplus_fwd_kernel<scalar_t, Acc, decltype(min_c)::value, decltype(mode_c)::value>
-          <<<grid, kThreads, 0, stream>>>(p);
+                            splits > 1 ? part.mutable_data_ptr<Acc>() : nullptr,
+                            splits > 1 && want_argmax ? part_idx.mutable_data_ptr<int>() : nullptr,
+                            int(M), int(N), int(K), sam, sak, sbk, sbn, int(ksplit), batch, L};
+    auto reduce = [&](auto min_c) {
+      if (splits == 1) return;
+      const int64_t total = c.numel();
+      maxplus_split_reduce_kernel<scalar_t, Acc, decltype(min_c)::value>
+          <<<grid_for(total, kThreads), kThreads, 0, stream>>>(p.part, p.part_idx, p.c, p.idx, splits, total);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    auto go = [&](auto min_c, auto mode_c) {
+      constexpr int mode = decltype(mode_c)::value;
+      if constexpr (std::is_integral_v<scalar_t> && (mode & kMargin)) {
+        TORCH_CHECK(false, "maxplus_cuda: margin is float-only");
+      } else {
+        maxplus_fwd_kernel<scalar_t, Acc, decltype(min_c)::value, mode><<<grid, kThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     };
     auto by_mode = [&](auto min_c) {
       const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
-      if (mode == 0) go(min_c, std::integral_constant<int, 0>{});
+      if (mode == 0 && packed_ok && launch_packed(p, decltype(min_c)::value, vec_a, grid, stream)) {}
+      else if (mode == 0) go(min_c, std::integral_constant<int, 0>{});
       else if (mode == kArgmax) go(min_c, std::integral_constant<int, kArgmax>{});
       else if (mode == kMargin) go(min_c, std::integral_constant<int, kMargin>{});
       else go(min_c, std::integral_constant<int, kArgmax | kMargin>{});
+      reduce(min_c);
     };
     if (minplus) by_mode(std::true_type{});
     else by_mode(std::false_type{});

@@ -9,6 +9,10 @@ a + b itself overflows or loses bits (operands of very different magnitude).
 The backward routes dC along the argmax only; the forward records the argmax whenever
 A or B requires grad. dA and dB are accumulated in float32 with atomic adds on the
 GPU: their last bits may vary from run to run where several entries share a route.
+
+Integer inputs (int16, int32; the sentinel and the exact range are documented in
+geokern.reference.maxplus) run forward only: integer tensors cannot require grad, so
+they bypass the autograd Function; margin is float-only.
 """
 
 import torch
@@ -24,6 +28,7 @@ __all__ = ["maxplus_matmul"]
 _PREFER = ("cuda", "triton")  # measured on H100: see benchmarks/results
 _OP = "maxplus_matmul"
 _INT32_MAX = 2**31 - 1
+_DTYPES = FLOAT_DTYPES + ref.INT_DTYPES
 
 
 # ---- custom ops ----------------------------------------------------------------
@@ -49,8 +54,20 @@ def _fake_bwd(grad, argmax, a_shape, b_shape):
     return grad.new_empty(a_shape), grad.new_empty(b_shape)
 
 
+def _semiring_zero(dtype, minplus):
+    """The value an empty K gives: -inf / +inf, or the integer sentinel."""
+    if dtype.is_floating_point:
+        return float("inf") if minplus else float("-inf")
+    return ref.int_sentinel(dtype, "minplus" if minplus else "maxplus")
+
+
 def _ref_fwd(a, b, minplus, want_argmax, want_margin):
-    c, idx, mg = ref.maxplus_matmul(a, b, True, True, "minplus" if minplus else "maxplus")
+    semiring = "minplus" if minplus else "maxplus"
+    if not a.dtype.is_floating_point:  # no margin for integers
+        c, idx = ref.maxplus_matmul(a, b, True, False, semiring)
+        mg = a.new_empty((0,))
+    else:
+        c, idx, mg = ref.maxplus_matmul(a, b, True, True, semiring)
     empty = a.new_empty((0,))
     return (
         c.contiguous(),
@@ -75,9 +92,10 @@ def _fwd_triton(
     idx = a.new_empty(shape if want_argmax else (0,), dtype=torch.int64)
     mg = a.new_empty(shape if want_margin else (0,))
     if a.shape[-1] == 0:  # empty K: the semiring zero, no route
-        c.fill_(float("inf") if minplus else float("-inf"))
+        c.fill_(_semiring_zero(a.dtype, minplus))
         idx.fill_(-1)
-        mg.fill_(float("inf"))
+        if want_margin:
+            mg.fill_(float("inf"))
         return c, idx, mg
     tk.maxplus_fwd(a, b, c, idx if want_argmax else None, mg if want_margin else None, shape[:-2], minplus, launch)
     return c, idx, mg
@@ -136,8 +154,8 @@ class MaxplusMatmulFunction(torch.autograd.Function):
 
 
 def _check(A, B, return_argmax, return_margin, semiring):
-    check_tensor(_OP, "A", A, dtypes=FLOAT_DTYPES, min_dim=2)
-    check_tensor(_OP, "B", B, dtypes=FLOAT_DTYPES, min_dim=2)
+    check_tensor(_OP, "A", A, dtypes=_DTYPES, min_dim=2)
+    check_tensor(_OP, "B", B, dtypes=_DTYPES, min_dim=2)
     check_same(_OP, {"A": A, "B": B})
     if A.shape[-1] != B.shape[-2]:
         raise ValueError(
@@ -155,6 +173,8 @@ def _check(A, B, return_argmax, return_margin, semiring):
     for name, flag in (("return_argmax", return_argmax), ("return_margin", return_margin)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_OP}: {name} must be a bool, got {type(flag).__name__}")
+    if return_margin and not A.dtype.is_floating_point:
+        raise TypeError(f"{_OP}: return_margin is float-only, got {A.dtype} inputs (argmax is supported)")
 
 
 def maxplus_matmul(
@@ -172,6 +192,10 @@ def maxplus_matmul(
     (C, argmax) / (C, margin) / (C, argmax, margin) as asked: argmax (int64) is the
     winning k (ties -> smallest k), margin the gap to the runner-up (see
     geokern.reference.maxplus). Differentiable in A and B along the argmax route.
+
+    Also takes int16 / int32 (forward only, no margin): the dtype's minimum acts as -inf
+    for max-plus, its maximum as +inf for min-plus; exact for finite inputs in
+    [-INT_BOUND, INT_BOUND] = [-5460, 5460] (int16), [-357913940, 357913940] (int32).
     """
     _check(A, B, return_argmax, return_margin, semiring)
     be = _backend.resolve(_OP, backend, A.device, _PREFER)
@@ -182,6 +206,9 @@ def maxplus_matmul(
             f"{_OP}: backend {be!r} indexes one matrix with 32-bit offsets; A {tuple(A.shape)} or "
             f"B {tuple(B.shape)} has a matrix of more than 2**31 - 1 elements (use backend='torch')"
         )
+    if not A.dtype.is_floating_point:  # integers carry no gradient: no autograd Function
+        c, idx, _ = _KERNELS[be][0](A, B, semiring == "minplus", return_argmax, False)
+        return (c, idx) if return_argmax else c
     need_route = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
     c, idx, mg = MaxplusMatmulFunction.apply(
         A, B, semiring == "minplus", return_argmax or need_route, return_margin, be

@@ -25,12 +25,53 @@ Memory-bounded: K is processed in chunks so that no M x K x N tensor is formed
 16-bit inputs are summed in their own dtype (rounding is monotone, so the max of the
 rounded sums equals the rounded max: only the argmax among near-ties can differ from
 a float32 computation).
+
+Integer inputs (int16, int32; forward only: integer tensors carry no gradient) are for
+dynamic programmes such as all-pairs shortest paths. The dtype's extreme values are the
+semiring zeros: for max-plus the most negative value (-2**15 for int16, -2**31 for int32)
+acts as -inf, for min-plus the most positive (2**15 - 1, 2**31 - 1) acts as +inf. A sum
+with the sentinel is the sentinel, an entry whose sums all involve it is the sentinel
+(argmax 0), and an empty K gives it. Results are exact for finite inputs in
+[-INT_BOUND, INT_BOUND] (5460 for int16, 357913940 for int32: a third of a quarter of the
+range, so that every finite sum and every sum with the kernels' internal stand-in for the
+sentinel stays inside the dtype without wrapping); results are then in
+[-2 * INT_BOUND, 2 * INT_BOUND]. Outside that range the reference saturates (finite
+results are clamped to the dtype, short of the sentinel); the kernels' sums may wrap and
+their results are unspecified. Margin is float-only.
 """
 
 import torch
 
 SEMIRINGS = ("maxplus", "minplus")
+INT_DTYPES = (torch.int16, torch.int32)
 _CHUNK_ELEMS = 1 << 24
+
+
+def int_bound(dtype):
+    """INT_BOUND of an integer dtype: finite inputs in [-INT_BOUND, INT_BOUND] give exact results.
+
+    (2**(bits-2) - 2) // 3: the kernels stand the sentinel in by +-2**(bits-2) (less one for
+    min-plus), and a stand-in sum must stay beyond every finite sum: s - INT_BOUND > 2 INT_BOUND."""
+    return (2 ** (torch.iinfo(dtype).bits - 2) - 2) // 3
+
+
+def int_sentinel(dtype, semiring):
+    """The value of an integer dtype that stands for the semiring zero (-inf / +inf)."""
+    info = torch.iinfo(dtype)
+    return info.min if semiring == "maxplus" else info.max
+
+
+def _int_matmul(A, B, return_argmax, semiring):
+    """Integer inputs: the float64 definition with the sentinel as the semiring zero."""
+    zero = int_sentinel(A.dtype, semiring)
+    inf = float("-inf") if semiring == "maxplus" else float("inf")
+    a = A.double().masked_fill(A == zero, inf)
+    b = B.double().masked_fill(B == zero, inf)
+    C, idx = maxplus_matmul(a, b, True, False, semiring)
+    info = torch.iinfo(A.dtype)
+    lo, hi = (info.min + 1, info.max) if semiring == "maxplus" else (info.min, info.max - 1)
+    C = torch.where(torch.isinf(C), float(zero), C.clamp(lo, hi)).to(A.dtype)
+    return (C, idx) if return_argmax else C
 
 
 def _route(A, B):
@@ -68,6 +109,10 @@ def maxplus_matmul(A, B, return_argmax=False, return_margin=False, semiring="max
         raise ValueError(f"maxplus_matmul: semiring must be one of {SEMIRINGS}, got {semiring!r}")
     if A.dim() < 2 or B.dim() < 2 or A.shape[-1] != B.shape[-2]:
         raise ValueError(f"maxplus_matmul: A (..., M, K) and B (..., K, N) do not match: {tuple(A.shape)}, {tuple(B.shape)}")
+    if A.dtype in INT_DTYPES:
+        if return_margin:
+            raise TypeError(f"maxplus_matmul: return_margin is float-only, got {A.dtype} inputs")
+        return _int_matmul(A, B, return_argmax, semiring)
     sign = 1.0 if semiring == "maxplus" else -1.0
     lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
