@@ -34,11 +34,30 @@ step info $PY -c "import geokern, json; print(json.dumps(geokern.info(), indent=
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >>"$LOG" 2>&1
 # tests take one fixed config per Triton kernel (GEOKERN_AUTOTUNE=0): autotuning every
 # test shape would cost minutes and test nothing the benchmarks do not
-step tests env GEOKERN_AUTOTUNE=0 $PY -m pytest tests -q -p no:cacheprovider $K
+# The test files run in JOBS pytest processes at once (one GPU is far from busy with one):
+# shards() deals the files out largest first, so the processes end together.
+JOBS=${JOBS:-4}
+shards() {
+  ls -S tests/test_*.py | awk -v n="$JOBS" '{ s[NR % n] = s[NR % n] " " $0 } END { for (i in s) print s[i] }'
+}
+parallel() {  # parallel NAME CMD...: CMD + one shard's files in each process; logs appended in order
+  local name=$1; shift
+  local i=0 pids=() rc=0
+  while read -r files; do
+    # exit 5: the -k filter left nothing to run in this shard, which is no failure
+    ( "$@" $files; r=$?; [ $r -eq 5 ] && r=0; exit $r ) >"$OUT/$name.$i.log" 2>&1 &
+    pids+=($!); i=$((i + 1))
+  done < <(shards)
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for f in "$OUT/$name".*.log; do cat "$f"; rm -f "$f"; done
+  return $rc
+}
+step tests parallel tests env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $K
 # Each allocation its own cudaMalloc, so memcheck sees out-of-bounds accesses that the
 # caching allocator would otherwise hide inside a larger block.
-step sanitizer env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-  $PY -m pytest tests -q -p no:cacheprovider -k "cuda and not compile${SELECT:+ and $SELECT}"
+step sanitizer parallel sanitizer env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  compute-sanitizer --tool memcheck --error-exitcode 1 \
+  $PY -m pytest -q -p no:cacheprovider -k "cuda and not compile${SELECT:+ and $SELECT}"
 [ "${BENCH:-1}" = 0 ] || step bench $PY -m geokern.bench --out "$OUT" ${SELECT:+--family $SELECT}
 echo "=== make gpu: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
 exit $status
