@@ -236,6 +236,9 @@ def retrieval_attn_fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
+    scale = tl.cast(scale, tl.float32)
+    eps = tl.cast(eps, tl.float32)
     # one program per (query tile, batch). Segment 1: the row's keys (s* strides, optional mask);
     # segment 2 (HAS_BANK): the bank (t* strides, unmasked), read through its own strides, so a
     # bank shared by the batch is one copy in memory. EVEN_*: a length is a multiple of every block.
@@ -449,6 +452,10 @@ def retrieval_attn_bwd_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
+    scale = tl.cast(scale, tl.float32)
+    beta = tl.cast(beta, tl.float32)
+    eps = tl.cast(eps, tl.float32)
     # one program per (key tile, batch); key tiles of segment 1 first, then those of the bank.
     # qw, qn, do, lse, delta, dqa, rs are [NB, LQ, *] contiguous.
     pid_n = tl.program_id(0)

@@ -28,6 +28,8 @@ def retrieval_cost_fwd_kernel(q_ptr, k_ptr, w_ptr, r_ptr, out_ptr,
                               sq0, sq1, sql, sqf, sk0, sk1, skl, skf, sr0, sr1, srl, srm,
                               NB1, LQ, M, F, eps,
                               BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_F: tl.constexpr):
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
+    eps = tl.cast(eps, tl.float32)
     pid_x = tl.program_id(0)
     pid_y = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -61,6 +63,8 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
                               BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_F: tl.constexpr):
     """One side of the cost's backward for a tile of BLOCK_X points x: out [.., LX, F] (w sum c (x - y)),
     outw (sum c (x - y)^2 / 2), drx (sum g spd), drp (g spd per pair). F <= BLOCK_F."""
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
+    eps = tl.cast(eps, tl.float32)
     pid_x = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     xb0, xb1 = pid_b // NX1, pid_b % NX1

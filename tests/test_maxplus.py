@@ -163,8 +163,11 @@ def test_backward_matches_reference(shape, dtype, backend):
     A64, B64 = A.detach().to(acc).double().requires_grad_(), B.detach().to(acc).double().requires_grad_()
     _, route = ref.maxplus_matmul(A.detach().to(acc), B.detach().to(acc), return_argmax=True)
     dA64, dB64 = ref.maxplus_matmul_backward(g.double(), route, A.shape, B.shape)
-    Al, Bl = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
-    dAl, dBl = torch.autograd.grad(ref.maxplus_matmul(Al, Bl), (Al, Bl), g)
+    # the same-dtype baseline: the route torch finds in the input dtype. (Not autograd through
+    # the reference's gather: its bf16 backward is a 32-bit atomic on a 16-bit element, which
+    # compute-sanitizer reports past the end of an odd-sized gradient.)
+    _, route_d = ref.maxplus_matmul(A.detach(), B.detach(), return_argmax=True)
+    dAl, dBl = ref.maxplus_matmul_backward(g, route_d, A.shape, B.shape)
     assert dA.dtype == dtype and dB.dtype == dtype
     assert_close(f"{backend} grad A", dA, dA64, dAl)
     assert_close(f"{backend} grad B", dB, dB64, dBl)

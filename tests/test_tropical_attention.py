@@ -97,7 +97,13 @@ def test_matches_reference(shape, dtype, backend):
         fin = torch.isfinite(g64)
         assert torch.equal(torch.isfinite(gamma), fin), f"{what} margin: +inf positions differ"
         if fin.any():
-            assert_close(f"{what} margin", gamma[fin], g64[fin], gsame[fin])
+            # a margin is the difference of two maxima of the scores' size: its rounding error
+            # scales with them, not with the (possibly small) margin
+            err = (gamma[fin].double() - g64[fin]).abs().max().item()
+            base = (gsame[fin].double() - g64[fin]).abs().max().item()
+            scale = y64.abs().max().item() + 1.0
+            bound = 2 * base + 8 * torch.finfo(dtype).eps * scale
+            assert err <= bound, f"{what} margin: largest error {err:.3e} > bound {bound:.3e} (same-dtype torch {base:.3e})"
 
 
 def _core(backend, q, k, v, causal, center):
@@ -128,8 +134,13 @@ def test_routes_reproduce_the_output(shape, backend):
             # float32 scores are the exact ones rounded once: their maximum may sit one ulp off
             torch.testing.assert_close(m.squeeze(-1), s.amax(-1), rtol=1e-6, atol=1e-6,
                                        msg=f"{backend}: rowarg is not a score maximum")
-        want = s.gather(-1, j) + vr.gather(2, j) - m
-        torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6, msg=f"{backend}: route vs output")
+        sj, vj = s.gather(-1, j), vr.gather(2, j)
+        want = sj + vj - m
+        # y is s + v - m in float32: a few roundings of each term's size (a wrong route is off by O(1))
+        err = (y.double() - want).abs()
+        bound = 4 * torch.finfo(torch.float32).eps * (sj.abs() + vj.abs() + m.abs()) + 1e-7
+        assert (err <= bound).all(), (f"{backend}: route vs output, largest error {err.max().item():.3e} "
+                                      f"(bound there {bound.flatten()[err.argmax()].item():.3e})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

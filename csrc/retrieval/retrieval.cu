@@ -498,7 +498,8 @@ __global__ void __launch_bounds__(kCombineCols) attn_combine_kernel(const float*
     const int64_t c = cc * kCombineCols + threadIdx.x;
     if (c < DV) {
       float a = 0.f;
-#pragma unroll 8
+      // not unrolled: memcheck saw the 8-way unrolled loop's 128-bit shared loads read past [S + 1]
+#pragma unroll 1
       for (int64_t s = 0; s < S; ++s) a = fmaf(wsm[s], part_acc[(s * rows + row) * DV + c], a);
       out[row * DV + c] = static_cast<T>(a * wsm[S]);
     }
@@ -676,12 +677,13 @@ void launch_reduce(const XY& p, cudaStream_t stream) {
 
 // dq, dk, dr, dw of the cost from dcost g (strides sg over [b0, b1, LQ, M], float32). The query
 // side (dq, dwp and drq: dR per batch / query / pair) is written; the key side (dk and drk: dR per
-// key) is added to when acc_k (the backward runs over chunks of queries).
+// key) is added to when acc_k (the backward runs over chunks of queries). mode is R's mode
+// (r_mode of the whole R: a chunk of one query would look like R per key).
 template <typename T>
 void cost_backward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& r,
                         const float* g, S4 sg, const CostShape& s, float eps, at::Tensor& dq, at::Tensor& dk,
-                        at::Tensor& drq, at::Tensor& drk, at::Tensor& dwp, bool acc_k, cudaStream_t stream) {
-  const int mode = r_mode(r);
+                        at::Tensor& drq, at::Tensor& drk, at::Tensor& dwp, bool acc_k, cudaStream_t stream,
+                        int mode) {
   const S4 sq = bstrides(q), sk = bstrides(k), sr = bstrides(r);
   XY a{};
   a.x = q.const_data_ptr<T>();
@@ -752,7 +754,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieval_cost_backwa
     dispatch_kernel_dtype(q.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       cost_backward_into<T>(q, k, w, r, grad.const_data_ptr<float>(), bstrides(grad), s, float(eps), dq, dk, dr, dr,
-                            dwp, false, stream);
+                            dwp, false, stream, r_mode(r));
     });
   }
   return {dq, dk, dr, dwp.sum(0)};
@@ -940,7 +942,7 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
       else go(attn_fwd_kernel<T, 1, 1>);
     }
     if (!p.direct) {
-      const size_t csm = (S_total + 1) * sizeof(float);
+      const size_t csm = (S_total + 1 + 4) * sizeof(float);  // + one 16-byte vector of slack
       TORCH_CHECK(csm <= 48 * 1024, op, ": too many key splits");
       const int64_t blocks = rows * ((a.DV + kCombineCols - 1) / kCombineCols);
       attn_combine_kernel<T><<<unsigned(grid_x(blocks, 64)), kCombineCols, csm, stream>>>(
@@ -1020,7 +1022,7 @@ void segment_backward_chunk(const char* op, const AttnShape& a, int64_t i0, int6
     attn_pair_kernel<T><<<unsigned(grid_x((dp.numel() + 255) / 256, 32)), 256, 0, stream>>>(pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cost_backward_into<T>(qc, k, w, rc, dp.const_data_ptr<float>(), sg, CostShape{a.NB0, a.NB1, n, M, a.F},
-                          float(eps), dq_c, dk, drq, dr, dwp, i0 > 0, stream);
+                          float(eps), dq_c, dk, drq, dr, dwp, i0 > 0, stream, mode);
   });
   dv.add_(at::bmm(P.transpose(1, 2), dog).reshape({d.n0k, d.n1k, M, a.DV}));
   dq.narrow(2, i0, n).add_(dq_c);
