@@ -11,7 +11,7 @@ dB = conj(A) dC), summed over broadcast dims in float32.
 import torch
 
 from geokern import _backend
-from geokern._checks import FLOAT_DTYPES, broadcast_leading, check_same, check_tensor
+from geokern._checks import FLOAT_DTYPES, broadcast_leading, broadcast_shapes, check_same, check_tensor
 from geokern.kernels import hypercomplex as tk
 from geokern.ops._registry import cuda_op, triton_op
 from geokern.reference import hypercomplex as ref
@@ -26,7 +26,7 @@ _PREFER = ("cuda", "triton")  # measured on H100: see benchmarks/results
 
 
 def _fake_mul(a, b, n):
-    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    lead = broadcast_shapes(a.shape[:-1], b.shape[:-1])
     return a.new_empty(tuple(lead) + (n,))
 
 
@@ -48,7 +48,7 @@ _conj_cuda = cuda_op("hypercomplex_conj_cuda", _fake_conj, _ref_conj)
 
 
 def _mul_triton(a: torch.Tensor, b: torch.Tensor, n: int, launch=None) -> torch.Tensor:
-    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    lead = broadcast_shapes(a.shape[:-1], b.shape[:-1])
     c = a.new_empty(tuple(lead) + (n,))
     return tk.hypercomplex_fwd(a, b, c, lead, n, tk.MUL, launch)
 

@@ -18,7 +18,7 @@ they bypass the autograd Function; margin is float-only.
 import torch
 
 from geokern import _backend
-from geokern._checks import FLOAT_DTYPES, check_same, check_tensor
+from geokern._checks import FLOAT_DTYPES, broadcast_shapes, check_same, check_tensor
 from geokern.kernels import maxplus as tk
 from geokern.ops._registry import cuda_op, triton_op
 from geokern.reference import maxplus as ref
@@ -38,7 +38,7 @@ _DTYPES = FLOAT_DTYPES + ref.INT_DTYPES
 
 
 def _out_shape(a, b):
-    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return tuple(lead) + (a.shape[-2], b.shape[-1])
 
 
@@ -163,7 +163,7 @@ def _check(A, B, return_argmax, return_margin, semiring):
             f"B has shape {tuple(B.shape)}"
         )
     try:
-        torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+        broadcast_shapes(A.shape[:-2], B.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"{_OP}: batch dims of A {tuple(A.shape)} and B {tuple(B.shape)} do not broadcast"

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from geokern import _backend
-from geokern._checks import check_same, check_tensor
+from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
 from geokern.kernels import retrieval_cost as tkc
 from geokern.metric import Diag, Metric
@@ -57,7 +57,7 @@ def _cuda_unavailable(op, backend, device):
 
 
 def _lead(q, k, v):
-    return tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
+    return tuple(broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
 
 
 def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
@@ -100,7 +100,7 @@ def _grad_shapes(lead, q, k, v, r):
 
 
 def _cost_fake(q, k, w, r, eps):
-    lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2]))
+    lead = tuple(broadcast_shapes(q.shape[:2], k.shape[:2]))
     return q.new_empty(lead + (q.shape[2], k.shape[2]), dtype=torch.float32)
 
 
@@ -134,7 +134,7 @@ def _cost_bwd_cpu(grad, q, k, w, r, eps):
 
 def _segs_cat(q, ks, vs, rs, masks):
     """The segments as one key set (the CPU reference of the segmented op)."""
-    lead = tuple(torch.broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
+    lead = tuple(broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
     lq = q.shape[2]
     kc = torch.cat([k.expand(lead + tuple(k.shape[2:])) for k in ks], 2)
     vc = torch.cat([v.expand(lead + tuple(v.shape[2:])) for v in vs], 2)
@@ -147,7 +147,7 @@ def _segs_cat(q, ks, vs, rs, masks):
 
 
 def _attn_cuda_fake(q, ks, vs, w, rs, masks, beta, eps):
-    lead = tuple(torch.broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
+    lead = tuple(broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
     return (q.new_empty(lead + (q.shape[2], vs[0].shape[3]), dtype=vs[0].dtype),
             q.new_empty(lead + (q.shape[2],), dtype=torch.float32))
 
@@ -323,7 +323,7 @@ def _check_inputs(op, query, keys, values, R, metric, eps, mask):
     _check_number(op, "eps", eps)
     q, k, squeeze = ref.as_batched(query, keys)
     try:
-        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2],
+        lead = broadcast_shapes(q.shape[:-2], k.shape[:-2],
                                       *([] if values is None else [ref._values_batched(values).shape[:-2]]))
     except RuntimeError:
         raise ValueError(f"{op}: leading dims of query {tuple(query.shape)}, keys {tuple(keys.shape)}"
@@ -352,7 +352,7 @@ def _check_broadcast(op, name, shape, target, squeeze):
     ok = len(shape) <= len(target)
     if ok:
         try:
-            ok = tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+            ok = tuple(broadcast_shapes(shape, target)) == tuple(target)
         except RuntimeError:
             ok = False
     if not ok:
@@ -460,7 +460,7 @@ def _check_bank(op, bank, query, values, R, lead, squeeze):
     own = ref.as_batched(query, bk)[1].shape[:-2], ref._values_batched(bv).shape[:-2]
     for shape in own:
         try:
-            ok = tuple(torch.broadcast_shapes(shape, lead)) == tuple(lead)
+            ok = tuple(broadcast_shapes(shape, lead)) == tuple(lead)
         except RuntimeError:
             ok = False
         if not ok:
@@ -573,7 +573,7 @@ def curvature_scalar(R4: torch.Tensor, g_inv: torch.Tensor, eps: float = 1e-8, *
         raise ValueError(f"{op}: g_inv must end in ({n}, {n}) to match R4, got shape {tuple(g_inv.shape)}")
     check_same(op, {"R4": R4, "g_inv": g_inv})
     try:
-        torch.broadcast_shapes(R4.shape[:-4], g_inv.shape[:-2])
+        broadcast_shapes(R4.shape[:-4], g_inv.shape[:-2])
     except RuntimeError:
         raise ValueError(f"{op}: leading dims of R4 {tuple(R4.shape)} and g_inv {tuple(g_inv.shape)} "
                          "do not broadcast") from None
