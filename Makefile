@@ -11,6 +11,7 @@ MAX_JOBS ?= 2
 OUT ?=
 SELECT ?=
 BENCH ?= 1
+JOBS ?= 4
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cuh csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: test bench wheel gpu clean
@@ -37,7 +38,7 @@ wheel: $(VENV)/.deps
 	ls dist/
 
 gpu:
-	BENCH=$(BENCH) bash scripts/gpu.sh $(OUT) $(SELECT)
+	BENCH=$(BENCH) JOBS=$(JOBS) bash scripts/gpu.sh $(OUT) $(SELECT)
 
 clean:
 	rm -rf build dist *.egg-info geokern/_C*.so $(VENV)/.built
