@@ -13,7 +13,7 @@ import torch
 from geokern import _backend
 from geokern._checks import FLOAT_DTYPES, broadcast_leading, broadcast_shapes, check_same, check_tensor
 from geokern.kernels import hypercomplex as tk
-from geokern.ops._registry import cuda_op, triton_op
+from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import hypercomplex as ref
 
 __all__ = ["quaternion_mul", "quaternion_conj", "octonion_mul", "octonion_conj"]
@@ -84,6 +84,7 @@ _KERNELS = {
 # ---- autograd ------------------------------------------------------------------
 
 
+@bound_once
 class HypercomplexMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(a, b, n, backend):
@@ -102,6 +103,7 @@ class HypercomplexMulFunction(torch.autograd.Function):
         return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None), None, None
 
 
+@bound_once
 class HypercomplexConjFunction(torch.autograd.Function):
     @staticmethod
     def forward(a, n, backend):

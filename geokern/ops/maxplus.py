@@ -20,7 +20,7 @@ import torch
 from geokern import _backend
 from geokern._checks import FLOAT_DTYPES, broadcast_shapes, check_same, check_tensor
 from geokern.kernels import maxplus as tk
-from geokern.ops._registry import cuda_op, triton_op
+from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import maxplus as ref
 
 __all__ = ["maxplus_matmul"]
@@ -124,6 +124,7 @@ _KERNELS = {"cuda": (_fwd_cuda, _bwd_cuda), "triton": (_fwd_tri, _bwd_tri)}
 # ---- autograd ------------------------------------------------------------------
 
 
+@bound_once
 class MaxplusMatmulFunction(torch.autograd.Function):
     """(C, argmax, margin) = maxplus(A, B); the gradient follows the argmax route."""
 

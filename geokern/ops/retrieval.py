@@ -38,7 +38,7 @@ from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
 from geokern.kernels import retrieval_cost as tkc
 from geokern.metric import Diag, Metric
-from geokern.ops._registry import cuda_op, triton_op
+from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import retrieval as ref
 
 __all__ = ["retrieval_cost", "retrieval_attention", "curvature_scalar"]
@@ -215,6 +215,7 @@ _attn_bwd_cuda = cuda_op("retrieval_attention_backward_cuda", _attn_bwd_cuda_fak
 # ---- autograd --------------------------------------------------------------------
 
 
+@bound_once
 class RetrievalAttentionFunction(torch.autograd.Function):
     """Inputs are 4-D ([NB0, NB1, L, F], size-1 batch dims where shared); bk / bv / br the
     bank segment or None; gradients are reduced back to each input's shape."""
@@ -265,6 +266,7 @@ def _segments(k, v, r, mask, bk, bv, br):
     return [k, bk], [v, bv], [r, br], [mask, None]
 
 
+@bound_once
 class RetrievalCostFunction(torch.autograd.Function):
     """The cost's kernels on 4-D inputs ([NB0, NB1, L, F], size-1 batch dims where shared)."""
 
@@ -368,18 +370,21 @@ def _to4(t, lead, tail):
     """t viewed as [NB0, NB1, *tail] with size-1 batch dims where t is broadcast.
 
     lead is the full broadcast batch shape; t's own leading dims are right-aligned in it.
+    One reshape (none when t already has the shape): this runs six times per call.
     """
-    own = (1,) * (len(lead) - (t.dim() - len(tail))) + tuple(t.shape[: t.dim() - len(tail)])
-    t = t.reshape(own + tuple(t.shape[t.dim() - len(tail):]))
+    nb = t.dim() - len(tail)
+    own = (1,) * (len(lead) - nb) + tuple(t.shape[:nb])
+    tail = tuple(t.shape[nb:])
     if len(lead) <= 2:
-        return t.reshape((1,) * (2 - len(lead)) + tuple(t.shape))
-    outer, inner = own[:-1], own[-1]
-    if all(s == 1 for s in outer):
+        shape = (1,) * (2 - len(lead)) + own + tail
+        return t if tuple(t.shape) == shape else t.reshape(shape)
+    inner = own[-1]
+    if all(s == 1 for s in own[:-1]):
         n0 = 1
     else:
-        t = t.expand(tuple(lead[:-1]) + tuple(t.shape[len(lead) - 1:]))  # differentiable; copies below
+        t = t.reshape(own + tail).expand(tuple(lead[:-1]) + (inner,) + tail)  # differentiable; copies below
         n0 = math.prod(lead[:-1])
-    return t.reshape((n0, inner) + tuple(t.shape[len(lead):]))
+    return t.reshape((n0, inner) + tail)
 
 
 def _user_to4(x, lead, squeeze, tail_rank):

@@ -36,7 +36,7 @@ import torch
 from geokern import _backend
 from geokern._checks import FLOAT_DTYPES, check_same, check_tensor
 from geokern.kernels import tropical_attention as tk
-from geokern.ops._registry import cuda_op, triton_op
+from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import tropical_attention as ref
 
 __all__ = ["tropical_attention"]
@@ -127,6 +127,7 @@ _KERNELS = {"cuda": (_fwd_cuda, _bwd_cuda), "triton": (_fwd_tri, _bwd_tri)}
 # ---- autograd --------------------------------------------------------------------
 
 
+@bound_once
 class TropicalAttentionFunction(torch.autograd.Function):
     """(y, argmax, rowarg, margin) of the core; y's gradient follows the routes."""
 
