@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
+from geokern._checks import broadcast_shapes
 
 LOG2E = math.log2(math.e)
 
@@ -146,6 +147,15 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _mm_acc(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b in float32 (PREC as in _mm)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc, input_precision=PREC)
+
+
+@triton.jit
 def _load_tile(ptr, rows, cols, s_r, s_c, rvalid, cvalid, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
     """A [rows, cols] tile; masks only where a dim is not a multiple of its block."""
     p = ptr + rows[:, None] * s_r + cols[None, :] * s_c
@@ -172,10 +182,17 @@ def _load_vec(ptr, idx, stride, valid, other, EVEN: tl.constexpr):
 
 @triton.jit
 def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr):
-    """One key tile of the online softmax (logits in log2 units): the updated (m_i, l_i, acc)."""
+                GUARD: tl.constexpr, NORM_MMA: tl.constexpr):
+    """One key tile of the online softmax (logits in log2 units): the updated (m_i, l_i, acc).
+
+    qne / kn: |q|^2_w + eps [BM] and |k|^2_w [BN] in float32, or with NORM_MMA their
+    [BM, 16] / [BN, 16] bfloat16 splits (see _norm_split) whose product is their sum; then
+    l_i is [BM, 16] too, the row sums in column 0, also from the tensor cores."""
     # t = max(|q|^2 + eps + |k|^2 - 2 (w q).k, eps) = max(s, 0) + eps: one GEMM, two adds, one max
-    t = tl.maximum(_mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :], eps)
+    if NORM_MMA:  # the two adds ride on the tensor cores: 2 of the ~14 instructions per score
+        t = tl.maximum(_mm_acc(qw2, tl.trans(k), _mm(qne, tl.trans(kn), PREC), PREC), eps)
+    else:
+        t = tl.maximum(_mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :], eps)
     x = tl.sqrt(t) * nr  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22); nr = -beta log2(e) R
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
@@ -187,8 +204,13 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
         m_sub = m_new
     p = tl.math.exp2(x - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
+    p = p.to(v.dtype)
+    if NORM_MMA:  # p @ [1, 0, ..., 0]: the row sum as a 16-wide GEMM, not one add per score
+        first = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0).to(v.dtype)
+        l_i = _mm_acc(p, tl.broadcast_to(first, [k.shape[0], 16]), l_i * alpha[:, None], PREC)
+    else:
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    acc = acc * alpha[:, None] + _mm(p, v, PREC)
     return m_new, l_i, acc
 
 
@@ -196,7 +218,7 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
 def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc)."""
     qi = offs_m[:, None]
     qv = mvalid[:, None]
@@ -207,7 +229,11 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         kj = offs_n[None, :]
         kv = nvalid[None, :]
         k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
-        kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
+        if NORM_MMA:
+            offs_a = tl.arange(0, 16)
+            kn = _load_tile(kn_b, offs_n, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
+        else:
+            kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
         v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
         if R_MODE < 2:
             nr = nr_row
@@ -216,9 +242,11 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         if MASK_MODE != 0:
             keep = _keep(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
-                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True)
+                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True,
+                                            NORM_MMA)
         else:
-            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False)
+            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False,
+                                        NORM_MMA)
     return m_i, l_i, acc
 
 
@@ -233,7 +261,7 @@ def retrieval_attn_fwd_kernel(
     scale, eps,
     R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
@@ -258,22 +286,27 @@ def retrieval_attn_fwd_kernel(
     qwf = qf * w[None, :]
     qne = tl.sum(qwf * qf, 1) + eps
     qw2 = (-2.0 * qwf).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
+    if NORM_MMA:
+        qne = _norm_split(qne, 0, 2)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.zeros([BLOCK_M, 16] if NORM_MMA else [BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N)
+                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA)
     if HAS_BANK:
         m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
-                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N)
+                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
+                                     NORM_MMA)
 
+    if NORM_MMA:
+        l_i = tl.sum(l_i, 1)
     if MASK_MODE != 0:
         empty = l_i == 0.0  # every key masked: zeros and lse = -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -293,9 +326,25 @@ def retrieval_attn_fwd_kernel(
 
 
 @triton.jit
+def _norm_split(n, AT: tl.constexpr, ONES: tl.constexpr):
+    """[len(n), 16] bfloat16: n's high and low bfloat16 parts in columns AT and AT + 1, ones in
+    columns ONES and ONES + 1, zeros elsewhere. The product of a query's split (AT 0, ONES 2)
+    with a key's (AT 2, ONES 0) is |q|^2 + |k|^2 to about 2^-17 relative (two bfloat16 parts
+    carry 16 bits; the exact float32 add rounds at 2^-24), far below the 2^-8 u (|q|^2 + |k|^2)
+    that rounding w q to 16 bits already puts in the distance. bfloat16, not float16: a
+    float16 norm overflows at 65504."""
+    hi = n.to(tl.bfloat16).to(tl.float32)
+    lo = n - hi
+    c = tl.arange(0, 16)[None, :]
+    one = tl.where((c == ONES) | (c == ONES + 1), 1.0, 0.0)
+    return tl.where(c == AT, hi[:, None], tl.where(c == AT + 1, lo[:, None], one)).to(tl.bfloat16)
+
+
+@triton.jit
 def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
-                  WRITE_XW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, l] = sum_d w_d x[b, l, d]^2 in float32: |k|^2_w once per key, not per score."""
+                  WRITE_XW: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, l] = sum_d w_d x[b, l, d]^2 in float32: |k|^2_w once per key, not per score.
+    With SPLIT, out is [.., L, 16] bfloat16: the key side of _norm_split."""
     pid_l = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
@@ -306,7 +355,13 @@ def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
     x = tl.load(x_ptr + b0 * sx0 + b1 * sx1 + offs_l[:, None] * sxl + offs_d[None, :] * sxd,
                 mask=lvalid[:, None] & dvalid[None, :], other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
-    tl.store(out_ptr + pid_b * L + offs_l, tl.sum(x * x * w[None, :], 1), mask=lvalid)
+    n = tl.sum(x * x * w[None, :], 1)
+    if SPLIT:
+        offs_a = tl.arange(0, 16)
+        tl.store(out_ptr + (pid_b * L + offs_l)[:, None] * 16 + offs_a[None, :], _norm_split(n, 2, 0),
+                 mask=lvalid[:, None])
+    else:
+        tl.store(out_ptr + pid_b * L + offs_l, n, mask=lvalid)
     if WRITE_XW:
         tl.store(xw_ptr + (pid_b * L + offs_l)[:, None] * D + offs_d[None, :],
                  (x * w[None, :]).to(xw_ptr.dtype.element_ty), mask=lvalid[:, None] & dvalid[None, :])
@@ -534,13 +589,15 @@ def _prec(dtype):
 class _Segment:
     """One key segment expanded (as strided views) to the batch shape `lead`, with its norms."""
 
-    def __init__(self, k, v, r, mask, w, lead, lq, launch):
+    def __init__(self, k, v, r, mask, w, lead, lq, launch, split=False):
         import torch
 
         self.k, self.v, self.r, self.mask = k, v, r, mask
         self.m = k.shape[2]
         self.ke = k.expand(lead + tuple(k.shape[2:]))
-        self.kn = sqnorm(k, w, launch=launch).expand(lead + (self.m,))  # per key, once; a bank stays unexpanded
+        # per key, once (a bank stays unexpanded); split: the forward's norms on tensor cores
+        kn = sqnorm(k, w, launch=launch, split=split)
+        self.kn = kn.expand(lead + tuple(kn.shape[2:]))
         self.ve = v.expand(lead + tuple(v.shape[2:]))
         self.re = r.expand(lead + (lq, self.m))  # for its strides; kernels get r (never empty) itself
         self.me = None if mask is None else mask.view(torch.uint8).expand(lead + (lq, self.m))
@@ -551,7 +608,7 @@ class _Segment:
         self.shared_v = nb > 1 and v.shape[0] == 1 and v.shape[1] == 1
 
     def strides(self, with_mask):
-        s = [*self.ke.stride(), *self.kn.stride(), *self.ve.stride(), *self.re.stride()]
+        s = [*self.ke.stride(), *self.kn.stride()[:3], *self.ve.stride(), *self.re.stride()]
         if with_mask:
             s += [0, 0, 0, 0] if self.me is None else [*self.me.stride()]
         return s
@@ -560,30 +617,39 @@ class _Segment:
         return self.m % _even_block() == 0
 
 
-def _segments(q, k, v, w, r, mask, bk, bv, br, launch):
+def _norm_mma(dtype):
+    """The forward adds the norms and sums the rows on tensor cores (see _norm_split) for 16-bit
+    inputs; float32 inputs keep exact float32 adds. GEOKERN_RETRIEVAL_NORM_MMA=0 turns it off
+    (to time the two side by side)."""
     import torch
 
-    lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
+    return dtype in (torch.float16, torch.bfloat16) and os.environ.get("GEOKERN_RETRIEVAL_NORM_MMA", "1") != "0"
+
+
+def _segments(q, k, v, w, r, mask, bk, bv, br, launch, split=False):
+    lead = tuple(broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
     lq = q.shape[2]
-    seg = _Segment(k, v, r, mask, w, lead, lq, launch)
+    seg = _Segment(k, v, r, mask, w, lead, lq, launch, split)
     bank = None
     if bk is not None and bk.shape[2] > 0:
-        bank = _Segment(bk, bv, br, None, w, lead, lq, launch)
+        bank = _Segment(bk, bv, br, None, w, lead, lq, launch, split)
     return lead, seg, bank
 
 
-def sqnorm(x, w, xw=None, launch=None):
+def sqnorm(x, w, xw=None, launch=None, split=False):
     """|x|^2_w per row of x [NB0, NB1, L, F] (any strides) as float32 [NB0, NB1, L]; with xw
-    (contiguous, x's shape and dtype) also writes w x rounded to x's dtype there."""
+    (contiguous, x's shape and dtype) also writes w x rounded to x's dtype there. With split,
+    [NB0, NB1, L, 16] bfloat16: the key side of _norm_split."""
     import torch
 
     nb0, nb1, l, d = x.shape
-    out = torch.empty((nb0, nb1, l), dtype=torch.float32, device=x.device)
+    shape, dtype = ((nb0, nb1, l, 16), torch.bfloat16) if split else ((nb0, nb1, l), torch.float32)
+    out = torch.empty(shape, dtype=dtype, device=x.device)
     if out.numel() == 0:
         return out
     bl = 64
     _launch(sqnorm_kernel, launch)[(triton.cdiv(l, bl), nb0 * nb1)](
-        x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d, WRITE_XW=xw is not None, BLOCK_L=bl,
+        x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d, WRITE_XW=xw is not None, SPLIT=split, BLOCK_L=bl,
         BLOCK_D=_pow2(d))
     return out
 
@@ -593,7 +659,8 @@ def attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch=None):
     optional second key segment (a bank, usually shared by the batch) or None."""
     import torch
 
-    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch)
+    split = _norm_mma(q.dtype)
+    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch, split)
     lq, d, dv = q.shape[2], q.shape[3], v.shape[3]
     out = torch.empty(lead + (lq, dv), dtype=v.dtype, device=v.device)
     lse = torch.empty(lead + (lq,), dtype=torch.float32, device=v.device)
@@ -614,7 +681,7 @@ def attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch=None):
         float(beta) * LOG2E, float(eps),
         R_MODE=seg.r_mode, MASK_MODE=mask_mode, R2_MODE=two.r_mode, HAS_BANK=bank is not None, PREC=_prec(q.dtype),
         EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(), EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
-        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        NORM_MMA=split, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
     )
     return out, lse
 
