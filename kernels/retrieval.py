@@ -181,34 +181,8 @@ def _load_vec(ptr, idx, stride, valid, other, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2^x for x <= 0 without the special-function unit (flash-attention 4's trick): x = j + f
-    with j = round(x) (the 1.5 * 2^23 add puts it in the low mantissa bits), f in [-0.5, 0.5],
-    2^f from a degree-3 polynomial on the FMA pipe (relative error 1.0e-4, below the 2^-9 of
-    the bfloat16 / 2^-11 of the float16 p it feeds), j added to the exponent bits. x below
-    -126 gives about 2^-126 instead of less: only for tiles without masked keys (where -inf
-    must give exactly 0)."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 1.0 + f * (0.69328292 + f * (0.24221097 + f * 0.05500895))
-    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_split(x, FMA_HALF: tl.constexpr):
-    """2^x of a [BM, BN] tile; FMA_HALF: every other column on the FMA pipe (_exp2_fma), so the
-    special-function unit, which also takes the square roots, does 1.5 instead of 2 per score."""
-    if FMA_HALF:
-        a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-        return tl.reshape(tl.join(tl.math.exp2(a), _exp2_fma(b)), [x.shape[0], x.shape[1]])
-    else:
-        return tl.math.exp2(x)
-
-
-@triton.jit
 def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr, NORM_MMA: tl.constexpr, EXP_FMA: tl.constexpr):
+                GUARD: tl.constexpr, NORM_MMA: tl.constexpr):
     """One key tile of the online softmax (logits in log2 units): the updated (m_i, l_i, acc).
 
     qne / kn: |q|^2_w + eps [BM] and |k|^2_w [BN] in float32, or with NORM_MMA their
@@ -228,7 +202,7 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    p = _exp2_split(x - m_sub[:, None], EXP_FMA and not USE_KEEP)
+    p = tl.math.exp2(x - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     p = p.to(v.dtype)
     if NORM_MMA:  # p @ [1, 0, ..., 0]: the row sum as a 16-wide GEMM, not one add per score
@@ -244,8 +218,7 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
 def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
-                 EXP_FMA: tl.constexpr):
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc)."""
     qi = offs_m[:, None]
     qv = mvalid[:, None]
@@ -270,10 +243,10 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
             keep = _keep(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
                 m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True,
-                                            NORM_MMA, EXP_FMA)
+                                            NORM_MMA)
         else:
             m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False,
-                                        NORM_MMA, EXP_FMA)
+                                        NORM_MMA)
     return m_i, l_i, acc
 
 
@@ -288,7 +261,7 @@ def retrieval_attn_fwd_kernel(
     scale, eps,
     R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr, EXP_FMA: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
@@ -323,15 +296,14 @@ def retrieval_attn_fwd_kernel(
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA,
-                                 EXP_FMA)
+                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA)
     if HAS_BANK:
         m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
                                      scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
-                                     NORM_MMA, EXP_FMA)
+                                     NORM_MMA)
 
     if NORM_MMA:
         l_i = tl.sum(l_i, 1)
@@ -709,7 +681,7 @@ def attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch=None):
         float(beta) * LOG2E, float(eps),
         R_MODE=seg.r_mode, MASK_MODE=mask_mode, R2_MODE=two.r_mode, HAS_BANK=bank is not None, PREC=_prec(q.dtype),
         EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(), EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
-        NORM_MMA=split, EXP_FMA=split and os.environ.get("GEOKERN_RETRIEVAL_EXP2_FMA", "0") == "1", BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        NORM_MMA=split, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
     )
     return out, lse
 
