@@ -17,21 +17,27 @@ with |x|^2_w precomputed in float32 and w q rounded to the input dtype (QW), the
 accumulated in float32 (exact float32 for float32 inputs: input_precision="ieee").
 This cancels when q_i is close to k_j: s carries an absolute error of about
 u * (|q|^2_w + |k|^2_w) (u = 2^-8 in bf16, 2^-24 in fp32), so near-coincident pairs
-get spd ~ sqrt(u) |q| instead of sqrt(eps); the clamp keeps it real.
+get spd ~ sqrt(u) |q| instead of sqrt(eps); the clamp keeps it real. For 16-bit inputs
+the two norms are added on the tensor cores too (_norm_split: a 16-wide GEMM of bfloat16
+hi / lo parts, error ~2^-17 relative), and the softmax's row sums and the backward's sums
+of ds come from GEMMs against a ones column: instructions per score the CUDA cores no
+longer issue.
 
 Throughput bound (forward, 16-bit, H100): per score element one MUFU.SQRT and one
 MUFU.EX2; the MUFU unit does 16 / clk / SM (4 per SM sub-partition), so N^2 scores cost
 N^2 / (16 * 132 * 1.98e9) s per head: 0.51 ms for B4 H16 N4096, i.e. 535 TFLOP/s at
 D = 64 and 1070 TFLOP/s at D = 128 in the 4 B H N^2 D convention. Packed ex2.f16x2 does
 not help (ptxas splits it into two MUFU.EX2.F16). At D = 64 the MUFU time is twice the
-tensor-core time (0.26 ms at 1000 TFLOP/s): the forward is bound by the special-function
-unit, not the GEMMs, once the two overlap. Measured (H100, B4 H16 N4096 bf16): 1.07 ms at
-D = 64 and 1.68 ms at D = 128, about twice that floor: the inner loop issues 13.7
-instructions per score element (2 MUFU, a broadcast MOV and 2 FADD for the norms, 2 FMNMX
-for the clamp and the row max, the R multiply, the exponent's FFMA, the row sum, half a
-convert and half a rescale), and the GEMM of one tile waits for the exponentials of the
-previous one within a warpgroup; overlap comes only from other CTAs on the SM, and the
-64-row kernels take 174-255 registers (2 CTAs per SM).
+tensor-core time (0.26 ms at 1000 TFLOP/s). The forward's inner loop (128 x 128 tile,
+triton 3.8 SASS) issues 9.3 instructions per score (12.3 before the norms and row sums
+moved to the tensor cores): 2 MUFU, 2 FMNMX (clamp, row max), the R multiply, the
+exponent's FFMA, half a convert, half a rescale, and loop overhead. Measured (H100,
+B4 H16 N4096 bf16, one run): 1.02 ms at D = 64 (1.27 with the float adds) and 1.68 ms
+at D = 128 (1.87), still twice the MUFU floor: moving half the exponentials to the FMA
+pipe (a degree-3 polynomial, flash-attention 4's trick) measured slower (1.10 ms), so
+the limit is latency, not a unit's throughput. In the SASS each warpgroup waits for its
+QK^T GEMM before the softmax and the CTA's warps meet at a barrier every key tile, so the
+GEMMs overlap the special functions only across CTAs (1-2 per SM at 174-255 registers).
 
 Shapes: tensors are viewed with two batch dims [NB0, NB1, L, F] (broadcast dims have
 stride 0: a shared key bank is not expanded). R and the boolean mask are read through
