@@ -193,18 +193,30 @@ def _load_vec(ptr, idx, stride, valid, other, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr, NORM_MMA: tl.constexpr):
-    """One key tile of the online softmax (logits in log2 units): the updated (m_i, l_i, acc).
-
-    qne / kn: |q|^2_w + eps [BM] and |k|^2_w [BN] in float32, or with NORM_MMA their
-    [BM, 16] / [BN, 16] bfloat16 splits (see _norm_split) whose product is their sum; then
-    l_i is [BM, 16] too, the row sums in column 0, also from the tensor cores."""
-    # t = max(|q|^2 + eps + |k|^2 - 2 (w q).k, eps) = max(s, 0) + eps: one GEMM, two adds, one max
-    if NORM_MMA:  # the two adds ride on the tensor cores: 2 of the ~14 instructions per score
-        t = tl.maximum(_mm_acc(qw2, tl.trans(k), _mm(qne, tl.trans(kn), PREC), PREC), eps)
+def _fwd_dist(qw2, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC: tl.constexpr,
+              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr):
+    """s = |q|^2 + eps + |k|^2 - 2 (w q).k for the key tile at `start`: one GEMM (two with
+    NORM_MMA, where qne / kn are the bfloat16 norm splits of _norm_split and their product
+    adds the norms on the tensor cores; else qne / kn are float32 [BM] / [BN] and two adds)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    nvalid = offs_n < M
+    k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
+    if NORM_MMA:
+        offs_a = tl.arange(0, 16)
+        kn = _load_tile(kn_b, offs_n, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
+        return _mm_acc(qw2, tl.trans(k), _mm(qne, tl.trans(kn), PREC), PREC)
     else:
-        t = tl.maximum(_mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :], eps)
+        kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
+        return _mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :]
+
+
+@triton.jit
+def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
+                GUARD: tl.constexpr, NORM_MMA: tl.constexpr):
+    """One key tile of the online softmax (logits in log2 units) from its distances s
+    (_fwd_dist): the updated (m_i, l_i, acc). With NORM_MMA, l_i is [BM, 16], the row sums
+    in column 0, also from the tensor cores."""
+    t = tl.maximum(s, eps)  # max(s, 0) + eps: s carries the + eps
     x = tl.sqrt(t) * nr  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22); nr = -beta log2(e) R
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
@@ -218,7 +230,7 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
     alpha = tl.math.exp2(m_i - m_sub)
     p = p.to(v.dtype)
     if NORM_MMA:  # p @ [1, 0, ..., 0]: the row sum as a 16-wide GEMM, not one add per score
-        l_i = _mm_acc(p, _first_column(p.dtype, BM=k.shape[0]), l_i * alpha[:, None], PREC)
+        l_i = _mm_acc(p, _first_column(p.dtype, BM=v.shape[0]), l_i * alpha[:, None], PREC)
     else:
         l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
     acc = acc * alpha[:, None] + _mm(p, v, PREC)
@@ -229,22 +241,33 @@ def _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC: tl.const
 def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr):
-    """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc)."""
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
+                 PIPE: tl.constexpr):
+    """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc).
+
+    PIPE (no mask): the distance GEMM of the next key tile is issued before this tile's softmax,
+    so the tensor cores work while the special-function unit does the square roots and
+    exponentials (flash-attention 3's intra-warpgroup overlap); the last tile's GEMM is issued
+    once more, unused, instead of a branch."""
     qi = offs_m[:, None]
     qv = mvalid[:, None]
     nr_row = -scale * _load_r(r_b, qi, qi, qv, qv, srm, srn, R_MODE if R_MODE < 2 else 0)  # hoisted for modes 0, 1
+    last = ((M - 1) // BLOCK_N) * BLOCK_N
+    if PIPE:
+        s = _fwd_dist(qw2, qne, k_b, kn_b, 0, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D, BLOCK_N,
+                      NORM_MMA)
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nvalid = offs_n < M
         kj = offs_n[None, :]
         kv = nvalid[None, :]
-        k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
-        if NORM_MMA:
-            offs_a = tl.arange(0, 16)
-            kn = _load_tile(kn_b, offs_n, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
+        if PIPE:
+            s_cur = s
+            s = _fwd_dist(qw2, qne, k_b, kn_b, tl.minimum(start + BLOCK_N, last), offs_d, dvalid, skn, skd, sknn, M,
+                          PREC, EVEN_N, EVEN_D, BLOCK_N, NORM_MMA)
         else:
-            kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
+            s_cur = _fwd_dist(qw2, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D,
+                              BLOCK_N, NORM_MMA)
         v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
         if R_MODE < 2:
             nr = nr_row
@@ -253,11 +276,9 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         if MASK_MODE != 0:
             keep = _keep(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
-                m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, keep, eps, PREC, True, True,
-                                            NORM_MMA)
+                m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, keep, eps, PREC, True, True, NORM_MMA)
         else:
-            m_i, l_i, acc = _fwd_update(qw2, qne, nr, m_i, l_i, acc, k, kn, v, kv, eps, PREC, not EVEN_N, False,
-                                        NORM_MMA)
+            m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, kv, eps, PREC, not EVEN_N, False, NORM_MMA)
     return m_i, l_i, acc
 
 
@@ -272,7 +293,7 @@ def retrieval_attn_fwd_kernel(
     scale, eps,
     R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr, PIPE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
@@ -307,14 +328,15 @@ def retrieval_attn_fwd_kernel(
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA)
+                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA,
+                                 PIPE and MASK_MODE == 0)
     if HAS_BANK:
         m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
                                      scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
-                                     NORM_MMA)
+                                     NORM_MMA, PIPE)
 
     if NORM_MMA:
         l_i = tl.sum(l_i, 1)
@@ -645,7 +667,9 @@ class _Segment:
         return s
 
     def even(self):
-        return self.m % _even_block() == 0
+        # an empty segment is not "even": the pipelined forward loads its first tile before the
+        # loop, and without masks that would read an empty tensor
+        return self.m > 0 and self.m % _even_block() == 0
 
 
 def _norm_mma(dtype):
@@ -713,7 +737,8 @@ def attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch=None):
         float(beta) * LOG2E, float(eps),
         R_MODE=seg.r_mode, MASK_MODE=mask_mode, R2_MODE=two.r_mode, HAS_BANK=bank is not None, PREC=_prec(q.dtype),
         EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(), EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv,
-        NORM_MMA=split, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        NORM_MMA=split, PIPE=os.environ.get("GEOKERN_RETRIEVAL_PIPE", "1") != "0", BLOCK_D=_pow2(d),
+        BLOCK_DV=_pow2(dv),
     )
     return out, lse
 
