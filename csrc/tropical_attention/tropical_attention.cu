@@ -43,6 +43,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+
 #include "common.cuh"
 
 namespace geokern {
@@ -62,9 +66,27 @@ struct FwdParams {
   float* mg;
   int64_t sq[4], sk[4], sv[4];  // strides (b, h, t, d)
   int H, G, Tq, Tk, D;
-  int BH, nqb;  // (batch, head) pairs and query blocks: the grid is their product
+  int BH, nqb;  // (batch, head) pairs and query blocks
+  // Split keys (value-only forward on a small grid): a query block's key blocks go to
+  // ceil(blocks / chunk) programs of at most `chunk` blocks each; where there is more than
+  // one, each writes its raw maxima to wy (part, B*H, Tq, D) and its row score maxima to wm
+  // (part, B*H, Tq), and tropical_attention_combine_kernel reduces them. chunk = 0: no split.
+  int chunk;
+  float* wy;
+  float* wm;
   bool causal, center;
 };
+
+// Key blocks (of kBJ) that query block qb visits: those up to the causal limit of its last row.
+__host__ __device__ __forceinline__ int key_blocks(const FwdParams& p, int qb) {
+  const int lim = qb * kBQ + kBQ + p.Tk - p.Tq;
+  const int kend = p.causal && lim < p.Tk ? lim : p.Tk;
+  return (kend + kBJ - 1) / kBJ;
+}
+
+__host__ __device__ __forceinline__ int parts_of(const FwdParams& p, int qb) {
+  return p.chunk == 0 ? 1 : (key_blocks(p, qb) + p.chunk - 1) / p.chunk;
+}
 
 __device__ __forceinline__ float max_nan(float a, float b) {
   float r;
@@ -175,10 +197,21 @@ tropical_attention_fwd_kernel(const FwdParams p) {
   float* Vs = Kt + BD * kKS;     // [kBJ][VS]
   float* St = Vs + kBJ * VS;     // [kBJ][kQS]
 
-  // the heaviest blocks first: every (batch, head)'s last query block, then the one before, ...
+  // the heaviest blocks first: every (batch, head)'s last query block, then the one before,
+  // ...; with split keys, the parts of the last query block, then those of the one before, ...
   const int lin = int(blockIdx.x);
-  const int qb = p.nqb - 1 - lin / p.BH;
   const int64_t bh = lin % p.BH;
+  int qb = p.nqb - 1, part = lin / p.BH, parts = 1;
+  if (p.chunk == 0) {
+    qb -= part;
+    part = 0;
+  } else {
+    for (;; --qb) {
+      parts = parts_of(p, qb);
+      if (part < parts) break;
+      part -= parts;
+    }
+  }
   const int64_t b = bh / p.H, h = bh % p.H, hk = h / p.G;
   const int t = threadIdx.x, tx = t % 16, ty = t / 16;
   const int q0 = qb * kBQ;
@@ -193,6 +226,8 @@ tropical_attention_fwd_kernel(const FwdParams p) {
   const float* kcol = kg + cd * p.sk[3] + cr * p.sk[2];
   const float* vcol = vg + cd * p.sv[3] + cr * p.sv[2];
   const int kend = p.causal ? min(p.Tk, q0 + kBQ + off) : p.Tk;
+  const int jbeg = p.chunk == 0 ? 0 : part * p.chunk * kBJ;                 // this program's keys:
+  const int jend = p.chunk == 0 ? kend : min(kend, jbeg + p.chunk * kBJ);  // [jbeg, jend)
 
   // Q (d-major) and the first key block; channels past D are -inf in Q (they never win a
   // score) and 0 in K and V (finite, so -inf + 0 = -inf): set once, no copy overwrites them.
@@ -200,7 +235,8 @@ tropical_attention_fwd_kernel(const FwdParams p) {
   if (col_in) {
     stage_column<kBQ / STEP, STEP, STEP>(Qt + cd * kQS + cr, qg + cd * p.sq[3] + (q0 + cr) * p.sq[2],
                                          STEP * p.sq[2], p.Tq - q0 - cr, qg);
-    stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol, STEP * p.sk[2], p.Tk - cr, kg);
+    stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol + int64_t(jbeg) * p.sk[2], STEP * p.sk[2],
+                                         p.Tk - jbeg - cr, kg);
   } else {
 #pragma unroll
     for (int r = 0; r < kBQ / STEP; ++r) Qt[cd * kQS + cr + r * STEP] = -INFINITY;
@@ -233,7 +269,7 @@ tropical_attention_fwd_kernel(const FwdParams p) {
 
   // Per key block: K was staged during the last block's stage 2, V is staged during this
   // block's stage 1; two barriers per block.
-  for (int j0 = 0; j0 < kend; j0 += kBJ) {
+  for (int j0 = jbeg; j0 < jend; j0 += kBJ) {
     cp_async_wait_all();
     __syncthreads();  // K (and Q) landed for every thread; the last block's stage 2 is done
     if (col_in)
@@ -295,7 +331,7 @@ tropical_attention_fwd_kernel(const FwdParams p) {
     }
     cp_async_wait_all();
     __syncthreads();  // St and V visible; every read of this K block is done
-    if (col_in && j0 + kBJ < kend)
+    if (col_in && j0 + kBJ < jend)
       stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol + int64_t(j0 + kBJ) * p.sk[2],
                                            STEP * p.sk[2], p.Tk - j0 - kBJ - cr, kg);
 
@@ -330,6 +366,23 @@ tropical_attention_fwd_kernel(const FwdParams p) {
         }
       }
   }
+  if constexpr (MODE == 0) {
+    if (parts > 1) {  // one part of the keys: raw maxima, reduced by the combine kernel
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int gi = row0 + row_of(i);
+        if (gi >= p.Tq) continue;
+        const int64_t row = (int64_t(part) * p.BH + bh) * p.Tq + gi;
+#pragma unroll
+        for (int c = 0; c < CY; ++c) {
+          const int d = c < 4 ? tx * 4 + c : 64 + tx * 4 + c - 4;
+          if (d < p.D) p.wy[row * p.D + d] = top1[i][c];
+        }
+        if (tx == 0) p.wm[row] = m[i];
+      }
+      return;
+    }
+  }
   float gap[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -356,6 +409,26 @@ tropical_attention_fwd_kernel(const FwdParams p) {
       if constexpr ((MODE & kArgmax) != 0) p.jm[bh * p.Tq + gi] = jm[i];
       if constexpr ((MODE & kMargin) != 0) p.mg[bh * p.Tq + gi] = gap[i];
     }
+  }
+}
+
+// Split keys: y[i, d] = max over the parts of their maxima, centred by the max of their
+// row score maxima (max is exact and order-free, so this equals the unsplit result bit
+// for bit). Rows of query blocks that were not split were written by their program.
+__global__ void tropical_attention_combine_kernel(const FwdParams p, int64_t total) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int d = int(e % p.D);
+    const int64_t row = e / p.D;  // bh * Tq + i
+    const int parts = parts_of(p, int(row % p.Tq) / kBQ);
+    if (parts == 1) continue;
+    const int64_t plane = int64_t(p.BH) * p.Tq;
+    float t = -INFINITY, m = -INFINITY;
+    for (int part = 0; part < parts; ++part) {
+      t = max_nan(t, p.wy[(part * plane + row) * p.D + d]);
+      m = max_nan(m, p.wm[part * plane + row]);
+    }
+    p.y[e] = p.center ? t - m : t;
   }
 }
 
@@ -493,16 +566,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tropical_attention_cu
     FwdParams p{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
                 y.mutable_data_ptr<float>(), want_argmax ? idx.mutable_data_ptr<int>() : nullptr,
                 want_argmax ? jm.mutable_data_ptr<int>() : nullptr, want_margin ? mg.mutable_data_ptr<float>() : nullptr,
-                {}, {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D), int(B * H), int(nqb), causal, center};
+                {}, {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D), int(B * H), int(nqb), 0, nullptr, nullptr,
+                causal, center};
     for (int d = 0; d < 4; ++d) {
       p.sq[d] = q.stride(d);
       p.sk[d] = k.stride(d);
       p.sv[d] = v.stride(d);
     }
-    const dim3 grid(unsigned(nqb * B * H));
     const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
+    // Value-only on a grid too small for the causal imbalance to even out (fewer than
+    // about two waves of two programs per SM): split the longest query blocks' keys.
+    int64_t jobs = nqb;  // programs per (batch, head)
+    at::Tensor wy, wm;
+    const char* split_env = std::getenv("GEOKERN_TROPICAL_ATTENTION_SPLIT");
+    if (mode == 0 && !(split_env && split_env[0] == '0')) {
+      int dev = 0, sms = 0;
+      C10_CUDA_CHECK(cudaGetDevice(&dev));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      int64_t blocks = 0, most = 0;
+      for (int qb = 0; qb < nqb; ++qb) {
+        blocks += key_blocks(p, qb);
+        most = std::max<int64_t>(most, key_blocks(p, qb));
+      }
+      const int64_t chunk = std::max<int64_t>(4, (blocks * B * H + 4 * sms - 1) / (4 * sms));
+      if (chunk < most) {
+        p.chunk = int(chunk);
+        jobs = 0;
+        for (int qb = 0; qb < nqb; ++qb) jobs += parts_of(p, qb);
+        const int64_t parts = (most + chunk - 1) / chunk;
+        wy = at::empty({parts, B * H, Tq, D}, f32);
+        wm = at::empty({parts, B * H, Tq}, f32);
+        p.wy = wy.mutable_data_ptr<float>();
+        p.wm = wm.mutable_data_ptr<float>();
+      }
+    }
+    TORCH_CHECK(jobs * B * H <= std::numeric_limits<int>::max(), op, ": too many programs for q ", fmt(q_in.sizes()));
+    const dim3 grid(unsigned(jobs * B * H));
     if (D <= 64) launch_fwd_mode<64>(p, mode, grid, stream);
     else launch_fwd_mode<128>(p, mode, grid, stream);
+    if (p.chunk != 0) {
+      const int64_t total = y.numel();
+      tropical_attention_combine_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(p, total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   const auto dt = q_in.scalar_type();
   return {y.to(dt), idx, jm, mg.to(dt)};
