@@ -8,31 +8,46 @@
 //
 // Forward: one block owns kBQ = 128 queries of one (batch, head) and walks the visible
 // key blocks (kBJ = 64 keys) once; key blocks the causal mask hides entirely are never
-// visited. Shared memory holds Q d-major (Qt[d][i], staged once), the key block
-// d-major (Kt[d][j]), the value block (Vs[j][d]) and the score tile key-major
+// visited. The grid is 1-D, the heaviest blocks first: every (batch, head)'s last query
+// block, then the one before, ... (the hardware hands out blocks in order, so the light
+// ones fill the tail). Shared memory holds Q d-major (Qt[d][i], staged once), the key
+// block d-major (Kt[d][j]), the value block (Vs[j][d]) and the score tile key-major
 // (St[j][i]). 256 threads; thread (tx, ty) = (t % 16, t / 16) owns rows
 // {ty*4..+3, 64+ty*4..+3} of both tiles, keys tx*4..+3 of S and D/16 channels of Y:
 //   stage 1: S[8][4] in registers, max over d of Qt[d][rows] + Kt[d][keys] (two 128-bit
 //            loads of Q, one of K per 32 add+max pairs), masked on diagonal blocks, then
 //            written to St;
-//   stage 2: Y[8][D/16] = max(Y, St[j][rows] + Vs[j][channels]) over the block's keys.
+//   stage 2: Y[8][D/16] = max(Y, St[j][rows] + Vs[j][channels]) over the block's keys;
+//            on a diagonal block the keys all of a thread's rows see run unmasked and
+//            those none sees are skipped.
+// Tiles go global -> shared with cp.async (LDGSTS, 4 bytes, any strides: no registers, no
+// host copy): the next K block is fetched during stage 2 and the V block during stage 1,
+// so each load has half a block of math to land in; two barriers per key block. The row
+// score maximum (centring) is kept per thread over its own keys and reduced across the
+// 16 lanes of a row once, in the epilogue.
 // No tensor cores exist for max-plus: each visible (query, key) pair costs 4 D fp32-lane
 // operations (an add and a max per d in stage 1 and per channel in stage 2). NaN
 // propagates through max.NaN; a key the mask hides never enters (even with a NaN or
 // +inf value). With ARGMAX the winning key per (i, d) and the key of each row's score
 // maximum are recorded (strict comparisons: ties keep the smallest key; the first NaN
-// wins); with MARGIN the runner-up per (i, d) is carried as top2 = max(top2, min(top1, x)).
-// Inputs are widened to float32 on the host (O(T D), against O(T^2 D) work), and y is
-// rounded once to the input dtype.
+// wins, as argmax does); with MARGIN the runner-up per (i, d) is carried as
+// top2 = max(top2, min(top1, x)). Inputs are widened to float32 on the host (O(T D),
+// against O(T^2 D) work), and y is rounded once to the input dtype.
 //
-// Measured on an H100 (benchmarks/results, B4 H8 D64 causal, fp32, visible work only):
-// 13.97 T ops/s at T = 4096 (41.8% of the 33.45 T lane ceiling), 16.4 / 18.1 / 19.0 at
-// T = 8192 / 16384 / 32768 (49.0 / 54.0 / 56.7%). Recording the routes (the forward
-// under autograd) halves it (6.7 T ops/s at 4096: compare, two selects and a max per
-// element instead of one max.NaN). Not profiled; the rate rising with T points at
-// per-block costs amortised over fewer key blocks at T = 4096 (about 33 key blocks per
-// query block on average): staging Q, the epilogue, and the K / V block loads, which
-// are not prefetched (two blocks per SM hide them partly).
+// Measured on an H100 (B4 H8 D64 causal fp32, visible work only, one run beside the
+// Triton kernel): 10.8 / 20.1 / 23.1 T ops/s at T = 1024 / 4096 / 32768 (32.2 / 60.0 /
+// 69.0% of the 33.45 T lane ceiling; 3.42 ms at 4096). The version before (K / V staged
+// through registers with per-element 64-bit index math, 16 dependent global round trips
+// per key block, three barriers, a 16-lane shuffle reduction of the row maximum per
+// block) ran 4.92 ms at 4096 (41.8%) and 56.7% at 32768. SASS (sm_90, nvcc 13) of the
+// value-only kernel: each stage's inner loop is 273 instructions per 256 FADD + FMNMX,
+// the rest of a key block about 300 (before: about 1100, 800 of them the staging), so
+// issue is ~91% add and max; what is left is stalls (the add+max pair reaches ~80% of
+// the lane rate even in a plain GEMM loop, PERF.md). At T = 1024 the grid (256 blocks)
+// is one partial wave whose SMs carry unequal work (the longest causal blocks are 8x the
+// shortest): splitting the long blocks' keys is the next step. Recording the routes (the
+// forward under autograd): 9.2 T ops/s at 4096 (27.6%; compare, two selects and a max per
+// element instead of one max.NaN, and 255 registers: one block per SM).
 //
 // Backward: one thread per (i, d) sends g[i, d] to dv[j, d] (j the recorded winner) and,
 // through the score s[i, j] = q[i, e] + k[j, e] at the first maximising e (recomputed,
@@ -42,10 +57,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-
-#include <algorithm>
-#include <cstdlib>
-#include <limits>
 
 #include "common.cuh"
 
@@ -66,27 +77,9 @@ struct FwdParams {
   float* mg;
   int64_t sq[4], sk[4], sv[4];  // strides (b, h, t, d)
   int H, G, Tq, Tk, D;
-  int BH, nqb;  // (batch, head) pairs and query blocks
-  // Split keys (value-only forward on a small grid): a query block's key blocks go to
-  // ceil(blocks / chunk) programs of at most `chunk` blocks each; where there is more than
-  // one, each writes its raw maxima to wy (part, B*H, Tq, D) and its row score maxima to wm
-  // (part, B*H, Tq), and tropical_attention_combine_kernel reduces them. chunk = 0: no split.
-  int chunk;
-  float* wy;
-  float* wm;
+  int BH, nqb;  // (batch, head) pairs and query blocks: the grid is their product
   bool causal, center;
 };
-
-// Key blocks (of kBJ) that query block qb visits: those up to the causal limit of its last row.
-__host__ __device__ __forceinline__ int key_blocks(const FwdParams& p, int qb) {
-  const int lim = qb * kBQ + kBQ + p.Tk - p.Tq;
-  const int kend = p.causal && lim < p.Tk ? lim : p.Tk;
-  return (kend + kBJ - 1) / kBJ;
-}
-
-__host__ __device__ __forceinline__ int parts_of(const FwdParams& p, int qb) {
-  return p.chunk == 0 ? 1 : (key_blocks(p, qb) + p.chunk - 1) / p.chunk;
-}
 
 __device__ __forceinline__ float max_nan(float a, float b) {
   float r;
@@ -197,21 +190,10 @@ tropical_attention_fwd_kernel(const FwdParams p) {
   float* Vs = Kt + BD * kKS;     // [kBJ][VS]
   float* St = Vs + kBJ * VS;     // [kBJ][kQS]
 
-  // the heaviest blocks first: every (batch, head)'s last query block, then the one before,
-  // ...; with split keys, the parts of the last query block, then those of the one before, ...
+  // the heaviest blocks first: every (batch, head)'s last query block, then the one before, ...
   const int lin = int(blockIdx.x);
+  const int qb = p.nqb - 1 - lin / p.BH;
   const int64_t bh = lin % p.BH;
-  int qb = p.nqb - 1, part = lin / p.BH, parts = 1;
-  if (p.chunk == 0) {
-    qb -= part;
-    part = 0;
-  } else {
-    for (;; --qb) {
-      parts = parts_of(p, qb);
-      if (part < parts) break;
-      part -= parts;
-    }
-  }
   const int64_t b = bh / p.H, h = bh % p.H, hk = h / p.G;
   const int t = threadIdx.x, tx = t % 16, ty = t / 16;
   const int q0 = qb * kBQ;
@@ -226,8 +208,6 @@ tropical_attention_fwd_kernel(const FwdParams p) {
   const float* kcol = kg + cd * p.sk[3] + cr * p.sk[2];
   const float* vcol = vg + cd * p.sv[3] + cr * p.sv[2];
   const int kend = p.causal ? min(p.Tk, q0 + kBQ + off) : p.Tk;
-  const int jbeg = p.chunk == 0 ? 0 : part * p.chunk * kBJ;                 // this program's keys:
-  const int jend = p.chunk == 0 ? kend : min(kend, jbeg + p.chunk * kBJ);  // [jbeg, jend)
 
   // Q (d-major) and the first key block; channels past D are -inf in Q (they never win a
   // score) and 0 in K and V (finite, so -inf + 0 = -inf): set once, no copy overwrites them.
@@ -235,8 +215,7 @@ tropical_attention_fwd_kernel(const FwdParams p) {
   if (col_in) {
     stage_column<kBQ / STEP, STEP, STEP>(Qt + cd * kQS + cr, qg + cd * p.sq[3] + (q0 + cr) * p.sq[2],
                                          STEP * p.sq[2], p.Tq - q0 - cr, qg);
-    stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol + int64_t(jbeg) * p.sk[2], STEP * p.sk[2],
-                                         p.Tk - jbeg - cr, kg);
+    stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol, STEP * p.sk[2], p.Tk - cr, kg);
   } else {
 #pragma unroll
     for (int r = 0; r < kBQ / STEP; ++r) Qt[cd * kQS + cr + r * STEP] = -INFINITY;
@@ -269,7 +248,7 @@ tropical_attention_fwd_kernel(const FwdParams p) {
 
   // Per key block: K was staged during the last block's stage 2, V is staged during this
   // block's stage 1; two barriers per block.
-  for (int j0 = jbeg; j0 < jend; j0 += kBJ) {
+  for (int j0 = 0; j0 < kend; j0 += kBJ) {
     cp_async_wait_all();
     __syncthreads();  // K (and Q) landed for every thread; the last block's stage 2 is done
     if (col_in)
@@ -331,7 +310,7 @@ tropical_attention_fwd_kernel(const FwdParams p) {
     }
     cp_async_wait_all();
     __syncthreads();  // St and V visible; every read of this K block is done
-    if (col_in && j0 + kBJ < jend)
+    if (col_in && j0 + kBJ < kend)
       stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol + int64_t(j0 + kBJ) * p.sk[2],
                                            STEP * p.sk[2], p.Tk - j0 - kBJ - cr, kg);
 
@@ -366,23 +345,6 @@ tropical_attention_fwd_kernel(const FwdParams p) {
         }
       }
   }
-  if constexpr (MODE == 0) {
-    if (parts > 1) {  // one part of the keys: raw maxima, reduced by the combine kernel
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int gi = row0 + row_of(i);
-        if (gi >= p.Tq) continue;
-        const int64_t row = (int64_t(part) * p.BH + bh) * p.Tq + gi;
-#pragma unroll
-        for (int c = 0; c < CY; ++c) {
-          const int d = c < 4 ? tx * 4 + c : 64 + tx * 4 + c - 4;
-          if (d < p.D) p.wy[row * p.D + d] = top1[i][c];
-        }
-        if (tx == 0) p.wm[row] = m[i];
-      }
-      return;
-    }
-  }
   float gap[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -409,26 +371,6 @@ tropical_attention_fwd_kernel(const FwdParams p) {
       if constexpr ((MODE & kArgmax) != 0) p.jm[bh * p.Tq + gi] = jm[i];
       if constexpr ((MODE & kMargin) != 0) p.mg[bh * p.Tq + gi] = gap[i];
     }
-  }
-}
-
-// Split keys: y[i, d] = max over the parts of their maxima, centred by the max of their
-// row score maxima (max is exact and order-free, so this equals the unsplit result bit
-// for bit). Rows of query blocks that were not split were written by their program.
-__global__ void tropical_attention_combine_kernel(const FwdParams p, int64_t total) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int d = int(e % p.D);
-    const int64_t row = e / p.D;  // bh * Tq + i
-    const int parts = parts_of(p, int(row % p.Tq) / kBQ);
-    if (parts == 1) continue;
-    const int64_t plane = int64_t(p.BH) * p.Tq;
-    float t = -INFINITY, m = -INFINITY;
-    for (int part = 0; part < parts; ++part) {
-      t = max_nan(t, p.wy[(part * plane + row) * p.D + d]);
-      m = max_nan(m, p.wm[part * plane + row]);
-    }
-    p.y[e] = p.center ? t - m : t;
   }
 }
 
@@ -566,49 +508,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tropical_attention_cu
     FwdParams p{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
                 y.mutable_data_ptr<float>(), want_argmax ? idx.mutable_data_ptr<int>() : nullptr,
                 want_argmax ? jm.mutable_data_ptr<int>() : nullptr, want_margin ? mg.mutable_data_ptr<float>() : nullptr,
-                {}, {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D), int(B * H), int(nqb), 0, nullptr, nullptr,
-                causal, center};
+                {}, {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D), int(B * H), int(nqb), causal, center};
     for (int d = 0; d < 4; ++d) {
       p.sq[d] = q.stride(d);
       p.sk[d] = k.stride(d);
       p.sv[d] = v.stride(d);
     }
+    const dim3 grid(unsigned(nqb * B * H));
     const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
-    // Value-only on a grid too small for the causal imbalance to even out (fewer than
-    // about two waves of two programs per SM): split the longest query blocks' keys.
-    int64_t jobs = nqb;  // programs per (batch, head)
-    at::Tensor wy, wm;
-    const char* split_env = std::getenv("GEOKERN_TROPICAL_ATTENTION_SPLIT");
-    if (mode == 0 && !(split_env && split_env[0] == '0')) {
-      int dev = 0, sms = 0;
-      C10_CUDA_CHECK(cudaGetDevice(&dev));
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-      int64_t blocks = 0, most = 0;
-      for (int qb = 0; qb < nqb; ++qb) {
-        blocks += key_blocks(p, qb);
-        most = std::max<int64_t>(most, key_blocks(p, qb));
-      }
-      const int64_t chunk = std::max<int64_t>(4, (blocks * B * H + 4 * sms - 1) / (4 * sms));
-      if (chunk < most) {
-        p.chunk = int(chunk);
-        jobs = 0;
-        for (int qb = 0; qb < nqb; ++qb) jobs += parts_of(p, qb);
-        const int64_t parts = (most + chunk - 1) / chunk;
-        wy = at::empty({parts, B * H, Tq, D}, f32);
-        wm = at::empty({parts, B * H, Tq}, f32);
-        p.wy = wy.mutable_data_ptr<float>();
-        p.wm = wm.mutable_data_ptr<float>();
-      }
-    }
-    TORCH_CHECK(jobs * B * H <= std::numeric_limits<int>::max(), op, ": too many programs for q ", fmt(q_in.sizes()));
-    const dim3 grid(unsigned(jobs * B * H));
     if (D <= 64) launch_fwd_mode<64>(p, mode, grid, stream);
     else launch_fwd_mode<128>(p, mode, grid, stream);
-    if (p.chunk != 0) {
-      const int64_t total = y.numel();
-      tropical_attention_combine_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(p, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
   }
   const auto dt = q_in.scalar_type();
   return {y.to(dt), idx, jm, mg.to(dt)};

@@ -17,7 +17,6 @@ Where it runs out of memory the row records the error.
 
 import functools
 import importlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,6 @@ ops = importlib.import_module("geokern.ops.tropical_attention")  # geokern.ops e
 
 B, H, D = 4, 8, 64
 TS = (256, 1024, 2048, 4096, 8192, 16384, 32768)
-SPLIT_TS = (1024, 2048)  # the CUDA forward splits keys here (B4 H8 on an H100): timed without too
-_SPLIT_ENV = "GEOKERN_TROPICAL_ATTENTION_SPLIT"
 PEER_MAX_T = 4096  # theirs materialises B*H*T*T*D: out of memory from here on
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOL = {"fp32": 1e-5, "bf16": 2e-2}
@@ -101,19 +98,6 @@ def _amount(T):
     return 4 * D * B * H * T * (T + 1) // 2
 
 
-def _cuda_no_split(q, k, v):
-    """The CUDA forward without split keys (GEOKERN_TROPICAL_ATTENTION_SPLIT=0)."""
-    old = os.environ.get(_SPLIT_ENV)
-    os.environ[_SPLIT_ENV] = "0"
-    try:
-        return ops.tropical_attention(q, k, v, backend="cuda")
-    finally:
-        if old is None:
-            del os.environ[_SPLIT_ENV]
-        else:
-            os.environ[_SPLIT_ENV] = old
-
-
 def _fwd_case(T, dt):
     dtype = DTYPES[dt]
 
@@ -121,8 +105,6 @@ def _fwd_case(T, dt):
         return tuple(torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(3))
 
     impls = {b: functools.partial(ops.tropical_attention, backend=b) for b in _kernel_backends()}
-    if "cuda" in impls and T in SPLIT_TS:  # the grid is small enough for split keys
-        impls["cuda-nosplit"] = _cuda_no_split
     return Case(
         op="tropical_attention", shape=f"B{B}H{H}T{T}D{D}", dtype=dt, direction="fwd", make_inputs=make,
         impls=impls, peers={"theirs (materialised)": their_attention} if T <= PEER_MAX_T else {},
