@@ -8,31 +8,46 @@
 //
 // Forward: one block owns kBQ = 128 queries of one (batch, head) and walks the visible
 // key blocks (kBJ = 64 keys) once; key blocks the causal mask hides entirely are never
-// visited. Shared memory holds Q d-major (Qt[d][i], staged once), the key block
-// d-major (Kt[d][j]), the value block (Vs[j][d]) and the score tile key-major
+// visited. The grid is 1-D, the heaviest blocks first: every (batch, head)'s last query
+// block, then the one before, ... (the hardware hands out blocks in order, so the light
+// ones fill the tail). Shared memory holds Q d-major (Qt[d][i], staged once), the key
+// block d-major (Kt[d][j]), the value block (Vs[j][d]) and the score tile key-major
 // (St[j][i]). 256 threads; thread (tx, ty) = (t % 16, t / 16) owns rows
 // {ty*4..+3, 64+ty*4..+3} of both tiles, keys tx*4..+3 of S and D/16 channels of Y:
 //   stage 1: S[8][4] in registers, max over d of Qt[d][rows] + Kt[d][keys] (two 128-bit
 //            loads of Q, one of K per 32 add+max pairs), masked on diagonal blocks, then
 //            written to St;
-//   stage 2: Y[8][D/16] = max(Y, St[j][rows] + Vs[j][channels]) over the block's keys.
+//   stage 2: Y[8][D/16] = max(Y, St[j][rows] + Vs[j][channels]) over the block's keys;
+//            on a diagonal block the keys all of a thread's rows see run unmasked and
+//            those none sees are skipped.
+// Tiles go global -> shared with cp.async (LDGSTS, 4 bytes, any strides: no registers, no
+// host copy): the next K block is fetched during stage 2 and the V block during stage 1,
+// so each load has half a block of math to land in; two barriers per key block. The row
+// score maximum (centring) is kept per thread over its own keys and reduced across the
+// 16 lanes of a row once, in the epilogue.
 // No tensor cores exist for max-plus: each visible (query, key) pair costs 4 D fp32-lane
 // operations (an add and a max per d in stage 1 and per channel in stage 2). NaN
 // propagates through max.NaN; a key the mask hides never enters (even with a NaN or
 // +inf value). With ARGMAX the winning key per (i, d) and the key of each row's score
 // maximum are recorded (strict comparisons: ties keep the smallest key; the first NaN
-// wins); with MARGIN the runner-up per (i, d) is carried as top2 = max(top2, min(top1, x)).
-// Inputs are widened to float32 on the host (O(T D), against O(T^2 D) work), and y is
-// rounded once to the input dtype.
+// wins, as argmax does); with MARGIN the runner-up per (i, d) is carried as
+// top2 = max(top2, min(top1, x)). Inputs are widened to float32 on the host (O(T D),
+// against O(T^2 D) work), and y is rounded once to the input dtype.
 //
-// Measured on an H100 (benchmarks/results, B4 H8 D64 causal, fp32, visible work only):
-// 13.97 T ops/s at T = 4096 (41.8% of the 33.45 T lane ceiling), 16.4 / 18.1 / 19.0 at
-// T = 8192 / 16384 / 32768 (49.0 / 54.0 / 56.7%). Recording the routes (the forward
-// under autograd) halves it (6.7 T ops/s at 4096: compare, two selects and a max per
-// element instead of one max.NaN). Not profiled; the rate rising with T points at
-// per-block costs amortised over fewer key blocks at T = 4096 (about 33 key blocks per
-// query block on average): staging Q, the epilogue, and the K / V block loads, which
-// are not prefetched (two blocks per SM hide them partly).
+// Measured on an H100 (B4 H8 D64 causal fp32, visible work only, one run beside the
+// Triton kernel): 10.8 / 20.1 / 23.1 T ops/s at T = 1024 / 4096 / 32768 (32.2 / 60.0 /
+// 69.0% of the 33.45 T lane ceiling; 3.42 ms at 4096). The version before (K / V staged
+// through registers with per-element 64-bit index math, 16 dependent global round trips
+// per key block, three barriers, a 16-lane shuffle reduction of the row maximum per
+// block) ran 4.92 ms at 4096 (41.8%) and 56.7% at 32768. SASS (sm_90, nvcc 13) of the
+// value-only kernel: each stage's inner loop is 273 instructions per 256 FADD + FMNMX,
+// the rest of a key block about 300 (before: about 1100, 800 of them the staging), so
+// issue is ~91% add and max; what is left is stalls (the add+max pair reaches ~80% of
+// the lane rate even in a plain GEMM loop, PERF.md). At T = 1024 the grid (256 blocks)
+// is one partial wave whose SMs carry unequal work (the longest causal blocks are 8x the
+// shortest): splitting the long blocks' keys is the next step. Recording the routes (the
+// forward under autograd): 9.2 T ops/s at 4096 (27.6%; compare, two selects and a max per
+// element instead of one max.NaN, and 255 registers: one block per SM).
 //
 // Backward: one thread per (i, d) sends g[i, d] to dv[j, d] (j the recorded winner) and,
 // through the score s[i, j] = q[i, e] + k[j, e] at the first maximising e (recomputed,
@@ -62,6 +77,7 @@ struct FwdParams {
   float* mg;
   int64_t sq[4], sk[4], sv[4];  // strides (b, h, t, d)
   int H, G, Tq, Tk, D;
+  int BH, nqb;  // (batch, head) pairs and query blocks: the grid is their product
   bool causal, center;
 };
 
@@ -82,33 +98,62 @@ __device__ __forceinline__ void lds4(const float* p, float* out) {
   out[0] = f.x; out[1] = f.y; out[2] = f.z; out[3] = f.w;
 }
 
+// One float global -> shared through cp.async (LDGSTS: no register, no wait until
+// cp_async_wait_all); n = 0 reads nothing and stores 0.
+__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, int n) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// One column of a tile, this thread's share: N rows STEP apart, dst[r * DSTEP] <-
+// src[r * sstep]; rows with r * STEP >= left (past the tensor's end) are zero-filled,
+// with `safe` (a valid address) as their source.
+template <int N, int STEP, int DSTEP>
+__device__ __forceinline__ void stage_column(float* dst, const float* src, int64_t sstep, int left,
+                                             const float* safe) {
+  if (left >= N * STEP) {
+#pragma unroll
+    for (int r = 0; r < N; ++r) cp_async_f32(dst + r * DSTEP, src + r * sstep, 4);
+  } else {
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+      const bool in = r * STEP < left;
+      cp_async_f32(dst + r * DSTEP, in ? src + r * sstep : safe, in ? 4 : 0);
+    }
+  }
+}
+
 template <int BD>
 constexpr int smem_floats() {
   return BD * kQS + BD * kKS + kBJ * (BD + kPad) + kBJ * kQS;
 }
 
-// Stage 2 over keys [0, jn) of the block: the max-plus update of Y from St and Vs.
-// MASK: the block straddles the causal diagonal, hidden (row, key) pairs are skipped.
+// Query row i (0..7) of thread row ty in the block: ty*4 + i, then 64 + ty*4 + i - 4.
+__device__ __forceinline__ constexpr int row_of(int i) { return i < 4 ? i : 60 + i; }
+
+// Stage 2 over keys [jb, je) of the block: the max-plus update of Y from St and Vs.
+// MASK: query row_of(i) of this thread sees key jj iff jj <= rel + row_of(i); hidden
+// (row, key) pairs are skipped (a NaN or +inf value there must not enter).
 template <int BD, int MODE, bool MASK>
-__device__ __forceinline__ void value_stage(const float* St, const float* Vs, int jn, int j0, const int* grow,
-                                            int off, int ty, int tx, float (&top1)[8][BD / 16],
-                                            int (&idx)[8][BD / 16], float (&top2)[8][BD / 16]) {
-  constexpr int CY = BD / 16;
-#pragma unroll 2
-  for (int jj = 0; jj < jn; ++jj) {
+__device__ __forceinline__ void value_stage(const float* St, const float* Vs, int jb, int je, int j0, int rel,
+                                            int ty, int tx, float (&top1)[8][BD / 16], int (&idx)[8][BD / 16],
+                                            float (&top2)[8][BD / 16]) {
+  constexpr int CY = BD / 16, VS = BD + kPad;
+  const float* sp = St + jb * kQS + ty * 4;
+  const float* vp = Vs + jb * VS + tx * 4;
+#pragma unroll((MODE == 0 && BD == 64) ? 4 : 2)
+  for (int jj = jb; jj < je; ++jj, sp += kQS, vp += VS) {
     float a[8], b[CY];
-    lds4(St + jj * kQS + ty * 4, a);
-    lds4(St + jj * kQS + 64 + ty * 4, a + 4);
-    if constexpr (CY == 4) {
-      lds4(Vs + jj * (BD + kPad) + tx * 4, b);
-    } else {
-      lds4(Vs + jj * (BD + kPad) + tx * 4, b);
-      lds4(Vs + jj * (BD + kPad) + 64 + tx * 4, b + 4);
-    }
+    lds4(sp, a);
+    lds4(sp + 64, a + 4);
+    lds4(vp, b);
+    if constexpr (CY == 8) lds4(vp + 64, b + 4);
     const int j = j0 + jj;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const bool seen = !MASK || j <= grow[i] + off;
+      const bool seen = !MASK || jj - rel <= row_of(i);
 #pragma unroll
       for (int c = 0; c < CY; ++c) {
         float x = a[i] + b[c];
@@ -126,19 +171,29 @@ __device__ __forceinline__ void value_stage(const float* St, const float* Vs, in
   }
 }
 
+// (v, j) replaces the running (bv, bj) of the score maximum: larger, or equal at a
+// smaller key; NaN counts as the largest value (the first NaN wins), as argmax does.
+__device__ __forceinline__ bool beats(float v, int j, float bv, int bj) {
+  if (v != v) return bv == bv || j < bj;
+  return v > bv || (v == bv && j < bj);
+}
+
 template <int BD, int MODE>
 __global__ void __launch_bounds__(kThreads, (BD <= 64 && MODE == 0) ? 2 : 1)
 tropical_attention_fwd_kernel(const FwdParams p) {
-  constexpr int CY = BD / 16;  // channels of Y per thread: 4 (D <= 64) or 8 (D <= 128)
+  constexpr int CY = BD / 16;            // channels of Y per thread: 4 (D <= 64) or 8 (D <= 128)
+  constexpr int STEP = kThreads / BD;    // tile rows one pass of the block stages
+  constexpr int VS = BD + kPad;          // row stride of Vs
   extern __shared__ __align__(16) float smem[];
-  float* Qt = smem;                    // [BD][kQS]
-  float* Kt = Qt + BD * kQS;           // [BD][kKS]
-  float* Vs = Kt + BD * kKS;           // [kBJ][BD + kPad]
-  float* St = Vs + kBJ * (BD + kPad);  // [kBJ][kQS]
+  float* Qt = smem;              // [BD][kQS]
+  float* Kt = Qt + BD * kQS;     // [BD][kKS]
+  float* Vs = Kt + BD * kKS;     // [kBJ][VS]
+  float* St = Vs + kBJ * VS;     // [kBJ][kQS]
 
-  const int nqb = gridDim.x;
-  const int qb = nqb - 1 - int(blockIdx.x);  // the longest causal rows first
-  const int64_t bh = blockIdx.y;
+  // the heaviest blocks first: every (batch, head)'s last query block, then the one before, ...
+  const int lin = int(blockIdx.x);
+  const int qb = p.nqb - 1 - lin / p.BH;
+  const int64_t bh = lin % p.BH;
   const int64_t b = bh / p.H, h = bh % p.H, hk = h / p.G;
   const int t = threadIdx.x, tx = t % 16, ty = t / 16;
   const int q0 = qb * kBQ;
@@ -147,17 +202,29 @@ tropical_attention_fwd_kernel(const FwdParams p) {
   const float* kg = p.k + b * p.sk[0] + hk * p.sk[1];
   const float* vg = p.v + b * p.sv[0] + hk * p.sv[1];
 
-  // Q, d-major; channels past D are -inf (they never win a score), rows past Tq are 0
-  for (int e = t; e < kBQ * BD; e += kThreads) {
-    const int i = e / BD, d = e % BD, gi = q0 + i;
-    float x = d < p.D ? 0.f : -INFINITY;
-    if (d < p.D && gi < p.Tq) x = qg[gi * p.sq[2] + d * p.sq[3]];
-    Qt[d * kQS + i] = x;
-  }
+  // Staging: thread t copies column cd of rows cr, cr + STEP, ... of each tile.
+  const int cd = t % BD, cr = t / BD;
+  const bool col_in = cd < p.D;
+  const float* kcol = kg + cd * p.sk[3] + cr * p.sk[2];
+  const float* vcol = vg + cd * p.sv[3] + cr * p.sv[2];
+  const int kend = p.causal ? min(p.Tk, q0 + kBQ + off) : p.Tk;
 
-  int grow[8];
+  // Q (d-major) and the first key block; channels past D are -inf in Q (they never win a
+  // score) and 0 in K and V (finite, so -inf + 0 = -inf): set once, no copy overwrites them.
+  // Rows past Tq or Tk are zero-filled (never stored / masked).
+  if (col_in) {
+    stage_column<kBQ / STEP, STEP, STEP>(Qt + cd * kQS + cr, qg + cd * p.sq[3] + (q0 + cr) * p.sq[2],
+                                         STEP * p.sq[2], p.Tq - q0 - cr, qg);
+    stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol, STEP * p.sk[2], p.Tk - cr, kg);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) grow[i] = q0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+    for (int r = 0; r < kBQ / STEP; ++r) Qt[cd * kQS + cr + r * STEP] = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kBJ / STEP; ++r) {
+      Kt[cd * kKS + cr + r * STEP] = 0.f;
+      Vs[(cr + r * STEP) * VS + cd] = 0.f;
+    }
+  }
 
   float top1[8][CY], top2[8][CY];
   int idx[8][CY];
@@ -169,6 +236,7 @@ tropical_attention_fwd_kernel(const FwdParams p) {
       top2[i][c] = -INFINITY;
       idx[i][c] = 0;
     }
+  // this thread's running score maximum per row (over its keys; lanes combine at the end)
   float m[8];
   int jm[8];
 #pragma unroll
@@ -176,21 +244,16 @@ tropical_attention_fwd_kernel(const FwdParams p) {
     m[i] = -INFINITY;
     jm[i] = 0;
   }
+  const int row0 = q0 + ty * 4;  // the global row of row_of(0)
 
-  const int kend = p.causal ? min(p.Tk, q0 + kBQ + off) : p.Tk;
+  // Per key block: K was staged during the last block's stage 2, V is staged during this
+  // block's stage 1; two barriers per block.
   for (int j0 = 0; j0 < kend; j0 += kBJ) {
-    __syncthreads();  // the previous block's reads of Kt, Vs, St are done (and Qt is staged)
-    for (int e = t; e < kBJ * BD; e += kThreads) {
-      const int j = e / BD, d = e % BD, gj = j0 + j;
-      float kx = d < p.D ? 0.f : -INFINITY, vx = 0.f;
-      if (d < p.D && gj < p.Tk) {
-        kx = kg[gj * p.sk[2] + d * p.sk[3]];
-        vx = vg[gj * p.sv[2] + d * p.sv[3]];
-      }
-      Kt[d * kKS + j] = kx;
-      Vs[j * (BD + kPad) + d] = vx;
-    }
-    __syncthreads();
+    cp_async_wait_all();
+    __syncthreads();  // K (and Q) landed for every thread; the last block's stage 2 is done
+    if (col_in)
+      stage_column<kBJ / STEP, STEP, STEP * VS>(Vs + cr * VS + cd, vcol + int64_t(j0) * p.sv[2], STEP * p.sv[2],
+                                                p.Tk - j0 - cr, vg);
 
     // stage 1: s[i, j] = max_d q[i, d] + k[j, d]
     float s[8][4];
@@ -198,16 +261,20 @@ tropical_attention_fwd_kernel(const FwdParams p) {
     for (int i = 0; i < 8; ++i)
 #pragma unroll
       for (int c = 0; c < 4; ++c) s[i][c] = -INFINITY;
+    {
+      const float* qp = Qt + ty * 4;
+      const float* kp = Kt + tx * 4;
 #pragma unroll 4
-    for (int d = 0; d < BD; ++d) {
-      float a[8], kv[4];
-      lds4(Qt + d * kQS + ty * 4, a);
-      lds4(Qt + d * kQS + 64 + ty * 4, a + 4);
-      lds4(Kt + d * kKS + tx * 4, kv);
+      for (int d = 0; d < BD; ++d, qp += kQS, kp += kKS) {
+        float a[8], kv[4];
+        lds4(qp, a);
+        lds4(qp + 64, a + 4);
+        lds4(kp, kv);
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) s[i][c] = max_nan(s[i][c], a[i] + kv[c]);
+          for (int c = 0; c < 4; ++c) s[i][c] = max_nan(s[i][c], a[i] + kv[c]);
+      }
     }
     const bool diag = p.causal && (j0 + kBJ - 1 > q0 + off);
     if (diag || j0 + kBJ > p.Tk) {
@@ -216,26 +283,24 @@ tropical_attention_fwd_kernel(const FwdParams p) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int gj = j0 + tx * 4 + c;
-          const bool seen = gj < p.Tk && (!p.causal || gj <= grow[i] + off);
+          const bool seen = gj < p.Tk && (!p.causal || gj <= row0 + row_of(i) + off);
           s[i][c] = seen ? s[i][c] : -INFINITY;
         }
     }
-    if (p.center) {  // the row maximum (and its first key) over the 16 threads of a row
+    if (p.center) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float bm = s[i][0];
-        int bj = j0 + tx * 4;
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int c = 1; c < 4; ++c)
-          if (s[i][c] > bm) { bm = s[i][c]; bj = j0 + tx * 4 + c; }
-#pragma unroll
-        for (int o = 8; o >= 1; o >>= 1) {
-          const float om = __shfl_xor_sync(0xffffffffu, bm, o);
-          const int oj = __shfl_xor_sync(0xffffffffu, bj, o);
-          if (om > bm || (om == bm && oj < bj)) { bm = om; bj = oj; }
+        for (int c = 0; c < 4; ++c) {
+          if constexpr ((MODE & kArgmax) != 0) {  // keys ascend: a strict compare keeps the first
+            const float x = s[i][c];
+            const bool take = x > m[i] || (x != x && m[i] == m[i]);
+            m[i] = take ? x : m[i];
+            jm[i] = take ? j0 + tx * 4 + c : jm[i];
+          } else {
+            m[i] = max_nan(m[i], s[i][c]);
+          }
         }
-        if (bm > m[i]) { m[i] = bm; jm[i] = bj; }
-      }
     }
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -243,20 +308,48 @@ tropical_attention_fwd_kernel(const FwdParams p) {
       *reinterpret_cast<float4*>(row + ty * 4) = make_float4(s[0][c], s[1][c], s[2][c], s[3][c]);
       *reinterpret_cast<float4*>(row + 64 + ty * 4) = make_float4(s[4][c], s[5][c], s[6][c], s[7][c]);
     }
-    __syncthreads();
+    cp_async_wait_all();
+    __syncthreads();  // St and V visible; every read of this K block is done
+    if (col_in && j0 + kBJ < kend)
+      stage_column<kBJ / STEP, STEP, STEP>(Kt + cd * kKS + cr, kcol + int64_t(j0 + kBJ) * p.sk[2],
+                                           STEP * p.sk[2], p.Tk - j0 - kBJ - cr, kg);
 
-    // stage 2: y[i, d] = max_j s[i, j] + v[j, d]
+    // stage 2: y[i, d] = max_j s[i, j] + v[j, d]; on the diagonal, the keys all of this
+    // thread's rows see run unmasked and those none sees are skipped
     const int jn = min(kBJ, kend - j0);
-    if (diag) value_stage<BD, MODE, true>(St, Vs, jn, j0, grow, off, ty, tx, top1, idx, top2);
-    else value_stage<BD, MODE, false>(St, Vs, jn, j0, grow, off, ty, tx, top1, idx, top2);
+    if (diag) {
+      const int rel = row0 + off - j0;  // key jj is visible to row_of(i) iff jj <= rel + row_of(i)
+      const int all = min(jn, max(0, rel + 1)), any = min(jn, max(0, rel + row_of(7) + 1));
+      value_stage<BD, MODE, false>(St, Vs, 0, all, j0, rel, ty, tx, top1, idx, top2);
+      value_stage<BD, MODE, true>(St, Vs, all, any, j0, rel, ty, tx, top1, idx, top2);
+    } else {
+      value_stage<BD, MODE, false>(St, Vs, 0, jn, j0, 0, ty, tx, top1, idx, top2);
+    }
   }
 
-  // epilogue: centre, store y (and the routes / margins)
+  // epilogue: the row maxima over the 16 lanes of a row, centre, store y (and the routes / margins)
+  if (p.center) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int o = 8; o >= 1; o >>= 1) {
+        const float om = __shfl_xor_sync(0xffffffffu, m[i], o);
+        if constexpr ((MODE & kArgmax) != 0) {
+          const int oj = __shfl_xor_sync(0xffffffffu, jm[i], o);
+          if (beats(om, oj, m[i], jm[i])) {
+            m[i] = om;
+            jm[i] = oj;
+          }
+        } else {
+          m[i] = max_nan(m[i], om);
+        }
+      }
+  }
   float gap[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     gap[i] = INFINITY;
-    const int gi = grow[i];
+    const int gi = row0 + row_of(i);
     const float shift = p.center ? m[i] : 0.f;
 #pragma unroll
     for (int c = 0; c < CY; ++c) {
@@ -407,18 +500,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tropical_attention_cu
   at::Tensor mg = at::empty(want_margin ? at::IntArrayRef({B, H, Tq}) : at::IntArrayRef({0}), f32);
   if (y.numel() > 0) {
     TORCH_CHECK(B * H <= 65535, op, ": B * H must be <= 65535, got ", fmt(B * H));
+    const int64_t nqb = (Tq + kBQ - 1) / kBQ;
+    TORCH_CHECK(nqb * B * H <= std::numeric_limits<int>::max(), op, ": B * H * ceil(Tq / 128) must be < 2**31, got q ",
+                fmt(q_in.sizes()));
     c10::cuda::CUDAGuard guard(q.device());
     auto stream = c10::cuda::getCurrentCUDAStream();
     FwdParams p{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
                 y.mutable_data_ptr<float>(), want_argmax ? idx.mutable_data_ptr<int>() : nullptr,
                 want_argmax ? jm.mutable_data_ptr<int>() : nullptr, want_margin ? mg.mutable_data_ptr<float>() : nullptr,
-                {}, {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D), causal, center};
+                {}, {}, {}, int(H), int(H / Hkv), int(Tq), int(Tk), int(D), int(B * H), int(nqb), causal, center};
     for (int d = 0; d < 4; ++d) {
       p.sq[d] = q.stride(d);
       p.sk[d] = k.stride(d);
       p.sv[d] = v.stride(d);
     }
-    const dim3 grid(unsigned((Tq + kBQ - 1) / kBQ), unsigned(B * H));
+    const dim3 grid(unsigned(nqb * B * H));
     const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
     if (D <= 64) launch_fwd_mode<64>(p, mode, grid, stream);
     else launch_fwd_mode<128>(p, mode, grid, stream);

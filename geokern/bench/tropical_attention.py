@@ -150,27 +150,42 @@ class _Config:
 
 
 def _module_case(T):
-    """Their module's forward against ours with the same weights, bf16 as they train."""
-    torch.manual_seed(0)
-    ours = TropicalCausalSelfAttention(_Config(), 0).cuda().to(torch.bfloat16)
-    cos_sin = rotary(T, D, "cuda", torch.bfloat16)
+    """Their module's forward against ours with the same weights, bf16 as they train.
+    The module and the rotary tables are built on first use, on the GPU (listing the
+    cases needs no CUDA)."""
+
+    @functools.cache
+    def built():
+        torch.manual_seed(0)
+        return TropicalCausalSelfAttention(_Config(), 0).cuda().to(torch.bfloat16), rotary(T, D, "cuda", torch.bfloat16)
 
     def make():
+        built()
         return (torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16),)
 
     @torch.no_grad()
     def reference(x):
+        ours, cos_sin = built()
         ours.backend = "torch"
         try:
             return ours(x, cos_sin, None).float()
         finally:
             ours.backend = None
 
+    @torch.no_grad()
+    def geokern_forward(x):
+        ours, cos_sin = built()
+        return ours(x, cos_sin, None)
+
+    @torch.no_grad()
+    def their_forward(x):
+        ours, cos_sin = built()
+        return their_module_forward(ours, x, cos_sin)
+
     # inference forwards (no autograd graph) on both sides
     return Case(
         op="TropicalCausalSelfAttention", shape=f"B{B}T{T}C{H * D}H{H}", dtype="bf16", direction="fwd",
-        make_inputs=make, impls={"geokern": torch.no_grad()(lambda x: ours(x, cos_sin, None))},
-        peers={"theirs": torch.no_grad()(lambda x: their_module_forward(ours, x, cos_sin))},
+        make_inputs=make, impls={"geokern": geokern_forward}, peers={"theirs": their_forward},
         reference=reference, amount=_amount(T), metric="Tops/s", ceiling="fp32_lane_tops", tol=TOL["bf16"],
         input_bytes=B * T * H * D * 2,
     )
