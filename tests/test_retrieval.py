@@ -388,6 +388,16 @@ def test_bank_segment_equals_one_softmax_over_the_union(case, dtype, backend):
             assert_close(name, g[name].to(dtype), g64[name], gd[name])
 
 
+@pytest.mark.parametrize("pipe", ["0", "1"])
+@pytest.mark.parametrize("case", ["4d-even-L32-M48-C64-D16", "4d-no-own-keys", "decode-B5-T6-C37-n8"])
+def test_triton_forward_with_and_without_pipelining(case, pipe, monkeypatch):
+    """The Triton forward issues the next key tile's GEMM early or not by the head dim
+    (kernels.retrieval._pipelined); both loops stay correct at every dim: unmasked, even and
+    ragged segments, an empty segment, bfloat16 (the tensor-core norm path)."""
+    monkeypatch.setenv("GEOKERN_RETRIEVAL_PIPE", pipe)
+    test_bank_segment_equals_one_softmax_over_the_union(case, torch.bfloat16, "triton")
+
+
 @pytest.mark.parametrize("kind", ["rotor_diag", "lowrank"])
 def test_bank_with_general_metrics(kind):
     """A non-diagonal metric maps the bank's keys through the same features: triton with a
