@@ -653,6 +653,54 @@ def test_cuda_segments_op_matches_reference(dtype, chunks, monkeypatch):
         assert_close(name, a.to(dtype) if dtype != torch.float32 else a, b, c)
 
 
+@pytest.mark.skipif(not _ext.HAS_C, reason="the CUDA extension geokern._C is not built")
+@pytest.mark.parametrize("knobs", ["default", "ctas8", "ctas528", "bank1", "bank16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_cuda_forward_layouts(dtype, knobs, monkeypatch):
+    """The CUDA forward's paths against the float64 reference: 40 rows (a full group of 32 and a
+    partial one) of which each sees its own keys (the per-row path) and a bank shared by all (the
+    shared path), d_v = 200 (a partial column chunk); the queries of one batch sharing their keys
+    (shared) and one key set per batch dim 0 (rows of a group span two key sets: per-row) with
+    d_v = 13 and values whose rows are not 16-byte aligned (element loads); under the split
+    heuristic's knobs (few CTAs: one split; many: many splits merged; the bank in 1 or 16 splits).
+    Without a GPU this checks the CPU implementation."""
+    env = {"ctas8": ("GEOKERN_RETRIEVAL_CTAS", "8"), "ctas528": ("GEOKERN_RETRIEVAL_CTAS", "528"),
+           "bank1": ("GEOKERN_RETRIEVAL_BANK_SPLITS", "1"), "bank16": ("GEOKERN_RETRIEVAL_BANK_SPLITS", "16")}.get(knobs)
+    if env:
+        monkeypatch.setenv(*env)
+    from geokern.ops import retrieval as ops
+
+    def check(q, ks, vs, rs, ms, beta=0.6, eps=1e-8):
+        w = (torch.rand(q.shape[3], device=DEVICE) * 0.3 + 0.05).float()
+        out, lse = torch.ops.geokern.retrieval_attention_cuda(q, ks, vs, w, rs, ms, beta, eps)
+        c = lambda t: None if t is None else t.double()  # noqa: E731
+        _, kc, vc, rc, mc = ops._segs_cat(q.double(), [c(k) for k in ks], [c(v) for v in vs], [c(r) for r in rs], ms)
+        o64, l64 = ref.retrieval_attention(q.double(), kc, vc, rc, gm.diag(w.double()), beta, eps, mc, True)
+        _, kd, vd, rd, md = ops._segs_cat(q, ks, vs, rs, ms)
+        od, _ = ref.retrieval_attention(q, kd, vd, rd, gm.diag(w), beta, eps, md, True)
+        assert_close("output", out, o64.to(dtype), od)
+        assert_close("lse", lse, l64.float(), l64.float())
+
+    # decode: 40 rows, per-row keys (masked in part) + a shared bank
+    B, T, C, DV = 40, 37, 300, 200
+    q = rnd(1, B, 1, 8).to(dtype)
+    ks = [rnd(1, B, T, 8).to(dtype), rnd(1, 1, C, 8).to(dtype)]
+    vs = [rnd(1, B, T, DV).to(dtype), rnd(1, 1, C, DV).to(dtype)]
+    r = (torch.rand(1, B, 1, 1, device=DEVICE) + 0.5).float()
+    m = torch.rand(1, B, 1, T, device=DEVICE) > 0.3
+    m[0, 3] = False  # row 3 sees the bank only
+    check(q, ks, vs, [r, r], [m, None])
+    # queries of a batch share their keys; values' rows 14 elements apart (not 16-byte aligned)
+    q = rnd(2, 3, 45, 8).to(dtype)
+    vbig = rnd(2, 3, 50, 14).to(dtype)
+    ks, vs = [rnd(2, 3, 50, 8).to(dtype)], [vbig[..., :13]]
+    check(q, ks, vs, [(torch.rand(2, 3, 45, 50, device=DEVICE) + 0.5).float()], [None])
+    # keys per batch dim 0 only: a group of 32 consecutive rows spans both key sets
+    q = rnd(2, 3, 7, 8).to(dtype)
+    ks, vs = [rnd(2, 1, 60, 8).to(dtype)], [rnd(2, 1, 60, 24).to(dtype)]
+    check(q, ks, vs, [(torch.rand(1, 1, 1, 1, device=DEVICE) + 0.5).float()], [None])
+
+
 # ---- bad input -------------------------------------------------------------------
 
 

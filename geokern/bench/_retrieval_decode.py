@@ -5,16 +5,21 @@ One query per row, n = 8 coordinates, diag metric, per-query R, beta = 5, B = 32
 row seeing its own T = 512 keys and a memory bank of C = 4096 keys shared by the whole batch
 (M = 4608), d_v = 768; float32 and bfloat16.
 
-Implementations, timed side by side in one run:
+Implementations, timed side by side in one run (do_bench clears L2 between calls, inputs rotate
+through sets larger than L2):
   cuda          the public op with bank=(bank keys, bank values), backend="cuda": both key sets
                 are segments of one launch of the CUDA op (plus the merge of the splits); the
                 bank is never expanded; a CTA reads a tile of bank values once for 16 rows.
-  cuda[ctasN,bankS]  the raw CUDA op (forward only) with the split heuristic's CTA target set to
-                N (GEOKERN_RETRIEVAL_CTAS; default 2 per SM) and at most S splits of the bank
-                (GEOKERN_RETRIEVAL_BANK_SPLITS; default: one per 64 keys).
+  cuda-raw      the CUDA op alone (forward, no autograd, no Python wrapper), the two segments.
+  X[graph]      X captured in a CUDA graph (one graph per input set, replayed): the kernel's time
+                without the host's; the eager X's time includes the host time of a call where
+                that exceeds the kernel's (do_bench's L2 clear leaves the GPU idle otherwise).
+  cuda-raw[graph,K]  the raw op in a graph under the split heuristic's knobs
+                (csrc/retrieval/retrieval.cu): ctas<n> = GEOKERN_RETRIEVAL_CTAS (target number of
+                blocks; default 2 per SM), bank<n> = GEOKERN_RETRIEVAL_BANK_SPLITS (most splits of
+                the bank; default one per 64 keys).
   triton        the public op with bank=, backend="triton" (the bank is the kernel's second key
-                segment). At d_v = 768 its value tile is 1024 wide, so it runs 16-row tiles:
-                15 of 16 query rows of each tile are empty in this regime.
+                segment).
   eager (peer)  what the trainer does: concatenate the bank (expanded) to every row's keys, then the
                 eager reference (cost, softmax, weighted sum).
 GEOKERN_DECODE_BACKENDS (comma-separated, default "cuda,triton") picks the kernel backends timed.
@@ -39,8 +44,10 @@ from geokern.reference import retrieval as ref
 B, N, T, C, DV = 32, 8, 512, 4096, 768
 BETA, EPS = 5.0, 1e-8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# split heuristic variants timed beside the default: (CTA target, most splits of the bank)
-SWEEP = ((132, None), (528, None), (None, 16), (None, 32), (528, 32))
+# forward knobs timed (in graphs) beside the default: name -> environment
+SWEEP = {"ctas132": {"GEOKERN_RETRIEVAL_CTAS": 132}, "ctas528": {"GEOKERN_RETRIEVAL_CTAS": 528},
+         "bank32": {"GEOKERN_RETRIEVAL_BANK_SPLITS": 32}, "ctas528,bank32": {"GEOKERN_RETRIEVAL_CTAS": 528,
+                                                                            "GEOKERN_RETRIEVAL_BANK_SPLITS": 32}}
 
 
 def _make(dtype, grad):
@@ -66,20 +73,40 @@ def _segments(q, kseq, kbank, vseq, vbank, lam, R):
     return out.reshape(B, DV)
 
 
-def _with_env(ctas, bank):
-    env = {"GEOKERN_RETRIEVAL_CTAS": ctas, "GEOKERN_RETRIEVAL_BANK_SPLITS": bank}
-
+def _with_env(env, fn):
     def f(*a):
         old = {k: os.environ.get(k) for k in env}
-        os.environ.update({k: str(v) for k, v in env.items() if v is not None})
+        os.environ.update({k: str(v) for k, v in env.items()})
         try:
-            return _segments(*a)
+            return fn(*a)
         finally:
             for k, v in old.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    return f
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph per input set (at its first call with that set), then replayed."""
+    graphs = {}
+
+    def f(*inputs):
+        entry = graphs.get(id(inputs[0]))
+        if entry is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(*inputs)  # warm-up outside the capture (lazy initialisation, allocator)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = fn(*inputs)
+            entry = graphs[id(inputs[0])] = (g, out, inputs)  # inputs kept: their ids stay unique
+        entry[0].replay()
+        return entry[1]
 
     return f
 
@@ -132,7 +159,10 @@ def _case(dname, direction):
     avail = [b for b in _backend.available(torch.device("cuda")) if b in only]
     impls = {b: _public(b) for b in avail if b != "torch"}
     if "cuda" in avail and not grad:
-        impls.update({f"cuda[ctas{c or 'dflt'},bank{b or 'dflt'}]": _with_env(c, b) for c, b in SWEEP})
+        impls["cuda-raw"] = _segments
+        impls["cuda-raw[graph]"] = _graphed(_segments)
+        impls.update({f"cuda-raw[graph,{k}]": _graphed(_with_env(env, _segments)) for k, env in SWEEP.items()})
+        impls["cuda[graph]"] = _graphed(_public("cuda"))  # last: a capture that fails is reported as such
     peers = {"eager": _eager}
     if grad:
         impls = {k: _fwd_bwd(f) for k, f in impls.items()}
