@@ -33,7 +33,9 @@ def broadcast_shapes(*shapes):
     """torch.broadcast_shapes (a torch.Size; RuntimeError if they do not broadcast) for
     shapes of Python ints, without its cost (about 40 us a call, a large part of an op's
     launch overhead on small inputs)."""
-    n = max((len(s) for s in shapes), default=0)
+    n = 0
+    for s in shapes:  # not max(..., default=0): dynamo (torch.compile fullgraph) rejects default=
+        n = max(n, len(s))
     out = [1] * n
     for s in shapes:
         for i, d in enumerate(s, n - len(s)):

@@ -370,7 +370,9 @@ def test_public_op_compiles_with_backward(backend):
     got = torch.autograd.grad(f(q, k, v), (q, k, v))
     want = torch.autograd.grad(run(backend, q, k, v).square().sum(), (q, k, v))
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a, b, msg=f"compiled {name}")
+        # the backward adds into dq / dk / dv with float32 atomics: compiled and eager runs sum in
+        # different orders, so they agree to rounding, not bit for bit (a wrong route is O(1) off)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=f"compiled {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
