@@ -19,9 +19,11 @@ This cancels when q_i is close to k_j: s carries an absolute error of about
 u * (|q|^2_w + |k|^2_w) (u = 2^-8 in bf16, 2^-24 in fp32), so near-coincident pairs
 get spd ~ sqrt(u) |q| instead of sqrt(eps); the clamp keeps it real. For 16-bit inputs
 the two norms are added on the tensor cores too (_norm_split: a 16-wide GEMM of bfloat16
-hi / lo parts, error ~2^-17 relative), and the softmax's row sums and the backward's sums
-of ds come from GEMMs against a ones column: instructions per score the CUDA cores no
-longer issue.
+hi / lo parts, error ~2^-17 relative), and the softmax's row sums come from a GEMM
+against a ones column: instructions per score the CUDA cores no longer issue. (The same
+for the backward's distances and sums of ds cut its SASS from 46.6 to 37.2 instructions
+per score, 10% off its time at D = 128, but Triton 3.6 miscompiled it on the H100 for
+masked tiles: an illegal shared-memory access inside the dot; it was reverted.)
 
 Throughput bound (forward, 16-bit, H100): per score element one MUFU.SQRT and one
 MUFU.EX2; the MUFU unit does 16 / clk / SM (4 per SM sub-partition), so N^2 scores cost
@@ -377,8 +379,7 @@ def _norm_split(n, AT: tl.constexpr, ONES: tl.constexpr):
 
 @triton.jit
 def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
-                  WRITE_XW: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                  XW_SCALE: tl.constexpr = 1.0):
+                  WRITE_XW: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, l] = sum_d w_d x[b, l, d]^2 in float32: |k|^2_w once per key, not per score.
     With SPLIT, out is [.., L, 16] bfloat16: the key side of _norm_split."""
     pid_l = tl.program_id(0)
@@ -400,7 +401,7 @@ def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
         tl.store(out_ptr + pid_b * L + offs_l, n, mask=lvalid)
     if WRITE_XW:
         tl.store(xw_ptr + (pid_b * L + offs_l)[:, None] * D + offs_d[None, :],
-                 (x * w[None, :] * XW_SCALE).to(xw_ptr.dtype.element_ty), mask=lvalid[:, None] & dvalid[None, :])
+                 (x * w[None, :]).to(xw_ptr.dtype.element_ty), mask=lvalid[:, None] & dvalid[None, :])
 
 
 # ---- backward --------------------------------------------------------------------
@@ -409,18 +410,13 @@ def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
 @triton.jit
 def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_acc, dv_acc, cs, dr,
                 dqa_b, rs_b, dr_b, offs_m, mvalid, offs_n, nvalid, offs_d, dvalid, M, D,
-                R_MODE: tl.constexpr, NEED_DR: tl.constexpr, USE_KEEP: tl.constexpr, PREC: tl.constexpr,
-                NORM_MMA: tl.constexpr):
+                R_MODE: tl.constexpr, NEED_DR: tl.constexpr, USE_KEEP: tl.constexpr, PREC: tl.constexpr):
     """One (key tile, query tile) pair, transposed: rows are keys, columns queries.
 
     Accumulates dK / dV / sum_i ds / per-key dR in registers and adds the query side into
     float32 buffers with atomics. nr = -beta log2(e) R and hr = -beta R / 2 broadcast
-    against the [BLOCK_N, BLOCK_M] tile. qw is -2 w q; with NORM_MMA, kn and qn are the
-    [BN, 16] / [BM, 16] norm splits of the forward (_norm_split), added on the tensor cores."""
-    if NORM_MMA:  # qn carries + eps: s = g + eps
-        s = _mm_acc(k, tl.trans(qw), _mm(kn, tl.trans(qn), PREC), PREC)
-    else:
-        s = _mm(k, tl.trans(qw), PREC) + kn[:, None] + qn[None, :]
+    against the [BLOCK_N, BLOCK_M] tile."""
+    s = kn[:, None] + qn[None, :] - 2.0 * _mm(k, tl.trans(qw), PREC)  # qn carries + eps: s = g + eps
     t = tl.maximum(s, eps)
     inv = tl.math.rsqrt(t)  # one MUFU.RSQ gives spd = t / sqrt(t) and the 1 / spd of d cost / d s
     spd = t * inv
@@ -433,17 +429,11 @@ def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_a
     pd = p * (_mm(v, tl.trans(do), PREC) - delta[None, :])  # d loss / d logit
     dv_acc += _mm(pl, do, PREC)
     dsl = (pd * c).to(qw.dtype)  # d loss / d s
-    dk_acc += _mm(dsl, qw, PREC)  # -2 sum_i ds_ij (w q_i)
+    dk_acc += _mm(dsl, qw, PREC)
+    ds = pd * c
+    cs += tl.sum(ds, 1)
+    tl.atomic_add(rs_b + offs_m, tl.sum(ds, 0), mask=mvalid, sem="relaxed")
     a = _mm(tl.trans(dsl), k, PREC)  # sum_j ds_ij k_j for these queries
-    if NORM_MMA:  # both sums of ds from the tensor cores (of dsl, as dK and dQ's GEMMs use): no
-        # cross-warp reduction over the tile's key rows; cs is [BN, 16], its sum in column 0
-        cs = _mm_acc(dsl, _first_column(dsl.dtype, BM=dsl.shape[1]), cs, PREC)
-        rs = tl.sum(_mm(tl.trans(dsl), _first_column(dsl.dtype, BM=dsl.shape[0]), PREC), 1)
-    else:
-        ds = pd * c
-        cs += tl.sum(ds, 1)
-        rs = tl.sum(ds, 0)
-    tl.atomic_add(rs_b + offs_m, rs, mask=mvalid, sem="relaxed")
     tl.atomic_add(dqa_b + offs_m[:, None] * D + offs_d[None, :], a, mask=mvalid[:, None] & dvalid[None, :],
                   sem="relaxed")
     if NEED_DR:
@@ -464,7 +454,7 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
                  LQ, M, D, DV, scale, beta, eps,
                  R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, SHARED_K: tl.constexpr, SHARED_V: tl.constexpr,
                  NEED_DR: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr,
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key tile pid_n of one segment against every query tile of batch pid_b.
 
@@ -477,11 +467,7 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     dvalid = offs_d < D
     evalid = offs_e < DV
     k = _load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
-    if NORM_MMA:
-        offs_a = tl.arange(0, 16)
-        kn = _load_tile(kn_b, offs_n, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
-    else:
-        kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
+    kn = _load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
     v = _load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
     kj = offs_n[:, None]
@@ -489,9 +475,9 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     # dR layout by mode: [NB, LQ] (atomics), [NB, M] (per key), [NB, LQ, M] (per pair)
     dr_b = dr_ptr + pid_b * (LQ * M if R_MODE == 3 else (M if R_MODE == 2 else LQ))
 
-    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # -2 sum_i ds_ij (w q_i)
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # sum_i ds_ij (w q_i)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    cs = tl.zeros([BLOCK_N, 16] if NORM_MMA else [BLOCK_N], tl.float32)  # sum_i ds_ij
+    cs = tl.zeros([BLOCK_N], tl.float32)  # sum_i ds_ij
     dr = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, LQ, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
@@ -501,8 +487,6 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
         qw = _load_tile(qw_b, offs_m, offs_d, D, 1, mvalid, dvalid, EVEN_M, EVEN_D)
         do = _load_tile(do_b, offs_m, offs_e, DV, 1, mvalid, evalid, EVEN_M, EVEN_DV)
         qn = _load_vec(qn_b, offs_m, 1, mvalid, 0.0, EVEN_M) + eps
-        if NORM_MMA:
-            qn = _norm_split(qn, 0, 2)
         lse = _load_vec(lse_b, offs_m, 1, mvalid, float("inf"), EVEN_M)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
         delta = _load_vec(delta_b, offs_m, 1, mvalid, 0.0, EVEN_M)
@@ -515,17 +499,15 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
                 dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta,
                                                      dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                      offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, True,
-                                                     PREC, NORM_MMA)
+                                                     PREC)
         else:
             dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, kv, eps, beta,
                                                  dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                  offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, not EVEN_N,
-                                                 PREC, NORM_MMA)
+                                                 PREC)
 
-    if NORM_MMA:
-        cs = tl.sum(cs, 1)
     kf = k.to(tl.float32)
-    dk = 2.0 * w[None, :] * kf * cs[:, None] + dk_acc
+    dk = 2.0 * (w[None, :] * kf * cs[:, None] - dk_acc)
     kmask = nvalid[:, None] & dvalid[None, :]
     vmask = nvalid[:, None] & evalid[None, :]
     if SHARED_K:
@@ -559,7 +541,7 @@ def retrieval_attn_bwd_kernel(
     R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr, HAS_BANK: tl.constexpr,
     SHARED_K: tl.constexpr, SHARED_V: tl.constexpr, SHARED_K2: tl.constexpr, SHARED_V2: tl.constexpr,
     NEED_DR: tl.constexpr, PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
@@ -580,7 +562,7 @@ def retrieval_attn_bwd_kernel(
                      r_ptr + b0 * sr0 + b1 * sr1, mk_ptr + b0 * sm0 + b1 * sm1, dk_ptr, dv_ptr, dr_ptr,
                      skn, skd, sknn, svn, svd, srm, srn, smm, smn, LQ, M, D, DV, scale, beta, eps,
                      R_MODE, MASK_MODE, SHARED_K, SHARED_V, NEED_DR, PREC, EVEN_M, EVEN_N, EVEN_D, EVEN_DV,
-                     NORM_MMA, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N)
+                     BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N)
     elif HAS_BANK:
         _bwd_segment(pid_n - nblk, pid_b, qw_ptr + row_b * D, qn_ptr + row_b, do_ptr + row_b * DV,
                      lse_ptr + row_b, delta_ptr + row_b, dqa_ptr + row_b * D, rs_ptr + row_b, w_ptr, dw_ptr,
@@ -588,7 +570,7 @@ def retrieval_attn_bwd_kernel(
                      r2_ptr + b0 * tr0 + b1 * tr1, mk_ptr, dk2_ptr, dv2_ptr, dr2_ptr,
                      tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, LQ, M2, D, DV, scale, beta, eps,
                      R2_MODE, 0, SHARED_K2, SHARED_V2, NEED_DR, PREC, EVEN_M, EVEN_N2, EVEN_D, EVEN_DV,
-                     NORM_MMA, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N)
+                     BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -703,10 +685,9 @@ def _segments(q, k, v, w, r, mask, bk, bv, br, launch, split=False):
     return lead, seg, bank
 
 
-def sqnorm(x, w, xw=None, launch=None, split=False, xw_scale=1.0):
+def sqnorm(x, w, xw=None, launch=None, split=False):
     """|x|^2_w per row of x [NB0, NB1, L, F] (any strides) as float32 [NB0, NB1, L]; with xw
-    (contiguous, x's shape and dtype) also writes xw_scale w x rounded to x's dtype there
-    (a power of 2: exact). With split,
+    (contiguous, x's shape and dtype) also writes w x rounded to x's dtype there. With split,
     [NB0, NB1, L, 16] bfloat16: the key side of _norm_split."""
     import torch
 
@@ -718,7 +699,7 @@ def sqnorm(x, w, xw=None, launch=None, split=False, xw_scale=1.0):
     bl = 64
     _launch(sqnorm_kernel, launch)[(triton.cdiv(l, bl), nb0 * nb1)](
         x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d, WRITE_XW=xw is not None, SPLIT=split, BLOCK_L=bl,
-        BLOCK_D=_pow2(d), XW_SCALE=xw_scale)
+        BLOCK_D=_pow2(d))
     return out
 
 
@@ -781,8 +762,7 @@ def attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, nee
     d lse / d logit_j = p_j it enters as delta_i = rowsum(dO * O)_i - dlse_i."""
     import torch
 
-    split = _norm_mma(q.dtype)
-    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch, split)
+    lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch)
     lq, d, dv = q.shape[2], q.shape[3], v.shape[3]
     nb = lead[0] * lead[1]
     bd = _pow2(d)
@@ -806,7 +786,7 @@ def attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, nee
         return finish()
     qe = q.expand(lead + (lq, d)).contiguous()
     qw = torch.empty_like(qe)
-    qn = sqnorm(qe, w, qw, launch, xw_scale=-2.0)  # -2 w q: the distance's GEMM without a multiply
+    qn = sqnorm(qe, w, qw, launch)
     do = do.expand(lead + (lq, dv)).contiguous()
     delta = (do.float() * out.float()).sum(-1)
     if dlse is not None:
@@ -831,7 +811,7 @@ def attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, nee
         R_MODE=seg.r_mode, MASK_MODE=mask_mode, R2_MODE=two.r_mode, HAS_BANK=bank is not None,
         SHARED_K=seg.shared_k, SHARED_V=seg.shared_v, SHARED_K2=two.shared_k, SHARED_V2=two.shared_v,
         NEED_DR=bool(need_dr), PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(),
-        EVEN_D=bd == d, EVEN_DV=_pow2(dv) == dv, NORM_MMA=split, BLOCK_D=bd, BLOCK_DV=_pow2(dv),
+        EVEN_D=bd == d, EVEN_DV=_pow2(dv) == dv, BLOCK_D=bd, BLOCK_DV=_pow2(dv),
     )
     rows = nb * lq
     br_ = 64
