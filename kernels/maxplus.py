@@ -330,7 +330,9 @@ def _fwd_packed(a, b, c, lead, minplus, launch):
         zero = float("inf") if minplus else float("-inf")
     ap = _pairs(a, -1, zero).transpose(-1, -2)  # (.., M, KP), m-contiguous
     bp = _pairs(b, -2, zero)
-    zbits = torch.tensor([zero, zero], dtype=a.dtype).view(torch.int32).item()
+    # the zero pair's bits (pure Python: this runs under torch.compile's tracing too)
+    half = (zero & 0xFFFF) if kind == 2 else ((0x7F80, 0x7C00)[kind] | (0 if minplus else 0x8000))
+    zbits = (half << 16 | half) - (1 << 32 if half & 0x8000 else 0)
     ap, bp, args = _flat_args(lead, ap, bp)
     kernel = (launch or (lambda k: k))(maxplus_fwd_packed_kernel)
     batch = c.numel() // max(1, M * N)
