@@ -314,7 +314,8 @@ def _pairs(x, k_dim, zero):
         x = x.unflatten(-1, (-1, 2)).transpose(-3, -2)
     else:  # (.., K, N) -> (.., K/2, N, 2)
         x = x.unflatten(-2, (-1, 2)).transpose(-2, -1)
-    return x.contiguous().view(torch.int32).squeeze(-1)
+    # through 1-D: a "contiguous" tensor may keep odd strides on its size-1 dims, which view(int32) refuses
+    return x.contiguous().reshape(-1).view(torch.int32).view(x.shape[:-1])
 
 
 def _fwd_packed(a, b, c, lead, minplus, launch):
