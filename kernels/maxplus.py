@@ -19,6 +19,10 @@ S_IN for the sentinel (-2**(bits-2) for max-plus, 2**(bits-2) - 1 for min-plus),
 sum wraps for inputs in the documented range, and results beyond +-LIMIT (2 * INT_BOUND,
 geokern.reference.maxplus) are stored as the sentinel SENT with argmax 0.
 
+Value-only 16-bit inputs on the GPU take maxplus_fwd_packed_kernel instead: pairs of k
+packed in 32-bit words, one inline-PTX add + max per pair (see there); the CPU
+interpreter cannot run inline PTX, so there (CI) they take the kernel above.
+
 Backward (maxplus_bwd_kernel): dC is scattered along the recorded route with atomic
 adds into float32 buffers of A's and B's own shapes (broadcast batch dims alias one
 slot, so the batch reduction happens in the same adds). The order of the adds is not

@@ -27,7 +27,12 @@
 // inputs take the 32-bit kernel widened to float (sums in float32, double for double);
 // the value-only 16-bit path is maxplus_fwd_packed_kernel below (half2 / bf16x2, two k
 // per instruction). Either way the result equals the exact max rounded once (rounding is
-// monotone).
+// monotone). Measured (H100, 4096^3, add and max one op each, call time with the copies):
+// float32 24.9 T ops/s (74.5% of the 33.45 T lane ceiling), with argmax 12.7, bf16 /
+// fp16 46.6 (69.7% of 66.9), int16 57.8 (86.4%), int32 29.5 (88.2%); before this
+// layout 23.3, 12.2, 39.5 / 39.2, 45.0 and 25.4. float32 stays under the 78-80% that
+// the bare FADD + FMNMX pair reaches in PERF.md's microbenchmark: the kernel alone runs
+// at 75.6%, its loop 95% useful instructions.
 //
 // Argmax without margin costs one compare per k tile, not per k: each thread keeps the
 // best sum of the current k tile (add + max per step, as value-only), and at the end
