@@ -19,6 +19,10 @@ S_IN for the sentinel (-2**(bits-2) for max-plus, 2**(bits-2) - 1 for min-plus),
 sum wraps for inputs in the documented range, and results beyond +-LIMIT (2 * INT_BOUND,
 geokern.reference.maxplus) are stored as the sentinel SENT with argmax 0.
 
+Value-only 16-bit inputs on the GPU take maxplus_fwd_packed_kernel instead: pairs of k
+packed in 32-bit words, one inline-PTX add + max per pair (see there); the CPU
+interpreter cannot run inline PTX, so there (CI) they take the kernel above.
+
 Backward (maxplus_bwd_kernel): dC is scattered along the recorded route with atomic
 adds into float32 buffers of A's and B's own shapes (broadcast batch dims alias one
 slot, so the batch reduction happens in the same adds). The order of the adds is not
@@ -64,6 +68,20 @@ def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
 
 
 @triton.jit
+def _tile_ptrs(a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, sam, bb0, bb1, bb2, bb3, sbn,
+               BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's batch, rows, cols, and pointers to its A rows / B cols at k = 0.
+    Rows and cols are clamped: every load is in bounds and unmasked; stores are masked."""
+    pid = tl.program_id(0).to(tl.int64)
+    bat, pm, pn = _tile_of(pid, M, N, BM, BN, GROUP_M)
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    a_ptrs = a_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + tl.minimum(rm, M - 1) * sam
+    b_ptrs = b_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + tl.minimum(rn, N - 1) * sbn
+    return bat, rm, rn, a_ptrs, b_ptrs
+
+
+@triton.jit
 def _step(s, k, top1, idx, top2, MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr):
     if MARGIN:
         if MIN:
@@ -104,15 +122,9 @@ def maxplus_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # C, argmax and margin are contiguous (batch, M, N)
-    pid = tl.program_id(0).to(tl.int64)
-    bat, pm, pn = _tile_of(pid, M, N, BM, BN, GROUP_M)
-    rm = pm * BM + tl.arange(0, BM)
-    rn = pn * BN + tl.arange(0, BN)
-    # clamped rows / cols: every load is in bounds and unmasked; the store is masked
-    rmc = tl.minimum(rm, M - 1)
-    rnc = tl.minimum(rn, N - 1)
-    a_ptrs = a_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rmc * sam
-    b_ptrs = b_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + rnc * sbn
+    bat, rm, rn, a_ptrs, b_ptrs = _tile_ptrs(
+        a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, sam, bb0, bb1, bb2, bb3, sbn, BM, BN, GROUP_M
+    )
     ACC = tl.int32 if IS_INT else (tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32)
     ZERO = S_IN if IS_INT else (float("inf") if MIN else float("-inf"))
     top1 = tl.full((BM, BN), ZERO, ACC)
@@ -150,6 +162,62 @@ def maxplus_fwd_kernel(
             gap = top1 - top2
         gap = tl.where((top2 == ZERO) & (top1 == top1), float("inf"), gap)
         tl.store(mg_ptr + out, _narrow(gap, mg_ptr.dtype.element_ty), mask=mask)
+
+
+# Packed 16-bit value-only path (GPU): one 32-bit word holds a pair (k, k + 1) of A's row
+# (or B's column), low half k, and one instruction pair adds and maxes both lanes:
+# add.rn.bf16x2 / .f16x2 + max.NaN (HADD2 + HMNMX2), or add.s16x2 + max.s16x2, which
+# ptxas fuses into one VIADDMNMX (DPX). The lanes are collapsed once at the end. 16-bit
+# sums round at every step, which loses nothing (rounding is monotone: the max of the
+# rounded sums is the rounded max), so the result equals the float32 path's. KIND: 0
+# bfloat16, 1 float16, 2 int16 (inputs clamped to the stand-in S_IN beforehand); STEP:
+# the PTX of one step, acc = acc (+) (a + b) ($0 = $1 (+) ($2 + $3)), from _packed_step.
+@triton.autotune(configs=_configs(), key=["M", "N", "KP", "MIN", "KIND"])
+@triton.jit
+def maxplus_fwd_packed_kernel(
+    a_ptr, b_ptr, c_ptr,
+    M, N, KP,
+    s1, s2, s3,
+    ab0, ab1, ab2, ab3, sam, sak,
+    bb0, bb1, bb2, bb3, sbk, sbn,
+    MIN: tl.constexpr, KIND: tl.constexpr, STEP: tl.constexpr, ZERO2: tl.constexpr, LIMIT: tl.constexpr,
+    SENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # a: int32 pairs (.., M, KP), b: (.., KP, N); C contiguous (batch, M, N)
+    bat, rm, rn, a_ptrs, b_ptrs = _tile_ptrs(
+        a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, sam, bb0, bb1, bb2, bb3, sbn, BM, BN, GROUP_M
+    )
+    acc = tl.full((BM, BN), ZERO2, tl.int32)
+    for kp in range(0, KP):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        acc = tl.inline_asm_elementwise(STEP, "=r,r,r,r", [acc, a[:, None], b[None, :]], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+        a_ptrs += sak
+        b_ptrs += sbk
+    lo = acc.to(tl.int16)  # truncation: the low lane's bits
+    hi = (acc >> 16).to(tl.int16)
+    if KIND == 2:
+        if MIN:
+            v = tl.minimum(lo.to(tl.int32), hi.to(tl.int32))
+            v = tl.where(v > LIMIT, SENT, v)
+        else:
+            v = tl.maximum(lo.to(tl.int32), hi.to(tl.int32))
+            v = tl.where(v < -LIMIT, SENT, v)
+    else:
+        if KIND == 0:
+            x = lo.to(tl.bfloat16, bitcast=True).to(tl.float32)
+            y = hi.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        else:
+            x = lo.to(tl.float16, bitcast=True).to(tl.float32)
+            y = hi.to(tl.float16, bitcast=True).to(tl.float32)
+        if MIN:
+            v = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            v = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    out = bat * M * N + rm[:, None] * N + rn[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(c_ptr + out, v.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -210,6 +278,8 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
     batch = c.numel() // max(1, M * N)
     if c.numel() == 0:
         return
+    if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
+        return _fwd_packed(a, b, c, lead, minplus, launch)
     if a.is_cuda and a.stride(-2) != 1 and M > 1:
         # k-major A: the per-k column load becomes one contiguous vector (costs M*K copy)
         a = a.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -223,6 +293,62 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
         a, b, c, idx if idx is not None else c, margin if margin is not None else c,
         M, N, K, *args,
         MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None, **int_constants(a.dtype, minplus),
+    )
+
+
+_PACKED_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.int16: 2}
+
+
+def _packed_step(kind, minplus):
+    """The PTX of one packed step for maxplus_fwd_packed_kernel."""
+    add = ("add.rn.bf16x2", "add.rn.f16x2", "add.s16x2")[kind]
+    best = ("min" if minplus else "max") + (".NaN.bf16x2", ".NaN.f16x2", ".s16x2")[kind]
+    return "{ .reg .b32 t; %s t, $2, $3; %s $0, $1, t; }" % (add, best)
+
+
+def _pairs(x, k_dim, zero):
+    """x with its k dim (-1 for A, -2 for B) padded to even length with `zero`, as int32
+    words of k pairs (low half k), k-major: (.., K/2, M) for A, (.., K/2, N) for B."""
+    K = x.shape[k_dim]
+    if K % 2:
+        pad = list(x.shape)
+        pad[k_dim] = 1
+        x = torch.cat([x, x.new_full(pad, zero)], dim=k_dim)
+    if k_dim == -1:  # (.., M, K) -> (.., K/2, M, 2)
+        x = x.unflatten(-1, (-1, 2)).transpose(-3, -2)
+    else:  # (.., K, N) -> (.., K/2, N, 2)
+        x = x.unflatten(-2, (-1, 2)).transpose(-2, -1)
+    # through 1-D: a "contiguous" tensor may keep odd strides on its size-1 dims, which view(int32) refuses
+    return x.contiguous().reshape(-1).view(torch.int32).view(x.shape[:-1])
+
+
+def _fwd_packed(a, b, c, lead, minplus, launch):
+    """Value-only 16-bit forward through maxplus_fwd_packed_kernel (see there)."""
+    M, N = a.shape[-2], b.shape[-1]
+    kind = _PACKED_KIND[a.dtype]
+    consts = int_constants(a.dtype, minplus)
+    if kind == 2:  # the sentinel (and anything beyond the stand-in) becomes the stand-in
+        s = consts["S_IN"]
+        a, b = (a.clamp(max=s), b.clamp(max=s)) if minplus else (a.clamp(min=s), b.clamp(min=s))
+        zero = s
+    else:
+        zero = float("inf") if minplus else float("-inf")
+    ap = _pairs(a, -1, zero).transpose(-1, -2)  # (.., M, KP), m-contiguous
+    bp = _pairs(b, -2, zero)
+    # the zero pair's bits (pure Python: this runs under torch.compile's tracing too)
+    half = (zero & 0xFFFF) if kind == 2 else ((0x7F80, 0x7C00)[kind] | (0 if minplus else 0x8000))
+    zbits = (half << 16 | half) - (1 << 32 if half & 0x8000 else 0)
+    ap, bp, args = _flat_args(lead, ap, bp)
+    kernel = (launch or (lambda k: k))(maxplus_fwd_packed_kernel)
+    batch = c.numel() // max(1, M * N)
+
+    def grid(meta):
+        return (batch * triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+    kernel[grid](
+        ap, bp, c, M, N, ap.shape[-1], *args,
+        MIN=minplus, KIND=kind, STEP=_packed_step(kind, minplus), ZERO2=zbits,
+        LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
 
 

@@ -139,30 +139,40 @@ def test_int_cuda_op_checks():
         torch.ops.geokern.maxplus_backward_cuda(idx.short(), idx, [4, 5], [5, 3])
 
 
-# ---- the packed 16-bit kernel's 128-bit loads of A (CUDA) ------------------------------
+# ---- the operands as the CUDA kernels stream them -----------------------------------------
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="a CUDA-kernel path")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int16], ids=_id)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int16, torch.int32], ids=_id
+)
 @pytest.mark.parametrize("semiring", SEMIRINGS)
-def test_packed_vector_loads(semiring, dtype):
-    """K % 8 == 0 with k-contiguous, 16-byte aligned rows takes the vector-load variant;
-    an unaligned view and an odd K take the scalar one. Both equal the reference."""
+def test_operand_layouts(semiring, dtype):
+    """The CUDA forward streams padded k-major copies of A and B (float inputs already in
+    that layout, A k-major and B row-major with M, N multiples of 128 and K of 32, are
+    streamed as they are): every layout gives the reference's values, value-only and
+    with argmax."""
     need("cuda")
+    r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     for what, (A, B) in {
-        "vector": (torch.randn(2, 130, 264, device=DEVICE), torch.randn(264, 70, device=DEVICE)),
-        "vector, offset 8": (torch.randn(2, 130, 272, device=DEVICE)[..., 8:], torch.randn(264, 70, device=DEVICE)),
-        "scalar, offset 1": (torch.randn(2, 130, 265, device=DEVICE)[..., 1:], torch.randn(264, 70, device=DEVICE)),
-        "scalar, odd K": (torch.randn(2, 130, 261, device=DEVICE), torch.randn(261, 70, device=DEVICE)),
+        "row-major": (r(2, 130, 264), r(264, 70)),
+        "offset 1": (r(2, 130, 265)[..., 1:], r(264, 70)),
+        "odd K": (r(2, 130, 261), r(261, 70)),
+        "as streamed": (r(2, 64, 256).transpose(-1, -2), r(64, 256)),
+        "as streamed, batched B": (r(96, 128).T, r(3, 96, 128)),
     }.items():
         if dtype.is_floating_point:
             A, B = A.to(dtype), B.to(dtype)
-            expect = ref.maxplus_matmul(A.float(), B.float(), semiring=semiring).to(dtype)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
         else:
             A, B = (A * 1000).to(dtype), (B * 1000).to(dtype)
-            expect = ref.maxplus_matmul(A, B, semiring=semiring)
+            acc = dtype
+        expect, expect_k = ref.maxplus_matmul(A.to(acc), B.to(acc), True, semiring=semiring)
         got = geokern.maxplus_matmul(A, B, semiring=semiring, backend="cuda")
-        assert torch.equal(got, expect), f"{dtype} {semiring} {what}: differs from the reference"
+        assert torch.equal(got, expect.to(dtype)), f"{dtype} {semiring} {what}: differs from the reference"
+        got, got_k = geokern.maxplus_matmul(A, B, return_argmax=True, semiring=semiring, backend="cuda")
+        assert torch.equal(got, expect.to(dtype)), f"{dtype} {semiring} {what}: with argmax, differs"
+        assert torch.equal(got_k, expect_k), f"{dtype} {semiring} {what}: argmax differs"
 
 
 # ---- split-K (CUDA) -------------------------------------------------------------------

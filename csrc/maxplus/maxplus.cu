@@ -4,26 +4,35 @@
 //
 // Forward: a register-blocked GEMM-shaped kernel. There are no max-plus tensor cores,
 // so the ceiling is the fp32 lanes: each k step is one FADD and one FMNMX per output
-// (PERF.md: the pair runs at ~80% of 16.7 T steps/s on an H100). To feed the lanes
-// from registers each thread owns an 8 x 8 tile of C (64 add+max pairs per 4 128-bit
-// shared loads), the block a 128 x 128 tile (256 threads). Per K tile (16 k for float32,
-// 8 otherwise) the block stages A k-major (As[k][m], so a thread's 4 consecutive rows are one 128-bit load) and
-// B (Bs[k][n]) in double-buffered shared memory; the next tile is fetched while the current
-// one is consumed: float32 with cp.async straight into shared memory (kAsyncFloat), the
-// other types (converted on the way) through registers. Offsets within one matrix are
-// 32-bit (the host refuses matrices spanning 2**31 elements) and out-of-range rows /
-// columns are clamped to the last one (computed, never stored), so loads need no row
-// predicates. With argmax or margin, 16-bit inputs are widened to float when staged
-// (sums in float32, double for double); the value-only 16-bit path is
-// maxplus_fwd_packed_kernel below (half2 / bf16x2, two k per instruction). Either way the
-// result equals the exact max rounded once (rounding is monotone). The previous version
-// (64-bit offsets, per-k argmax) measured on an H100 at 4096^3: float32 20.7 T ops/s,
-// packed bf16 / fp16 32.5, float32 with argmax 9.2. Its main loop per 8-k tile was 1244
-// SASS instructions for 1024 FADD + FMNMX (with local-memory reloads, and the prefetch
-// loads sunk by ptxas to the end of the math); this one's (cp.async, 16 k per tile) is 2371
-// for 2048 with the copies issued first, the packed loop 1213 instead of 1447 per 1024
-// HADD2/HFMA2 + HMNMX2, and the float32 argmax loop 2573 per 2048 pairs instead of 2260 per
-// 1024 (sm_90, nvcc 13). Not yet timed.
+// (PERF.md: the pair runs at ~80% of 16.7 T steps/s on an H100; FMNMX issues at half
+// rate). To feed the lanes from registers each thread owns an 8 x 8 tile of C (64
+// add+max pairs per 4 128-bit shared loads), the block a 128 x 128 tile (256 threads).
+//
+// The kernels stream operand copies made once per call by pack_operand
+// (maxplus_pack_kernel): per matrix, rows of
+// 32-bit words (k for the 32-bit kernel, k pairs for the packed one; 64-bit for double),
+// k-major, M / N rounded up to 128, K up to kKQuant, the padding the semiring zero, each
+// value already staged (integers clamped to the stand-in, 16-bit widened for the 32-bit
+// kernel). So a k tile (16 rows) is plain 16-byte cp.async copies at fixed offsets from
+// one pointer per operand, double-buffered in shared memory (As[k][m], Bs[k][n]): the k
+// loop has no bounds, strides, conversions or clamps (sm_90 SASS per 16-row tile: float32
+// 2153 instructions for 2048 FADD + FMNMX, packed bf16 2153 for 2048 HADD2/HFMA2 + HMNMX2,
+// int32 and int16x2 1129 for 1024 VIADDMNMX, float32 argmax 2345; with the previous
+// in-kernel strided loads, 2371, 2426, -, 1422 and 2573). A float input already in that
+// layout (B row-major, or A k-major, with M, N multiples of 128 and K of kKQuant)
+// is streamed as it is. The copies cost one read and write of A and B (H100, 4096^3:
+// float32 A 0.076 ms against 5.43 ms for the product; bf16 / int16 0.05 ms each for A and
+// B against 2.85 / 2.28 ms). Out-of-range rows /
+// columns are computed on the padding and never stored. With argmax or margin, 16-bit
+// inputs take the 32-bit kernel widened to float (sums in float32, double for double);
+// the value-only 16-bit path is maxplus_fwd_packed_kernel below (half2 / bf16x2, two k
+// per instruction). Either way the result equals the exact max rounded once (rounding is
+// monotone). Measured (H100, 4096^3, add and max one op each, call time with the copies):
+// float32 24.9 T ops/s (74.5% of the 33.45 T lane ceiling), with argmax 12.7, bf16 /
+// fp16 46.6 (69.7% of 66.9), int16 57.8 (86.4%), int32 29.5 (88.2%); before this
+// layout 23.3, 12.2, 39.5 / 39.2, 45.0 and 25.4. float32 stays under the 78-80% that
+// the bare FADD + FMNMX pair reaches in PERF.md's microbenchmark: the kernel alone runs
+// at 75.6%, its loop 95% useful instructions.
 //
 // Argmax without margin costs one compare per k tile, not per k: each thread keeps the
 // best sum of the current k tile (add + max per step, as value-only), and at the end
@@ -66,14 +75,12 @@
 namespace geokern {
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kBK = 8, kThreads = 256, kPad = 4, kGroupM = 8;
-constexpr int kBK2 = 16;  // k per tile of the packed kernel: 8 pairs
+constexpr int kBM = 128, kBN = 128, kThreads = 256, kPad = 4, kGroupM = 8;
+constexpr int kBK = 8;        // the fewest k in any kernel's tile (double); argmax tile numbers count these
+constexpr int kKQuant = 32;   // K is padded to, and split into, multiples of this (every kernel's k tile divides it)
+constexpr int kTileRows = 16; // shared-memory rows per k tile (k, or k pairs in the packed kernel), 4-byte words
 constexpr int kArgmax = 1, kMargin = 2;  // MODE bits
 constexpr int kMaxSplits = 256;
-// float32 tiles go global -> shared with cp.async (LDGSTS): with register prefetch, ptxas
-// sinks the global loads to the end of the math (to spare the 8 registers they need at
-// 128 registers per thread), so their latency was exposed before every store to shared.
-constexpr bool kAsyncFloat = true;
 
 struct Batch {  // up to kMaxDims batch dims (outermost first), strides in elements
   int64_t size[kMaxDims];
@@ -101,9 +108,16 @@ struct Params {
   int* part_idx;  // split-K with argmax: the slice's winning k
   int M, N, K;
   int sam, sak, sbk, sbn;  // element strides within one matrix (0 along a dim of size 1)
-  int ksplit;              // k per slice (a multiple of kBK2), K without split
+  int ksplit;              // k per slice (a multiple of kKQuant), K without split
   int64_t batch;
   Batch L;
+  // The operands as the kernels stream them (pack_operand): per matrix, rows of words
+  // (k for the 32-bit kernel, k pairs for the packed one) of lda = M and ldb = N rounded
+  // up to 128, K padded to kKQuant, padding = the semiring zero; LP: their batch strides.
+  const void* pa;
+  const void* pb;
+  int lda, ldb;
+  Batch LP;
 };
 
 // ---- integers: the sentinel, its stand-in, the exact range ----------------------------
@@ -227,6 +241,46 @@ __device__ __forceinline__ int sub(int base, int lane, int i) {
   return base + (i < 4 ? lane * 4 + i : 64 + lane * 4 + i - 4);
 }
 
+// f(i, j, m, n) for each of this thread's 8 x 8 entries inside C.
+template <typename F>
+__device__ __forceinline__ void for_outputs(int M, int N, int m0, int n0, int ty, int tx, F&& f) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int m = sub(m0, ty, i);
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int n = sub(n0, tx, j);
+      if (n < N) f(i, j, m, n);
+    }
+  }
+}
+
+// Streams the k tiles of one packed operand (rows of 128 words starting at a tile's
+// first column, row pitch ld words) into shared memory, 16 bytes per cp.async: each
+// thread copies R / kRowsPass chunks, at fixed offsets from the tile's first row.
+template <typename W, int R>
+struct TileCopy {
+  static constexpr int kVec = 16 / sizeof(W), kPerRow = kBM / kVec, kRowsPass = kThreads / kPerRow;
+  static_assert(R % kRowsPass == 0, "whole passes");
+  const W* src;     // this thread's first chunk of the next tile
+  int64_t pass, step;  // words between a thread's chunks in one tile; between tiles
+  int dst;          // its first chunk's word offset in a shared buffer
+  __device__ __forceinline__ TileCopy(const W* tile0, int64_t ld, int t) {
+    const int row = t / kPerRow, col = (t % kPerRow) * kVec;
+    src = tile0 + row * ld + col;
+    pass = kRowsPass * ld;
+    step = R * ld;
+    dst = row * (kBM + kPad) + col;
+  }
+  __device__ __forceinline__ void next(W (*S)[kBM + kPad]) {
+#pragma unroll
+    for (int r = 0; r < R / kRowsPass; ++r)
+      __pipeline_memcpy_async(&S[0][0] + dst + r * kRowsPass * (kBM + kPad), src + r * pass, 16);
+    src += step;
+  }
+};
+
 // Writes one output entry: finished into C (and argmax) or, under split-K, raw into this
 // block's workspace slice.
 template <typename T, typename Acc, bool MIN>
@@ -266,10 +320,8 @@ template <typename T, typename Acc, bool MIN, int MODE>
 __global__ void __launch_bounds__(kThreads, MODE == 0 ? 2 : 1)
 maxplus_fwd_kernel(const Params<T, Acc> p) {
   constexpr bool kTile = MODE == kArgmax;  // argmax per k tile, resolved in the epilogue
-  constexpr bool kAsync = kAsyncFloat && std::is_same_v<T, float>;  // nothing to convert: cp.async
-  // k per tile: 16 with cp.async (no prefetch registers: the per-tile overhead halves), else 8
-  constexpr int BK = kAsync ? 2 * kBK : kBK;
-  constexpr int RA = kBM * BK / kThreads, RB = kBN * BK / kThreads;  // elements per loader thread
+  constexpr int BK = kTileRows * 4 / sizeof(Acc);  // k per tile: 16 (8 for double)
+  static_assert(kKQuant % BK == 0, "tiles divide the K padding");
   __shared__ __align__(16) Acc As[2][BK][kBM + kPad];
   __shared__ __align__(16) Acc Bs[2][BK][kBN + kPad];
   const Acc zero = zero_of<T, Acc, MIN>();
@@ -278,56 +330,17 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
 
   const int t = threadIdx.x;
   const int tx = t % 16, ty = t / 16;  // compute: rows ty*4 (+64), cols tx*4 (+64)
-  const int la_k = t % BK, la_m = t / BK;    // A loader: BK threads along k, kThreads / BK rows per pass
-  const int lb_n = t % kBN, lb_k = t / kBN;  // B loader: 128 threads along n, 2 k per pass
-  constexpr int kRowsA = kThreads / BK, kRowsB = kThreads / kBN;
   const int kbeg = blockIdx.z * p.ksplit, kend = min(p.K, kbeg + p.ksplit);
-  const int ktiles = (kend - kbeg + BK - 1) / BK;
-  int ao[RA];  // clamped rows: every load is in bounds
-#pragma unroll
-  for (int r = 0; r < RA; ++r) ao[r] = min(m0 + la_m + kRowsA * r, p.M - 1) * p.sam;
-  const int bo = min(n0 + lb_n, p.N - 1) * p.sbn;
+  const int ktiles = (min(p.K, kbeg + p.ksplit) - kbeg + kKQuant - 1) / kKQuant * (kKQuant / BK);
 
   for (int64_t bat = blockIdx.y; bat < p.batch; bat += gridDim.y) {
     int64_t oa, ob;
     p.L.offsets(bat, oa, ob);
     const T* a = p.a + oa;
     const T* b = p.b + ob;
-
-    Acc ra[RA], rb[RB];  // the next tile, in flight from global memory (register path)
-    auto load = [&](int kt) {
-      const int ka = kbeg + kt * BK + la_k;
-#pragma unroll
-      for (int r = 0; r < RA; ++r) ra[r] = ka < kend ? stage_in<T, Acc, MIN>(a[ao[r] + ka * p.sak]) : zero;
-#pragma unroll
-      for (int r = 0; r < RB; ++r) {
-        const int kb = kbeg + kt * BK + lb_k + kRowsB * r;
-        rb[r] = kb < kend ? stage_in<T, Acc, MIN>(b[kb * p.sbk + bo]) : zero;
-      }
-    };
-    auto stage = [&](int buf) {
-#pragma unroll
-      for (int r = 0; r < RA; ++r) As[buf][la_k][la_m + kRowsA * r] = ra[r];
-#pragma unroll
-      for (int r = 0; r < RB; ++r) Bs[buf][lb_k + kRowsB * r][lb_n] = rb[r];
-    };
-    auto copy = [&](int kt, int buf) {  // kAsync: the same elements, straight into shared memory
-      const int ka = kbeg + kt * BK + la_k;
-#pragma unroll
-      for (int r = 0; r < RA; ++r) {
-        Acc* dst = &As[buf][la_k][la_m + kRowsA * r];
-        if (ka < kend) __pipeline_memcpy_async(dst, a + ao[r] + ka * p.sak, sizeof(Acc));
-        else *dst = zero;
-      }
-#pragma unroll
-      for (int r = 0; r < RB; ++r) {
-        const int kb = kbeg + kt * BK + lb_k + kRowsB * r;
-        Acc* dst = &Bs[buf][lb_k + kRowsB * r][lb_n];
-        if (kb < kend) __pipeline_memcpy_async(dst, b + kb * p.sbk + bo, sizeof(Acc));
-        else *dst = zero;
-      }
-      __pipeline_commit();
-    };
+    p.LP.offsets(bat, oa, ob);
+    TileCopy<Acc, BK> ca(static_cast<const Acc*>(p.pa) + oa + int64_t(kbeg) * p.lda + m0, p.lda, t);
+    TileCopy<Acc, BK> cb(static_cast<const Acc*>(p.pb) + ob + int64_t(kbeg) * p.ldb + n0, p.ldb, t);
 
     Acc top1[8][8], top2[8][8], tb[8][8];
     int idx[8][8];
@@ -343,19 +356,17 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
       }
 
     __syncthreads();  // the previous batch's last reads are done
-    if constexpr (kAsync) {
-      copy(0, 0);
-      __pipeline_wait_prior(0);
-    } else {
-      load(0);
-      stage(0);
-    }
+    ca.next(As[0]);
+    cb.next(Bs[0]);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
     __syncthreads();
     for (int kt = 0; kt < ktiles; ++kt) {
       const int buf = kt & 1;
       if (kt + 1 < ktiles) {  // the next tile: buf ^ 1 was last read before the previous barrier
-        if constexpr (kAsync) copy(kt + 1, buf ^ 1);
-        else load(kt + 1);
+        ca.next(As[buf ^ 1]);
+        cb.next(Bs[buf ^ 1]);
+        __pipeline_commit();
       }
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
@@ -400,36 +411,27 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
             top1[i][2 * q + 1] = combine<MIN>(top1[i][2 * q + 1], tb[i][2 * q + 1]);
           }
       }
-      if constexpr (kAsync) __pipeline_wait_prior(0);  // this thread's copies have landed
-      else if (kt + 1 < ktiles) stage(buf ^ 1);
+      __pipeline_wait_prior(0);  // this thread's copies of the next tile have landed
       __syncthreads();
     }
 
     const int64_t out0 = bat * int64_t(p.M) * p.N;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int m = sub(m0, ty, i);
-      if (m >= p.M) continue;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int n = sub(n0, tx, j);
-        if (n >= p.N) continue;
-        const int64_t o = out0 + int64_t(m) * p.N + n;
-        int k = 0;
-        if constexpr (kTile) {
-          const int tile = j % 2 ? int(tix[i][j / 2] >> 16) : int(tix[i][j / 2] & 0xFFFFu);
-          k = resolve<T, Acc, MIN, BK>(a, b, p, m, n, kbeg + tile * BK, kend, top1[i][j]);
-        } else if constexpr (MODE & kArgmax) {
-          k = idx[i][j];
-        }
-        put<T, Acc, MIN>(p, o, top1[i][j], k, MODE & kArgmax);
-        if constexpr (MODE & kMargin) {
-          const Acc t1 = top1[i][j], t2 = top2[i][j];
-          const Acc gap = MIN ? t2 - t1 : t1 - t2;
-          p.margin[o] = static_cast<T>((t2 == zero && t1 == t1) ? Acc(INFINITY) : gap);
-        }
+    for_outputs(p.M, p.N, m0, n0, ty, tx, [&](int i, int j, int m, int n) {
+      const int64_t o = out0 + int64_t(m) * p.N + n;
+      int k = 0;
+      if constexpr (kTile) {
+        const int tile = j % 2 ? int(tix[i][j / 2] >> 16) : int(tix[i][j / 2] & 0xFFFFu);
+        k = resolve<T, Acc, MIN, BK>(a, b, p, m, n, kbeg + tile * BK, kend, top1[i][j]);
+      } else if constexpr (MODE & kArgmax) {
+        k = idx[i][j];
       }
-    }
+      put<T, Acc, MIN>(p, o, top1[i][j], k, MODE & kArgmax);
+      if constexpr (MODE & kMargin) {
+        const Acc t1 = top1[i][j], t2 = top2[i][j];
+        const Acc gap = MIN ? t2 - t1 : t1 - t2;
+        p.margin[o] = static_cast<T>((t2 == zero && t1 == t1) ? Acc(INFINITY) : gap);
+      }
+    });
   }
 }
 
@@ -459,8 +461,6 @@ struct PackedFloat {
   }
   template <bool MIN>
   static __device__ __forceinline__ H in(H x) { return x; }
-  template <bool MIN>
-  static __device__ __forceinline__ unsigned in2(unsigned x) { return x; }
   static __device__ __forceinline__ H2 pair(H lo, H hi) {
     H2 r;
     r.x = lo;
@@ -489,11 +489,6 @@ struct Packed<int16_t> {
   static __device__ __forceinline__ H zero() { return IntSem<int16_t>::stand_in<MIN>(); }
   template <bool MIN>
   static __device__ __forceinline__ H in(H x) { return H(stage_in<int16_t, int, MIN>(x)); }
-  template <bool MIN>  // in() on both halves of a pair
-  static __device__ __forceinline__ unsigned in2(unsigned x) {
-    constexpr unsigned s = unsigned(uint16_t(IntSem<int16_t>::stand_in<MIN>())) * 0x10001u;
-    return MIN ? __vmins2(x, s) : __vmaxs2(x, s);
-  }
   static __device__ __forceinline__ H2 pair(H lo, H hi) {
     return unsigned(uint16_t(lo)) | (unsigned(uint16_t(hi)) << 16);
   }
@@ -515,70 +510,30 @@ __device__ __forceinline__ unsigned bits(H2 x) {
   return u;
 }
 
-// VEC_A: A's rows are k-contiguous, K % 8 == 0 and every row and batch start is 16-byte
-// aligned, so each thread's 8 consecutive k of A are one 128-bit load (a separate
-// instantiation: a scalar fallback beside it in the loop costs spills).
-template <typename T, typename Acc, bool MIN, bool VEC_A>
+template <typename T, typename Acc, bool MIN>
 __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const Params<T, Acc> p) {
   using P = Packed<T>;
   using H = typename P::H;
   using H2 = typename P::H2;
-  // pairs as raw 32-bit words from global memory to shared (the compute reads them as H2)
-  __shared__ __align__(16) unsigned As[2][kBK2 / 2][kBM + kPad];
-  __shared__ __align__(16) unsigned Bs[2][kBK2 / 2][kBN + kPad];
+  constexpr int KP = kTileRows;  // k pairs per tile
+  static_assert(kKQuant % (2 * KP) == 0, "tiles divide the K padding");
+  // pairs as raw 32-bit words (the compute reads them as H2)
+  __shared__ __align__(16) unsigned As[2][KP][kBM + kPad];
+  __shared__ __align__(16) unsigned Bs[2][KP][kBN + kPad];
   const H zero = P::template zero<MIN>();
   int m0, n0;
   tile_origin(p.M, p.N, m0, n0);
 
   const int t = threadIdx.x;
   const int tx = t % 16, ty = t / 16;
-  const int la_m = t / 2, la_p = (t % 2) * 4;      // A loader: 8 consecutive k of one row
-  const int lb_n = t % kBN, lb_p = (t / kBN) * 4;  // B loader: 8 k of one column
-  const int kbeg = blockIdx.z * p.ksplit, kend = min(p.K, kbeg + p.ksplit);
-  const int ktiles = (kend - kbeg + kBK2 - 1) / kBK2;
-  const int ao = min(m0 + la_m, p.M - 1) * p.sam;
-  const int bo = min(n0 + lb_n, p.N - 1) * p.sbn;
+  const int kbeg = blockIdx.z * p.ksplit;
+  const int ktiles = (min(p.K, kbeg + p.ksplit) - kbeg + kKQuant - 1) / kKQuant * (kKQuant / (2 * KP));
 
   for (int64_t bat = blockIdx.y; bat < p.batch; bat += gridDim.y) {
     int64_t oa, ob;
-    p.L.offsets(bat, oa, ob);
-    const H* a = reinterpret_cast<const H*>(p.a) + oa;
-    const H* b = reinterpret_cast<const H*>(p.b) + ob;
-    unsigned ra[4], rb[4];
-    auto load = [&](int kt) {
-      const int k8 = kbeg + kt * kBK2 + 2 * la_p;  // this thread's 8 consecutive k of A
-      if constexpr (VEC_A) {  // one 128-bit load: 4 pairs (k, k + 1), low half k; kend % 8 == 0
-        if (k8 < kend) {
-          const uint4 v = *reinterpret_cast<const uint4*>(a + ao + k8);
-          ra[0] = P::template in2<MIN>(v.x), ra[1] = P::template in2<MIN>(v.y);
-          ra[2] = P::template in2<MIN>(v.z), ra[3] = P::template in2<MIN>(v.w);
-        } else {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) ra[q] = bits(P::pair(zero, zero));
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int k = k8 + 2 * q;
-          const H x0 = k < kend ? P::template in<MIN>(a[ao + k * p.sak]) : zero;
-          const H x1 = k + 1 < kend ? P::template in<MIN>(a[ao + (k + 1) * p.sak]) : zero;
-          ra[q] = bits(P::pair(x0, x1));
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int k = kbeg + kt * kBK2 + 2 * (lb_p + q);
-        const H y0 = k < kend ? P::template in<MIN>(b[k * p.sbk + bo]) : zero;
-        const H y1 = k + 1 < kend ? P::template in<MIN>(b[(k + 1) * p.sbk + bo]) : zero;
-        rb[q] = bits(P::pair(y0, y1));
-      }
-    };
-    auto stage = [&](int buf) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) As[buf][la_p + q][la_m] = ra[q];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) Bs[buf][lb_p + q][lb_n] = rb[q];
-    };
+    p.LP.offsets(bat, oa, ob);
+    TileCopy<unsigned, KP> ca(static_cast<const unsigned*>(p.pa) + oa + int64_t(kbeg / 2) * p.lda + m0, p.lda, t);
+    TileCopy<unsigned, KP> cb(static_cast<const unsigned*>(p.pb) + ob + int64_t(kbeg / 2) * p.ldb + n0, p.ldb, t);
 
     H2 acc[8][8];
 #pragma unroll
@@ -587,14 +542,20 @@ __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const P
       for (int j = 0; j < 8; ++j) acc[i][j] = P::pair(zero, zero);
 
     __syncthreads();
-    load(0);
-    stage(0);
+    ca.next(As[0]);
+    cb.next(Bs[0]);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
     __syncthreads();
     for (int kt = 0; kt < ktiles; ++kt) {
       const int buf = kt & 1;
-      if (kt + 1 < ktiles) load(kt + 1);
+      if (kt + 1 < ktiles) {
+        ca.next(As[buf ^ 1]);
+        cb.next(Bs[buf ^ 1]);
+        __pipeline_commit();
+      }
 #pragma unroll
-      for (int kp = 0; kp < kBK2 / 2; ++kp) {
+      for (int kp = 0; kp < KP; ++kp) {
         H2 av[8], bv[8];
         // 4 pairs = 16 bytes: one 128-bit shared load each
         *reinterpret_cast<uint4*>(av) = *reinterpret_cast<const uint4*>(&As[buf][kp][ty * 4]);
@@ -606,39 +567,65 @@ __global__ void __launch_bounds__(kThreads, 2) maxplus_fwd_packed_kernel(const P
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[i][j] = P::template step<MIN>(acc[i][j], av[i], bv[j]);
       }
-      if (kt + 1 < ktiles) stage(buf ^ 1);
+      __pipeline_wait_prior(0);
       __syncthreads();
     }
 
     const int64_t out0 = bat * int64_t(p.M) * p.N;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int m = sub(m0, ty, i);
-      if (m >= p.M) continue;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int n = sub(n0, tx, j);
-        if (n >= p.N) continue;
-        put<T, Acc, MIN>(p, out0 + int64_t(m) * p.N + n, Acc(P::template collapse<MIN>(acc[i][j])), 0, false);
-      }
-    }
+    for_outputs(p.M, p.N, m0, n0, ty, tx, [&](int i, int j, int m, int n) {
+      put<T, Acc, MIN>(p, out0 + int64_t(m) * p.N + n, Acc(P::template collapse<MIN>(acc[i][j])), 0, false);
+    });
   }
 }
 
 // Launches the packed kernel for 16-bit T (true), or does nothing (false).
 template <typename T, typename Acc>
-bool launch_packed(const Params<T, Acc>& p, bool minplus, bool vec_a, dim3 grid, cudaStream_t stream) {
+bool launch_packed(const Params<T, Acc>& p, bool minplus, dim3 grid, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, int16_t>) {
-    auto go = [&](auto min_c, auto vec_c) {
-      maxplus_fwd_packed_kernel<T, Acc, decltype(min_c)::value, decltype(vec_c)::value>
-          <<<grid, kThreads, 0, stream>>>(p);
-    };
-    if (minplus) vec_a ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
-    else vec_a ? go(std::false_type{}, std::true_type{}) : go(std::false_type{}, std::false_type{});
+    if (minplus) maxplus_fwd_packed_kernel<T, Acc, true><<<grid, kThreads, 0, stream>>>(p);
+    else maxplus_fwd_packed_kernel<T, Acc, false><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   } else {
     return false;
+  }
+}
+
+// pack_operand's kernel: word r of column c of one matrix, r < R, c < C (C, R padded):
+// x(c, k) = in[c * sc + k * sk] staged (stand-in clamp, widening), or the semiring zero
+// beyond (cols, klen); a word is x(c, r) (PER = 1, type W = Acc) or the pair
+// (x(c, 2r), x(c, 2r + 1)), low half first (PER = 2, packed 16-bit). Each thread writes
+// 8 words of one column (coalesced along c) and reads its 8 PER consecutive k (A's rows:
+// 32 bytes of one row per thread, each load instruction touching 32 rows; a tiled
+// transpose through shared memory, reading whole rows, should be faster).
+template <typename T, typename W, bool MIN, int PER>
+__global__ void maxplus_pack_kernel(const T* __restrict__ in, W* __restrict__ out, int64_t sbat, int sc, int sk,
+                                    int cols, int klen, int C, int R, int64_t total) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int c = int(e % C);
+    const int64_t rest = e / C;
+    const int r0 = int(rest % (R / 8)) * 8;
+    const int64_t bat = rest / (R / 8);
+    const T* src = in + bat * sbat + int64_t(c) * sc;
+    W* dst = out + (bat * R + r0) * int64_t(C) + c;
+    const bool live = c < cols;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      if constexpr (PER == 1) {
+        const int k = r0 + q;
+        dst[int64_t(q) * C] = live && k < klen ? stage_in<T, W, MIN>(src[int64_t(k) * sk]) : zero_of<T, W, MIN>();
+      } else {
+        using P = Packed<T>;
+        using H = typename P::H;
+        const int k = 2 * (r0 + q);
+        const H z = P::template zero<MIN>();
+        const H x0 = live && k < klen ? P::template in<MIN>(reinterpret_cast<const H*>(src)[int64_t(k) * sk]) : z;
+        const H x1 =
+            live && k + 1 < klen ? P::template in<MIN>(reinterpret_cast<const H*>(src)[int64_t(k + 1) * sk]) : z;
+        dst[int64_t(q) * C] = bits(P::pair(x0, x1));
+      }
+    }
   }
 }
 
@@ -727,7 +714,7 @@ void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
 int choose_splits_for_speed(int64_t tiles, int64_t K) {
   if (const char* env = std::getenv("GEOKERN_MAXPLUS_SPLITS")) {
     const int n = std::atoi(env);
-    if (n > 0) return int(std::min<int64_t>({n, kMaxSplits, (K + kBK2 - 1) / kBK2}));
+    if (n > 0) return int(std::min<int64_t>({n, kMaxSplits, (K + kKQuant - 1) / kKQuant}));
   }
   int dev = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -741,6 +728,41 @@ int choose_splits_for_speed(int64_t tiles, int64_t K) {
 int choose_splits(int64_t tiles, int64_t K, bool allowed, int64_t least) {
   if (!allowed) return 1;
   return int(std::max<int64_t>(least, choose_splits_for_speed(tiles, K)));
+}
+
+// The copy of one operand that the forward kernels stream: for a (..., M, K) (is_a) or
+// b (..., K, N), a contiguous (..., R, C) tensor of words, C = M (N) rounded up to 128,
+// R = K padded to kKQuant (halved for packed pairs), padding the semiring zero (see
+// maxplus_pack_kernel). `word` is the words' dtype (Acc, or int32 for packed pairs).
+template <typename T, typename W, int PER>
+at::Tensor pack_operand(const at::Tensor& x, bool is_a, bool minplus, at::ScalarType word, cudaStream_t stream) {
+  const int64_t rows = x.size(-2), cols_ = x.size(-1);
+  const int64_t cols = is_a ? rows : cols_, klen = is_a ? cols_ : rows;
+  const int64_t C = (cols + kBM - 1) / kBM * kBM, R = (klen + kKQuant - 1) / kKQuant * kKQuant / PER;
+  if constexpr (PER == 1 && std::is_same_v<T, W> && !kIsInt<T>) {  // floats need no staging: x itself, if laid out so
+    const at::Tensor v = is_a ? x.transpose(-1, -2) : x;
+    if (R == klen && C == cols && v.is_contiguous() && aligned16(v.const_data_ptr())) return v;
+  }
+  const at::Tensor x3 = x.reshape({-1, rows, cols_});
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.push_back(R);
+  shape.push_back(C);
+  at::Tensor out = at::empty(shape, x.options().dtype(word));
+  const int64_t nb = x3.size(0), total = nb * (R / 8) * C;
+  if (total == 0) return out;
+  const int64_t sbat = nb > 1 ? x3.stride(0) : 0;
+  // strides of size-1 dims never multiply a nonzero index: 0 keeps them in 32 bits
+  const int s_row = rows > 1 ? int(x3.stride(1)) : 0, s_col = cols_ > 1 ? int(x3.stride(2)) : 0;
+  const int sc = is_a ? s_row : s_col, sk = is_a ? s_col : s_row;
+  auto go = [&](auto min_c) {
+    maxplus_pack_kernel<T, W, decltype(min_c)::value, PER><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+        x3.const_data_ptr<T>(), reinterpret_cast<W*>(out.mutable_data_ptr()), sbat, sc, sk, int(cols), int(klen),
+        int(C), int(R), total);
+  };
+  if (minplus) go(std::true_type{});
+  else go(std::false_type{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
@@ -784,16 +806,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
   // argmax alone records 16-bit tile numbers: at most 65535 tiles of kBK per slice
   const int64_t least = want_argmax && !want_margin ? (K + 65535 * kBK - 1) / (65535 * kBK) : 1;
   const int want_splits = choose_splits(int64_t(tiles) * batch, K, !want_margin, least);
-  // k per slice: a multiple of both kernels' k tile; the slice count follows from it
-  const int64_t ksplit = ((K + want_splits - 1) / want_splits + kBK2 - 1) / kBK2 * kBK2;
+  // k per slice: a multiple of every kernel's k tile; the slice count follows from it
+  const int64_t ksplit = ((K + want_splits - 1) / want_splits + kKQuant - 1) / kKQuant * kKQuant;
   const int splits = int((K + ksplit - 1) / ksplit);
   const dim3 grid(tiles, unsigned(std::min<int64_t>(batch, 65535)), unsigned(splits));
   // strides of size-1 dims never multiply a nonzero index: 0 keeps them in 32 bits
   const int sam = M > 1 ? int(a.stride(-2)) : 0, sak = K > 1 ? int(a.stride(-1)) : 0;
   const int sbk = K > 1 ? int(b.stride(-2)) : 0, sbn = N > 1 ? int(b.stride(-1)) : 0;
-  // 16-bit A rows read 8 k at a time: k-contiguous, every row and batch start 16-byte aligned
-  bool vec_a = a.element_size() == 2 && sak == 1 && K % 8 == 0 && sam % 8 == 0 && aligned16(a.const_data_ptr());
-  for (int d = 0; d < kMaxDims; ++d) vec_a = vec_a && L.a[d] % 8 == 0;
   // int16x2 DPX is one instruction from sm_90 on; before, it is emulated (several SIMD
   // instructions and 1 KB of spills in the packed kernel), so int16 takes the int32 kernel
   int major = 0;
@@ -802,9 +821,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
   AT_DISPATCH_FLOATING_TYPES_AND4(at::kHalf, at::kBFloat16, at::kInt, at::kShort, a.scalar_type(), "maxplus_cuda", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double,
                                    std::conditional_t<std::is_integral_v<scalar_t>, int, float>>;
+    const auto acc_type = std::is_same_v<Acc, double> ? at::kDouble : std::is_same_v<Acc, int> ? at::kInt : at::kFloat;
     at::Tensor part, part_idx;
     if (splits > 1) {
-      const auto acc_type = std::is_same_v<Acc, double> ? at::kDouble : std::is_same_v<Acc, int> ? at::kInt : at::kFloat;
       part = at::empty({splits, c.numel()}, a.options().dtype(acc_type));
       if (want_argmax) part_idx = at::empty({splits, c.numel()}, a.options().dtype(at::kInt));
     }
@@ -815,6 +834,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
                             splits > 1 ? part.mutable_data_ptr<Acc>() : nullptr,
                             splits > 1 && want_argmax ? part_idx.mutable_data_ptr<int>() : nullptr,
                             int(M), int(N), int(K), sam, sak, sbk, sbn, int(ksplit), batch, L};
+    const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
+    constexpr bool k16 = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16> ||
+                         std::is_same_v<scalar_t, int16_t>;
+    const bool packed = k16 && mode == 0 && packed_ok;
+    at::Tensor pa, pb;  // the operands as the kernel streams them
+    if constexpr (k16) {
+      if (packed) {
+        pa = pack_operand<scalar_t, unsigned, 2>(a, true, minplus, at::kInt, stream);
+        pb = pack_operand<scalar_t, unsigned, 2>(b, false, minplus, at::kInt, stream);
+      }
+    }
+    if (!packed) {
+      pa = pack_operand<scalar_t, Acc, 1>(a, true, minplus, acc_type, stream);
+      pb = pack_operand<scalar_t, Acc, 1>(b, false, minplus, acc_type, stream);
+    }
+    TORCH_CHECK(make_batch(lead, pa, pb, &p.LP), op, ": could not build a batch layout for the packed operands");
+    p.pa = pa.const_data_ptr();
+    p.pb = pb.const_data_ptr();
+    p.lda = int(pa.size(-1));
+    p.ldb = int(pb.size(-1));
     auto reduce = [&](auto min_c) {
       if (splits == 1) return;
       const int64_t total = c.numel();
@@ -832,8 +871,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
       }
     };
     auto by_mode = [&](auto min_c) {
-      const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
-      if (mode == 0 && packed_ok && launch_packed(p, decltype(min_c)::value, vec_a, grid, stream)) {}
+      if (packed) launch_packed(p, decltype(min_c)::value, grid, stream);
       else if (mode == 0) go(min_c, std::integral_constant<int, 0>{});
       else if (mode == kArgmax) go(min_c, std::integral_constant<int, kArgmax>{});
       else if (mode == kMargin) go(min_c, std::integral_constant<int, kMargin>{});
