@@ -38,7 +38,7 @@ wheel: $(VENV)/.deps
 	ls dist/
 
 gpu:
-	BENCH=$(BENCH) JOBS=$(JOBS) bash scripts/gpu.sh $(OUT) $(SELECT)
+	BENCH=$(BENCH) JOBS=$(JOBS) STEPS="$(STEPS)" bash scripts/gpu.sh $(OUT) $(SELECT)
 
 clean:
 	rm -rf build dist *.egg-info geokern/_C*.so $(VENV)/.built

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make gpu [OUT=folder] [SELECT=family] [BENCH=0]: the one script for a GPU machine that may have
+# make gpu [OUT=folder] [SELECT=family] [BENCH=0] [STEPS="build tests sanitizer bench"]: the one script for a GPU machine that may have
 # no network (python3 there already has torch, triton, pytest, ninja). Builds geokern._C,
 # runs the whole test suite on CUDA, compute-sanitizer (memcheck) over the CUDA
 # extension's tests, then the benchmarks. Everything is logged to OUT/gpu.log; result
@@ -29,7 +29,12 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
 export GEOKERN_COMMIT=${GEOKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 K=${SELECT:+-k $SELECT}
-step build $PY -m pip install --no-build-isolation --no-deps -e . -q
+# STEPS: which of build, tests, sanitizer, bench to run (a later call on the same, still warm
+# machine can run the rest when one call would outlast a time limit)
+STEPS=" ${STEPS:-build tests sanitizer bench} "
+[ "${BENCH:-1}" = 0 ] && STEPS=${STEPS/ bench / }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+want build && step build $PY -m pip install --no-build-isolation --no-deps -e . -q
 step info $PY -c "import geokern, json; print(json.dumps(geokern.info(), indent=1))"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >>"$LOG" 2>&1
 # tests take one fixed config per Triton kernel (GEOKERN_AUTOTUNE=0): autotuning every
@@ -52,12 +57,12 @@ parallel() {  # parallel NAME CMD...: CMD + one shard's files in each process; l
   for f in "$OUT/$name".*.log; do cat "$f"; rm -f "$f"; done
   return $rc
 }
-step tests parallel tests env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $K
+want tests && step tests parallel tests env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $K
 # Each allocation its own cudaMalloc, so memcheck sees out-of-bounds accesses that the
 # caching allocator would otherwise hide inside a larger block.
-step sanitizer parallel sanitizer env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+want sanitizer && step sanitizer parallel sanitizer env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m pytest -q -p no:cacheprovider -k "cuda and not compile${SELECT:+ and $SELECT}"
-[ "${BENCH:-1}" = 0 ] || step bench $PY -m geokern.bench --out "$OUT" ${SELECT:+--family $SELECT}
+want bench && step bench $PY -m geokern.bench --out "$OUT" ${SELECT:+--family $SELECT}
 echo "=== make gpu: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
 exit $status
