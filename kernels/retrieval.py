@@ -18,7 +18,7 @@ accumulated in float32 (exact float32 for float32 inputs: input_precision="ieee"
 This cancels when q_i is close to k_j: s carries an absolute error of about
 u * (|q|^2_w + |k|^2_w) (u = 2^-8 in bf16, 2^-24 in fp32), so near-coincident pairs
 get spd ~ sqrt(u) |q| instead of sqrt(eps); the clamp keeps it real. For 16-bit inputs
-the two norms are added on the tensor cores too (_norm_split: a 16-wide GEMM of bfloat16
+without a mask (attn_fwd says why) the two norms are added on the tensor cores too (_norm_split: a 16-wide GEMM of bfloat16
 hi / lo parts, error ~2^-17 relative), and the softmax's row sums come from a GEMM
 against a ones column: instructions per score the CUDA cores no longer issue. (The same
 for the backward's distances and sums of ds cut its SASS from 46.6 to 37.2 instructions
@@ -708,7 +708,10 @@ def attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch=None):
     optional second key segment (a bank, usually shared by the batch) or None."""
     import torch
 
-    split = _norm_mma(q.dtype)
+    # masked launches keep the float32 adds: with a key mask, Triton 3.6's software pipeliner
+    # crashed compiling the tensor-core norm path for some shapes on the H100 ("PassManager::run
+    # failed" in TritonGPUPipeline; headshared keys and bank tests); unmasked launches ran clean
+    split = _norm_mma(q.dtype) and mask is None
     lead, seg, bank = _segments(q, k, v, w, r, mask, bk, bv, br, launch, split)
     lq, d, dv = q.shape[2], q.shape[3], v.shape[3]
     out = torch.empty(lead + (lq, dv), dtype=v.dtype, device=v.device)
