@@ -34,6 +34,9 @@ K=${SELECT:+-k $SELECT}
 STEPS=" ${STEPS:-build tests sanitizer bench} "
 [ "${BENCH:-1}" = 0 ] && STEPS=${STEPS/ bench / }
 want() { [[ "$STEPS" == *" $1 "* ]]; }
+for s in $STEPS; do
+  case $s in build|tests|sanitizer|bench) ;; *) echo "make gpu: unknown step '$s' in STEPS (build tests sanitizer bench)"; exit 2 ;; esac
+done
 want build && step build $PY -m pip install --no-build-isolation --no-deps -e . -q
 step info $PY -c "import geokern, json; print(json.dumps(geokern.info(), indent=1))"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >>"$LOG" 2>&1

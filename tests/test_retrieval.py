@@ -392,8 +392,9 @@ def test_bank_segment_equals_one_softmax_over_the_union(case, dtype, backend):
 @pytest.mark.parametrize("case", ["4d-even-L32-M48-C64-D16", "4d-no-own-keys", "decode-B5-T6-C37-n8"])
 def test_triton_forward_with_and_without_pipelining(case, pipe, monkeypatch):
     """The Triton forward issues the next key tile's GEMM early or not by the head dim
-    (kernels.retrieval._pipelined); both loops stay correct at every dim: unmasked, even and
-    ragged segments, an empty segment, bfloat16 (the tensor-core norm path)."""
+    (kernels.retrieval._pipelined); both loops stay correct at every dim: bfloat16 with an even
+    row segment and a bank, an empty row segment, and (decode) a masked row segment (a masked
+    launch keeps float32 norms; that segment unpipelined) beside an unmasked bank (pipelined)."""
     monkeypatch.setenv("GEOKERN_RETRIEVAL_PIPE", pipe)
     test_bank_segment_equals_one_softmax_over_the_union(case, torch.bfloat16, "triton")
 
@@ -586,6 +587,25 @@ def test_public_op_compiles_with_backward(backend):
     got = torch.autograd.grad(f(q, k, v, lam, R), (q, k, v, lam, R))
     want = torch.autograd.grad(ref.retrieval_attention(q, k, v, R, gm.diag(lam), 1.5).sum(), (q, k, v, lam, R))
     for name, a, b in zip(["dquery", "dkeys", "dvalues", "dlam", "dR"], got, want):
+        assert_close(name, a, b.double(), b)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_public_op_compiles_when_one_tensor_fills_two_arguments(backend):
+    """keys that are the values, and a bank sharing the row's R: the wrapper must hand the
+    autograd Function distinct tensor objects (dynamo's fullgraph rejects a duplicate input)."""
+    need(backend)
+    q, x, bx = (torch.randn(2, 2, 33, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    lam = torch.rand(16, device=DEVICE) + 0.5
+    R = torch.rand(2, 2, 33, 1, device=DEVICE) + 0.5
+
+    def run(q, x, bx):
+        return geokern.retrieval_attention(q, x, x, R, gm.diag(lam), 1.5, bank=(bx, bx), backend=backend)
+
+    got = torch.autograd.grad(torch.compile(lambda *a: run(*a).sum(), fullgraph=True)(q, x, bx), (q, x, bx))
+    want = torch.autograd.grad(run(q, x, bx).sum(), (q, x, bx))
+    for name, a, b in zip(["dquery", "dkeys=values", "dbank"], got, want):
         assert_close(name, a, b.double(), b)
 
 

@@ -370,14 +370,15 @@ def _to4(t, lead, tail):
     """t viewed as [NB0, NB1, *tail] with size-1 batch dims where t is broadcast.
 
     lead is the full broadcast batch shape; t's own leading dims are right-aligned in it.
-    One reshape (none when t already has the shape): this runs six times per call.
+    One reshape (a view when t already has the shape: never t itself, since dynamo rejects the
+    same tensor object passed twice to an autograd Function, e.g. keys that are the values).
     """
     nb = t.dim() - len(tail)
     own = (1,) * (len(lead) - nb) + tuple(t.shape[:nb])
     tail = tuple(t.shape[nb:])
     if len(lead) <= 2:
         shape = (1,) * (2 - len(lead)) + own + tail
-        return t if tuple(t.shape) == shape else t.reshape(shape)
+        return t.view(shape) if tuple(t.shape) == shape else t.reshape(shape)
     inner = own[-1]
     if all(s == 1 for s in own[:-1]):
         n0 = 1
@@ -554,7 +555,7 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     if bank is not None:
         bk3, bv3 = ref.as_batched(fq, fb)[1], ref._values_batched(bv)
         b4 = (_to4(bk3, lead, bk3.shape[-2:]), _to4(bv3, lead, bv3.shape[-2:]),
-              r4 if br is R else _r4(br, lead, squeeze, query.device))
+              r4.view(r4.shape) if br is R else _r4(br, lead, squeeze, query.device))  # a view: see _to4
     out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, *b4, float(beta), float(eps), be)
     full = lead + (q.shape[-2],)
     out = out.reshape(full + (v.shape[-1],))
