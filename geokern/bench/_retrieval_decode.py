@@ -22,6 +22,9 @@ through sets larger than L2):
                 segment).
   eager (peer)  what the trainer does: concatenate the bank (expanded) to every row's keys, then the
                 eager reference (cost, softmax, weighted sum).
+read_same_bytes rows (no attention): PyTorch reductions reading the same bytes once, eager and in a
+graph, per input and as one buffer: the floor that fixed costs (launches, ramp-up and tail of a
+kernel over a few tens of MB) put under any implementation of this shape.
 GEOKERN_DECODE_BACKENDS (comma-separated, default "cuda,triton") picks the kernel backends timed.
 
 Bytes counted (metric TB/s, judged against the copy bandwidth measured in the same run): every
@@ -176,6 +179,34 @@ def _case(dname, direction):
     )
 
 
+def _read_floor_case(dname):
+    """What any kernel pays to read this shape's bytes once, timed the same way: PyTorch's
+    sum over each input (one kernel per input, as the op reads several tensors), and over one
+    buffer of the same total size (one kernel, the best case), eager and in a CUDA graph.
+    These rows compute no attention: the reference is empty, so the check compares nothing."""
+    dtype = DTYPES[dname]
+    esz = torch.finfo(dtype).bits // 8
+    total = _bytes(esz, False)
+
+    def make():
+        flat = torch.randn(total // esz, device="cuda", dtype=dtype)
+        return _make(dtype, False)() + (flat,)
+
+    def each(q, kseq, kbank, vseq, vbank, lam, R, flat):
+        return [t.sum() for t in (q, kseq, kbank, vseq, vbank, R)]
+
+    def one(*inputs):
+        return inputs[-1].sum()
+
+    return Case(
+        op="read_same_bytes", shape=f"B{B}-n{N}-T{T}+bank{C}-dv{DV}", dtype=dname, direction="fwd",
+        make_inputs=make, impls={}, reference=lambda *inputs: (),
+        peers={"sum each input": each, "sum each input[graph]": _graphed(each), "sum one buffer[graph]": _graphed(one)},
+        amount=total, metric="TB/s", ceiling="copy_tb_s", input_bytes=2 * total,
+    )
+
+
 def cases():
-    return [_case(d, direction) for d in DTYPES for direction in ("fwd", "fwd+bwd")]
+    return [_case(d, direction) for d in DTYPES for direction in ("fwd", "fwd+bwd")] + [
+        _read_floor_case(d) for d in DTYPES]
 
