@@ -104,9 +104,10 @@ def _bwd_case(M, K, N, dt):
 
 
 def cases():
-    out = [_fwd_case(n, n, n, "fp32") for n in (1024, 2048, 4096)]
+    out = [_fwd_case(n, n, n, "fp32") for n in (1024, 2048, 4096, 8192)]
     out += [_fwd_case(4096, 4096, 4096, "fp32", argmax=True)]
     out += [_fwd_case(4096, 4096, 4096, dt) for dt in ("bf16", "fp16", "int32", "int16")]
+    out += [_fwd_case(8192, 8192, 8192, dt) for dt in ("bf16", "int16")]
     out += [_fwd_case(4096, 4096, 4096, dt, argmax=True) for dt in ("int32", "int16")]
     # skinny: few output tiles, long K (split-K against one pass)
     out += [_fwd_case(256, 4096, 4096, "fp32", skinny=True), _fwd_case(64, 16384, 16384, "fp32", skinny=True)]
