@@ -710,6 +710,13 @@ def test_cuda_forward_layouts(dtype, knobs, monkeypatch):
     m = torch.rand(1, B, 1, T, device=DEVICE) > 0.3
     m[0, 3] = False  # row 3 sees the bank only
     check(q, ks, vs, [r, r], [m, None])
+    # a long bank (2600 keys: 41 splits by default, so the merge runs its batched loads and a
+    # remainder) beside short per-row key sets
+    C2, T2 = 2600, 5
+    q = rnd(1, B, 1, 8).to(dtype)
+    ks = [rnd(1, B, T2, 8).to(dtype), rnd(1, 1, C2, 8).to(dtype)]
+    vs = [rnd(1, B, T2, DV).to(dtype), rnd(1, 1, C2, DV).to(dtype)]
+    check(q, ks, vs, [r, r], [None, None])
     # queries of a batch share their keys; values' rows 14 elements apart (not 16-byte aligned)
     q = rnd(2, 3, 45, 8).to(dtype)
     vbig = rnd(2, 3, 50, 14).to(dtype)
