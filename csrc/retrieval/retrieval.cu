@@ -304,17 +304,6 @@ __device__ __forceinline__ void pv_tile(float (&acc)[G][VEC], const float* ps, c
   }
 }
 
-// The tile's value rows into L2, one prefetch per 128-byte line (by the first of the threads whose
-// columns share it): they stream from DRAM while the logits and the softmax statistics are computed,
-// so the multiply-adds' loads (U in flight per thread) wait on L2, not DRAM. Measured on the H100,
-// the decode shape was latency-bound without it (DRAM 17% busy).
-template <typename T, int VEC>
-__device__ __forceinline__ void prefetch_values(const T* vp, int64_t sv, int nk, bool contiguous, int t) {
-  constexpr int per_line = 128 / int(VEC * sizeof(T)) > 0 ? 128 / int(VEC * sizeof(T)) : 1;
-  if (!contiguous || t % per_line != 0) return;
-  for (int jj = 0; jj < nk; ++jj) asm volatile("prefetch.global.L2 [%0];" ::"l"(vp + jj * sv));
-}
-
 template <typename T, int G, int VEC>
 __global__ void __launch_bounds__(256) attn_fwd_kernel(const FwdParams p) {
   extern __shared__ __align__(16) float sm[];
@@ -374,7 +363,6 @@ __global__ void __launch_bounds__(256) attn_fwd_kernel(const FwdParams p) {
   const int nwarps = NT / 32, warp = t / 32, lane = t % 32;
   for (int64_t kc = kbeg; kc < kend; kc += kCH) {
     const int nk = int(kend - kc < kCH ? kend - kc : kCH);
-    prefetch_values<T, VEC>(V + kc * sg.sv.s[2] + c0 * sg.sv.s[3], sg.sv.s[2], nk, cvalid && sg.sv.s[3] == 1, t);
     __syncthreads();
     // logits of the tile, -inf where masked or past the end
     for (int idx = t; idx < G * kCH; idx += NT) {
