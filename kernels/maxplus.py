@@ -11,10 +11,12 @@ tile of C held as a 4-D tensor (RM, RN, TM, TN): Triton's default layout spreads
 registers, so every thread owns an RM x RN block of rows tm * RM + rm and columns
 tn * RN + rn (contiguous in memory). Per k a thread loads its RM values of A's row k
 and RN values of B's row k (vectorised 128-bit loads, cached in L1) and does RM * RN
-(add, max) pairs from registers: the loop is FADD + FMNMX and a few loads (count the
-SASS: see the module's notes in PERF.md). BK values of k per loop iteration (a static
-unroll; the k order, and so ties, is unchanged). A 3-D broadcast [BM, BK, BN] + tl.max
-would cross threads in the reduction; this stays in each thread's registers. Programs
+(add, max) pairs from registers. BK values of k per loop iteration (a static unroll;
+the k order, and so ties, is unchanged). sm_90 SASS of the loop (Triton 3.6, RM = RN =
+8, 8 warps, BK = 4, STAGES = 1), instructions per (add, max) pair: float32 2.15 (FADD +
+FMNMX, one LDG.128 per 32 pairs), packed bf16 1.07 (HADD2 or HFMA2 + HMNMX2 per 2
+pairs), packed int16 0.56 (one VIADDMNMX per 2 pairs). A 3-D broadcast [BM, BK, BN] +
+tl.max would cross threads in the reduction; this stays in each thread's registers. Programs
 are ordered in groups of GROUP_M tile rows so neighbouring programs share A and B
 tiles in L2 (Triton's matmul tutorial). The batch is folded into program axis 0 and
 indexed through a 4-dim layout with zero strides for broadcast operands
@@ -52,19 +54,28 @@ from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_stri
 from geokern._backend import interpret_mode
 from geokern.reference.maxplus import int_bound, int_sentinel
 
-def _cfg(rm, rn, tm, tn, bk, warps, group=8):
-    return triton.Config({"RM": rm, "RN": rn, "TM": tm, "TN": tn, "BK": bk, "GROUP_M": group}, num_warps=warps)
+
+def _cfg(rm, rn, tm, tn, bk, warps, stages=1, group=8, maxnreg=None):
+    return triton.Config(
+        {"RM": rm, "RN": rn, "TM": tm, "TN": tn, "BK": bk, "STAGES": stages, "GROUP_M": group},
+        num_warps=warps, maxnreg=maxnreg,
+    )
 
 
 def _configs():
     if interpret_mode():  # the CPU interpreter: one small tile keeps CI fast
-        return [_cfg(2, 2, 4, 4, 2, 1, group=2)]
+        return [_cfg(2, 2, 4, 4, 2, 1, stages=2, group=2)]
     if os.environ.get("GEOKERN_AUTOTUNE", "1") == "0":  # tests: one config, no tuning time
-        return [_cfg(8, 8, 16, 16, 4, 8)]
-    # TM * TN = 32 * num_warps threads; each holds an RM x RN block (RM, RN <= 8: 64
-    # accumulators, <= 128 registers, two programs of 8 warps per SM)
+        return [_cfg(8, 8, 16, 16, 2, 8)]
+    # TM * TN = 32 * num_warps threads; each holds an RM x RN block (8 x 8: 64 accumulators;
+    # value-only that fits 128 registers, two programs of 8 warps per SM: maxnreg where
+    # ptxas would take 130). STAGES = 1: plain loads, latency hidden by the other warps;
+    # STAGES > 1: Triton's pipeliner (cp.async to shared memory, then LDS), about 15% more
+    # instructions per pair. Argmax needs about twice the registers (the 4 x 8 tiles fit
+    # it in 128).
     return [
-        _cfg(8, 8, 16, 16, 4, 8), _cfg(8, 8, 16, 16, 2, 8), _cfg(8, 8, 16, 16, 8, 8),
+        _cfg(8, 8, 16, 16, 4, 8), _cfg(8, 8, 16, 16, 4, 8, maxnreg=128), _cfg(8, 8, 16, 16, 2, 8),
+        _cfg(8, 8, 16, 16, 4, 8, stages=3), _cfg(8, 8, 16, 16, 2, 8, stages=3),
         _cfg(4, 8, 16, 16, 4, 8), _cfg(8, 4, 16, 16, 4, 8), _cfg(4, 4, 16, 16, 4, 8),
     ]
 
@@ -155,7 +166,7 @@ def maxplus_fwd_kernel(
     MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr,
     IS_INT: tl.constexpr, ZERO: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr,
     RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # a: At (.., K, Mp), b: Bt (.., K, Np), K a multiple of BK; C, argmax, margin contiguous (batch, M, N)
     bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
@@ -165,7 +176,7 @@ def maxplus_fwd_kernel(
     top1 = tl.full((RM, RN, TM, TN), ZERO, ACC)
     top2 = tl.full((RM, RN, TM, TN), ZERO, ACC)
     idx = tl.zeros((RM, RN, TM, TN), tl.int32)
-    for k0 in range(0, K, BK):
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
         for kk in tl.static_range(BK):
             a = tl.load(a_ptrs + kk * sak)
             b = tl.load(b_ptrs + kk * sbk)
@@ -212,14 +223,14 @@ def maxplus_fwd_packed_kernel(
     bb0, bb1, bb2, bb3, sbk,
     MIN: tl.constexpr, KIND: tl.constexpr, STEP: tl.constexpr, ZERO2: tl.constexpr, LIMIT: tl.constexpr,
     SENT: tl.constexpr, RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
-    BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BK: tl.constexpr, STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # a: int32 pairs (.., KP, Mp), b: (.., KP, Np), KP a multiple of BK; C contiguous (batch, M, N)
     bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
         a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
     )
     acc = tl.full((RM, RN, TM, TN), ZERO2, tl.int32)
-    for k0 in range(0, KP, BK):
+    for k0 in tl.range(0, KP, BK, num_stages=STAGES):
         for kk in tl.static_range(BK):
             a = tl.load(a_ptrs + kk * sak)
             b = tl.load(b_ptrs + kk * sbk)
