@@ -3,9 +3,9 @@
 Forward (maxplus_fwd_kernel): a GEMM-shaped kernel with register blocking. The
 launcher copies A and B once per call into k-major operands, At (.., Kp, Mp) and
 Bt (.., Kp, Np): contiguous, in the accumulation dtype, k padded with the semiring
-zero to a multiple of _k_pad(), rows padded to a multiple of every tile (never stored), so
-every load is unmasked, in bounds and 16-byte aligned (the CUDA path packs its
-operands the same way; the copy is inside the timed call). Each program owns a BM x BN
+zero to a multiple of _k_pad(), rows to a multiple of 16, one tile of slack after the
+last (_kmajor), so every load is unmasked, in bounds and 16-byte aligned (the CUDA path
+packs its operands the same way; the copy is inside the timed call). Each program owns a BM x BN
 tile of C held as a 4-D tensor (RM, RN, TM, TN): Triton's default layout spreads
 (TM, TN) over the 32 * num_warps threads and keeps (RM, RN) in each thread's
 registers, so every thread owns an RM x RN block of rows tm * RM + rm and columns
@@ -317,30 +317,46 @@ def _ceil(x, m):
 
 
 def _kmajor(x, k_dim, zero, dtype, pair=1):
-    """x's matrices as k-major contiguous copies (.., Kp / pair, Rp, pair) in `dtype`: A
-    (.., M, K) with k_dim=-1, B (.., K, N) with k_dim=-2. k is padded with `zero` to a
-    multiple of _k_pad(), rows (with `zero`, never stored) to a multiple of every config's
-    tile. pair=2 puts k pairs side by side (low half k) for the packed kernel."""
+    """x's matrices k-major in `dtype`: (buf, view). view is (.., Kp / pair, Rp, pair), A
+    (.., M, K) with k_dim=-1, B (.., K, N) with k_dim=-2; k padded with `zero` to a
+    multiple of _k_pad(), rows to a multiple of 16 (16-byte aligned rows for every
+    dtype). buf is view's storage, flat, with a tail of one tile: a tile overhanging the
+    last rows of a k row reads the next k row (or the tail) instead, in bounds, for output
+    rows that are never stored. Every element is written (zero where not x's). pair=2
+    puts k pairs side by side (low half k) for the packed kernel."""
     xk = x.transpose(-1, -2) if k_dim == -1 else x  # (.., K, R)
     K, R = xk.shape[-2], xk.shape[-1]
-    Kp, Rp = _ceil(K, _k_pad()), _ceil(R, _row_pad())
-    out = xk.new_empty((*xk.shape[:-2], Kp // pair, Rp, pair), dtype=dtype)
+    shape = (*xk.shape[:-2], _ceil(K, _k_pad()) // pair, _ceil(R, 16), pair)
+    n = 1
+    for d in shape:
+        n *= d
+    buf = xk.new_full((n + _row_pad() * pair,), zero, dtype=dtype)
+    out = buf[:n].view(shape)
     v = out.transpose(-1, -2)  # (.., Kp / pair, pair, Rp): [j, i, r] holds k = j * pair + i
     whole = K // pair
     v[..., :whole, :, :R].copy_(xk[..., : whole * pair, :].unflatten(-2, (whole, pair)))
     if K % pair:  # odd K (pair = 2): the last k alone in its word
         v[..., whole, 0, :R].copy_(xk[..., K - 1, :])
-        v[..., whole, 1, :R].fill_(zero)
-    v[..., -(-K // pair):, :, :R].fill_(zero)
-    v[..., R:].fill_(zero)
-    return out
+    return buf, out
 
 
-def _kernel_args(lead, at, bt):
-    """at (.., Kp, Mp) and bt (.., Kp, Np) contiguous: the batch sizes and strides and the
-    k strides for the forward kernels."""
-    at, bt, sizes, sa, sb = _flat_args(lead, at, bt)
-    return at, bt, sizes + sa + [at.stride(-2)] + sb + [bt.stride(-2)]
+def _operands(a, b, lead, zero, dtype, pair=1):
+    """(At storage, Bt storage, the kernels' batch sizes and strides and k strides) for
+    a (.., M, K), b (.., K, N): see _kmajor; as int32 words when pair=2."""
+    for _ in range(2):
+        (abuf, at), (bbuf, bt) = _kmajor(a, -1, zero, dtype, pair), _kmajor(b, -2, zero, dtype, pair)
+        if pair == 2:
+            abuf, at, bbuf, bt = abuf.view(torch.int32), _words(at), bbuf.view(torch.int32), _words(bt)
+        else:
+            at, bt = at.squeeze(-1), bt.squeeze(-1)
+        lay = _batch_layout(lead, at, bt)
+        if lay is not None:
+            break
+        # rare: more than MAX_DIMS batch dims that cannot be merged: copy the expanded operands
+        a, b = a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
+    sizes, (sa, sb, _) = lay
+    assert len(sizes) == MAX_DIMS == 4
+    return abuf, bbuf, sizes[1:] + sa + [at.stride(-2)] + sb + [bt.stride(-2)]
 
 
 def _grid(batch, M, N):
@@ -361,20 +377,13 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
         return
     if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
         return _fwd_packed(a, b, c, lead, minplus, launch)
-    consts = int_constants(a.dtype, minplus)
-    if consts["IS_INT"]:
-        acc, zero = torch.int32, consts["S_IN"]
-    else:
-        acc, zero = (torch.float64 if a.dtype == torch.float64 else torch.float32), consts["ZERO"]
-    at, bt = _kmajor(a, -1, zero, acc).squeeze(-1), _kmajor(b, -2, zero, acc).squeeze(-1)
-    if consts["IS_INT"]:  # the sentinel (and anything beyond the stand-in) becomes the stand-in
-        for t in (at, bt):
-            t.clamp_(max=zero) if minplus else t.clamp_(min=zero)
-    at, bt, args = _kernel_args(lead, at, bt)
+    a, b, zero, consts = _inputs(a, b, minplus)
+    acc = torch.int32 if consts["IS_INT"] else (torch.float64 if a.dtype == torch.float64 else torch.float32)
+    at, bt, args = _operands(a, b, lead, zero, acc)
     kernel = (launch or (lambda k: k))(maxplus_fwd_kernel)
     kernel[_grid(batch, M, N)](
         at, bt, c, idx if idx is not None else c, margin if margin is not None else c,
-        M, N, at.shape[-2], *args,
+        M, N, _ceil(a.shape[-1], _k_pad()), *args,
         MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
         IS_INT=consts["IS_INT"], ZERO=zero, LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
@@ -391,7 +400,7 @@ def _packed_step(kind, minplus):
 
 
 def _words(x):
-    """(.., KP, R, 2) 16-bit pairs as int32 words (.., KP, R)."""
+    """16-bit pairs (.., 2) as int32 words (..)."""
     # through 1-D: a "contiguous" tensor may keep odd strides on its size-1 dims, which view(int32) refuses
     return x.reshape(-1).view(torch.int32).view(x.shape[:-1])
 
@@ -400,25 +409,29 @@ def _fwd_packed(a, b, c, lead, minplus, launch):
     """Value-only 16-bit forward through maxplus_fwd_packed_kernel (see there)."""
     M, N = a.shape[-2], b.shape[-1]
     kind = _PACKED_KIND[a.dtype]
-    consts = int_constants(a.dtype, minplus)
-    if kind == 2:  # the sentinel (and anything beyond the stand-in) becomes the stand-in
-        s = consts["S_IN"]
-        a, b = (a.clamp(max=s), b.clamp(max=s)) if minplus else (a.clamp(min=s), b.clamp(min=s))
-        zero = s
-    else:
-        zero = consts["ZERO"]
-    at, bt = _words(_kmajor(a, -1, zero, a.dtype, pair=2)), _words(_kmajor(b, -2, zero, b.dtype, pair=2))
+    a, b, zero, consts = _inputs(a, b, minplus)
     # the zero pair's bits (pure Python: this runs under torch.compile's tracing too)
     half = (zero & 0xFFFF) if kind == 2 else ((0x7F80, 0x7C00)[kind] | (0 if minplus else 0x8000))
     zbits = (half << 16 | half) - (1 << 32 if half & 0x8000 else 0)
-    at, bt, args = _kernel_args(lead, at, bt)
+    at, bt, args = _operands(a, b, lead, zero, a.dtype, pair=2)
     kernel = (launch or (lambda k: k))(maxplus_fwd_packed_kernel)
     batch = c.numel() // max(1, M * N)
     kernel[_grid(batch, M, N)](
-        at, bt, c, M, N, at.shape[-2], *args,
+        at, bt, c, M, N, _ceil(a.shape[-1], _k_pad()) // 2, *args,
         MIN=minplus, KIND=kind, STEP=_packed_step(kind, minplus), ZERO2=zbits,
         LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
+
+
+def _inputs(a, b, minplus):
+    """(a, b, the semiring zero for padding, int_constants): integer inputs clamped to the
+    stand-in S_IN (the sentinel, and anything beyond, becomes the stand-in: their zero)."""
+    consts = int_constants(a.dtype, minplus)
+    if not consts["IS_INT"]:
+        return a, b, consts["ZERO"], consts
+    s = consts["S_IN"]
+    a, b = (a.clamp(max=s), b.clamp(max=s)) if minplus else (a.clamp(min=s), b.clamp(min=s))
+    return a, b, s, consts
 
 
 def int_constants(dtype, minplus):
