@@ -81,7 +81,7 @@ def _configs():
 
 
 def _row_pad():
-    """Rows of At / Bt are padded to a multiple of every config's BM and BN."""
+    """The largest tile side (BM or BN) of every config: the slack after At / Bt (_kmajor)."""
     return max(max(c.kwargs["RM"] * c.kwargs["TM"], c.kwargs["RN"] * c.kwargs["TN"]) for c in _configs())
 
 
