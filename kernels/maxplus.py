@@ -1,27 +1,41 @@
 """Triton kernels for the max-plus / min-plus matrix product and its backward.
 
-Forward (maxplus_fwd_kernel): a GEMM-shaped kernel. Each program owns a BM x BN
-tile of C in registers and walks K one step at a time: it loads a BM-vector of A's
-column k and a BN-vector of B's row k (cached in L1; the launcher makes A k-major on
-the GPU so the column load is contiguous) and updates the tile with one add and one
-max per element. A 3-D broadcast [BM, BK, BN] + tl.max would cross threads in the
-reduction; this stays in each thread's registers. Programs are ordered in groups of
-GROUP_M tile rows so neighbouring programs share A and B tiles in L2 (Triton's
-matmul tutorial). The batch is folded into program axis 0 and indexed through a
-4-dim layout with zero strides for broadcast operands (kernels/_layout.py).
+Forward (maxplus_fwd_kernel): a GEMM-shaped kernel with register blocking. The
+launcher copies A and B once per call into k-major operands, At (.., Kp, Mp) and
+Bt (.., Kp, Np): contiguous, in the accumulation dtype, k padded with the semiring
+zero to a multiple of _k_pad(), rows to a multiple of 16, one tile of slack after the
+last (_kmajor), so every load is unmasked, in bounds and 16-byte aligned (the CUDA path
+packs its operands the same way; the copy is inside the timed call). Each program owns a BM x BN
+tile of C held as a 4-D tensor (RM, RN, TM, TN): Triton's default layout spreads
+(TM, TN) over the 32 * num_warps threads and keeps (RM, RN) in each thread's
+registers, so every thread owns an RM x RN block of rows tm * RM + rm and columns
+tn * RN + rn (contiguous in memory). Per k a thread loads its RM values of A's row k
+and RN values of B's row k (vectorised 128-bit loads, cached in L1) and does RM * RN
+(add, max) pairs from registers. BK values of k per loop iteration (a static unroll;
+the k order, and so ties, is unchanged). sm_90 SASS of the loop (Triton 3.6, RM = RN =
+8, 8 warps, BK = 4, STAGES = 1), instructions per (add, max) pair: float32 2.15 (FADD +
+FMNMX, one LDG.128 per 32 pairs), packed bf16 1.07 (HADD2 or HFMA2 + HMNMX2 per 2
+pairs), packed int16 0.56 (one VIADDMNMX per 2 pairs). A 3-D broadcast [BM, BK, BN] +
+tl.max would cross threads in the reduction; this stays in each thread's registers. Programs
+are ordered in groups of GROUP_M tile rows so neighbouring programs share A and B
+tiles in L2 (Triton's matmul tutorial). The batch is folded into program axis 0 and
+indexed through a 4-dim layout with zero strides for broadcast operands
+(kernels/_layout.py).
 
 Value-only, the update is max.NaN(acc, a + b) (NaN propagates). With ARGMAX a
 strict comparison against the old accumulator records k (ties keep the smallest k);
 with MARGIN a second accumulator keeps the runner-up: top2 = max(top2, min(top1, s)).
-MIN flips every comparison (min-plus). Sums in float32 (float64 for float64 inputs).
-Integer inputs (int16, int32) sum in int32: each loaded value is clamped to the stand-in
-S_IN for the sentinel (-2**(bits-2) for max-plus, 2**(bits-2) - 1 for min-plus), so no
-sum wraps for inputs in the documented range, and results beyond +-LIMIT (2 * INT_BOUND,
-geokern.reference.maxplus) are stored as the sentinel SENT with argmax 0.
+MIN flips every comparison (min-plus). Sums in float32 (float64 for float64 inputs;
+16-bit inputs are widened by the copy). Integer inputs (int16, int32) sum in int32: the
+copy clamps each value to the stand-in S_IN for the sentinel (-2**(bits-2) for
+max-plus, 2**(bits-2) - 1 for min-plus), so no sum wraps for inputs in the documented
+range, and results beyond +-LIMIT (2 * INT_BOUND, geokern.reference.maxplus) are stored
+as the sentinel SENT with argmax 0.
 
-Value-only 16-bit inputs on the GPU take maxplus_fwd_packed_kernel instead: pairs of k
-packed in 32-bit words, one inline-PTX add + max per pair (see there); the CPU
-interpreter cannot run inline PTX, so there (CI) they take the kernel above.
+Value-only 16-bit inputs on the GPU take maxplus_fwd_packed_kernel instead: the same
+tiles over pairs of k packed in 32-bit words, one inline-PTX add + max per pair (see
+there); the CPU interpreter cannot run inline PTX, so there (CI) they take the kernel
+above.
 
 Backward (maxplus_bwd_kernel): dC is scattered along the recorded route with atomic
 adds into float32 buffers of A's and B's own shapes (broadcast batch dims alias one
@@ -41,15 +55,39 @@ from geokern._backend import interpret_mode
 from geokern.reference.maxplus import int_bound, int_sentinel
 
 
+def _cfg(rm, rn, tm, tn, bk, warps, stages=1, group=8, maxnreg=None):
+    return triton.Config(
+        {"RM": rm, "RN": rn, "TM": tm, "TN": tn, "BK": bk, "STAGES": stages, "GROUP_M": group},
+        num_warps=warps, maxnreg=maxnreg,
+    )
+
+
 def _configs():
     if interpret_mode():  # the CPU interpreter: one small tile keeps CI fast
-        return [triton.Config({"BM": 16, "BN": 16, "GROUP_M": 2}, num_warps=1)]
+        return [_cfg(2, 2, 4, 4, 2, 1, stages=2, group=2)]
     if os.environ.get("GEOKERN_AUTOTUNE", "1") == "0":  # tests: one config, no tuning time
-        return [triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_warps=8)]
-    out = []
-    for bm, bn, w in ((128, 128, 8), (128, 128, 4), (64, 128, 4), (128, 64, 4), (64, 64, 4), (64, 64, 2)):
-        out.append(triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w))
-    return out
+        return [_cfg(8, 8, 16, 16, 2, 8)]
+    # TM * TN = 32 * num_warps threads; each holds an RM x RN block (8 x 8: 64 accumulators;
+    # value-only that fits 128 registers, two programs of 8 warps per SM: maxnreg where
+    # ptxas would take 130). STAGES = 1: plain loads, latency hidden by the other warps;
+    # STAGES > 1: Triton's pipeliner (cp.async to shared memory, then LDS), about 15% more
+    # instructions per pair. Argmax needs about twice the registers (the 4 x 8 tiles fit
+    # it in 128).
+    return [
+        _cfg(8, 8, 16, 16, 4, 8), _cfg(8, 8, 16, 16, 4, 8, maxnreg=128), _cfg(8, 8, 16, 16, 2, 8),
+        _cfg(8, 8, 16, 16, 4, 8, stages=3), _cfg(8, 8, 16, 16, 2, 8, stages=3),
+        _cfg(4, 8, 16, 16, 4, 8), _cfg(8, 4, 16, 16, 4, 8), _cfg(4, 4, 16, 16, 4, 8),
+    ]
+
+
+def _row_pad():
+    """The largest tile side (BM or BN) of every config: the slack after At / Bt (_kmajor)."""
+    return max(max(c.kwargs["RM"] * c.kwargs["TM"], c.kwargs["RN"] * c.kwargs["TN"]) for c in _configs())
+
+
+def _k_pad():
+    """k (in elements) is padded to a multiple of every config's BK, in words of two when packed."""
+    return 2 * max(c.kwargs["BK"] for c in _configs())
 
 
 @triton.jit
@@ -68,17 +106,25 @@ def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
 
 
 @triton.jit
-def _tile_ptrs(a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, sam, bb0, bb1, bb2, bb3, sbn,
-               BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's batch, rows, cols, and pointers to its A rows / B cols at k = 0.
-    Rows and cols are clamped: every load is in bounds and unmasked; stores are masked."""
+def _tile_ptrs(a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3,
+               RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's batch, rows om (RM, TM), cols on (RN, TN) and pointers to At / Bt
+    at k = 0 (padded k-major operands: every load is in bounds and unmasked)."""
     pid = tl.program_id(0).to(tl.int64)
-    bat, pm, pn = _tile_of(pid, M, N, BM, BN, GROUP_M)
-    rm = pm * BM + tl.arange(0, BM)
-    rn = pn * BN + tl.arange(0, BN)
-    a_ptrs = a_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + tl.minimum(rm, M - 1) * sam
-    b_ptrs = b_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + tl.minimum(rn, N - 1) * sbn
-    return bat, rm, rn, a_ptrs, b_ptrs
+    bat, pm, pn = _tile_of(pid, M, N, RM * TM, RN * TN, GROUP_M)
+    om = (pm * (RM * TM)).to(tl.int32) + tl.arange(0, TM)[None, :] * RM + tl.arange(0, RM)[:, None]
+    on = (pn * (RN * TN)).to(tl.int32) + tl.arange(0, TN)[None, :] * RN + tl.arange(0, RN)[:, None]
+    a_ptrs = a_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + om
+    b_ptrs = b_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + on
+    return bat, om, on, a_ptrs, b_ptrs
+
+
+@triton.jit
+def _out_tile(bat, om, on, M, N):
+    """Offsets into a contiguous (batch, M, N) output and the in-bounds mask, as (RM, RN, TM, TN)."""
+    out = bat * M * N + om[:, None, :, None] * N + on[None, :, None, :]
+    mask = (om < M)[:, None, :, None] & (on < N)[None, :, None, :]
+    return out, mask
 
 
 @triton.jit
@@ -115,34 +161,29 @@ def maxplus_fwd_kernel(
     a_ptr, b_ptr, c_ptr, idx_ptr, mg_ptr,
     M, N, K,
     s1, s2, s3,
-    ab0, ab1, ab2, ab3, sam, sak,
-    bb0, bb1, bb2, bb3, sbk, sbn,
+    ab0, ab1, ab2, ab3, sak,
+    bb0, bb1, bb2, bb3, sbk,
     MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr,
-    IS_INT: tl.constexpr, S_IN: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+    IS_INT: tl.constexpr, ZERO: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr,
+    RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, BK: tl.constexpr,
+    STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # C, argmax and margin are contiguous (batch, M, N)
-    bat, rm, rn, a_ptrs, b_ptrs = _tile_ptrs(
-        a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, sam, bb0, bb1, bb2, bb3, sbn, BM, BN, GROUP_M
+    # a: At (.., K, Mp), b: Bt (.., K, Np), K a multiple of BK; C, argmax, margin contiguous (batch, M, N)
+    bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
+        a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
     )
-    ACC = tl.int32 if IS_INT else (tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32)
-    ZERO = S_IN if IS_INT else (float("inf") if MIN else float("-inf"))
-    top1 = tl.full((BM, BN), ZERO, ACC)
-    top2 = tl.full((BM, BN), ZERO, ACC)
-    idx = tl.zeros((BM, BN), tl.int32)
-    for k in range(0, K):
-        a = tl.load(a_ptrs).to(ACC)
-        b = tl.load(b_ptrs).to(ACC)
-        if IS_INT:  # the sentinel (and anything beyond the stand-in) becomes the stand-in
-            if MIN:
-                a = tl.minimum(a, S_IN)
-                b = tl.minimum(b, S_IN)
-            else:
-                a = tl.maximum(a, S_IN)
-                b = tl.maximum(b, S_IN)
-        top1, idx, top2 = _step(a[:, None] + b[None, :], k, top1, idx, top2, MIN, ARGMAX, MARGIN)
-        a_ptrs += sak
-        b_ptrs += sbk
+    ACC = a_ptr.dtype.element_ty
+    top1 = tl.full((RM, RN, TM, TN), ZERO, ACC)
+    top2 = tl.full((RM, RN, TM, TN), ZERO, ACC)
+    idx = tl.zeros((RM, RN, TM, TN), tl.int32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        for kk in tl.static_range(BK):
+            a = tl.load(a_ptrs + kk * sak)
+            b = tl.load(b_ptrs + kk * sbk)
+            s = a[:, None, :, None] + b[None, :, None, :]
+            top1, idx, top2 = _step(s, k0 + kk, top1, idx, top2, MIN, ARGMAX, MARGIN)
+        a_ptrs += BK * sak
+        b_ptrs += BK * sbk
     if IS_INT:  # sums with the stand-in lie beyond +-LIMIT: the sentinel, route k = 0
         if MIN:
             dead = top1 > LIMIT
@@ -150,8 +191,7 @@ def maxplus_fwd_kernel(
             dead = top1 < -LIMIT
         top1 = tl.where(dead, SENT, top1)
         idx = tl.where(dead, 0, idx)
-    out = bat * M * N + rm[:, None] * N + rn[None, :]
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    out, mask = _out_tile(bat, om, on, M, N)
     tl.store(c_ptr + out, _narrow(top1, c_ptr.dtype.element_ty), mask=mask)
     if ARGMAX:
         tl.store(idx_ptr + out, idx.to(tl.int64), mask=mask)
@@ -170,31 +210,34 @@ def maxplus_fwd_kernel(
 # ptxas fuses into one VIADDMNMX (DPX). The lanes are collapsed once at the end. 16-bit
 # sums round at every step, which loses nothing (rounding is monotone: the max of the
 # rounded sums is the rounded max), so the result equals the float32 path's. KIND: 0
-# bfloat16, 1 float16, 2 int16 (inputs clamped to the stand-in S_IN beforehand); STEP:
-# the PTX of one step, acc = acc (+) (a + b) ($0 = $1 (+) ($2 + $3)), from _packed_step.
+# bfloat16, 1 float16, 2 int16 (inputs clamped to the stand-in by the copy); STEP: the
+# PTX of one step, acc = acc (+) (a + b) ($0 = $1 (+) ($2 + $3)), from _packed_step.
+# Tiles, operands (words, k-major, padded) and program order as maxplus_fwd_kernel.
 @triton.autotune(configs=_configs(), key=["M", "N", "KP", "MIN", "KIND"])
 @triton.jit
 def maxplus_fwd_packed_kernel(
     a_ptr, b_ptr, c_ptr,
     M, N, KP,
     s1, s2, s3,
-    ab0, ab1, ab2, ab3, sam, sak,
-    bb0, bb1, bb2, bb3, sbk, sbn,
+    ab0, ab1, ab2, ab3, sak,
+    bb0, bb1, bb2, bb3, sbk,
     MIN: tl.constexpr, KIND: tl.constexpr, STEP: tl.constexpr, ZERO2: tl.constexpr, LIMIT: tl.constexpr,
-    SENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+    SENT: tl.constexpr, RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+    BK: tl.constexpr, STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # a: int32 pairs (.., M, KP), b: (.., KP, N); C contiguous (batch, M, N)
-    bat, rm, rn, a_ptrs, b_ptrs = _tile_ptrs(
-        a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, sam, bb0, bb1, bb2, bb3, sbn, BM, BN, GROUP_M
+    # a: int32 pairs (.., KP, Mp), b: (.., KP, Np), KP a multiple of BK; C contiguous (batch, M, N)
+    bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
+        a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
     )
-    acc = tl.full((BM, BN), ZERO2, tl.int32)
-    for kp in range(0, KP):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
-        acc = tl.inline_asm_elementwise(STEP, "=r,r,r,r", [acc, a[:, None], b[None, :]], dtype=tl.int32,
-                                        is_pure=True, pack=1)
-        a_ptrs += sak
-        b_ptrs += sbk
+    acc = tl.full((RM, RN, TM, TN), ZERO2, tl.int32)
+    for k0 in tl.range(0, KP, BK, num_stages=STAGES):
+        for kk in tl.static_range(BK):
+            a = tl.load(a_ptrs + kk * sak)
+            b = tl.load(b_ptrs + kk * sbk)
+            acc = tl.inline_asm_elementwise(STEP, "=r,r,r,r", [acc, a[:, None, :, None], b[None, :, None, :]],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        a_ptrs += BK * sak
+        b_ptrs += BK * sbk
     lo = acc.to(tl.int16)  # truncation: the low lane's bits
     hi = (acc >> 16).to(tl.int16)
     if KIND == 2:
@@ -215,8 +258,7 @@ def maxplus_fwd_packed_kernel(
             v = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
         else:
             v = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
-    out = bat * M * N + rm[:, None] * N + rn[None, :]
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    out, mask = _out_tile(bat, om, on, M, N)
     tl.store(c_ptr + out, v.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -259,6 +301,7 @@ def _batch_layout(lead, a, b):
 
 
 def _flat_args(lead, a, b):
+    """a, b (copied only in the rare case) and the kernels' batch sizes (3) and strides (4 each)."""
     lay = _batch_layout(lead, a, b)
     if lay is None:  # rare: more than MAX_DIMS batch dims that cannot be merged
         a = a.expand(*lead, *a.shape[-2:]).contiguous()
@@ -266,7 +309,61 @@ def _flat_args(lead, a, b):
         lay = _batch_layout(lead, a, b)
     sizes, (sa, sb, _) = lay
     assert len(sizes) == MAX_DIMS == 4
-    return a, b, sizes[1:] + sa + [a.stride(-2), a.stride(-1)] + sb + [b.stride(-2), b.stride(-1)]
+    return a, b, sizes[1:], sa, sb
+
+
+def _ceil(x, m):
+    return -(-x // m) * m
+
+
+def _kmajor(x, k_dim, zero, dtype, pair=1):
+    """x's matrices k-major in `dtype`: (buf, view). view is (.., Kp / pair, Rp, pair), A
+    (.., M, K) with k_dim=-1, B (.., K, N) with k_dim=-2; k padded with `zero` to a
+    multiple of _k_pad(), rows to a multiple of 16 (16-byte aligned rows for every
+    dtype). buf is view's storage, flat, with a tail of one tile: a tile overhanging the
+    last rows of a k row reads the next k row (or the tail) instead, in bounds, for output
+    rows that are never stored. Every element is written (zero where not x's). pair=2
+    puts k pairs side by side (low half k) for the packed kernel."""
+    xk = x.transpose(-1, -2) if k_dim == -1 else x  # (.., K, R)
+    K, R = xk.shape[-2], xk.shape[-1]
+    shape = (*xk.shape[:-2], _ceil(K, _k_pad()) // pair, _ceil(R, 16), pair)
+    n = 1
+    for d in shape:
+        n *= d
+    buf = xk.new_full((n + _row_pad() * pair,), zero, dtype=dtype)
+    out = buf[:n].view(shape)
+    v = out.transpose(-1, -2)  # (.., Kp / pair, pair, Rp): [j, i, r] holds k = j * pair + i
+    whole = K // pair
+    v[..., :whole, :, :R].copy_(xk[..., : whole * pair, :].unflatten(-2, (whole, pair)))
+    if K % pair:  # odd K (pair = 2): the last k alone in its word
+        v[..., whole, 0, :R].copy_(xk[..., K - 1, :])
+    return buf, out
+
+
+def _operands(a, b, lead, zero, dtype, pair=1):
+    """(At storage, Bt storage, the kernels' batch sizes and strides and k strides) for
+    a (.., M, K), b (.., K, N): see _kmajor; as int32 words when pair=2."""
+    for _ in range(2):
+        (abuf, at), (bbuf, bt) = _kmajor(a, -1, zero, dtype, pair), _kmajor(b, -2, zero, dtype, pair)
+        if pair == 2:
+            abuf, at, bbuf, bt = abuf.view(torch.int32), _words(at), bbuf.view(torch.int32), _words(bt)
+        else:
+            at, bt = at.squeeze(-1), bt.squeeze(-1)
+        lay = _batch_layout(lead, at, bt)
+        if lay is not None:
+            break
+        # rare: more than MAX_DIMS batch dims that cannot be merged: copy the expanded operands
+        a, b = a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
+    sizes, (sa, sb, _) = lay
+    assert len(sizes) == MAX_DIMS == 4
+    return abuf, bbuf, sizes[1:] + sa + [at.stride(-2)] + sb + [bt.stride(-2)]
+
+
+def _grid(batch, M, N):
+    def grid(meta):
+        return (batch * triton.cdiv(M, meta["RM"] * meta["TM"]) * triton.cdiv(N, meta["RN"] * meta["TN"]),)
+
+    return grid
 
 
 def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
@@ -274,25 +371,21 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
 
     c, idx, margin are contiguous (*lead, M, N). `launch` wraps the kernel
     (torch.library.wrap_triton inside a triton_op)."""
-    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    M, N = a.shape[-2], b.shape[-1]
     batch = c.numel() // max(1, M * N)
     if c.numel() == 0:
         return
     if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
         return _fwd_packed(a, b, c, lead, minplus, launch)
-    if a.is_cuda and a.stride(-2) != 1 and M > 1:
-        # k-major A: the per-k column load becomes one contiguous vector (costs M*K copy)
-        a = a.transpose(-1, -2).contiguous().transpose(-1, -2)
-    a, b, args = _flat_args(lead, a, b)
+    a, b, zero, consts = _inputs(a, b, minplus)
+    acc = torch.int32 if consts["IS_INT"] else (torch.float64 if a.dtype == torch.float64 else torch.float32)
+    at, bt, args = _operands(a, b, lead, zero, acc)
     kernel = (launch or (lambda k: k))(maxplus_fwd_kernel)
-
-    def grid(meta):
-        return (batch * triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-
-    kernel[grid](
-        a, b, c, idx if idx is not None else c, margin if margin is not None else c,
-        M, N, K, *args,
-        MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None, **int_constants(a.dtype, minplus),
+    kernel[_grid(batch, M, N)](
+        at, bt, c, idx if idx is not None else c, margin if margin is not None else c,
+        M, N, _ceil(a.shape[-1], _k_pad()), *args,
+        MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
+        IS_INT=consts["IS_INT"], ZERO=zero, LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
 
 
@@ -306,59 +399,50 @@ def _packed_step(kind, minplus):
     return "{ .reg .b32 t; %s t, $2, $3; %s $0, $1, t; }" % (add, best)
 
 
-def _pairs(x, k_dim, zero):
-    """x with its k dim (-1 for A, -2 for B) padded to even length with `zero`, as int32
-    words of k pairs (low half k), k-major: (.., K/2, M) for A, (.., K/2, N) for B."""
-    K = x.shape[k_dim]
-    if K % 2:
-        pad = list(x.shape)
-        pad[k_dim] = 1
-        x = torch.cat([x, x.new_full(pad, zero)], dim=k_dim)
-    if k_dim == -1:  # (.., M, K) -> (.., K/2, M, 2)
-        x = x.unflatten(-1, (-1, 2)).transpose(-3, -2)
-    else:  # (.., K, N) -> (.., K/2, N, 2)
-        x = x.unflatten(-2, (-1, 2)).transpose(-2, -1)
+def _words(x):
+    """16-bit pairs (.., 2) as int32 words (..)."""
     # through 1-D: a "contiguous" tensor may keep odd strides on its size-1 dims, which view(int32) refuses
-    return x.contiguous().reshape(-1).view(torch.int32).view(x.shape[:-1])
+    return x.reshape(-1).view(torch.int32).view(x.shape[:-1])
 
 
 def _fwd_packed(a, b, c, lead, minplus, launch):
     """Value-only 16-bit forward through maxplus_fwd_packed_kernel (see there)."""
     M, N = a.shape[-2], b.shape[-1]
     kind = _PACKED_KIND[a.dtype]
-    consts = int_constants(a.dtype, minplus)
-    if kind == 2:  # the sentinel (and anything beyond the stand-in) becomes the stand-in
-        s = consts["S_IN"]
-        a, b = (a.clamp(max=s), b.clamp(max=s)) if minplus else (a.clamp(min=s), b.clamp(min=s))
-        zero = s
-    else:
-        zero = float("inf") if minplus else float("-inf")
-    ap = _pairs(a, -1, zero).transpose(-1, -2)  # (.., M, KP), m-contiguous
-    bp = _pairs(b, -2, zero)
+    a, b, zero, consts = _inputs(a, b, minplus)
     # the zero pair's bits (pure Python: this runs under torch.compile's tracing too)
     half = (zero & 0xFFFF) if kind == 2 else ((0x7F80, 0x7C00)[kind] | (0 if minplus else 0x8000))
     zbits = (half << 16 | half) - (1 << 32 if half & 0x8000 else 0)
-    ap, bp, args = _flat_args(lead, ap, bp)
+    at, bt, args = _operands(a, b, lead, zero, a.dtype, pair=2)
     kernel = (launch or (lambda k: k))(maxplus_fwd_packed_kernel)
     batch = c.numel() // max(1, M * N)
-
-    def grid(meta):
-        return (batch * triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-
-    kernel[grid](
-        ap, bp, c, M, N, ap.shape[-1], *args,
+    kernel[_grid(batch, M, N)](
+        at, bt, c, M, N, _ceil(a.shape[-1], _k_pad()) // 2, *args,
         MIN=minplus, KIND=kind, STEP=_packed_step(kind, minplus), ZERO2=zbits,
         LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
 
 
+def _inputs(a, b, minplus):
+    """(a, b, the semiring zero for padding, int_constants): integer inputs clamped to the
+    stand-in S_IN (the sentinel, and anything beyond, becomes the stand-in: their zero)."""
+    consts = int_constants(a.dtype, minplus)
+    if not consts["IS_INT"]:
+        return a, b, consts["ZERO"], consts
+    s = consts["S_IN"]
+    a, b = (a.clamp(max=s), b.clamp(max=s)) if minplus else (a.clamp(min=s), b.clamp(min=s))
+    return a, b, s, consts
+
+
 def int_constants(dtype, minplus):
-    """IS_INT, S_IN (the sentinel's stand-in), LIMIT, SENT for the kernel (see the module doc)."""
+    """IS_INT, S_IN (the sentinel's stand-in), LIMIT, SENT for the kernel (see the module doc);
+    ZERO, the float semiring zero."""
+    zero = float("inf") if minplus else float("-inf")
     if dtype.is_floating_point:
-        return dict(IS_INT=False, S_IN=0, LIMIT=0, SENT=0)
+        return dict(IS_INT=False, S_IN=0, LIMIT=0, SENT=0, ZERO=zero)
     quarter = 2 ** (torch.iinfo(dtype).bits - 2)
     sent = int_sentinel(dtype, "minplus" if minplus else "maxplus")
-    return dict(IS_INT=True, S_IN=quarter - 1 if minplus else -quarter, LIMIT=2 * int_bound(dtype), SENT=sent)
+    return dict(IS_INT=True, S_IN=quarter - 1 if minplus else -quarter, LIMIT=2 * int_bound(dtype), SENT=sent, ZERO=zero)
 
 
 def batch_layout_ok(lead, a, b):
@@ -376,7 +460,8 @@ def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True, launch=None):
         return
     lay = _batch_layout(lead, da, db)
     assert lay is not None, "maxplus_bwd: buffers need one batch layout (see batch_layout_ok)"
-    _, _, args = _flat_args(lead, da, db)
+    _, _, sizes, sa, sb = _flat_args(lead, da, db)
+    args = sizes + sa + [da.stride(-2), da.stride(-1)] + sb + [db.stride(-2), db.stride(-1)]
     kernel = (launch or (lambda k: k))(maxplus_bwd_kernel)
     bm, bn = (16, 16) if interpret_mode() else (32, 128)
     grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
