@@ -164,7 +164,7 @@ def maxplus_fwd_kernel(
     ab0, ab1, ab2, ab3, sak,
     bb0, bb1, bb2, bb3, sbk,
     MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr,
-    IS_INT: tl.constexpr, ZERO: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr,
+    IS_INT: tl.constexpr, S_IN: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr,
     RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, BK: tl.constexpr,
     STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -173,6 +173,9 @@ def maxplus_fwd_kernel(
         a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
     )
     ACC = a_ptr.dtype.element_ty
+    # the semiring zero, formed here: an infinite constexpr argument breaks torch.compile, whose
+    # generated code spells it `inf`
+    ZERO = S_IN if IS_INT else (float("inf") if MIN else float("-inf"))
     top1 = tl.full((RM, RN, TM, TN), ZERO, ACC)
     top2 = tl.full((RM, RN, TM, TN), ZERO, ACC)
     idx = tl.zeros((RM, RN, TM, TN), tl.int32)
@@ -385,7 +388,7 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
         at, bt, c, idx if idx is not None else c, margin if margin is not None else c,
         M, N, _ceil(a.shape[-1], _k_pad()), *args,
         MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
-        IS_INT=consts["IS_INT"], ZERO=zero, LIMIT=consts["LIMIT"], SENT=consts["SENT"],
+        IS_INT=consts["IS_INT"], S_IN=consts["S_IN"], LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
 
 
