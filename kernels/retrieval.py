@@ -113,8 +113,10 @@ def _even_block():
     return 16 if interpret_mode() else 128
 
 
+# NORM_MMA and PIPE too: a config tuned for one loop shape is not reused for the other (GEOKERN_RETRIEVAL_PIPE
+# or GEOKERN_RETRIEVAL_NORM_MMA changed inside one process)
 _FWD_KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE", "HAS_BANK", "EVEN_M", "EVEN_N",
-            "EVEN_N2"]
+            "EVEN_N2", "NORM_MMA", "PIPE"]
 _BWD_KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE", "HAS_BANK", "EVEN_M",
             "EVEN_N", "EVEN_N2", "SHARED_K", "SHARED_V", "SHARED_K2", "SHARED_V2", "NEED_DR"]
 
