@@ -3,7 +3,7 @@
 Forward (maxplus_fwd_kernel): a GEMM-shaped kernel with register blocking. The
 launcher copies A and B once per call into k-major operands, At (.., Kp, Mp) and
 Bt (.., Kp, Np): contiguous, in the accumulation dtype, k padded with the semiring
-zero to a multiple of _k_pad(), rows to a multiple of 16, one tile of slack after the
+zero to a multiple of _K_PAD, rows to a multiple of 16, one tile of slack after the
 last (_kmajor), so every load is unmasked, in bounds and 16-byte aligned (the CUDA path
 packs its operands the same way; the copy is inside the timed call). Each program owns a BM x BN
 tile of C held as a 4-D tensor (RM, RN, TM, TN): Triton's default layout spreads
@@ -80,14 +80,13 @@ def _configs():
     ]
 
 
-def _row_pad():
-    """The largest tile side (BM or BN) of every config: the slack after At / Bt (_kmajor)."""
-    return max(max(c.kwargs["RM"] * c.kwargs["TM"], c.kwargs["RN"] * c.kwargs["TN"]) for c in _configs())
-
-
-def _k_pad():
-    """k (in elements) is padded to a multiple of every config's BK, in words of two when packed."""
-    return 2 * max(c.kwargs["BK"] for c in _configs())
+# built once: the autotuners and the operand padding below must see the same list (and a
+# forward call should not rebuild it)
+_CONFIGS = _configs()
+# the largest tile side (BM or BN) of every config: the slack after At / Bt (_kmajor)
+_ROW_PAD = max(max(c.kwargs["RM"] * c.kwargs["TM"], c.kwargs["RN"] * c.kwargs["TN"]) for c in _CONFIGS)
+# k (in elements) is padded to a multiple of every config's BK, in words of two when packed
+_K_PAD = 2 * max(c.kwargs["BK"] for c in _CONFIGS)
 
 
 @triton.jit
@@ -155,7 +154,7 @@ def _narrow(x, dt: tl.constexpr):
     return x.to(dt)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "MIN", "ARGMAX", "MARGIN"])
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "MIN", "ARGMAX", "MARGIN"])
 @triton.jit
 def maxplus_fwd_kernel(
     a_ptr, b_ptr, c_ptr, idx_ptr, mg_ptr,
@@ -216,7 +215,7 @@ def maxplus_fwd_kernel(
 # bfloat16, 1 float16, 2 int16 (inputs clamped to the stand-in by the copy); STEP: the
 # PTX of one step, acc = acc (+) (a + b) ($0 = $1 (+) ($2 + $3)), from _packed_step.
 # Tiles, operands (words, k-major, padded) and program order as maxplus_fwd_kernel.
-@triton.autotune(configs=_configs(), key=["M", "N", "KP", "MIN", "KIND"])
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "KP", "MIN", "KIND"])
 @triton.jit
 def maxplus_fwd_packed_kernel(
     a_ptr, b_ptr, c_ptr,
@@ -303,18 +302,6 @@ def _batch_layout(lead, a, b):
     return row_layout(lead, [broadcast_strides(a, lead, 2), broadcast_strides(b, lead, 2), contiguous_strides(lead, 1)])
 
 
-def _flat_args(lead, a, b):
-    """a, b (copied only in the rare case) and the kernels' batch sizes (3) and strides (4 each)."""
-    lay = _batch_layout(lead, a, b)
-    if lay is None:  # rare: more than MAX_DIMS batch dims that cannot be merged
-        a = a.expand(*lead, *a.shape[-2:]).contiguous()
-        b = b.expand(*lead, *b.shape[-2:]).contiguous()
-        lay = _batch_layout(lead, a, b)
-    sizes, (sa, sb, _) = lay
-    assert len(sizes) == MAX_DIMS == 4
-    return a, b, sizes[1:], sa, sb
-
-
 def _ceil(x, m):
     return -(-x // m) * m
 
@@ -322,18 +309,18 @@ def _ceil(x, m):
 def _kmajor(x, k_dim, zero, dtype, pair=1):
     """x's matrices k-major in `dtype`: (buf, view). view is (.., Kp / pair, Rp, pair), A
     (.., M, K) with k_dim=-1, B (.., K, N) with k_dim=-2; k padded with `zero` to a
-    multiple of _k_pad(), rows to a multiple of 16 (16-byte aligned rows for every
+    multiple of _K_PAD, rows to a multiple of 16 (16-byte aligned rows for every
     dtype). buf is view's storage, flat, with a tail of one tile: a tile overhanging the
     last rows of a k row reads the next k row (or the tail) instead, in bounds, for output
     rows that are never stored. Every element is written (zero where not x's). pair=2
     puts k pairs side by side (low half k) for the packed kernel."""
     xk = x.transpose(-1, -2) if k_dim == -1 else x  # (.., K, R)
     K, R = xk.shape[-2], xk.shape[-1]
-    shape = (*xk.shape[:-2], _ceil(K, _k_pad()) // pair, _ceil(R, 16), pair)
+    shape = (*xk.shape[:-2], _ceil(K, _K_PAD) // pair, _ceil(R, 16), pair)
     n = 1
     for d in shape:
         n *= d
-    buf = xk.new_full((n + _row_pad() * pair,), zero, dtype=dtype)
+    buf = xk.new_full((n + _ROW_PAD * pair,), zero, dtype=dtype)
     out = buf[:n].view(shape)
     v = out.transpose(-1, -2)  # (.., Kp / pair, pair, Rp): [j, i, r] holds k = j * pair + i
     whole = K // pair
@@ -386,7 +373,7 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
     kernel = (launch or (lambda k: k))(maxplus_fwd_kernel)
     kernel[_grid(batch, M, N)](
         at, bt, c, idx if idx is not None else c, margin if margin is not None else c,
-        M, N, _ceil(a.shape[-1], _k_pad()), *args,
+        M, N, _ceil(a.shape[-1], _K_PAD), *args,
         MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
         IS_INT=consts["IS_INT"], S_IN=consts["S_IN"], LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
@@ -420,7 +407,7 @@ def _fwd_packed(a, b, c, lead, minplus, launch):
     kernel = (launch or (lambda k: k))(maxplus_fwd_packed_kernel)
     batch = c.numel() // max(1, M * N)
     kernel[_grid(batch, M, N)](
-        at, bt, c, M, N, _ceil(a.shape[-1], _k_pad()) // 2, *args,
+        at, bt, c, M, N, _ceil(a.shape[-1], _K_PAD) // 2, *args,
         MIN=minplus, KIND=kind, STEP=_packed_step(kind, minplus), ZERO2=zbits,
         LIMIT=consts["LIMIT"], SENT=consts["SENT"],
     )
@@ -463,8 +450,8 @@ def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True, launch=None):
         return
     lay = _batch_layout(lead, da, db)
     assert lay is not None, "maxplus_bwd: buffers need one batch layout (see batch_layout_ok)"
-    _, _, sizes, sa, sb = _flat_args(lead, da, db)
-    args = sizes + sa + [da.stride(-2), da.stride(-1)] + sb + [db.stride(-2), db.stride(-1)]
+    sizes, (sa, sb, _) = lay
+    args = sizes[1:] + sa + [da.stride(-2), da.stride(-1)] + sb + [db.stride(-2), db.stride(-1)]
     kernel = (launch or (lambda k: k))(maxplus_bwd_kernel)
     bm, bn = (16, 16) if interpret_mode() else (32, 128)
     grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
