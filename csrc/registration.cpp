@@ -27,7 +27,7 @@ TORCH_LIBRARY(geokern, m) {
   // dA, dB (shapes a_shape, b_shape) from dC routed along argmax.
   m.def("maxplus_backward_cuda(Tensor grad, Tensor argmax, int[] a_shape, int[] b_shape) -> (Tensor, Tensor)");
 
-  // Fused tropical attention core (csrc/tropical_attention): q (B, H, Tq, D), k and v
+  // Fused tropical attention core (csrc/tropical): q (B, H, Tq, D), k and v
   // (B, Hkv, Tk, D). Returns (y, argmax int32 (B, H, Tq, D), rowarg int32 (B, H, Tq),
   // margin (B, H, Tq)); outputs not asked for are empty.
   m.def("tropical_attention_cuda(Tensor q, Tensor k, Tensor v, bool causal, bool center, bool want_argmax, bool want_margin) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -14,7 +14,15 @@ from geokern import _ext
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
+# The process-wide switches, read here once at import and nowhere else (a test greps the package):
+# the default backend= of every op, and whether Triton kernels autotune (0: one fixed config each,
+# what the tests use).
+DEFAULT_BACKEND = os.environ.get("GEOKERN_BACKEND", "auto")
+AUTOTUNE = os.environ.get("GEOKERN_AUTOTUNE", "1") != "0"
+
+
 def interpret_mode():
+    """Triton's CPU interpreter is on (triton.jit reads TRITON_INTERPRET at decoration time)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -52,7 +60,7 @@ def why_unavailable(backend, device):
 def resolve(op, backend, device, prefer=("cuda", "triton")):
     """The backend to run `op` with for tensors on `device`."""
     if backend is None:
-        backend = os.environ.get("GEOKERN_BACKEND", "auto")
+        backend = DEFAULT_BACKEND
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

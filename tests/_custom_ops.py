@@ -1,5 +1,6 @@
 """The checks every family runs on its custom ops: opcheck and torch.compile(fullgraph)."""
 
+import pytest
 import torch
 from conftest import HAS_CUDA
 
@@ -37,3 +38,23 @@ def check_compile(qualname, samples):
     for args in samples:
         for got, want in zip(_as_tuple(compiled(*args)), _as_tuple(op(*args))):
             torch.testing.assert_close(got, want, equal_nan=True, msg=f"{qualname} compiled vs eager")
+
+
+def custom_op_tests(family, samples):
+    """(test_opcheck, test_compile_fullgraph) over every custom op of `family` here, for a
+    test module to bind at module level in one line:
+
+        test_opcheck, test_compile_fullgraph = custom_op_tests("maxplus", op_samples)
+
+    samples(qualname) -> a list of argument tuples for that op."""
+    names = ops_here(family)
+
+    @pytest.mark.parametrize("qualname", names)
+    def test_opcheck(qualname):
+        check_opcheck(qualname, samples(qualname))
+
+    @pytest.mark.parametrize("qualname", names)
+    def test_compile_fullgraph(qualname):
+        check_compile(qualname, samples(qualname))
+
+    return test_opcheck, test_compile_fullgraph

@@ -1,7 +1,7 @@
-"""Drop-in nn.Modules built on geokern ops."""
+"""Drop-in nn.Modules built on geokern ops, one module per op family."""
 
+from geokern.nn.maxplus import TropicalLinear  # noqa: F401
 from geokern.nn.retrieval import GeodesicRetrieval  # noqa: F401
-from geokern.nn.tropical import TropicalLinear  # noqa: F401
-from geokern.nn.tropical_attention import TropicalCausalSelfAttention  # noqa: F401
+from geokern.nn.tropical import TropicalCausalSelfAttention  # noqa: F401
 
 __all__ = ["GeodesicRetrieval", "TropicalCausalSelfAttention", "TropicalLinear"]

@@ -11,7 +11,6 @@ import inspect
 import torch
 
 from geokern import _ext
-from geokern._backend import interpret_mode
 
 CUSTOM_OPS = []  # (backend, qualified name): every op geokern defines, for tests and docs
 
@@ -31,29 +30,25 @@ def cuda_op(name, fake, cpu_impl):
 
 
 def triton_op(name, impl):
-    """A triton_op geokern::<name> whose body calls `impl(*args, launch=...)`.
+    """torch.library.triton_op geokern::<name> with `impl` as its body.
 
-    On CUDA, kernels launch through wrap_triton so torch.compile traces them. On CPU
-    tensors under TRITON_INTERPRET=1 the interpreter's kernels cannot be wrapped, so
-    they launch directly (eager only: tracing CPU Triton ops is unsupported).
-    """
+    `impl` launches its kernels through geokern.kernels._common.launch, so torch.compile
+    traces into them on the GPU; on CPU tensors under TRITON_INTERPRET=1 the kernels run
+    directly (eager only: tracing CPU Triton ops is unsupported)."""
     qualname = f"geokern::{name}"
+    if "launch" in inspect.signature(impl).parameters:  # TRANSITION (#13): removed once every family uses _common.launch
+        from geokern.kernels._common import launch
 
-    def body(*args):
-        traced = not interpret_mode()
-        return impl(*args, launch=torch.library.wrap_triton if traced else None)
+        legacy = impl
 
-    body.__signature__ = _signature_of(impl)
-    op = torch.library.triton_op(qualname, body, mutates_args=())
+        def impl(*args):
+            return legacy(*args, launch=launch)
+
+        sig = inspect.signature(legacy)
+        impl.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "launch"])
+    op = torch.library.triton_op(qualname, impl, mutates_args=())
     CUSTOM_OPS.append(("triton", qualname))
     return op
-
-
-def _signature_of(impl):
-    """impl's signature without `launch`: the schema torch.library infers for the op."""
-    sig = inspect.signature(impl)
-    params = [p for p in sig.parameters.values() if p.name != "launch"]
-    return sig.replace(parameters=params)
 
 
 def bound_once(cls):

@@ -1,6 +1,6 @@
 """Triton kernels for fused tropical (max-plus) attention, forward and backward.
 
-The op (geokern.reference.tropical_attention) is two chained max-plus products,
+The op (geokern.reference.tropical) is two chained max-plus products,
 S = Q (x) K^T over D and Y = S (x) V over keys, with a causal mask and the score
 centring y -= max_j s[i, j]. Max-plus is shift-equivariant, so the centring is applied
 once at the end: y[i, d] = max_j (s[i, j] + v[j, d]) - m[i], m[i] = max_j s[i, j].

@@ -3,7 +3,7 @@
 Their module (model_guided_research, nanochat/tropical_attention_torch.py) is neither
 copied nor run here: its licence (MIT with a rider) withholds every right from some
 parties, the authors of this code among them. Its forward is re-implemented from the
-spec in geokern.bench.tropical_attention (the benchmark's peer), materialising what
+spec in geokern.bench.tropical (the benchmark's peer), materialising what
 theirs materialises; these tests hold our module to it.
 """
 
@@ -15,7 +15,7 @@ from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
 from geokern import _backend
-from geokern.bench.tropical_attention import rotary, their_module_forward
+from geokern.bench.tropical import rotary, their_module_forward
 from geokern.nn import TropicalCausalSelfAttention
 
 BACKENDS = ["torch", "triton", "cuda"]

@@ -1,10 +1,10 @@
 """Fused tropical (max-plus) attention: checks, backends, custom ops, autograd.
 
 Public: tropical_attention. Definition, causal mask, tie and gradient conventions in
-geokern.reference.tropical_attention (model_guided_research's
+geokern.reference.tropical (model_guided_research's
 `tropical_max_plus_attention` at beta = None).
 
-The kernels (Triton: geokern.kernels.tropical_attention; CUDA: csrc/tropical_attention)
+The kernels (Triton: geokern.kernels.tropical; CUDA: csrc/tropical)
 compute the core: scores, causal mask, score centring, value stage, routes and margins,
 in one pass over the visible keys with O(T D) memory. The gauge fixes (each of q, k, v
 and y minus its max over D) and evt_shift are elementwise and run in PyTorch around the
@@ -35,9 +35,9 @@ import torch
 
 from geokern import _backend
 from geokern._checks import FLOAT_DTYPES, check_same, check_tensor
-from geokern.kernels import tropical_attention as tk
+from geokern.kernels import tropical as tk
 from geokern.ops._registry import bound_once, cuda_op, triton_op
-from geokern.reference import tropical_attention as ref
+from geokern.reference import tropical as ref
 
 __all__ = ["tropical_attention"]
 
@@ -199,7 +199,7 @@ def tropical_attention(
     backend: str | None = None,
 ):
     """Tropical attention y[i, d] = max_j (max_e (q[i, e] + k[j, e]) + v[j, d]) with their
-    gauge fixes, score centring and causal mask (geokern.reference.tropical_attention).
+    gauge fixes, score centring and causal mask (geokern.reference.tropical).
 
     q is (B, H, Tq, D); k and v are (B, Hkv, Tk, D) with Hkv dividing H; any strides.
     Returns y (B, H, Tq, D), or (y, gamma) with return_margins: gamma (B, H, Tq) is the

@@ -16,17 +16,16 @@ Where it runs out of memory the row records the error.
 """
 
 import functools
-import importlib
 
 import torch
 import torch.nn.functional as F
 
 from geokern import _backend
 from geokern.bench.registry import Case
-from geokern.nn.tropical_attention import TropicalCausalSelfAttention, apply_rotary_emb
-from geokern.reference import tropical_attention as ref
+from geokern.nn.tropical import TropicalCausalSelfAttention, apply_rotary_emb
+from geokern.reference import tropical as ref
 
-ops = importlib.import_module("geokern.ops.tropical_attention")  # geokern.ops exports the function by this name
+from geokern.ops import tropical as ops
 
 B, H, D = 4, 8, 64
 TS = (256, 1024, 2048, 4096, 8192, 16384, 32768)

@@ -1,5 +1,5 @@
 // Fused tropical (max-plus) attention, forward and backward (definition:
-// geokern/reference/tropical_attention.py; their tropical_max_plus_attention).
+// geokern/reference/tropical.py; their tropical_max_plus_attention).
 //
 // The core is two chained max-plus products, S = Q (x) K^T over D and
 // Y = S (x) V over keys, with the causal mask and the score centring

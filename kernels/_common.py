@@ -1,0 +1,36 @@
+"""Scaffolding every Triton family shares: the launch hook, the autotune config lists and
+the jit helpers more than one family uses."""
+
+import triton
+import triton.language as tl
+
+from geokern._backend import AUTOTUNE, interpret_mode
+
+
+def launch(kernel):
+    """`kernel` ready for `[grid](...)` from inside a torch.library.triton_op.
+
+    On the GPU through torch.library.wrap_triton, so torch.compile traces into the kernel
+    (eagerly it simply runs it); under TRITON_INTERPRET=1 the interpreter's kernels cannot
+    be wrapped, so they run directly (eager only)."""
+    if interpret_mode():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def autotune_configs(full, *, test, interp):
+    """The autotune list of one kernel: `interp` under the CPU interpreter (small tiles keep
+    CI fast), `test` when GEOKERN_AUTOTUNE=0 (one config, no tuning time), else `full`.
+    Each is a list of triton.Config, or a callable that makes one (built only when chosen)."""
+    chosen = interp if interpret_mode() else (full if AUTOTUNE else test)
+    return list(chosen() if callable(chosen) else chosen)
+
+
+@triton.jit
+def narrow(x, dt: tl.constexpr):
+    """x cast to dt, rounded to nearest even as torch rounds."""
+    if dt == tl.float16 or dt == tl.bfloat16:
+        return x.to(dt, fp_downcast_rounding="rtne")
+    return x.to(dt)

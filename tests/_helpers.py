@@ -1,0 +1,25 @@
+"""What every test module shares: the backends and dtypes it runs over, skipping a backend
+this machine lacks, and readable parametrize ids."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from geokern import _backend
+
+BACKENDS = ["torch", "triton", "cuda"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def need(backend, device=DEVICE):
+    """Skip the test when `backend` cannot run on `device` here (no GPU, _C not built)."""
+    why = _backend.why_unavailable(backend, device)
+    if why:
+        pytest.skip(f"backend {backend} unavailable here: {why}")
+
+
+def dtype_id(x):
+    """'bf16' for torch.bfloat16 and so on; str(x) for anything else."""
+    short = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
+             torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
+    return short.get(x, str(x)) if isinstance(x, torch.dtype) else str(x)
