@@ -18,7 +18,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cuh csrc/*/*.cu 
 
 $(VENV)/.deps:
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q "$(TORCH_SPEC)" numpy pytest ninja "setuptools>=64" wheel
+	$(VPY) -m pip install -q "$(TORCH_SPEC)" numpy pytest pytest-benchmark ninja "setuptools>=64" wheel
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -44,7 +44,7 @@ def why_unavailable(backend, device):
         return None
     if backend == "cuda":
         if not _ext.HAS_C:
-            return f"the CUDA extension geokern._C is not built or does not load ({_ext.LOAD_ERROR})"
+            return _ext.LOAD_ERROR
         if device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors, got device {device}"
         return None

@@ -27,7 +27,7 @@ step() {  # step NAME CMD...: run, log, remember failure, go on
 export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
-export GEOKERN_COMMIT=${GEOKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 K=${SELECT:+-k $SELECT}
 # STEPS: which of build, tests, sanitizer, bench to run (a later call on the same, still warm
 # machine can run the rest when one call would outlast a time limit)
@@ -66,6 +66,6 @@ want tests && step tests parallel tests env GEOKERN_AUTOTUNE=0 $PY -m pytest -q 
 want sanitizer && step sanitizer parallel sanitizer env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m pytest -q -p no:cacheprovider -k "cuda and not compile${SELECT:+ and $SELECT}"
-want bench && step bench $PY -m geokern.bench --out "$OUT" ${SELECT:+--family $SELECT}
+want bench && step bench $PY -m geokern.bench --out "$OUT" --commit "$COMMIT" ${SELECT:+--family $SELECT}
 echo "=== make gpu: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
 exit $status

@@ -27,9 +27,10 @@ def _device_slug():
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _commit():
-    if os.environ.get("GEOKERN_COMMIT"):
-        return os.environ["GEOKERN_COMMIT"]
+def _commit(given=None):
+    """The commit measured: --commit when given (a copy of the tree without .git), else git's."""
+    if given:
+        return given
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return subprocess.check_output(["git", "-C", root, "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
@@ -154,6 +155,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m geokern.bench", description=__doc__)
     p.add_argument("--family", action="append", help="op families to run (default: all): " + ", ".join(registry.families()))
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--commit", help="the commit to record in the result files (default: git rev-parse HEAD)")
     p.add_argument("--match", help="only the cases whose 'op shape dtype direction' matches this regular expression")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -174,7 +176,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "triton": info["triton"],
         "cuda": torch.version.cuda,
-        "commit": _commit(),
+        "commit": _commit(args.commit),
         "ceilings": ceils,
     }
     try:
