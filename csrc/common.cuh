@@ -116,10 +116,16 @@ inline bool make_row_layout(const std::vector<int64_t>& shape,
   return true;
 }
 
-inline int grid_for(int64_t work, int threads) {
+// The number of SMs of the current device.
+inline int sm_count() {
   int dev = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
+inline int grid_for(int64_t work, int threads) {
+  const int sms = sm_count();
   const int64_t want = (work + threads - 1) / threads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sms) * 32)));
 }
