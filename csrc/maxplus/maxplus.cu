@@ -118,7 +118,7 @@ void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
 // alone are too few, each slice at least 256 k.
 int choose_splits_for_speed(int64_t tiles, int64_t K, int64_t num_splits) {
   if (num_splits > 0) return int(std::min<int64_t>({num_splits, kMaxSplits, (K + kKQuant - 1) / kKQuant}));
-  const int64_t want = 2 * int64_t(sm_count());
+  const int64_t want = 2 * int64_t(num_sms());
   if (tiles >= want / 2) return 1;
   return int(std::max<int64_t>(1, std::min<int64_t>({(want + tiles - 1) / tiles, K / 256, kMaxSplits})));
 }
