@@ -23,7 +23,8 @@ TORCH_LIBRARY(geokern, m) {
 
   // Max-plus / min-plus matrix product (csrc/maxplus): a (..., M, K), b (..., K, N), batch
   // dims broadcast. Returns (C, argmax, margin); outputs not asked for are empty.
-  m.def("maxplus_cuda(Tensor a, Tensor b, bool minplus, bool want_argmax, bool want_margin) -> (Tensor, Tensor, Tensor)");
+  // num_splits: split-K slices of K (0: choose; n: n, capped by K; 1: off); margin never splits.
+  m.def("maxplus_cuda(Tensor a, Tensor b, bool minplus, bool want_argmax, bool want_margin, int num_splits) -> (Tensor, Tensor, Tensor)");
   // dA, dB (shapes a_shape, b_shape) from dC routed along argmax.
   m.def("maxplus_backward_cuda(Tensor grad, Tensor argmax, int[] a_shape, int[] b_shape) -> (Tensor, Tensor)");
 

@@ -12,11 +12,9 @@ registers, so every thread owns an RM x RN block of rows tm * RM + rm and column
 tn * RN + rn (contiguous in memory). Per k a thread loads its RM values of A's row k
 and RN values of B's row k (vectorised 128-bit loads, cached in L1) and does RM * RN
 (add, max) pairs from registers. BK values of k per loop iteration (a static unroll;
-the k order, and so ties, is unchanged). sm_90 SASS of the loop (Triton 3.6, RM = RN =
-8, 8 warps, BK = 4, STAGES = 1), instructions per (add, max) pair: float32 2.15 (FADD +
-FMNMX, one LDG.128 per 32 pairs), packed bf16 1.07 (HADD2 or HFMA2 + HMNMX2 per 2
-pairs), packed int16 0.56 (one VIADDMNMX per 2 pairs). A 3-D broadcast [BM, BK, BN] +
-tl.max would cross threads in the reduction; this stays in each thread's registers. Programs
+the k order, and so ties, is unchanged). A 3-D broadcast [BM, BK, BN] + tl.max would
+cross threads in the reduction; this stays in each thread's registers (instruction
+counts of the loop: csrc/maxplus/README.md, "Triton"). Programs
 are ordered in groups of GROUP_M tile rows so neighbouring programs share A and B
 tiles in L2 (Triton's matmul tutorial). The batch is folded into program axis 0 and
 indexed through a 4-dim layout with zero strides for broadcast operands
@@ -44,14 +42,13 @@ fixed, so dA / dB may differ from run to run in the last bits when several entri
 share a route.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_strides, row_layout, row_offset
 from geokern._backend import interpret_mode
+from geokern.kernels._common import autotune_configs, launch, narrow
+from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_strides, row_layout, row_offset
 from geokern.reference.maxplus import int_bound, int_sentinel
 
 
@@ -62,17 +59,12 @@ def _cfg(rm, rn, tm, tn, bk, warps, stages=1, group=8, maxnreg=None):
     )
 
 
-def _configs():
-    if interpret_mode():  # the CPU interpreter: one small tile keeps CI fast
-        return [_cfg(2, 2, 4, 4, 2, 1, stages=2, group=2)]
-    if os.environ.get("GEOKERN_AUTOTUNE", "1") == "0":  # tests: one config, no tuning time
-        return [_cfg(8, 8, 16, 16, 2, 8)]
+def _full_configs():
     # TM * TN = 32 * num_warps threads; each holds an RM x RN block (8 x 8: 64 accumulators;
     # value-only that fits 128 registers, two programs of 8 warps per SM: maxnreg where
     # ptxas would take 130). STAGES = 1: plain loads, latency hidden by the other warps;
-    # STAGES > 1: Triton's pipeliner (cp.async to shared memory, then LDS), about 15% more
-    # instructions per pair. Argmax needs about twice the registers (the 4 x 8 tiles fit
-    # it in 128).
+    # STAGES > 1: Triton's pipeliner (cp.async to shared memory, then LDS), more instructions
+    # per pair. Argmax needs about twice the registers (the 4 x 8 tiles fit it in 128).
     return [
         _cfg(8, 8, 16, 16, 4, 8), _cfg(8, 8, 16, 16, 4, 8, maxnreg=128), _cfg(8, 8, 16, 16, 2, 8),
         _cfg(8, 8, 16, 16, 4, 8, stages=3), _cfg(8, 8, 16, 16, 2, 8, stages=3),
@@ -81,8 +73,11 @@ def _configs():
 
 
 # built once: the autotuners and the operand padding below must see the same list (and a
-# forward call should not rebuild it)
-_CONFIGS = _configs()
+# forward call should not rebuild it). Under the CPU interpreter one small tile keeps CI fast;
+# with GEOKERN_AUTOTUNE=0 (tests) one config, no tuning time.
+_CONFIGS = autotune_configs(
+    _full_configs, test=[_cfg(8, 8, 16, 16, 2, 8)], interp=[_cfg(2, 2, 4, 4, 2, 1, stages=2, group=2)]
+)
 # the largest tile side (BM or BN) of every config: the slack after At / Bt (_kmajor)
 _ROW_PAD = max(max(c.kwargs["RM"] * c.kwargs["TM"], c.kwargs["RN"] * c.kwargs["TN"]) for c in _CONFIGS)
 # k (in elements) is padded to a multiple of every config's BK, in words of two when packed
@@ -146,12 +141,7 @@ def _step(s, k, top1, idx, top2, MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN
     return top1, idx, top2
 
 
-@triton.jit
-def _narrow(x, dt: tl.constexpr):
-    # round to nearest even, as torch does (the interpreter truncates bf16 by default)
-    if dt == tl.float16 or dt == tl.bfloat16:
-        return x.to(dt, fp_downcast_rounding="rtne")
-    return x.to(dt)
+_narrow = narrow  # TRANSITION: removed when kernels/tropical.py uses _common.narrow
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "MIN", "ARGMAX", "MARGIN"])
@@ -167,7 +157,9 @@ def maxplus_fwd_kernel(
     RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, BK: tl.constexpr,
     STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # a: At (.., K, Mp), b: Bt (.., K, Np), K a multiple of BK; C, argmax, margin contiguous (batch, M, N)
+    # a: At [.., K, Mp], b: Bt [.., K, Np] (k-major padded copies, K a multiple of BK) -> C, argmax,
+    # margin: [batch, M, N] contiguous. One program: one (RM * TM) x (RN * TN) tile of C of one batch
+    # index (axis 0 = batch x tiles, tile rows grouped by GROUP_M); one thread: RM x RN entries.
     bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
         a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
     )
@@ -194,7 +186,7 @@ def maxplus_fwd_kernel(
         top1 = tl.where(dead, SENT, top1)
         idx = tl.where(dead, 0, idx)
     out, mask = _out_tile(bat, om, on, M, N)
-    tl.store(c_ptr + out, _narrow(top1, c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + out, narrow(top1, c_ptr.dtype.element_ty), mask=mask)
     if ARGMAX:
         tl.store(idx_ptr + out, idx.to(tl.int64), mask=mask)
     if MARGIN:
@@ -203,7 +195,7 @@ def maxplus_fwd_kernel(
         else:
             gap = top1 - top2
         gap = tl.where((top2 == ZERO) & (top1 == top1), float("inf"), gap)
-        tl.store(mg_ptr + out, _narrow(gap, mg_ptr.dtype.element_ty), mask=mask)
+        tl.store(mg_ptr + out, narrow(gap, mg_ptr.dtype.element_ty), mask=mask)
 
 
 # Packed 16-bit value-only path (GPU): one 32-bit word holds a pair (k, k + 1) of A's row
@@ -227,7 +219,9 @@ def maxplus_fwd_packed_kernel(
     SENT: tl.constexpr, RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     BK: tl.constexpr, STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # a: int32 pairs (.., KP, Mp), b: (.., KP, Np), KP a multiple of BK; C contiguous (batch, M, N)
+    # a: [.., KP, Mp], b: [.., KP, Np] int32 words of 16-bit k pairs (KP a multiple of BK) -> C:
+    # [batch, M, N] contiguous, value only. One program: one (RM * TM) x (RN * TN) tile of C of one
+    # batch index, as maxplus_fwd_kernel; one thread: RM x RN entries of two lanes.
     bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
         a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
     )
@@ -274,7 +268,9 @@ def maxplus_bwd_kernel(
     WANT_A: tl.constexpr, WANT_B: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    # dA[i, argmax[i, j]] += g[i, j]; dB[argmax[i, j], j] += g[i, j]; g, argmax contiguous
+    # g, idx: [batch, M, N] contiguous -> dA [.., M, K], dB [.., K, N] (float32 / float64 buffers,
+    # zero batch strides where broadcast): dA[i, idx[i, j]] += g[i, j], dB[idx[i, j], j] += g[i, j].
+    # One program: one BM x BN tile of (i, j) of one batch index, atomic adds.
     pid = tl.program_id(0).to(tl.int64)
     tm = tl.cdiv(M, BM)
     tn = tl.cdiv(N, BN)
@@ -356,22 +352,20 @@ def _grid(batch, M, N):
     return grid
 
 
-def maxplus_fwd(a, b, c, idx, margin, lead, minplus, launch=None):
+def maxplus_fwd(a, b, c, idx, margin, lead, minplus):
     """Writes C (and argmax / margin where given, else None) for a (.., M, K), b (.., K, N).
 
-    c, idx, margin are contiguous (*lead, M, N). `launch` wraps the kernel
-    (torch.library.wrap_triton inside a triton_op)."""
+    c, idx, margin are contiguous (*lead, M, N)."""
     M, N = a.shape[-2], b.shape[-1]
     batch = c.numel() // max(1, M * N)
     if c.numel() == 0:
         return
     if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
-        return _fwd_packed(a, b, c, lead, minplus, launch)
+        return _fwd_packed(a, b, c, lead, minplus)
     a, b, zero, consts = _inputs(a, b, minplus)
     acc = torch.int32 if consts["IS_INT"] else (torch.float64 if a.dtype == torch.float64 else torch.float32)
     at, bt, args = _operands(a, b, lead, zero, acc)
-    kernel = (launch or (lambda k: k))(maxplus_fwd_kernel)
-    kernel[_grid(batch, M, N)](
+    launch(maxplus_fwd_kernel)[_grid(batch, M, N)](
         at, bt, c, idx if idx is not None else c, margin if margin is not None else c,
         M, N, _ceil(a.shape[-1], _K_PAD), *args,
         MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
@@ -395,7 +389,7 @@ def _words(x):
     return x.reshape(-1).view(torch.int32).view(x.shape[:-1])
 
 
-def _fwd_packed(a, b, c, lead, minplus, launch):
+def _fwd_packed(a, b, c, lead, minplus):
     """Value-only 16-bit forward through maxplus_fwd_packed_kernel (see there)."""
     M, N = a.shape[-2], b.shape[-1]
     kind = _PACKED_KIND[a.dtype]
@@ -404,9 +398,8 @@ def _fwd_packed(a, b, c, lead, minplus, launch):
     half = (zero & 0xFFFF) if kind == 2 else ((0x7F80, 0x7C00)[kind] | (0 if minplus else 0x8000))
     zbits = (half << 16 | half) - (1 << 32 if half & 0x8000 else 0)
     at, bt, args = _operands(a, b, lead, zero, a.dtype, pair=2)
-    kernel = (launch or (lambda k: k))(maxplus_fwd_packed_kernel)
     batch = c.numel() // max(1, M * N)
-    kernel[_grid(batch, M, N)](
+    launch(maxplus_fwd_packed_kernel)[_grid(batch, M, N)](
         at, bt, c, M, N, _ceil(a.shape[-1], _K_PAD) // 2, *args,
         MIN=minplus, KIND=kind, STEP=_packed_step(kind, minplus), ZERO2=zbits,
         LIMIT=consts["LIMIT"], SENT=consts["SENT"],
@@ -440,7 +433,7 @@ def batch_layout_ok(lead, a, b):
     return _batch_layout(lead, a, b) is not None
 
 
-def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True, launch=None):
+def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True):
     """Accumulates the route-scattered dC into da and db: zeroed, contiguous float32
     (float64) buffers of A's and B's shapes, whose batch dims broadcast to `lead`
     through one layout (batch_layout_ok)."""
@@ -452,7 +445,8 @@ def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True, launch=None):
     assert lay is not None, "maxplus_bwd: buffers need one batch layout (see batch_layout_ok)"
     sizes, (sa, sb, _) = lay
     args = sizes[1:] + sa + [da.stride(-2), da.stride(-1)] + sb + [db.stride(-2), db.stride(-1)]
-    kernel = (launch or (lambda k: k))(maxplus_bwd_kernel)
     bm, bn = (16, 16) if interpret_mode() else (32, 128)
     grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    kernel[grid](g, idx, da, db, M, N, K, *args, WANT_A=want_a, WANT_B=want_b, BM=bm, BN=bn, num_warps=4)
+    launch(maxplus_bwd_kernel)[grid](
+        g, idx, da, db, M, N, K, *args, WANT_A=want_a, WANT_B=want_b, BM=bm, BN=bn, num_warps=4
+    )

@@ -8,16 +8,14 @@ reference with the suite's tolerance table.
 
 import pytest
 import torch
-from _custom_ops import check_compile, check_opcheck, ops_here
+from _custom_ops import custom_op_tests
+from _helpers import BACKENDS, DTYPES, dtype_id, need
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
-from geokern import _backend
 from geokern.reference import maxplus as ref
 
-BACKENDS = ["torch", "triton", "cuda"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SEMIRINGS = ["maxplus", "minplus"]
 INF = float("inf")
 
@@ -27,19 +25,10 @@ if HAS_CUDA:
     SHAPES += [((), (), 129, 257, 200), ((2,), (1,), 300, 129, 33)]
 
 
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
-    if isinstance(x, tuple) and len(x) == 5:
-        ba, bb, m, k, n = x
-        return f"A{'x'.join(map(str, ba)) or 's'}-B{'x'.join(map(str, bb)) or 's'}-M{m}-K{k}-N{n}"
-    return str(x)
-
-
-def need(backend):
-    why = _backend.why_unavailable(backend, DEVICE)
-    if why:
-        pytest.skip(f"backend {backend} unavailable here: {why}")
+def shape_id(x):
+    """A(batch)-B(batch)-M-K-N for a SHAPES entry ('s': no batch dims)."""
+    ba, bb, m, k, n = x
+    return f"A{'x'.join(map(str, ba)) or 's'}-B{'x'.join(map(str, bb)) or 's'}-M{m}-K{k}-N{n}"
 
 
 def rand(*shape, dtype=torch.float32):
@@ -71,8 +60,8 @@ def check_against_reference(backend, A, B, semiring, what=""):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("semiring", SEMIRINGS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_matches_reference(shape, dtype, semiring, backend):
     need(backend)
     ba, bb, M, K, N = shape
@@ -85,7 +74,7 @@ def test_matches_reference(shape, dtype, semiring, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_strided_inputs(dtype, backend):
     need(backend)
     M, K, N = (67, 45, 39) if not HAS_CUDA else (300, 200, 260)
@@ -148,8 +137,8 @@ def test_empty(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", [((), (), 7, 33, 5), ((2, 1), (3,), 17, 9, 13)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [((), (), 7, 33, 5), ((2, 1), (3,), 17, 9, 13)], ids=shape_id)
 def test_backward_matches_reference(shape, dtype, backend):
     need(backend)
     ba, bb, M, K, N = shape
@@ -213,17 +202,10 @@ def _op_samples(qualname):
     if "backward" in qualname:
         _, idx = ref.maxplus_matmul(A, B, return_argmax=True)
         return [(torch.randn(3, 7, 5, device=DEVICE), idx, [3, 7, 10], [10, 5])]
-    return [(A, B, False, True, True), (A.transpose(-1, -2)[..., :5, :], B[:7], True, False, False)]
+    return [(A, B, False, True, True, 0), (A.transpose(-1, -2)[..., :5, :], B[:7], True, False, False, 2)]
 
 
-@pytest.mark.parametrize("qualname", ops_here("maxplus"))
-def test_opcheck(qualname):
-    check_opcheck(qualname, _op_samples(qualname))
-
-
-@pytest.mark.parametrize("qualname", ops_here("maxplus"))
-def test_compile_fullgraph(qualname):
-    check_compile(qualname, _op_samples(qualname))
+test_opcheck, test_compile_fullgraph = custom_op_tests("maxplus", _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
@@ -264,6 +246,10 @@ def test_bad_input(backend):
         mp(A, B, semiring="maxtimes", backend=backend)
     with pytest.raises(TypeError, match="return_argmax must be a bool"):
         mp(A, B, return_argmax=1, backend=backend)
+    with pytest.raises(TypeError, match="num_splits must be an int"):
+        mp(A, B, num_splits=2.0, backend=backend)
+    with pytest.raises(ValueError, match="num_splits must be >= 0"):
+        mp(A, B, num_splits=-1, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         mp(A, B, backend="numpy")
 
@@ -279,6 +265,8 @@ def test_cuda_op_checks_its_inputs():
     need("cuda")
     A = rand(4, 5)
     with pytest.raises(RuntimeError, match="disagree on K"):
-        torch.ops.geokern.maxplus_cuda(A, rand(6, 3), False, False, False)
+        torch.ops.geokern.maxplus_cuda(A, rand(6, 3), False, False, False, 0)
     with pytest.raises(RuntimeError, match="b has dtype"):
-        torch.ops.geokern.maxplus_cuda(A, rand(5, 3).double(), False, False, False)
+        torch.ops.geokern.maxplus_cuda(A, rand(5, 3).double(), False, False, False, 0)
+    with pytest.raises(RuntimeError, match="num_splits must be >= 0"):
+        torch.ops.geokern.maxplus_cuda(A, rand(5, 3), False, False, False, -1)

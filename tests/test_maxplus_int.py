@@ -11,8 +11,9 @@ witness that reconstructs each path.
 import pytest
 import torch
 from _custom_ops import check_opcheck, ops_here
+from _helpers import BACKENDS, dtype_id, need
 from conftest import DEVICE, HAS_CUDA
-from test_maxplus import BACKENDS, SEMIRINGS, _id, need
+from test_maxplus import SEMIRINGS, shape_id
 
 import geokern
 from geokern.reference import maxplus as ref
@@ -50,8 +51,8 @@ def check_int(backend, A, B, semiring, what=""):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("semiring", SEMIRINGS)
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_int_matches_reference(shape, dtype, semiring, backend):
     need(backend)
     ba, bb, M, K, N = shape
@@ -61,7 +62,7 @@ def test_int_matches_reference(shape, dtype, semiring, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=dtype_id)
 def test_int_strided_and_broadcast(dtype, backend):
     need(backend)
     M, K, N = (23, 19, 17) if not HAS_CUDA else (300, 200, 260)
@@ -74,7 +75,7 @@ def test_int_strided_and_broadcast(dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("semiring", SEMIRINGS)
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=dtype_id)
 def test_int_sentinel_and_range_edges(dtype, semiring, backend):
     """The sentinel absorbs every sum it is in; entries with no finite sum are the
     sentinel with argmax 0; finite results at +-2 INT_BOUND stay finite."""
@@ -102,7 +103,7 @@ def test_int_sentinel_and_range_edges(dtype, semiring, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("semiring", SEMIRINGS)
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=dtype_id)
 def test_int_ties_go_to_smallest_k(dtype, semiring, backend):
     need(backend)
     K = 40 if not HAS_CUDA else 1000
@@ -133,7 +134,7 @@ def test_int_cuda_op_checks():
     need("cuda")
     A, B = rand_int(4, 5, dtype=torch.int16), rand_int(5, 3, dtype=torch.int16)
     with pytest.raises(RuntimeError, match="margin is float-only"):
-        torch.ops.geokern.maxplus_cuda(A, B, False, False, True)
+        torch.ops.geokern.maxplus_cuda(A, B, False, False, True, 0)
     _, idx = ref.maxplus_matmul(A, B, return_argmax=True)
     with pytest.raises(RuntimeError, match="grad must be floating point"):
         torch.ops.geokern.maxplus_backward_cuda(idx.short(), idx, [4, 5], [5, 3])
@@ -144,7 +145,7 @@ def test_int_cuda_op_checks():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="a CUDA-kernel path")
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int16, torch.int32], ids=_id
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int16, torch.int32], ids=dtype_id
 )
 @pytest.mark.parametrize("semiring", SEMIRINGS)
 def test_operand_layouts(semiring, dtype):
@@ -179,14 +180,13 @@ def test_operand_layouts(semiring, dtype):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="split-K is a CUDA-kernel path")
-@pytest.mark.parametrize("splits", ["auto", "3", "7"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16, torch.int32], ids=_id)
+@pytest.mark.parametrize("splits", [0, 3, 7], ids=["auto", "3", "7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16, torch.int32], ids=dtype_id)
 @pytest.mark.parametrize("semiring", SEMIRINGS)
-def test_split_k(semiring, dtype, splits, monkeypatch):
-    """Slices of K combined in k order: the same C and argmax (ties too) as one pass."""
+def test_split_k(semiring, dtype, splits):
+    """Slices of K combined in k order (num_splits: 0 chooses, n forces n): the same C and
+    argmax (ties too) as one pass."""
     need("cuda")
-    if splits != "auto":
-        monkeypatch.setenv("GEOKERN_MAXPLUS_SPLITS", splits)
     M, K, N = 40, 3001, 70  # one output tile: auto splits K
     if dtype.is_floating_point:
         A = torch.randint(0, 4, (2, M, K), device=DEVICE).to(dtype)  # many ties across slices
@@ -197,13 +197,13 @@ def test_split_k(semiring, dtype, splits, monkeypatch):
         A = rand_int(2, M, K, dtype=dtype, lo=0, hi=3, sentinel_frac=0.05, semiring=semiring)
         B = rand_int(K, N, dtype=dtype, lo=0, hi=3, sentinel_frac=0.05, semiring=semiring)
         A[0, 3] = ref.int_sentinel(dtype, semiring)
-    c, idx = geokern.maxplus_matmul(A, B, return_argmax=True, semiring=semiring, backend="cuda")
+    c, idx = geokern.maxplus_matmul(A, B, return_argmax=True, semiring=semiring, num_splits=splits, backend="cuda")
     acc = torch.float32 if dtype.is_floating_point else dtype
     rc, ri = ref.maxplus_matmul(A.to(acc), B.to(acc), True, semiring=semiring)
     torch.testing.assert_close(c.to(acc), rc, rtol=0, atol=0, equal_nan=True, msg=f"split {splits} output")
     ok = ~torch.isnan(rc) if dtype.is_floating_point else torch.ones_like(ri, dtype=torch.bool)
     assert torch.equal(idx[ok], ri[ok]), f"split {splits}: argmax differs"
-    value = geokern.maxplus_matmul(A, B, semiring=semiring, backend="cuda")
+    value = geokern.maxplus_matmul(A, B, semiring=semiring, num_splits=splits, backend="cuda")
     torch.testing.assert_close(value, c, rtol=0, atol=0, equal_nan=True, msg=f"split {splits} value-only")
 
 
@@ -219,7 +219,7 @@ def _floyd_warshall(W):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.float32], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.float32], ids=dtype_id)
 def test_all_pairs_shortest_paths(dtype, backend):
     """Repeated min-plus squaring of a random graph's weight matrix (0 diagonal, the
     semiring zero for no edge) gives all-pairs shortest paths; each squaring's argmax is a
@@ -256,4 +256,4 @@ def test_all_pairs_shortest_paths(dtype, backend):
 @pytest.mark.parametrize("qualname", [q for q in ops_here("maxplus") if "backward" not in q])
 def test_int_opcheck(qualname):
     A, B = rand_int(3, 7, 10, dtype=torch.int32), rand_int(10, 5, dtype=torch.int32)
-    check_opcheck(qualname, [(A, B, False, True, False), (A.short(), B.short(), True, False, False)])
+    check_opcheck(qualname, [(A, B, False, True, False, 0), (A.short(), B.short(), True, False, False, 3)])

@@ -2,18 +2,10 @@
 
 import pytest
 import torch
+from _helpers import BACKENDS, need
 from conftest import DEVICE
 
-from geokern import _backend
 from geokern.nn import TropicalLinear
-
-BACKENDS = ["torch", "triton", "cuda"]
-
-
-def need(backend):
-    why = _backend.why_unavailable(backend, DEVICE)
-    if why:
-        pytest.skip(f"backend {backend} unavailable here: {why}")
 
 
 def _definition(x, w, b, semiring):
@@ -27,7 +19,6 @@ def _definition(x, w, b, semiring):
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_definition_and_routes_gradient(backend, semiring, bias):
     need(backend)
-    torch.manual_seed(5)
     layer = TropicalLinear(19, 7, bias=bias, semiring=semiring, backend=backend, device=DEVICE)
     x = torch.randn(2, 3, 19, device=DEVICE, requires_grad=True)
     y = layer(x)

@@ -3,14 +3,14 @@
 Compute-bound on the fp32 lanes (no max-plus tensor cores): amount = 2 * M * N * K
 operations (an add and a max per k step), ceiling = the fp32 lane rate, twice that for
 the value-only 16-bit cases (packed half2 / bf16x2 / int16x2 instructions). Skinny shapes
-time the CUDA kernel with its automatic split-K and without it ("cuda-nosplit"). Peer:
+time the CUDA kernel with its automatic split-K and without it ("cuda-nosplit":
+num_splits=1). Peer:
 torch.compile of the broadcast + amax a user would write (inductor fuses it into one
 reduction, so it never materialises M x K x N). The backward is timed on the same
 2 * M * N * K count so that its time reads directly against the forward's.
 """
 
 import functools
-import os
 
 import torch
 
@@ -42,19 +42,6 @@ def _kernel_backends():
     return [b for b in _backend.available(torch.device("cuda")) if b != "torch"]
 
 
-def _no_split(a, b, **kw):
-    """The CUDA kernel with split-K off (GEOKERN_MAXPLUS_SPLITS=1), for skinny shapes."""
-    old = os.environ.get("GEOKERN_MAXPLUS_SPLITS")
-    os.environ["GEOKERN_MAXPLUS_SPLITS"] = "1"
-    try:
-        return ops.maxplus_matmul(a, b, backend="cuda", **kw)
-    finally:
-        if old is None:
-            del os.environ["GEOKERN_MAXPLUS_SPLITS"]
-        else:
-            os.environ["GEOKERN_MAXPLUS_SPLITS"] = old
-
-
 def _rand(shape, dtype):
     if dtype.is_floating_point:
         return torch.randn(shape, device="cuda", dtype=dtype)
@@ -71,7 +58,9 @@ def _fwd_case(M, K, N, dt, argmax=False, skinny=False):
         b: functools.partial(ops.maxplus_matmul, return_argmax=argmax, backend=b) for b in _kernel_backends()
     }
     if skinny and "cuda" in impls:
-        impls["cuda-nosplit"] = functools.partial(_no_split, return_argmax=argmax)
+        impls["cuda-nosplit"] = functools.partial(
+            ops.maxplus_matmul, return_argmax=argmax, num_splits=1, backend="cuda"
+        )
     packed = dtype.itemsize == 2 and not argmax
     return Case(
         op="maxplus_matmul" + ("+argmax" if argmax else ""), shape=f"{M}x{K}x{N}", dtype=dt, direction="fwd",

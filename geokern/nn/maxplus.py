@@ -16,9 +16,12 @@ class TropicalLinear(nn.Module):
     each output sends its gradient to the one (x, weight) pair that won, and to its bias.
     The map is model_guided_research's `tropical_maxplus_layer(x, weight, bias)` at its
     exact (beta=None) endpoint; its smoothed variant and TropicalMLP's init are not here.
+
+    semiring, num_splits and backend are passed to geokern.maxplus_matmul (num_splits: the
+    CUDA kernel's split-K slices over in_features, 0 to choose).
     """
 
-    def __init__(self, in_features, out_features, bias=True, *, semiring="maxplus", backend=None,
+    def __init__(self, in_features, out_features, bias=True, *, semiring="maxplus", num_splits=0, backend=None,
                  device=None, dtype=None):
         super().__init__()
         if in_features < 1 or out_features < 1:
@@ -27,7 +30,7 @@ class TropicalLinear(nn.Module):
             raise ValueError(f"TropicalLinear: semiring must be 'maxplus' or 'minplus', got {semiring!r}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.semiring, self.backend = semiring, backend
+        self.semiring, self.num_splits, self.backend = semiring, num_splits, backend
         bound = 1.0 / math.sqrt(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(out_features, **kw).uniform_(-bound, bound)) if bias else None
@@ -37,7 +40,7 @@ class TropicalLinear(nn.Module):
             raise ValueError(f"TropicalLinear: x must have last dim {self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         y = maxplus_matmul(x.reshape(-1, self.in_features), self.weight.t(), semiring=self.semiring,
-                           backend=self.backend)
+                           num_splits=self.num_splits, backend=self.backend)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

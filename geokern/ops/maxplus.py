@@ -32,9 +32,10 @@ _DTYPES = FLOAT_DTYPES + ref.INT_DTYPES
 
 
 # ---- custom ops ----------------------------------------------------------------
-# forward: (a, b, minplus, want_argmax, want_margin) -> (C, argmax, margin); outputs
-# not asked for are empty (0 elements). backward: (grad, argmax, a_shape, b_shape) ->
-# (dA, dB) in grad's dtype, summed over broadcast batch dims.
+# forward: (a, b, minplus, want_argmax, want_margin, num_splits) -> (C, argmax, margin);
+# outputs not asked for are empty (0 elements); num_splits steers the CUDA kernel's split-K
+# (see maxplus_matmul) and is ignored by the others. backward: (grad, argmax, a_shape,
+# b_shape) -> (dA, dB) in grad's dtype, summed over broadcast batch dims.
 
 
 def _out_shape(a, b):
@@ -42,7 +43,7 @@ def _out_shape(a, b):
     return tuple(lead) + (a.shape[-2], b.shape[-1])
 
 
-def _fake_fwd(a, b, minplus, want_argmax, want_margin):
+def _maxplus_fake(a, b, minplus, want_argmax, want_margin, num_splits):
     shape = _out_shape(a, b)
     c = a.new_empty(shape)
     idx = a.new_empty(shape if want_argmax else (0,), dtype=torch.int64)
@@ -50,7 +51,7 @@ def _fake_fwd(a, b, minplus, want_argmax, want_margin):
     return c, idx, mg
 
 
-def _fake_bwd(grad, argmax, a_shape, b_shape):
+def _maxplus_backward_fake(grad, argmax, a_shape, b_shape):
     return grad.new_empty(a_shape), grad.new_empty(b_shape)
 
 
@@ -61,7 +62,7 @@ def _semiring_zero(dtype, minplus):
     return ref.int_sentinel(dtype, "minplus" if minplus else "maxplus")
 
 
-def _ref_fwd(a, b, minplus, want_argmax, want_margin):
+def _maxplus_cpu(a, b, minplus, want_argmax, want_margin, num_splits):
     semiring = "minplus" if minplus else "maxplus"
     if not a.dtype.is_floating_point:  # no margin for integers
         c, idx = ref.maxplus_matmul(a, b, True, False, semiring)
@@ -76,17 +77,14 @@ def _ref_fwd(a, b, minplus, want_argmax, want_margin):
     )
 
 
-def _ref_bwd(grad, argmax, a_shape, b_shape):
+def _maxplus_backward_cpu(grad, argmax, a_shape, b_shape):
     return ref.maxplus_matmul_backward(grad, argmax, a_shape, b_shape)
 
 
-_fwd_cuda = cuda_op("maxplus_cuda", _fake_fwd, _ref_fwd)
-_bwd_cuda = cuda_op("maxplus_backward_cuda", _fake_bwd, _ref_bwd)
-
-
-def _fwd_triton(
-    a: torch.Tensor, b: torch.Tensor, minplus: bool, want_argmax: bool, want_margin: bool, launch=None
+def _maxplus_triton(
+    a: torch.Tensor, b: torch.Tensor, minplus: bool, want_argmax: bool, want_margin: bool, num_splits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the Triton kernel has no split-K: num_splits is in the schema that both backends share
     shape = _out_shape(a, b)
     c = a.new_empty(shape)
     idx = a.new_empty(shape if want_argmax else (0,), dtype=torch.int64)
@@ -97,12 +95,12 @@ def _fwd_triton(
         if want_margin:
             mg.fill_(float("inf"))
         return c, idx, mg
-    tk.maxplus_fwd(a, b, c, idx if want_argmax else None, mg if want_margin else None, shape[:-2], minplus, launch)
+    tk.maxplus_fwd(a, b, c, idx if want_argmax else None, mg if want_margin else None, shape[:-2], minplus)
     return c, idx, mg
 
 
-def _bwd_triton(
-    grad: torch.Tensor, argmax: torch.Tensor, a_shape: list[int], b_shape: list[int], launch=None
+def _maxplus_backward_triton(
+    grad: torch.Tensor, argmax: torch.Tensor, a_shape: list[int], b_shape: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     lead = tuple(grad.shape[:-2])
@@ -111,14 +109,21 @@ def _bwd_triton(
     if not tk.batch_layout_ok(lead, da, db):  # rare: many unmergeable batch dims
         da = grad.new_zeros(lead + tuple(a_shape[-2:]), dtype=acc)
         db = grad.new_zeros(lead + tuple(b_shape[-2:]), dtype=acc)
-    tk.maxplus_bwd(grad.contiguous(), argmax.contiguous(), da, db, lead, launch=launch)
+    tk.maxplus_bwd(grad.contiguous(), argmax.contiguous(), da, db, lead)
     return da.sum_to_size(a_shape).to(grad.dtype), db.sum_to_size(b_shape).to(grad.dtype)
 
 
-_fwd_tri = triton_op("maxplus_triton", _fwd_triton)
-_bwd_tri = triton_op("maxplus_backward_triton", _bwd_triton)
-
-_KERNELS = {"cuda": (_fwd_cuda, _bwd_cuda), "triton": (_fwd_tri, _bwd_tri)}
+# backend -> (forward op, backward op); the CUDA pair is None without geokern._C
+_KERNELS = {
+    "cuda": (
+        cuda_op("maxplus_cuda", _maxplus_fake, _maxplus_cpu),
+        cuda_op("maxplus_backward_cuda", _maxplus_backward_fake, _maxplus_backward_cpu),
+    ),
+    "triton": (
+        triton_op("maxplus_triton", _maxplus_triton),
+        triton_op("maxplus_backward_triton", _maxplus_backward_triton),
+    ),
+}
 
 
 # ---- autograd ------------------------------------------------------------------
@@ -129,12 +134,12 @@ class MaxplusMatmulFunction(torch.autograd.Function):
     """(C, argmax, margin) = maxplus(A, B); the gradient follows the argmax route."""
 
     @staticmethod
-    def forward(a, b, minplus, want_argmax, want_margin, backend):
-        return _KERNELS[backend][0](a, b, minplus, want_argmax, want_margin)
+    def forward(a, b, minplus, want_argmax, want_margin, num_splits, backend):
+        return _KERNELS[backend][0](a, b, minplus, want_argmax, want_margin, num_splits)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, b, minplus, want_argmax, want_margin, backend = inputs
+        a, b, minplus, want_argmax, want_margin, num_splits, backend = inputs
         c, idx, mg = output
         ctx.mark_non_differentiable(idx, mg)
         ctx.save_for_backward(idx)
@@ -147,14 +152,14 @@ class MaxplusMatmulFunction(torch.autograd.Function):
         return (
             da if ctx.needs_input_grad[0] else None,
             db if ctx.needs_input_grad[1] else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
 # ---- public op -----------------------------------------------------------------
 
 
-def _check(A, B, return_argmax, return_margin, semiring):
+def _check(A, B, return_argmax, return_margin, semiring, num_splits):
     check_tensor(_OP, "A", A, dtypes=_DTYPES, min_dim=2)
     check_tensor(_OP, "B", B, dtypes=_DTYPES, min_dim=2)
     check_same(_OP, {"A": A, "B": B})
@@ -174,6 +179,10 @@ def _check(A, B, return_argmax, return_margin, semiring):
     for name, flag in (("return_argmax", return_argmax), ("return_margin", return_margin)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_OP}: {name} must be a bool, got {type(flag).__name__}")
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool):
+        raise TypeError(f"{_OP}: num_splits must be an int, got {type(num_splits).__name__}")
+    if num_splits < 0:
+        raise ValueError(f"{_OP}: num_splits must be >= 0 (0: choose), got {num_splits}")
     if return_margin and not A.dtype.is_floating_point:
         raise TypeError(f"{_OP}: return_margin is float-only, got {A.dtype} inputs (argmax is supported)")
 
@@ -185,6 +194,7 @@ def maxplus_matmul(
     return_argmax: bool = False,
     return_margin: bool = False,
     semiring: str = "maxplus",
+    num_splits: int = 0,
     backend: str | None = None,
 ):
     """C[..., i, j] = max_k A[..., i, k] + B[..., k, j] (min_k for semiring="minplus").
@@ -197,8 +207,15 @@ def maxplus_matmul(
     Also takes int16 / int32 (forward only, no margin): the dtype's minimum acts as -inf
     for max-plus, its maximum as +inf for min-plus; exact for finite inputs in
     [-INT_BOUND, INT_BOUND] = [-5460, 5460] (int16), [-357913940, 357913940] (int32).
+
+    num_splits (CUDA backend; the others ignore it): how many slices of K the kernel
+    computes in parallel and combines in k order (split-K, for outputs with too few tiles to
+    fill the GPU: skinny M or N, long K). 0 (default) chooses: enough slices for two blocks
+    per SM when the output tiles alone are too few, each slice at least 256 k. n forces n
+    slices (at most 256 and one per 32 k; 1 turns split-K off). Results, ties included, are
+    the same for every value; with return_margin K is never split.
     """
-    _check(A, B, return_argmax, return_margin, semiring)
+    _check(A, B, return_argmax, return_margin, semiring, num_splits)
     be = _backend.resolve(_OP, backend, A.device, _PREFER)
     if be == "torch":
         return ref.maxplus_matmul(A, B, return_argmax, return_margin, semiring)
@@ -208,11 +225,11 @@ def maxplus_matmul(
             f"B {tuple(B.shape)} has a matrix of more than 2**31 - 1 elements (use backend='torch')"
         )
     if not A.dtype.is_floating_point:  # integers carry no gradient: no autograd Function
-        c, idx, _ = _KERNELS[be][0](A, B, semiring == "minplus", return_argmax, False)
+        c, idx, _ = _KERNELS[be][0](A, B, semiring == "minplus", return_argmax, False, num_splits)
         return (c, idx) if return_argmax else c
     need_route = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
     c, idx, mg = MaxplusMatmulFunction.apply(
-        A, B, semiring == "minplus", return_argmax or need_route, return_margin, be
+        A, B, semiring == "minplus", return_argmax or need_route, return_margin, num_splits, be
     )
     out = (c,)
     if return_argmax:
