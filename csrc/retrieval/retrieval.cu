@@ -326,7 +326,9 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(
   TORCH_CHECK(bank_splits >= 0, op, ": bank_splits must be >= 0 (0: one split per ", fmt(kCH), " keys), got ",
               fmt(bank_splits));
   const Segments sgs = make_segments(op, k, v, r, mask, bank_k, bank_v, bank_r);
-  const std::vector<at::Tensor>&ks = sgs.k, &vs = sgs.v, &rs = sgs.r;
+  const std::vector<at::Tensor>& ks = sgs.k;
+  const std::vector<at::Tensor>& vs = sgs.v;
+  const std::vector<at::Tensor>& rs = sgs.r;
   const std::vector<std::optional<at::Tensor>>& masks = sgs.mask;
   const AttnShape a = check_attn(op, q, sgs, w);
   const int64_t rows = a.NB0 * a.NB1 * a.LQ;
