@@ -1,14 +1,9 @@
-// Retrieval cost and retrieval attention on a diagonal metric (spec retrieval_lior.md sections 1-2):
-// the host code (input checks, launch sizing, the backward's GEMMs and chunks) and the op
-// registrations. The kernels live in the headers beside it; the family is one translation unit.
-//
-// Every metric reaches here as a diagonal metric w [F] (float32) on features (geokern/metric.py:
-// phi is linear, so phi(k - q) = phi(k) - phi(q)).
-//
-// Shapes: q [NB0, NB1, LQ, F]; k [1|NB0, 1|NB1, M, F]; v [1|NB0, 1|NB1, M, DV]; r (float32) and
-// mask (bool) broadcast to [NB0, NB1, LQ, M] (size-1 dims read with stride 0, never expanded).
-// The attention's keys come in segments merged by log-sum-exp: the row's keys (k, v, r, mask),
-// then optionally a bank (bank_k, bank_v, bank_r; no mask).
+// Retrieval cost and attention (spec retrieval_lior.md sections 1-2): the host code (input checks,
+// key segments, split and grid choice, the backward's GEMMs and query chunks) and the op
+// registrations; the kernels are in the headers beside it (one translation unit). Every metric
+// arrives as a diagonal w [F] float32 (phi is linear: phi(k - q) = phi(k) - phi(q)). q [NB0, NB1, LQ, F];
+// k [1|NB0, 1|NB1, M, F]; v [.., M, DV]; r float32 and mask bool broadcast to [NB0, NB1, LQ, M]
+// (stride 0 on size-1 dims, never expanded). README.md has the design and what was measured.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -318,10 +313,8 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, const at::Tensor& r,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bank_k,
     const std::optional<at::Tensor>& bank_v, const std::optional<at::Tensor>& bank_r, double beta, double eps,
-    int64_t num_ctas, int64_t bank_splits, int64_t pipeline, int64_t norm_mma) {
+    int64_t num_ctas, int64_t bank_splits, int64_t /*pipeline*/, int64_t /*norm_mma*/) {
   const char* op = "retrieval_attention_cuda";
-  (void)pipeline;
-  (void)norm_mma;
   TORCH_CHECK(num_ctas >= 0, op, ": num_ctas must be >= 0 (0: two blocks per SM), got ", fmt(num_ctas));
   TORCH_CHECK(bank_splits >= 0, op, ": bank_splits must be >= 0 (0: one split per ", fmt(kCH), " keys), got ",
               fmt(bank_splits));
@@ -537,9 +530,8 @@ retrieval_attention_backward_cuda(const at::Tensor& dout, const at::Tensor& q, c
                                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bank_k,
                                   const std::optional<at::Tensor>& bank_v, const std::optional<at::Tensor>& bank_r,
                                   const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-                                  double beta, double eps, bool need_dr, int64_t chunk) {
+                                  double beta, double eps, bool /*need_dr*/, int64_t chunk) {
   const char* op = "retrieval_attention_backward_cuda";
-  (void)need_dr;
   TORCH_CHECK(chunk >= 0, op, ": chunk must be >= 0 (0: 2^26 elements), got ", fmt(chunk));
   const Segments sgs = make_segments(op, k, v, r, mask, bank_k, bank_v, bank_r);
   const AttnShape a = check_attn(op, q, sgs, w);
