@@ -129,6 +129,30 @@ inline int grid_for(int64_t work, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(num_sms()) * 32)));
 }
 
+// Strides of a 4-D tensor with zero on its size-1 dims (broadcast reads, never expanded),
+// passed to kernels by value.
+struct Strides4 {
+  int64_t s[4];
+};
+
+inline Strides4 broadcast_strides4(const at::Tensor& t) {
+  Strides4 r;
+  for (int d = 0; d < 4; ++d) r.s[d] = t.size(d) == 1 ? 0 : t.stride(d);
+  return r;
+}
+
+// Calls f(T{}) with T the kernel element type of st: float, at::Half or at::BFloat16.
+// Any other dtype is refused with op's name.
+template <typename F>
+void dispatch_kernel_dtype(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ", c10::toString(st));
+  }
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace geokern

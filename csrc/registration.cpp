@@ -37,12 +37,16 @@ TORCH_LIBRARY(geokern, m) {
 
   // Retrieval cost and attention (csrc/retrieval) on a diagonal metric w [F] over features:
   // q [NB0, NB1, LQ, F]; k [1|NB0, 1|NB1, M, F]; v likewise [.., M, DV]; r float32 and mask bool
-  // broadcasting to [NB0, NB1, LQ, M]. cost: [NB0, NB1, LQ, M] float32. The attention takes 1 to 4
-  // key segments (k, v, r, mask per segment) merged by log-sum-exp; returns (out, lse).
+  // broadcasting to [NB0, NB1, LQ, M]. cost: [NB0, NB1, LQ, M] float32. The attention merges the
+  // row's keys (k, v, r, mask) and the optional bank (bank_k, bank_v, bank_r, all or none; no mask)
+  // by log-sum-exp; returns (out, lse). Knobs, 0 = choose: num_ctas (target grid), bank_splits (most
+  // key splits of the bank), chunk (most elements per dP chunk in the backward); pipeline and
+  // norm_mma steer the Triton kernel only. The backward returns float32 (dq, dk, dv, dr, dbank_k,
+  // dbank_v, dbank_r, dw), the bank's three empty [0] without a bank.
   m.def("retrieval_cost_cuda(Tensor q, Tensor k, Tensor w, Tensor r, float eps) -> Tensor");
   m.def("retrieval_cost_backward_cuda(Tensor grad, Tensor q, Tensor k, Tensor w, Tensor r, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("retrieval_attention_cuda(Tensor q, Tensor[] k, Tensor[] v, Tensor w, Tensor[] r, Tensor?[] mask, float beta, float eps) -> (Tensor, Tensor)");
-  m.def("retrieval_attention_backward_cuda(Tensor dout, Tensor q, Tensor[] k, Tensor[] v, Tensor w, Tensor[] r, Tensor?[] mask, Tensor out, Tensor lse, Tensor? dlse, float beta, float eps) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor)");
+  m.def("retrieval_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor w, Tensor r, Tensor? mask, Tensor? bank_k, Tensor? bank_v, Tensor? bank_r, float beta, float eps, int num_ctas, int bank_splits, int pipeline, int norm_mma) -> (Tensor, Tensor)");
+  m.def("retrieval_attention_backward_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor r, Tensor? mask, Tensor? bank_k, Tensor? bank_v, Tensor? bank_r, Tensor out, Tensor lse, Tensor? dlse, float beta, float eps, bool need_dr, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 static PyObject* build_info(PyObject*, PyObject*) {

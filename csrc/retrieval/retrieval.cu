@@ -1,30 +1,9 @@
-// Metric-weighted retrieval cost and retrieval attention (spec retrieval_lior.md sections 1-2).
-//
-// Every metric reaches here as a diagonal metric w [F] (float32) on features (geokern/metric.py:
-// phi is linear, so phi(k - q) = phi(k) - phi(q)); dv = k - q is formed directly, never expanded
-// as |q|^2 + |k|^2 - 2 q.k, so there is no cancellation when q is close to k.
-//
-// Shapes: q [NB0, NB1, LQ, F]; k [1|NB0, 1|NB1, M, F]; v [1|NB0, 1|NB1, M, DV]; r (float32) and
-// mask (bool) broadcast to [NB0, NB1, LQ, M] (size-1 dims read with stride 0, never expanded).
-//
-// Attention forward (decode-oriented flash-decoding): the rows that share one set of keys and
-// values (a shared bank: every row of the batch) form a "kv batch"; a CTA takes G of those rows and
-// one split of the keys, so each tile of V is loaded once for G rows. Logits of a key tile go to
-// shared memory, the online-softmax statistics are kept per row, and each thread owns VEC
-// consecutive columns of V and accumulates P V for its G rows in float32. Several key sets
-// (segments, e.g. a per-row sequence and a shared bank) run in the same launch; with more than one
-// split in total, the partial (max, sum, acc) of every split are merged by a second kernel.
-//
-// Backward: dP = dO V^T and dV = P^T dO are float32 batched GEMMs (cuBLAS) per kv batch; a pair
-// kernel recomputes P from the lse and forms dcost = -beta P (dP - delta); the cost's backward
-// (shared with retrieval_cost) then reduces dcost to dq (per query, over keys), dk (per key, over
-// the queries that see it), dw and dR in float32, again with dv formed directly. dP and P take
-// [rows, M] float32 each: the backward runs over chunks of queries so that each stays under
-// GEOKERN_RETRIEVAL_BWD_CHUNK elements (default 2^26).
-//
-// Tuning knobs, read at each call: GEOKERN_RETRIEVAL_CTAS (the forward's target number of blocks
-// when it chooses key splits; default 2 per SM), GEOKERN_RETRIEVAL_BANK_SPLITS (at most this many
-// splits of a key set shared by several rows; default one per 64 keys).
+// Retrieval cost and attention (spec retrieval_lior.md sections 1-2): the host code (input checks,
+// key segments, split and grid choice, the backward's GEMMs and query chunks) and the op
+// registrations; the kernels are in the headers beside it (one translation unit). Every metric
+// arrives as a diagonal w [F] float32 (phi is linear: phi(k - q) = phi(k) - phi(q)). q [NB0, NB1, LQ, F];
+// k [1|NB0, 1|NB1, M, F]; v [.., M, DV]; r float32 and mask bool broadcast to [NB0, NB1, LQ, M]
+// (stride 0 on size-1 dims, never expanded). README.md has the design and what was measured.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -34,557 +13,15 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-
 #include "common.cuh"
+#include "attention_bwd.cuh"
+#include "attention_fwd.cuh"
+#include "cost.cuh"
 
 namespace geokern {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kMaxSeg = 4;
-constexpr int kCH = 64;  // keys per tile in the attention forward
-
-struct S4 {
-  int64_t s[4];
-};
-
-// Strides of a 4-D tensor with zero on its size-1 dims (broadcast reads).
-S4 bstrides(const at::Tensor& t) {
-  S4 r;
-  for (int d = 0; d < 4; ++d) r.s[d] = t.size(d) == 1 ? 0 : t.stride(d);
-  return r;
-}
-
-template <typename F>
-void dispatch_kernel_dtype(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ", c10::toString(st));
-  }
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// ---- the cost ----------------------------------------------------------------------------
-
-template <typename T>
-__global__ void cost_fwd_kernel(const T* __restrict__ q, S4 sq, const T* __restrict__ k, S4 sk,
-                                const float* __restrict__ w, const float* __restrict__ r, S4 sr,
-                                float* __restrict__ out, int64_t rows, int64_t NB1, int64_t LQ, int64_t M,
-                                int F, float eps) {
-  extern __shared__ float sm[];
-  float* qs = sm;
-  float* ws = sm + F;
-  for (int f = threadIdx.x; f < F; f += blockDim.x) ws[f] = w[f];
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t i = row % LQ, b = row / LQ, b1 = b % NB1, b0 = b / NB1;
-    __syncthreads();
-    for (int f = threadIdx.x; f < F; f += blockDim.x)
-      qs[f] = static_cast<float>(q[b0 * sq.s[0] + b1 * sq.s[1] + i * sq.s[2] + f * sq.s[3]]);
-    __syncthreads();
-    const T* kb = k + b0 * sk.s[0] + b1 * sk.s[1];
-    const float* rb = r + b0 * sr.s[0] + b1 * sr.s[1] + i * sr.s[2];
-    for (int64_t j = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; j < M; j += int64_t(gridDim.y) * blockDim.x) {
-      float s = 0.f;
-      for (int f = 0; f < F; ++f) {
-        const float d = static_cast<float>(kb[j * sk.s[2] + f * sk.s[3]]) - qs[f];
-        s = fmaf(ws[f] * d, d, s);
-      }
-      out[row * M + j] = rb[j * sr.s[3]] * sqrtf(fmaxf(s, 0.f) + eps);
-    }
-  }
-}
-
-// The cost's backward over one side. For every point x of X (queries, or keys), over the points
-// y of Y that meet it (with dcost g_xy and R_xy):
-//   c = g R / spd * [s >= 0],   out_x = w * sum_y c (x - y),   outw_x = sum_y c (x - y)^2 / 2,
-//   drx_x = sum_y g spd,        drp_xy = g spd
-// With X = queries, out is dq (dv = k - q, dq = -sum ddv); with X = keys, out is dk. X has its own
-// batch extents (nx0, nx1): where one is 1 but the batch is NB, the points of every batch meet x.
-// One block per point x: threads take one y each to form c, then (feature, slice) pairs sum it.
-struct XY {
-  const void* x;
-  S4 sx;  // [b0, b1, l, f]
-  const void* y;
-  S4 sy;
-  const float* w;
-  const float* g;
-  S4 sg;  // [b0, b1, xl, yl]
-  const float* r;
-  S4 sr;  // [b0, b1, xl, yl]
-  int64_t NB0, NB1, LX, LY, nx0, nx1;
-  int F;
-  float eps;
-  float* out;   // [nx0 * nx1 * LX, F]
-  float* outw;  // optional, same shape
-  float* drx;   // optional [nx0 * nx1 * LX]
-  float* drp;   // optional, strides sdp over [b0, b1, xl, yl]
-  S4 sdp;
-  int accumulate;
-};
-
-constexpr int kRedThreads = 256;
-
-template <typename T>
-__global__ void __launch_bounds__(kRedThreads) cost_reduce_kernel(const XY p) {
-  extern __shared__ float sm[];
-  float* xs = sm;                  // [F]
-  float* ws = xs + p.F;            // [F]
-  float* cs = ws + p.F;            // [kRedThreads]
-  float* red = cs + kRedThreads;   // [2 * kRedThreads]
-  const int t = threadIdx.x;
-  const int F = p.F;
-  const T* X = static_cast<const T*>(p.x);
-  const T* Y = static_cast<const T*>(p.y);
-  for (int f = t; f < F; f += kRedThreads) ws[f] = p.w[f];
-  const int64_t npts = p.nx0 * p.nx1 * p.LX;
-  const int fstep = F < kRedThreads ? F : kRedThreads;
-  const int nsl = kRedThreads / fstep;
-  const bool loop0 = p.nx0 == 1 && p.NB0 > 1, loop1 = p.nx1 == 1 && p.NB1 > 1;
-  for (int64_t xp = blockIdx.x; xp < npts; xp += gridDim.x) {
-    const int64_t xl = xp % p.LX, xb = xp / p.LX, xb1 = xb % p.nx1, xb0 = xb / p.nx1;
-    __syncthreads();
-    for (int f = t; f < F; f += kRedThreads)
-      xs[f] = static_cast<float>(X[xb0 * p.sx.s[0] + xb1 * p.sx.s[1] + xl * p.sx.s[2] + f * p.sx.s[3]]);
-    __syncthreads();
-    const int64_t b0lo = loop0 ? 0 : xb0, b0hi = loop0 ? p.NB0 : xb0 + 1;
-    const int64_t b1lo = loop1 ? 0 : xb1, b1hi = loop1 ? p.NB1 : xb1 + 1;
-    float dr_acc = 0.f;
-    for (int fb = 0; fb < F; fb += fstep) {
-      const int f = fb + t % fstep, sl = t / fstep;
-      const bool fact = sl < nsl && f < F;
-      float a1 = 0.f, a2 = 0.f;
-      for (int64_t b0 = b0lo; b0 < b0hi; ++b0)
-        for (int64_t b1 = b1lo; b1 < b1hi; ++b1) {
-          const T* yb = Y + b0 * p.sy.s[0] + b1 * p.sy.s[1];
-          const float* gb = p.g + b0 * p.sg.s[0] + b1 * p.sg.s[1] + xl * p.sg.s[2];
-          const float* rb = p.r + b0 * p.sr.s[0] + b1 * p.sr.s[1] + xl * p.sr.s[2];
-          for (int64_t y0 = 0; y0 < p.LY; y0 += kRedThreads) {
-            const int64_t y = y0 + t;
-            float c = 0.f;
-            if (y < p.LY) {
-              const float gd = gb[y * p.sg.s[3]];
-              float s = 0.f;
-              for (int ff = 0; ff < F; ++ff) {
-                const float d = xs[ff] - static_cast<float>(yb[y * p.sy.s[2] + ff * p.sy.s[3]]);
-                s = fmaf(ws[ff] * d, d, s);
-              }
-              const float spd = sqrtf(fmaxf(s, 0.f) + p.eps);
-              c = s >= 0.f ? gd * rb[y * p.sr.s[3]] / spd : 0.f;
-              if (fb == 0) {
-                dr_acc = fmaf(gd, spd, dr_acc);
-                if (p.drp) p.drp[b0 * p.sdp.s[0] + b1 * p.sdp.s[1] + xl * p.sdp.s[2] + y * p.sdp.s[3]] = gd * spd;
-              }
-            }
-            __syncthreads();
-            cs[t] = c;
-            __syncthreads();
-            if (fact) {
-              const int64_t ny = p.LY - y0 < kRedThreads ? p.LY - y0 : kRedThreads;
-              const float xf = xs[f];
-              for (int yy = sl; yy < ny; yy += nsl) {
-                const float cc = cs[yy];
-                if (cc != 0.f) {
-                  const float d = xf - static_cast<float>(yb[(y0 + yy) * p.sy.s[2] + f * p.sy.s[3]]);
-                  a1 = fmaf(cc, d, a1);
-                  a2 = fmaf(cc * d, d, a2);
-                }
-              }
-            }
-          }
-        }
-      __syncthreads();
-      red[t] = a1;
-      red[kRedThreads + t] = a2;
-      __syncthreads();
-      if (t < fstep && fb + t < F) {
-        float s1 = 0.f, s2 = 0.f;
-        for (int q = 0; q < nsl; ++q) {
-          s1 += red[q * fstep + t];
-          s2 += red[kRedThreads + q * fstep + t];
-        }
-        const int64_t o = xp * F + fb + t;
-        s1 *= ws[fb + t];
-        s2 *= 0.5f;
-        p.out[o] = p.accumulate ? p.out[o] + s1 : s1;
-        if (p.outw) p.outw[o] = p.accumulate ? p.outw[o] + s2 : s2;
-      }
-    }
-    if (p.drx) {
-      __syncthreads();
-      red[t] = dr_acc;
-      __syncthreads();
-      for (int h = kRedThreads / 2; h > 0; h >>= 1) {
-        if (t < h) red[t] += red[t + h];
-        __syncthreads();
-      }
-      if (t == 0) p.drx[xp] = p.accumulate ? p.drx[xp] + red[0] : red[0];
-    }
-  }
-}
-
-// ---- attention forward -------------------------------------------------------------------
-
-struct SegDesc {
-  const void* k;
-  const void* v;
-  const float* r;
-  const uint8_t* mask;
-  S4 sk, sv, sr, sm;
-  int64_t M;
-  int64_t n0k, n1k, n0r, n1r;  // kv-batch extents and row extents per batch dim (one of each pair is 1)
-  int64_t KB, rpk, rg;         // kv batches, rows per kv batch, row groups of G
-  int64_t splits, kps;         // key splits and keys per split
-  int64_t split_off, cta_off;
-};
-
-struct FwdParams {
-  SegDesc seg[kMaxSeg];
-  int nseg;
-  const void* q;
-  S4 sq;
-  const float* w;
-  int64_t NB1, LQ, DV, rows, S_total;
-  int F, CT;
-  float scale, eps;  // scale = beta * log2(e)
-  float* part_acc;   // [S_total, rows, DV]
-  float* part_m;     // [S_total, rows] (log2 units)
-  float* part_l;
-  void* out;  // [rows, DV] when direct (one split in all)
-  float* lse;
-  int direct;
-};
-
-template <typename T, int N>
-__device__ __forceinline__ void load_vec(const T* p, float (&o)[N]) {
-  if constexpr (N == 1) {
-    o[0] = static_cast<float>(p[0]);
-  } else {
-    const Vec<T, N> x = *reinterpret_cast<const Vec<T, N>*>(p);
-#pragma unroll
-    for (int e = 0; e < N; ++e) o[e] = static_cast<float>(x.v[e]);
-  }
-}
-
-// acc[g] += sum_j p[j][g] v[j] over the nk keys of a tile, for the first GG of G rows; U value
-// vectors are loaded before their multiply-adds so that U loads are in flight per thread.
-template <typename T, int G, int VEC, int GG, int U>
-__device__ __forceinline__ void pv_tile(float (&acc)[G][VEC], const float* ps, const T* vp, int64_t sv, int nk) {
-  int jj = 0;
-  for (; jj + U <= nk; jj += U) {
-    float vv[U][VEC];
-#pragma unroll
-    for (int u = 0; u < U; ++u) load_vec<T, VEC>(vp + (jj + u) * sv, vv[u]);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const float* pr = ps + (jj + u) * G;
-#pragma unroll
-      for (int g = 0; g < GG; ++g) {
-        const float pg = pr[g];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(pg, vv[u][e], acc[g][e]);
-      }
-    }
-  }
-  for (; jj < nk; ++jj) {
-    float vv[VEC];
-    load_vec<T, VEC>(vp + jj * sv, vv);
-    const float* pr = ps + jj * G;
-#pragma unroll
-    for (int g = 0; g < GG; ++g)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(pr[g], vv[e], acc[g][e]);
-  }
-}
-
-template <typename T, int G, int VEC>
-__global__ void __launch_bounds__(256) attn_fwd_kernel(const FwdParams p) {
-  extern __shared__ __align__(16) float sm[];
-  float* ps = sm;                // [kCH][G] probabilities, key-major (vector reads over g)
-  float* xs = ps + kCH * G;      // [G][kCH] logits (log2 units)
-  float* alpha_s = xs + G * kCH;  // [G]
-  float* m_s = alpha_s + G;       // [G]
-  float* l_s = m_s + G;           // [G]
-  float* ws = l_s + G;            // [F]
-  float* qs = ws + p.F;           // [G][F]
-  __shared__ int64_t rowid[G], qoff[G], roff[G], moff[G];
-  const int t = threadIdx.x, NT = blockDim.x, F = p.F;
-
-  int s = 0;
-  while (s + 1 < p.nseg && int64_t(blockIdx.x) >= p.seg[s + 1].cta_off) ++s;
-  const SegDesc& sg = p.seg[s];
-  int64_t local = int64_t(blockIdx.x) - sg.cta_off;
-  const int64_t rgi = local % sg.rg;
-  local /= sg.rg;
-  const int64_t sp = local % sg.splits;
-  local /= sg.splits;
-  const int64_t kb = local % sg.KB, ct = local / sg.KB;
-  const int64_t kb0 = kb / sg.n1k, kb1 = kb % sg.n1k;
-  const int64_t r0 = rgi * G;
-  const int gact = int(sg.rpk - r0 < G ? sg.rpk - r0 : G);
-
-  if (t < G) {
-    const int64_t rr = r0 + (t < gact ? t : 0);
-    const int64_t i = rr % p.LQ, t2 = rr / p.LQ, ro1 = t2 % sg.n1r, ro0 = t2 / sg.n1r;
-    const int64_t b0 = sg.n0k == 1 ? ro0 : kb0, b1 = sg.n1k == 1 ? ro1 : kb1;
-    rowid[t] = (b0 * p.NB1 + b1) * p.LQ + i;
-    qoff[t] = b0 * p.sq.s[0] + b1 * p.sq.s[1] + i * p.sq.s[2];
-    roff[t] = b0 * sg.sr.s[0] + b1 * sg.sr.s[1] + i * sg.sr.s[2];
-    moff[t] = b0 * sg.sm.s[0] + b1 * sg.sm.s[1] + i * sg.sm.s[2];
-    m_s[t] = -INFINITY;
-    l_s[t] = 0.f;
-  }
-  for (int f = t; f < F; f += NT) ws[f] = p.w[f];
-  __syncthreads();
-  const T* Q = static_cast<const T*>(p.q);
-  for (int idx = t; idx < G * F; idx += NT) {
-    const int g = idx / F, f = idx % F;
-    qs[idx] = static_cast<float>(Q[qoff[g] + f * p.sq.s[3]]);
-  }
-  const T* K = static_cast<const T*>(sg.k) + kb0 * sg.sk.s[0] + kb1 * sg.sk.s[1];
-  const T* V = static_cast<const T*>(sg.v) + kb0 * sg.sv.s[0] + kb1 * sg.sv.s[1];
-  const int64_t c0 = (ct * NT + t) * VEC;
-  const bool cvalid = c0 < p.DV;
-  float acc[G][VEC];
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[g][e] = 0.f;
-
-  const int64_t kbeg = sp * sg.kps;
-  const int64_t kend = kbeg + sg.kps < sg.M ? kbeg + sg.kps : sg.M;
-  const int nwarps = NT / 32, warp = t / 32, lane = t % 32;
-  for (int64_t kc = kbeg; kc < kend; kc += kCH) {
-    const int nk = int(kend - kc < kCH ? kend - kc : kCH);
-    __syncthreads();
-    // logits of the tile, -inf where masked or past the end
-    for (int idx = t; idx < G * kCH; idx += NT) {
-      const int g = idx / kCH, jj = idx % kCH;
-      float x = -INFINITY;
-      if (g < gact && jj < nk) {
-        const int64_t j = kc + jj;
-        if (sg.mask == nullptr || sg.mask[moff[g] + j * sg.sm.s[3]]) {
-          float sq = 0.f;
-          const float* qg = qs + g * F;
-          for (int f = 0; f < F; ++f) {
-            const float d = static_cast<float>(K[j * sg.sk.s[2] + f * sg.sk.s[3]]) - qg[f];
-            sq = fmaf(ws[f] * d, d, sq);
-          }
-          x = -p.scale * sg.r[roff[g] + j * sg.sr.s[3]] * sqrtf(fmaxf(sq, 0.f) + p.eps);
-        }
-      }
-      xs[idx] = x;
-    }
-    __syncthreads();
-    // online-softmax statistics, one warp per row
-    for (int g = warp; g < G; g += nwarps) {
-      float cm = -INFINITY;
-      for (int jj = lane; jj < kCH; jj += 32) cm = fmaxf(cm, xs[g * kCH + jj]);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, o));
-      const float mold = m_s[g];
-      const float mnew = fmaxf(mold, cm);
-      const bool none = mnew == -INFINITY;  // nothing kept so far: p = 0, alpha = 1
-      float sum = 0.f;
-      for (int jj = lane; jj < kCH; jj += 32) {
-        const float pv = none ? 0.f : exp2f(xs[g * kCH + jj] - mnew);
-        ps[jj * G + g] = pv;
-        sum += pv;
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane == 0) {
-        const float alpha = none ? 1.f : exp2f(mold - mnew);
-        alpha_s[g] = alpha;
-        m_s[g] = mnew;
-        l_s[g] = l_s[g] * alpha + sum;
-      }
-    }
-    __syncthreads();
-    if (cvalid) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float a = alpha_s[g];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[g][e] *= a;
-      }
-      const T* vp = V + kc * sg.sv.s[2] + c0 * sg.sv.s[3];
-      // a CTA of one row (a per-row key set) skips the other G - 1 rows' multiply-adds
-      if (gact == 1) pv_tile<T, G, VEC, 1, 8>(acc, ps, vp, sg.sv.s[2], nk);
-      else pv_tile<T, G, VEC, G, 4>(acc, ps, vp, sg.sv.s[2], nk);
-    }
-  }
-  __syncthreads();
-  if (p.direct) {
-    T* O = static_cast<T*>(p.out);
-    if (cvalid) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        if (g < gact) {
-          const float l = l_s[g];
-          const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            if (c0 + e < p.DV) O[rowid[g] * p.DV + c0 + e] = static_cast<T>(acc[g][e] * inv);
-        }
-      }
-    }
-    if (ct == 0 && t < gact) {
-      const float l = l_s[t];
-      p.lse[rowid[t]] = l > 0.f ? (m_s[t] + log2f(l)) * kLn2 : -INFINITY;
-    }
-  } else {
-    const int64_t slot = sg.split_off + sp;
-    if (cvalid) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        if (g < gact) {
-          float* pa = p.part_acc + (slot * p.rows + rowid[g]) * p.DV + c0;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            if (c0 + e < p.DV) pa[e] = acc[g][e];
-        }
-      }
-    }
-    if (ct == 0 && t < gact) {
-      p.part_m[slot * p.rows + rowid[t]] = m_s[t];
-      p.part_l[slot * p.rows + rowid[t]] = l_s[t];
-    }
-  }
-}
-
-// Merges the splits of every row: out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s. One block
-// per (row, kCombineCols columns), so that the partials are read by many SMs at once. The sum over
-// splits is a chain of dependent loads unless many are in flight: kCombineGroups groups of threads
-// take every kCombineGroups-th split, each with kCombineBatch loads issued before their
-// multiply-adds (one load per iteration took 20 us of a 55 us decode call on the H100, latency-bound).
-constexpr int kCombineCols = 64, kCombineGroups = 4, kCombineBatch = 8;
-
-template <typename T>
-__global__ void __launch_bounds__(kCombineCols * kCombineGroups)
-attn_combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_m,
-                    const float* __restrict__ part_l, T* __restrict__ out, float* __restrict__ lse, int64_t rows,
-                    int64_t S, int64_t DV) {
-  extern __shared__ float wsm[];  // [S] weights, then 1 / total
-  __shared__ float red[kCombineGroups][kCombineCols];
-  const int col = threadIdx.x % kCombineCols, grp = threadIdx.x / kCombineCols;
-  const int64_t cc_n = (DV + kCombineCols - 1) / kCombineCols;
-  for (int64_t bid = blockIdx.x; bid < rows * cc_n; bid += gridDim.x) {
-    const int64_t row = bid / cc_n, cc = bid % cc_n;
-    __syncthreads();  // the last iteration's readers of wsm and red are done
-    if (threadIdx.x < 32) {
-      float m = -INFINITY;
-      for (int64_t s = threadIdx.x; s < S; s += 32) m = fmaxf(m, part_m[s * rows + row]);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      float l = 0.f;
-      for (int64_t s = threadIdx.x; s < S; s += 32) {
-        const float ms = part_m[s * rows + row];
-        const float a = m == -INFINITY || ms == -INFINITY ? 0.f : exp2f(ms - m);
-        wsm[s] = a;
-        l = fmaf(a, part_l[s * rows + row], l);
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      if (threadIdx.x == 0) {
-        wsm[S] = l > 0.f ? 1.f / l : 0.f;
-        if (cc == 0) lse[row] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
-      }
-    }
-    __syncthreads();
-    const int64_t c = cc * kCombineCols + col;
-    float a = 0.f;
-    if (c < DV) {
-      const float* pa = part_acc + row * DV + c;
-      const int64_t step = rows * DV;  // from one split's partial to the next
-      int64_t s = grp;
-      for (; s + (kCombineBatch - 1) * kCombineGroups < S; s += kCombineBatch * kCombineGroups) {
-        float x[kCombineBatch];
-#pragma unroll
-        for (int i = 0; i < kCombineBatch; ++i) x[i] = pa[(s + i * kCombineGroups) * step];
-#pragma unroll
-        for (int i = 0; i < kCombineBatch; ++i) a = fmaf(wsm[s + i * kCombineGroups], x[i], a);
-      }
-      for (; s < S; s += kCombineGroups) a = fmaf(wsm[s], pa[s * step], a);
-    }
-    red[grp][col] = a;
-    __syncthreads();
-    if (grp == 0 && c < DV) {
-      float t = 0.f;
-#pragma unroll
-      for (int g = 0; g < kCombineGroups; ++g) t += red[g][col];
-      out[row * DV + c] = static_cast<T>(t * wsm[S]);
-    }
-  }
-}
-
-// ---- attention backward: P and dcost per (kv batch, row, key) ----------------------------
-
-struct PairParams {
-  const void* q;
-  S4 sq;
-  const void* k;
-  S4 sk;
-  const float* r;
-  S4 sr;
-  const uint8_t* mask;
-  S4 sm;
-  const float* w;
-  const float* lse;    // [rows]
-  const float* delta;  // [rows]
-  float* dp;           // in: dO V^T [KB, RPK, M]; out: dcost
-  float* P;            // out: P [KB, RPK, M]
-  int64_t NB1, LQ, M, n1k, n0r, n1r, n0k, KB, rpk;
-  int F;
-  float beta, eps;
-};
-
-template <typename T>
-__global__ void attn_pair_kernel(const PairParams p) {
-  const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const int64_t total = p.KB * p.rpk * p.M;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = idx % p.M, rest = idx / p.M, rr = rest % p.rpk, kb = rest / p.rpk;
-    const int64_t kb0 = kb / p.n1k, kb1 = kb % p.n1k;
-    const int64_t i = rr % p.LQ, t2 = rr / p.LQ, ro1 = t2 % p.n1r, ro0 = t2 / p.n1r;
-    const int64_t b0 = p.n0k == 1 ? ro0 : kb0, b1 = p.n1k == 1 ? ro1 : kb1;
-    const int64_t row = (b0 * p.NB1 + b1) * p.LQ + i;
-    const float lse = p.lse[row];
-    float pr = 0.f;
-    if (lse != -INFINITY &&
-        (p.mask == nullptr || p.mask[b0 * p.sm.s[0] + b1 * p.sm.s[1] + i * p.sm.s[2] + j * p.sm.s[3]])) {
-      const T* qr = Q + b0 * p.sq.s[0] + b1 * p.sq.s[1] + i * p.sq.s[2];
-      const T* kr = K + b0 * p.sk.s[0] + b1 * p.sk.s[1] + j * p.sk.s[2];
-      float s = 0.f;
-      for (int f = 0; f < p.F; ++f) {
-        const float d = static_cast<float>(kr[f * p.sk.s[3]]) - static_cast<float>(qr[f * p.sq.s[3]]);
-        s = fmaf(p.w[f] * d, d, s);
-      }
-      const float rv = p.r[b0 * p.sr.s[0] + b1 * p.sr.s[1] + i * p.sr.s[2] + j * p.sr.s[3]];
-      pr = expf(-p.beta * rv * sqrtf(fmaxf(s, 0.f) + p.eps) - lse);
-    }
-    p.P[idx] = pr;
-    p.dp[idx] = -p.beta * pr * (p.dp[idx] - p.delta[row]);
-  }
-}
-
-// ---- host side ---------------------------------------------------------------------------
-
-int num_sms() {
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sms;
-}
+// ---- checks ------------------------------------------------------------------------------
 
 void check_4d(const char* op, const char* name, const at::Tensor& t, int64_t last, const char* what) {
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [NB0, NB1, L, ", what, "], got shape ", fmt(t.sizes()));
@@ -633,9 +70,12 @@ CostShape check_cost(const char* op, const at::Tensor& q, const at::Tensor& k, c
   return s;
 }
 
+// work items, at most per_sm per SM
 int64_t grid_x(int64_t work, int64_t per_sm = 16) {
   return std::max<int64_t>(1, std::min<int64_t>(work, int64_t(num_sms()) * per_sm));
 }
+
+// ---- the cost ----------------------------------------------------------------------------
 
 at::Tensor retrieval_cost_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& r,
                                double eps) {
@@ -651,16 +91,16 @@ at::Tensor retrieval_cost_cuda(const at::Tensor& q, const at::Tensor& k, const a
     const int threads = 256;
     const int64_t gy = std::min<int64_t>((s.M + threads - 1) / threads, 64);
     const int64_t gx = std::min<int64_t>(rows, std::max<int64_t>(1, int64_t(num_sms()) * 64 / gy));
-    cost_fwd_kernel<T><<<dim3(unsigned(gx), unsigned(gy)), threads, 2 * s.F * sizeof(float), stream>>>(
-        q.const_data_ptr<T>(), bstrides(q), k.const_data_ptr<T>(), bstrides(k), w.const_data_ptr<float>(),
-        r.const_data_ptr<float>(), bstrides(r), out.mutable_data_ptr<float>(), rows, s.NB1, s.LQ, s.M, int(s.F),
-        float(eps));
+    retrieval_cost_fwd_kernel<T><<<dim3(unsigned(gx), unsigned(gy)), threads, 2 * s.F * sizeof(float), stream>>>(
+        q.const_data_ptr<T>(), broadcast_strides4(q), k.const_data_ptr<T>(), broadcast_strides4(k),
+        w.const_data_ptr<float>(), r.const_data_ptr<float>(), broadcast_strides4(r), out.mutable_data_ptr<float>(),
+        rows, s.NB1, s.LQ, s.M, int(s.F), float(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-// R modes as in kernels/retrieval.py: per batch, per query, per key, per pair
+// R modes as in the Triton kernels (kernels/retrieval): per batch, per query, per key, per pair
 int r_mode(const at::Tensor& r) { return int(r.size(2) != 1) + 2 * int(r.size(3) != 1); }
 
 // Shapes of the gradients (geokern/ops/retrieval.py computes the same for the fake and CPU ops):
@@ -690,7 +130,7 @@ void launch_reduce(const XY& p, cudaStream_t stream) {
   if (npts == 0) return;
   const size_t smem = (2 * p.F + 3 * kRedThreads) * sizeof(float);
   TORCH_CHECK(smem <= 48 * 1024, "retrieval: coordinate dim ", fmt(p.F), " too large for the CUDA backward");
-  cost_reduce_kernel<T><<<unsigned(grid_x(npts, 16)), kRedThreads, smem, stream>>>(p);
+  retrieval_cost_bwd_kernel<T><<<unsigned(grid_x(npts, 16)), kRedThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -700,10 +140,10 @@ void launch_reduce(const XY& p, cudaStream_t stream) {
 // (r_mode of the whole R: a chunk of one query would look like R per key).
 template <typename T>
 void cost_backward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& r,
-                        const float* g, S4 sg, const CostShape& s, float eps, at::Tensor& dq, at::Tensor& dk,
+                        const float* g, Strides4 sg, const CostShape& s, float eps, at::Tensor& dq, at::Tensor& dk,
                         at::Tensor& drq, at::Tensor& drk, at::Tensor& dwp, bool acc_k, cudaStream_t stream,
                         int mode) {
-  const S4 sq = bstrides(q), sk = bstrides(k), sr = bstrides(r);
+  const Strides4 sq = broadcast_strides4(q), sk = broadcast_strides4(k), sr = broadcast_strides4(r);
   XY a{};
   a.x = q.const_data_ptr<T>();
   a.sx = sq;
@@ -727,7 +167,7 @@ void cost_backward_into(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.drx = mode < 2 ? drq.mutable_data_ptr<float>() : nullptr;
   if (mode == 3) {
     a.drp = drq.mutable_data_ptr<float>();
-    a.sdp = bstrides(drq);
+    a.sdp = broadcast_strides4(drq);
   }
   a.accumulate = 0;
   launch_reduce<T>(a, stream);
@@ -737,8 +177,8 @@ void cost_backward_into(const at::Tensor& q, const at::Tensor& k, const at::Tens
   b.sx = sk;
   b.y = a.x;
   b.sy = sq;
-  b.sg = S4{{sg.s[0], sg.s[1], sg.s[3], sg.s[2]}};
-  b.sr = S4{{sr.s[0], sr.s[1], sr.s[3], sr.s[2]}};
+  b.sg = Strides4{{sg.s[0], sg.s[1], sg.s[3], sg.s[2]}};
+  b.sr = Strides4{{sr.s[0], sr.s[1], sr.s[3], sr.s[2]}};
   b.LX = s.M;
   b.LY = s.LQ;
   b.nx0 = dk.size(0);
@@ -772,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieval_cost_backwa
     auto stream = c10::cuda::getCurrentCUDAStream();
     dispatch_kernel_dtype(q.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
-      cost_backward_into<T>(q, k, w, r, grad.const_data_ptr<float>(), bstrides(grad), s, float(eps), dq, dk, dr, dr,
-                            dwp, false, stream, r_mode(r));
+      cost_backward_into<T>(q, k, w, r, grad.const_data_ptr<float>(), broadcast_strides4(grad), s, float(eps), dq, dk,
+                            dr, dr, dwp, false, stream, r_mode(r));
     });
   }
   return {dq, dk, dr, dwp.sum(0)};
@@ -785,41 +225,67 @@ struct AttnShape {
   int64_t NB0, NB1, LQ, F, DV;
 };
 
-AttnShape check_attn(const char* op, const at::Tensor& q, at::TensorList ks, at::TensorList vs, const at::Tensor& w,
-                     at::TensorList rs, const c10::List<std::optional<at::Tensor>>& masks) {
+// The attention's key segments, merged by log-sum-exp: the row's keys, then the bank when one is
+// given (the bank has no mask: the mask applies to the row's keys only).
+struct Segments {
+  std::vector<at::Tensor> k, v, r;
+  std::vector<std::optional<at::Tensor>> mask;
+  size_t size() const { return k.size(); }
+};
+
+// the op's argument names of segment s's k, v, r, for error messages
+constexpr const char* kSegNames[2][3] = {{"k", "v", "r"}, {"bank_k", "bank_v", "bank_r"}};
+static_assert(kMaxSeg >= 2, "the forward kernel takes the row's keys and the bank in one launch");
+
+Segments make_segments(const char* op, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r,
+                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bank_k,
+                       const std::optional<at::Tensor>& bank_v, const std::optional<at::Tensor>& bank_r) {
+  const int given = int(bank_k.has_value()) + int(bank_v.has_value()) + int(bank_r.has_value());
+  TORCH_CHECK(given == 0 || given == 3, op, ": bank_k, bank_v and bank_r must be given together or not at all, got ",
+              fmt(given), " of the 3");
+  Segments s{{k}, {v}, {r}, {mask}};
+  if (given == 3) {
+    s.k.push_back(*bank_k);
+    s.v.push_back(*bank_v);
+    s.r.push_back(*bank_r);
+    s.mask.push_back(std::nullopt);
+  }
+  return s;
+}
+
+AttnShape check_attn(const char* op, const at::Tensor& q, const Segments& sg, const at::Tensor& w) {
   check_4d(op, "q", q, -1, "F");
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor");
   const int64_t F = q.size(3);
-  const size_t n = ks.size();
-  TORCH_CHECK(n >= 1 && n <= size_t(kMaxSeg), op, ": between 1 and ", fmt(kMaxSeg), " key segments, got ", fmt(n));
-  TORCH_CHECK(vs.size() == n && rs.size() == n && masks.size() == n, op,
-              ": k, v, r and mask must list one entry per segment");
+  const size_t n = sg.size();
   TORCH_CHECK(w.dim() == 1 && w.size(0) == F && w.scalar_type() == at::kFloat && w.is_contiguous(), op,
               ": w must be a contiguous float32 [", fmt(F), "]");
   check_dev(op, "w", w, q);
   int64_t NB0 = q.size(0), NB1 = q.size(1);
-  const int64_t DV = vs[0].dim() == 4 ? vs[0].size(3) : -1;
+  const int64_t DV = sg.v[0].dim() == 4 ? sg.v[0].size(3) : -1;
   for (size_t s = 0; s < n; ++s) {
-    check_4d(op, "k", ks[s], F, "F");
-    check_4d(op, "v", vs[s], DV, "DV");
-    TORCH_CHECK(vs[s].size(2) == ks[s].size(2), op, ": v must have as many rows as k in every segment");
-    TORCH_CHECK(ks[s].scalar_type() == q.scalar_type() && vs[s].scalar_type() == q.scalar_type(), op,
-                ": q, k and v must share one dtype");
-    check_dev(op, "k", ks[s], q);
-    check_dev(op, "v", vs[s], q);
-    check_dev(op, "r", rs[s], q);
-    TORCH_CHECK(rs[s].scalar_type() == at::kFloat, op, ": r must be float32");
-    NB0 = join(op, "k", NB0, ks[s].size(0));
-    NB1 = join(op, "k", NB1, ks[s].size(1));
-    NB0 = join(op, "v", NB0, vs[s].size(0));
-    NB1 = join(op, "v", NB1, vs[s].size(1));
+    const char *kn = kSegNames[s][0], *vn = kSegNames[s][1], *rn = kSegNames[s][2];
+    check_4d(op, kn, sg.k[s], F, "F");
+    check_4d(op, vn, sg.v[s], DV, "DV");
+    TORCH_CHECK(sg.v[s].size(2) == sg.k[s].size(2), op, ": ", vn, " must have as many rows as ", kn, ", got ",
+                fmt(sg.v[s].sizes()), " and ", fmt(sg.k[s].sizes()));
+    TORCH_CHECK(sg.k[s].scalar_type() == q.scalar_type() && sg.v[s].scalar_type() == q.scalar_type(), op, ": q, ",
+                kn, " and ", vn, " must share one dtype");
+    check_dev(op, kn, sg.k[s], q);
+    check_dev(op, vn, sg.v[s], q);
+    check_dev(op, rn, sg.r[s], q);
+    TORCH_CHECK(sg.r[s].scalar_type() == at::kFloat, op, ": ", rn, " must be float32");
+    NB0 = join(op, kn, NB0, sg.k[s].size(0));
+    NB1 = join(op, kn, NB1, sg.k[s].size(1));
+    NB0 = join(op, vn, NB0, sg.v[s].size(0));
+    NB1 = join(op, vn, NB1, sg.v[s].size(1));
   }
   TORCH_CHECK(q.size(0) == 1 || q.size(0) == NB0, op, ": batch dims of q do not broadcast");
   TORCH_CHECK(q.size(1) == 1 || q.size(1) == NB1, op, ": batch dims of q do not broadcast");
   for (size_t s = 0; s < n; ++s) {
-    const std::vector<int64_t> full{NB0, NB1, q.size(2), ks[s].size(2)};
-    check_bcast(op, "r", rs[s], full);
-    const std::optional<at::Tensor> m = masks[s];
+    const std::vector<int64_t> full{NB0, NB1, q.size(2), sg.k[s].size(2)};
+    check_bcast(op, kSegNames[s][2], sg.r[s], full);
+    const std::optional<at::Tensor>& m = sg.mask[s];
     if (m.has_value()) {
       TORCH_CHECK(m->scalar_type() == at::kBool, op, ": mask must be bool");
       check_dev(op, "mask", *m, q);
@@ -839,18 +305,25 @@ void group(SegDesc& d, const at::Tensor& k, const at::Tensor& v, int64_t NB0, in
   d.rpk = d.n0r * d.n1r * LQ;
 }
 
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoll(e) : dflt;
-}
-
-std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q, at::TensorList ks,
-                                                            at::TensorList vs, const at::Tensor& w,
-                                                            at::TensorList rs,
-                                                            const c10::List<std::optional<at::Tensor>>& masks,
-                                                            double beta, double eps) {
+// num_ctas: the target number of blocks when choosing key splits (0: two per SM); bank_splits: at
+// most this many splits of a key set shared by several rows (0: one per kCH keys). pipeline and
+// norm_mma steer the Triton kernel (software pipelining, the norms on tensor cores); they are in the
+// schema so that both backends take one argument list, and mean nothing to this kernel.
+std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, const at::Tensor& r,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bank_k,
+    const std::optional<at::Tensor>& bank_v, const std::optional<at::Tensor>& bank_r, double beta, double eps,
+    int64_t num_ctas, int64_t bank_splits, int64_t /*pipeline*/, int64_t /*norm_mma*/) {
   const char* op = "retrieval_attention_cuda";
-  const AttnShape a = check_attn(op, q, ks, vs, w, rs, masks);
+  TORCH_CHECK(num_ctas >= 0, op, ": num_ctas must be >= 0 (0: two blocks per SM), got ", fmt(num_ctas));
+  TORCH_CHECK(bank_splits >= 0, op, ": bank_splits must be >= 0 (0: one split per ", fmt(kCH), " keys), got ",
+              fmt(bank_splits));
+  const Segments sgs = make_segments(op, k, v, r, mask, bank_k, bank_v, bank_r);
+  const std::vector<at::Tensor>& ks = sgs.k;
+  const std::vector<at::Tensor>& vs = sgs.v;
+  const std::vector<at::Tensor>& rs = sgs.r;
+  const std::vector<std::optional<at::Tensor>>& masks = sgs.mask;
+  const AttnShape a = check_attn(op, q, sgs, w);
   const int64_t rows = a.NB0 * a.NB1 * a.LQ;
   at::Tensor out = at::empty({a.NB0, a.NB1, a.LQ, a.DV}, vs[0].options());
   at::Tensor lse = at::empty({a.NB0, a.NB1, a.LQ}, q.options().dtype(at::kFloat));
@@ -865,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
   FwdParams p{};
   p.nseg = 0;
   p.q = q.const_data_ptr();
-  p.sq = bstrides(q);
+  p.sq = broadcast_strides4(q);
   p.w = w.const_data_ptr<float>();
   p.NB1 = a.NB1;
   p.LQ = a.LQ;
@@ -875,7 +348,6 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
   p.scale = float(beta) * kLog2e;
   p.eps = float(eps);
 
-  const size_t esz = q.element_size();
   int vec = a.DV % 4 == 0 ? 4 : 1;
   int64_t G = 1;
   std::vector<SegDesc> segs;
@@ -883,33 +355,31 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
   for (int s = 0; s < nseg; ++s) {
     if (ks[s].size(2) == 0) continue;
     SegDesc d{};
-    at::Tensor v = vs[s];
-    if (v.stride(3) != 1 && v.size(3) > 1) {
-      v = v.contiguous();
-      keep.push_back(v);
+    at::Tensor vc = vs[s];
+    if (vc.stride(3) != 1 && vc.size(3) > 1) {
+      vc = vc.contiguous();
+      keep.push_back(vc);
     }
     d.k = ks[s].const_data_ptr();
-    d.v = v.const_data_ptr();
+    d.v = vc.const_data_ptr();
     d.r = rs[s].const_data_ptr<float>();
     const std::optional<at::Tensor> m = masks[s];
     d.mask = m.has_value() ? reinterpret_cast<const uint8_t*>(m->const_data_ptr()) : nullptr;
-    d.sk = bstrides(ks[s]);
-    d.sv = bstrides(v);
-    d.sr = bstrides(rs[s]);
-    if (m.has_value()) d.sm = bstrides(*m);
+    d.sk = broadcast_strides4(ks[s]);
+    d.sv = broadcast_strides4(vc);
+    d.sr = broadcast_strides4(rs[s]);
+    if (m.has_value()) d.sm = broadcast_strides4(*m);
     d.M = ks[s].size(2);
-    group(d, ks[s], v, a.NB0, a.NB1, a.LQ);
+    group(d, ks[s], vc, a.NB0, a.NB1, a.LQ);
     if (d.rpk > 1) G = 16;
     if (!aligned16(d.v) || (d.sv.s[2] % 4) != 0 || (d.sv.s[0] % 4) != 0 || (d.sv.s[1] % 4) != 0) vec = 1;
     segs.push_back(d);
   }
-  (void)esz;
   // threads own VEC consecutive columns; a CTA covers NT * VEC columns
   const int64_t vcols = (a.DV + vec - 1) / vec;
   const int NT = int(std::min<int64_t>(256, std::max<int64_t>(32, (vcols + 31) / 32 * 32)));
   p.CT = int(std::max<int64_t>(1, (vcols + NT - 1) / NT));
-  const int64_t sms = num_sms();
-  const int64_t target = env_int("GEOKERN_RETRIEVAL_CTAS", 2 * sms);
+  const int64_t target = num_ctas > 0 ? num_ctas : 2 * int64_t(num_sms());
   // bank-like segments (many rows per kv batch, long CTAs) go first in the grid
   std::stable_sort(segs.begin(), segs.end(), [](const SegDesc& x, const SegDesc& y) { return x.rpk > y.rpk; });
   int64_t S_total = 0, ctas = 0;
@@ -919,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
     const int64_t max_splits = (d.M + kCH - 1) / kCH;
     int64_t want = std::max<int64_t>(1, std::min<int64_t>(max_splits, (target + base - 1) / base));
     // a kv batch of many rows (a shared bank): each split writes rows x DV floats of partials
-    if (d.rpk > 1) want = std::min(want, std::max<int64_t>(1, env_int("GEOKERN_RETRIEVAL_BANK_SPLITS", max_splits)));
+    if (d.rpk > 1) want = std::min(want, std::max<int64_t>(1, bank_splits > 0 ? bank_splits : max_splits));
     // keep the split workspace (rows x DV floats per split) bounded
     const int64_t cap = std::max<int64_t>(1, (int64_t(256) << 20) / std::max<int64_t>(1, rows * a.DV * 4));
     want = std::min(want, cap);
@@ -954,17 +424,18 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(const at::Tensor& q,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (G == 16) {
-      if (vec == 4) go(attn_fwd_kernel<T, 16, 4>);
-      else go(attn_fwd_kernel<T, 16, 1>);
+      if (vec == 4) go(retrieval_attention_fwd_kernel<T, 16, 4>);
+      else go(retrieval_attention_fwd_kernel<T, 16, 1>);
     } else {
-      if (vec == 4) go(attn_fwd_kernel<T, 1, 4>);
-      else go(attn_fwd_kernel<T, 1, 1>);
+      if (vec == 4) go(retrieval_attention_fwd_kernel<T, 1, 4>);
+      else go(retrieval_attention_fwd_kernel<T, 1, 1>);
     }
     if (!p.direct) {
       const size_t csm = (S_total + 1 + 4) * sizeof(float);  // + one 16-byte vector of slack
       TORCH_CHECK(csm + sizeof(float) * kCombineGroups * kCombineCols <= 48 * 1024, op, ": too many key splits");
       const int64_t blocks = rows * ((a.DV + kCombineCols - 1) / kCombineCols);
-      attn_combine_kernel<T><<<unsigned(grid_x(blocks, 64)), kCombineCols * kCombineGroups, csm, stream>>>(
+      const unsigned grid = unsigned(grid_x(blocks, 64));
+      retrieval_attention_combine_kernel<T><<<grid, kCombineCols * kCombineGroups, csm, stream>>>(
           p.part_acc, p.part_m, p.part_l, out.mutable_data_ptr<T>(), p.lse, rows, S_total, a.DV);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -1002,13 +473,13 @@ void segment_backward_chunk(const char* op, const AttnShape& a, int64_t i0, int6
   at::Tensor P = at::empty_like(dp);
   PairParams pp{};
   pp.q = qc.const_data_ptr();
-  pp.sq = bstrides(qc);
+  pp.sq = broadcast_strides4(qc);
   pp.k = k.const_data_ptr();
-  pp.sk = bstrides(k);
+  pp.sk = broadcast_strides4(k);
   pp.r = rc.const_data_ptr<float>();
-  pp.sr = bstrides(rc);
+  pp.sr = broadcast_strides4(rc);
   pp.mask = mc.has_value() ? reinterpret_cast<const uint8_t*>(mc->const_data_ptr()) : nullptr;
-  if (mc.has_value()) pp.sm = bstrides(*mc);
+  if (mc.has_value()) pp.sm = broadcast_strides4(*mc);
   pp.w = w.const_data_ptr<float>();
   pp.lse = lse_c.const_data_ptr<float>();
   pp.delta = delta_c.const_data_ptr<float>();
@@ -1027,7 +498,7 @@ void segment_backward_chunk(const char* op, const AttnShape& a, int64_t i0, int6
   pp.beta = float(beta);
   pp.eps = float(eps);
   // dcost in the grouped layout, as strides over [b0, b1, n, M]
-  S4 sg;
+  Strides4 sg;
   sg.s[0] = a.NB0 == 1 ? 0 : (d.n0k == 1 ? d.n1r * n * M : d.n1k * d.rpk * M);
   sg.s[1] = a.NB1 == 1 ? 0 : (d.n1k == 1 ? n * M : d.rpk * M);
   sg.s[2] = M;
@@ -1038,7 +509,7 @@ void segment_backward_chunk(const char* op, const AttnShape& a, int64_t i0, int6
   at::Tensor drq = mode == 2 ? dr : at::empty({a.NB0, a.NB1, n, mode == 3 ? M : 1}, fopt);
   dispatch_kernel_dtype(q.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    attn_pair_kernel<T><<<unsigned(grid_x((dp.numel() + 255) / 256, 32)), 256, 0, stream>>>(pp);
+    retrieval_attention_bwd_kernel<T><<<unsigned(grid_x((dp.numel() + 255) / 256, 32)), 256, 0, stream>>>(pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cost_backward_into<T>(qc, k, w, rc, dp.const_data_ptr<float>(), sg, CostShape{a.NB0, a.NB1, n, M, a.F},
                           float(eps), dq_c, dk, drq, dr, dwp, i0 > 0, stream, mode);
@@ -1049,20 +520,31 @@ void segment_backward_chunk(const char* op, const AttnShape& a, int64_t i0, int6
   if (mode != 2) dr.narrow(2, i0, n).copy_(drq);
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
-retrieval_attention_backward_cuda(const at::Tensor& dout, const at::Tensor& q, at::TensorList ks, at::TensorList vs,
-                                  const at::Tensor& w, at::TensorList rs,
-                                  const c10::List<std::optional<at::Tensor>>& masks, const at::Tensor& out,
-                                  const at::Tensor& lse, const std::optional<at::Tensor>& dlse, double beta,
-                                  double eps) {
+// Returns (dq, dk, dv, dr, dbank_k, dbank_v, dbank_r, dw), float32; without a bank the three bank
+// gradients are empty [0]. dR comes out of the same reduction pass as dq and dk, so it is formed
+// whatever need_dr says (the Triton kernel skips it). chunk: at most about this many elements in each
+// of dP and P ([rows, M] float32 per chunk of queries; 0: 2^26).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+retrieval_attention_backward_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& w, const at::Tensor& r,
+                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bank_k,
+                                  const std::optional<at::Tensor>& bank_v, const std::optional<at::Tensor>& bank_r,
+                                  const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+                                  double beta, double eps, bool /*need_dr*/, int64_t chunk) {
   const char* op = "retrieval_attention_backward_cuda";
-  const AttnShape a = check_attn(op, q, ks, vs, w, rs, masks);
+  TORCH_CHECK(chunk >= 0, op, ": chunk must be >= 0 (0: 2^26 elements), got ", fmt(chunk));
+  const Segments sgs = make_segments(op, k, v, r, mask, bank_k, bank_v, bank_r);
+  const AttnShape a = check_attn(op, q, sgs, w);
   const std::vector<int64_t> oshape{a.NB0, a.NB1, a.LQ, a.DV};
   TORCH_CHECK(dout.sizes() == at::IntArrayRef(oshape) && out.sizes() == at::IntArrayRef(oshape), op,
-              ": dout and out must have shape ", fmt(oshape));
+              ": dout and out must have shape ", fmt(oshape), ", got ", fmt(dout.sizes()), " and ", fmt(out.sizes()));
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == a.NB0 && lse.size(1) == a.NB1 && lse.size(2) == a.LQ &&
                   lse.scalar_type() == at::kFloat,
               op, ": lse must be float32 [NB0, NB1, LQ]");
+  check_dev(op, "dout", dout, q);
+  check_dev(op, "out", out, q);
+  check_dev(op, "lse", lse, q);
+  if (dlse.has_value()) check_dev(op, "dlse", *dlse, q);
   const auto fopt = q.options().dtype(at::kFloat);
   at::Tensor dq = at::zeros({a.NB0, a.NB1, a.LQ, a.F}, fopt);
   at::Tensor dw = at::zeros({a.F}, fopt);
@@ -1071,26 +553,29 @@ retrieval_attention_backward_cuda(const at::Tensor& dout, const at::Tensor& q, a
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
   if (dlse.has_value()) delta = delta.sub(dlse->to(at::kFloat).expand({a.NB0, a.NB1, a.LQ}));
-  // dP and P are [rows, M] float32 per chunk of queries: at most about this many elements each
-  const int64_t chunk_elems = env_int("GEOKERN_RETRIEVAL_BWD_CHUNK", int64_t(1) << 26);
-  for (size_t s = 0; s < ks.size(); ++s) {
-    const at::Tensor &k = ks[s], &v = vs[s], &r = rs[s];
-    const int64_t M = k.size(2);
-    const auto dke = dk_extent(k, r);
+  const int64_t chunk_elems = chunk > 0 ? chunk : int64_t(1) << 26;
+  for (size_t s = 0; s < sgs.size(); ++s) {
+    const at::Tensor &kseg = sgs.k[s], &vseg = sgs.v[s], &rseg = sgs.r[s];
+    const int64_t M = kseg.size(2);
+    const auto dke = dk_extent(kseg, rseg);
     at::Tensor dk = at::zeros({dke[0], dke[1], M, a.F}, fopt);
-    at::Tensor dr = at::zeros(dr_shape(k, r, a.NB0, a.NB1, a.LQ, M), fopt);
-    at::Tensor dv = at::zeros({std::max(k.size(0), v.size(0)), std::max(k.size(1), v.size(1)), M, a.DV}, fopt);
+    at::Tensor dr = at::zeros(dr_shape(kseg, rseg, a.NB0, a.NB1, a.LQ, M), fopt);
+    at::Tensor dv =
+        at::zeros({std::max(kseg.size(0), vseg.size(0)), std::max(kseg.size(1), vseg.size(1)), M, a.DV}, fopt);
     if (a.LQ > 0 && M > 0) {
-      const int64_t step = std::max<int64_t>(1, std::min<int64_t>(a.LQ, chunk_elems / std::max<int64_t>(1, a.NB0 * a.NB1 * M)));
+      const int64_t step =
+          std::max<int64_t>(1, std::min<int64_t>(a.LQ, chunk_elems / std::max<int64_t>(1, a.NB0 * a.NB1 * M)));
       for (int64_t i0 = 0; i0 < a.LQ; i0 += step)
-        segment_backward_chunk(op, a, i0, std::min(step, a.LQ - i0), dout, q, k, v, w, r, masks[s], lse, delta, beta,
-                               eps, dq, dk, dv, dr, dw, stream);
+        segment_backward_chunk(op, a, i0, std::min(step, a.LQ - i0), dout, q, kseg, vseg, w, rseg, sgs.mask[s], lse,
+                               delta, beta, eps, dq, dk, dv, dr, dw, stream);
     }
     dks.push_back(dk);
     dvs.push_back(dv);
     drs.push_back(dr);
   }
-  return {dq, dks, dvs, drs, dw};
+  if (sgs.size() == 1)
+    for (auto* g : {&dks, &dvs, &drs}) g->push_back(at::empty({0}, fopt));
+  return {dq, dks[0], dvs[0], drs[0], dks[1], dvs[1], drs[1], dw};
 }
 
 }  // namespace
