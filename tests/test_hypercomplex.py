@@ -19,8 +19,8 @@ SIZE_BIG = (4, 1000) if HAS_CUDA else (2, 100)
 
 
 def shapes_id(shapes):
-    """'a5-1-3-b4-1' for leading shapes ((5, 1, 3), (4, 1)); 's' for a scalar-like ()."""
-    a, b = ("-".join(map(str, s)) or "s" for s in shapes)
+    """'a5x1x3-b4x1' for leading shapes ((5, 1, 3), (4, 1)); 's' for a scalar-like ()."""
+    a, b = ("x".join(map(str, s)) or "s" for s in shapes)
     return f"a{a}-b{b}"
 
 
