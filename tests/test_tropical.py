@@ -57,6 +57,7 @@ def need(backend, dtype=torch.float32, D=1):
 
 
 def _fwd_cuda(*args):
+    """The custom op geokern::tropical_attention_cuda (the raw forward, no autograd)."""
     return ops._KERNELS["cuda"][0](*args)
 
 
