@@ -5,16 +5,14 @@ tile, so each row's components are contiguous in a thread's registers (16-byte l
 for float32 quaternions); tl.split / tl.join move between the tile and its n
 component vectors. Broadcast and strided operands index through a row layout
 (kernels/_layout.py) instead of being copied. Arithmetic in float32 (float64 for
-float64 inputs).
+float64 inputs). Notes: csrc/hypercomplex/README.md, section Triton.
 """
 
 import triton
 import triton.language as tl
 
+from geokern.kernels._common import launch
 from geokern.kernels._layout import layout_for, row_offset
-
-# op codes of hypercomplex_fwd_kernel
-MUL, CONJ = 0, 1
 
 
 @triton.jit
@@ -91,31 +89,51 @@ def _hconj(x, N: tl.constexpr):
 
 
 @triton.jit
-def hypercomplex_fwd_kernel(
+def _offsets(rows, s1, s2, s3, xs0, xs1, xs2, xs3, x_comp, N: tl.constexpr, DENSE: tl.constexpr):
+    """[BLOCK, N] element offsets of rows `rows` of one operand: contiguous (DENSE) or
+    through its row layout (broadcast / strided, component stride x_comp)."""
+    cols = tl.arange(0, N)
+    if DENSE:
+        return rows[:, None] * N + cols[None, :]
+    return row_offset(rows, s1, s2, s3, xs0, xs1, xs2, xs3)[:, None] + cols[None, :] * x_comp
+
+
+@triton.jit
+def hypercomplex_mul_fwd_kernel(
     a_ptr, b_ptr, c_ptr, rows_total,
     s1, s2, s3,
     as0, as1, as2, as3, a_comp,
     bs0, bs1, bs2, bs3, b_comp,
-    OP: tl.constexpr, N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
+    N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, N)
+    # a, b: [..., N] broadcasting to rows_total rows (any strides); c: [rows_total, N] contiguous.
+    # One program: rows [pid * BLOCK, +BLOCK) as [BLOCK, N] tiles, c = a b.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = (rows < rows_total)[:, None]
-    if DENSE:
-        a_off = rows[:, None] * N + cols[None, :]
-        b_off = a_off
-    else:
-        a_off = row_offset(rows, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
-        b_off = row_offset(rows, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
     ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-    x = tl.load(a_ptr + a_off, mask=mask).to(ACC)
-    if OP == 0:
-        y = tl.load(b_ptr + b_off, mask=mask).to(ACC)
-        z = _hmul(x, y, N, BLOCK)
-    else:
-        z = _hconj(x, N)
-    tl.store(c_ptr + rows[:, None] * N + cols[None, :], z.to(c_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(a_ptr + _offsets(rows, s1, s2, s3, as0, as1, as2, as3, a_comp, N, DENSE), mask=mask).to(ACC)
+    y = tl.load(b_ptr + _offsets(rows, s1, s2, s3, bs0, bs1, bs2, bs3, b_comp, N, DENSE), mask=mask).to(ACC)
+    z = _hmul(x, y, N, BLOCK)
+    out = rows[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(c_ptr + out, z.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def hypercomplex_conj_fwd_kernel(
+    a_ptr, c_ptr, rows_total,
+    s1, s2, s3,
+    as0, as1, as2, as3, a_comp,
+    N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # a: [rows_total, N] (any strides); c: [rows_total, N] contiguous.
+    # One program: rows [pid * BLOCK, +BLOCK) as [BLOCK, N] tiles, c = conj(a).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < rows_total)[:, None]
+    ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    x = tl.load(a_ptr + _offsets(rows, s1, s2, s3, as0, as1, as2, as3, a_comp, N, DENSE), mask=mask).to(ACC)
+    z = _hconj(x, N)
+    out = rows[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(c_ptr + out, z.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,22 +144,15 @@ def hypercomplex_mul_bwd_kernel(
     bs0, bs1, bs2, bs3, b_comp,
     N: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # dA = dC conj(B), dB = conj(A) dC; g, da, db are contiguous in the broadcast shape
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, N)
+    # g, da, db: [rows_total, N] contiguous; a, b: [..., N] broadcasting to rows_total rows.
+    # One program: rows [pid * BLOCK, +BLOCK) as [BLOCK, N] tiles, dA = dC conj(B), dB = conj(A) dC.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = (rows < rows_total)[:, None]
-    out_off = rows[:, None] * N + cols[None, :]
-    if DENSE:
-        a_off = out_off
-        b_off = out_off
-    else:
-        a_off = row_offset(rows, s1, s2, s3, as0, as1, as2, as3)[:, None] + cols[None, :] * a_comp
-        b_off = row_offset(rows, s1, s2, s3, bs0, bs1, bs2, bs3)[:, None] + cols[None, :] * b_comp
+    out_off = rows[:, None] * N + tl.arange(0, N)[None, :]
     ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     g = tl.load(g_ptr + out_off, mask=mask).to(ACC)
-    x = tl.load(a_ptr + a_off, mask=mask).to(ACC)
-    y = tl.load(b_ptr + b_off, mask=mask).to(ACC)
+    x = tl.load(a_ptr + _offsets(rows, s1, s2, s3, as0, as1, as2, as3, a_comp, N, DENSE), mask=mask).to(ACC)
+    y = tl.load(b_ptr + _offsets(rows, s1, s2, s3, bs0, bs1, bs2, bs3, b_comp, N, DENSE), mask=mask).to(ACC)
     da = _hmul(g, _hconj(y, N), N, BLOCK)
     db = _hmul(_hconj(x, N), g, N, BLOCK)
     tl.store(da_ptr + out_off, da.to(da_ptr.dtype.element_ty), mask=mask)
@@ -161,28 +172,37 @@ def _layout_args(a, b, lead, n):
     return a, b, False, list(sizes[1:]) + strides[0] + [a.stride(-1)] + strides[1] + [b.stride(-1)]
 
 
-def hypercomplex_fwd(a, b, c, lead, n, op, launch=None):
-    """c = a b (op=MUL) or conj(a) (op=CONJ); c is contiguous with shape lead + (n,).
-
-    `launch` wraps the kernel (torch.library.wrap_triton inside a triton_op).
-    """
+def hypercomplex_mul_fwd(a, b, c, lead, n):
+    """c = a b; c is contiguous with shape lead + (n,), a and b broadcast to it."""
     rows = c.numel() // n
     if rows == 0:
         return c
     a, b, dense, args = _layout_args(a, b, lead, n)
-    kernel = (launch or (lambda k: k))(hypercomplex_fwd_kernel)
     block = _block(n)
-    kernel[(triton.cdiv(rows, block),)](a, b, c, rows, *args, OP=op, N=n, DENSE=dense, BLOCK=block, num_warps=4)
+    launch(hypercomplex_mul_fwd_kernel)[(triton.cdiv(rows, block),)](
+        a, b, c, rows, *args, N=n, DENSE=dense, BLOCK=block, num_warps=4)
     return c
 
 
-def hypercomplex_mul_bwd(g, a, b, da, db, lead, n, launch=None):
+def hypercomplex_conj_fwd(a, c, n):
+    """c = conj(a); c is contiguous with a's shape."""
+    rows = c.numel() // n
+    if rows == 0:
+        return c
+    a, _, dense, args = _layout_args(a, a, a.shape[:-1], n)
+    block = _block(n)
+    launch(hypercomplex_conj_fwd_kernel)[(triton.cdiv(rows, block),)](
+        a, c, rows, *args[:8], N=n, DENSE=dense, BLOCK=block, num_warps=4)
+    return c
+
+
+def hypercomplex_mul_bwd(g, a, b, da, db, lead, n):
     """Writes dA, dB at the broadcast shape lead + (n,) into da, db (contiguous)."""
     rows = g.numel() // n
     if rows == 0:
         return da, db
     a, b, dense, args = _layout_args(a, b, lead, n)
-    kernel = (launch or (lambda k: k))(hypercomplex_mul_bwd_kernel)
     block = _block(n)
-    kernel[(triton.cdiv(rows, block),)](g, a, b, da, db, rows, *args, N=n, DENSE=dense, BLOCK=block, num_warps=4)
+    launch(hypercomplex_mul_bwd_kernel)[(triton.cdiv(rows, block),)](
+        g, a, b, da, db, rows, *args, N=n, DENSE=dense, BLOCK=block, num_warps=4)
     return da, db

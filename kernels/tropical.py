@@ -1,53 +1,23 @@
 """Triton kernels for fused tropical (max-plus) attention, forward and backward.
 
-The op (geokern.reference.tropical) is two chained max-plus products,
-S = Q (x) K^T over D and Y = S (x) V over keys, with a causal mask and the score
-centring y -= max_j s[i, j]. Max-plus is shift-equivariant, so the centring is applied
-once at the end: y[i, d] = max_j (s[i, j] + v[j, d]) - m[i], m[i] = max_j s[i, j].
+The op (geokern.reference.tropical) is two chained max-plus products, S = Q (x) K^T over
+D and Y = S (x) V over keys, with a causal mask and the score centring. Max-plus is
+shift-equivariant, so the centring is applied once at the end:
+y[i, d] = max_j (s[i, j] + v[j, d]) - m[i], m[i] = max_j s[i, j].
 
-Forward (tropical_attention_fwd_kernel): one program owns BQ queries of one (batch,
-head) and walks the visible key blocks once (blocks the causal mask hides entirely are
-never visited; on the diagonal ones hidden keys are masked out of both stages, so a
-NaN or +inf value of a hidden key never reaches the query). Per key block of BJ keys:
-  stage 1: S[BQ, BJ] in registers, max over d of an outer sum of a Q column and a K
-           column (Q and K are staged d-major by the launcher so each column is one
-           contiguous vector load: the maxplus_matmul pattern), then masked;
-  stage 2: S goes through a per-program scratch tile (BQ x BJ, written transposed,
-           read back column by column after a barrier) into Y[BQ, D] = max(Y, S[:, j]
-           + V[j, :]), an outer sum per key.
-Memory is O(T D): the output, the optional argmax, and the scratch (BJ floats per query).
-The work is 4 D fp32-lane operations (an add and a max in each stage) per visible
-(query, key) pair; no tensor cores exist for it.
-
-With ARGMAX (whenever a gradient is needed) the winning key of every (i, d) and the key
-of each row's score maximum are recorded (strict comparisons, so ties keep the smallest
-index; the first NaN wins). With MARGIN the runner-up per (i, d) is carried:
-top2 = max(top2, min(top1, x)).
-
-Measured on an H100 (benchmarks/results, B4 H8 D64 causal fp32): 3.2 T ops/s at T = 4096,
-3.8 at T = 32768 (9.5-11% of the fp32 lane ceiling; the CUDA kernel is 4.4-5x faster).
-Unprofiled; the likely limits are the per-key loads of the scratch column and the V
-row from L1/L2 inside a loop Triton does not software-pipeline (latency exposed on
-every key), the scratch round trip with two barriers per key block, and a 64 x 64
-tile (32 outputs per thread) too small to hide them. The CUDA kernel stages the same
-data in shared memory instead.
-
-Backward (tropical_attention_bwd_kernel): gradients follow the recorded routes. For
-each (i, d), key j = argmax[i, d] gets dv[j, d] += g; the score s[i, j] it used is
-q[i, e] + k[j, e] at the first maximising e, recomputed here (D sums), so dq[i, e] and
-dk[j, e] get g. The centring sends -sum_d g[i, d] the same way through (i, jm[i]).
-Accumulation is by atomic adds in float32 (float64 for float64), so the last bits of
-dq / dk / dv may vary from run to run where routes share an entry.
+The forward walks each query block's visible keys once, building S in registers and
+passing it to the value stage through a per-program scratch tile (BJ floats per query),
+so memory stays O(T D). The backward follows the routes the forward recorded and adds
+the gradients atomically in float32 (float64 for float64): the last bits of dq / dk / dv
+may vary from run to run where routes share an entry. Layout and measurements:
+csrc/tropical/README.md, section Triton.
 """
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels.maxplus import _narrow
+from geokern.kernels._common import autotune_configs, launch, narrow
 
 
 def _blocks():
@@ -55,13 +25,14 @@ def _blocks():
     return (16, 16) if interpret_mode() else (64, 64)
 
 
-def _configs():
-    if interpret_mode() or os.environ.get("GEOKERN_AUTOTUNE", "1") == "0":
-        return [triton.Config({}, num_warps=1 if interpret_mode() else 4)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+_CONFIGS = autotune_configs(
+    lambda: [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
+    test=[triton.Config({}, num_warps=4)],
+    interp=[triton.Config({}, num_warps=1)],
+)
 
 
-@triton.autotune(configs=_configs(), key=["Tq", "Tk", "D", "CAUSAL", "CENTER", "ARGMAX", "MARGIN"])
+@triton.autotune(configs=_CONFIGS, key=["Tq", "Tk", "D", "CAUSAL", "CENTER", "ARGMAX", "MARGIN"])
 @triton.jit
 def tropical_attention_fwd_kernel(
     qt_ptr, kt_ptr, v_ptr, y_ptr, idx_ptr, jm_ptr, mg_ptr, scr_ptr,
@@ -70,8 +41,10 @@ def tropical_attention_fwd_kernel(
     CAUSAL: tl.constexpr, CENTER: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr,
     BQ: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr,
 ):
-    # qt: (B, H, D, Tq) and kt: (B, Hkv, D, Tk) contiguous; v strided (B, Hkv, Tk, D);
-    # y / idx contiguous (B, H, Tq, D); jm / mg contiguous (B, H, Tq)
+    # qt: [B, H, D, Tq] and kt: [B, Hkv, D, Tk] contiguous (d-major); v: [B, Hkv, Tk, D] strided;
+    # y, idx: [B, H, Tq, D] and jm, mg: [B, H, Tq] contiguous; scr: [B*H, nqb, BJ, BQ] scratch.
+    # One program: BQ queries of one (batch, head), grid (ceil(Tq / BQ), B * H), over all
+    # its visible keys in blocks of BJ; writes y (and idx, jm, mg) of those queries.
     nqb = tl.num_programs(0)
     qb = nqb - 1 - tl.program_id(0)  # the longest causal rows first
     bh = tl.program_id(1).to(tl.int64)
@@ -150,7 +123,7 @@ def tropical_attention_fwd_kernel(
     qmask = rq < Tq
     out = bh * Tq * D + rq[:, None] * D + rd[None, :]
     omask = qmask[:, None] & dmask[None, :]
-    tl.store(y_ptr + out, _narrow(y, y_ptr.dtype.element_ty), mask=omask)
+    tl.store(y_ptr + out, narrow(y, y_ptr.dtype.element_ty), mask=omask)
     if ARGMAX:
         tl.store(idx_ptr + out, idx, mask=omask)
         tl.store(jm_ptr + bh * Tq + rq, jm, mask=qmask)
@@ -159,7 +132,7 @@ def tropical_attention_fwd_kernel(
         gmin = tl.min(gap, axis=1)
         has_nan = tl.max(tl.where(gap != gap, 1, 0), axis=1) > 0
         gmin = tl.where(has_nan, float("nan"), gmin)
-        tl.store(mg_ptr + bh * Tq + rq, _narrow(gmin, mg_ptr.dtype.element_ty), mask=qmask)
+        tl.store(mg_ptr + bh * Tq + rq, narrow(gmin, mg_ptr.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
@@ -184,7 +157,10 @@ def tropical_attention_bwd_kernel(
     sqb, sqh, sqt, sqd, skb, skh, skt, skd,
     CENTER: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr,
 ):
-    # g, idx, dq contiguous (B, H, Tq, D); jm (B, H, Tq); dk, dv contiguous (B, Hkv, Tk, D)
+    # g, idx: [B, H, Tq, D] and jm: [B, H, Tq] contiguous; q: [B, H, Tq, D], k: [B, Hkv, Tk, D]
+    # strided; dq: [B, H, Tq, D], dk, dv: [B, Hkv, Tk, D] contiguous accumulators.
+    # One program: BQ queries of one (batch, head), grid (ceil(Tq / BQ), B * H); sends each
+    # g[i, d] along its recorded route into dv, dq, dk with atomic adds.
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -221,7 +197,7 @@ def scratch_numel(B, H, Tq):
     return B * H * triton.cdiv(Tq, BQ) * BQ * BJ
 
 
-def tropical_attention_fwd(q, k, v, y, idx, jm, mg, scratch, causal, center, launch=None):
+def tropical_attention_fwd(q, k, v, y, idx, jm, mg, scratch, causal, center):
     """Writes y (and idx, jm / mg where given, else None) for q (B, H, Tq, D) and
     k, v (B, Hkv, Tk, D). y, idx contiguous (B, H, Tq, D); jm, mg contiguous (B, H, Tq);
     scratch has scratch_numel(B, H, Tq) elements of the accumulation dtype."""
@@ -232,9 +208,8 @@ def tropical_attention_fwd(q, k, v, y, idx, jm, mg, scratch, causal, center, lau
     BQ, BJ = _blocks()
     qt = q.transpose(-1, -2).contiguous()  # d-major: a Q / K column is one contiguous vector
     kt = k.transpose(-1, -2).contiguous()
-    kernel = (launch or (lambda f: f))(tropical_attention_fwd_kernel)
     grid = (triton.cdiv(Tq, BQ), B * H)
-    kernel[grid](
+    launch(tropical_attention_fwd_kernel)[grid](
         qt, kt, v, y, idx if idx is not None else y, jm if jm is not None else y,
         mg if mg is not None else y, scratch,
         H, H // Hkv, Tq, Tk, D, *v.stride(),
@@ -243,7 +218,7 @@ def tropical_attention_fwd(q, k, v, y, idx, jm, mg, scratch, causal, center, lau
     )
 
 
-def tropical_attention_bwd(g, q, k, idx, jm, dq, dk, dv, center, launch=None):
+def tropical_attention_bwd(g, q, k, idx, jm, dq, dk, dv, center):
     """Accumulates the routed gradient into dq (B, H, Tq, D), dk, dv (B, Hkv, Tk, D):
     zeroed, contiguous float32 (float64) buffers. g, idx contiguous; q, k any strides."""
     B, H, Tq, D = q.shape
@@ -251,9 +226,8 @@ def tropical_attention_bwd(g, q, k, idx, jm, dq, dk, dv, center, launch=None):
     if g.numel() == 0:
         return
     BQ = 16 if interpret_mode() else 32
-    kernel = (launch or (lambda f: f))(tropical_attention_bwd_kernel)
     grid = (triton.cdiv(Tq, BQ), B * H)
-    kernel[grid](
+    launch(tropical_attention_bwd_kernel)[grid](
         g, q, k, idx, jm if jm is not None else idx, dq, dk, dv,
         H, H // Hkv, Tq, Tk, D, *q.stride(), *k.stride(),
         CENTER=center, BQ=BQ, BD=triton.next_power_of_2(D), num_warps=4,

@@ -9,22 +9,19 @@ theirs materialises; these tests hold our module to it.
 
 import types
 
+import _helpers
 import pytest
 import torch
+from _helpers import BACKENDS, dtype_id
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
-from geokern import _backend
 from geokern.bench.tropical import rotary, their_module_forward
 from geokern.nn import TropicalCausalSelfAttention
 
-BACKENDS = ["torch", "triton", "cuda"]
-
-
 def need(backend, dtype=torch.float32):
-    why = _backend.why_unavailable(backend, DEVICE)
-    if why:
-        pytest.skip(f"backend {backend} unavailable here: {why}")
+    """_helpers.need, and the CUDA kernel's dtypes (float64 goes elsewhere)."""
+    _helpers.need(backend)
     if backend == "cuda" and dtype == torch.float64:
         pytest.skip("the CUDA kernel takes 16/32-bit inputs")
 
@@ -34,7 +31,7 @@ def config(n_head=4, n_kv_head=4, n_embd=32, **kw):
 
 
 def module(cfg, backend, dtype, layer_idx=0):
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights in every module a test builds (compared across dtypes)
     return TropicalCausalSelfAttention(cfg, layer_idx, backend=backend).to(DEVICE, dtype)
 
 
@@ -67,7 +64,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_same_output_as_theirs(name, dtype, backend):
     need(backend, dtype)

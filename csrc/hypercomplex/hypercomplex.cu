@@ -2,7 +2,7 @@
 // backward. Memory-bound: each output row reads one row of a and b once. Contiguous
 // same-shape inputs take a vectorised path (16-byte loads, several rows per thread for
 // 16-bit types); broadcast or strided inputs index through a RowLayout instead of
-// being copied.
+// being copied. Notes: README.md beside this file.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -94,10 +94,11 @@ struct Ptrs {
   T* out[2];
 };
 
-// Contiguous, same-shape, 16-byte-aligned operands. A block stages a tile of
-// kThreads * R rows of every input through shared memory with coalesced 16-byte
-// loads, each thread computes its R rows from a conflict-free 16-byte shared read,
-// and the outputs leave the same way. Rows past the last whole tile go row by row.
+// Inputs p.in[0..kIn) and outputs p.out[0..kOut): [rows, N] each, contiguous, same shape,
+// 16-byte aligned. One CTA (kThreads): tiles of kThreads * R rows (grid-stride), staged
+// through shared memory with coalesced 16-byte loads; each thread computes its R rows
+// from a conflict-free 16-byte shared read and the outputs leave the same way. Rows past
+// the last whole tile go row by row.
 template <typename T, int N, typename Op>
 __global__ void __launch_bounds__(kThreads) hypercomplex_dense_kernel(Ptrs<T> p, int64_t rows) {
   using A = at::opmath_type<T>;
@@ -174,10 +175,11 @@ void launch_dense(Ptrs<T> p, int64_t rows, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Broadcast or strided operands, row by row through a RowLayout. Inputs before
-// Op::kDenseIn (the backward's grad) are contiguous in the broadcast shape; the others
-// take layout slots 0 and 1. Outputs are contiguous in the broadcast shape, of type O:
-// T, or float when the caller then sums broadcast dims and wants that sum exact.
+// a, b: [..., N] broadcasting to [rows, N], any strides; out0, out1: [rows, N] contiguous.
+// One thread per row (grid-stride), offsets through a RowLayout: inputs before
+// Op::kDenseIn (the backward's grad) are contiguous in the broadcast shape, the others
+// take layout slots 0 and 1. Outputs are of type O: T, or float when the caller then
+// sums broadcast dims and wants that sum exact.
 template <typename T, typename O, int N, typename Op>
 __global__ void hypercomplex_strided_kernel(Ptrs<T> p, O* out0, O* out1, int64_t rows, RowLayout L) {
   using A = at::opmath_type<T>;

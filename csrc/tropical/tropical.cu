@@ -1,58 +1,13 @@
 // Fused tropical (max-plus) attention, forward and backward (definition:
-// geokern/reference/tropical.py; their tropical_max_plus_attention).
-//
-// The core is two chained max-plus products, S = Q (x) K^T over D and
-// Y = S (x) V over keys, with the causal mask and the score centring
-// y[i, d] = max_j (s[i, j] + v[j, d]) - max_j s[i, j] (max-plus is shift-equivariant, so
-// the centring is applied once at the end). The gauge fixes run in PyTorch around it.
-//
-// Forward: one block owns kBQ = 128 queries of one (batch, head) and walks the visible
-// key blocks (kBJ = 64 keys) once; key blocks the causal mask hides entirely are never
-// visited. The grid is 1-D, the heaviest blocks first: every (batch, head)'s last query
-// block, then the one before, ... (the hardware hands out blocks in order, so the light
-// ones fill the tail). Shared memory holds Q d-major (Qt[d][i], staged once), the key
-// block d-major (Kt[d][j]), the value block (Vs[j][d]) and the score tile key-major
-// (St[j][i]). 256 threads; thread (tx, ty) = (t % 16, t / 16) owns rows
-// {ty*4..+3, 64+ty*4..+3} of both tiles, keys tx*4..+3 of S and D/16 channels of Y:
-//   stage 1: S[8][4] in registers, max over d of Qt[d][rows] + Kt[d][keys] (two 128-bit
-//            loads of Q, one of K per 32 add+max pairs), masked on diagonal blocks, then
-//            written to St;
-//   stage 2: Y[8][D/16] = max(Y, St[j][rows] + Vs[j][channels]) over the block's keys;
-//            on a diagonal block the keys all of a thread's rows see run unmasked and
-//            those none sees are skipped.
-// Tiles go global -> shared with cp.async (LDGSTS, 4 bytes, any strides: no registers, no
-// host copy): the next K block is fetched during stage 2 and the V block during stage 1,
-// so each load has half a block of math to land in; two barriers per key block. The row
-// score maximum (centring) is kept per thread over its own keys and reduced across the
-// 16 lanes of a row once, in the epilogue.
-// No tensor cores exist for max-plus: each visible (query, key) pair costs 4 D fp32-lane
-// operations (an add and a max per d in stage 1 and per channel in stage 2). NaN
-// propagates through max.NaN; a key the mask hides never enters (even with a NaN or
-// +inf value). With ARGMAX the winning key per (i, d) and the key of each row's score
-// maximum are recorded (strict comparisons: ties keep the smallest key; the first NaN
-// wins, as argmax does); with MARGIN the runner-up per (i, d) is carried as
-// top2 = max(top2, min(top1, x)). Inputs are widened to float32 on the host (O(T D),
-// against O(T^2 D) work), and y is rounded once to the input dtype.
-//
-// Measured on an H100 (B4 H8 D64 causal fp32, visible work only, one run beside the
-// Triton kernel): 10.8 / 20.1 / 23.1 T ops/s at T = 1024 / 4096 / 32768 (32.2 / 60.0 /
-// 69.0% of the 33.45 T lane ceiling; 3.42 ms at 4096). The version before (K / V staged
-// through registers with per-element 64-bit index math, 16 dependent global round trips
-// per key block, three barriers, a 16-lane shuffle reduction of the row maximum per
-// block) ran 4.92 ms at 4096 (41.8%) and 56.7% at 32768. SASS (sm_90, nvcc 13) of the
-// value-only kernel: each stage's inner loop is 273 instructions per 256 FADD + FMNMX,
-// the rest of a key block about 300 (before: about 1100, 800 of them the staging), so
-// issue is ~91% add and max; what is left is stalls (the add+max pair reaches ~80% of
-// the lane rate even in a plain GEMM loop, PERF.md). At T = 1024 the grid (256 blocks)
-// is one partial wave whose SMs carry unequal work (the longest causal blocks are 8x the
-// shortest): splitting the long blocks' keys is the next step. Recording the routes (the
-// forward under autograd): 9.2 T ops/s at 4096 (27.6%; compare, two selects and a max per
-// element instead of one max.NaN, and 255 registers: one block per SM).
-//
-// Backward: one thread per (i, d) sends g[i, d] to dv[j, d] (j the recorded winner) and,
-// through the score s[i, j] = q[i, e] + k[j, e] at the first maximising e (recomputed,
-// D sums), to dq[i, e] and dk[j, e]; one thread per query sends -sum_d g[i, d] the same
-// way through the row's score maximum. Atomic adds in float32.
+// geokern/reference/tropical.py). The core is two chained max-plus products,
+// S = Q (x) K^T over D and Y = S (x) V over keys, with the causal mask and the score
+// centring y[i, d] = max_j (s[i, j] + v[j, d]) - max_j s[i, j] (max-plus is
+// shift-equivariant, so the centring is applied once at the end); the gauge fixes run in
+// PyTorch around it. There are no tensor cores for max-plus: the forward is fp32 adds and
+// maxima fed from shared memory, every input staged once per block with cp.async so the
+// loads overlap the other stage's math. Ties keep the smallest key, NaN propagates, and a
+// key the causal mask hides never enters. Tile layout, thread map and measurements:
+// README.md beside this file.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -178,6 +133,10 @@ __device__ __forceinline__ bool beats(float v, int j, float bv, int bj) {
   return v > bv || (v == bv && j < bj);
 }
 
+// q: [B, H, Tq, D], k, v: [B, Hkv, Tk, D] float32, any strides; y, idx: [B, H, Tq, D] and
+// jm, mg: [B, H, Tq] contiguous. One CTA (256 threads): kBQ = 128 queries of one (batch,
+// head) over all their visible keys, kBJ = 64 at a time; 1-D grid nqb * B * H, heaviest
+// query blocks first. D <= BD (64 or 128); MODE adds the routes (kArgmax) and margins (kMargin).
 template <int BD, int MODE>
 __global__ void __launch_bounds__(kThreads, (BD <= 64 && MODE == 0) ? 2 : 1)
 tropical_attention_fwd_kernel(const FwdParams p) {
@@ -398,6 +357,10 @@ struct BwdParams {
   int H, G, Tq, Tk, D;
 };
 
+// g, idx, dq: [B, H, Tq, D] contiguous; q: [B, H, Tq, D], k: [B, Hkv, Tk, D] strided;
+// dk, dv: [B, Hkv, Tk, D] contiguous float32 accumulators. One thread per (b, h, i, d)
+// (grid-stride over total = B * H * Tq * D): g[i, d] into dv[j, d], dq[i, e], dk[j, e]
+// along its recorded key j and the score's first maximising e.
 __global__ void tropical_attention_bwd_kernel(const BwdParams p, int64_t total) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
@@ -418,6 +381,8 @@ __global__ void tropical_attention_bwd_kernel(const BwdParams p, int64_t total) 
 }
 
 // The centring: m[i] = s[i, jm[i]] entered every y[i, :] with a minus sign.
+// g: [B, H, Tq, D], jm: [B, H, Tq] contiguous; dq, dk as above. One thread per query row
+// (grid-stride over rows = B * H * Tq): -sum_d g[i, d] into dq[i, e], dk[jm[i], e].
 __global__ void tropical_attention_bwd_center_kernel(const BwdParams p, int64_t rows) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows; row += stride) {

@@ -25,41 +25,39 @@ _PREFER = ("cuda", "triton")  # measured on H100: see benchmarks/results
 # ---- custom ops ----------------------------------------------------------------
 
 
-def _fake_mul(a, b, n):
+def _hypercomplex_mul_fake(a, b, n):
     lead = broadcast_shapes(a.shape[:-1], b.shape[:-1])
     return a.new_empty(tuple(lead) + (n,))
 
 
-def _fake_mul_bwd(grad, a, b, n):
+def _hypercomplex_mul_backward_fake(grad, a, b, n):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
-def _fake_conj(a, n):
+def _hypercomplex_conj_fake(a, n):
     return a.new_empty(a.shape)
 
 
-def _ref_conj(a, n):
+def _hypercomplex_mul_cpu(a, b, n):
+    return ref.hypercomplex_mul(a, b, n)
+
+
+def _hypercomplex_mul_backward_cpu(grad, a, b, n):
+    return ref.hypercomplex_mul_backward(grad, a, b, n)
+
+
+def _hypercomplex_conj_cpu(a, n):
     return ref.hypercomplex_conj(a, n).contiguous()
 
 
-_mul_cuda = cuda_op("hypercomplex_mul_cuda", _fake_mul, ref.hypercomplex_mul)
-_mul_bwd_cuda = cuda_op("hypercomplex_mul_backward_cuda", _fake_mul_bwd, ref.hypercomplex_mul_backward)
-_conj_cuda = cuda_op("hypercomplex_conj_cuda", _fake_conj, _ref_conj)
-
-
-def _mul_triton(a: torch.Tensor, b: torch.Tensor, n: int, launch=None) -> torch.Tensor:
+def _hypercomplex_mul_triton(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
     lead = broadcast_shapes(a.shape[:-1], b.shape[:-1])
     c = a.new_empty(tuple(lead) + (n,))
-    return tk.hypercomplex_fwd(a, b, c, lead, n, tk.MUL, launch)
+    return tk.hypercomplex_mul_fwd(a, b, c, lead, n)
 
 
-def _conj_triton(a: torch.Tensor, n: int, launch=None) -> torch.Tensor:
-    c = a.new_empty(a.shape)
-    return tk.hypercomplex_fwd(a, a, c, a.shape[:-1], n, tk.CONJ, launch)
-
-
-def _mul_bwd_triton(
-    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int, launch=None
+def _hypercomplex_mul_backward_triton(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     lead = grad.shape[:-1]
     reduce = tuple(a.shape) != tuple(grad.shape) or tuple(b.shape) != tuple(grad.shape)
@@ -67,17 +65,26 @@ def _mul_bwd_triton(
     acc = torch.float32 if reduce and a.dtype != torch.float64 else a.dtype
     da = grad.new_empty(grad.shape, dtype=acc)
     db = grad.new_empty(grad.shape, dtype=acc)
-    tk.hypercomplex_mul_bwd(grad.contiguous(), a, b, da, db, lead, n, launch)
+    tk.hypercomplex_mul_bwd(grad.contiguous(), a, b, da, db, lead, n)
     return da.sum_to_size(a.shape).to(a.dtype), db.sum_to_size(b.shape).to(b.dtype)
 
 
-_mul_tri = triton_op("hypercomplex_mul_triton", _mul_triton)
-_mul_bwd_tri = triton_op("hypercomplex_mul_backward_triton", _mul_bwd_triton)
-_conj_tri = triton_op("hypercomplex_conj_triton", _conj_triton)
+def _hypercomplex_conj_triton(a: torch.Tensor, n: int) -> torch.Tensor:
+    return tk.hypercomplex_conj_fwd(a, a.new_empty(a.shape), n)
 
+
+# (mul, mul backward, conj) per kernel backend; a CUDA entry is None without geokern._C
 _KERNELS = {
-    "cuda": (_mul_cuda, _mul_bwd_cuda, _conj_cuda),
-    "triton": (_mul_tri, _mul_bwd_tri, _conj_tri),
+    "cuda": (
+        cuda_op("hypercomplex_mul_cuda", _hypercomplex_mul_fake, _hypercomplex_mul_cpu),
+        cuda_op("hypercomplex_mul_backward_cuda", _hypercomplex_mul_backward_fake, _hypercomplex_mul_backward_cpu),
+        cuda_op("hypercomplex_conj_cuda", _hypercomplex_conj_fake, _hypercomplex_conj_cpu),
+    ),
+    "triton": (
+        triton_op("hypercomplex_mul_triton", _hypercomplex_mul_triton),
+        triton_op("hypercomplex_mul_backward_triton", _hypercomplex_mul_backward_triton),
+        triton_op("hypercomplex_conj_triton", _hypercomplex_conj_triton),
+    ),
 }
 
 

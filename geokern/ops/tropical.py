@@ -59,18 +59,19 @@ def _fwd_shapes(q, want_argmax, want_margin):
         ((B, H, Tq) if want_margin else (0,))
 
 
-def _fake_fwd(q, k, v, causal, center, want_argmax, want_margin):
+def _tropical_attention_fake(q, k, v, causal, center, want_argmax, want_margin):
     sy, si, sr, sm = _fwd_shapes(q, want_argmax, want_margin)
     return q.new_empty(sy), q.new_empty(si, dtype=torch.int32), q.new_empty(sr, dtype=torch.int32), q.new_empty(sm)
 
 
-def _fake_bwd(grad, q, k, argmax, rowarg, center):
+def _tropical_attention_backward_fake(grad, q, k, argmax, rowarg, center):
     return grad.new_empty(q.shape), grad.new_empty(k.shape), grad.new_empty(k.shape)
 
 
-def _ref_fwd(q, k, v, causal, center, want_argmax, want_margin):
+def _tropical_attention_cpu(q, k, v, causal, center, want_argmax, want_margin):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     y, idx, jm, mg = ref.core(q.to(acc), k.to(acc), v.to(acc), causal, center, want_margin)
+
     def empty():  # one fresh tensor per output: outputs must not alias
         return torch.empty((0,), dtype=torch.int32, device=q.device)
 
@@ -82,17 +83,13 @@ def _ref_fwd(q, k, v, causal, center, want_argmax, want_margin):
     )
 
 
-def _ref_bwd(grad, q, k, argmax, rowarg, center):
+def _tropical_attention_backward_cpu(grad, q, k, argmax, rowarg, center):
     return ref.core_backward(grad, q, k, argmax, rowarg, center)
 
 
-_fwd_cuda = cuda_op("tropical_attention_cuda", _fake_fwd, _ref_fwd)
-_bwd_cuda = cuda_op("tropical_attention_backward_cuda", _fake_bwd, _ref_bwd)
-
-
-def _fwd_triton(
+def _tropical_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, center: bool, want_argmax: bool,
-    want_margin: bool, launch=None,
+    want_margin: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     sy, si, sr, sm = _fwd_shapes(q, want_argmax, want_margin)
     y = q.new_empty(sy)
@@ -102,26 +99,34 @@ def _fwd_triton(
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scratch = q.new_empty((tk.scratch_numel(*q.shape[:3]),), dtype=acc)
     tk.tropical_attention_fwd(q, k, v, y, idx if want_argmax else None, jm if want_argmax else None,
-                              mg if want_margin else None, scratch, causal, center, launch)
+                              mg if want_margin else None, scratch, causal, center)
     return y, idx, jm, mg
 
 
-def _bwd_triton(
+def _tropical_attention_backward_triton(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, argmax: torch.Tensor, rowarg: torch.Tensor,
-    center: bool, launch=None,
+    center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     dq = grad.new_zeros(q.shape, dtype=acc)
     dk = grad.new_zeros(k.shape, dtype=acc)
     dv = grad.new_zeros(k.shape, dtype=acc)
-    tk.tropical_attention_bwd(grad.contiguous(), q, k, argmax, rowarg, dq, dk, dv, center, launch)
+    tk.tropical_attention_bwd(grad.contiguous(), q, k, argmax, rowarg, dq, dk, dv, center)
     return dq.to(grad.dtype), dk.to(grad.dtype), dv.to(grad.dtype)
 
 
-_fwd_tri = triton_op("tropical_attention_triton", _fwd_triton)
-_bwd_tri = triton_op("tropical_attention_backward_triton", _bwd_triton)
-
-_KERNELS = {"cuda": (_fwd_cuda, _bwd_cuda), "triton": (_fwd_tri, _bwd_tri)}
+# (forward, backward) per kernel backend; a CUDA entry is None without geokern._C
+_KERNELS = {
+    "cuda": (
+        cuda_op("tropical_attention_cuda", _tropical_attention_fake, _tropical_attention_cpu),
+        cuda_op("tropical_attention_backward_cuda", _tropical_attention_backward_fake,
+                _tropical_attention_backward_cpu),
+    ),
+    "triton": (
+        triton_op("tropical_attention_triton", _tropical_attention_triton),
+        triton_op("tropical_attention_backward_triton", _tropical_attention_backward_triton),
+    ),
+}
 
 
 # ---- autograd --------------------------------------------------------------------
