@@ -141,7 +141,6 @@ def _step(s, k, top1, idx, top2, MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN
     return top1, idx, top2
 
 
-_narrow = narrow  # TRANSITION: removed when kernels/tropical.py uses _common.narrow
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "MIN", "ARGMAX", "MARGIN"])
