@@ -27,7 +27,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 test: $(VENV)/.built
 	$(VPY) -c "import geokern, json; print(json.dumps(geokern.info()))"
-	$(VPY) -m pytest tests -q
+	$(VPY) -m pytest tests -q -m "not huge"
 
 bench: $(VENV)/.built
 	$(VPY) -m pip install -q matplotlib tqdm pytest-benchmark || true

@@ -31,11 +31,11 @@ COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 K=${SELECT:+-k $SELECT}
 # STEPS: which of build, tests, sanitizer, bench to run (a later call on the same, still warm
 # machine can run the rest when one call would outlast a time limit)
-STEPS=" ${STEPS:-build tests sanitizer bench} "
+STEPS=" ${STEPS:-build tests huge sanitizer bench} "
 [ "${BENCH:-1}" = 0 ] && STEPS=${STEPS/ bench / }
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 for s in $STEPS; do
-  case $s in build|tests|sanitizer|bench) ;; *) echo "make gpu: unknown step '$s' in STEPS (build tests sanitizer bench)"; exit 2 ;; esac
+  case $s in build|tests|huge|sanitizer|bench) ;; *) echo "make gpu: unknown step '$s' in STEPS (build tests huge sanitizer bench)"; exit 2 ;; esac
 done
 want build && step build $PY -m pip install --no-build-isolation --no-deps -e . -q
 step info $PY -c "import geokern, json; print(json.dumps(geokern.info(), indent=1))"
@@ -60,12 +60,14 @@ parallel() {  # parallel NAME CMD...: CMD + one shard's files in each process; l
   for f in "$OUT/$name".*.log; do cat "$f"; rm -f "$f"; done
   return $rc
 }
-want tests && step tests parallel tests env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $K
+want tests && step tests parallel tests env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m "not huge" $K
+# tensors past 2**31 elements: one process at a time (each test takes much of the GPU's memory)
+want huge && step huge env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m huge $K tests
 # Each allocation its own cudaMalloc, so memcheck sees out-of-bounds accesses that the
 # caching allocator would otherwise hide inside a larger block.
 want sanitizer && step sanitizer parallel sanitizer env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 \
-  $PY -m pytest -q -p no:cacheprovider -k "cuda and not compile${SELECT:+ and $SELECT}"
+  $PY -m pytest -q -p no:cacheprovider -m "not huge" -k "cuda and not compile${SELECT:+ and $SELECT}"
 want bench && step bench $PY -m geokern.bench --out "$OUT" --commit "$COMMIT" ${SELECT:+--family $SELECT}
 echo "=== make gpu: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
 exit $status

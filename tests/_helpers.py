@@ -23,3 +23,18 @@ def dtype_id(x):
     short = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
              torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
     return short.get(x, str(x)) if isinstance(x, torch.dtype) else str(x)
+
+
+def run_isolated(code, timeout=600):
+    """Run `code` in a fresh Python process and fail with its stderr if it fails.
+
+    For tests that may corrupt the CUDA context (an illegal memory access poisons every later
+    CUDA call of the process) or need most of the GPU's memory: the rest of the suite is
+    unaffected either way."""
+    import subprocess
+    import sys
+    import textwrap
+
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"isolated run failed (exit {run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+    return run.stdout
