@@ -12,10 +12,14 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 # the older tree imports without installing: geokern.kernels is the top-level kernels/ (setup.py's package_dir)
 ln -sfn ../kernels "$BASE/geokern/kernels"
-( cd "$BASE" && MAX_JOBS=8 $PY setup.py -q build_ext --inplace >"$OUT/base_build.log" 2>&1 ) &
-bpid=$!
+bpid=
+if ! ls "$BASE"/geokern/_C*.so >/dev/null 2>&1; then  # built in place unless carried prebuilt
+  ( cd "$BASE" && MAX_JOBS=8 $PY setup.py -q build_ext --inplace >"$OUT/base_build.log" 2>&1 ) &
+  bpid=$!
+fi
 ls geokern/_C*.so >/dev/null 2>&1 || MAX_JOBS=8 $PY -m pip install --no-build-isolation --no-deps -e . -q
-wait $bpid || { echo "baseline build failed"; tail -20 "$OUT/base_build.log"; exit 1; }
+[ -z "$bpid" ] || wait $bpid || { echo "baseline build failed"; tail -20 "$OUT/base_build.log"; exit 1; }
+( cd /tmp && PYTHONPATH="$BASE" $PY -c "import geokern; assert geokern.__file__.startswith('$BASE'), geokern.__file__; print('base', geokern.info()['cuda_extension'])" ) || exit 1
 for i in $(seq "$REPEATS"); do
   $PY scripts/headline.py --label "new" --out "$OUT/headline.jsonl" ${MATCH:+--match "$MATCH"} || exit 1
   ( cd /tmp && PYTHONPATH="$BASE" $PY "$ROOT/scripts/headline.py" --label "base" --out "$OUT/headline.jsonl" ${MATCH:+--match "$MATCH"} ) || exit 1
