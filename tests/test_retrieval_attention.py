@@ -7,7 +7,7 @@ import pytest
 import torch
 from _custom_ops import custom_op_tests
 from _helpers import BACKENDS, dtype_id, need
-from _tolerance import assert_close
+from _tolerance import assert_close, rel_err
 from conftest import DEVICE, HAS_CUDA
 from test_retrieval_cost import KERNEL_DTYPES, cost_op_samples, make_R, metric_of, rnd
 
@@ -101,10 +101,11 @@ def _check_attention(spec, dtype, backend):
     outd, lsed, gd = _run("ref", dtype, tensors, R, mask, make, params, beta, compute_dtype=dtype)
     out, lse, g = _run(backend, dtype, tensors, R, mask, make, params, beta)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_close("output", out, out64.to(dtype), outd)
+    judge = _judge(backend, dtype)
+    judge("output", out, out64.to(dtype), outd)
     fin = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), fin), "lse: -inf exactly on the fully masked rows"
-    assert_close("lse", lse[fin].float(), lse64[fin].float(), lsed[fin].float())
+    judge("lse", lse[fin].float(), lse64[fin].float(), lsed[fin].float())
     if mask is not None:
         empty = ~mask.expand(out64.shape[:-1] + (mask.shape[-1],)).any(-1) if mask.dim() > 1 else None
         if empty is not None and empty.any():
@@ -113,7 +114,26 @@ def _check_attention(spec, dtype, backend):
         if backend == "triton" and dtype == torch.float32 and name.startswith("dmetric"):
             _check_expanded_dw(name, g[name], g64[name])
         else:
-            assert_close(name, g[name].to(dtype), g64[name], gd[name])
+            judge(name, g[name].to(dtype), g64[name], gd[name])
+
+
+# The Triton kernels expand the squared distance as |q|^2 + |k|^2 - 2 q.k (kernels/retrieval/README.md):
+# an absolute error of about u (|q|^2 + |k|^2) in every distance, which the same-dtype reference
+# (dv formed directly) does not make. Their results may be off by that much, relative, where that
+# exceeds the usual bound (dR and the lse sum over keys, which amplifies it).
+EXPANDED = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _judge(backend, dtype):
+    """assert_close, allowing the Triton kernels their expanded distance's error."""
+    if backend != "triton":
+        return assert_close
+
+    def judge(name, out, ref64, same):
+        if out.shape != ref64.shape or not rel_err(out, ref64) <= EXPANDED[dtype]:  # NaN: not <=
+            assert_close(name, out, ref64, same)
+
+    return judge
 
 
 def _check_expanded_dw(name, got, want):
@@ -197,14 +217,15 @@ def test_bank_segment_equals_one_softmax_over_the_union(case, dtype, backend, **
     out64, lse64, g64 = _bank_run("ref", torch.float64, *args, union=True)
     outd, lsed, gd = _bank_run("ref", dtype, *args, union=True, compute_dtype=dtype)
     out, lse, g = _bank_run(backend, dtype, *args, union=False, **knobs)
-    assert_close("output", out, out64.to(dtype), outd)
-    assert_close("lse", lse.float(), lse64.float(), lsed.float())
+    judge = _judge(backend, dtype)
+    judge("output", out, out64.to(dtype), outd)
+    judge("lse", lse.float(), lse64.float(), lsed.float())
     assert set(g) == set(g64)
     for name in g64:
         if backend == "triton" and dtype == torch.float32 and name == "dlam":
             _check_expanded_dw(name, g[name], g64[name])
         else:
-            assert_close(name, g[name].to(dtype), g64[name], gd[name])
+            judge(name, g[name].to(dtype), g64[name], gd[name])
 
 
 @pytest.mark.parametrize("knob", ["pipeline=0", "pipeline=1", "norm_mma=0"])
