@@ -644,6 +644,12 @@ def test_bad_input(backend):
         att(torch.randn(8, device=DEVICE), k, v, 1.0, m, 1.0)
     with pytest.raises(ValueError, match="do not broadcast"):
         att(torch.randn(3, 2, 8, device=DEVICE), torch.randn(4, 10, 8, device=DEVICE), torch.randn(4, 10, 4, device=DEVICE), 1.0, m, 1.0)
+    with pytest.raises(ValueError, match="pipeline must be -1 \\(choose\\), 0 or 1, got 2"):
+        att(q, k, v, 1.0, m, 1.0, pipeline=2)
+    with pytest.raises(ValueError, match="num_ctas must be 0 \\(choose\\) or positive, got -1"):
+        att(q, k, v, 1.0, m, 1.0, num_ctas=-1)
+    with pytest.raises(TypeError, match="bwd_chunk must be an int, got float"):
+        att(q, k, v, 1.0, m, 1.0, bwd_chunk=1.5)
     with pytest.raises(ValueError, match="metric: rotor_diag pairs"):
         gm.rotor_diag(torch.ones(8), torch.ones(1), [(0, 8)])
     with pytest.raises(ValueError, match="backend must be one of"):
