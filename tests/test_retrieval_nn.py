@@ -3,24 +3,15 @@ softmax over the union; the bank is a ring buffer."""
 
 import pytest
 import torch
+from _helpers import BACKENDS, need
 from conftest import DEVICE
 
 import geokern.metric as gm
-from geokern import _backend
 from geokern.nn import GeodesicRetrieval
 from geokern.reference import retrieval as ref
 
-BACKENDS = ["torch", "triton", "cuda"]
 
-
-def need(backend):
-    why = _backend.why_unavailable(backend, DEVICE)
-    if why:
-        pytest.skip(f"backend {backend} unavailable here: {why}")
-
-
-def _module(n=8, dv=16, bank=12, seed=0):
-    torch.manual_seed(seed)
+def _module(n=8, dv=16, bank=12):
     m = GeodesicRetrieval(n, dv, bank, beta=0.7, init_lam=0.8, device=DEVICE)
     with torch.no_grad():
         m.raw_lam.add_(0.3 * torch.randn_like(m.raw_lam))

@@ -15,9 +15,9 @@ through sets larger than L2):
                 without the host's; the eager X's time includes the host time of a call where
                 that exceeds the kernel's (do_bench's L2 clear leaves the GPU idle otherwise).
   cuda-raw[graph,K]  the raw op in a graph under the split heuristic's knobs
-                (csrc/retrieval/retrieval.cu): ctas<n> = GEOKERN_RETRIEVAL_CTAS (target number of
-                blocks; default 2 per SM), bank<n> = GEOKERN_RETRIEVAL_BANK_SPLITS (most splits of
-                the bank; default one per 64 keys).
+                (csrc/retrieval/retrieval.cu): ctas<n> = num_ctas=n (target number of blocks;
+                default 2 per SM), bank<n> = bank_splits=n (most splits of the bank; default one
+                per 64 keys).
   triton        the public op with bank=, backend="triton" (the bank is the kernel's second key
                 segment).
   eager (peer)  what the trainer does: concatenate the bank (expanded) to every row's keys, then the
@@ -25,7 +25,7 @@ through sets larger than L2):
 read_same_bytes rows (no attention): PyTorch reductions reading the same bytes once, eager and in a
 graph, per input and as one buffer: the floor that fixed costs (launches, ramp-up and tail of a
 kernel over a few tens of MB) put under any implementation of this shape.
-GEOKERN_DECODE_BACKENDS (comma-separated, default "cuda,triton") picks the kernel backends timed.
+cases(backends=...) picks the kernel backends timed (default both).
 
 Bytes counted (metric TB/s, judged against the copy bandwidth measured in the same run): every
 input read once and the output written once, the bank counted once (not once per row):
@@ -34,7 +34,7 @@ B * d_v of output. The forward + backward direction counts the same plus the key
 again and their gradients written ((B*T + C) * (n + d_v) elements twice more).
 """
 
-import os
+import functools
 
 import torch
 
@@ -47,10 +47,9 @@ from geokern.reference import retrieval as ref
 B, N, T, C, DV = 32, 8, 512, 4096, 768
 BETA, EPS = 5.0, 1e-8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# forward knobs timed (in graphs) beside the default: name -> environment
-SWEEP = {"ctas132": {"GEOKERN_RETRIEVAL_CTAS": 132}, "ctas528": {"GEOKERN_RETRIEVAL_CTAS": 528},
-         "bank32": {"GEOKERN_RETRIEVAL_BANK_SPLITS": 32}, "ctas528,bank32": {"GEOKERN_RETRIEVAL_CTAS": 528,
-                                                                            "GEOKERN_RETRIEVAL_BANK_SPLITS": 32}}
+# forward knobs timed (in graphs) beside the default: name -> keyword arguments of the CUDA op
+SWEEP = {"ctas132": {"num_ctas": 132}, "ctas528": {"num_ctas": 528}, "bank32": {"bank_splits": 32},
+         "ctas528,bank32": {"num_ctas": 528, "bank_splits": 32}}
 
 
 def _make(dtype, grad):
@@ -67,29 +66,13 @@ def _make(dtype, grad):
     return make
 
 
-def _segments(q, kseq, kbank, vseq, vbank, lam, R):
+def _segments(q, kseq, kbank, vseq, vbank, lam, R, num_ctas=0, bank_splits=0):
     """Both key sets in one launch of the CUDA op (no autograd: the forward alone)."""
     r4 = R.reshape(1, B, 1, 1)
     out, _ = torch.ops.geokern.retrieval_attention_cuda(
-        q.reshape(1, B, 1, N), [kseq.unsqueeze(0), kbank.reshape(1, 1, C, N)],
-        [vseq.unsqueeze(0), vbank.reshape(1, 1, C, DV)], lam, [r4, r4], [None, None], BETA, EPS)
+        q.reshape(1, B, 1, N), kseq.unsqueeze(0), vseq.unsqueeze(0), lam, r4, None, kbank.reshape(1, 1, C, N),
+        vbank.reshape(1, 1, C, DV), r4, BETA, EPS, num_ctas, bank_splits, -1, -1)
     return out.reshape(B, DV)
-
-
-def _with_env(env, fn):
-    def f(*a):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update({k: str(v) for k, v in env.items()})
-        try:
-            return fn(*a)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    return f
 
 
 def _graphed(fn):
@@ -155,16 +138,15 @@ def _bytes(esz, grad):
     return once + (2 * kv if grad else 0)
 
 
-def _case(dname, direction):
+def _case(dname, direction, backends):
     dtype = DTYPES[dname]
     grad = direction == "fwd+bwd"
-    only = os.environ.get("GEOKERN_DECODE_BACKENDS", "cuda,triton").split(",")
-    avail = [b for b in _backend.available(torch.device("cuda")) if b in only]
+    avail = [b for b in _backend.available(torch.device("cuda")) if b in backends]
     impls = {b: _public(b) for b in avail if b != "torch"}
     if "cuda" in avail and not grad:
         impls["cuda-raw"] = _segments
         impls["cuda-raw[graph]"] = _graphed(_segments)
-        impls.update({f"cuda-raw[graph,{k}]": _graphed(_with_env(env, _segments)) for k, env in SWEEP.items()})
+        impls.update({f"cuda-raw[graph,{k}]": _graphed(functools.partial(_segments, **kw)) for k, kw in SWEEP.items()})
         impls["cuda[graph]"] = _graphed(_public("cuda"))  # last: a capture that fails is reported as such
     peers = {"eager": _eager}
     if grad:
@@ -206,7 +188,8 @@ def _read_floor_case(dname):
     )
 
 
-def cases():
-    return [_case(d, direction) for d in DTYPES for direction in ("fwd", "fwd+bwd")] + [
+def cases(backends=("cuda", "triton")):
+    """The decode cases; backends: the kernel backends timed (where available)."""
+    return [_case(d, direction, backends) for d in DTYPES for direction in ("fwd", "fwd+bwd")] + [
         _read_floor_case(d) for d in DTYPES]
 

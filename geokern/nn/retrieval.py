@@ -21,7 +21,8 @@ class GeodesicRetrieval(nn.Module):
     one softmax over the union. R is a number or per query
     ([B, 1] for queries [B, n], [..., Lq, 1] for [..., Lq, n]): it applies to both
     segments. `mask` (bool, True = keep) masks the row's own keys only. Rows that see
-    no key at all give zeros.
+    no key at all give zeros. forward's keyword arguments besides backend (the tuning knobs
+    num_ctas, bank_splits, pipeline, norm_mma, bwd_chunk) go to retrieval_attention.
     """
 
     def __init__(self, n_coords, d_value, bank_size, *, beta=1.0, eps=1e-8, init_lam=1.0,
@@ -63,7 +64,7 @@ class GeodesicRetrieval(nn.Module):
         self.bank_next.copy_((self.bank_next + keys.shape[0]) % self.bank_size)
         self.bank_count.clamp_(max=self.bank_size - keys.shape[0]).add_(keys.shape[0])
 
-    def forward(self, query, keys=None, values=None, R=1.0, mask=None, *, backend=None):
+    def forward(self, query, keys=None, values=None, R=1.0, mask=None, *, backend=None, **knobs):
         if (keys is None) != (values is None):
             raise ValueError("GeodesicRetrieval: pass keys and values together, or neither")
         if keys is None and mask is not None:
@@ -79,4 +80,4 @@ class GeodesicRetrieval(nn.Module):
             keys, values = bank
             bank = None
         return retrieval_attention(query, keys, values, R, self.metric, self.beta, self.eps, mask, bank=bank,
-                                   backend=backend)
+                                   backend=backend, **knobs)

@@ -1,34 +1,25 @@
-"""Metric-weighted retrieval cost and fused retrieval attention: checks, backends, autograd.
+"""Metric-weighted retrieval cost and fused retrieval attention: checks, backends, custom ops, autograd.
 
-Public: retrieval_cost, retrieval_attention, curvature_scalar (definitions, shapes and broadcasting in
-geokern.reference.retrieval; metrics in geokern.metric).
+Public: retrieval_cost, retrieval_attention, curvature_scalar. Definitions, shapes, broadcasting,
+the bank segment and the backward formulas in geokern.reference.retrieval; metrics in geokern.metric.
 
-Backends. "torch" runs the reference (float64-capable, chunked over queries).
-"triton" runs the flash-style kernels of geokern.kernels.retrieval for
-retrieval_attention (float16 / bfloat16 / float32; forward and backward, gradients to
-query, keys, values, R and the metric; a shared memory bank as a second key segment of
-the same launch). Those kernels expand the squared distance as
-|q|^2_w + |k|^2_w - 2 (w q).k on tensor cores (see the kernel module for its error
-when q is close to k); non-diagonal metrics are applied as a linear feature map in
-PyTorch first, so the kernels see a diagonal metric. "cuda" runs the CUDA C++ kernels of
-csrc/retrieval for both ops (float16 / bfloat16 / float32): they form dv = k - q directly
-(no expansion, no cancellation when q is close to k) and accumulate in float32. The
-attention kernel is flash-decoding shaped (split over keys, a shared bank read once for
-many rows, partials merged by log-sum-exp): fast in the decode regime (few queries per
-row), correct but slow for long query sequences (no tensor cores; use "triton" there).
-Its backward runs dP = dO V^T and dV = P^T dO as float32 cuBLAS GEMMs over chunks of
-queries. The CUDA op (torch.ops.geokern.retrieval_attention_cuda) also takes up to 4 key
-segments in one launch: the public function passes the row's keys and, with bank=, the
-shared bank as the second segment. "auto" picks "cuda" for one query per row (measured
-faster than "triton" there, forward and backward) and "triton" otherwise. retrieval_cost has the reference and both kernels
-(geokern.kernels.retrieval_cost for Triton); "auto" runs the reference there (the
-kernels are not yet measured against it).
+Backends. "torch" runs the reference (float64-capable, chunked over queries). "triton" runs the
+flash-style kernels of geokern.kernels.retrieval (float16 / bfloat16 / float32): they expand the
+squared distance as |q|^2_w + |k|^2_w - 2 (w q).k on tensor cores (kernels/retrieval/README.md gives
+its error when q is close to k) and stream a bank as a second key segment of the same launch.
+"cuda" runs the CUDA C++ kernels of csrc/retrieval (float16 / bfloat16 / float32): they form
+dv = k - q directly (no cancellation) and accumulate in float32; the attention is flash-decoding
+shaped (split over keys, a shared bank read once for many rows, partials merged by log-sum-exp):
+fast for few queries per row, correct but slow for long query sequences. Its backward runs
+dP = dO V^T and dV = P^T dO as float32 cuBLAS GEMMs over chunks of queries. Non-diagonal metrics
+reach both kernels as a linear feature map applied in PyTorch first (a diagonal metric on
+features). "auto" picks "cuda" for one query per row and "triton" otherwise for the attention,
+the reference for the cost (its kernels are not yet measured against it).
 """
 
 import dataclasses
 import math
 import numbers
-import os
 from typing import Optional
 
 import torch
@@ -36,7 +27,6 @@ import torch
 from geokern import _backend
 from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
-from geokern.kernels import retrieval_cost as tkc
 from geokern.metric import Diag, Metric
 from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import retrieval as ref
@@ -51,42 +41,29 @@ _PREFER = ("triton",)
 _DECODE_PREFER = ("cuda", "triton")
 
 
-def _cuda_unavailable(op, backend, device):
-    if backend == "cuda" or (backend is None and os.environ.get("GEOKERN_BACKEND") == "cuda"):
-        raise RuntimeError(f"{op}: backend='cuda' is unavailable: this op family has no CUDA C++ kernel yet "
-                           "(use backend='triton' or 'torch')")
-
-
 # ---- custom ops ------------------------------------------------------------------
-
-
-def _lead(q, k, v):
-    return tuple(broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
-
-
-def _attn_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
-                   mask: Optional[torch.Tensor], bk: Optional[torch.Tensor], bv: Optional[torch.Tensor],
-                   br: Optional[torch.Tensor], beta: float, eps: float,
-                   launch=None) -> tuple[torch.Tensor, torch.Tensor]:
-    return tk.attn_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, launch)
-
-
-def _attn_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-                   r: torch.Tensor, mask: Optional[torch.Tensor], bk: Optional[torch.Tensor],
-                   bv: Optional[torch.Tensor], br: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                   dlse: Optional[torch.Tensor], beta: float, eps: float, need_dr: bool,
-                   launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                         torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tk.attn_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, need_dr, launch)
-
-
-_attn_fwd_tri = triton_op("retrieval_attention_fwd_triton", _attn_fwd_impl)
-_attn_bwd_tri = triton_op("retrieval_attention_bwd_triton", _attn_bwd_impl)
-
-
-# CUDA C++ ops (csrc/retrieval): 4-D inputs as above, the attention over 1 to 4 key segments
-# (k, v, r, mask lists) merged by log-sum-exp. Gradients come back in float32 at the shapes
-# below (_grad_shapes), which the fake and the CPU (reference) implementations share.
+# Operands are 4-D: q [NB0, NB1, LQ, F], k [NB0|1, NB1|1, M, F], v [.., M, DV], r float32 and mask
+# (bool or None) broadcasting to [NB0, NB1, LQ, M], w [F] float32 (a diagonal metric on features);
+# bank_k / bank_v / bank_r the bank segment in the same layout (length C for M; unmasked) or None.
+#
+#   retrieval_attention_<be>(q, k, v, w, r, mask, bank_k, bank_v, bank_r, float beta, float eps,
+#       int num_ctas, int bank_splits, int pipeline, int norm_mma) -> (out [NB0, NB1, LQ, DV] in v's
+#       dtype, lse [NB0, NB1, LQ] float32)
+#   retrieval_attention_backward_<be>(dout, q, k, v, w, r, mask, bank_k, bank_v, bank_r, out, lse,
+#       Tensor? dlse, float beta, float eps, bool need_dr, int chunk)
+#       -> (dq, dk, dv, dr, dbank_k, dbank_v, dbank_r, dw), float32 at _attention_grad_shapes
+#       (without a bank its three are empty [0]; dr / dbank_r may be zeros unless need_dr)
+#   retrieval_cost_<be>(q, k, w, r, float eps) -> cost [NB0, NB1, LQ, M] float32
+#   retrieval_cost_backward_<be>(grad, q, k, w, r, float eps) -> (dq, dk, dr, dw) float32
+#
+# Knobs (0 / -1 = choose), each read by one backend only, ignored by the other: num_ctas (CUDA:
+# the forward's target grid size; 0 = 2 per SM), bank_splits (CUDA: most key splits of a bank
+# shared by several rows; 0 = one per 64 keys), pipeline (Triton: issue the next key tile's GEMM
+# early; -1 = from head dim 128 on, 0 off, 1 on), norm_mma (Triton: norms and row sums on tensor
+# cores for 16-bit unmasked launches; -1 / 1 on, 0 off), chunk (CUDA backward: most elements of
+# one dP chunk; 0 = 2^26). The fakes and the CPU implementations (the reference) are shared by
+# the CUDA ops; the Triton ops are traced for their fakes and run their kernels under the
+# interpreter on CPU tensors.
 
 
 def _r_mode(r):
@@ -103,113 +80,111 @@ def _grad_shapes(lead, q, k, v, r):
     return lead + (lq, q.shape[3]), kb + tuple(k.shape[2:]), dv, dr
 
 
-def _cost_fake(q, k, w, r, eps):
-    lead = tuple(broadcast_shapes(q.shape[:2], k.shape[:2]))
-    return q.new_empty(lead + (q.shape[2], k.shape[2]), dtype=torch.float32)
+def _attention_grad_shapes(dout, q, k, v, r, bank_k, bank_v, bank_r):
+    """((dq, dk, dv, dr), (dq, dbank_k, dbank_v, dbank_r) or None): the backward's output shapes."""
+    lead = tuple(dout.shape[:2])
+    return (_grad_shapes(lead, q, k, v, r),
+            None if bank_k is None else _grad_shapes(lead, q, bank_k, bank_v, bank_r))
 
 
-def _cost_bwd_fake(grad, q, k, w, r, eps):
-    dq, dk, _, dr = _grad_shapes(tuple(grad.shape[:2]), q, k, None, r)
-    return tuple(q.new_empty(s, dtype=torch.float32) for s in (dq, dk, dr, w.shape))
+def _f32(like, shape):
+    return like.new_empty(shape, dtype=torch.float32)
 
 
-def _cost_cpu(q, k, w, r, eps):
-    return ref.retrieval_cost(q, k, r, Diag(w), eps).float().contiguous()
+def _retrieval_attention_fake(q, k, v, w, r, mask, bank_k, bank_v, bank_r, beta, eps, num_ctas, bank_splits,
+                              pipeline, norm_mma):
+    lead = tuple(broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2]))
+    return q.new_empty(lead + (q.shape[2], v.shape[3]), dtype=v.dtype), _f32(q, lead + (q.shape[2],))
 
 
-def _cost_grads(g, q, k, w, r, eps, lead):
-    """(dq, dk, dr, dw) of the cost from its gradient g, by the spec's formulas (the CPU
-    implementation of the backward ops: autograd does not run inside an op's kernel)."""
-    dq_s, dk_s, _, dr_s = _grad_shapes(lead, q, k, None, r)
-    dv = k.float().unsqueeze(-3) - q.float().unsqueeze(-2)  # [.., LQ, M, F]
-    sq = (dv * dv * w).sum(-1)
-    spd = torch.sqrt(sq.clamp(min=0) + eps)
-    c = torch.where(sq >= 0, g * r / spd, torch.zeros_like(spd))
-    ddv = c.unsqueeze(-1) * dv * w
-    full = lead + tuple(ddv.shape[2:])
-    ddv = ddv.expand(full)
-    dw = (0.5 * c.unsqueeze(-1) * dv * dv).expand(full).reshape(-1, w.shape[0]).sum(0)
-    return (-ddv.sum(-2)).sum_to_size(dq_s), ddv.sum(-3).sum_to_size(dk_s), (g * spd).expand(full[:-1]).sum_to_size(dr_s), dw
-
-
-def _cost_bwd_cpu(grad, q, k, w, r, eps):
-    return tuple(t.contiguous() for t in _cost_grads(grad.float(), q, k, w, r, eps, tuple(grad.shape[:2])))
-
-
-def _segs_cat(q, ks, vs, rs, masks):
-    """The segments as one key set (the CPU reference of the segmented op)."""
-    lead = tuple(broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
-    lq = q.shape[2]
-    kc = torch.cat([k.expand(lead + tuple(k.shape[2:])) for k in ks], 2)
-    vc = torch.cat([v.expand(lead + tuple(v.shape[2:])) for v in vs], 2)
-    rc = torch.cat([r.expand(lead + (lq, k.shape[2])) for r, k in zip(rs, ks)], 3)
-    mc = None
-    if any(m is not None for m in masks):
-        mc = torch.cat([(torch.ones((), dtype=torch.bool, device=q.device) if m is None else m).expand(lead + (lq, k.shape[2]))
-                        for m, k in zip(masks, ks)], 3)
-    return lead, kc, vc, rc, mc
-
-
-def _attn_cuda_fake(q, ks, vs, w, rs, masks, beta, eps):
-    lead = tuple(broadcast_shapes(q.shape[:2], *[k.shape[:2] for k in ks], *[v.shape[:2] for v in vs]))
-    return (q.new_empty(lead + (q.shape[2], vs[0].shape[3]), dtype=vs[0].dtype),
-            q.new_empty(lead + (q.shape[2],), dtype=torch.float32))
-
-
-def _attn_cuda_cpu(q, ks, vs, w, rs, masks, beta, eps):
-    _, kc, vc, rc, mc = _segs_cat(q, ks, vs, rs, masks)
-    out, lse = ref.retrieval_attention(q, kc, vc, rc, Diag(w), beta, eps, mc, True)
+def _retrieval_attention_cpu(q, k, v, w, r, mask, bank_k, bank_v, bank_r, beta, eps, num_ctas, bank_splits,
+                             pipeline, norm_mma):
+    bank = None if bank_k is None else (bank_k, bank_v, bank_r)
+    out, lse = ref.retrieval_attention(q, k, v, r, Diag(w), beta, eps, mask, True, bank=bank)
     return out.contiguous(), lse.float().contiguous()
 
 
-def _attn_bwd_cuda_fake(dout, q, ks, vs, w, rs, masks, out, lse, dlse, beta, eps):
-    lead = tuple(dout.shape[:2])
-    shapes = [_grad_shapes(lead, q, k, v, r) for k, v, r in zip(ks, vs, rs)]
-    f32 = lambda s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
-    return (f32(shapes[0][0]), [f32(s[1]) for s in shapes], [f32(s[2]) for s in shapes], [f32(s[3]) for s in shapes],
-            f32(w.shape))
+def _retrieval_attention_backward_fake(dout, q, k, v, w, r, mask, bank_k, bank_v, bank_r, out, lse, dlse, beta,
+                                       eps, need_dr, chunk):
+    seg, bank = _attention_grad_shapes(dout, q, k, v, r, bank_k, bank_v, bank_r)
+    return (*(_f32(q, s) for s in seg), *(_f32(q, s) for s in (bank[1:] if bank else ((0,),) * 3)), _f32(q, w.shape))
 
 
-def _attn_bwd_cuda_cpu(dout, q, ks, vs, w, rs, masks, out, lse, dlse, beta, eps):
-    lead = tuple(dout.shape[:2])
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    finite = torch.isfinite(lse).unsqueeze(-1)
-    dq, dw, dks, dvs, drs = 0, 0, [], [], []
-    for k, v, r, m in zip(ks, vs, rs, masks):
-        spd = torch.sqrt((((k.float().unsqueeze(-3) - q.float().unsqueeze(-2)) ** 2) * w).sum(-1).clamp(min=0) + eps)
-        logit = -beta * r * spd
-        if m is not None:
-            logit = logit.masked_fill(~m, -math.inf)
-        p = torch.where(finite, torch.exp(logit - lse.unsqueeze(-1)), torch.zeros_like(logit))
-        dp = dout.float() @ v.float().transpose(-1, -2)
-        dcost = -beta * p * (dp - delta.unsqueeze(-1))
-        gq, gk, gr, gw = _cost_grads(dcost, q, k, w, r, eps, lead)
-        dq, dw = dq + gq, dw + gw
-        dks.append(gk.contiguous())
-        drs.append(gr.contiguous())
-        dvs.append((p.transpose(-1, -2) @ dout.float()).sum_to_size(_grad_shapes(lead, q, k, v, r)[2]).contiguous())
-    return dq.contiguous(), dks, dvs, drs, dw
+def _retrieval_attention_backward_cpu(dout, q, k, v, w, r, mask, bank_k, bank_v, bank_r, out, lse, dlse, beta,
+                                      eps, need_dr, chunk):
+    shapes = _attention_grad_shapes(dout, q, k, v, r, bank_k, bank_v, bank_r)
+    bank = None if bank_k is None else (bank_k, bank_v, bank_r)
+    grads = ref.retrieval_attention_backward(dout, q, k, v, w, r, mask, out, lse, dlse, beta, eps, bank, shapes)
+    return tuple(_f32(q, (0,)) if g is None else g.float().contiguous() for g in grads)
 
 
-def _cost_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, r: torch.Tensor, eps: float,
-                 launch=None) -> torch.Tensor:
-    return tkc.cost_fwd(q, k, w, r, eps, launch)
+def _retrieval_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, r: torch.Tensor, mask: Optional[torch.Tensor],
+    bank_k: Optional[torch.Tensor], bank_v: Optional[torch.Tensor], bank_r: Optional[torch.Tensor], beta: float,
+    eps: float, num_ctas: int, bank_splits: int, pipeline: int, norm_mma: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tk.retrieval_attention_fwd(q, k, v, w, r, mask, bank_k, bank_v, bank_r, beta, eps, pipeline, norm_mma)
 
 
-def _cost_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
-                     eps: float, launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _retrieval_attention_backward_triton(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
+    mask: Optional[torch.Tensor], bank_k: Optional[torch.Tensor], bank_v: Optional[torch.Tensor],
+    bank_r: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], beta: float,
+    eps: float, need_dr: bool, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    shapes = _attention_grad_shapes(dout, q, k, v, r, bank_k, bank_v, bank_r)
+    return tk.retrieval_attention_bwd(dout, q, k, v, w, r, mask, bank_k, bank_v, bank_r, out, lse, dlse, beta, eps,
+                                      need_dr, shapes)
+
+
+def _cost_grad_shapes(grad, q, k, r):
     dq, dk, _, dr = _grad_shapes(tuple(grad.shape[:2]), q, k, None, r)
-    return tkc.cost_bwd(grad, q, k, w, r, eps, (dq, dk, dr), launch)
+    return dq, dk, dr
 
 
-_cost_tri = triton_op("retrieval_cost_triton", _cost_triton)
-_cost_bwd_tri = triton_op("retrieval_cost_backward_triton", _cost_bwd_triton)
-_cost_cuda = cuda_op("retrieval_cost_cuda", _cost_fake, _cost_cpu)
-_cost_bwd_cuda = cuda_op("retrieval_cost_backward_cuda", _cost_bwd_fake, _cost_bwd_cpu)
-_attn_fwd_cuda = cuda_op("retrieval_attention_cuda", _attn_cuda_fake, _attn_cuda_cpu)
-_attn_bwd_cuda = cuda_op("retrieval_attention_backward_cuda", _attn_bwd_cuda_fake, _attn_bwd_cuda_cpu)
+def _retrieval_cost_fake(q, k, w, r, eps):
+    lead = tuple(broadcast_shapes(q.shape[:2], k.shape[:2]))
+    return _f32(q, lead + (q.shape[2], k.shape[2]))
+
+
+def _retrieval_cost_cpu(q, k, w, r, eps):
+    return ref.retrieval_cost(q, k, r, Diag(w), eps).float().contiguous()
+
+
+def _retrieval_cost_backward_fake(grad, q, k, w, r, eps):
+    return (*(_f32(q, s) for s in _cost_grad_shapes(grad, q, k, r)), _f32(q, w.shape))
+
+
+def _retrieval_cost_backward_cpu(grad, q, k, w, r, eps):
+    grads = ref.retrieval_cost_backward(grad.float(), q, k, w, r, eps, _cost_grad_shapes(grad, q, k, r))
+    return tuple(g.float().contiguous() for g in grads)
+
+
+def _retrieval_cost_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
+                           eps: float) -> torch.Tensor:
+    return tk.retrieval_cost_fwd(q, k, w, r, eps)
+
+
+def _retrieval_cost_backward_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
+                                    r: torch.Tensor, eps: float
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tk.retrieval_cost_bwd(grad, q, k, w, r, eps, _cost_grad_shapes(grad, q, k, r))
+
+
+_ATTENTION = {
+    "cuda": (cuda_op("retrieval_attention_cuda", _retrieval_attention_fake, _retrieval_attention_cpu),
+             cuda_op("retrieval_attention_backward_cuda", _retrieval_attention_backward_fake,
+                     _retrieval_attention_backward_cpu)),
+    "triton": (triton_op("retrieval_attention_triton", _retrieval_attention_triton),
+               triton_op("retrieval_attention_backward_triton", _retrieval_attention_backward_triton)),
+}
+_COST = {
+    "cuda": (cuda_op("retrieval_cost_cuda", _retrieval_cost_fake, _retrieval_cost_cpu),
+             cuda_op("retrieval_cost_backward_cuda", _retrieval_cost_backward_fake, _retrieval_cost_backward_cpu)),
+    "triton": (triton_op("retrieval_cost_triton", _retrieval_cost_triton),
+               triton_op("retrieval_cost_backward_triton", _retrieval_cost_backward_triton)),
+}
 
 
 # ---- autograd --------------------------------------------------------------------
@@ -217,23 +192,20 @@ _attn_bwd_cuda = cuda_op("retrieval_attention_backward_cuda", _attn_bwd_cuda_fak
 
 @bound_once
 class RetrievalAttentionFunction(torch.autograd.Function):
-    """Inputs are 4-D ([NB0, NB1, L, F], size-1 batch dims where shared); bk / bv / br the
-    bank segment or None; gradients are reduced back to each input's shape."""
+    """The attention's custom ops on 4-D inputs ([NB0, NB1, L, F], size-1 batch dims where shared);
+    bk / bv / br the bank segment or None; knobs (num_ctas, bank_splits, pipeline, norm_mma,
+    bwd_chunk). Gradients are reduced back to each input's shape and dtype."""
 
     @staticmethod
-    def forward(q, k, v, w, r, mask, bk, bv, br, beta, eps, backend="triton"):
-        if backend == "cuda":  # the CUDA op takes key segments as lists: the bank is the second
-            ks, vs, rs, ms = _segments(k, v, r, mask, bk, bv, br)
-            return _attn_fwd_cuda(q, ks, vs, w, rs, ms, beta, eps)
-        return _attn_fwd_tri(q, k, v, w, r, mask, bk, bv, br, beta, eps)
+    def forward(q, k, v, w, r, mask, bk, bv, br, beta, eps, backend, knobs):
+        return _ATTENTION[backend][0](q, k, v, w, r, mask, bk, bv, br, beta, eps, *knobs[:4])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, w, r, mask, bk, bv, br, beta, eps = inputs[:11]
-        ctx.backend = inputs[11] if len(inputs) > 11 else "triton"
+        q, k, v, w, r, mask, bk, bv, br, beta, eps, backend, knobs = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, w, r, mask, bk, bv, br, out, lse)
-        ctx.beta, ctx.eps = beta, eps
+        ctx.beta, ctx.eps, ctx.backend, ctx.chunk = beta, eps, backend, knobs[4]
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -243,36 +215,24 @@ class RetrievalAttentionFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         # the lse is differentiable too (merging segments by their lse needs it):
         # d lse / d logit = p, which the kernels take as delta - dlse
-        if ctx.backend == "cuda":
-            ks, vs, rs, ms = _segments(k, v, r, mask, bk, bv, br)
-            dq, dks, dvs, drs, dw = _attn_bwd_cuda(dout, q, ks, vs, w, rs, ms, out, lse, dlse, ctx.beta, ctx.eps)
-            dk, dv, dr = dks[0], dvs[0], drs[0]
-            dbk, dbv, dbr = (dks[1], dvs[1], drs[1]) if bk is not None else (None, None, None)
-        else:
-            dq, dk, dv, dr, dbk, dbv, dbr, dw = _attn_bwd_tri(dout, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
-                                                              ctx.beta, ctx.eps, bool(need[4] or need[8]))
+        dq, dk, dv, dr, dbk, dbv, dbr, dw = _ATTENTION[ctx.backend][1](
+            dout, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, ctx.beta, ctx.eps, bool(need[4] or need[8]),
+            ctx.chunk)
 
         def red(g, x, i):
-            return g.sum_to_size(x.shape).to(x.dtype) if need[i] and g is not None else None
+            return g.sum_to_size(x.shape).to(x.dtype) if need[i] else None
 
         return (red(dq, q, 0), red(dk, k, 1), red(dv, v, 2), dw if need[3] else None, red(dr, r, 4), None,
-                red(dbk, bk, 6), red(dbv, bv, 7), red(dbr, br, 8), None, None, None)
-
-
-def _segments(k, v, r, mask, bk, bv, br):
-    """The CUDA op's key segments (lists of keys, values, R, mask): the row's keys, then the bank."""
-    if bk is None:
-        return [k], [v], [r], [mask]
-    return [k, bk], [v, bv], [r, br], [mask, None]
+                red(dbk, bk, 6), red(dbv, bv, 7), red(dbr, br, 8), None, None, None, None)
 
 
 @bound_once
 class RetrievalCostFunction(torch.autograd.Function):
-    """The cost's kernels on 4-D inputs ([NB0, NB1, L, F], size-1 batch dims where shared)."""
+    """The cost's custom ops on 4-D inputs ([NB0, NB1, L, F], size-1 batch dims where shared)."""
 
     @staticmethod
     def forward(q, k, w, r, eps, backend):
-        return (_cost_cuda if backend == "cuda" else _cost_tri)(q, k, w, r, eps)
+        return _COST[backend][0](q, k, w, r, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -283,8 +243,7 @@ class RetrievalCostFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, w, r = ctx.saved_tensors
-        bwd = _cost_bwd_cuda if ctx.backend == "cuda" else _cost_bwd_tri
-        dq, dk, dr, dw = bwd(grad.float().contiguous(), q, k, w, r, ctx.eps)
+        dq, dk, dr, dw = _COST[ctx.backend][1](grad.float().contiguous(), q, k, w, r, ctx.eps)
         need = ctx.needs_input_grad
         return (
             dq.sum_to_size(q.shape).to(q.dtype) if need[0] else None,
@@ -327,10 +286,9 @@ def _check_inputs(op, query, keys, values, R, metric, eps, mask):
     if values is not None and values.shape[-2] != keys.shape[-2]:
         raise ValueError(f"{op}: values must have as many rows as keys ({keys.shape[-2]}), got {tuple(values.shape)}")
     _check_number(op, "eps", eps)
-    q, k, squeeze = ref.as_batched(query, keys)
+    q, k, v, squeeze = ref.as_batched(query, keys, values)
     try:
-        lead = broadcast_shapes(q.shape[:-2], k.shape[:-2],
-                                      *([] if values is None else [ref._values_batched(values).shape[:-2]]))
+        lead = broadcast_shapes(q.shape[:-2], k.shape[:-2], *([] if v is None else [v.shape[:-2]]))
     except RuntimeError:
         raise ValueError(f"{op}: leading dims of query {tuple(query.shape)}, keys {tuple(keys.shape)}"
                          + ("" if values is None else f" and values {tuple(values.shape)}") + " do not broadcast") from None
@@ -388,7 +346,7 @@ def _to4(t, lead, tail):
     return t.reshape((n0, inner) + tail)
 
 
-def _user_to4(x, lead, squeeze, tail_rank):
+def _user_to4(x, lead, squeeze):
     """R or mask (user shape, broadcasting to the cost) as [NB0|1, NB1|1, Lq|1, M|1]."""
     if squeeze and x.dim() >= 2:
         x = x.unsqueeze(-2)
@@ -419,40 +377,20 @@ def _features(metric, query, keys):
 
 def _r4(R, lead, squeeze, device):
     if isinstance(R, torch.Tensor):
-        return _user_to4(R.to(torch.float32), lead, squeeze, 2)
+        return _user_to4(R.to(torch.float32), lead, squeeze)
     return torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=device)
 
 
-# ---- public ops ------------------------------------------------------------------
-
-
-def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, eps: float = 1e-8, *,
-                   backend: str | None = None) -> torch.Tensor:
-    """cost = R * sqrt(max(g(keys - query, keys - query), 0) + eps), in float32 (float64 for float64).
-
-    query [B, n] or [..., Lq, n]; keys [M, n] (shared) or [..., M, n]; R a number or a tensor
-    broadcasting to the cost shape [B, M] / [..., Lq, M] (per query: [B, 1] / [..., Lq, 1]).
-    Differentiable in query, keys, R and the metric's parameters. "torch" runs the reference,
-    "cuda" and "triton" their kernels (dv formed directly, float32 arithmetic; float16 / bfloat16 /
-    float32; "triton" up to 128 metric features).
-    """
-    op = "retrieval_cost"
-    lead, squeeze = _check_inputs(op, query, keys, None, R, metric, eps, None)
-    be = _kernel_backend(op, backend, query.device, query.dtype, ("torch",))
-    if be == "torch":
-        return ref.retrieval_cost(query, keys, R, metric, eps)
-    if not isinstance(metric, Diag):  # the cost is float32: map rotor / lowrank features in float32 too
-        query, keys = query.float(), keys.float()
-    fq, fk, w = _features(metric, query, keys)
-    if be == "triton" and fq.shape[-1] > tkc.MAX_F:
-        raise ValueError(f"{op}: backend='triton' takes at most {tkc.MAX_F} metric features, got {fq.shape[-1]} "
-                         "(use backend='cuda' or 'torch')")
-    q, k, _ = ref.as_batched(fq, fk)
-    lead = tuple(lead)
-    cost = RetrievalCostFunction.apply(_to4(q, lead, q.shape[-2:]), _to4(k, lead, k.shape[-2:]), w.contiguous(),
-                                       _r4(R, lead, squeeze, query.device), float(eps), be)
-    cost = cost.reshape(lead + (q.shape[-2], k.shape[-2]))
-    return cost.squeeze(-2) if squeeze else cost
+def _check_knobs(op, **knobs):
+    """The tuning knobs as the schema's tuple (num_ctas, bank_splits, pipeline, norm_mma, bwd_chunk)."""
+    for name, x in knobs.items():
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{op}: {name} must be an int, got {type(x).__name__}")
+        if name in ("pipeline", "norm_mma") and x not in (-1, 0, 1):
+            raise ValueError(f"{op}: {name} must be -1 (choose), 0 or 1, got {x}")
+        if name not in ("pipeline", "norm_mma") and x < 0:
+            raise ValueError(f"{op}: {name} must be 0 (choose) or positive, got {x}")
+    return tuple(knobs.values())
 
 
 def _check_bank(op, bank, query, values, R, lead, squeeze):
@@ -467,7 +405,8 @@ def _check_bank(op, bank, query, values, R, lead, squeeze):
     if bk.shape[-1] != query.shape[-1] or bv.shape[-1] != values.shape[-1] or bv.shape[-2] != bk.shape[-2]:
         raise ValueError(f"{op}: bank keys must be [..., C, {query.shape[-1]}] and bank values [..., C, "
                          f"{values.shape[-1]}]; got {tuple(bk.shape)} and {tuple(bv.shape)}")
-    own = ref.as_batched(query, bk)[1].shape[:-2], ref._values_batched(bv).shape[:-2]
+    _, bk3, bv3, _ = ref.as_batched(query, bk, bv)
+    own = bk3.shape[:-2], bv3.shape[:-2]
     for shape in own:
         try:
             ok = tuple(broadcast_shapes(shape, lead)) == tuple(lead)
@@ -495,18 +434,43 @@ def _check_bank(op, bank, query, values, R, lead, squeeze):
     return bk, bv, br
 
 
-def _merge_by_lse(o1, l1, o2, l2):
-    """Outputs of two key segments merged by their log-sum-exp: one softmax over the union.
-    A row that sees no key in either (lse -inf twice) gives zeros and lse -inf."""
-    total = torch.logsumexp(torch.stack([l1, l2]), 0)
-    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    w1, w2 = torch.exp(l1 - safe).unsqueeze(-1), torch.exp(l2 - safe).unsqueeze(-1)
-    return (w1 * o1.to(w1.dtype) + w2 * o2.to(w1.dtype)).to(o1.dtype), total
+
+# ---- public ops ------------------------------------------------------------------
+
+
+def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, eps: float = 1e-8, *,
+                   backend: str | None = None) -> torch.Tensor:
+    """cost = R * sqrt(max(g(keys - query, keys - query), 0) + eps), in float32 (float64 for float64).
+
+    query [B, n] or [..., Lq, n]; keys [M, n] (shared) or [..., M, n]; R a number or a tensor
+    broadcasting to the cost shape [B, M] / [..., Lq, M] (per query: [B, 1] / [..., Lq, 1]).
+    Differentiable in query, keys, R and the metric's parameters. "torch" runs the reference,
+    "cuda" and "triton" their kernels (dv formed directly, float32 arithmetic; float16 / bfloat16 /
+    float32; "triton" up to 128 metric features).
+    """
+    op = "retrieval_cost"
+    lead, squeeze = _check_inputs(op, query, keys, None, R, metric, eps, None)
+    be = _kernel_backend(op, backend, query.device, query.dtype, ("torch",))
+    if be == "torch":
+        return ref.retrieval_cost(query, keys, R, metric, eps)
+    if not isinstance(metric, Diag):  # the cost is float32: map rotor / lowrank features in float32 too
+        query, keys = query.float(), keys.float()
+    fq, fk, w = _features(metric, query, keys)
+    if be == "triton" and fq.shape[-1] > tk.MAX_F:
+        raise ValueError(f"{op}: backend='triton' takes at most {tk.MAX_F} metric features, got {fq.shape[-1]} "
+                         "(use backend='cuda' or 'torch')")
+    q, k, _, _ = ref.as_batched(fq, fk)
+    lead = tuple(lead)
+    cost = RetrievalCostFunction.apply(_to4(q, lead, q.shape[-2:]), _to4(k, lead, k.shape[-2:]), w.contiguous(),
+                                       _r4(R, lead, squeeze, query.device), float(eps), be)
+    cost = cost.reshape(lead + (q.shape[-2], k.shape[-2]))
+    return cost.squeeze(-2) if squeeze else cost
 
 
 def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, R, metric: Metric,
                         beta: float, eps: float = 1e-8, mask: torch.Tensor | None = None, *,
-                        bank=None, return_lse: bool = False, backend: str | None = None):
+                        bank=None, return_lse: bool = False, backend: str | None = None, num_ctas: int = 0,
+                        bank_splits: int = 0, pipeline: int = -1, norm_mma: int = -1, bwd_chunk: int = 0):
     """out = softmax_m(-beta * cost) @ values, flash-style, never materialising the cost.
 
     query [B, n] (one query per row) or [..., Lq, n]; keys [M, n] (shared) or [..., M, n];
@@ -519,44 +483,54 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     (bank_keys, bank_values, bank_R), usually one copy shared by the whole batch (leading
     dims, if any, broadcast to the batch shape). The softmax runs over the union of the
     row's keys and the bank: the same output and lse as concatenating the bank, expanded
-    per row, to keys and values, but the Triton kernel streams both segments in one launch
-    and reads the bank through its own strides (never expanded or concatenated; its
+    per row, to keys and values, but both kernels stream the two segments in one launch
+    and read the bank through its own strides (never expanded or concatenated; its
     gradients are summed over the batch in place). bank_R (a number or a tensor
     broadcasting to [B, C] / [..., Lq, C]) defaults to R when R is a number or per query;
     `mask` applies to the row's keys only, the bank is never masked.
+
+    Tuning knobs (0 / -1 = the measured heuristic; each is read by one kernel backend and
+    ignored by the others; results do not depend on them beyond rounding):
+      num_ctas     "cuda" forward: the target number of blocks when it splits the keys
+                   (0 = 2 per SM).
+      bank_splits  "cuda" forward: at most this many splits of a key set shared by several
+                   rows, such as a bank (0 = one per 64 keys).
+      pipeline     "triton" forward: issue the next key tile's distance GEMM before this
+                   tile's softmax (-1 = from a head dim of 128 on, 0 = never, 1 = always).
+      norm_mma     "triton" forward: add the norms and sum the rows on tensor cores for
+                   16-bit inputs without a mask (-1 or 1 = there, 0 = never).
+      bwd_chunk    "cuda" backward: at most this many elements of dP per chunk of queries
+                   (0 = 2**26).
     """
     op = "retrieval_attention"
     lead, squeeze = _check_inputs(op, query, keys, values, R, metric, eps, mask)
     _check_number(op, "beta", beta)
+    knobs = _check_knobs(op, num_ctas=num_ctas, bank_splits=bank_splits, pipeline=pipeline, norm_mma=norm_mma,
+                         bwd_chunk=bwd_chunk)
     bk = bv = br = None
     if bank is not None:
         bk, bv, br = _check_bank(op, bank, query, values, R, lead, squeeze)
     be = _kernel_backend(op, backend, query.device, query.dtype,
                          _DECODE_PREFER if squeeze or query.shape[-2] == 1 else _PREFER)
     if be == "torch":
-        out, lse = ref.retrieval_attention(query, keys, values, R, metric, beta, eps, mask, True)
-        if bank is not None:
-            o2, l2 = ref.retrieval_attention(query, bk, bv, br, metric, beta, eps, None, True)
-            out, lse = _merge_by_lse(out, lse, o2, l2)
+        out, lse = ref.retrieval_attention(query, keys, values, R, metric, beta, eps, mask, True,
+                                           bank=None if bank is None else (bk, bv, br))
         return (out, lse) if return_lse else out
 
     # a general metric is a linear feature map plus diagonal weights: map, then run the diag kernel
     fq, fk, w = _features(metric, query, keys)
-    fb = None if bk is None else _features(metric, query, bk)[1]
-    q, k, _ = ref.as_batched(fq, fk)
-    v = ref._values_batched(values)
+    q, k, v, _ = ref.as_batched(fq, fk, values)
     lead = tuple(lead)
-    q4 = _to4(q, lead, q.shape[-2:])
-    k4 = _to4(k, lead, k.shape[-2:])
-    v4 = _to4(v, lead, v.shape[-2:])
+    q4, k4, v4 = _to4(q, lead, q.shape[-2:]), _to4(k, lead, k.shape[-2:]), _to4(v, lead, v.shape[-2:])
     r4 = _r4(R, lead, squeeze, query.device)
-    mask4 = None if mask is None else _user_to4(mask, lead, squeeze, 2)
+    mask4 = None if mask is None else _user_to4(mask, lead, squeeze)
     b4 = (None, None, None)
     if bank is not None:
-        bk3, bv3 = ref.as_batched(fq, fb)[1], ref._values_batched(bv)
+        _, bk3, bv3, _ = ref.as_batched(fq, _features(metric, query, bk)[1], bv)
         b4 = (_to4(bk3, lead, bk3.shape[-2:]), _to4(bv3, lead, bv3.shape[-2:]),
               r4.view(r4.shape) if br is R else _r4(br, lead, squeeze, query.device))  # a view: see _to4
-    out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, *b4, float(beta), float(eps), be)
+    out, lse = RetrievalAttentionFunction.apply(q4, k4, v4, w.contiguous(), r4, mask4, *b4, float(beta), float(eps),
+                                                be, knobs)
     full = lead + (q.shape[-2],)
     out = out.reshape(full + (v.shape[-1],))
     lse = lse.reshape(full)
@@ -589,9 +563,9 @@ def curvature_scalar(R4: torch.Tensor, g_inv: torch.Tensor, eps: float = 1e-8, *
         raise ValueError(f"{op}: leading dims of R4 {tuple(R4.shape)} and g_inv {tuple(g_inv.shape)} "
                          "do not broadcast") from None
     _check_number(op, "eps", eps)
-    _cuda_unavailable(op, backend, R4.device)
-    be = _backend.resolve(op, backend, R4.device, ("torch",))
-    if be == "triton":
-        raise RuntimeError(f"{op}: backend='triton' is unavailable: curvature_scalar has only the "
+    asked = _backend.DEFAULT_BACKEND if backend is None else backend
+    if asked in ("triton", "cuda"):
+        raise RuntimeError(f"{op}: backend={asked!r} is unavailable: curvature_scalar has only the "
                            "PyTorch implementation (use backend='torch')")
+    _backend.resolve(op, backend, R4.device, ("torch",))
     return ref.curvature_scalar(R4, g_inv, eps)

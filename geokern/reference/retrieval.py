@@ -20,6 +20,17 @@ dtype, the attention output in the values' dtype, the lse in float32 / float64.
 dv is formed directly (no |q|^2 + |k|^2 - 2 q.k expansion), so there is no
 cancellation when q is close to k. Memory-bounded: queries are processed in chunks
 so at most about CHUNK_ELEMS cost elements exist at once (without autograd).
+
+A bank is a second key segment, (bank_keys, bank_values[, bank_R]) with the keys' conventions
+(usually [C, n] / [C, d_v], one copy shared by every row): the softmax runs over the union of
+the row's keys and the bank, never masked, with bank_R defaulting to R. Each segment's output
+and lse merge by log-sum-exp (merge_by_lse): the same result as concatenating the bank,
+expanded per row, to the keys and values.
+
+The backward formulas (spec section 2) are written out for the kernels' layout (4-D
+[NB0, NB1, L, F] operands, size-1 batch dims where shared, a diagonal metric w [F]):
+retrieval_cost_backward and retrieval_attention_backward. They are the CPU implementation of the
+backward custom ops (autograd does not run inside an op's kernel) and what the kernels compute.
 """
 
 import math
@@ -33,16 +44,14 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def as_batched(query, keys):
-    """(q [..., Lq, n], k [..., M, n], squeeze) with a 2-D query seen as [B, 1, n]."""
+def as_batched(query, keys, values=None):
+    """(q [..., Lq, n], k [..., M, n], v [..., M, d_v] or None, squeeze): a 2-D query seen as
+    [B, 1, n] (squeeze: the caller drops that dim again), 2-D keys / values as [1, M, .]."""
     squeeze = query.dim() == 2
     q = query.unsqueeze(-2) if squeeze else query
     k = keys.unsqueeze(0) if keys.dim() == 2 else keys
-    return q, k, squeeze
-
-
-def _values_batched(values):
-    return values.unsqueeze(0) if values.dim() == 2 else values
+    v = None if values is None else (values.unsqueeze(0) if values.dim() == 2 else values)
+    return q, k, v, squeeze
 
 
 def _r_batched(R, squeeze):
@@ -82,7 +91,7 @@ def retrieval_cost(query, keys, R, metric, eps=1e-8, compute_dtype=None):
     compute_dtype overrides the arithmetic dtype (tests use the inputs' own 16-bit
     dtype to measure the error plain PyTorch makes at that precision)."""
     acc = compute_dtype or acc_dtype(query.dtype)
-    q, k, squeeze = as_batched(query, keys)
+    q, k, _, squeeze = as_batched(query, keys)
     q, k = q.to(acc), k.to(acc)
     R = _r_batched(R, squeeze)
     if isinstance(R, torch.Tensor):
@@ -100,11 +109,34 @@ def retrieval_cost(query, keys, R, metric, eps=1e-8, compute_dtype=None):
 
 
 def retrieval_attention(query, keys, values, R, metric, beta, eps=1e-8, mask=None, return_lse=False,
-                        compute_dtype=None):
-    """out = softmax(-beta * cost) @ values ([B, dv] or [..., Lq, dv]); optionally the lse."""
+                        compute_dtype=None, *, bank=None):
+    """out = softmax(-beta * cost) @ values ([B, d_v] or [..., Lq, d_v]); optionally the lse.
+
+    bank: (bank_keys, bank_values) or (bank_keys, bank_values, bank_R), a second key segment
+    (unmasked; bank_R defaults to R) merged with the first by log-sum-exp."""
     acc = compute_dtype or acc_dtype(query.dtype)
-    q, k, squeeze = as_batched(query, keys)
-    v = _values_batched(values)
+    out, lse = _attend(query, keys, values, R, metric, beta, eps, mask, acc)
+    if bank is not None:
+        o2, l2 = _attend(query, bank[0], bank[1], bank[2] if len(bank) == 3 else R, metric, beta, eps, None, acc)
+        out, lse = merge_by_lse(out, lse, o2, l2)
+    out = out.to(values.dtype)
+    return (out, lse) if return_lse else out
+
+
+def merge_by_lse(out1, lse1, out2, lse2):
+    """The outputs of two key segments merged by their log-sum-exp: one softmax over the union
+    (in the lse's dtype; leading dims broadcast). A row that sees no key in either (lse -inf
+    twice) gives zeros and lse -inf."""
+    lse1, lse2 = torch.broadcast_tensors(lse1, lse2)
+    total = torch.logsumexp(torch.stack([lse1, lse2]), 0)
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    w1, w2 = torch.exp(lse1 - safe).unsqueeze(-1), torch.exp(lse2 - safe).unsqueeze(-1)
+    return w1 * out1.to(w1.dtype) + w2 * out2.to(w1.dtype), total
+
+
+def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
+    """(out, lse) of one key segment, both in the accumulation dtype acc."""
+    q, k, v, squeeze = as_batched(query, keys, values)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     R = _r_batched(R, squeeze)
     if isinstance(R, torch.Tensor):
@@ -136,8 +168,68 @@ def retrieval_attention(query, keys, values, R, metric, beta, eps=1e-8, mask=Non
         lse = torch.full(tuple(lead) + (lq,), -math.inf, dtype=acc, device=q.device)
     if squeeze:
         out, lse = out.squeeze(-2), lse.squeeze(-1)
-    out = out.to(values.dtype)
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+# ---- the backward, on the kernels' layout ----------------------------------------
+
+
+def retrieval_cost_backward(grad, q, k, w, r, eps, shapes=None):
+    """(dq, dk, dr, dw) of cost = r * sqrt(max(g(k - q), 0) + eps) from the cost's gradient grad.
+
+    q [..., LQ, F], k [..., M, F], r and grad broadcasting to the cost [..., LQ, M], a diagonal
+    metric w [F]; float32 arithmetic (float64 for float64 q). With g = sum_f w_f dv_f^2 and
+    spd = sqrt(max(g, 0) + eps), per pair:
+        c = grad r / spd [g >= 0],  ddv = c w dv,  dq = -sum_keys ddv,  dk = sum_queries ddv,
+        dw = sum c dv^2 / 2,        dr = grad spd.
+    dq, dk, dr are summed to `shapes` (dq, dk, dr) (default: the inputs' own shapes); dw is [F].
+    Not chunked: it holds [..., LQ, M, F] (the ops' CPU implementation, at test sizes)."""
+    acc = acc_dtype(q.dtype)
+    g = grad.to(acc)
+    dv = k.to(acc).unsqueeze(-3) - q.to(acc).unsqueeze(-2)  # [.., LQ, M, F]
+    sq = (dv * dv * w).sum(-1)
+    spd = torch.sqrt(sq.clamp(min=0) + eps)
+    c = torch.where(sq >= 0, g * r / spd, torch.zeros_like(spd))
+    ddv = c.unsqueeze(-1) * dv * w
+    dw = (0.5 * c.unsqueeze(-1) * dv * dv).reshape(-1, w.shape[0]).sum(0)
+    dq_s, dk_s, dr_s = shapes or (q.shape, k.shape, r.shape)
+    return (-ddv.sum(-2)).sum_to_size(dq_s), ddv.sum(-3).sum_to_size(dk_s), (g * spd).sum_to_size(dr_s), dw
+
+
+def retrieval_attention_backward(dout, q, k, v, w, r, mask, out, lse, dlse, beta, eps, bank=None, shapes=None):
+    """(dq, dk, dv, dr, dbank_k, dbank_v, dbank_r, dw) of (out, lse) = retrieval_attention.
+
+    The kernels' layout: q [NB0, NB1, LQ, F], k [.., M, F], v [.., M, DV], r and the bool mask
+    broadcasting to [NB0, NB1, LQ, M], a diagonal metric w [F]; bank (bk, bv, br) or None; out,
+    lse the forward's results; dlse (or None) the lse's gradient. With P the weights recomputed
+    from the lse, dP = dout v^T and delta = rowsum(dout * out) - dlse:
+        dcost = -beta P (dP - delta),   dv = P^T dout,
+    then dcost through retrieval_cost_backward per segment. Float32 (float64 for float64 q);
+    summed to shapes ((dq, dk, dv, dr), (_, dbank_k, dbank_v, dbank_r)) (default: the inputs'
+    own); the bank's three are None without a bank."""
+    acc = acc_dtype(q.dtype)
+    do = dout.to(acc)
+    delta = (do * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    finite = torch.isfinite(lse).unsqueeze(-1)
+    segs = [(k, v, r, mask)] + ([] if bank is None else [(bank[0], bank[1], bank[2], None)])
+    dq_s = q.shape if shapes is None else shapes[0][0]
+    dq, dw, grads = 0, 0, []
+    for i, (ks, vs, rs, ms) in enumerate(segs):
+        dv_ = ks.to(acc).unsqueeze(-3) - q.to(acc).unsqueeze(-2)
+        spd = torch.sqrt((dv_ * dv_ * w).sum(-1).clamp(min=0) + eps)
+        logit = -beta * rs * spd
+        if ms is not None:
+            logit = logit.masked_fill(~ms, -math.inf)
+        p = torch.where(finite, torch.exp(logit - lse.to(acc).unsqueeze(-1)), torch.zeros_like(logit))
+        dcost = -beta * p * (do @ vs.to(acc).transpose(-1, -2) - delta.unsqueeze(-1))
+        _, dk_s, dv_s, dr_s = (None, ks.shape, vs.shape, rs.shape) if shapes is None else shapes[i]
+        gq, gk, gr, gw = retrieval_cost_backward(dcost, q, ks, w, rs, eps, (dq_s, dk_s, dr_s))
+        dq, dw = dq + gq, dw + gw
+        grads.append((gk, (p.transpose(-1, -2) @ do).sum_to_size(dv_s), gr))
+    (dk, dv, dr), bgrads = grads[0], grads[1] if bank is not None else (None, None, None)
+    return (dq, dk, dv, dr, *bgrads, dw)
 
 
 def curvature_scalar(R4, g_inv, eps=1e-8):

@@ -14,13 +14,12 @@ is dq or dk. Where x is shared across a batch dim (a shared key bank), the point
 meet it.
 
 Shapes: q [NB0, NB1, LQ, F], k [1|NB0, 1|NB1, M, F] (stride 0 where broadcast), w [F] float32,
-r float32 read through strides over [b0, b1, LQ, M] (zero where broadcast).
+r float32 read through strides over [b0, b1, LQ, M] (zero where broadcast). The launchers are in
+__init__.py.
 """
 
 import triton
 import triton.language as tl
-
-from geokern._backend import interpret_mode
 
 
 @triton.jit
@@ -28,6 +27,9 @@ def retrieval_cost_fwd_kernel(q_ptr, k_ptr, w_ptr, r_ptr, out_ptr,
                               sq0, sq1, sql, sqf, sk0, sk1, skl, skf, sr0, sr1, srl, srm,
                               NB1, LQ, M, F, eps,
                               BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_F: tl.constexpr):
+    """q: [NB0, NB1, LQ, F], k: [NB0|1, NB1|1, M, F] -> out: [NB0 * NB1, LQ, M] float32.
+    One program: a BLOCK_X x BLOCK_Y tile of (query, key) pairs of one batch, dv = k - q formed
+    per pair in float32, features in chunks of BLOCK_F."""
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     eps = tl.cast(eps, tl.float32)
     pid_x = tl.program_id(0)
@@ -61,8 +63,10 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
                               LOOP0: tl.constexpr, LOOP1: tl.constexpr, WRITE_W: tl.constexpr, WRITE_DRX: tl.constexpr,
                               WRITE_DRP: tl.constexpr,
                               BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_F: tl.constexpr):
-    """One side of the cost's backward for a tile of BLOCK_X points x: out [.., LX, F] (w sum c (x - y)),
-    outw (sum c (x - y)^2 / 2), drx (sum g spd), drp (g spd per pair). F <= BLOCK_F."""
+    """x: [NX0, NX1, LX, F] (the queries, or the keys), y: [.., LY, F] the other side, g / r over
+    [NB0, NB1, LX, LY] -> out [NX0 * NX1, LX, F]. One program: BLOCK_X points x of one batch (every
+    batch where x is shared) against every y: out = w sum c (x - y), outw = sum c (x - y)^2 / 2,
+    drx = sum g spd, drp = g spd per pair. F <= BLOCK_F."""
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     eps = tl.cast(eps, tl.float32)
     pid_x = tl.program_id(0)
@@ -112,80 +116,3 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
         tl.store(outw_ptr + row[:, None] * F + offs_f[None, :], 0.5 * accw, mask=xv[:, None] & fv[None, :])
     if WRITE_DRX:
         tl.store(drx_ptr + row, dr, mask=xv)
-
-
-# ---- launchers -------------------------------------------------------------------
-
-MAX_F = 128  # the backward holds all features of a tile at once
-
-
-def _launch(kernel, launch):
-    return (launch or (lambda k: k))(kernel)
-
-
-def _blocks(f):
-    """(BLOCK_X = BLOCK_Y, BLOCK_F): at most 4096 pair-feature differences in a tile."""
-    bf = max(16, triton.next_power_of_2(f))
-    if interpret_mode():
-        return 8, bf
-    bxy = 4
-    while bxy * 2 <= 32 and (bxy * 2) ** 2 * bf <= 4096:
-        bxy *= 2
-    return bxy, bf
-
-
-def _bstrides(t):
-    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
-
-
-def cost_fwd(q, k, w, r, eps, launch=None):
-    """cost [NB0, NB1, LQ, M] float32."""
-    import torch
-
-    lead = tuple(torch.broadcast_shapes(q.shape[:2], k.shape[:2]))
-    lq, m, f = q.shape[2], k.shape[2], q.shape[3]
-    out = torch.empty(lead + (lq, m), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out
-    bxy, bf = _blocks(min(f, 32))
-    grid = (triton.cdiv(lq, bxy), triton.cdiv(m, bxy), lead[0] * lead[1])
-    _launch(retrieval_cost_fwd_kernel, launch)[grid](
-        q, k, w, r, out, *_bstrides(q), *_bstrides(k), *_bstrides(r), lead[1], lq, m, f, float(eps),
-        BLOCK_X=bxy, BLOCK_Y=bxy, BLOCK_F=bf)
-    return out
-
-
-def _side(x, y, w, g, sg, r, sr, out, outw, drx, drp, lead, lx, ly, eps, launch):
-    nx0, nx1 = out.shape[0], out.shape[1]
-    f = x.shape[3]
-    bxy, bf = _blocks(f)
-    grid = (triton.cdiv(lx, bxy), nx0 * nx1)
-    dummy = out
-    _launch(retrieval_cost_bwd_kernel, launch)[grid](
-        x, y, w, g, r, out, outw if outw is not None else dummy, drx if drx is not None else dummy,
-        drp if drp is not None else dummy,
-        *_bstrides(x), *_bstrides(y), *sg, *sr, *(_bstrides(drp) if drp is not None else [0, 0, 0, 0]),
-        lead[0], lead[1], nx1, lx, ly, f, float(eps),
-        LOOP0=nx0 == 1 and lead[0] > 1, LOOP1=nx1 == 1 and lead[1] > 1, WRITE_W=outw is not None,
-        WRITE_DRX=drx is not None, WRITE_DRP=drp is not None, BLOCK_X=bxy, BLOCK_Y=bxy, BLOCK_F=bf)
-
-
-def cost_bwd(grad, q, k, w, r, eps, shapes, launch=None):
-    """(dq, dk, dr, dw), float32, at the shapes (dq, dk, dr) that geokern.ops.retrieval uses."""
-    import torch
-
-    lead = tuple(grad.shape[:2])
-    lq, m = q.shape[2], k.shape[2]
-    dq_s, dk_s, dr_s = shapes
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq, dk, dr = torch.zeros(dq_s, **f32), torch.zeros(dk_s, **f32), torch.zeros(dr_s, **f32)
-    dwp = torch.zeros((lead[0] * lead[1] * lq, q.shape[3]), **f32)
-    if grad.numel() == 0:
-        return dq, dk, dr, dwp.sum(0)
-    mode = int(r.shape[2] != 1) + 2 * int(r.shape[3] != 1)
-    sg, sr = _bstrides(grad), _bstrides(r)
-    _side(q, k, w, grad, sg, r, sr, dq, dwp, dr if mode < 2 else None, dr if mode == 3 else None, lead, lq, m, eps,
-          launch)
-    tr = lambda s: [s[0], s[1], s[3], s[2]]  # noqa: E731
-    _side(k, q, w, grad, tr(sg), r, tr(sr), dk, None, dr if mode == 2 else None, None, lead, m, lq, eps, launch)
-    return dq, dk, dr, dwp.sum(0)
