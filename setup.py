@@ -149,7 +149,9 @@ if ext is not None:
 
 setup(
     version=version,
-    packages=find_packages(include=["geokern", "geokern.*"]) + ["geokern.kernels"],
+    # kernels/ ships as geokern.kernels, its family folders (kernels/retrieval/) as its subpackages
+    packages=find_packages(include=["geokern", "geokern.*"])
+    + ["geokern.kernels"] + [f"geokern.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"geokern.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
