@@ -193,6 +193,7 @@ def maxplus_fwd_kernel(
             gap = top2 - top1
         else:
             gap = top1 - top2
+        gap = tl.where(top1 == top2, 0.0, gap)  # a tie: 0, at the winning infinity too (inf - inf)
         gap = tl.where((top2 == ZERO) & (top1 == top1), float("inf"), gap)
         tl.store(mg_ptr + out, narrow(gap, mg_ptr.dtype.element_ty), mask=mask)
 
