@@ -339,3 +339,18 @@ print("ok")
 def test_output_past_2_31_elements(dtype, backend):
     need(backend)
     assert "ok" in run_isolated(_HUGE.format(backend=backend, dtype=dtype))
+
+
+@pytest.mark.huge
+@pytest.mark.skipif(not HAS_CUDA, reason="tensors past 2**31 elements need a GPU")
+def test_triton_refuses_a_grid_past_its_limit():
+    """2**31 one-element products: one Triton program each would pass grid axis 0's limit."""
+    need("triton")
+    run_isolated('''
+import torch, geokern, pytest
+A = torch.zeros(1, 1, 1, dtype=torch.int16, device="cuda").expand(2**31, 1, 1)
+B = torch.zeros(1, 1, dtype=torch.int16, device="cuda")
+with pytest.raises(ValueError, match="programs, more than the grid"):
+    geokern.maxplus_matmul(A, B, backend="triton", check_range=False)
+torch.cuda.synchronize()
+''')

@@ -77,16 +77,23 @@ def int_overflow(dtype, semiring):
 
 def int_out_of_range(A, B, semiring):
     """Which entries of C read an out-of-range input: a bool tensor broadcastable to C's
-    shape, (..., M, 1) | (..., 1, N). One pass over A and B (a reduction per row of A and
-    column of B), no host sync."""
-    q, zero = int_bound(A.dtype), int_sentinel(A.dtype, semiring)
+    shape, (..., M, 1) | (..., 1, N). Reductions over A's rows and B's columns and one
+    elementwise pass over C's shape; device-side, no host sync."""
+    q = int_bound(A.dtype)
 
-    def bad(x):
-        return ((x > q) | (x < -q)) & (x != zero)
+    def bad(x, dim):
+        if x.shape[dim] == 0:  # K = 0: nothing is read (amax of nothing is an error)
+            shape = list(x.shape)
+            del shape[dim]
+            return x.new_zeros(shape, dtype=torch.bool)
+        if semiring == "maxplus":
+            # |x| of the sentinel (the dtype's minimum) wraps to itself, below q: one pass
+            return x.abs().amax(dim) > q
+        # min-plus: the sentinel is the maximum; ~x = -x - 1 maps it to the minimum (whose |.|
+        # wraps) and (q, max) to [q + 2, max] in |.|, while in-range x give at most q + 1
+        return (x.amin(dim) < -q) | (torch.bitwise_not(x).abs_().amax(dim) > q + 1)
 
-    rows = bad(A).any(-1) if A.shape[-1] else A.new_zeros(A.shape[:-1], dtype=torch.bool)
-    cols = bad(B).any(-2) if B.shape[-2] else B.new_zeros(B.shape[:-2] + B.shape[-1:], dtype=torch.bool)
-    return rows.unsqueeze(-1) | cols.unsqueeze(-2)
+    return bad(A, -1).unsqueeze(-1) | bad(B, -2).unsqueeze(-2)
 
 
 def _int_matmul(A, B, return_argmax, semiring):
