@@ -36,6 +36,18 @@ def test_empty_inputs_have_gradients(M, K, N, batch, backend):
     assert (A.grad == 0).all() and (B.grad == 0).all(), f"{backend}: gradients of an empty output are zeros"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,K,N,batch", EMPTY, ids=lambda x: str(x))
+def test_empty_int_inputs(M, K, N, batch, backend):
+    need(backend)
+    A = torch.randint(-9, 9, (*batch, M, K), device=DEVICE, dtype=torch.int16)
+    B = torch.randint(-9, 9, (K, N), device=DEVICE, dtype=torch.int16)
+    c, idx = geokern.maxplus_matmul(A, B, return_argmax=True, semiring="minplus", backend=backend)
+    assert c.shape == idx.shape == (*batch, M, N), f"{backend}: output shapes"
+    if K == 0:
+        assert (c == ref.int_sentinel(torch.int16, "minplus")).all() and (idx == -1).all(), f"{backend}: empty K"
+
+
 # ---- NaN: C[i, j] is NaN exactly when row i of A or column j of B holds a NaN -------------
 
 

@@ -136,6 +136,15 @@ _KERNELS = {
 # ---- autograd ------------------------------------------------------------------
 
 
+def _route_scatter(grad, idx, a_shape, b_shape, backend):
+    """(dA, dB): dC scattered along the route by the backend's backward kernel."""
+    if torch.are_deterministic_algorithms_enabled():
+        # the kernels' atomic adds land in no fixed order; torch's scatter_add_ is
+        # deterministic in this mode (or raises, as torch's own ops do)
+        return _maxplus_backward_cpu(grad, idx, a_shape, b_shape)
+    return _KERNELS[backend][1](grad, idx, a_shape, b_shape)
+
+
 @bound_once
 class MaxplusMatmulFunction(torch.autograd.Function):
     """(C, argmax, margin) = maxplus(A, B); the gradient follows the argmax route."""
@@ -155,7 +164,10 @@ class MaxplusMatmulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _gidx, _gmg):
         (idx,) = ctx.saved_tensors
-        da, db = MaxplusBackwardFunction.apply(grad, idx, ctx.a_shape, ctx.b_shape, ctx.backend)
+        if torch.is_grad_enabled():  # create_graph: the backward itself is differentiated
+            da, db = MaxplusBackwardFunction.apply(grad, idx, ctx.a_shape, ctx.b_shape, ctx.backend)
+        else:
+            da, db = _route_scatter(grad, idx, ctx.a_shape, ctx.b_shape, ctx.backend)
         return (
             da if ctx.needs_input_grad[0] else None,
             db if ctx.needs_input_grad[1] else None,
@@ -169,10 +181,7 @@ class MaxplusBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad, idx, a_shape, b_shape, backend):
-        if torch.are_deterministic_algorithms_enabled():
-            # the kernels' atomic adds land in no fixed order: torch's scatter_add_ does
-            return _maxplus_backward_cpu(grad, idx, a_shape, b_shape)
-        return _KERNELS[backend][1](grad, idx, a_shape, b_shape)
+        return _route_scatter(grad, idx, a_shape, b_shape, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -273,7 +282,9 @@ def maxplus_matmul(
     be = _backend.resolve(_OP, backend, A.device, _PREFER)
     if be == "torch":
         return ref.maxplus_matmul(A, B, return_argmax, return_margin, semiring)
-    if max(A.shape[-2] * A.shape[-1], B.shape[-2] * B.shape[-1], A.shape[-2] * B.shape[-1]) > _INT32_MAX:
+    # the kernels pad M and N up to a multiple of 128 (CUDA) in 32-bit sizes: keep room for it
+    M, N = A.shape[-2], B.shape[-1]
+    if max(A.shape[-2] * A.shape[-1], B.shape[-2] * B.shape[-1], M * N, M + 128, N + 128) > _INT32_MAX:
         raise ValueError(
             f"{_OP}: backend {be!r} indexes one matrix with 32-bit offsets; A {tuple(A.shape)} or "
             f"B {tuple(B.shape)} has a matrix of more than 2**31 - 1 elements (use backend='torch')"
