@@ -17,9 +17,11 @@ dC gathers along the same route (second derivatives in A and B are zero).
 Integer inputs (int16, int32; the sentinel, the overflow marker and the exact range are
 documented in geokern.reference.maxplus) run forward only: integer tensors cannot require
 grad, so they bypass the autograd Function; margin is float-only. Entries that read an
-out-of-range input are set to the overflow marker after the kernel, from one reduction
-per row of A and column of B (ref.int_out_of_range: device-side, no host sync, so CUDA
-graphs capture it); check_range=False skips it.
+out-of-range input are the overflow marker in every backend, device-side with no host
+sync (CUDA graphs capture it): the CUDA op flags out-of-range rows of A and columns of B
+while it copies the operands and marks the entries after the product (a read of the
+flags); the Triton backend reduces A and B with torch ops after its kernel
+(ref.int_out_of_range, a few passes over A, B and C), which check_range=False skips.
 """
 
 import torch
@@ -266,10 +268,12 @@ def maxplus_matmul(
     sentinel. An entry that reads any other value (row i of A, column j of B) is the
     overflow marker ref.int_overflow (the opposite extreme: iinfo.max for max-plus,
     iinfo.min for min-plus), argmax 0: check `(C == marker).any()`; results beyond
-    INT_BOUND are marked when fed back in. The check is one reduction over A and B and a
-    pass over C on the device (no host sync; about 3% of an int16 4096^3 product);
-    check_range=False skips it when the inputs are known to be in range (out-of-range
-    inputs then give unspecified results).
+    INT_BOUND are marked when fed back in. The check runs on the device, no host sync: in
+    the CUDA op it rides on the operand copies (a flag per row of A / column of B, then a
+    pass that writes only flagged entries); the Triton backend reduces A and B with torch
+    ops (a few passes over A, B and C). check_range=False skips the Triton check when the
+    inputs are known to be in range (out-of-range inputs then give unspecified results);
+    the CUDA op and the torch reference always check.
 
     num_splits (CUDA backend; the others ignore it): how many slices of K the kernel
     computes in parallel and combines in k order (split-K, for outputs with too few tiles to
@@ -291,7 +295,7 @@ def maxplus_matmul(
         )
     if not A.dtype.is_floating_point:  # integers carry no gradient: no autograd Function
         c, idx, _ = _KERNELS[be][0](A, B, semiring == "minplus", return_argmax, False, num_splits)
-        if check_range:
+        if check_range and be == "triton":  # the CUDA op checks while it copies the operands
             bad = ref.int_out_of_range(A, B, semiring)
             c = c.masked_fill(bad, ref.int_overflow(A.dtype, semiring))
             idx = idx.masked_fill(bad, 0) if return_argmax else idx
