@@ -292,8 +292,8 @@ def test_cuda_graph_capture(dtype, backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    with torch.no_grad():
-        A.mul_(0.5)
+    with torch.no_grad():  # new inputs in place: the replay must read them
+        A.copy_(A * 0.5 if fp else A // 2)
     graph.replay()
     torch.cuda.synchronize()
     expect = ref.maxplus_matmul(A.detach(), B.detach())
@@ -326,17 +326,21 @@ if fp:
     B.requires_grad_()
 c, idx = geokern.maxplus_matmul(A, B, return_argmax=True, backend=be)
 assert c.numel() > 2**31
+acc = torch.float32 if fp else dt  # the kernels' sums: exact in float32 for these inputs
 for b in (0, batch // 2, batch - 1):  # the last matrix sits past 2**31 elements
-    assert torch.equal(c[b], ref.maxplus_matmul(A[b].detach(), B.detach())), b
-    assert torch.equal(idx[b], ref.maxplus_matmul(A[b].detach(), B.detach(), True)[1]), b
+    rc, ri = ref.maxplus_matmul(A[b].detach().to(acc), B.detach().to(acc), True)
+    assert torch.equal(c[b], rc.to(dt)), b
+    assert torch.equal(idx[b], ri), b
 if fp:
     del idx
     dA, dB = torch.autograd.grad(c, (A, B), torch.ones_like(c))
     for b in (0, batch - 1):
         e = torch.zeros(64, 8, device="cuda")
-        e.scatter_add_(1, ref.maxplus_matmul(A[b].detach(), B.detach(), True)[1], torch.ones(64, 64, device="cuda"))
-        assert torch.equal(dA[b].float(), e), b
-    assert dB.float().sum().item() == c.numel()
+        e.scatter_add_(1, ref.maxplus_matmul(A[b].detach().float(), B.detach().float(), True)[1],
+                       torch.ones(64, 64, device="cuda"))
+        assert torch.equal(dA[b].float(), e), b  # counts up to 64: exact in bf16
+    # dB holds counts up to batch * 64, rounded to bf16: their total within rounding
+    assert abs(dB.double().sum().item() - c.numel()) <= 1e-2 * c.numel()
 v = geokern.maxplus_matmul(A.detach(), B.detach(), backend=be)  # value-only (the packed path for 16 bits)
 assert torch.equal(v[-1], c[-1].detach())
 torch.cuda.synchronize()
