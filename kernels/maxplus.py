@@ -28,7 +28,8 @@ MIN flips every comparison (min-plus). Sums in float32 (float64 for float64 inpu
 copy clamps each value to the stand-in S_IN for the sentinel (-2**(bits-2) for
 max-plus, 2**(bits-2) - 1 for min-plus), so no sum wraps for inputs in the documented
 range, and results beyond +-LIMIT (2 * INT_BOUND, geokern.reference.maxplus) are stored
-as the sentinel SENT with argmax 0.
+as the sentinel SENT with argmax 0. Inputs outside the range are not the kernels' concern:
+geokern.ops.maxplus marks the entries that read one (the overflow marker) after the launch.
 
 Value-only 16-bit inputs on the GPU take maxplus_fwd_packed_kernel instead: the same
 tiles over pairs of k packed in 32-bit words, one inline-PTX add + max per pair (see

@@ -173,6 +173,8 @@ def test_int_out_of_range_is_flagged(dtype, semiring, backend):
         assert torch.equal(c == marker, expect), f"{backend} {semiring} {kw}: overflow marker positions"
         rc = ref.maxplus_matmul(A, B, semiring=semiring)
         assert torch.equal(c, rc), f"{backend} {semiring} {kw}: differs from the reference"
+        if "return_argmax" in kw:
+            assert (out[1][expect] == 0).all(), f"{backend} {semiring}: argmax of a marked entry is 0"
     # check_range=False skips the check: in-range inputs give the same result
     A[1, 5], A[2, 0], B[7, 3], B[0, 6] = 0, 0, 0, 0
     c1 = geokern.maxplus_matmul(A, B, semiring=semiring, backend=backend)

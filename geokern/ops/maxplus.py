@@ -297,8 +297,9 @@ def maxplus_matmul(
         c, idx, _ = _KERNELS[be][0](A, B, semiring == "minplus", return_argmax, False, num_splits)
         if check_range and be == "triton":  # the CUDA op checks while it copies the operands
             bad = ref.int_out_of_range(A, B, semiring)
-            c = c.masked_fill(bad, ref.int_overflow(A.dtype, semiring))
-            idx = idx.masked_fill(bad, 0) if return_argmax else idx
+            c.masked_fill_(bad, ref.int_overflow(A.dtype, semiring))  # in place: the op's own fresh outputs
+            if return_argmax:
+                idx.masked_fill_(bad, 0)
         return (c, idx) if return_argmax else c
     need_route = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
     c, idx, mg = MaxplusMatmulFunction.apply(
