@@ -182,6 +182,39 @@ def test_int_out_of_range_is_flagged(dtype, semiring, backend):
     assert torch.equal(c1, c2) and not (c1 == marker).any(), f"{backend}: check_range=False on in-range inputs"
 
 
+def _shortest_paths(W, backend):
+    """The README's all-pairs shortest paths (W: float64 integer weights >= 0, 0 diagonal, inf
+    for no edge): the dtype picked by the longest possible shortest path, exact for any W."""
+    n = W.shape[0]
+    longest = (n - 1) * W[W.isfinite()].max().item()  # no shortest path is longer
+    dtype = next((d for d in (torch.int16, torch.int32) if longest <= ref.int_bound(d)), torch.float64)
+    if dtype.is_floating_point:
+        assert longest < 2**53  # float64 sums of integers are exact below 2**53
+        nopath, D = float("inf"), W.to(DEVICE)
+    else:
+        nopath = ref.int_sentinel(dtype, "minplus")  # the dtype's maximum: "no edge" / "no path"
+        D = torch.where(W.isinf(), nopath, W).to(dtype).to(DEVICE)
+    for _ in range((n - 1).bit_length()):  # repeated min-plus squaring
+        D, mid = geokern.maxplus_matmul(D, D, semiring="minplus", return_argmax=True, backend=backend)
+    if not dtype.is_floating_point:
+        assert not (D == ref.int_overflow(dtype, "minplus")).any()  # never fires for the dtype picked
+    return dtype, torch.where(D == nopath, INF, D.double()).cpu()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w,dtype", [(3000, torch.int32), (1000, torch.int16), (2**30, torch.float64)],
+                         ids=["w3000-i32", "w1000-i16", "w2e30-f64"])
+def test_readme_shortest_paths_is_exact(w, dtype, backend):
+    need(backend)
+    W = torch.full((5, 5), INF, dtype=torch.float64, device=DEVICE)
+    W.fill_diagonal_(0)
+    i = torch.arange(4, device=DEVICE)
+    W[i, i + 1] = float(w)
+    got_dtype, D = _shortest_paths(W.cpu(), backend)
+    assert got_dtype == dtype, f"{backend}: picked {got_dtype}"
+    assert D[0, 4] == 4 * w and D[1, 3] == 2 * w and D[4, 0] == INF, f"{backend}: chain distances {D}"
+
+
 def test_check_range_is_a_bool():
     A = torch.zeros(3, 4, dtype=torch.int16)
     with pytest.raises(TypeError, match="check_range must be a bool"):
