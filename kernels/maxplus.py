@@ -28,7 +28,8 @@ MIN flips every comparison (min-plus). Sums in float32 (float64 for float64 inpu
 copy clamps each value to the stand-in S_IN for the sentinel (-2**(bits-2) for
 max-plus, 2**(bits-2) - 1 for min-plus), so no sum wraps for inputs in the documented
 range, and results beyond +-LIMIT (2 * INT_BOUND, geokern.reference.maxplus) are stored
-as the sentinel SENT with argmax 0.
+as the sentinel SENT with argmax 0. Inputs outside the range are not the kernels' concern:
+geokern.ops.maxplus marks the entries that read one (the overflow marker) after the launch.
 
 Value-only 16-bit inputs on the GPU take maxplus_fwd_packed_kernel instead: the same
 tiles over pairs of k packed in 32-bit words, one inline-PTX add + max per pair (see
@@ -193,6 +194,7 @@ def maxplus_fwd_kernel(
             gap = top2 - top1
         else:
             gap = top1 - top2
+        gap = tl.where(top1 == top2, 0.0, gap)  # a tie: 0, at the winning infinity too (inf - inf)
         gap = tl.where((top2 == ZERO) & (top1 == top1), float("inf"), gap)
         tl.store(mg_ptr + out, narrow(gap, mg_ptr.dtype.element_ty), mask=mask)
 
@@ -344,6 +346,18 @@ def _operands(a, b, lead, zero, dtype, pair=1):
     return abuf, bbuf, sizes[1:] + sa + [at.stride(-2)] + sb + [bt.stride(-2)]
 
 
+_MAX_PROGRAMS = 2**31 - 1  # grid axis 0 (x) limit
+_MIN_BM = min(c.kwargs["RM"] * c.kwargs["TM"] for c in _CONFIGS)
+_MIN_BN = min(c.kwargs["RN"] * c.kwargs["TN"] for c in _CONFIGS)
+
+
+def _check_programs(n, what):
+    """Refuse a launch whose one grid axis would pass its limit (before any kernel runs)."""
+    if n > _MAX_PROGRAMS:
+        raise ValueError(f"maxplus_matmul: the Triton {what} would launch {n} programs, more than the grid's "
+                         f"{_MAX_PROGRAMS}: split the batch, or use backend='cuda'")
+
+
 def _grid(batch, M, N):
     def grid(meta):
         return (batch * triton.cdiv(M, meta["RM"] * meta["TM"]) * triton.cdiv(N, meta["RN"] * meta["TN"]),)
@@ -359,6 +373,8 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus):
     batch = c.numel() // max(1, M * N)
     if c.numel() == 0:
         return
+    # before the operand copies: a refused launch allocates nothing
+    _check_programs(batch * triton.cdiv(M, _MIN_BM) * triton.cdiv(N, _MIN_BN), "forward")
     if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
         return _fwd_packed(a, b, c, lead, minplus)
     a, b, zero, consts = _inputs(a, b, minplus)
@@ -446,6 +462,7 @@ def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True):
     args = sizes[1:] + sa + [da.stride(-2), da.stride(-1)] + sb + [db.stride(-2), db.stride(-1)]
     bm, bn = (16, 16) if interpret_mode() else (32, 128)
     grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _check_programs(grid[0], "backward")
     launch(maxplus_bwd_kernel)[grid](
         g, idx, da, db, M, N, K, *args, WANT_A=want_a, WANT_B=want_b, BM=bm, BN=bn, num_warps=4
     )

@@ -42,3 +42,21 @@ def test_bad_input():
     with pytest.raises(ValueError, match="semiring must be"):
         TropicalLinear(4, 3, semiring="maxtimes")
     assert "semiring='maxplus'" in repr(layer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_and_empty_batch(backend):
+    """No host sync in forward: the module compiles with fullgraph=True (CPU: the torch
+    backend; Triton on CPU runs eagerly only). An empty batch gives an empty output and zero
+    gradients."""
+    need(backend)
+    m = TropicalLinear(7, 5, backend=backend, device=DEVICE)
+    x = torch.randn(3, 4, 7, device=DEVICE)
+    if backend == "torch" or DEVICE.type == "cuda":
+        y = torch.compile(m, fullgraph=True)(x)
+        torch.testing.assert_close(y, m(x), rtol=0, atol=0, msg=f"{backend}: compiled module output")
+    x0 = torch.randn(0, 7, device=DEVICE, requires_grad=True)
+    y0 = m(x0)
+    y0.sum().backward()
+    assert y0.shape == (0, 5) and x0.grad.shape == (0, 7), f"{backend}: empty batch shapes"
+    assert (m.weight.grad == 0).all() and (m.bias.grad == 0).all(), f"{backend}: empty batch gradients"

@@ -143,7 +143,8 @@ maxplus_fwd_kernel(const Params<T, Acc> p) {
       put<T, Acc, MIN>(p, o, top1[i][j], k, MODE & kArgmax);
       if constexpr (MODE & kMargin) {
         const Acc t1 = top1[i][j], t2 = top2[i][j];
-        const Acc gap = MIN ? t2 - t1 : t1 - t2;
+        // a tie is 0, at the winning infinity too (where the difference is NaN)
+        const Acc gap = t1 == t2 ? Acc(0) : MIN ? t2 - t1 : t1 - t2;
         p.margin[o] = static_cast<T>((t2 == zero && t1 == t1) ? Acc(INFINITY) : gap);
       }
     });

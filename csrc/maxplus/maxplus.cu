@@ -54,6 +54,11 @@
 // slice wins only if strictly better, so ties keep the smallest k; NaN sticks). The op's
 // num_splits argument forces the number of slices (0: the heuristic below; 1: off).
 //
+// Integers out of range: the copies flag every row of A / column of B that holds a value
+// outside [-INT_BOUND, INT_BOUND] other than the sentinel, and maxplus_mark_kernel writes the
+// overflow marker (the extreme opposite the sentinel) into the entries that read one, after
+// the product: no pass over the inputs beyond the copy, no host sync.
+//
 // NaN propagates through max.NaN / min.NaN (fmaxf would drop it). Out-of-range k are
 // staged as the semiring zero (-inf for max-plus, S for integers), which can never win or
 // tie a comparison against a real k (comparisons are strict), so tails need no branches.
@@ -74,6 +79,7 @@
 #include "forward_packed.cuh"
 #include "split_reduce.cuh"
 #include "backward.cuh"
+#include "range.cuh"
 
 namespace geokern {
 namespace {
@@ -147,8 +153,11 @@ bool launch_packed(const Params<T, Acc>& p, bool minplus, dim3 grid, cudaStream_
 // b (..., K, N), a contiguous (..., R, C) tensor of words, C = M (N) rounded up to 128,
 // R = K padded to kKQuant (halved for packed pairs), padding the semiring zero (see
 // maxplus_pack_kernel). `word` is the words' dtype (Acc, or int32 for packed pairs).
+// For integers, *flags (when given) becomes a zeroed [nb, cols] byte tensor that the copy
+// marks where a row of A / column of B holds an out-of-range value (maxplus_mark_kernel).
 template <typename T, typename W, int PER>
-at::Tensor pack_operand(const at::Tensor& x, bool is_a, bool minplus, at::ScalarType word, cudaStream_t stream) {
+at::Tensor pack_operand(const at::Tensor& x, bool is_a, bool minplus, at::ScalarType word, cudaStream_t stream,
+                        at::Tensor* flags = nullptr) {
   const int64_t rows = x.size(-2), cols_ = x.size(-1);
   const int64_t cols = is_a ? rows : cols_, klen = is_a ? cols_ : rows;
   const int64_t C = (cols + kBM - 1) / kBM * kBM, R = (klen + kKQuant - 1) / kKQuant * kKQuant / PER;
@@ -162,6 +171,11 @@ at::Tensor pack_operand(const at::Tensor& x, bool is_a, bool minplus, at::Scalar
   shape.push_back(C);
   at::Tensor out = at::empty(shape, x.options().dtype(word));
   const int64_t nb = x3.size(0), total = nb * (R / 8) * C;
+  uint8_t* fl = nullptr;
+  if (flags && kIsInt<T>) {
+    *flags = at::zeros({nb, cols}, x.options().dtype(at::kByte));
+    fl = flags->mutable_data_ptr<uint8_t>();
+  }
   if (total == 0) return out;
   const int64_t sbat = nb > 1 ? x3.stride(0) : 0;
   // strides of size-1 dims never multiply a nonzero index: 0 keeps them in 32 bits
@@ -169,7 +183,7 @@ at::Tensor pack_operand(const at::Tensor& x, bool is_a, bool minplus, at::Scalar
   const int sc = is_a ? s_row : s_col, sk = is_a ? s_col : s_row;
   auto go = [&](auto min_c) {
     maxplus_pack_kernel<T, W, decltype(min_c)::value, PER><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-        x3.const_data_ptr<T>(), reinterpret_cast<W*>(out.mutable_data_ptr()), sbat, sc, sk, int(cols), int(klen),
+        x3.const_data_ptr<T>(), reinterpret_cast<W*>(out.mutable_data_ptr()), fl, sbat, sc, sk, int(cols), int(klen),
         int(C), int(R), total);
   };
   if (minplus) go(std::true_type{});
@@ -254,15 +268,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
                          std::is_same_v<scalar_t, int16_t>;
     const bool packed = k16 && mode == 0 && packed_ok;
     at::Tensor pa, pb;  // the operands as the kernel streams them
+    at::Tensor fa, fb;  // integers: out-of-range rows of A, columns of B (set by the copies)
     if constexpr (k16) {
       if (packed) {
-        pa = pack_operand<scalar_t, unsigned, 2>(a, true, minplus, at::kInt, stream);
-        pb = pack_operand<scalar_t, unsigned, 2>(b, false, minplus, at::kInt, stream);
+        pa = pack_operand<scalar_t, unsigned, 2>(a, true, minplus, at::kInt, stream, &fa);
+        pb = pack_operand<scalar_t, unsigned, 2>(b, false, minplus, at::kInt, stream, &fb);
       }
     }
     if (!packed) {
-      pa = pack_operand<scalar_t, Acc, 1>(a, true, minplus, acc_type, stream);
-      pb = pack_operand<scalar_t, Acc, 1>(b, false, minplus, acc_type, stream);
+      pa = pack_operand<scalar_t, Acc, 1>(a, true, minplus, acc_type, stream, &fa);
+      pb = pack_operand<scalar_t, Acc, 1>(b, false, minplus, acc_type, stream, &fb);
     }
     TORCH_CHECK(make_batch(lead, pa, pb, &p.LP), op, ": could not build a batch layout for the packed operands");
     p.pa = pa.const_data_ptr();
@@ -292,6 +307,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
       else if (mode == kMargin) go(min_c, std::integral_constant<int, kMargin>{});
       else go(min_c, std::integral_constant<int, kArgmax | kMargin>{});
       reduce(min_c);
+      if constexpr (std::is_integral_v<scalar_t>) {  // after the result is final (split-K reduced)
+        const int64_t rows = batch * M;
+        maxplus_mark_kernel<scalar_t, decltype(min_c)::value>
+            <<<unsigned(std::min<int64_t>(rows, int64_t(num_sms()) * 64)), kThreads, 0, stream>>>(
+                p.c, p.idx, fa.const_data_ptr<uint8_t>(), fb.const_data_ptr<uint8_t>(), int(M), int(N), rows, p.LP,
+                pa.size(-2) * pa.size(-1), pb.size(-2) * pb.size(-1));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     };
     if (minplus) by_mode(std::true_type{});
     else by_mode(std::false_type{});

@@ -48,6 +48,17 @@ __device__ __forceinline__ Acc stage_in(T x) {
   }
 }
 
+// Whether an input value lies outside the exact range (the sentinel is inside): entries that
+// read it become the overflow marker (maxplus_mark_kernel). Floats: never.
+template <typename T, bool MIN>
+__device__ __forceinline__ bool out_of_range(T x) {
+  if constexpr (kIsInt<T>) {
+    return (int(x) > IntSem<T>::kBound || int(x) < -IntSem<T>::kBound) && x != IntSem<T>::template sentinel<MIN>();
+  } else {
+    return false;
+  }
+}
+
 // A raw best as output: integers beyond +-kLimit are the sentinel (`dead`, argmax 0).
 template <typename T, typename Acc, bool MIN>
 __device__ __forceinline__ T finish(Acc v, bool& dead) {

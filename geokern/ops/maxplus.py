@@ -9,10 +9,19 @@ a + b itself overflows or loses bits (operands of very different magnitude).
 The backward routes dC along the argmax only; the forward records the argmax whenever
 A or B requires grad. dA and dB are accumulated in float32 with atomic adds on the
 GPU: their last bits may vary from run to run where several entries share a route.
+Under torch.use_deterministic_algorithms(True) the backward scatters with the
+reference's scatter_add_ instead (a fixed order; torch's own deterministic kernel). The
+backward is linear in dC, so double backward is supported: the gradient of (dA, dB) in
+dC gathers along the same route (second derivatives in A and B are zero).
 
-Integer inputs (int16, int32; the sentinel and the exact range are documented in
-geokern.reference.maxplus) run forward only: integer tensors cannot require grad, so
-they bypass the autograd Function; margin is float-only.
+Integer inputs (int16, int32; the sentinel, the overflow marker and the exact range are
+documented in geokern.reference.maxplus) run forward only: integer tensors cannot require
+grad, so they bypass the autograd Function; margin is float-only. Entries that read an
+out-of-range input are the overflow marker in every backend, device-side with no host
+sync (CUDA graphs capture it): the CUDA op flags out-of-range rows of A and columns of B
+while it copies the operands and marks the entries after the product (a read of the
+flags); the Triton backend reduces A and B with torch ops after its kernel
+(ref.int_out_of_range, a few passes over A, B and C), which check_range=False skips.
 """
 
 import torch
@@ -129,6 +138,15 @@ _KERNELS = {
 # ---- autograd ------------------------------------------------------------------
 
 
+def _route_scatter(grad, idx, a_shape, b_shape, backend):
+    """(dA, dB): dC scattered along the route by the backend's backward kernel."""
+    if torch.are_deterministic_algorithms_enabled():
+        # the kernels' atomic adds land in no fixed order; torch's scatter_add_ is
+        # deterministic in this mode (or raises, as torch's own ops do)
+        return _maxplus_backward_cpu(grad, idx, a_shape, b_shape)
+    return _KERNELS[backend][1](grad, idx, a_shape, b_shape)
+
+
 @bound_once
 class MaxplusMatmulFunction(torch.autograd.Function):
     """(C, argmax, margin) = maxplus(A, B); the gradient follows the argmax route."""
@@ -148,7 +166,10 @@ class MaxplusMatmulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _gidx, _gmg):
         (idx,) = ctx.saved_tensors
-        da, db = _KERNELS[ctx.backend][1](grad, idx, ctx.a_shape, ctx.b_shape)
+        if torch.is_grad_enabled():  # create_graph: the backward itself is differentiated
+            da, db = MaxplusBackwardFunction.apply(grad, idx, ctx.a_shape, ctx.b_shape, ctx.backend)
+        else:
+            da, db = _route_scatter(grad, idx, ctx.a_shape, ctx.b_shape, ctx.backend)
         return (
             da if ctx.needs_input_grad[0] else None,
             db if ctx.needs_input_grad[1] else None,
@@ -156,10 +177,41 @@ class MaxplusMatmulFunction(torch.autograd.Function):
         )
 
 
+@bound_once
+class MaxplusBackwardFunction(torch.autograd.Function):
+    """(dA, dB) = the route scatter of dC; differentiable in dC (double backward)."""
+
+    @staticmethod
+    def forward(grad, idx, a_shape, b_shape, backend):
+        return _route_scatter(grad, idx, a_shape, b_shape, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, idx, a_shape, b_shape, backend = inputs
+        ctx.save_for_backward(idx)
+        ctx.a_shape, ctx.b_shape = a_shape, b_shape
+
+    @staticmethod
+    def backward(ctx, gda, gdb):
+        # linear in dC: d<gda, dA> / d dC[i, j] = gda[i, argmax], likewise gdb
+        (idx,) = ctx.saved_tensors
+        lead = tuple(idx.shape[:-2])
+        M, N, K = idx.shape[-2], idx.shape[-1], ctx.a_shape[-1]
+        gg = None
+        if K > 0 and gda is not None:
+            gg = gda.expand(*lead, M, K).gather(-1, idx)
+        if K > 0 and gdb is not None:
+            t = gdb.expand(*lead, K, N).gather(-2, idx)
+            gg = t if gg is None else gg + t
+        if gg is None:
+            gg = idx.new_zeros(idx.shape, dtype=(gda if gda is not None else gdb).dtype)
+        return gg, None, None, None, None
+
+
 # ---- public op -----------------------------------------------------------------
 
 
-def _check(A, B, return_argmax, return_margin, semiring, num_splits):
+def _check(A, B, return_argmax, return_margin, semiring, num_splits, check_range=True):
     check_tensor(_OP, "A", A, dtypes=_DTYPES, min_dim=2)
     check_tensor(_OP, "B", B, dtypes=_DTYPES, min_dim=2)
     check_same(_OP, {"A": A, "B": B})
@@ -176,7 +228,7 @@ def _check(A, B, return_argmax, return_margin, semiring, num_splits):
         ) from None
     if semiring not in ref.SEMIRINGS:
         raise ValueError(f"{_OP}: semiring must be one of {ref.SEMIRINGS}, got {semiring!r}")
-    for name, flag in (("return_argmax", return_argmax), ("return_margin", return_margin)):
+    for name, flag in (("return_argmax", return_argmax), ("return_margin", return_margin), ("check_range", check_range)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_OP}: {name} must be a bool, got {type(flag).__name__}")
     if not isinstance(num_splits, int) or isinstance(num_splits, bool):
@@ -195,6 +247,7 @@ def maxplus_matmul(
     return_margin: bool = False,
     semiring: str = "maxplus",
     num_splits: int = 0,
+    check_range: bool = True,
     backend: str | None = None,
 ):
     """C[..., i, j] = max_k A[..., i, k] + B[..., k, j] (min_k for semiring="minplus").
@@ -204,9 +257,23 @@ def maxplus_matmul(
     winning k (ties -> smallest k), margin the gap to the runner-up (see
     geokern.reference.maxplus). Differentiable in A and B along the argmax route.
 
+    NaN: C[..., i, j] (and its margin) is NaN exactly when a sum it reads is NaN: a NaN in
+    row i of A or column j of B, or -inf + inf; argmax there is some k in [0, K). A tie
+    has margin 0, at infinity too. Empty inputs give empty outputs (K = 0: the semiring
+    zero, argmax -1, margin +inf) and zero gradients of the inputs' shapes.
+
     Also takes int16 / int32 (forward only, no margin): the dtype's minimum acts as -inf
-    for max-plus, its maximum as +inf for min-plus; exact for finite inputs in
-    [-INT_BOUND, INT_BOUND] = [-5460, 5460] (int16), [-357913940, 357913940] (int32).
+    for max-plus, its maximum as +inf for min-plus (the sentinel); exact for inputs in
+    [-INT_BOUND, INT_BOUND] = [-5460, 5460] (int16), [-357913940, 357913940] (int32) or the
+    sentinel. An entry that reads any other value (row i of A, column j of B) is the
+    overflow marker ref.int_overflow (the opposite extreme: iinfo.max for max-plus,
+    iinfo.min for min-plus), argmax 0: check `(C == marker).any()`; results beyond
+    INT_BOUND are marked when fed back in. The check runs on the device, no host sync: in
+    the CUDA op it rides on the operand copies (a flag per row of A / column of B, then a
+    pass that writes only flagged entries); the Triton backend reduces A and B with torch
+    ops (a few passes over A, B and C). check_range=False skips the Triton check when the
+    inputs are known to be in range (out-of-range inputs then give unspecified results);
+    the CUDA op and the torch reference always check.
 
     num_splits (CUDA backend; the others ignore it): how many slices of K the kernel
     computes in parallel and combines in k order (split-K, for outputs with too few tiles to
@@ -215,17 +282,24 @@ def maxplus_matmul(
     slices (at most 256 and one per 32 k; 1 turns split-K off). Results, ties included, are
     the same for every value; with return_margin K is never split.
     """
-    _check(A, B, return_argmax, return_margin, semiring, num_splits)
+    _check(A, B, return_argmax, return_margin, semiring, num_splits, check_range)
     be = _backend.resolve(_OP, backend, A.device, _PREFER)
     if be == "torch":
         return ref.maxplus_matmul(A, B, return_argmax, return_margin, semiring)
-    if max(A.shape[-2] * A.shape[-1], B.shape[-2] * B.shape[-1], A.shape[-2] * B.shape[-1]) > _INT32_MAX:
+    # the kernels pad M and N up to a multiple of 128 (CUDA) in 32-bit sizes: keep room for it
+    M, N = A.shape[-2], B.shape[-1]
+    if max(A.shape[-2] * A.shape[-1], B.shape[-2] * B.shape[-1], M * N, M + 128, N + 128) > _INT32_MAX:
         raise ValueError(
             f"{_OP}: backend {be!r} indexes one matrix with 32-bit offsets; A {tuple(A.shape)} or "
             f"B {tuple(B.shape)} has a matrix of more than 2**31 - 1 elements (use backend='torch')"
         )
     if not A.dtype.is_floating_point:  # integers carry no gradient: no autograd Function
         c, idx, _ = _KERNELS[be][0](A, B, semiring == "minplus", return_argmax, False, num_splits)
+        if check_range and be == "triton":  # the CUDA op checks while it copies the operands
+            bad = ref.int_out_of_range(A, B, semiring)
+            c.masked_fill_(bad, ref.int_overflow(A.dtype, semiring))  # in place: the op's own fresh outputs
+            if return_argmax:
+                idx.masked_fill_(bad, 0)
         return (c, idx) if return_argmax else c
     need_route = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
     c, idx, mg = MaxplusMatmulFunction.apply(

@@ -11,11 +11,15 @@ follows:
   For an entry whose sums are all -inf that is k = 0; for K = 0 it is -1. For a NaN entry
   the reference returns the first k whose sum is NaN; kernels return some k in [0, K)
   (NaN entries have no meaningful route).
-- NaN in any sum gives NaN out (so does -inf + inf, as in IEEE arithmetic).
+- NaN: C[..., i, j] is NaN exactly when one of the sums it reads is NaN: a NaN anywhere in
+  row i of A or in column j of B (whatever the other operand holds there, -inf included),
+  or a sum -inf + inf (IEEE). Margin is NaN exactly where C is; argmax there is some k in
+  [0, K) (the reference: the first NaN sum's k).
 - margin is the gap between the winner and the runner-up over k (top1 - top2 for
-  max-plus, top2 - top1 for min-plus; 0 on ties): the entry cannot change under
-  perturbations of the inputs smaller than margin / 2. It is +inf where there is no
-  finite runner-up (K < 2, or the runner-up is the semiring zero), NaN where C is NaN.
+  max-plus, top2 - top1 for min-plus): the entry cannot change under perturbations of
+  the inputs smaller than margin / 2. It is +inf where there is no runner-up other than
+  the semiring zero (K < 2, or every other sum is the zero), else 0 on ties, including a
+  tie at the winning infinity (+inf for max-plus, -inf for min-plus), else the gap.
 - Gradient flows through the argmax only: dA[i, k] = sum_j dC[i, j] [k == argmax(i, j)],
   likewise dB. The result below is built by gathering A and B at the argmax, so
   autograd of this function is exactly that rule.
@@ -27,17 +31,20 @@ rounded sums equals the rounded max: only the argmax among near-ties can differ 
 a float32 computation).
 
 Integer inputs (int16, int32; forward only: integer tensors carry no gradient) are for
-dynamic programmes such as all-pairs shortest paths. The dtype's extreme values are the
-semiring zeros: for max-plus the most negative value (-2**15 for int16, -2**31 for int32)
-acts as -inf, for min-plus the most positive (2**15 - 1, 2**31 - 1) acts as +inf. A sum
-with the sentinel is the sentinel, an entry whose sums all involve it is the sentinel
-(argmax 0), and an empty K gives it. Results are exact for finite inputs in
-[-INT_BOUND, INT_BOUND] (5460 for int16, 357913940 for int32: a third of a quarter of the
-range, so that every finite sum and every sum with the kernels' internal stand-in for the
-sentinel stays inside the dtype without wrapping); results are then in
-[-2 * INT_BOUND, 2 * INT_BOUND]. Outside that range the reference saturates (finite
-results are clamped to the dtype, short of the sentinel); the kernels' sums may wrap and
-their results are unspecified. Margin is float-only.
+dynamic programmes such as all-pairs shortest paths. The dtype's extreme values are
+special: the semiring zero SENTINEL (max-plus: the minimum, -2**15 for int16, -2**31 for
+int32, acts as -inf; min-plus: the maximum, 2**15 - 1, 2**31 - 1, acts as +inf) and the
+OVERFLOW marker, the opposite extreme (int_overflow). A sum with the sentinel is the
+sentinel, an entry whose sums all involve it is the sentinel (argmax 0), and an empty K
+gives it. Results are exact for inputs in [-INT_BOUND, INT_BOUND] (5460 for int16,
+357913940 for int32: a third of a quarter of the range, so that every sum stays inside the
+kernels' accumulators without wrapping) or the sentinel; finite results then lie in
+[-2 * INT_BOUND, 2 * INT_BOUND]. Any other input value (the overflow marker included) is
+out of range, and C[..., i, j] is the OVERFLOW marker (argmax 0) exactly when row i of A or
+column j of B holds one (as NaN for floats): never a wrapped or clamped value, never
+"no path". A result beyond INT_BOUND is itself out of range as an input, so a loop that
+feeds results back (repeated squaring) turns to the marker instead of going wrong: pick
+the dtype by the largest possible result (see int_bound). Margin is float-only.
 """
 
 import torch
@@ -61,16 +68,49 @@ def int_sentinel(dtype, semiring):
     return info.min if semiring == "maxplus" else info.max
 
 
+def int_overflow(dtype, semiring):
+    """The value an integer result takes where an input it reads is out of range: the
+    extreme opposite the sentinel (the maximum for max-plus, the minimum for min-plus)."""
+    info = torch.iinfo(dtype)
+    return info.max if semiring == "maxplus" else info.min
+
+
+def int_out_of_range(A, B, semiring):
+    """Which entries of C read an out-of-range input: a bool tensor broadcastable to C's
+    shape, (..., M, 1) | (..., 1, N). Reductions over A's rows and B's columns and one
+    elementwise pass over C's shape; device-side, no host sync."""
+    q = int_bound(A.dtype)
+
+    def bad(x, dim):
+        if x.shape[dim] == 0:  # K = 0: nothing is read (amax of nothing is an error)
+            shape = list(x.shape)
+            del shape[dim]
+            return x.new_zeros(shape, dtype=torch.bool)
+        if semiring == "maxplus":
+            # |x| of the sentinel (the dtype's minimum) wraps to itself, below q: one pass
+            return x.abs().amax(dim) > q
+        # min-plus: the sentinel is the maximum; ~x = -x - 1 maps it to the minimum (whose |.|
+        # wraps) and (q, max) to [q + 2, max] in |.|, while in-range x give at most q + 1
+        return (x.amin(dim) < -q) | (torch.bitwise_not(x).abs_().amax(dim) > q + 1)
+
+    return bad(A, -1).unsqueeze(-1) | bad(B, -2).unsqueeze(-2)
+
+
 def _int_matmul(A, B, return_argmax, semiring):
-    """Integer inputs: the float64 definition with the sentinel as the semiring zero."""
+    """Integer inputs: the float64 definition with the sentinel as the semiring zero, and the
+    overflow marker where an out-of-range input is read."""
     zero = int_sentinel(A.dtype, semiring)
     inf = float("-inf") if semiring == "maxplus" else float("inf")
     a = A.double().masked_fill(A == zero, inf)
     b = B.double().masked_fill(B == zero, inf)
     C, idx = maxplus_matmul(a, b, True, False, semiring)
+    bad = int_out_of_range(A, B, semiring)
+    # in range, finite results lie within +-2 INT_BOUND: the clamp only tames the entries
+    # the marker overwrites
     info = torch.iinfo(A.dtype)
-    lo, hi = (info.min + 1, info.max) if semiring == "maxplus" else (info.min, info.max - 1)
-    C = torch.where(torch.isinf(C), float(zero), C.clamp(lo, hi)).to(A.dtype)
+    C = torch.where(torch.isinf(C), float(zero), C.clamp(info.min + 1, info.max - 1))
+    C = torch.where(bad, float(int_overflow(A.dtype, semiring)), C).to(A.dtype)
+    idx = idx.masked_fill(bad, 0)
     return (C, idx) if return_argmax else C
 
 
@@ -118,7 +158,8 @@ def maxplus_matmul(A, B, return_argmax=False, return_margin=False, semiring="max
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     Ae, Be = A.expand(*lead, M, K), B.expand(*lead, K, N)
     if K == 0:
-        C = A.new_full((*lead, M, N), -sign * float("inf"))
+        # + the (zero) sums of the empty operands: C stays differentiable, with zero gradients
+        C = A.new_full((*lead, M, N), -sign * float("inf")) + (A.sum() + B.sum())
         idx = torch.full((*lead, M, N), -1, dtype=torch.int64, device=A.device)
         margin = torch.full_like(C, float("inf"))
     else:
@@ -129,6 +170,8 @@ def maxplus_matmul(A, B, return_argmax=False, return_margin=False, semiring="max
             top1, idx, top2 = _route(a, b)
             idx = idx.reshape(*lead, M, N)
             gap = top1 - top2
+            # a tie (at +inf too, where the gap is NaN) is 0; no runner-up but the zero is +inf
+            gap = torch.where(top1 == top2, 0.0, gap)
             margin = torch.where((top2 == float("-inf")) & ~torch.isnan(top1), float("inf"), gap)
             margin = margin.reshape(*lead, M, N)
         # C built by gathering the winners: exact, and differentiable along the route only
