@@ -213,10 +213,9 @@ import torch, geokern
 from geokern.reference import hypercomplex as ref
 n, backend, grad = {n}, {backend!r}, {grad}
 rows = 2**31 // n + 7  # the output passes 2**31 elements
-a = torch.randn(1, n, device="cuda", dtype=torch.bfloat16).expand(rows, n)  # stride 0: no memory
+a0 = torch.randn(1, n, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+a = a0.expand(rows, n)  # stride 0: no memory
 b = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
-if grad:
-    a.requires_grad_()
 out = getattr(geokern, "quaternion_mul" if n == 4 else "octonion_mul")(a, b, backend=backend)
 assert out.shape == (rows, n) and out.numel() > 2**31, out.shape
 # spot checks: the first and the last rows, and rows around the 2**31 / n boundary
@@ -226,7 +225,7 @@ err = (out[idx].double() - want).abs().max().item()
 assert err < 0.02 * want.abs().max().item(), ("output", err)
 if grad:
     g = torch.ones(1, n, device="cuda", dtype=torch.bfloat16).expand(rows, n)
-    (da,) = torch.autograd.grad(out, (a,), g)
+    (da,) = torch.autograd.grad(out, (a0,), g)
     del out
     # dA = sum over rows of g conj(b_r) = g conj(sum_r b_r): linear in b
     want = ref.hypercomplex_mul(g[:1].double(), ref.hypercomplex_conj(b.double().sum(0, keepdim=True), n), n)

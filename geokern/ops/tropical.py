@@ -126,11 +126,14 @@ def _tropical_attention_backward_triton(
     center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    dq = grad.new_zeros(q.shape, dtype=acc)
-    dk = grad.new_zeros(k.shape, dtype=acc)
-    dv = grad.new_zeros(k.shape, dtype=acc)
+    # flat accumulators, shaped after the kernel: with dynamic shapes, Inductor (torch 2.11)
+    # failed to decompose the kernel's functional wrapper when these buffers were 4-D
+    # ("assert len(graph_with_eager_vals.graph.nodes) == len(replacement.graph.nodes)")
+    dq = grad.new_zeros((q.numel(),), dtype=acc)
+    dk = grad.new_zeros((k.numel(),), dtype=acc)
+    dv = grad.new_zeros((k.numel(),), dtype=acc)
     tk.tropical_attention_bwd(grad.contiguous(), q, k, argmax, rowarg, dq, dk, dv, center)
-    return dq.to(grad.dtype), dk.to(grad.dtype), dv.to(grad.dtype)
+    return dq.view(q.shape).to(grad.dtype), dk.view(k.shape).to(grad.dtype), dv.view(k.shape).to(grad.dtype)
 
 
 # (forward, backward) per kernel backend; a CUDA entry is None without geokern._C
