@@ -43,7 +43,9 @@ Edge cases, the same in every backend (the rules: geokern.reference.tropical):
   rule); outside one they are an error.
 - Sizes: the Triton and CUDA backends take B * H <= 65535 and T * D < 2**31 per head and
   say so before any launch; offsets into whole tensors and strided views are 64-bit.
-- Any CUDA stream, CUDA-graph capture and torch.compile(dynamic=True) are supported.
+- Any CUDA stream and CUDA-graph capture are supported; torch.compile(dynamic=True) is,
+  except for the Triton backend's backward, which Inductor (torch 2.11) fails to compile
+  with dynamic shapes (an assertion in decompose_triton_kernel_wrapper_functional; open).
 """
 
 import math
@@ -126,14 +128,11 @@ def _tropical_attention_backward_triton(
     center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    # flat accumulators, shaped after the kernel: with dynamic shapes, Inductor (torch 2.11)
-    # failed to decompose the kernel's functional wrapper when these buffers were 4-D
-    # ("assert len(graph_with_eager_vals.graph.nodes) == len(replacement.graph.nodes)")
-    dq = grad.new_zeros((q.numel(),), dtype=acc)
-    dk = grad.new_zeros((k.numel(),), dtype=acc)
-    dv = grad.new_zeros((k.numel(),), dtype=acc)
+    dq = grad.new_zeros(q.shape, dtype=acc)
+    dk = grad.new_zeros(k.shape, dtype=acc)
+    dv = grad.new_zeros(k.shape, dtype=acc)
     tk.tropical_attention_bwd(grad.contiguous(), q, k, argmax, rowarg, dq, dk, dv, center)
-    return dq.view(q.shape).to(grad.dtype), dk.view(k.shape).to(grad.dtype), dv.view(k.shape).to(grad.dtype)
+    return dq.to(grad.dtype), dk.to(grad.dtype), dv.to(grad.dtype)
 
 
 # (forward, backward) per kernel backend; a CUDA entry is None without geokern._C
