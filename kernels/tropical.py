@@ -59,7 +59,9 @@ def tropical_attention_fwd_kernel(
     dmask = rd < D
     qt = qt_ptr + bh * D * Tq
     kt = kt_ptr + (b * (H // G) + hk) * D * Tk
-    vb = v_ptr + b * svb + hk * svh
+    # strided views can reach past 2**31 elements within one head: 64-bit offsets there
+    vcol = v_ptr + b * svb + hk * svh + rd.to(tl.int64) * _i64(svd)
+    svt = _i64(svt)
     scr = scr_ptr + (bh * nqb + qb) * BQ * BJ
     ql = tl.arange(0, BQ)
     jl = tl.arange(0, BJ)
@@ -103,7 +105,7 @@ def tropical_attention_fwd_kernel(
             diag = False
         for jj in range(0, tl.minimum(BJ, kend - j0)):
             sc = tl.load(scr + jj * BQ + ql)
-            vr = tl.load(vb + (j0 + jj) * svt + rd * svd, mask=dmask, other=NEG).to(ACC)
+            vr = tl.load(vcol + (j0 + jj) * svt, mask=dmask, other=NEG).to(ACC)
             x = sc[:, None] + vr[None, :]
             if diag:
                 x = tl.where((j0 + jj <= rq + off)[:, None], x, NEG)
@@ -133,6 +135,13 @@ def tropical_attention_fwd_kernel(
         has_nan = tl.max(tl.where(gap != gap, 1, 0), axis=1) > 0
         gmin = tl.where(has_nan, float("nan"), gmin)
         tl.store(mg_ptr + bh * Tq + rq, narrow(gmin, mg_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _i64(x):
+    """x (an int argument, possibly specialised to the constant 1) as an int64 scalar, so
+    that the offsets it scales are 64-bit."""
+    return tl.full((), 0, tl.int64) + x
 
 
 @triton.jit
@@ -166,6 +175,8 @@ def tropical_attention_bwd_kernel(
     b = bh // H
     hk = (bh % H) // G
     ACC = dq_ptr.dtype.element_ty
+    # q and k are strided views that can reach past 2**31 elements within one head
+    sqt, sqd, skt, skd = _i64(sqt), _i64(sqd), _i64(skt), _i64(skd)
     rq = qb * BQ + tl.arange(0, BQ)
     rd = tl.arange(0, BD)
     qmask = rq < Tq

@@ -145,3 +145,30 @@ def test_state_dict_and_unsupported_options():
         TropicalCausalSelfAttention(config(parameterization="nsa"), 0)
     with pytest.raises(ValueError, match="n_kv_head"):
         TropicalCausalSelfAttention(config(n_head=4, n_kv_head=3), 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("margins", [False, True], ids=["plain", "margins"])
+def test_module_compiles_fullgraph_without_host_sync(margins, backend):
+    """No host sync in forward (issue 14, item 12): torch.compile(fullgraph=True) traces it
+    whole (a data-dependent branch or .item() would break the graph), and on the GPU the
+    eager forward runs under torch.cuda's sync debug mode set to error."""
+    need(backend)
+    if backend == "triton" and not HAS_CUDA:
+        pytest.skip("compiling Triton kernels needs CUDA tensors (the interpreter runs eager only)")
+    cfg = config(n_head=4, n_kv_head=2, tropical_record_margins=margins)
+    ours = module(cfg, backend, torch.float32)
+    x = torch.randn(2, 11, cfg.n_embd, device=DEVICE)
+    cs = rotary(11, cfg.n_embd // cfg.n_head, DEVICE, torch.float32)
+    want = ours(x, cs, None)
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ours(x, cs, None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    got = compiled(x, cs, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{backend} compiled module")

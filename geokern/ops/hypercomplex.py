@@ -6,6 +6,21 @@ pairs of quaternions, see geokern.reference.hypercomplex) and broadcasts the lea
 dims. float16 / bfloat16 / float32 / float64; arithmetic in float32 (float64 for
 float64). The backward of a product is two products (dA = dC conj(B),
 dB = conj(A) dC), summed over broadcast dims in float32.
+
+Edge cases, the same in every backend:
+- NaN: every component of a product row reads every component of both operand rows, so
+  output row r is all NaN exactly when row r of a or of b (after broadcasting) holds a
+  NaN, or when the formula forms inf * 0 or inf - inf there (the reference's arithmetic).
+  conj maps NaN to NaN in place.
+- Empty leading dims give empty outputs, and gradients of zeros of the inputs' shapes.
+- Double backward: supported by every backend (the backward is bilinear; its own
+  backward is made of the same products and conjugates), to any order.
+- Autocast: not on autocast's lists, like torch.mul: the ops run in their inputs' dtype;
+  inside an autocast region mixed float dtypes are promoted to the widest of them (as
+  torch.mul promotes them); outside one they are an error.
+- No atomics: deterministic. Any CUDA stream, CUDA-graph capture and
+  torch.compile(dynamic=True) are supported. Offsets are 64-bit (tensors past 2**31
+  elements work).
 """
 
 import torch
@@ -106,8 +121,61 @@ class HypercomplexMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        da, db = _KERNELS[ctx.backend][1](grad, a, b, ctx.n)
+        # through a Function of its own, so that the backward is differentiable again
+        da, db = HypercomplexMulBackwardFunction.apply(grad, a, b, ctx.n, ctx.backend)
         return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None), None, None
+
+
+def _sum_to(x, shape):
+    """x summed over the dims where `shape` was broadcast, in float32 for 16-bit x."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.float().sum_to_size(shape).to(x.dtype)
+    return x.sum_to_size(shape)
+
+
+@bound_once
+class HypercomplexMulBackwardFunction(torch.autograd.Function):
+    """(dA, dB) = (dC conj(B), conj(A) dC), summed to A's and B's shapes: the fused kernel
+    forward; its backward (double backward of the product) in the same products.
+
+    Bilinear in (dC, A, B); with upstream (gA, gB) of A's and B's shapes, by the adjoint
+    rules <x y, z> = <y, conj(x) z> = <x, z conj(y)> of any composition algebra and
+    conj(x y) = conj(y) conj(x):
+        d dC = gA B + A gB,   d A = dC conj(gB),   d B = conj(gA) dC
+    (the last two summed over broadcast dims)."""
+
+    @staticmethod
+    def forward(grad, a, b, n, backend):
+        return _KERNELS[backend][1](grad, a, b, n)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, a, b, n, backend = inputs
+        ctx.save_for_backward(grad, a, b)
+        ctx.n, ctx.backend = n, backend
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        grad, a, b = ctx.saved_tensors
+        n, be = ctx.n, ctx.backend
+
+        def mul(x, y):
+            return HypercomplexMulFunction.apply(x, y, n, be)
+
+        def conj(x):
+            return HypercomplexConjFunction.apply(x, n, be)
+
+        need = ctx.needs_input_grad
+        dg = da = db = None
+        if need[0]:
+            dg = mul(ga, b) + mul(a, gb)  # shape: the broadcast of a's and b's, grad's
+        if need[1]:
+            da = _sum_to(mul(grad, conj(gb)), a.shape)
+        if need[2]:
+            db = _sum_to(mul(conj(ga), grad), b.shape)
+        return dg, da, db, None, None
 
 
 @bound_once
@@ -121,17 +189,31 @@ class HypercomplexConjFunction(torch.autograd.Function):
         ctx.n, ctx.backend = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx, grad):  # conj is linear and its own adjoint
-        return _KERNELS[ctx.backend][2](grad, ctx.n), None, None
+    def backward(ctx, grad):  # conj is linear and its own adjoint (differentiable again)
+        return HypercomplexConjFunction.apply(grad, ctx.n, ctx.backend), None, None
 
 
 # ---- public ops ----------------------------------------------------------------
+
+
+def _autocast_promote(*ts):
+    """Inside an autocast region for the tensors' device, float tensors of mixed dtypes in
+    the widest of them (as torch.mul promotes them there); otherwise unchanged."""
+    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in ts):
+        return ts
+    if not torch.is_autocast_enabled(ts[0].device.type):
+        return ts
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt) for t in ts)
 
 
 def _mul(a, b, n, backend):
     op = f"{_NAMES[n]}_mul"
     check_tensor(op, "a", a, dtypes=FLOAT_DTYPES, last_dim=n)
     check_tensor(op, "b", b, dtypes=FLOAT_DTYPES, last_dim=n)
+    a, b = _autocast_promote(a, b)
     check_same(op, {"a": a, "b": b})
     broadcast_leading(op, "a", a, "b", b)
     be = _backend.resolve(op, backend, a.device, _PREFER)

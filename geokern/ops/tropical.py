@@ -25,7 +25,27 @@ Sums are in float32 (float64 for float64 inputs) and rounded once to the output 
 The backward routes gradients along the argmaxes: recorded by the forward whenever a
 gradient is needed (an int32 per (query, channel) and per query), and along the score
 argmax over D, which the backward recomputes. dq, dk, dv are accumulated with atomic
-adds in float32: their last bits may vary from run to run.
+adds in float32: their last bits may vary from run to run, except under
+torch.use_deterministic_algorithms(True), where the backward on CUDA tensors runs
+deterministic torch ops (TropicalAttentionBackwardFunction says at what cost).
+
+Edge cases, the same in every backend (the rules: geokern.reference.tropical):
+- NaN propagates through every max; an output is NaN exactly when its formula reads a
+  NaN (or forms inf - inf); a key hidden by the causal mask contributes nothing to a
+  query, whatever its values.
+- Empty inputs (B, H, Tq or D zero) give empty outputs and zero gradients of the inputs'
+  shapes; no kernel runs.
+- Double backward is supported (to any order) by every backend: the backward is linear
+  in the incoming gradient along the routes and flat in q, k, v between route changes.
+- Autocast: not on autocast's cast lists (there is no matmul in max-plus to run in
+  bf16): it runs in its inputs' dtype, sums in float32 either way; inside an autocast
+  region, q, k, v of mixed float dtypes are promoted to the widest (autocast's "promote"
+  rule); outside one they are an error.
+- Sizes: the Triton and CUDA backends take B * H <= 65535 and T * D < 2**31 per head and
+  say so before any launch; offsets into whole tensors and strided views are 64-bit.
+- Any CUDA stream and CUDA-graph capture are supported; torch.compile(dynamic=True) is,
+  except for the Triton backend's backward, which Inductor (torch 2.11) fails to compile
+  with dynamic shapes (an assertion in decompose_triton_kernel_wrapper_functional; open).
 """
 
 import math
@@ -151,13 +171,60 @@ class TropicalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gi, _gj, _gm):
         q, k, idx, jm = ctx.saved_tensors
-        dq, dk, dv = _KERNELS[ctx.backend][1](gy, q, k, idx, jm, ctx.center)
+        # through a Function of its own, so that the backward is differentiable again
+        dq, dk, dv = TropicalAttentionBackwardFunction.apply(gy, q, k, idx, jm, ctx.center, ctx.backend)
         need = ctx.needs_input_grad
         return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), \
             None, None, None, None, None
 
 
+@bound_once
+class TropicalAttentionBackwardFunction(torch.autograd.Function):
+    """(dq, dk, dv) of the core along its routes: linear in the incoming gradient, and
+    constant in q, k between route changes (so its derivative there is zero almost
+    everywhere, as for the reference's autograd). Its backward (the double backward of
+    the attention) gathers along the same routes: reference.tropical.core_backward_adjoint.
+
+    The kernels add the routed gradients with atomics, whose order varies from run to run.
+    Under torch.use_deterministic_algorithms(True) the backward on CUDA tensors runs the
+    reference's formula (reference.tropical.core_backward: scatter_add_ / index_put_, which
+    torch makes deterministic in that mode) instead: the same result up to rounding, at
+    O(B H Tq D^2) memory for the recomputed routes and several times the time."""
+
+    @staticmethod
+    def forward(grad, q, k, argmax, rowarg, center, backend):
+        if grad.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return ref.core_backward(grad, q, k, argmax, rowarg, center)
+        return _KERNELS[backend][1](grad, q, k, argmax, rowarg, center)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, q, k, argmax, rowarg, center, backend = inputs
+        ctx.save_for_backward(q, k, argmax, rowarg)
+        ctx.center = center
+
+    @staticmethod
+    def backward(ctx, gdq, gdk, gdv):
+        q, k, argmax, rowarg = ctx.saved_tensors
+        gg = None
+        if ctx.needs_input_grad[0]:
+            gg = ref.core_backward_adjoint(gdq, gdk, gdv, q, k, argmax, rowarg, ctx.center)
+        return gg, None, None, None, None, None, None
+
+
 # ---- public op -------------------------------------------------------------------
+
+
+def _autocast_promote(q, k, v):
+    """Inside an autocast region for q's device, q, k, v of mixed float dtypes in the widest
+    of them (autocast's "promote" rule, as for torch.cat); otherwise unchanged."""
+    ts = (q, k, v)
+    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in ts):
+        return ts
+    if not torch.is_autocast_enabled(q.device.type) or q.dtype == k.dtype == v.dtype:
+        return ts
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dt), k.to(dt), v.to(dt)
 
 
 def _check(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift):
@@ -176,9 +243,7 @@ def _check(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift):
         )
     if Hkv < 1 or H % Hkv:
         raise ValueError(f"{_OP}: k's head count {Hkv} must divide q's {H} (grouped-query attention)")
-    if D < 1:
-        raise ValueError(f"{_OP}: the head dim D must be >= 1, got q {tuple(q.shape)}")
-    if Tk < 1 and Tq > 0:
+    if Tk < 1 and q.numel() > 0:
         raise ValueError(f"{_OP}: k and v need at least one key, got k {tuple(k.shape)}")
     for name, flag in (("causal", causal), ("gauge_fix", gauge_fix), ("score_center", score_center),
                        ("return_margins", return_margins)):
@@ -211,13 +276,14 @@ def tropical_attention(
     smallest winner-minus-runner-up gap of the value stage over D (+inf when Tk < 2).
     Differentiable in q, k, v along the argmax routes.
     """
+    q, k, v = _autocast_promote(q, k, v)
     _check(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift)
     cuda_ok = q.dtype != torch.float64 and q.shape[3] <= _CUDA_MAX_D
     be = _backend.resolve(_OP, backend, q.device, _PREFER if cuda_ok else ("triton",))
     if be == "cuda" and not cuda_ok:
         raise ValueError(f"{_OP}: backend='cuda' takes float16 / bfloat16 / float32 and head dims up to "
                          f"{_CUDA_MAX_D}, got {q.dtype} and q {tuple(q.shape)} (use backend='triton' or 'torch')")
-    if be == "torch":
+    if be == "torch" or q.numel() == 0:  # empty: no kernel, the reference's empty result on every backend
         y, gamma = ref.tropical_attention(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift)
         return (y, gamma) if return_margins else y
     B, H, Tq, D = q.shape

@@ -22,6 +22,22 @@ value first, so a NaN or +inf value of a hidden key turns the output NaN there (
 through the output gauge fix, in every channel); here it does not. For finite values
 the two are the same.
 
+NaN and non-finite values (every backend follows this reference): a max over a set that
+holds a NaN is NaN (NaN propagates through max-plus as through +), and an output element
+is NaN exactly when its formula reads a NaN or forms inf - inf. So a NaN in q[i] makes
+row i's scores NaN, and (with score_center, through m[i], or through the value stage)
+all of y[i, :]; a NaN in k[j] does the same to every query that sees key j; a NaN in
+v[j, d] makes y[i, d] NaN for the queries i that see key j (with gauge_fix, the whole
+row: the gauge fixes of v and y read every channel). A query whose every score is -inf
+gives y = -inf - (-inf) = NaN with score_center. -inf is the semiring zero. A key that
+the causal mask hides from query i contributes nothing to y[i] or gamma[i] whatever
+its values (NaN, +inf, -inf): those equal the outputs with that key deleted.
+
+Empty inputs (B, H, Tq or D zero, or Tk zero with no query) give empty y, gamma of
++inf where rows exist (D = 0: a min over no channel), and gradients of zeros of the
+inputs' shapes (the result stays on the autograd graph). Tk = 0 with queries left is
+an error (y would be -inf - (-inf)).
+
 Gradients: every max routes its gradient to one winner, the smallest index among ties
 (smallest d in the score, smallest key j in the value stage and in the centring max).
 The gauge fixes use amax, as theirs does (its gradient is split among tied maxima).
@@ -107,11 +123,23 @@ def aggregate(s, v, want_margins, visible=None):
     return y, j, gamma
 
 
+def empty_result(q, k, v, return_margins):
+    """(y, gamma) for q with no element (B, H, Tq or D zero): y empty but on the autograd
+    graph of q, k and v (so that backward gives zeros of their shapes), gamma +inf."""
+    zero = k.reshape(-1)[:0].sum() + v.reshape(-1)[:0].sum()  # 0, reads nothing
+    y = q + zero.to(q.dtype)
+    gamma = torch.full(q.shape[:3], float("inf"), dtype=q.dtype, device=q.device) if return_margins else None
+    return y, gamma
+
+
 def tropical_attention(q, k, v, causal=True, gauge_fix=True, score_center=True, return_margins=False,
                        evt_shift=None):
     """(y, gamma) of the definition above; gamma is None unless return_margins."""
-    if q.numel() == 0 or k.shape[2] == 0:  # no query, or no key for an empty query set
-        return q.new_empty(q.shape), (q.new_empty(q.shape[:3]) if return_margins else None)
+    if q.numel() == 0:
+        return empty_result(q, k, v, return_margins)
+    if k.shape[2] == 0:
+        raise ValueError(f"tropical attention needs at least one key for its queries, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if gauge_fix:
         q, k, v = gauge(q), gauge(k), gauge(v)
     H = q.shape[1]
@@ -157,6 +185,31 @@ def core(q, k, v, causal=True, score_center=True, want_margins=False):
 def _route_e(q, k_rows):
     """First e maximising q[..., e] + k_rows[..., e] (k_rows gathered to q's shape)."""
     return (q + k_rows).argmax(dim=-1)
+
+
+def core_backward_adjoint(gdq, gdk, gdv, q, k, argmax, rowarg, score_center=True):
+    """The adjoint of core_backward in its (linear) grad argument: the double backward of
+    core's y. gg[i, d] = gdv[j, d] + gdq[i, e] + gdk[j, e] along each route (j = argmax[i, d],
+    e its first maximising channel), minus gdq[i, e1] + gdk[rowarg[i], e1] in every channel
+    with score_center. (core_backward does not depend on q and k but through its routes:
+    its derivative in them is zero almost everywhere.) Differentiable in gdq, gdk, gdv."""
+    acc = torch.float64 if gdq.dtype == torch.float64 else torch.float32
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    qf, kf = q.to(acc), repeat_kv(k, H).to(acc)
+    j = argmax.long()
+    base = (torch.arange(B * H, device=q.device).view(B, H, 1) * Tk)
+    k_flat = kf.reshape(B * H * Tk, D)
+    gq, gk = gdq.to(acc), repeat_kv(gdk.to(acc), H).reshape(B * H * Tk, D)
+    gv = repeat_kv(gdv.to(acc), H)
+    rows = base.unsqueeze(-1) + j
+    e = _route_e(qf.unsqueeze(-2), k_flat[rows])
+    gg = gv.gather(2, j) + gq.gather(-1, e) + gk[rows, e]
+    if score_center:
+        r1 = base + rowarg.long()
+        e1 = _route_e(qf, k_flat[r1])
+        gg = gg - (gq.gather(-1, e1.unsqueeze(-1)).squeeze(-1) + gk[r1, e1]).unsqueeze(-1)
+    return gg.to(gdq.dtype)
 
 
 def core_backward(grad, q, k, argmax, rowarg, score_center=True):
