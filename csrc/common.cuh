@@ -16,10 +16,10 @@
 
 namespace geokern {
 
-// Numbers and shapes for error messages, formatted without iostreams. Built on the
-// H100 machine's toolchain, an integer streamed into a TORCH_CHECK message from a .cu
-// file crashed the process (ostream::_M_insert<long> ran from our .so with a locale
-// facet that was not its own); std::to_string does not touch locales.
+// Numbers and shapes for error messages, formatted without iostreams: an integer streamed
+// into a TORCH_CHECK message from a .cu can run ostream::_M_insert<long> from our .so with
+// a locale facet that is not its own (libc10 exports its own ostringstream) and crash the
+// process; std::to_string does not touch locales.
 inline std::string fmt(int64_t v) { return std::to_string(v); }
 
 inline std::string fmt(at::IntArrayRef shape) {

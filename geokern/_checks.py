@@ -55,3 +55,17 @@ def broadcast_leading(op, a_name, a, b_name, b):
             f"{op}: leading dims of {a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} "
             "do not broadcast"
         ) from None
+
+
+def autocast_promote(*ts):
+    """Inside an autocast region for the first tensor's device, float tensors of mixed dtypes
+    in the widest of them (autocast's "promote" rule, as torch.mul and torch.cat get it);
+    otherwise unchanged. Ops that run in their inputs' dtype call it before check_same."""
+    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in ts):
+        return ts
+    if not torch.is_autocast_enabled(ts[0].device.type):
+        return ts
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t if t.dtype == dt else t.to(dt) for t in ts)

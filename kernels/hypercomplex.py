@@ -11,7 +11,7 @@ float64 inputs). Notes: csrc/hypercomplex/README.md, section Triton.
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import launch
+from geokern.kernels._common import launch, narrow
 from geokern.kernels._layout import layout_for, row_offset
 
 
@@ -115,7 +115,7 @@ def hypercomplex_mul_fwd_kernel(
     y = tl.load(b_ptr + _offsets(rows, s1, s2, s3, bs0, bs1, bs2, bs3, b_comp, N, DENSE), mask=mask).to(ACC)
     z = _hmul(x, y, N, BLOCK)
     out = rows[:, None] * N + tl.arange(0, N)[None, :]
-    tl.store(c_ptr + out, z.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + out, narrow(z, c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -133,7 +133,7 @@ def hypercomplex_conj_fwd_kernel(
     x = tl.load(a_ptr + _offsets(rows, s1, s2, s3, as0, as1, as2, as3, a_comp, N, DENSE), mask=mask).to(ACC)
     z = _hconj(x, N)
     out = rows[:, None] * N + tl.arange(0, N)[None, :]
-    tl.store(c_ptr + out, z.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + out, narrow(z, c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -155,8 +155,8 @@ def hypercomplex_mul_bwd_kernel(
     y = tl.load(b_ptr + _offsets(rows, s1, s2, s3, bs0, bs1, bs2, bs3, b_comp, N, DENSE), mask=mask).to(ACC)
     da = _hmul(g, _hconj(y, N), N, BLOCK)
     db = _hmul(_hconj(x, N), g, N, BLOCK)
-    tl.store(da_ptr + out_off, da.to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(db_ptr + out_off, db.to(db_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + out_off, narrow(da, da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + out_off, narrow(db, db_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n):

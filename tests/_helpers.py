@@ -1,13 +1,20 @@
 """What every test module shares: the backends and dtypes it runs over, skipping a backend
 this machine lacks, and readable parametrize ids."""
 
+import os
+
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, HAS_CUDA
 
 from geokern import _backend
 
 BACKENDS = ["torch", "triton", "cuda"]
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# CUDA-graph capture needs the caching allocator (cudaMalloc is illegal while capturing): memcheck
+# runs with PYTORCH_NO_CUDA_MEMORY_CACHING=1, where no graph of any op can be captured
+capturable = pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
+                                reason="graph capture needs the CUDA caching allocator")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 

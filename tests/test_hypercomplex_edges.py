@@ -2,11 +2,10 @@
 empty leading dims, streams, CUDA graphs, dynamic shapes, autocast, determinism, and
 tensors past 2**31 elements."""
 
-import os
 
 import pytest
 import torch
-from _helpers import BACKENDS, need, run_isolated
+from _helpers import BACKENDS, need, capturable, gpu, run_isolated
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
@@ -15,11 +14,6 @@ from geokern.reference import hypercomplex as ref
 MUL = {4: geokern.quaternion_mul, 8: geokern.octonion_mul}
 CONJ = {4: geokern.quaternion_conj, 8: geokern.octonion_conj}
 NS = pytest.mark.parametrize("n", [4, 8], ids=["quat", "oct"])
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-# CUDA-graph capture needs the caching allocator (cudaMalloc is illegal while capturing): memcheck
-# runs with PYTORCH_NO_CUDA_MEMORY_CACHING=1, where no graph of any op can be captured
-capturable = pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
-                                reason="graph capture needs the CUDA caching allocator")
 
 
 def rand(shape, n, dtype=torch.float32):

@@ -4,7 +4,7 @@ autocast, deterministic mode and tensors past 2**31 elements."""
 
 import pytest
 import torch
-from _helpers import BACKENDS, dtype_id, need, run_isolated
+from _helpers import BACKENDS, capturable, dtype_id, need, run_isolated
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
@@ -301,6 +301,7 @@ def test_runs_on_a_side_stream(dtype, backend):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@capturable
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16], ids=dtype_id)
 def test_cuda_graph_capture(dtype, backend):

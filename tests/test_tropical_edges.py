@@ -2,23 +2,17 @@
 garbage, empty dims, streams, CUDA graphs, dynamic shapes, autocast, determinism, and
 sizes past 2**31 elements."""
 
-import os
 
 import _helpers
 import pytest
 import torch
-from _helpers import BACKENDS, run_isolated
+from _helpers import BACKENDS, capturable, gpu, run_isolated
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
 from geokern.reference import tropical as ref
 
 INF, NAN = float("inf"), float("nan")
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-# CUDA-graph capture needs the caching allocator (cudaMalloc is illegal while capturing): memcheck
-# runs with PYTORCH_NO_CUDA_MEMORY_CACHING=1, where no graph of any op can be captured
-capturable = pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
-                                reason="graph capture needs the CUDA caching allocator")
 OPTIONS = [(True, True), (False, True), (False, False)]  # (gauge_fix, score_center)
 
 

@@ -11,6 +11,7 @@
 //   forward.cuh         maxplus_fwd_kernel: 32-bit steps (float, int32, double), argmax, margin
 //   forward_packed.cuh  maxplus_fwd_packed_kernel: value-only 16-bit pairs (half2, bf16x2, int16x2)
 //   split_reduce.cuh    maxplus_split_reduce_kernel: split-K slices combined in k order
+//   range.cuh           maxplus_mark_kernel: integer entries that read an out-of-range input
 //   backward.cuh        maxplus_bwd_kernel
 //
 // Forward: a register-blocked GEMM-shaped kernel. There are no max-plus tensor cores, so

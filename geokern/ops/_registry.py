@@ -36,16 +36,6 @@ def triton_op(name, impl):
     traces into them on the GPU; on CPU tensors under TRITON_INTERPRET=1 the kernels run
     directly (eager only: tracing CPU Triton ops is unsupported)."""
     qualname = f"geokern::{name}"
-    if "launch" in inspect.signature(impl).parameters:  # TRANSITION (#13): removed once every family uses _common.launch
-        from geokern.kernels._common import launch
-
-        legacy = impl
-
-        def impl(*args):
-            return legacy(*args, launch=launch)
-
-        sig = inspect.signature(legacy)
-        impl.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "launch"])
     op = torch.library.triton_op(qualname, impl, mutates_args=())
     CUSTOM_OPS.append(("triton", qualname))
     return op

@@ -26,7 +26,7 @@ Edge cases, the same in every backend:
 import torch
 
 from geokern import _backend
-from geokern._checks import FLOAT_DTYPES, broadcast_leading, broadcast_shapes, check_same, check_tensor
+from geokern._checks import autocast_promote, FLOAT_DTYPES, broadcast_leading, broadcast_shapes, check_same, check_tensor
 from geokern.kernels import hypercomplex as tk
 from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import hypercomplex as ref
@@ -196,24 +196,11 @@ class HypercomplexConjFunction(torch.autograd.Function):
 # ---- public ops ----------------------------------------------------------------
 
 
-def _autocast_promote(*ts):
-    """Inside an autocast region for the tensors' device, float tensors of mixed dtypes in
-    the widest of them (as torch.mul promotes them there); otherwise unchanged."""
-    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in ts):
-        return ts
-    if not torch.is_autocast_enabled(ts[0].device.type):
-        return ts
-    dt = ts[0].dtype
-    for t in ts[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    return tuple(t.to(dt) for t in ts)
-
-
 def _mul(a, b, n, backend):
     op = f"{_NAMES[n]}_mul"
     check_tensor(op, "a", a, dtypes=FLOAT_DTYPES, last_dim=n)
     check_tensor(op, "b", b, dtypes=FLOAT_DTYPES, last_dim=n)
-    a, b = _autocast_promote(a, b)
+    a, b = autocast_promote(a, b)
     check_same(op, {"a": a, "b": b})
     broadcast_leading(op, "a", a, "b", b)
     be = _backend.resolve(op, backend, a.device, _PREFER)

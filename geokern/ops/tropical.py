@@ -54,7 +54,7 @@ import numbers
 import torch
 
 from geokern import _backend
-from geokern._checks import FLOAT_DTYPES, check_same, check_tensor
+from geokern._checks import autocast_promote, FLOAT_DTYPES, check_same, check_tensor
 from geokern.kernels import tropical as tk
 from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import tropical as ref
@@ -215,18 +215,6 @@ class TropicalAttentionBackwardFunction(torch.autograd.Function):
 # ---- public op -------------------------------------------------------------------
 
 
-def _autocast_promote(q, k, v):
-    """Inside an autocast region for q's device, q, k, v of mixed float dtypes in the widest
-    of them (autocast's "promote" rule, as for torch.cat); otherwise unchanged."""
-    ts = (q, k, v)
-    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in ts):
-        return ts
-    if not torch.is_autocast_enabled(q.device.type) or q.dtype == k.dtype == v.dtype:
-        return ts
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    return q.to(dt), k.to(dt), v.to(dt)
-
-
 def _check(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(_OP, name, t, dtypes=FLOAT_DTYPES, min_dim=4)
@@ -276,7 +264,7 @@ def tropical_attention(
     smallest winner-minus-runner-up gap of the value stage over D (+inf when Tk < 2).
     Differentiable in q, k, v along the argmax routes.
     """
-    q, k, v = _autocast_promote(q, k, v)
+    q, k, v = autocast_promote(q, k, v)
     _check(q, k, v, causal, gauge_fix, score_center, return_margins, evt_shift)
     cuda_ok = q.dtype != torch.float64 and q.shape[3] <= _CUDA_MAX_D
     be = _backend.resolve(_OP, backend, q.device, _PREFER if cuda_ok else ("triton",))
