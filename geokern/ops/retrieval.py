@@ -264,6 +264,14 @@ def _check_number(op, name, x, positive=False):
         raise ValueError(f"{op}: {name} must be finite and {'> 0' if positive else '>= 0'}, got {x}")
 
 
+def _check_r_number(op, name, x):
+    # a number R is one value for every pair: an infinite or NaN one would make every cost inf / NaN
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a tensor or a real number, got {type(x).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{op}: {name} must be finite when given as a number, got {x}")
+
+
 def _check_inputs(op, query, keys, values, R, metric, eps, mask):
     named = {"query": query, "keys": keys}
     check_tensor(op, "query", query, min_dim=2)
@@ -300,8 +308,8 @@ def _check_inputs(op, query, keys, values, R, metric, eps, mask):
         if R.device != query.device:
             raise ValueError(f"{op}: R is on {R.device} but query is on {query.device}")
         _check_broadcast(op, "R", R.shape, user_shape, squeeze)
-    elif isinstance(R, bool) or not isinstance(R, numbers.Real):
-        raise TypeError(f"{op}: R must be a tensor or a real number, got {type(R).__name__}")
+    else:
+        _check_r_number(op, "R", R)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"{op}: mask must be a bool tensor, got "
@@ -359,7 +367,8 @@ def _kernel_backend(op, backend, device, dtype, prefer):
     """The backend to run; an explicit kernel backend with a dtype it lacks is a TypeError."""
     be = _backend.resolve(op, backend, device, prefer)
     if be in ("triton", "cuda") and dtype not in _KERNEL_DTYPES:
-        if backend is None or backend == "auto":
+        # only "auto" may pick another backend; GEOKERN_BACKEND=triton is as explicit as backend="triton"
+        if (_backend.DEFAULT_BACKEND if backend is None else backend) == "auto":
             return "torch"
         raise TypeError(f"{op}: backend='{be}' supports query dtypes float16, bfloat16, float32; "
                         f"got {dtype} (use backend='torch')")
@@ -429,8 +438,8 @@ def _check_bank(op, bank, query, values, R, lead, squeeze):
             raise TypeError(f"{op}: bank R must be a floating-point tensor on {query.device} or a number, "
                             f"got {br.dtype} on {br.device}")
         _check_broadcast(op, "bank R", br.shape, user_shape, squeeze)
-    elif isinstance(br, bool) or not isinstance(br, numbers.Real):
-        raise TypeError(f"{op}: bank R must be a tensor or a real number, got {type(br).__name__}")
+    else:
+        _check_r_number(op, "bank R", br)
     return bk, bv, br
 
 
@@ -566,6 +575,7 @@ def curvature_scalar(R4: torch.Tensor, g_inv: torch.Tensor, eps: float = 1e-8, *
     asked = _backend.DEFAULT_BACKEND if backend is None else backend
     if asked in ("triton", "cuda"):
         raise RuntimeError(f"{op}: backend={asked!r} is unavailable: curvature_scalar has only the "
-                           "PyTorch implementation (use backend='torch')")
+                           "PyTorch implementation, which backend='torch' and backend='auto' run (no kernel "
+                           "backend implements it)")
     _backend.resolve(op, backend, R4.device, ("torch",))
     return ref.curvature_scalar(R4, g_inv, eps)
