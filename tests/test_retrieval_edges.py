@@ -129,17 +129,17 @@ def test_reference_masked_value_nan_contributes_nothing_per_pair():
 def test_fp16_large_coordinates_match_float32(backend, lam):
     need(backend)
     q, k, v = _qkv(b=1, lq=20, m=24, n=16)
-    q, k = (4e4 + 30 * q).clamp(max=6e4), (4e4 + 30 * k).clamp(max=6e4)
+    q, k = (4e4 + 3e3 * q).clamp(max=6e4), (4e4 + 3e3 * k).clamp(max=6e4)
     q16, k16, v16 = q.half(), k.half(), v.half()
     lamt = torch.full((16,), lam, device=DEVICE)
-    out16, lse16 = _attn(backend, q16, k16, v16, lam=lamt, beta=0.05)
-    out32, lse32 = ref.retrieval_attention(q16.double(), k16.double(), v16.double(), 1.0, gm.diag(lamt.double()),
-                                           0.05, 1e-8, None, True)
+    out16, lse16 = _attn(backend, q16, k16, v16, lam=lamt, beta=2e-3)
+    out32, lse32 = _attn(backend, q16.float(), k16.float(), v16.float(), lam=lamt, beta=2e-3)  # the float32 path
     assert out16.isfinite().all()
-    err = (out16.double() - out32).norm() / out32.norm()
+    err = (out16.float() - out32).norm() / out32.norm()
     assert err < 1e-2, err
+    torch.testing.assert_close(lse16, lse32, rtol=1e-3, atol=1e-2)
     # not a uniform softmax: the weights are far from equal here
-    assert (out32 - v16.double().mean(1, keepdim=True)).norm() / out32.norm() > 0.1
+    assert (out32 - v16.float().mean(1, keepdim=True)).norm() / out32.norm() > 0.1
 
 
 # ---- eps = 0: gradients of sqrt at 0 -------------------------------------------------

@@ -38,10 +38,13 @@ def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_a
     float32 buffers with atomics. nr = -beta log2(e) R and hr = -beta R / 2 broadcast
     against the [BLOCK_N, BLOCK_M] tile."""
     s = kn[:, None] + qn[None, :] - 2.0 * mm(k, tl.trans(qw), PREC)  # qn carries + eps: s = g + eps
-    t = tl.maximum(s, eps)
+    t = tl.maximum(s, eps, propagate_nan=tl.PropagateNan.ALL)
     inv = tl.math.rsqrt(t)  # one MUFU.RSQ gives spd = t / sqrt(t) and the 1 / spd of d cost / d s
-    spd = t * inv
-    c = tl.where(s >= eps, hr * inv, 0.0)  # d cost / d s (0 where the clamp is active); s dies here
+    # t = 0 (eps = 0 and k = q, or a padded row): spd = 0, and d cost / d s takes sqrt's
+    # subgradient 0 there, never 0 * inf = NaN
+    zero = t == 0.0
+    spd = tl.where(zero, 0.0, t * inv)
+    c = tl.where((s >= eps) & (t != 0.0), hr * inv, 0.0)  # d cost / d s (0 where the clamp is active); s dies here
     x = spd * nr
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))

@@ -33,21 +33,29 @@ _KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE"
 
 
 @triton.jit
-def _fwd_dist(qw2, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC: tl.constexpr,
+def _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr):
     """s = |q|^2 + eps + |k|^2 - 2 (w q).k for the key tile at `start`: one GEMM (two with
     NORM_MMA, where qne / kn are the bfloat16 norm splits of norm_split and their product
-    adds the norms on the tensor cores; else qne / kn are float32 [BM] / [BN] and two adds)."""
+    adds the norms on the tensor cores; else qne / kn are float32 [BM] / [BN] and two adds).
+    float16: qw2 is -2 w q / pw (pw a power of two, 1 unless |2 w q| would pass float16's range),
+    so its GEMM is scaled back by pw: one multiply per score, float16 only."""
     offs_n = start + tl.arange(0, BLOCK_N)
     nvalid = offs_n < M
     k = load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
     if NORM_MMA:
         offs_a = tl.arange(0, 16)
         kn = load_tile(kn_b, offs_n, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
-        return mm_acc(qw2, tl.trans(k), mm(qne, tl.trans(kn), PREC), PREC)
+        if qw2.dtype == tl.float16:
+            return mm(qw2, tl.trans(k), PREC) * pw + mm(qne, tl.trans(kn), PREC)
+        else:
+            return mm_acc(qw2, tl.trans(k), mm(qne, tl.trans(kn), PREC), PREC)
     else:
         kn = load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
-        return mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :]
+        if qw2.dtype == tl.float16:
+            return mm(qw2, tl.trans(k), PREC) * pw + qne[:, None] + kn[None, :]
+        else:
+            return mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :]
 
 
 @triton.jit
@@ -56,7 +64,8 @@ def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, PREC: tl.constexpr, USE_KEEP
     """One key tile of the online softmax (logits in log2 units) from its distances s
     (_fwd_dist): the updated (m_i, l_i, acc). With NORM_MMA, l_i is [BM, 16], the row sums
     in column 0, also from the tensor cores."""
-    t = tl.maximum(s, eps)  # max(s, 0) + eps: s carries the + eps
+    # max(s, 0) + eps (s carries the + eps); a NaN distance stays NaN (tl.maximum drops it by default)
+    t = tl.maximum(s, eps, propagate_nan=tl.PropagateNan.ALL)
     x = tl.sqrt(t) * nr  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22); nr = -beta log2(e) R
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
@@ -73,12 +82,36 @@ def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, PREC: tl.constexpr, USE_KEEP
         l_i = mm_acc(p, first_column(p.dtype, ROWS=v.shape[0]), l_i * alpha[:, None], PREC)
     else:
         l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    acc = acc * alpha[:, None] + mm(p, v, PREC)
+    if USE_KEEP and GUARD:  # a mask: a masked key's value must not reach acc, even as 0 * NaN
+        acc = acc * alpha[:, None] + _masked_pv(p, v, keep, PREC)
+    else:
+        acc = acc * alpha[:, None] + mm(p, v, PREC)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+def _masked_pv(p, v, keep, PREC: tl.constexpr):
+    """p @ v where masked keys (p = 0) contribute nothing whatever their value: one compare of the
+    value tile per key tile, and only a tile holding a non-finite value pays more. There the finite
+    values go through the GEMM, and a kept key's NaN / +inf / -inf sets its column to NaN / +inf /
+    -inf (both infinities: NaN), counted by three small GEMMs of the keep mask (the reference's rule)."""
+    bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+    if tl.max(bad.to(tl.int32)) > 0:
+        kf = keep.to(p.dtype)
+        vf = v.to(tl.float32)
+        nan = mm(kf, (vf != vf).to(p.dtype), PREC)
+        pos = mm(kf, (vf == float("inf")).to(p.dtype), PREC)
+        neg = mm(kf, (vf == float("-inf")).to(p.dtype), PREC)
+        pv = mm(p, tl.where(bad, 0.0, vf).to(v.dtype), PREC)
+        pv += tl.where(nan > 0, float("nan"), 0.0) + tl.where(pos > 0, float("inf"), 0.0)
+        pv += tl.where(neg > 0, float("-inf"), 0.0)
+        return pv
+    else:
+        return mm(p, v, PREC)
+
+
+@triton.jit
+def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
                  EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
@@ -94,7 +127,7 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
     nr_row = -scale * load_r(r_b, qi, qi, qv, qv, srm, srn, R_MODE if R_MODE < 2 else 0)  # hoisted for modes 0, 1
     last = ((M - 1) // BLOCK_N) * BLOCK_N
     if PIPE:
-        s = _fwd_dist(qw2, qne, k_b, kn_b, 0, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D, BLOCK_N,
+        s = _fwd_dist(qw2, pw, qne, k_b, kn_b, 0, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D, BLOCK_N,
                       NORM_MMA)
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -103,10 +136,10 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         kv = nvalid[None, :]
         if PIPE:
             s_cur = s
-            s = _fwd_dist(qw2, qne, k_b, kn_b, tl.minimum(start + BLOCK_N, last), offs_d, dvalid, skn, skd, sknn, M,
+            s = _fwd_dist(qw2, pw, qne, k_b, kn_b, tl.minimum(start + BLOCK_N, last), offs_d, dvalid, skn, skd, sknn, M,
                           PREC, EVEN_N, EVEN_D, BLOCK_N, NORM_MMA)
         else:
-            s_cur = _fwd_dist(qw2, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D,
+            s_cur = _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D,
                               BLOCK_N, NORM_MMA)
         v = load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
         if R_MODE < 2:
@@ -159,21 +192,27 @@ def retrieval_attention_fwd_kernel(
     qf = q.to(tl.float32)
     qwf = qf * w[None, :]
     qne = tl.sum(qwf * qf, 1) + eps
-    qw2 = (-2.0 * qwf).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
+    pw = 1.0
+    if q.dtype == tl.float16:
+        # -2 w q overflows float16 from |w q| = 32752 (coordinates past ~32.7k at w = 1): scale this
+        # tile's queries by a power of two pw that keeps it in range (_fwd_dist scales back)
+        amax = tl.max(tl.max(tl.abs(qwf), 1), 0)
+        pw = tl.where(amax > 16384.0, tl.math.exp2(tl.ceil(tl.math.log2(amax * (1.0 / 16384.0)))), 1.0)
+    qw2 = (-2.0 * (qwf / pw)).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
     if NORM_MMA:
         qne = norm_split(qne, 0, 3)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M, 16] if NORM_MMA else [BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+    m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
                                  scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA,
                                  PIPE and MASK_MODE == 0)
     if HAS_BANK:
-        m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+        m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,

@@ -51,7 +51,8 @@ def retrieval_cost_fwd_kernel(q_ptr, k_ptr, w_ptr, r_ptr, out_ptr,
         s += tl.sum(d * d * w[None, None, :], 2)
     tile = xv[:, None] & yv[None, :]
     r = tl.load(r_ptr + b0 * sr0 + b1 * sr1 + offs_x[:, None] * srl + offs_y[None, :] * srm, mask=tile, other=0.0)
-    cost = r * tl.sqrt_rn(tl.maximum(s, 0.0) + eps)
+    # NaN in q, k, w or r stays NaN (tl.maximum drops a NaN operand by default)
+    cost = r * tl.sqrt_rn(tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL) + eps)
     tl.store(out_ptr + (pid_b * LQ + offs_x[:, None]) * M + offs_y[None, :], cost, mask=tile)
 
 
@@ -101,7 +102,8 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
                 r = tl.load(r_ptr + b0 * sr0 + b1 * sr1 + offs_x[:, None] * srx + offs_y[None, :] * sry, mask=tile,
                             other=0.0)
                 spd = tl.sqrt_rn(tl.maximum(s, 0.0) + eps)
-                c = tl.where(tile & (s >= 0.0), g * r / spd, 0.0)
+                # spd = 0 (eps = 0, x = y): the subgradient 0 of sqrt at 0, not g r / 0
+                c = tl.where(tile & (s >= 0.0) & (spd > 0.0), g * r / spd, 0.0)
                 acc += tl.sum(c[:, :, None] * d, 1)
                 if WRITE_W:
                     accw += tl.sum(c[:, :, None] * d * d, 1)
