@@ -104,7 +104,7 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     cs = tl.zeros([BLOCK_N], tl.float32)  # sum_i ds_ij
     dr = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, LQ, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
+        offs_m = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # query rows * D may pass 2^31
         mvalid = offs_m < LQ
         qi = offs_m[None, :]
         qv = mvalid[None, :]
@@ -177,8 +177,11 @@ def retrieval_attention_bwd_kernel(
     scale = tl.cast(scale, tl.float32)
     beta = tl.cast(beta, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # one grid axis (y stops at 65535 batches); key tiles in 64 bits (keys past 2^31 elements)
+    nt = tl.cdiv(M, BLOCK_N) + (tl.cdiv(M2, BLOCK_N) if HAS_BANK else 0)
+    pid = tl.program_id(0)
+    pid_b = (pid // nt).to(tl.int64)
+    pid_n = (pid % nt).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
     row_b = pid_b * LQ
     nblk = tl.cdiv(M, BLOCK_N)

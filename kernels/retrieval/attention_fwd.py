@@ -42,16 +42,19 @@ def _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M,
     so its GEMM is scaled back by pw: one multiply per score, float16 only."""
     offs_n = start + tl.arange(0, BLOCK_N)
     nvalid = offs_n < M
-    k = load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
+    # the tile's base in 64 bits, offsets within it in 32: keys past 2^31 elements, no int64 per element
+    local = tl.arange(0, BLOCK_N)
+    base = tl.cast(start, tl.int64)
+    k = load_tile(k_b + base * skn, local, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
     if NORM_MMA:
         offs_a = tl.arange(0, 16)
-        kn = load_tile(kn_b, offs_n, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
+        kn = load_tile(kn_b + base * sknn, local, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
         if qw2.dtype == tl.float16:
             return mm(qw2, tl.trans(k), PREC) * pw + mm(qne, tl.trans(kn), PREC)
         else:
             return mm_acc(qw2, tl.trans(k), mm(qne, tl.trans(kn), PREC), PREC)
     else:
-        kn = load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
+        kn = load_vec(kn_b + base * sknn, local, sknn, nvalid, 0.0, EVEN_N)
         if qw2.dtype == tl.float16:
             return mm(qw2, tl.trans(k), PREC) * pw + qne[:, None] + kn[None, :]
         else:
@@ -141,7 +144,8 @@ def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dv
         else:
             s_cur = _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D,
                               BLOCK_N, NORM_MMA)
-        v = load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
+        v = load_tile(v_b + tl.cast(start, tl.int64) * svn, tl.arange(0, BLOCK_N), offs_e, svn, svd, nvalid, evalid,
+                      EVEN_N, EVEN_DV)
         if R_MODE < 2:
             nr = nr_row
         else:
@@ -177,8 +181,12 @@ def retrieval_attention_fwd_kernel(
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     scale = tl.cast(scale, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # one grid axis (x allows 2^31 - 1 programs; y stops at 65535 batches) and 64-bit query rows:
+    # outputs past 2^31 elements
+    nm = tl.cdiv(LQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_b = (pid // nm).to(tl.int64)
+    pid_m = (pid % nm).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

@@ -32,9 +32,10 @@ def retrieval_cost_fwd_kernel(q_ptr, k_ptr, w_ptr, r_ptr, out_ptr,
     per pair in float32, features in chunks of BLOCK_F."""
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     eps = tl.cast(eps, tl.float32)
-    pid_x = tl.program_id(0)
-    pid_y = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    # one grid axis (y and z stop at 65535: 2^25 keys made "invalid argument"), 64-bit indices
+    nx, ny = tl.cdiv(LQ, BLOCK_X), tl.cdiv(M, BLOCK_Y)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_x, pid_y, pid_b = pid % nx, (pid // nx) % ny, pid // (nx * ny)
     b0, b1 = pid_b // NB1, pid_b % NB1
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_y = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
@@ -70,8 +71,9 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
     drx = sum g spd, drp = g spd per pair. F <= BLOCK_F."""
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     eps = tl.cast(eps, tl.float32)
-    pid_x = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    nx = tl.cdiv(LX, BLOCK_X)  # one grid axis, 64-bit indices (as the forward)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_x, pid_b = pid % nx, pid // nx
     xb0, xb1 = pid_b // NX1, pid_b % NX1
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_f = tl.arange(0, BLOCK_F)
@@ -90,7 +92,7 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
             b1 = i1 if LOOP1 else xb1
             y_b = y_ptr + b0 * sy0 + b1 * sy1
             for y0 in range(0, LY, BLOCK_Y):
-                offs_y = y0 + tl.arange(0, BLOCK_Y)
+                offs_y = tl.cast(y0, tl.int64) + tl.arange(0, BLOCK_Y)
                 yv = offs_y < LY
                 tile = xv[:, None] & yv[None, :]
                 y = tl.load(y_b + offs_y[:, None] * syl + offs_f[None, :] * syf, mask=yv[:, None] & fv[None, :],
