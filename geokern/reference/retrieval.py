@@ -116,10 +116,16 @@ def retrieval_attention(query, keys, values, R, metric, beta, eps=1e-8, mask=Non
     bank: (bank_keys, bank_values) or (bank_keys, bank_values, bank_R), a second key segment
     (unmasked; bank_R defaults to R) merged with the first by log-sum-exp."""
     acc = compute_dtype or acc_dtype(query.dtype)
-    out, lse = _attend(query, keys, values, R, metric, beta, eps, mask, acc)
+    out, lse, cmin = _attend(query, keys, values, R, metric, beta, eps, mask, acc)
     if bank is not None:
-        o2, l2 = _attend(query, bank[0], bank[1], bank[2] if len(bank) == 3 else R, metric, beta, eps, None, acc)
-        out, lse = merge_by_lse(out, lse, o2, l2)
+        o2, l2, c2 = _attend(query, bank[0], bank[1], bank[2] if len(bank) == 3 else R, metric, beta, eps, None, acc)
+        # merged relative to the smaller shift: a segment whose nearest key is farther by a margin
+        # that beta * margin overflows gets weight exp(-inf) = 0 (the hard-min limit across segments)
+        c1, c2 = torch.broadcast_tensors(cmin, c2)
+        both = torch.minimum(c1, c2)
+        out, lse = merge_by_lse(out, lse - beta * (c1 - both), o2, l2 - beta * (c2 - both))
+        cmin = both
+    lse = lse - beta * cmin  # -inf where beta * cmin passes the float range (the true lse, rounded)
     out = out.to(values.dtype)
     return (out, lse) if return_lse else out
 
@@ -155,7 +161,8 @@ def _weighted_values(w, v, keep):
 
 
 def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
-    """(out, lse) of one key segment, both in the accumulation dtype acc."""
+    """(out, lse relative to the shift, cmin) of one key segment in the accumulation dtype acc: the
+    lse is lse_rel - beta * cmin, cmin the row's smallest kept cost (0 where nothing is kept)."""
     q, k, v, squeeze = as_batched(query, keys, values)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     R = _r_batched(R, squeeze)
@@ -164,11 +171,17 @@ def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
     if mask is not None and squeeze and mask.dim() >= 2:
         mask = mask.unsqueeze(-2)
     lq, m, n = q.shape[-2], k.shape[-2], q.shape[-1]
-    outs, lses = [], []
+    outs, lses, cmins = [], [], []
     for s, e in _chunks(lq, m, n):
         cost = _cost_chunk(q[..., s:e, :], k, _r_slice(R, s, e, lq), metric, eps)
-        logit = -beta * cost
         mk = _mask_slice(mask, s, e)
+        # logits relative to the row's nearest kept key: -beta * (cost - cmin) <= 0, so beta * cost
+        # past the float range still gives the softmax's limit, equal weights on the nearest keys
+        # (ties in the computed cost) and 0 elsewhere, never -inf - -inf = NaN or all-zero weights
+        kept_cost = cost if mk is None else cost.masked_fill(~mk, math.inf)
+        cmin = kept_cost.detach().amin(-1, keepdim=True) if m > 0 else cost.new_zeros(cost.shape[:-1] + (1,))
+        cmin = torch.where(torch.isinf(cmin), torch.zeros_like(cmin), cmin)  # nothing kept (or all inf)
+        logit = -beta * (cost - cmin)
         if mk is not None:
             logit = logit.masked_fill(~mk, -math.inf)
         # no keys (m = 0): logsumexp over nothing is -inf and w @ v is zeros, with their graph
@@ -177,10 +190,11 @@ def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
         w = torch.exp(logit - torch.where(lse == -math.inf, torch.zeros_like(lse), lse))
         outs.append(_weighted_values(w, v, mk))
         lses.append(lse.squeeze(-1))
-    out, lse = torch.cat(outs, -2), torch.cat(lses, -1)
+        cmins.append(cmin.squeeze(-1))
+    out, lse, cmin = torch.cat(outs, -2), torch.cat(lses, -1), torch.cat(cmins, -1)
     if squeeze:
-        out, lse = out.squeeze(-2), lse.squeeze(-1)
-    return out, lse
+        out, lse, cmin = out.squeeze(-2), lse.squeeze(-1), cmin.squeeze(-1)
+    return out, lse, cmin
 
 
 # ---- the backward, on the kernels' layout ----------------------------------------

@@ -156,14 +156,17 @@ def retrieval_attention_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, pipeline
     me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.uint8)
     eb = even_block()
     grid = lambda meta: (_programs(triton.cdiv(lq, meta["BLOCK_M"]) * nb),)  # noqa: E731
-    launch(retrieval_attention_fwd_kernel)[grid](
-        qe, w, seg.ke, seg.kn, seg.ve, seg.r, me, two.ke, two.kn, two.ve, two.r, out, lse,
-        *qe.stride(), *seg.strides(True), *two.strides(False), lead[1], lq, seg.m, two.m, d, dv,
-        float(beta) * LOG2E, float(eps),
-        R_MODE=seg.r_mode, MASK_MODE=_mask_mode(mask), R2_MODE=two.r_mode, HAS_BANK=bank is not None,
-        PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(), EVEN_D=_pow2(d) == d,
-        EVEN_DV=_pow2(dv) == dv, NORM_MMA=split, PIPE=_pipelined(d, pipeline), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-    )
+    args = (qe, w, seg.ke, seg.kn, seg.ve, seg.r, me, two.ke, two.kn, two.ve, two.r, out, lse,
+            *qe.stride(), *seg.strides(True), *two.strides(False), lead[1], lq, seg.m, two.m, d, dv,
+            float(beta) * LOG2E, float(eps))
+    kw = dict(R_MODE=seg.r_mode, MASK_MODE=_mask_mode(mask), R2_MODE=two.r_mode, HAS_BANK=bank is not None,
+              PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(),
+              EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv, NORM_MMA=split, PIPE=_pipelined(d, pipeline),
+              BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
+    launch(retrieval_attention_fwd_kernel)[grid](*args, **kw)
+    # rows whose logits all passed float32 (beta * R * spd): their hard-min limit, recomputed in cost
+    # units by a second launch whose programs return at once where no row needs it
+    launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=True)
     return out, lse
 
 

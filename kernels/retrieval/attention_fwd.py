@@ -29,7 +29,7 @@ _FULL = [(128, 64, 8, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 2, None), (6
          (128, 128, 8, 3, None)]
 # NORM_MMA and PIPE too: a config tuned for one loop shape is not reused for the other
 _KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE", "HAS_BANK", "EVEN_M", "EVEN_N",
-        "EVEN_N2", "NORM_MMA", "PIPE"]
+        "EVEN_N2", "NORM_MMA", "PIPE", "HARDMIN"]
 
 
 @triton.jit
@@ -62,8 +62,8 @@ def _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M,
 
 
 @triton.jit
-def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr, NORM_MMA: tl.constexpr):
+def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, hs, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
+                GUARD: tl.constexpr, NORM_MMA: tl.constexpr, HARDMIN: tl.constexpr):
     """One key tile of the online softmax (logits in log2 units) from its distances s
     (_fwd_dist): the updated (m_i, l_i, acc). With NORM_MMA, l_i is [BM, 16], the row sums
     in column 0, also from the tensor cores."""
@@ -78,8 +78,12 @@ def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, PREC: tl.constexpr, USE_KEEP
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    p = tl.math.exp2(x - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
+    if HARDMIN:  # x = -cost (nr = -R): the logit differences are -beta log2(e) (cost - cost_min)
+        p = tl.math.exp2((x - m_sub[:, None]) * hs)
+        alpha = tl.math.exp2((m_i - m_sub) * hs)
+    else:
+        p = tl.math.exp2(x - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
     p = p.to(v.dtype)
     if NORM_MMA:  # p @ [1, 0, ..., 0]: the row sum as a 16-wide GEMM, not one add per score
         l_i = mm_acc(p, first_column(p.dtype, ROWS=v.shape[0]), l_i * alpha[:, None], PREC)
@@ -116,8 +120,8 @@ def _masked_pv(p, v, keep, PREC: tl.constexpr):
 @triton.jit
 def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
-                 R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
+                 hs, HARDMIN: tl.constexpr, R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
                  PIPE: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc).
 
@@ -153,9 +157,11 @@ def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dv
         if MASK_MODE != 0:
             keep = kept(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
-                m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, keep, eps, PREC, True, True, NORM_MMA)
+                m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, keep, eps, hs, PREC, True, True, NORM_MMA,
+                                            HARDMIN)
         else:
-            m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, kv, eps, PREC, not EVEN_N, False, NORM_MMA)
+            m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, kv, eps, hs, PREC, not EVEN_N or HARDMIN,
+                                        HARDMIN, NORM_MMA, HARDMIN)
     return m_i, l_i, acc
 
 
@@ -173,6 +179,7 @@ def retrieval_attention_fwd_kernel(
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr, PIPE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HARDMIN: tl.constexpr = False,
 ):
     """q: [NB0, NB1, LQ, D], k: [NB0|1, NB1|1, M, D], v: [.., M, DV], bank k2 / v2: [.., M2, D | DV]
     -> o: [NB0 * NB1, LQ, DV], lse: [NB0 * NB1, LQ]. One program: BLOCK_M queries of one batch
@@ -194,6 +201,21 @@ def retrieval_attention_fwd_kernel(
     mvalid = offs_m < LQ
     dvalid = offs_d < D
     evalid = offs_e < DV
+    if HARDMIN:
+        # the second pass: rows whose first pass found no finite logit (lse -inf or NaN), since
+        # beta * R * spd passed float32 (or nothing was kept, or a NaN came in: recomputed, unchanged).
+        # Logits in cost units (xs = 1: x = -R spd), scaled by beta log2(e) only as differences from
+        # the row's best: the limit, equal weights on the nearest keys. A program without such rows
+        # returns at once (the pass costs a launch and one load of the lse when nothing overflowed).
+        lse0 = tl.load(lse_ptr + pid_b * LQ + offs_m, mask=mvalid, other=0.0)
+        need = (lse0 != lse0) | (lse0 == float("-inf"))
+        if tl.max(need.to(tl.int32), 0) == 0:
+            return
+        xs = 1.0
+        xs2 = scale
+    else:
+        xs = scale
+        xs2 = 1.0
     # |q|^2_w and -2 w q from q itself: no pre-pass over the queries
     q = load_tile(q_ptr + b0 * sq0 + b1 * sq1, offs_m, offs_d, sqm, sqd, mvalid, dvalid, EVEN_M, EVEN_D)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
@@ -217,27 +239,32 @@ def retrieval_attention_fwd_kernel(
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA,
-                                 PIPE and MASK_MODE == 0)
+                                 xs, eps, scale, HARDMIN, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N,
+                                 NORM_MMA, PIPE and MASK_MODE == 0)
     if HAS_BANK:
         m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
-                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
+                                     xs, eps, scale, HARDMIN, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
                                      NORM_MMA, PIPE)
 
     if NORM_MMA:
         l_i = tl.sum(l_i, 1)
-    if MASK_MODE != 0:
+    if MASK_MODE != 0 or HARDMIN:
         empty = l_i == 0.0  # every key masked: zeros and lse = -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        # HARDMIN: m_i = -cost_min; m_i * scale may pass the float range: lse = -inf, the true value rounded
+        lse = tl.where(empty, float("-inf"),
+                       (m_i * xs2 + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     else:
         out = acc / l_i[:, None]
         lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
     o_p = o_ptr + pid_b * LQ * DV + offs_m[:, None] * DV + offs_e[None, :]
-    if EVEN_M and EVEN_DV:
+    if HARDMIN:  # only the rows that needed it: the others keep the first pass's bits
+        tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=(need & mvalid)[:, None] & evalid[None, :])
+        tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=need & mvalid)
+    elif EVEN_M and EVEN_DV:
         tl.store(o_p, out.to(o_ptr.dtype.element_ty))
     else:
         tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=mvalid[:, None] & evalid[None, :])
