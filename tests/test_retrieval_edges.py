@@ -267,3 +267,29 @@ def test_curvature_scalar_kernel_backends_say_what_works(backend):
     msg = str(e.value)
     assert "backend='torch'" in msg and "backend='auto'" in msg
     assert "triton" not in msg.replace(f"backend={backend!r}", "") or backend == "triton"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("garbage", [math.nan, math.inf])
+def test_masked_keys_garbage_leaves_the_gradients_alone(backend, garbage):
+    """The backward too: NaN / inf in a masked key, its value and R change no gradient of the
+    query, the other keys, values and R (the masked key's own gradients are 0 or garbage-free)."""
+    need(backend)
+    q, k, v = _qkv()
+    R = torch.ones(2, 5, 40, device=DEVICE)
+    mask = torch.ones(2, 5, 40, dtype=torch.bool, device=DEVICE)
+    mask[:, :, 3] = False
+
+    def grads(k, v, R):
+        ts = [t.detach().clone().requires_grad_() for t in (q, k, v, R)]
+        out, lse = _attn(backend, *ts[:3], ts[3], mask=mask)
+        (out.square().sum() + lse.sum()).backward()
+        return [t.grad for t in ts]
+
+    k2, v2, R2 = k.clone(), v.clone(), R.clone()
+    k2[:, 3], v2[:, 3], R2[:, :, 3] = garbage, garbage, garbage
+    keep = torch.arange(40, device=DEVICE) != 3
+    for name, a, b in zip(["q", "k", "v", "R"], grads(k, v, R), grads(k2, v2, R2)):
+        if name != "q":
+            a, b = a[..., keep, :] if name != "R" else a[..., keep], b[..., keep, :] if name != "R" else b[..., keep]
+        torch.testing.assert_close(b, a, msg=name)

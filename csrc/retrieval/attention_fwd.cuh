@@ -45,7 +45,7 @@ struct FwdParams {
   const float* w;
   int64_t NB1, LQ, DV, rows, S_total;
   int F, CT;
-  float scale, eps;  // scale = beta * log2(e)
+  float scale, eps;  // scale = beta * log2(e); the running max m is in -cost units (m * scale: log2 units)
   float* part_acc;   // [S_total, rows, DV]
   float* part_m;     // [S_total, rows] (log2 units)
   float* part_l;
@@ -186,7 +186,9 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
             sq = fmaf(ws[f] * d, d, sq);
           }
           // max(sq, 0) that keeps a NaN (fmaxf drops it): NaN in, NaN out
-          x = -p.scale * sg.r[roff[g] + j * sg.sr.s[3]] * sqrtf((sq < 0.f ? 0.f : sq) + p.eps);
+          // in cost units (x = -cost): beta log2(e) multiplies only differences from the row's best,
+          // so beta * cost past float32 still gives the softmax's limit (the nearest keys share it)
+          x = -sg.r[roff[g] + j * sg.sr.s[3]] * sqrtf((sq < 0.f ? 0.f : sq) + p.eps);
         } else if (jj < nk) {
           x = __int_as_float(kMaskedBits);  // a masked key: weight -0.f, which pv_tile skips (its value may be NaN)
         }
@@ -208,14 +210,14 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
         const float xv = xs[g * kCH + jj];
         // exp2f never returns -0.f: it marks a masked key, which pv_tile skips rather than multiply
         // its value by 0 (0 * NaN is NaN)
-        const float pv = masked_logit(xv) ? -0.f : (none ? 0.f : exp2f(xv - mnew));
+        const float pv = masked_logit(xv) ? -0.f : (none ? 0.f : exp2f((xv - mnew) * p.scale));
         ps[jj * G + g] = pv;
         sum += pv;
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       if (lane == 0) {
-        const float alpha = none ? 1.f : exp2f(mold - mnew);
+        const float alpha = none ? 1.f : exp2f((mold - mnew) * p.scale);
         alpha_s[g] = alpha;
         m_s[g] = mnew;
         l_s[g] = l_s[g] * alpha + sum;
@@ -252,7 +254,8 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
     }
     if (ct == 0 && t < gact) {
       const float l = l_s[t];
-      p.lse[rowid[t]] = l == 0.f ? -INFINITY : (m_s[t] + log2f(l)) * kLn2;
+      // -inf where beta * cost_min passes float32: the true lse, rounded
+      p.lse[rowid[t]] = l == 0.f ? -INFINITY : (m_s[t] * p.scale + log2f(l)) * kLn2;
     }
   } else {
     const int64_t slot = sg.split_off + sp;
@@ -288,7 +291,7 @@ template <typename T>
 __global__ void __launch_bounds__(kCombineCols * kCombineGroups)
 retrieval_attention_combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_m,
                                    const float* __restrict__ part_l, T* __restrict__ out, float* __restrict__ lse,
-                                   int64_t rows, int64_t S, int64_t DV) {
+                                   int64_t rows, int64_t S, int64_t DV, float scale) {
   extern __shared__ float wsm[];  // [S] weights, then 1 / total
   __shared__ float red[kCombineGroups][kCombineCols];
   const int col = threadIdx.x % kCombineCols, grp = threadIdx.x / kCombineCols;
@@ -304,7 +307,7 @@ retrieval_attention_combine_kernel(const float* __restrict__ part_acc, const flo
       float l = 0.f;
       for (int64_t s = threadIdx.x; s < S; s += 32) {
         const float ms = part_m[s * rows + row];
-        const float a = m == -INFINITY || ms == -INFINITY ? 0.f : exp2f(ms - m);
+        const float a = m == -INFINITY || ms == -INFINITY ? 0.f : exp2f((ms - m) * scale);  // m: -cost units
         wsm[s] = a;
         l = fmaf(a, part_l[s * rows + row], l);
       }
@@ -312,7 +315,7 @@ retrieval_attention_combine_kernel(const float* __restrict__ part_acc, const flo
       for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
       if (threadIdx.x == 0) {
         wsm[S] = l == 0.f ? 0.f : 1.f / l;  // (l NaN: NaN in, NaN out)
-        if (cc == 0) lse[row] = l == 0.f ? -INFINITY : (m + log2f(l)) * kLn2;
+        if (cc == 0) lse[row] = l == 0.f ? -INFINITY : (m * scale + log2f(l)) * kLn2;
       }
     }
     __syncthreads();

@@ -61,9 +61,15 @@ def _r_batched(R, squeeze):
     return R
 
 
-def _cost_chunk(q, k, R, metric, eps):
-    """cost [..., lq, M] for q [..., lq, n], k [..., M, n] (both in the accumulation dtype)."""
+def _cost_chunk(q, k, R, metric, eps, keep=None):
+    """cost [..., lq, M] for q [..., lq, n], k [..., M, n] (both in the accumulation dtype).
+
+    keep (a mask): masked pairs read dv = 0 and R = 0, so a NaN / inf in a masked key or R reaches
+    neither the cost nor, as 0 * NaN, the gradients (the caller masks their logits)."""
     dv = k.unsqueeze(-3) - q.unsqueeze(-2)  # [..., lq, M, n]
+    if keep is not None:
+        dv = torch.where(keep.unsqueeze(-1), dv, torch.zeros_like(dv))
+        R = torch.where(keep, R, torch.zeros_like(keep, dtype=dv.dtype))
     t = torch.clamp(metric.quad(dv), min=0) + eps  # clamp keeps NaN
     if eps == 0:
         # sqrt has no derivative at 0 (k = q): take the subgradient 0, not 0 * inf = NaN
@@ -173,8 +179,8 @@ def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
     lq, m, n = q.shape[-2], k.shape[-2], q.shape[-1]
     outs, lses, cmins = [], [], []
     for s, e in _chunks(lq, m, n):
-        cost = _cost_chunk(q[..., s:e, :], k, _r_slice(R, s, e, lq), metric, eps)
         mk = _mask_slice(mask, s, e)
+        cost = _cost_chunk(q[..., s:e, :], k, _r_slice(R, s, e, lq), metric, eps, mk)
         # logits relative to the row's nearest kept key: -beta * (cost - cmin) <= 0, so beta * cost
         # past the float range still gives the softmax's limit, equal weights on the nearest keys
         # (ties in the computed cost) and 0 elsewhere, never -inf - -inf = NaN or all-zero weights

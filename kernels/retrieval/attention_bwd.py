@@ -29,7 +29,7 @@ _KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE"
 
 
 @triton.jit
-def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_acc, dv_acc, cs, dr,
+def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, beta, dk_acc, dv_acc, cs, dr,
                 dqa_b, rs_b, dr_b, offs_m, mvalid, offs_n, nvalid, offs_d, dvalid, M, D,
                 R_MODE: tl.constexpr, NEED_DR: tl.constexpr, USE_KEEP: tl.constexpr, PREC: tl.constexpr):
     """One (key tile, query tile) pair, transposed: rows are keys, columns queries.
@@ -51,13 +51,17 @@ def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_a
     p = tl.math.exp2(x - lse2[None, :])
     pl = p.to(do.dtype)
     pd = p * (mm(v, tl.trans(do), PREC) - delta[None, :])  # d loss / d logit
+    if USE_KEEP:  # a masked key's value, key or R may be NaN / inf: its terms are 0, never 0 * NaN
+        pd = tl.where(keep, pd, 0.0)
+        c = tl.where(keep, c, 0.0)
+        spd = tl.where(keep, spd, 0.0)
     dv_acc += mm(pl, do, PREC)
     dsl = (pd * c).to(qw.dtype)  # d loss / d s
     dk_acc += mm(dsl, qw, PREC)
     ds = pd * c
     cs += tl.sum(ds, 1)
     tl.atomic_add(rs_b + offs_m, tl.sum(ds, 0), mask=mvalid, sem="relaxed")
-    a = mm(tl.trans(dsl), k, PREC)  # sum_j ds_ij k_j for these queries
+    a = mm(tl.trans(dsl), ka, PREC)  # sum_j ds_ij k_j for these queries (ka: k, non-finite entries 0 if masked)
     tl.atomic_add(dqa_b + offs_m[:, None] * D + offs_d[None, :], a, mask=mvalid[:, None] & dvalid[None, :],
                   sem="relaxed")
     if NEED_DR:
@@ -94,6 +98,12 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     kn = load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
     v = load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
+    if MASK_MODE != 0:
+        # a masked key may hold NaN / inf: where it meets a zero weight (dq's sum_j ds_ij k_j, dK, dw) it
+        # is read as 0. A kept non-finite key has ds = 0 already (its s is NaN), so nothing else changes.
+        ka = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
+    else:
+        ka = k
     kj = offs_n[:, None]
     kv = nvalid[:, None]
     # dR layout by mode: [NB, LQ] (atomics), [NB, M] (per key), [NB, LQ, M] (per pair)
@@ -120,17 +130,17 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
         if MASK_MODE != 0:
             keep = kept(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked has zero gradient
-                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta,
+                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, beta,
                                                      dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                      offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, True,
                                                      PREC)
         else:
-            dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, kv, eps, beta,
+            dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, kv, eps, beta,
                                                  dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                  offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, not EVEN_N,
                                                  PREC)
 
-    kf = k.to(tl.float32)
+    kf = ka.to(tl.float32)
     dk = 2.0 * (w[None, :] * kf * cs[:, None] - dk_acc)
     kmask = nvalid[:, None] & dvalid[None, :]
     vmask = nvalid[:, None] & evalid[None, :]
