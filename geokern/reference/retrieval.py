@@ -181,15 +181,22 @@ def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
     for s, e in _chunks(lq, m, n):
         mk = _mask_slice(mask, s, e)
         cost = _cost_chunk(q[..., s:e, :], k, _r_slice(R, s, e, lq), metric, eps, mk)
-        # logits relative to the row's nearest kept key: -beta * (cost - cmin) <= 0, so beta * cost
-        # past the float range still gives the softmax's limit, equal weights on the nearest keys
-        # (ties in the computed cost) and 0 elsewhere, never -inf - -inf = NaN or all-zero weights
-        kept_cost = cost if mk is None else cost.masked_fill(~mk, math.inf)
-        cmin = kept_cost.detach().amin(-1, keepdim=True) if m > 0 else cost.new_zeros(cost.shape[:-1] + (1,))
-        cmin = torch.where(torch.isinf(cmin), torch.zeros_like(cmin), cmin)  # nothing kept (or all inf)
-        logit = -beta * (cost - cmin)
+        logit = -beta * cost
         if mk is not None:
             logit = logit.masked_fill(~mk, -math.inf)
+        # a row whose kept logits all passed the float range (beta * cost overflowed): logits relative
+        # to its nearest kept key, -beta * (cost - cmin) <= 0, give the softmax's limit (equal weights on
+        # the nearest keys, ties in the computed cost; 0 elsewhere), not all-zero weights. cmin is the
+        # shift of the returned lse (0 in every other row, whose arithmetic is unchanged).
+        cmin = cost.new_zeros(cost.shape[:-1] + (1,))
+        if m > 0:
+            kept_cost = (cost if mk is None else cost.masked_fill(~mk, math.inf)).detach().amin(-1, keepdim=True)
+            over = (logit.detach().amax(-1, keepdim=True) == -math.inf) & torch.isfinite(kept_cost)
+            cmin = torch.where(over, kept_cost, cmin)
+            shifted = -beta * (cost - cmin)
+            if mk is not None:
+                shifted = shifted.masked_fill(~mk, -math.inf)
+            logit = torch.where(over, shifted, logit)
         # no keys (m = 0): logsumexp over nothing is -inf and w @ v is zeros, with their graph
         lse = torch.logsumexp(logit, -1, keepdim=True)
         # a fully masked row has lse = -inf: subtract 0 instead, so its weights are exp(-inf) = 0
