@@ -142,6 +142,26 @@ def test_fp16_large_coordinates_match_float32(backend, lam):
     assert (out32 - v16.float().mean(1, keepdim=True)).norm() / out32.norm() > 0.1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [1.0, 4.0])
+def test_fp16_large_coordinates_gradients_match_float32(backend, lam):
+    """The backward too: d loss / d s (~ beta R / spd) fell below float16's subnormals and w q
+    overflowed float16 (lam > 1): gradients were off by 8x, or NaN."""
+    need(backend)
+    q, k, v = _qkv(b=1, lq=20, m=24, n=16)
+    q, k = (4e4 + 3e3 * q).clamp(max=6e4), (4e4 + 3e3 * k).clamp(max=6e4)
+    lamt = torch.full((16,), lam, device=DEVICE)
+    res = []
+    for dt in (torch.float16, torch.float32):
+        ts = [t.half().to(dt).requires_grad_() for t in (q, k, v)]
+        out, _ = _attn(backend, *ts, lam=lamt, beta=2e-3)
+        out.float().square().sum().backward()
+        res.append([t.grad.float() for t in ts])
+    for name, a, b in zip("qkv", *res):
+        assert a.isfinite().all(), name
+        assert (a - b).norm() / b.norm() < 2e-2, (name, ((a - b).norm() / b.norm()).item())
+
+
 # ---- eps = 0: gradients of sqrt at 0 -------------------------------------------------
 
 

@@ -216,6 +216,14 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
         return finish()
     qe = q.expand(lead + (lq, d)).contiguous()
     qw = torch.empty_like(qe)
+    # qw = w q / psc in q's dtype: psc, a power of two, keeps float16 finite (one max over q, float16
+    # only); appended to w, where the kernels read it (their loads of w stop at F)
+    psc = torch.ones(1, **f32)
+    if q.dtype == torch.float16 and qe.numel() > 0:
+        amax = (qe.abs().amax(dim=(0, 1, 2)).float() * w.abs()).amax()
+        amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        psc = torch.exp2(torch.ceil(torch.log2(amax / 16384.0))).clamp(min=1.0).reshape(1)
+    w = torch.cat([w, psc])
     qn = sqnorm(qe, w, qw)
     do = do.expand(lead + (lq, dv)).contiguous()
     delta = (do.float() * out.float()).sum(-1)

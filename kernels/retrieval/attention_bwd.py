@@ -29,7 +29,7 @@ _KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE"
 
 
 @triton.jit
-def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, beta, dk_acc, dv_acc, cs, dr,
+def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc, beta, dk_acc, dv_acc, cs, dr,
                 dqa_b, rs_b, dr_b, offs_m, mvalid, offs_n, nvalid, offs_d, dvalid, M, D,
                 R_MODE: tl.constexpr, NEED_DR: tl.constexpr, USE_KEEP: tl.constexpr, PREC: tl.constexpr):
     """One (key tile, query tile) pair, transposed: rows are keys, columns queries.
@@ -37,7 +37,8 @@ def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, beta, 
     Accumulates dK / dV / sum_i ds / per-key dR in registers and adds the query side into
     float32 buffers with atomics. nr = -beta log2(e) R and hr = -beta R / 2 broadcast
     against the [BLOCK_N, BLOCK_M] tile."""
-    s = kn[:, None] + qn[None, :] - 2.0 * mm(k, tl.trans(qw), PREC)  # qn carries + eps: s = g + eps
+    # qn carries + eps: s = g + eps; qw = w q / psc (psc a power of two, 1 unless float16 overflows)
+    s = kn[:, None] + qn[None, :] - 2.0 * psc * mm(k, tl.trans(qw), PREC)
     t = tl.maximum(s, eps, propagate_nan=tl.PropagateNan.ALL)
     inv = tl.math.rsqrt(t)  # one MUFU.RSQ gives spd = t / sqrt(t) and the 1 / spd of d cost / d s
     # t = 0 (eps = 0 and k = q, or a padded row): spd = 0, and d cost / d s takes sqrt's
@@ -56,12 +57,23 @@ def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, beta, 
         c = tl.where(keep, c, 0.0)
         spd = tl.where(keep, spd, 0.0)
     dv_acc += mm(pl, do, PREC)
-    dsl = (pd * c).to(qw.dtype)  # d loss / d s
-    dk_acc += mm(dsl, qw, PREC)
     ds = pd * c
+    if qw.dtype == tl.float16:
+        # d loss / d s is ~ beta R / spd: far coordinates make it smaller than float16's subnormals.
+        # Round it to float16 at a power-of-two scale that puts the tile's largest near 2^14, and
+        # scale the two GEMMs back (exact): float16 launches only, one max and one multiply per score
+        amax = tl.max(tl.max(tl.abs(ds), 1), 0)
+        ok = (amax > 0.0) & (amax < float("inf"))
+        sc = tl.where(ok, tl.math.exp2(14.0 - tl.ceil(tl.math.log2(tl.where(ok, amax, 1.0)))), 1.0)
+        dsl = (ds * sc).to(qw.dtype)
+        unsc = 1.0 / sc
+    else:
+        dsl = ds.to(qw.dtype)  # d loss / d s
+        unsc = 1.0
+    dk_acc += mm(dsl, qw, PREC) * (unsc * psc)
     cs += tl.sum(ds, 1)
     tl.atomic_add(rs_b + offs_m, tl.sum(ds, 0), mask=mvalid, sem="relaxed")
-    a = mm(tl.trans(dsl), ka, PREC)  # sum_j ds_ij k_j for these queries (ka: k, non-finite entries 0 if masked)
+    a = mm(tl.trans(dsl), ka, PREC) * unsc  # sum_j ds_ij k_j for these queries (ka: k, non-finite entries 0 if masked)
     tl.atomic_add(dqa_b + offs_m[:, None] * D + offs_d[None, :], a, mask=mvalid[:, None] & dvalid[None, :],
                   sem="relaxed")
     if NEED_DR:
@@ -98,6 +110,7 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     kn = load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
     v = load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
+    psc = tl.load(w_ptr + D)  # the launcher appends qw's scale to w
     if MASK_MODE != 0:
         # a masked key may hold NaN / inf: where it meets a zero weight (dq's sum_j ds_ij k_j, dK, dw) it
         # is read as 0. A kept non-finite key has ds = 0 already (its s is NaN), so nothing else changes.
@@ -130,12 +143,12 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
         if MASK_MODE != 0:
             keep = kept(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked has zero gradient
-                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, beta,
+                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc, beta,
                                                      dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                      offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, True,
                                                      PREC)
         else:
-            dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, kv, eps, beta,
+            dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, kv, eps, psc, beta,
                                                  dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                  offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, not EVEN_N,
                                                  PREC)
