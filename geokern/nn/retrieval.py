@@ -24,8 +24,10 @@ class GeodesicRetrieval(nn.Module):
     segments. `mask` (bool, True = keep) masks the row's own keys only. Rows that see
     no key at all give zeros (an empty bank and no keys passed included). forward never
     waits for the GPU (no host read of bank_count): the unwritten slots of the bank are
-    masked on the device, so it compiles with torch.compile(fullgraph=True). forward's keyword arguments besides backend (the tuning knobs
-    num_ctas, bank_splits, pipeline, norm_mma, bwd_chunk) go to retrieval_attention.
+    masked on the device, so it compiles with torch.compile(fullgraph=True). The bank is
+    then the first (masked) key segment and the row's keys the second; with a `mask` on the
+    row's keys too, two launches merged by their lse. forward's keyword arguments besides
+    backend (num_ctas, bank_splits, pipeline, norm_mma, bwd_chunk) go to retrieval_attention.
     """
 
     def __init__(self, n_coords, d_value, bank_size, *, beta=1.0, eps=1e-8, init_lam=1.0,

@@ -28,8 +28,8 @@ from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
 from geokern.metric import Diag, Metric
 from geokern.ops._registry import bound_once, cuda_op, triton_op
-from geokern.ops._retrieval_args import (_alert_nondeterministic, _autocast, _check_bank, _check_broadcast, _check_knobs,
-                                         _check_number, _check_r_number)
+from geokern.ops._retrieval_args import (_alert_nondeterministic, _autocast, _check_bank, _check_broadcast,
+                                         _check_knobs, _check_number, _check_r_number)
 from geokern.reference import retrieval as ref
 
 __all__ = ["retrieval_cost", "retrieval_attention", "curvature_scalar"]

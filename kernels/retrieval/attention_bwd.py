@@ -143,8 +143,8 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
         if MASK_MODE != 0:
             keep = kept(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked has zero gradient
-                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc, beta,
-                                                     dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
+                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc,
+                                                     beta, dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                      offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, True,
                                                      PREC)
         else:

@@ -121,8 +121,8 @@ def _masked_pv(p, v, keep, PREC: tl.constexpr):
 def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  hs, HARDMIN: tl.constexpr, R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
-                 PIPE: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NORM_MMA: tl.constexpr, PIPE: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc).
 
     PIPE (no mask): the distance GEMM of the next key tile is issued before this tile's softmax,
