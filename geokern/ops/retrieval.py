@@ -378,6 +378,12 @@ def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, e
     Differentiable in query, keys, R and the metric's parameters. "torch" runs the reference,
     "cuda" and "triton" their kernels (dv formed directly, float32 arithmetic; float16 / bfloat16 /
     float32; "triton" up to 128 metric features).
+
+    Edges: NaN in a query row, a key, R or the metric gives NaN in exactly the costs that read it
+    (row i for query i, column j for key j, every entry for the metric). eps = 0 is allowed; at a
+    zero distance the gradient takes sqrt's subgradient 0. R as a number must be finite. Under
+    torch.autocast the cost stays float32 (as torch.cdist). No keys or queries: an empty cost whose
+    gradients are zeros of the inputs' shapes.
     """
     op = "retrieval_cost"
     lead, squeeze = _check_inputs(op, query, keys, None, R, metric, eps, None)
