@@ -313,3 +313,17 @@ def test_masked_keys_garbage_leaves_the_gradients_alone(backend, garbage):
         if name != "q":
             a, b = a[..., keep, :] if name != "R" else a[..., keep], b[..., keep, :] if name != "R" else b[..., keep]
         torch.testing.assert_close(b, a, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("empty", ["keys", "queries"])
+def test_empty_cost_has_zero_gradients(backend, empty):
+    need(backend)
+    q, k, _ = _qkv()
+    q, k = (q[:, :0], k) if empty == "queries" else (q, k[:, :0])
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    R = torch.ones(1, device=DEVICE, requires_grad=True)
+    cost = geokern.retrieval_cost(q, k, R, gm.diag(torch.ones(8, device=DEVICE)), backend=backend)
+    cost.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and R.grad.shape == R.shape
+    assert (q.grad == 0).all() and (k.grad == 0).all() and (R.grad == 0).all()
