@@ -98,23 +98,23 @@ def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, hs, PREC: tl.constexpr, USE_
 
 @triton.jit
 def _masked_pv(p, v, keep, PREC: tl.constexpr):
-    """p @ v where masked keys (p = 0) contribute nothing whatever their value: one compare of the
-    value tile per key tile, and only a tile holding a non-finite value pays more. There the finite
+    """p @ v where masked keys (p = 0) contribute nothing whatever their value: a tile with a masked
+    entry compares its values once, and only one holding a non-finite value pays more. There the finite
     values go through the GEMM, and a kept key's NaN / +inf / -inf sets its column to NaN / +inf /
     -inf (both infinities: NaN), counted by three small GEMMs of the keep mask (the reference's rule)."""
-    bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
-    if tl.max(bad.to(tl.int32)) > 0:
-        kf = keep.to(p.dtype)
-        vf = v.to(tl.float32)
-        nan = mm(kf, (vf != vf).to(p.dtype), PREC)
-        pos = mm(kf, (vf == float("inf")).to(p.dtype), PREC)
-        neg = mm(kf, (vf == float("-inf")).to(p.dtype), PREC)
-        pv = mm(p, tl.where(bad, 0.0, vf).to(v.dtype), PREC)
-        pv += tl.where(nan > 0, float("nan"), 0.0) + tl.where(pos > 0, float("inf"), 0.0)
-        pv += tl.where(neg > 0, float("-inf"), 0.0)
-        return pv
-    else:
-        return mm(p, v, PREC)
+    pv = mm(p, v, PREC)
+    if tl.min(keep.to(tl.int32)) == 0:  # only a tile with a masked entry can leak: compare its values
+        bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+        if tl.max(bad.to(tl.int32)) > 0:
+            kf = keep.to(p.dtype)
+            vf = v.to(tl.float32)
+            nan = mm(kf, (vf != vf).to(p.dtype), PREC)
+            pos = mm(kf, (vf == float("inf")).to(p.dtype), PREC)
+            neg = mm(kf, (vf == float("-inf")).to(p.dtype), PREC)
+            pv = mm(p, tl.where(bad, 0.0, vf).to(v.dtype), PREC)
+            pv += tl.where(nan > 0, float("nan"), 0.0) + tl.where(pos > 0, float("inf"), 0.0)
+            pv += tl.where(neg > 0, float("-inf"), 0.0)
+    return pv
 
 
 @triton.jit
