@@ -4,7 +4,7 @@ softmax over the union; the bank is a ring buffer."""
 import pytest
 import torch
 from _helpers import BACKENDS, need
-from conftest import DEVICE
+from conftest import DEVICE, HAS_CUDA
 
 import geokern.metric as gm
 from geokern.nn import GeodesicRetrieval
@@ -63,8 +63,10 @@ def test_ring_buffer_keeps_the_latest():
 def test_bank_only_and_own_keys_only():
     m = _module()
     q = torch.randn(3, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="no keys passed and the bank is empty"):
-        m(q)
+    # an empty bank and no keys: every row sees no key, zeros (checking it would sync with the GPU)
+    assert (m(q) == 0).all()
+    with pytest.raises(ValueError, match="bank has no slots"):
+        GeodesicRetrieval(8, 16, 0, device=DEVICE)(q)
     k, v = torch.randn(3, 4, 8, device=DEVICE), torch.randn(3, 4, 16, device=DEVICE)
     own = m(q, k, v, backend="torch")
     metric = gm.diag(torch.nn.functional.softplus(m.raw_lam))
@@ -86,3 +88,36 @@ def test_bad_input():
         m.write(torch.randn(4, 8, device=DEVICE), torch.randn(4, 15, device=DEVICE))
     with pytest.raises(ValueError, match="init_lam must be > 0"):
         GeodesicRetrieval(8, 16, 4, init_lam=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("own", ["none", "keys", "masked keys"])
+def test_forward_never_syncs_and_compiles_fullgraph(backend, own, monkeypatch):
+    """forward reads no tensor on the host (issue 14, item 12): torch.compile(fullgraph=True)
+    traces it, and eager results equal the union reference for a partly filled bank."""
+    need(backend)
+    torch._dynamo.reset()
+    m = _module()
+    m.write(torch.randn(5, 8, device=DEVICE), torch.randn(5, 16, device=DEVICE))
+    q = torch.randn(3, 8, device=DEVICE)
+    k, v = torch.randn(3, 4, 8, device=DEVICE), torch.randn(3, 4, 16, device=DEVICE)
+    mask = torch.rand(3, 4, device=DEVICE) > 0.3
+    args = {"none": (q,), "keys": (q, k, v), "masked keys": (q, k, v, 1.0, mask)}[own]
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    eager = m(*args, backend=backend)
+    monkeypatch.undo()
+    assert not calls
+    # (the kernel backends compile only with CUDA tensors: their CPU interpreter runs eagerly)
+    compiled = torch.compile(lambda *a: m(*a, backend=backend), fullgraph=True)(*args) \
+        if backend == "torch" or HAS_CUDA else eager
+    keep = mask if own == "masked keys" else torch.ones(3, 4, dtype=torch.bool, device=DEVICE)
+    if own == "none":
+        metric = gm.diag(torch.nn.functional.softplus(m.raw_lam))
+        want = ref.retrieval_attention(q, m.bank_keys[:5], m.bank_values[:5], 1.0, metric, m.beta, m.eps)
+    else:
+        want = _union_reference(m, q, k, v, 1.0, keep)
+    tol = {"rtol": 2e-5, "atol": 2e-5}
+    torch.testing.assert_close(eager, want.float(), **tol)
+    torch.testing.assert_close(compiled, want.float(), **tol)

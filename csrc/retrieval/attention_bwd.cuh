@@ -48,6 +48,7 @@ __global__ void retrieval_attention_bwd_kernel(const PairParams p) {
     const int64_t row = (b0 * p.NB1 + b1) * p.LQ + i;
     const float lse = p.lse[row];
     float pr = 0.f;
+    bool kept = false;
     if (lse != -INFINITY &&
         (p.mask == nullptr || p.mask[b0 * p.sm.s[0] + b1 * p.sm.s[1] + i * p.sm.s[2] + j * p.sm.s[3]])) {
       const T* qr = Q + b0 * p.sq.s[0] + b1 * p.sq.s[1] + i * p.sq.s[2];
@@ -58,10 +59,12 @@ __global__ void retrieval_attention_bwd_kernel(const PairParams p) {
         s = fmaf(p.w[f] * d, d, s);
       }
       const float rv = p.r[b0 * p.sr.s[0] + b1 * p.sr.s[1] + i * p.sr.s[2] + j * p.sr.s[3]];
-      pr = expf(-p.beta * rv * sqrtf(fmaxf(s, 0.f) + p.eps) - lse);
+      pr = expf(-p.beta * rv * sqrtf((s < 0.f ? 0.f : s) + p.eps) - lse);  // (a NaN s stays NaN)
+      kept = true;
     }
     p.P[idx] = pr;
-    p.dp[idx] = -p.beta * pr * (p.dp[idx] - p.delta[row]);
+    // a masked key (or an empty row) has dcost 0 even where dO V^T read a NaN value of it
+    p.dp[idx] = kept ? -p.beta * pr * (p.dp[idx] - p.delta[row]) : 0.f;
   }
 }
 

@@ -45,7 +45,7 @@ struct FwdParams {
   const float* w;
   int64_t NB1, LQ, DV, rows, S_total;
   int F, CT;
-  float scale, eps;  // scale = beta * log2(e)
+  float scale, eps;  // scale = beta * log2(e); the running max m is in -cost units (m * scale: log2 units)
   float* part_acc;   // [S_total, rows, DV]
   float* part_m;     // [S_total, rows] (log2 units)
   float* part_l;
@@ -67,6 +67,14 @@ __device__ __forceinline__ void load_vec(const T* p, float (&o)[N]) {
 
 // acc[g] += sum_j p[j][g] v[j] over the nk keys of a tile, for the first GG of G rows; U value
 // vectors are loaded before their multiply-adds so that U loads are in flight per thread.
+// A masked key's logit is a NaN of its own bit pattern (fmaxf skips it; a NaN computed from a NaN
+// input is the canonical 0x7fffffff) and its weight -0.f: a masked key contributes nothing whatever
+// its value, so its multiply-add is skipped, not done with a weight of 0 (0 * NaN = NaN). One
+// compare per weight and row, not per value element.
+constexpr int kMaskedBits = 0x7fc0dead;
+__device__ __forceinline__ bool masked_logit(float x) { return __float_as_int(x) == kMaskedBits; }
+__device__ __forceinline__ bool masked_weight(float p) { return p == 0.f && signbit(p); }
+
 template <typename T, int G, int VEC, int GG, int U>
 __device__ __forceinline__ void pv_tile(float (&acc)[G][VEC], const float* ps, const T* vp, int64_t sv, int nk) {
   int jj = 0;
@@ -80,8 +88,10 @@ __device__ __forceinline__ void pv_tile(float (&acc)[G][VEC], const float* ps, c
 #pragma unroll
       for (int g = 0; g < GG; ++g) {
         const float pg = pr[g];
+        if (!masked_weight(pg)) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(pg, vv[u][e], acc[g][e]);
+          for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(pg, vv[u][e], acc[g][e]);
+        }
       }
     }
   }
@@ -91,8 +101,10 @@ __device__ __forceinline__ void pv_tile(float (&acc)[G][VEC], const float* ps, c
     const float* pr = ps + jj * G;
 #pragma unroll
     for (int g = 0; g < GG; ++g)
+      if (!masked_weight(pr[g])) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(pr[g], vv[e], acc[g][e]);
+        for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(pr[g], vv[e], acc[g][e]);
+      }
   }
 }
 
@@ -160,7 +172,7 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
   for (int64_t kc = kbeg; kc < kend; kc += kCH) {
     const int nk = int(kend - kc < kCH ? kend - kc : kCH);
     __syncthreads();
-    // logits of the tile, -inf where masked or past the end
+    // logits of the tile, -inf past the end, the masked-key NaN (kMaskedBits) where masked
     for (int idx = t; idx < G * kCH; idx += NT) {
       const int g = idx / kCH, jj = idx % kCH;
       float x = -INFINITY;
@@ -173,7 +185,12 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
             const float d = static_cast<float>(K[j * sg.sk.s[2] + f * sg.sk.s[3]]) - qg[f];
             sq = fmaf(ws[f] * d, d, sq);
           }
-          x = -p.scale * sg.r[roff[g] + j * sg.sr.s[3]] * sqrtf(fmaxf(sq, 0.f) + p.eps);
+          // max(sq, 0) that keeps a NaN (fmaxf drops it): NaN in, NaN out
+          // in cost units (x = -cost): beta log2(e) multiplies only differences from the row's best,
+          // so beta * cost past float32 still gives the softmax's limit (the nearest keys share it)
+          x = -sg.r[roff[g] + j * sg.sr.s[3]] * sqrtf((sq < 0.f ? 0.f : sq) + p.eps);
+        } else if (jj < nk) {
+          x = __int_as_float(kMaskedBits);  // a masked key: weight -0.f, which pv_tile skips (its value may be NaN)
         }
       }
       xs[idx] = x;
@@ -190,14 +207,17 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
       const bool none = mnew == -INFINITY;  // nothing kept so far: p = 0, alpha = 1
       float sum = 0.f;
       for (int jj = lane; jj < kCH; jj += 32) {
-        const float pv = none ? 0.f : exp2f(xs[g * kCH + jj] - mnew);
+        const float xv = xs[g * kCH + jj];
+        // exp2f never returns -0.f: it marks a masked key, which pv_tile skips rather than multiply
+        // its value by 0 (0 * NaN is NaN)
+        const float pv = masked_logit(xv) ? -0.f : (none ? 0.f : exp2f((xv - mnew) * p.scale));
         ps[jj * G + g] = pv;
         sum += pv;
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       if (lane == 0) {
-        const float alpha = none ? 1.f : exp2f(mold - mnew);
+        const float alpha = none ? 1.f : exp2f((mold - mnew) * p.scale);
         alpha_s[g] = alpha;
         m_s[g] = mnew;
         l_s[g] = l_s[g] * alpha + sum;
@@ -225,7 +245,7 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
       for (int g = 0; g < G; ++g) {
         if (g < gact) {
           const float l = l_s[g];
-          const float inv = l > 0.f ? 1.f / l : 0.f;
+          const float inv = l == 0.f ? 0.f : 1.f / l;  // (l NaN: NaN in, NaN out)
 #pragma unroll
           for (int e = 0; e < VEC; ++e)
             if (c0 + e < p.DV) O[rowid[g] * p.DV + c0 + e] = static_cast<T>(acc[g][e] * inv);
@@ -234,7 +254,8 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
     }
     if (ct == 0 && t < gact) {
       const float l = l_s[t];
-      p.lse[rowid[t]] = l > 0.f ? (m_s[t] + log2f(l)) * kLn2 : -INFINITY;
+      // -inf where beta * cost_min passes float32: the true lse, rounded
+      p.lse[rowid[t]] = l == 0.f ? -INFINITY : (m_s[t] * p.scale + log2f(l)) * kLn2;
     }
   } else {
     const int64_t slot = sg.split_off + sp;
@@ -270,7 +291,7 @@ template <typename T>
 __global__ void __launch_bounds__(kCombineCols * kCombineGroups)
 retrieval_attention_combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_m,
                                    const float* __restrict__ part_l, T* __restrict__ out, float* __restrict__ lse,
-                                   int64_t rows, int64_t S, int64_t DV) {
+                                   int64_t rows, int64_t S, int64_t DV, float scale) {
   extern __shared__ float wsm[];  // [S] weights, then 1 / total
   __shared__ float red[kCombineGroups][kCombineCols];
   const int col = threadIdx.x % kCombineCols, grp = threadIdx.x / kCombineCols;
@@ -286,15 +307,15 @@ retrieval_attention_combine_kernel(const float* __restrict__ part_acc, const flo
       float l = 0.f;
       for (int64_t s = threadIdx.x; s < S; s += 32) {
         const float ms = part_m[s * rows + row];
-        const float a = m == -INFINITY || ms == -INFINITY ? 0.f : exp2f(ms - m);
+        const float a = m == -INFINITY || ms == -INFINITY ? 0.f : exp2f((ms - m) * scale);  // m: -cost units
         wsm[s] = a;
         l = fmaf(a, part_l[s * rows + row], l);
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
       if (threadIdx.x == 0) {
-        wsm[S] = l > 0.f ? 1.f / l : 0.f;
-        if (cc == 0) lse[row] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+        wsm[S] = l == 0.f ? 0.f : 1.f / l;  // (l NaN: NaN in, NaN out)
+        if (cc == 0) lse[row] = l == 0.f ? -INFINITY : (m * scale + log2f(l)) * kLn2;
       }
     }
     __syncthreads();

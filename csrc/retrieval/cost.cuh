@@ -37,7 +37,7 @@ __global__ void retrieval_cost_fwd_kernel(const T* __restrict__ q, Strides4 sq, 
         const float d = static_cast<float>(kb[j * sk.s[2] + f * sk.s[3]]) - qs[f];
         s = fmaf(ws[f] * d, d, s);
       }
-      out[row * M + j] = rb[j * sr.s[3]] * sqrtf(fmaxf(s, 0.f) + eps);
+      out[row * M + j] = rb[j * sr.s[3]] * sqrtf((s < 0.f ? 0.f : s) + eps);  // keeps a NaN (fmaxf drops it)
     }
   }
 }
@@ -119,8 +119,9 @@ __global__ void __launch_bounds__(kRedThreads) retrieval_cost_bwd_kernel(const X
                 const float d = xs[ff] - static_cast<float>(yb[y * p.sy.s[2] + ff * p.sy.s[3]]);
                 s = fmaf(ws[ff] * d, d, s);
               }
-              const float spd = sqrtf(fmaxf(s, 0.f) + p.eps);
-              c = s >= 0.f ? gd * rb[y * p.sr.s[3]] / spd : 0.f;
+              const float spd = sqrtf((s < 0.f ? 0.f : s) + p.eps);
+              // spd = 0 (eps = 0, x = y): sqrt's subgradient 0 there, not g r / 0
+              c = s >= 0.f && spd > 0.f ? gd * rb[y * p.sr.s[3]] / spd : 0.f;
               if (fb == 0) {
                 dr_acc = fmaf(gd, spd, dr_acc);
                 if (p.drp) p.drp[b0 * p.sdp.s[0] + b1 * p.sdp.s[1] + xl * p.sdp.s[2] + y * p.sdp.s[3]] = gd * spd;

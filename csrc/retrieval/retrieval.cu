@@ -328,6 +328,15 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(
   at::Tensor out = at::empty({a.NB0, a.NB1, a.LQ, a.DV}, vs[0].options());
   at::Tensor lse = at::empty({a.NB0, a.NB1, a.LQ}, q.options().dtype(at::kFloat));
   if (rows == 0) return {out, lse};
+  if (a.DV == 0) {
+    // no value columns: the kernels tile by columns, so none would run and the lse (an output) would
+    // stay unwritten; run on one zero column instead and keep its lse
+    auto pad = [](const at::Tensor& t) { return at::zeros({t.size(0), t.size(1), t.size(2), 1}, t.options()); };
+    const std::optional<at::Tensor> bv = bank_v.has_value() ? std::optional<at::Tensor>(pad(*bank_v)) : std::nullopt;
+    auto padded = retrieval_attention_cuda(q, k, pad(v), w, r, mask, bank_k, bv, bank_r, beta, eps, num_ctas,
+                                           bank_splits, 0, 0);
+    return {out, std::get<1>(padded)};
+  }
   const int nseg = int(ks.size());
   int64_t Mtot = 0;
   for (int s = 0; s < nseg; ++s) Mtot += ks[s].size(2);
@@ -436,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor> retrieval_attention_cuda(
       const int64_t blocks = rows * ((a.DV + kCombineCols - 1) / kCombineCols);
       const unsigned grid = unsigned(grid_x(blocks, 64));
       retrieval_attention_combine_kernel<T><<<grid, kCombineCols * kCombineGroups, csm, stream>>>(
-          p.part_acc, p.part_m, p.part_l, out.mutable_data_ptr<T>(), p.lse, rows, S_total, a.DV);
+          p.part_acc, p.part_m, p.part_l, out.mutable_data_ptr<T>(), p.lse, rows, S_total, a.DV, p.scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -7,6 +7,7 @@ from torch import nn
 
 import geokern.metric as gm
 from geokern.ops.retrieval import retrieval_attention
+from geokern.reference.retrieval import merge_by_lse
 
 
 class GeodesicRetrieval(nn.Module):
@@ -21,8 +22,12 @@ class GeodesicRetrieval(nn.Module):
     one softmax over the union. R is a number or per query
     ([B, 1] for queries [B, n], [..., Lq, 1] for [..., Lq, n]): it applies to both
     segments. `mask` (bool, True = keep) masks the row's own keys only. Rows that see
-    no key at all give zeros. forward's keyword arguments besides backend (the tuning knobs
-    num_ctas, bank_splits, pipeline, norm_mma, bwd_chunk) go to retrieval_attention.
+    no key at all give zeros (an empty bank and no keys passed included). forward never
+    waits for the GPU (no host read of bank_count): the unwritten slots of the bank are
+    masked on the device, so it compiles with torch.compile(fullgraph=True). The bank is
+    then the first (masked) key segment and the row's keys the second; with a `mask` on the
+    row's keys too, two launches merged by their lse. forward's keyword arguments besides
+    backend (num_ctas, bank_splits, pipeline, norm_mma, bwd_chunk) go to retrieval_attention.
     """
 
     def __init__(self, n_coords, d_value, bank_size, *, beta=1.0, eps=1e-8, init_lam=1.0,
@@ -69,15 +74,24 @@ class GeodesicRetrieval(nn.Module):
             raise ValueError("GeodesicRetrieval: pass keys and values together, or neither")
         if keys is None and mask is not None:
             raise ValueError("GeodesicRetrieval: mask applies to the row's own keys; none were passed")
-        count = int(self.bank_count)
-        if keys is None and count == 0:
-            raise ValueError("GeodesicRetrieval: no keys passed and the bank is empty")
+        if keys is None and self.bank_size == 0:
+            raise ValueError("GeodesicRetrieval: no keys passed and the bank has no slots (bank_size = 0)")
+        if self.bank_size == 0:
+            return retrieval_attention(query, keys, values, R, self.metric, self.beta, self.eps, mask,
+                                       backend=backend, **knobs)
+        # No host sync: the whole ring buffer goes in and its unwritten slots are masked on the
+        # device, never sliced at int(bank_count) (a GPU sync, and a data-dependent shape that
+        # torch.compile(fullgraph=True) rejects). The kernels mask only their first key segment,
+        # so the bank goes first, with the row's keys as the second (unmasked) segment.
+        filled = torch.arange(self.bank_size, device=self.bank_count.device) < self.bank_count
         dtype = values.dtype if values is not None else query.dtype
-        bank = None
-        if count > 0:
-            bank = (self.bank_keys[:count].to(query.dtype), self.bank_values[:count].to(dtype))
-        if keys is None:
-            keys, values = bank
-            bank = None
-        return retrieval_attention(query, keys, values, R, self.metric, self.beta, self.eps, mask, bank=bank,
-                                   backend=backend, **knobs)
+        bk, bv = self.bank_keys.to(query.dtype), self.bank_values.to(dtype)
+        if keys is None or mask is None:
+            return retrieval_attention(query, bk, bv, R, self.metric, self.beta, self.eps, filled,
+                                       bank=None if keys is None else (keys, values), backend=backend, **knobs)
+        # both segments masked: two launches merged by their log-sum-exp (the same softmax)
+        o1, l1 = retrieval_attention(query, keys, values, R, self.metric, self.beta, self.eps, mask,
+                                     return_lse=True, backend=backend, **knobs)
+        o2, l2 = retrieval_attention(query, bk, bv, R, self.metric, self.beta, self.eps, filled,
+                                     return_lse=True, backend=backend, **knobs)
+        return merge_by_lse(o1, l1, o2, l2)[0].to(dtype)

@@ -19,7 +19,6 @@ the reference for the cost (its kernels are not yet measured against it).
 
 import dataclasses
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -29,6 +28,8 @@ from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
 from geokern.metric import Diag, Metric
 from geokern.ops._registry import bound_once, cuda_op, triton_op
+from geokern.ops._retrieval_args import (_alert_nondeterministic, _autocast, _check_bank, _check_broadcast,
+                                         _check_knobs, _check_number, _check_r_number)
 from geokern.reference import retrieval as ref
 
 __all__ = ["retrieval_cost", "retrieval_attention", "curvature_scalar"]
@@ -209,6 +210,8 @@ class RetrievalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if ctx.backend == "triton":  # float32 atomics add the query side, dw and shared dK / dV
+            _alert_nondeterministic("retrieval_attention backward (backend='triton')")
         q, k, v, w, r, mask, bk, bv, br, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
@@ -257,13 +260,6 @@ class RetrievalCostFunction(torch.autograd.Function):
 # ---- input checks and shape plumbing ---------------------------------------------
 
 
-def _check_number(op, name, x, positive=False):
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__}")
-    if not math.isfinite(x) or (positive and x <= 0) or (not positive and x < 0):
-        raise ValueError(f"{op}: {name} must be finite and {'> 0' if positive else '>= 0'}, got {x}")
-
-
 def _check_inputs(op, query, keys, values, R, metric, eps, mask):
     named = {"query": query, "keys": keys}
     check_tensor(op, "query", query, min_dim=2)
@@ -300,8 +296,8 @@ def _check_inputs(op, query, keys, values, R, metric, eps, mask):
         if R.device != query.device:
             raise ValueError(f"{op}: R is on {R.device} but query is on {query.device}")
         _check_broadcast(op, "R", R.shape, user_shape, squeeze)
-    elif isinstance(R, bool) or not isinstance(R, numbers.Real):
-        raise TypeError(f"{op}: R must be a tensor or a real number, got {type(R).__name__}")
+    else:
+        _check_r_number(op, "R", R)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"{op}: mask must be a bool tensor, got "
@@ -310,18 +306,6 @@ def _check_inputs(op, query, keys, values, R, metric, eps, mask):
             raise ValueError(f"{op}: mask is on {mask.device} but query is on {query.device}")
         _check_broadcast(op, "mask", mask.shape, user_shape, squeeze)
     return lead, squeeze
-
-
-def _check_broadcast(op, name, shape, target, squeeze):
-    ok = len(shape) <= len(target)
-    if ok:
-        try:
-            ok = tuple(broadcast_shapes(shape, target)) == tuple(target)
-        except RuntimeError:
-            ok = False
-    if not ok:
-        hint = " (a per-query value of a 2-D query is [B, 1])" if squeeze else " (per query: [..., Lq, 1])"
-        raise ValueError(f"{op}: {name} of shape {tuple(shape)} must broadcast to the cost shape {tuple(target)}{hint}")
 
 
 def _to4(t, lead, tail):
@@ -359,7 +343,8 @@ def _kernel_backend(op, backend, device, dtype, prefer):
     """The backend to run; an explicit kernel backend with a dtype it lacks is a TypeError."""
     be = _backend.resolve(op, backend, device, prefer)
     if be in ("triton", "cuda") and dtype not in _KERNEL_DTYPES:
-        if backend is None or backend == "auto":
+        # only "auto" may pick another backend; GEOKERN_BACKEND=triton is as explicit as backend="triton"
+        if (_backend.DEFAULT_BACKEND if backend is None else backend) == "auto":
             return "torch"
         raise TypeError(f"{op}: backend='{be}' supports query dtypes float16, bfloat16, float32; "
                         f"got {dtype} (use backend='torch')")
@@ -381,60 +366,6 @@ def _r4(R, lead, squeeze, device):
     return torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=device)
 
 
-def _check_knobs(op, **knobs):
-    """The tuning knobs as the schema's tuple (num_ctas, bank_splits, pipeline, norm_mma, bwd_chunk)."""
-    for name, x in knobs.items():
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{op}: {name} must be an int, got {type(x).__name__}")
-        if name in ("pipeline", "norm_mma") and x not in (-1, 0, 1):
-            raise ValueError(f"{op}: {name} must be -1 (choose), 0 or 1, got {x}")
-        if name not in ("pipeline", "norm_mma") and x < 0:
-            raise ValueError(f"{op}: {name} must be 0 (choose) or positive, got {x}")
-    return tuple(knobs.values())
-
-
-def _check_bank(op, bank, query, values, R, lead, squeeze):
-    """(bank_keys, bank_values, bank_R) checked; bank_R defaults to R where R does not depend on the key."""
-    if not isinstance(bank, (tuple, list)) or len(bank) not in (2, 3):
-        raise TypeError(f"{op}: bank must be a tuple (keys, values) or (keys, values, R), got "
-                        f"{type(bank).__name__}{'' if not isinstance(bank, (tuple, list)) else f' of {len(bank)}'}")
-    bk, bv = bank[0], bank[1]
-    check_tensor(op, "bank keys", bk, min_dim=2)
-    check_tensor(op, "bank values", bv, min_dim=2)
-    check_same(op, {"query": query, "bank keys": bk, "bank values": bv})
-    if bk.shape[-1] != query.shape[-1] or bv.shape[-1] != values.shape[-1] or bv.shape[-2] != bk.shape[-2]:
-        raise ValueError(f"{op}: bank keys must be [..., C, {query.shape[-1]}] and bank values [..., C, "
-                         f"{values.shape[-1]}]; got {tuple(bk.shape)} and {tuple(bv.shape)}")
-    _, bk3, bv3, _ = ref.as_batched(query, bk, bv)
-    own = bk3.shape[:-2], bv3.shape[:-2]
-    for shape in own:
-        try:
-            ok = tuple(broadcast_shapes(shape, lead)) == tuple(lead)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{op}: the bank's leading dims {tuple(shape)} must broadcast to the batch shape "
-                             f"{tuple(lead)} of query, keys and values")
-    if len(bank) == 3:
-        br = bank[2]
-    elif not isinstance(R, torch.Tensor) or R.dim() == 0 or R.shape[-1] == 1:
-        br = R  # a number or one R per query applies to both segments
-    else:
-        raise ValueError(f"{op}: R of shape {tuple(R.shape)} depends on the key; pass the bank's own R as "
-                         "bank=(keys, values, R)")
-    cost_shape = tuple(lead) + ((1,) if squeeze else (query.shape[-2],)) + (bk.shape[-2],)
-    user_shape = cost_shape[:-2] + cost_shape[-1:] if squeeze else cost_shape
-    if isinstance(br, torch.Tensor):
-        if not br.dtype.is_floating_point or br.device != query.device:
-            raise TypeError(f"{op}: bank R must be a floating-point tensor on {query.device} or a number, "
-                            f"got {br.dtype} on {br.device}")
-        _check_broadcast(op, "bank R", br.shape, user_shape, squeeze)
-    elif isinstance(br, bool) or not isinstance(br, numbers.Real):
-        raise TypeError(f"{op}: bank R must be a tensor or a real number, got {type(br).__name__}")
-    return bk, bv, br
-
-
-
 # ---- public ops ------------------------------------------------------------------
 
 
@@ -447,6 +378,12 @@ def retrieval_cost(query: torch.Tensor, keys: torch.Tensor, R, metric: Metric, e
     Differentiable in query, keys, R and the metric's parameters. "torch" runs the reference,
     "cuda" and "triton" their kernels (dv formed directly, float32 arithmetic; float16 / bfloat16 /
     float32; "triton" up to 128 metric features).
+
+    Edges: NaN in a query row, a key, R or the metric gives NaN in exactly the costs that read it
+    (row i for query i, column j for key j, every entry for the metric). eps = 0 is allowed; at a
+    zero distance the gradient takes sqrt's subgradient 0. R as a number must be finite. Under
+    torch.autocast the cost stays float32 (as torch.cdist). No keys or queries: an empty cost whose
+    gradients are zeros of the inputs' shapes.
     """
     op = "retrieval_cost"
     lead, squeeze = _check_inputs(op, query, keys, None, R, metric, eps, None)
@@ -477,7 +414,19 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     values [M, d_v] or [..., M, d_v]; R and mask (bool, True = keep) broadcast to the cost
     shape [B, M] / [..., Lq, M]. Returns out ([B, d_v] / [..., Lq, d_v], values' dtype)
     and, with return_lse=True, the log-sum-exp per query (float32; -inf for a fully
-    masked row, whose output is zeros).
+    masked row, whose output is zeros; no keys at all (M = 0) is such a row, with zero
+    gradients). Under torch.autocast query, keys, values and the bank's run in the autocast
+    dtype (as scaled_dot_product_attention). With torch.use_deterministic_algorithms(True)
+    the "triton" backward raises (float32 atomics); "cuda" and "torch" are deterministic.
+
+    Edges. NaN in the query, a key, R or the metric makes NaN exactly the outputs (and lse)
+    whose formula reads it: a query's row, every row that sees the key, the rows using
+    that R; a NaN value makes its column NaN in the rows that see it. A key removed by the
+    mask contributes nothing whatever its key, value or R (a kept key's non-finite value
+    gives NaN / +-inf in its column whatever its weight). eps = 0 is allowed: at a zero
+    distance the gradient takes sqrt's subgradient 0. d_v = 0 still gives the lse.
+    float16 queries past float16's range after the metric's scaling are rescaled in the
+    Triton kernel. R as a number must be finite.
 
     bank: a second key segment, (bank_keys [C, n], bank_values [C, d_v]) or
     (bank_keys, bank_values, bank_R), usually one copy shared by the whole batch (leading
@@ -503,6 +452,8 @@ def retrieval_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
                    (0 = 2**26).
     """
     op = "retrieval_attention"
+    if isinstance(query, torch.Tensor) and isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+        query, keys, values, bank = _autocast(query, keys, values, bank)
     lead, squeeze = _check_inputs(op, query, keys, values, R, metric, eps, mask)
     _check_number(op, "beta", beta)
     knobs = _check_knobs(op, num_ctas=num_ctas, bank_splits=bank_splits, pipeline=pipeline, norm_mma=norm_mma,
@@ -566,6 +517,7 @@ def curvature_scalar(R4: torch.Tensor, g_inv: torch.Tensor, eps: float = 1e-8, *
     asked = _backend.DEFAULT_BACKEND if backend is None else backend
     if asked in ("triton", "cuda"):
         raise RuntimeError(f"{op}: backend={asked!r} is unavailable: curvature_scalar has only the "
-                           "PyTorch implementation (use backend='torch')")
+                           "PyTorch implementation, which backend='torch' and backend='auto' run (no kernel "
+                           "backend implements it)")
     _backend.resolve(op, backend, R4.device, ("torch",))
     return ref.curvature_scalar(R4, g_inv, eps)

@@ -7,7 +7,7 @@ follow the keys' convention with their own last dim. The cost has shape `[B, M]`
 (2-D query) or `[..., Lq, M]`.
 
     dv   = keys[..., m, :] - query[..., l, :]
-    cost = R * sqrt(max(g(dv, dv), 0) + eps)          (eps inside the sqrt)
+    cost = R * sqrt(max(g(dv, dv), 0) + eps)          (eps inside the sqrt; eps = 0 allowed)
     out  = softmax_m(-beta * cost) @ values,   lse = logsumexp_m(-beta * cost)
 
 `R` is a number or a tensor that broadcasts against the cost shape: per key `[M]`,
@@ -61,16 +61,27 @@ def _r_batched(R, squeeze):
     return R
 
 
-def _cost_chunk(q, k, R, metric, eps):
-    """cost [..., lq, M] for q [..., lq, n], k [..., M, n] (both in the accumulation dtype)."""
+def _cost_chunk(q, k, R, metric, eps, keep=None):
+    """cost [..., lq, M] for q [..., lq, n], k [..., M, n] (both in the accumulation dtype).
+
+    keep (a mask): masked pairs read dv = 0 and R = 0, so a NaN / inf in a masked key or R reaches
+    neither the cost nor, as 0 * NaN, the gradients (the caller masks their logits)."""
     dv = k.unsqueeze(-3) - q.unsqueeze(-2)  # [..., lq, M, n]
-    g = metric.quad(dv)
-    return R * torch.sqrt(torch.clamp(g, min=0) + eps)
+    if keep is not None:
+        dv = torch.where(keep.unsqueeze(-1), dv, torch.zeros_like(dv))
+        R = torch.where(keep, R, torch.zeros_like(keep, dtype=dv.dtype))
+    t = torch.clamp(metric.quad(dv), min=0) + eps  # clamp keeps NaN
+    if eps == 0:
+        # sqrt has no derivative at 0 (k = q): take the subgradient 0, not 0 * inf = NaN
+        pos = t > 0
+        return R * torch.where(pos, torch.sqrt(torch.where(pos, t, torch.ones_like(t))), torch.zeros_like(t))
+    return R * torch.sqrt(t)
 
 
 def _chunks(lq, m, n):
+    # no queries: one empty chunk all the same, so the (empty) result keeps its autograd graph
     step = max(1, CHUNK_ELEMS // max(1, m * max(n, 1)))
-    return [(s, min(lq, s + step)) for s in range(0, lq, step)]
+    return [(s, min(lq, s + step)) for s in range(0, lq, step)] or [(0, 0)]
 
 
 def _r_slice(R, s, e, lq):
@@ -100,11 +111,7 @@ def retrieval_cost(query, keys, R, metric, eps=1e-8, compute_dtype=None):
     parts = [
         _cost_chunk(q[..., s:e, :], k, _r_slice(R, s, e, lq), metric, eps) for s, e in _chunks(lq, m, n)
     ]
-    if parts:
-        cost = torch.cat(parts, -2)
-    else:
-        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-        cost = q.new_zeros(tuple(lead) + (0, m))
+    cost = torch.cat(parts, -2)
     return cost.squeeze(-2) if squeeze else cost
 
 
@@ -115,10 +122,16 @@ def retrieval_attention(query, keys, values, R, metric, beta, eps=1e-8, mask=Non
     bank: (bank_keys, bank_values) or (bank_keys, bank_values, bank_R), a second key segment
     (unmasked; bank_R defaults to R) merged with the first by log-sum-exp."""
     acc = compute_dtype or acc_dtype(query.dtype)
-    out, lse = _attend(query, keys, values, R, metric, beta, eps, mask, acc)
+    out, lse, cmin = _attend(query, keys, values, R, metric, beta, eps, mask, acc)
     if bank is not None:
-        o2, l2 = _attend(query, bank[0], bank[1], bank[2] if len(bank) == 3 else R, metric, beta, eps, None, acc)
-        out, lse = merge_by_lse(out, lse, o2, l2)
+        o2, l2, c2 = _attend(query, bank[0], bank[1], bank[2] if len(bank) == 3 else R, metric, beta, eps, None, acc)
+        # merged relative to the smaller shift: a segment whose nearest key is farther by a margin
+        # that beta * margin overflows gets weight exp(-inf) = 0 (the hard-min limit across segments)
+        c1, c2 = torch.broadcast_tensors(cmin, c2)
+        both = torch.minimum(c1, c2)
+        out, lse = merge_by_lse(out, lse - beta * (c1 - both), o2, l2 - beta * (c2 - both))
+        cmin = both
+    lse = lse - beta * cmin  # -inf where beta * cmin passes the float range (the true lse, rounded)
     out = out.to(values.dtype)
     return (out, lse) if return_lse else out
 
@@ -134,8 +147,28 @@ def merge_by_lse(out1, lse1, out2, lse2):
     return w1 * out1.to(w1.dtype) + w2 * out2.to(w1.dtype), total
 
 
+def _weighted_values(w, v, keep):
+    """w @ v where a key removed by `keep` contributes nothing whatever its value.
+
+    Without a mask this is the plain product (a NaN value reaches every row; an inf value
+    whose weight underflows to 0 gives NaN, 0 * inf). With a mask, masked keys are skipped,
+    not multiplied by 0 (0 * NaN is NaN): the finite values go through the product and a
+    non-finite value of a kept key makes its column NaN (NaN), +inf / -inf (inf of one sign;
+    NaN when both meet), whatever its weight. The kernels do the same."""
+    if keep is None:
+        return w @ v
+    bad = ~torch.isfinite(v)
+    out = w @ torch.where(bad, torch.zeros_like(v), v)
+    kinds = torch.cat([torch.isnan(v), v == math.inf, v == -math.inf], -1).to(w.dtype)
+    nan, pos, neg = (keep.to(w.dtype).expand(w.shape) @ kinds).split(v.shape[-1], -1)
+    zero = torch.zeros_like(out)
+    return (out + torch.where(nan > 0, math.nan, zero) + torch.where(pos > 0, math.inf, zero)
+            + torch.where(neg > 0, -math.inf, zero))
+
+
 def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
-    """(out, lse) of one key segment, both in the accumulation dtype acc."""
+    """(out, lse relative to the shift, cmin) of one key segment in the accumulation dtype acc: the
+    lse is lse_rel - beta * cmin, cmin the row's smallest kept cost (0 where nothing is kept)."""
     q, k, v, squeeze = as_batched(query, keys, values)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     R = _r_batched(R, squeeze)
@@ -144,31 +177,37 @@ def _attend(query, keys, values, R, metric, beta, eps, mask, acc):
     if mask is not None and squeeze and mask.dim() >= 2:
         mask = mask.unsqueeze(-2)
     lq, m, n = q.shape[-2], k.shape[-2], q.shape[-1]
-    outs, lses = [], []
+    outs, lses, cmins = [], [], []
     for s, e in _chunks(lq, m, n):
-        cost = _cost_chunk(q[..., s:e, :], k, _r_slice(R, s, e, lq), metric, eps)
-        logit = -beta * cost
         mk = _mask_slice(mask, s, e)
+        cost = _cost_chunk(q[..., s:e, :], k, _r_slice(R, s, e, lq), metric, eps, mk)
+        logit = -beta * cost
         if mk is not None:
             logit = logit.masked_fill(~mk, -math.inf)
+        # a row whose kept logits all passed the float range (beta * cost overflowed): logits relative
+        # to its nearest kept key, -beta * (cost - cmin) <= 0, give the softmax's limit (equal weights on
+        # the nearest keys, ties in the computed cost; 0 elsewhere), not all-zero weights. cmin is the
+        # shift of the returned lse (0 in every other row, whose arithmetic is unchanged).
+        cmin = cost.new_zeros(cost.shape[:-1] + (1,))
+        if m > 0:
+            kept_cost = (cost if mk is None else cost.masked_fill(~mk, math.inf)).detach().amin(-1, keepdim=True)
+            over = (logit.detach().amax(-1, keepdim=True) == -math.inf) & torch.isfinite(kept_cost)
+            cmin = torch.where(over, kept_cost, cmin)
+            shifted = -beta * (cost - cmin)
+            if mk is not None:
+                shifted = shifted.masked_fill(~mk, -math.inf)
+            logit = torch.where(over, shifted, logit)
+        # no keys (m = 0): logsumexp over nothing is -inf and w @ v is zeros, with their graph
         lse = torch.logsumexp(logit, -1, keepdim=True)
         # a fully masked row has lse = -inf: subtract 0 instead, so its weights are exp(-inf) = 0
-        w = torch.exp(logit - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
-        outs.append(w @ v)
+        w = torch.exp(logit - torch.where(lse == -math.inf, torch.zeros_like(lse), lse))
+        outs.append(_weighted_values(w, v, mk))
         lses.append(lse.squeeze(-1))
-    if outs:
-        out, lse = torch.cat(outs, -2), torch.cat(lses, -1)
-    else:
-        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        out = q.new_zeros(tuple(lead) + (0, v.shape[-1]))
-        lse = q.new_zeros(tuple(lead) + (0,))
-    if m == 0:  # no keys at all: every row is fully masked
-        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        out = q.new_zeros(tuple(lead) + (lq, v.shape[-1]))
-        lse = torch.full(tuple(lead) + (lq,), -math.inf, dtype=acc, device=q.device)
+        cmins.append(cmin.squeeze(-1))
+    out, lse, cmin = torch.cat(outs, -2), torch.cat(lses, -1), torch.cat(cmins, -1)
     if squeeze:
-        out, lse = out.squeeze(-2), lse.squeeze(-1)
-    return out, lse
+        out, lse, cmin = out.squeeze(-2), lse.squeeze(-1), cmin.squeeze(-1)
+    return out, lse, cmin
 
 
 # ---- the backward, on the kernels' layout ----------------------------------------
@@ -189,7 +228,8 @@ def retrieval_cost_backward(grad, q, k, w, r, eps, shapes=None):
     dv = k.to(acc).unsqueeze(-3) - q.to(acc).unsqueeze(-2)  # [.., LQ, M, F]
     sq = (dv * dv * w).sum(-1)
     spd = torch.sqrt(sq.clamp(min=0) + eps)
-    c = torch.where(sq >= 0, g * r / spd, torch.zeros_like(spd))
+    # spd = 0 (eps = 0 and k = q): sqrt has no derivative there; take the subgradient 0
+    c = torch.where((sq >= 0) & (spd > 0), g * r / spd, torch.zeros_like(spd))
     ddv = c.unsqueeze(-1) * dv * w
     dw = (0.5 * c.unsqueeze(-1) * dv * dv).reshape(-1, w.shape[0]).sum(0)
     dq_s, dk_s, dr_s = shapes or (q.shape, k.shape, r.shape)

@@ -38,6 +38,14 @@ def _mask_mode(mask):
     return MASK_NONE if mask is None else (MASK_KEY if mask.shape[-2] == 1 else MASK_PAIR)
 
 
+def _programs(n):
+    """n programs on grid axis x (every launch here is one axis: y and z stop at 65535)."""
+    if n >= 2**31:
+        raise ValueError(f"retrieval: {n} Triton programs needed, more than a grid axis holds (2^31 - 1); "
+                         "split the batch")
+    return n
+
+
 def _pow2(n):
     return max(16, triton.next_power_of_2(n))
 
@@ -118,7 +126,7 @@ def sqnorm(x, w, xw=None, split=False):
     if out.numel() == 0:
         return out
     bl = 64
-    launch(sqnorm_kernel)[(triton.cdiv(l, bl), nb0 * nb1)](
+    launch(sqnorm_kernel)[(_programs(triton.cdiv(l, bl) * nb0 * nb1),)](
         x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d, WRITE_XW=xw is not None, SPLIT=split, BLOCK_L=bl,
         BLOCK_D=_pow2(d))
     return out
@@ -139,7 +147,7 @@ def retrieval_attention_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, pipeline
     out = torch.empty(lead + (lq, dv), dtype=v.dtype, device=v.device)
     lse = torch.empty(lead + (lq,), dtype=torch.float32, device=v.device)
     nb = lead[0] * lead[1]
-    if out.numel() == 0 or nb * lq == 0:
+    if nb * lq == 0:  # (d_v = 0 still runs: the lse is an output)
         return out, lse
     if seg.m == 0 and bank is None:
         return out.zero_(), lse.fill_(float("-inf"))
@@ -147,15 +155,18 @@ def retrieval_attention_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, pipeline
     two = bank or seg  # the kernel ignores segment 2 without HAS_BANK: any valid tensors do
     me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.uint8)
     eb = even_block()
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), nb)  # noqa: E731
-    launch(retrieval_attention_fwd_kernel)[grid](
-        qe, w, seg.ke, seg.kn, seg.ve, seg.r, me, two.ke, two.kn, two.ve, two.r, out, lse,
-        *qe.stride(), *seg.strides(True), *two.strides(False), lead[1], lq, seg.m, two.m, d, dv,
-        float(beta) * LOG2E, float(eps),
-        R_MODE=seg.r_mode, MASK_MODE=_mask_mode(mask), R2_MODE=two.r_mode, HAS_BANK=bank is not None,
-        PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(), EVEN_D=_pow2(d) == d,
-        EVEN_DV=_pow2(dv) == dv, NORM_MMA=split, PIPE=_pipelined(d, pipeline), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-    )
+    grid = lambda meta: (_programs(triton.cdiv(lq, meta["BLOCK_M"]) * nb),)  # noqa: E731
+    args = (qe, w, seg.ke, seg.kn, seg.ve, seg.r, me, two.ke, two.kn, two.ve, two.r, out, lse,
+            *qe.stride(), *seg.strides(True), *two.strides(False), lead[1], lq, seg.m, two.m, d, dv,
+            float(beta) * LOG2E, float(eps))
+    kw = dict(R_MODE=seg.r_mode, MASK_MODE=_mask_mode(mask), R2_MODE=two.r_mode, HAS_BANK=bank is not None,
+              PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(),
+              EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv, NORM_MMA=split, PIPE=_pipelined(d, pipeline),
+              BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
+    launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=False)  # (passed: an autotune key)
+    # rows whose logits all passed float32 (beta * R * spd): their hard-min limit, recomputed in cost
+    # units by a second launch whose programs return at once where no row needs it
+    launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=True)
     return out, lse
 
 
@@ -205,6 +216,14 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
         return finish()
     qe = q.expand(lead + (lq, d)).contiguous()
     qw = torch.empty_like(qe)
+    # qw = w q / psc in q's dtype: psc, a power of two, keeps float16 finite (one max over q, float16
+    # only); appended to w, where the kernels read it (their loads of w stop at F)
+    psc = torch.ones(1, **f32)
+    if q.dtype == torch.float16 and qe.numel() > 0:
+        amax = (qe.abs().amax(dim=(0, 1, 2)).float() * w.abs()).amax()
+        amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        psc = torch.exp2(torch.ceil(torch.log2(amax / 16384.0))).clamp(min=1.0).reshape(1)
+    w = torch.cat([w, psc])
     qn = sqnorm(qe, w, qw)
     do = do.expand(lead + (lq, dv)).contiguous()
     delta = (do.float() * out.float()).sum(-1)
@@ -219,7 +238,7 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
     me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.uint8)
     eb = even_block()
     nblk = lambda bn: triton.cdiv(seg.m, bn) + (triton.cdiv(bank.m, bn) if bank is not None else 0)  # noqa: E731
-    grid = lambda meta: (nblk(meta["BLOCK_N"]), nb)  # noqa: E731
+    grid = lambda meta: (_programs(nblk(meta["BLOCK_N"]) * nb),)  # noqa: E731
     launch(retrieval_attention_bwd_kernel)[grid](
         qw, qn, do, lse, delta, w, dqa, rs, dw,
         seg.ke, seg.kn, seg.ve, seg.r, me, dk, dvv, dr,
@@ -264,7 +283,7 @@ def retrieval_cost_fwd(q, k, w, r, eps):
     if out.numel() == 0:
         return out
     bxy, bf = _blocks(min(f, 32))
-    grid = (triton.cdiv(lq, bxy), triton.cdiv(m, bxy), lead[0] * lead[1])
+    grid = (_programs(triton.cdiv(lq, bxy) * triton.cdiv(m, bxy) * lead[0] * lead[1]),)
     launch(retrieval_cost_fwd_kernel)[grid](
         q, k, w, r, out, *_bstrides(q), *_bstrides(k), *_bstrides(r), lead[1], lq, m, f, float(eps),
         BLOCK_X=bxy, BLOCK_Y=bxy, BLOCK_F=bf)
@@ -275,7 +294,7 @@ def _side(x, y, w, g, sg, r, sr, out, outw, drx, drp, lead, lx, ly, eps):
     nx0, nx1 = out.shape[0], out.shape[1]
     f = x.shape[3]
     bxy, bf = _blocks(f)
-    grid = (triton.cdiv(lx, bxy), nx0 * nx1)
+    grid = (_programs(triton.cdiv(lx, bxy) * nx0 * nx1),)
     dummy = out
     launch(retrieval_cost_bwd_kernel)[grid](
         x, y, w, g, r, out, outw if outw is not None else dummy, drx if drx is not None else dummy,

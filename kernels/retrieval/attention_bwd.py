@@ -29,7 +29,7 @@ _KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE"
 
 
 @triton.jit
-def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_acc, dv_acc, cs, dr,
+def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc, beta, dk_acc, dv_acc, cs, dr,
                 dqa_b, rs_b, dr_b, offs_m, mvalid, offs_n, nvalid, offs_d, dvalid, M, D,
                 R_MODE: tl.constexpr, NEED_DR: tl.constexpr, USE_KEEP: tl.constexpr, PREC: tl.constexpr):
     """One (key tile, query tile) pair, transposed: rows are keys, columns queries.
@@ -37,24 +37,43 @@ def _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta, dk_a
     Accumulates dK / dV / sum_i ds / per-key dR in registers and adds the query side into
     float32 buffers with atomics. nr = -beta log2(e) R and hr = -beta R / 2 broadcast
     against the [BLOCK_N, BLOCK_M] tile."""
-    s = kn[:, None] + qn[None, :] - 2.0 * mm(k, tl.trans(qw), PREC)  # qn carries + eps: s = g + eps
-    t = tl.maximum(s, eps)
+    # qn carries + eps: s = g + eps; qw = w q / psc (psc a power of two, 1 unless float16 overflows)
+    s = kn[:, None] + qn[None, :] - 2.0 * psc * mm(k, tl.trans(qw), PREC)
+    t = tl.maximum(s, eps, propagate_nan=tl.PropagateNan.ALL)
     inv = tl.math.rsqrt(t)  # one MUFU.RSQ gives spd = t / sqrt(t) and the 1 / spd of d cost / d s
-    spd = t * inv
-    c = tl.where(s >= eps, hr * inv, 0.0)  # d cost / d s (0 where the clamp is active); s dies here
+    # t = 0 (eps = 0 and k = q, or a padded row): spd = 0, and d cost / d s takes sqrt's
+    # subgradient 0 there, never 0 * inf = NaN
+    zero = t == 0.0
+    spd = tl.where(zero, 0.0, t * inv)
+    c = tl.where((s >= eps) & (t != 0.0), hr * inv, 0.0)  # d cost / d s (0 where the clamp is active); s dies here
     x = spd * nr
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
     p = tl.math.exp2(x - lse2[None, :])
     pl = p.to(do.dtype)
     pd = p * (mm(v, tl.trans(do), PREC) - delta[None, :])  # d loss / d logit
+    if USE_KEEP:  # a masked key's value, key or R may be NaN / inf: its terms are 0, never 0 * NaN
+        pd = tl.where(keep, pd, 0.0)
+        c = tl.where(keep, c, 0.0)
+        spd = tl.where(keep, spd, 0.0)
     dv_acc += mm(pl, do, PREC)
-    dsl = (pd * c).to(qw.dtype)  # d loss / d s
-    dk_acc += mm(dsl, qw, PREC)
     ds = pd * c
+    if qw.dtype == tl.float16:
+        # d loss / d s is ~ beta R / spd: far coordinates make it smaller than float16's subnormals.
+        # Round it to float16 at a power-of-two scale that puts the tile's largest near 2^14, and
+        # scale the two GEMMs back (exact): float16 launches only, one max and one multiply per score
+        amax = tl.max(tl.max(tl.abs(ds), 1), 0)
+        ok = (amax > 0.0) & (amax < float("inf"))
+        sc = tl.where(ok, tl.math.exp2(14.0 - tl.ceil(tl.math.log2(tl.where(ok, amax, 1.0)))), 1.0)
+        dsl = (ds * sc).to(qw.dtype)
+        unsc = 1.0 / sc
+    else:
+        dsl = ds.to(qw.dtype)  # d loss / d s
+        unsc = 1.0
+    dk_acc += mm(dsl, qw, PREC) * (unsc * psc)
     cs += tl.sum(ds, 1)
     tl.atomic_add(rs_b + offs_m, tl.sum(ds, 0), mask=mvalid, sem="relaxed")
-    a = mm(tl.trans(dsl), k, PREC)  # sum_j ds_ij k_j for these queries
+    a = mm(tl.trans(dsl), ka, PREC) * unsc  # sum_j ds_ij k_j for these queries (ka: k, non-finite entries 0 if masked)
     tl.atomic_add(dqa_b + offs_m[:, None] * D + offs_d[None, :], a, mask=mvalid[:, None] & dvalid[None, :],
                   sem="relaxed")
     if NEED_DR:
@@ -91,6 +110,13 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     kn = load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
     v = load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
+    psc = tl.load(w_ptr + D)  # the launcher appends qw's scale to w
+    if MASK_MODE != 0:
+        # a masked key may hold NaN / inf: where it meets a zero weight (dq's sum_j ds_ij k_j, dK, dw) it
+        # is read as 0. A kept non-finite key has ds = 0 already (its s is NaN), so nothing else changes.
+        ka = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
+    else:
+        ka = k
     kj = offs_n[:, None]
     kv = nvalid[:, None]
     # dR layout by mode: [NB, LQ] (atomics), [NB, M] (per key), [NB, LQ, M] (per pair)
@@ -101,7 +127,7 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
     cs = tl.zeros([BLOCK_N], tl.float32)  # sum_i ds_ij
     dr = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, LQ, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
+        offs_m = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # query rows * D may pass 2^31
         mvalid = offs_m < LQ
         qi = offs_m[None, :]
         qv = mvalid[None, :]
@@ -117,17 +143,17 @@ def _bwd_segment(pid_n, pid_b, qw_b, qn_b, do_b, lse_b, delta_b, dqa_b, rs_b, w_
         if MASK_MODE != 0:
             keep = kept(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked has zero gradient
-                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, keep, eps, beta,
-                                                     dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
+                dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc,
+                                                     beta, dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                      offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, True,
                                                      PREC)
         else:
-            dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, kn, v, nr, hr, kv, eps, beta,
+            dk_acc, dv_acc, cs, dr = _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, kv, eps, psc, beta,
                                                  dk_acc, dv_acc, cs, dr, dqa_b, rs_b, dr_b, offs_m, mvalid,
                                                  offs_n, nvalid, offs_d, dvalid, M, D, R_MODE, NEED_DR, not EVEN_N,
                                                  PREC)
 
-    kf = k.to(tl.float32)
+    kf = ka.to(tl.float32)
     dk = 2.0 * (w[None, :] * kf * cs[:, None] - dk_acc)
     kmask = nvalid[:, None] & dvalid[None, :]
     vmask = nvalid[:, None] & evalid[None, :]
@@ -174,8 +200,11 @@ def retrieval_attention_bwd_kernel(
     scale = tl.cast(scale, tl.float32)
     beta = tl.cast(beta, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # one grid axis (y stops at 65535 batches); key tiles in 64 bits (keys past 2^31 elements)
+    nt = tl.cdiv(M, BLOCK_N) + (tl.cdiv(M2, BLOCK_N) if HAS_BANK else 0)
+    pid = tl.program_id(0)
+    pid_b = (pid // nt).to(tl.int64)
+    pid_n = (pid % nt).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
     row_b = pid_b * LQ
     nblk = tl.cdiv(M, BLOCK_N)

@@ -29,34 +29,46 @@ _FULL = [(128, 64, 8, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 2, None), (6
          (128, 128, 8, 3, None)]
 # NORM_MMA and PIPE too: a config tuned for one loop shape is not reused for the other
 _KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE", "HAS_BANK", "EVEN_M", "EVEN_N",
-        "EVEN_N2", "NORM_MMA", "PIPE"]
+        "EVEN_N2", "NORM_MMA", "PIPE", "HARDMIN"]
 
 
 @triton.jit
-def _fwd_dist(qw2, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC: tl.constexpr,
+def _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr):
     """s = |q|^2 + eps + |k|^2 - 2 (w q).k for the key tile at `start`: one GEMM (two with
     NORM_MMA, where qne / kn are the bfloat16 norm splits of norm_split and their product
-    adds the norms on the tensor cores; else qne / kn are float32 [BM] / [BN] and two adds)."""
+    adds the norms on the tensor cores; else qne / kn are float32 [BM] / [BN] and two adds).
+    float16: qw2 is -2 w q / pw (pw a power of two, 1 unless |2 w q| would pass float16's range),
+    so its GEMM is scaled back by pw: one multiply per score, float16 only."""
     offs_n = start + tl.arange(0, BLOCK_N)
     nvalid = offs_n < M
-    k = load_tile(k_b, offs_n, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
+    # the tile's base in 64 bits, offsets within it in 32: keys past 2^31 elements, no int64 per element
+    local = tl.arange(0, BLOCK_N)
+    base = tl.cast(start, tl.int64)
+    k = load_tile(k_b + base * skn, local, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
     if NORM_MMA:
         offs_a = tl.arange(0, 16)
-        kn = load_tile(kn_b, offs_n, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
-        return mm_acc(qw2, tl.trans(k), mm(qne, tl.trans(kn), PREC), PREC)
+        kn = load_tile(kn_b + base * sknn, local, offs_a, sknn, 1, nvalid, offs_a < 16, EVEN_N, True)
+        if qw2.dtype == tl.float16:
+            return mm(qw2, tl.trans(k), PREC) * pw + mm(qne, tl.trans(kn), PREC)
+        else:
+            return mm_acc(qw2, tl.trans(k), mm(qne, tl.trans(kn), PREC), PREC)
     else:
-        kn = load_vec(kn_b, offs_n, sknn, nvalid, 0.0, EVEN_N)
-        return mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :]
+        kn = load_vec(kn_b + base * sknn, local, sknn, nvalid, 0.0, EVEN_N)
+        if qw2.dtype == tl.float16:
+            return mm(qw2, tl.trans(k), PREC) * pw + qne[:, None] + kn[None, :]
+        else:
+            return mm(qw2, tl.trans(k), PREC) + qne[:, None] + kn[None, :]
 
 
 @triton.jit
-def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr, NORM_MMA: tl.constexpr):
+def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, hs, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
+                GUARD: tl.constexpr, NORM_MMA: tl.constexpr, HARDMIN: tl.constexpr):
     """One key tile of the online softmax (logits in log2 units) from its distances s
     (_fwd_dist): the updated (m_i, l_i, acc). With NORM_MMA, l_i is [BM, 16], the row sums
     in column 0, also from the tensor cores."""
-    t = tl.maximum(s, eps)  # max(s, 0) + eps: s carries the + eps
+    # max(s, 0) + eps (s carries the + eps); a NaN distance stays NaN (tl.maximum drops it by default)
+    t = tl.maximum(s, eps, propagate_nan=tl.PropagateNan.ALL)
     x = tl.sqrt(t) * nr  # sqrt.approx.f32 (MUFU.SQRT, relative error ~2^-22); nr = -beta log2(e) R
     if USE_KEEP:
         x = tl.where(keep, x, float("-inf"))
@@ -66,23 +78,51 @@ def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, PREC: tl.constexpr, USE_KEEP
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    p = tl.math.exp2(x - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
+    if HARDMIN:  # x = -cost (nr = -R): the logit differences are -beta log2(e) (cost - cost_min)
+        p = tl.math.exp2((x - m_sub[:, None]) * hs)
+        alpha = tl.math.exp2((m_i - m_sub) * hs)
+    else:
+        p = tl.math.exp2(x - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
     p = p.to(v.dtype)
     if NORM_MMA:  # p @ [1, 0, ..., 0]: the row sum as a 16-wide GEMM, not one add per score
         l_i = mm_acc(p, first_column(p.dtype, ROWS=v.shape[0]), l_i * alpha[:, None], PREC)
     else:
         l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    acc = acc * alpha[:, None] + mm(p, v, PREC)
+    if USE_KEEP and GUARD:  # a mask: a masked key's value must not reach acc, even as 0 * NaN
+        acc = acc * alpha[:, None] + _masked_pv(p, v, keep, PREC)
+    else:
+        acc = acc * alpha[:, None] + mm(p, v, PREC)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+def _masked_pv(p, v, keep, PREC: tl.constexpr):
+    """p @ v where masked keys (p = 0) contribute nothing whatever their value: a tile with a masked
+    entry compares its values once, and only one holding a non-finite value pays more. There the finite
+    values go through the GEMM, and a kept key's NaN / +inf / -inf sets its column to NaN / +inf /
+    -inf (both infinities: NaN), counted by three small GEMMs of the keep mask (the reference's rule)."""
+    pv = mm(p, v, PREC)
+    if tl.min(keep.to(tl.int32)) == 0:  # only a tile with a masked entry can leak: compare its values
+        bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+        if tl.max(bad.to(tl.int32)) > 0:
+            kf = keep.to(p.dtype)
+            vf = v.to(tl.float32)
+            nan = mm(kf, (vf != vf).to(p.dtype), PREC)
+            pos = mm(kf, (vf == float("inf")).to(p.dtype), PREC)
+            neg = mm(kf, (vf == float("-inf")).to(p.dtype), PREC)
+            pv = mm(p, tl.where(bad, 0.0, vf).to(v.dtype), PREC)
+            pv += tl.where(nan > 0, float("nan"), 0.0) + tl.where(pos > 0, float("inf"), 0.0)
+            pv += tl.where(neg > 0, float("-inf"), 0.0)
+    return pv
+
+
+@triton.jit
+def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
-                 R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
-                 PIPE: tl.constexpr):
+                 hs, HARDMIN: tl.constexpr, R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NORM_MMA: tl.constexpr, PIPE: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc).
 
     PIPE (no mask): the distance GEMM of the next key tile is issued before this tile's softmax,
@@ -94,7 +134,7 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
     nr_row = -scale * load_r(r_b, qi, qi, qv, qv, srm, srn, R_MODE if R_MODE < 2 else 0)  # hoisted for modes 0, 1
     last = ((M - 1) // BLOCK_N) * BLOCK_N
     if PIPE:
-        s = _fwd_dist(qw2, qne, k_b, kn_b, 0, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D, BLOCK_N,
+        s = _fwd_dist(qw2, pw, qne, k_b, kn_b, 0, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D, BLOCK_N,
                       NORM_MMA)
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -103,12 +143,13 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         kv = nvalid[None, :]
         if PIPE:
             s_cur = s
-            s = _fwd_dist(qw2, qne, k_b, kn_b, tl.minimum(start + BLOCK_N, last), offs_d, dvalid, skn, skd, sknn, M,
+            s = _fwd_dist(qw2, pw, qne, k_b, kn_b, tl.minimum(start + BLOCK_N, last), offs_d, dvalid, skn, skd, sknn, M,
                           PREC, EVEN_N, EVEN_D, BLOCK_N, NORM_MMA)
         else:
-            s_cur = _fwd_dist(qw2, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D,
+            s_cur = _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D,
                               BLOCK_N, NORM_MMA)
-        v = load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
+        v = load_tile(v_b + tl.cast(start, tl.int64) * svn, tl.arange(0, BLOCK_N), offs_e, svn, svd, nvalid, evalid,
+                      EVEN_N, EVEN_DV)
         if R_MODE < 2:
             nr = nr_row
         else:
@@ -116,9 +157,11 @@ def _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid
         if MASK_MODE != 0:
             keep = kept(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
-                m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, keep, eps, PREC, True, True, NORM_MMA)
+                m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, keep, eps, hs, PREC, True, True, NORM_MMA,
+                                            HARDMIN)
         else:
-            m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, kv, eps, PREC, not EVEN_N, False, NORM_MMA)
+            m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, kv, eps, hs, PREC, not EVEN_N or HARDMIN,
+                                        HARDMIN, NORM_MMA, HARDMIN)
     return m_i, l_i, acc
 
 
@@ -136,6 +179,7 @@ def retrieval_attention_fwd_kernel(
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr, PIPE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HARDMIN: tl.constexpr = False,
 ):
     """q: [NB0, NB1, LQ, D], k: [NB0|1, NB1|1, M, D], v: [.., M, DV], bank k2 / v2: [.., M2, D | DV]
     -> o: [NB0 * NB1, LQ, DV], lse: [NB0 * NB1, LQ]. One program: BLOCK_M queries of one batch
@@ -144,8 +188,12 @@ def retrieval_attention_fwd_kernel(
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     scale = tl.cast(scale, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # one grid axis (x allows 2^31 - 1 programs; y stops at 65535 batches) and 64-bit query rows:
+    # outputs past 2^31 elements
+    nm = tl.cdiv(LQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_b = (pid // nm).to(tl.int64)
+    pid_m = (pid % nm).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -153,44 +201,70 @@ def retrieval_attention_fwd_kernel(
     mvalid = offs_m < LQ
     dvalid = offs_d < D
     evalid = offs_e < DV
+    if HARDMIN:
+        # the second pass: rows whose first pass found no finite logit (lse -inf or NaN), since
+        # beta * R * spd passed float32 (or nothing was kept, or a NaN came in: recomputed, unchanged).
+        # Logits in cost units (xs = 1: x = -R spd), scaled by beta log2(e) only as differences from
+        # the row's best: the limit, equal weights on the nearest keys. A program without such rows
+        # returns at once (the pass costs a launch and one load of the lse when nothing overflowed).
+        lse0 = tl.load(lse_ptr + pid_b * LQ + offs_m, mask=mvalid, other=0.0)
+        need = (lse0 != lse0) | (lse0 == float("-inf"))
+        if tl.max(need.to(tl.int32), 0) == 0:
+            return
+        xs = 1.0
+        xs2 = scale
+    else:
+        xs = scale
+        xs2 = 1.0
     # |q|^2_w and -2 w q from q itself: no pre-pass over the queries
     q = load_tile(q_ptr + b0 * sq0 + b1 * sq1, offs_m, offs_d, sqm, sqd, mvalid, dvalid, EVEN_M, EVEN_D)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
     qf = q.to(tl.float32)
     qwf = qf * w[None, :]
     qne = tl.sum(qwf * qf, 1) + eps
-    qw2 = (-2.0 * qwf).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
+    pw = 1.0
+    if q.dtype == tl.float16:
+        # -2 w q overflows float16 from |w q| = 32752 (coordinates past ~32.7k at w = 1): scale this
+        # tile's queries by a power of two pw that keeps it in range (_fwd_dist scales back)
+        amax = tl.max(tl.max(tl.abs(qwf), 1), 0)
+        pw = tl.where(amax > 16384.0, tl.math.exp2(tl.ceil(tl.math.log2(amax * (1.0 / 16384.0)))), 1.0)
+    qw2 = (-2.0 * (qwf / pw)).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
     if NORM_MMA:
         qne = norm_split(qne, 0, 3)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M, 16] if NORM_MMA else [BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+    m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                  k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
                                  v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
                                  mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 scale, eps, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N, NORM_MMA,
-                                 PIPE and MASK_MODE == 0)
+                                 xs, eps, scale, HARDMIN, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N,
+                                 NORM_MMA, PIPE and MASK_MODE == 0)
     if HAS_BANK:
-        m_i, l_i, acc = _fwd_segment(qw2, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+        m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
                                      k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
                                      v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
                                      mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
-                                     scale, eps, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
+                                     xs, eps, scale, HARDMIN, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
                                      NORM_MMA, PIPE)
 
     if NORM_MMA:
         l_i = tl.sum(l_i, 1)
-    if MASK_MODE != 0:
+    if MASK_MODE != 0 or HARDMIN:
         empty = l_i == 0.0  # every key masked: zeros and lse = -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        # HARDMIN: m_i = -cost_min; m_i * scale may pass the float range: lse = -inf, the true value rounded
+        lse = tl.where(empty, float("-inf"),
+                       (m_i * xs2 + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     else:
         out = acc / l_i[:, None]
         lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
     o_p = o_ptr + pid_b * LQ * DV + offs_m[:, None] * DV + offs_e[None, :]
-    if EVEN_M and EVEN_DV:
+    if HARDMIN:  # only the rows that needed it: the others keep the first pass's bits
+        tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=(need & mvalid)[:, None] & evalid[None, :])
+        tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=need & mvalid)
+    elif EVEN_M and EVEN_DV:
         tl.store(o_p, out.to(o_ptr.dtype.element_ty))
     else:
         tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=mvalid[:, None] & evalid[None, :])

@@ -144,8 +144,9 @@ def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
     one program: BLOCK_L rows of one batch, out = sum_d w_d x^2 (|k|^2_w once per key, not per
     score) and, WRITE_XW, w x in xw's dtype. SPLIT: out is [.., L, 16] bfloat16, the key side of
     norm_split."""
-    pid_l = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    nl = tl.cdiv(L, BLOCK_L)  # one grid axis (y stops at 65535 batches); rows in 64 bits
+    pid_l = (tl.program_id(0) % nl).to(tl.int64)
+    pid_b = (tl.program_id(0) // nl).to(tl.int64)
     b0, b1 = pid_b // NB1, pid_b % NB1
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
@@ -161,6 +162,7 @@ def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
                  mask=lvalid[:, None])
     else:
         tl.store(out_ptr + pid_b * L + offs_l, n, mask=lvalid)
-    if WRITE_XW:
+    if WRITE_XW:  # divided by w_ptr[D], a power of two that keeps float16 in range (the backward's)
         tl.store(xw_ptr + (pid_b * L + offs_l)[:, None] * D + offs_d[None, :],
-                 (x * w[None, :]).to(xw_ptr.dtype.element_ty), mask=lvalid[:, None] & dvalid[None, :])
+                 (x * w[None, :] / tl.load(w_ptr + D)).to(xw_ptr.dtype.element_ty),
+                 mask=lvalid[:, None] & dvalid[None, :])

@@ -32,9 +32,10 @@ def retrieval_cost_fwd_kernel(q_ptr, k_ptr, w_ptr, r_ptr, out_ptr,
     per pair in float32, features in chunks of BLOCK_F."""
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     eps = tl.cast(eps, tl.float32)
-    pid_x = tl.program_id(0)
-    pid_y = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    # one grid axis (y and z stop at 65535: 2^25 keys made "invalid argument"), 64-bit indices
+    nx, ny = tl.cdiv(LQ, BLOCK_X), tl.cdiv(M, BLOCK_Y)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_x, pid_y, pid_b = pid % nx, (pid // nx) % ny, pid // (nx * ny)
     b0, b1 = pid_b // NB1, pid_b % NB1
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_y = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
@@ -51,7 +52,8 @@ def retrieval_cost_fwd_kernel(q_ptr, k_ptr, w_ptr, r_ptr, out_ptr,
         s += tl.sum(d * d * w[None, None, :], 2)
     tile = xv[:, None] & yv[None, :]
     r = tl.load(r_ptr + b0 * sr0 + b1 * sr1 + offs_x[:, None] * srl + offs_y[None, :] * srm, mask=tile, other=0.0)
-    cost = r * tl.sqrt_rn(tl.maximum(s, 0.0) + eps)
+    # NaN in q, k, w or r stays NaN (tl.maximum drops a NaN operand by default)
+    cost = r * tl.sqrt_rn(tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL) + eps)
     tl.store(out_ptr + (pid_b * LQ + offs_x[:, None]) * M + offs_y[None, :], cost, mask=tile)
 
 
@@ -69,8 +71,9 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
     drx = sum g spd, drp = g spd per pair. F <= BLOCK_F."""
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     eps = tl.cast(eps, tl.float32)
-    pid_x = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    nx = tl.cdiv(LX, BLOCK_X)  # one grid axis, 64-bit indices (as the forward)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_x, pid_b = pid % nx, pid // nx
     xb0, xb1 = pid_b // NX1, pid_b % NX1
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_f = tl.arange(0, BLOCK_F)
@@ -89,7 +92,7 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
             b1 = i1 if LOOP1 else xb1
             y_b = y_ptr + b0 * sy0 + b1 * sy1
             for y0 in range(0, LY, BLOCK_Y):
-                offs_y = y0 + tl.arange(0, BLOCK_Y)
+                offs_y = tl.cast(y0, tl.int64) + tl.arange(0, BLOCK_Y)
                 yv = offs_y < LY
                 tile = xv[:, None] & yv[None, :]
                 y = tl.load(y_b + offs_y[:, None] * syl + offs_f[None, :] * syf, mask=yv[:, None] & fv[None, :],
@@ -101,7 +104,8 @@ def retrieval_cost_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, r_ptr, out_ptr, outw_p
                 r = tl.load(r_ptr + b0 * sr0 + b1 * sr1 + offs_x[:, None] * srx + offs_y[None, :] * sry, mask=tile,
                             other=0.0)
                 spd = tl.sqrt_rn(tl.maximum(s, 0.0) + eps)
-                c = tl.where(tile & (s >= 0.0), g * r / spd, 0.0)
+                # spd = 0 (eps = 0, x = y): the subgradient 0 of sqrt at 0, not g r / 0
+                c = tl.where(tile & (s >= 0.0) & (spd > 0.0), g * r / spd, 0.0)
                 acc += tl.sum(c[:, :, None] * d, 1)
                 if WRITE_W:
                     accw += tl.sum(c[:, :, None] * d * d, 1)
