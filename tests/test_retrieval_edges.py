@@ -327,3 +327,26 @@ def test_empty_cost_has_zero_gradients(backend, empty):
     cost.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and R.grad.shape == R.shape
     assert (q.grad == 0).all() and (k.grad == 0).all() and (R.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_double_backward_is_refused_by_name(backend):
+    """The kernels have no derivative of their own: a second derivative raises geokern's
+    error naming the op (before: torch's 'no autograd formula was registered')."""
+    need(backend)
+    from geokern import metric
+
+    g = metric.diag(torch.rand(8, device=DEVICE) + 0.5)
+    q = torch.randn(1, 2, 5, 8, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 7, 8, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 2, 7, 4, device=DEVICE, requires_grad=True)
+    R = torch.rand(1, 2, 1, 7, device=DEVICE)
+    out = geokern.retrieval_attention(q, k, v, R, g, beta=1.0, backend=backend)
+    with pytest.raises(RuntimeError, match="retrieval_attention: double backward"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    cost = geokern.retrieval_cost(q, k, R, g, backend=backend)
+    with pytest.raises(RuntimeError, match="retrieval_cost: double backward"):
+        torch.autograd.grad(cost.square().sum(), q, create_graph=True)
+    # a plain backward still works
+    (gq,) = torch.autograd.grad(geokern.retrieval_attention(q, k, v, R, g, beta=1.0, backend=backend).sum(), q)
+    assert gq.shape == q.shape and torch.isfinite(gq).all()

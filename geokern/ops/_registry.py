@@ -54,3 +54,13 @@ def bound_once(cls):
     forward = cls.forward
     forward.__signature__ = inspect.signature(forward)
     return cls
+
+
+def refuse_double_backward(op):
+    """Called first in a Function's backward whose kernels have no derivative of their own:
+    a backward run with create_graph=True (grad mode on) raises here, naming the op, instead
+    of torch's "no autograd formula was registered" at the raw custom op. AOTAutograd traces
+    backwards with grad mode on too, so compiling is let through."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) through the Triton and CUDA kernels is not "
+                           "supported; backend='torch' (the reference) supports it")

@@ -27,7 +27,7 @@ from geokern import _backend
 from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
 from geokern.metric import Diag, Metric
-from geokern.ops._registry import bound_once, cuda_op, triton_op
+from geokern.ops._registry import bound_once, cuda_op, refuse_double_backward, triton_op
 from geokern.ops._retrieval_args import (_alert_nondeterministic, _autocast, _check_bank, _check_broadcast,
                                          _check_knobs, _check_number, _check_r_number)
 from geokern.reference import retrieval as ref
@@ -36,9 +36,8 @@ __all__ = ["retrieval_cost", "retrieval_attention", "curvature_scalar"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREFER = ("triton",)
-# one query per row (the decode regime): the CUDA kernel, measured on the H100 (B32, 512 own keys +
-# a 4096-key bank, d_v 768) at 0.60 / 0.66 ms forward (fp32 / bf16) against Triton's 0.77 / 0.70,
-# and 1.75 / 1.90 ms forward + backward against 2.41 / 5.92
+# one query per row (the decode regime): the CUDA kernel is faster there, forward and backward
+# (csrc/retrieval/README.md, "Auto's choice")
 _DECODE_PREFER = ("cuda", "triton")
 
 
@@ -67,16 +66,12 @@ _DECODE_PREFER = ("cuda", "triton")
 # interpreter on CPU tensors.
 
 
-def _r_mode(r):
-    return int(r.shape[2] != 1) + 2 * int(r.shape[3] != 1)
-
-
 def _grad_shapes(lead, q, k, v, r):
     """(dq, dk, dv, dr) shapes: dq at the full batch; dk at k's batch dims (and R's, per key);
     dv at the kv batch (k's and v's); dR per query / per pair at the full batch, per key at dk's."""
-    lq, m, key = q.shape[2], k.shape[2], _r_mode(r) == 2
+    lq, m, key = q.shape[2], k.shape[2], tk.r_mode(r) == 2
     kb = tuple(max(k.shape[i], r.shape[i] if key else 1) for i in range(2))
-    dr = {0: lead + (lq, 1), 1: lead + (lq, 1), 2: kb + (1, m), 3: lead + (lq, m)}[_r_mode(r)]
+    dr = {0: lead + (lq, 1), 1: lead + (lq, 1), 2: kb + (1, m), 3: lead + (lq, m)}[tk.r_mode(r)]
     dv = None if v is None else tuple(max(k.shape[i], v.shape[i]) for i in range(2)) + tuple(v.shape[2:])
     return lead + (lq, q.shape[3]), kb + tuple(k.shape[2:]), dv, dr
 
@@ -210,6 +205,7 @@ class RetrievalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        refuse_double_backward("retrieval_attention")
         if ctx.backend == "triton":  # float32 atomics add the query side, dw and shared dK / dV
             _alert_nondeterministic("retrieval_attention backward (backend='triton')")
         q, k, v, w, r, mask, bk, bv, br, out, lse = ctx.saved_tensors
@@ -245,6 +241,7 @@ class RetrievalCostFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_double_backward("retrieval_cost")
         q, k, w, r = ctx.saved_tensors
         dq, dk, dr, dw = _COST[ctx.backend][1](grad.float().contiguous(), q, k, w, r, ctx.eps)
         need = ctx.needs_input_grad
