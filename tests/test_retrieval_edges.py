@@ -350,3 +350,36 @@ def test_double_backward_is_refused_by_name(backend):
     # a plain backward still works
     (gq,) = torch.autograd.grad(geokern.retrieval_attention(q, k, v, R, g, beta=1.0, backend=backend).sum(), q)
     assert gq.shape == q.shape and torch.isfinite(gq).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beta_zero_gives_the_plain_mean_of_the_kept_values(backend):
+    """beta = 0: equal weights on the kept keys; a row with none kept gives zeros, lse -inf.
+    (Found in review: CUDA read -inf * 0 in its first tile and gave NaN everywhere; Triton's
+    hard-min pass re-read fully masked rows and gave NaN.)"""
+    need(backend)
+    q, k, v = _qkv(b=2, lq=5, m=40)
+    mask = torch.rand(2, 5, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.4
+    mask[1, 2] = False  # nothing kept in this row
+    out, lse = _attn(backend, q, k, v, mask=mask, beta=0.0)
+    kept = mask.double()
+    want = (kept @ v.double()) / kept.sum(-1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    assert lse[1, 2] == float("-inf") and torch.isfinite(lse[mask.any(-1)]).all()
+    torch.testing.assert_close(lse[mask.any(-1)].double(), kept.sum(-1)[mask.any(-1)].log(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_inf_query_coordinate_leaves_the_other_rows_alone(backend):
+    """An infinite float16 query coordinate rescaled its whole tile (the scale was taken over
+    every entry, inf included): the tile's other rows came out NaN (found in review)."""
+    need(backend)
+    q, k, v = _qkv(b=1, lq=20, m=24, n=16)
+    q16, k16, v16 = q.half(), k.half(), v.half()
+    q16[0, 3, 5] = float("inf")
+    out, _ = _attn(backend, q16, k16, v16, beta=0.5)
+    ref_out, _ = _attn("torch", q16.float(), k16.float(), v16.float(), beta=0.5)
+    others = torch.arange(20, device=DEVICE) != 3
+    assert out[0, others].isfinite().all(), "rows without an inf coordinate must stay finite"
+    err = (out[0, others].float() - ref_out[0, others]).norm() / ref_out[0, others].norm()
+    assert err < 1e-2, err

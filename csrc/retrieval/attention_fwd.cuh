@@ -210,14 +210,18 @@ __global__ void __launch_bounds__(256) retrieval_attention_fwd_kernel(const FwdP
         const float xv = xs[g * kCH + jj];
         // exp2f never returns -0.f: it marks a masked key, which pv_tile skips rather than multiply
         // its value by 0 (0 * NaN is NaN)
-        const float pv = masked_logit(xv) ? -0.f : (none ? 0.f : exp2f((xv - mnew) * p.scale));
+        // a NaN logit stays NaN even in a row with nothing finite yet (fmaxf dropped it from mnew);
+        // -inf (padding, overflow) is 0 without reading -inf * scale, which is NaN at beta = 0
+        const float pv = masked_logit(xv) ? -0.f
+                         : none           ? ((xv != xv) ? xv : 0.f)
+                         : (xv == -INFINITY ? 0.f : exp2f((xv - mnew) * p.scale));
         ps[jj * G + g] = pv;
         sum += pv;
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       if (lane == 0) {
-        const float alpha = none ? 1.f : exp2f((mold - mnew) * p.scale);
+        const float alpha = none ? 1.f : (mold == -INFINITY ? 0.f : exp2f((mold - mnew) * p.scale));
         alpha_s[g] = alpha;
         m_s[g] = mnew;
         l_s[g] = l_s[g] * alpha + sum;

@@ -165,8 +165,10 @@ def retrieval_attention_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, pipeline
               BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
     launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=False)  # (passed: an autotune key)
     # rows whose logits all passed float32 (beta * R * spd): their hard-min limit, recomputed in cost
-    # units by a second launch whose programs return at once where no row needs it
-    launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=True)
+    # units by a second launch whose programs return at once where no row needs it (beta = 0 cannot
+    # overflow, and its cost-unit differences would read -inf * 0)
+    if beta > 0:
+        launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=True)
     return out, lse
 
 
@@ -220,8 +222,8 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
     # only); appended to w, where the kernels read it (their loads of w stop at F)
     psc = torch.ones(1, **f32)
     if q.dtype == torch.float16 and qe.numel() > 0:
-        amax = (qe.abs().amax(dim=(0, 1, 2)).float() * w.abs()).amax()
-        amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        # over finite entries only: one inf coordinate must not bring the overflow back for every row
+        amax = (qe.abs().nan_to_num(0.0, 0.0, 0.0).amax(dim=(0, 1, 2)).float() * w.abs()).amax()
         psc = torch.exp2(torch.ceil(torch.log2(amax / 16384.0))).clamp(min=1.0).reshape(1)
     w = torch.cat([w, psc])
     qn = sqnorm(qe, w, qw)

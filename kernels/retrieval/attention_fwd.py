@@ -226,7 +226,9 @@ def retrieval_attention_fwd_kernel(
     if q.dtype == tl.float16:
         # -2 w q overflows float16 from |w q| = 32752 (coordinates past ~32.7k at w = 1): scale this
         # tile's queries by a power of two pw that keeps it in range (_fwd_dist scales back)
-        amax = tl.max(tl.max(tl.abs(qwf), 1), 0)
+        aq = tl.abs(qwf)
+        # over finite entries only: an inf coordinate must not rescale (and zero) its tile's other rows
+        amax = tl.max(tl.max(tl.where(aq < float("inf"), aq, 0.0), 1), 0)
         pw = tl.where(amax > 16384.0, tl.math.exp2(tl.ceil(tl.math.log2(amax * (1.0 / 16384.0)))), 1.0)
     qw2 = (-2.0 * (qwf / pw)).to(q.dtype)  # exact: a power-of-2 scale of round(w q)
     if NORM_MMA:
@@ -264,11 +266,12 @@ def retrieval_attention_fwd_kernel(
     if HARDMIN:  # only the rows that needed it: the others keep the first pass's bits
         tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=(need & mvalid)[:, None] & evalid[None, :])
         tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=need & mvalid)
-    elif EVEN_M and EVEN_DV:
-        tl.store(o_p, out.to(o_ptr.dtype.element_ty))
     else:
-        tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=mvalid[:, None] & evalid[None, :])
-    if EVEN_M:
-        tl.store(lse_ptr + pid_b * LQ + offs_m, lse)
-    else:
-        tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=mvalid)
+        if EVEN_M and EVEN_DV:
+            tl.store(o_p, out.to(o_ptr.dtype.element_ty))
+        else:
+            tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=mvalid[:, None] & evalid[None, :])
+        if EVEN_M:
+            tl.store(lse_ptr + pid_b * LQ + offs_m, lse)
+        else:
+            tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=mvalid)
