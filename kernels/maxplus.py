@@ -266,7 +266,6 @@ def maxplus_bwd_kernel(
     s1, s2, s3,
     ab0, ab1, ab2, ab3, sam, sak,
     bb0, bb1, bb2, bb3, sbk, sbn,
-    WANT_A: tl.constexpr, WANT_B: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     # g, idx: [batch, M, N] contiguous -> dA [.., M, K], dB [.., K, N] (float32 / float64 buffers,
@@ -283,12 +282,10 @@ def maxplus_bwd_kernel(
     off = bat * M * N + rm[:, None] * N + rn[None, :]
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(da_ptr.dtype.element_ty)
     k = tl.load(idx_ptr + off, mask=mask, other=0)
-    if WANT_A:
-        pa = da_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rm[:, None] * sam + k * sak
-        tl.atomic_add(pa, g, mask=mask)
-    if WANT_B:
-        pb = db_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + k * sbk + rn[None, :] * sbn
-        tl.atomic_add(pb, g, mask=mask)
+    pa = da_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rm[:, None] * sam + k * sak
+    tl.atomic_add(pa, g, mask=mask)
+    pb = db_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + k * sbk + rn[None, :] * sbn
+    tl.atomic_add(pb, g, mask=mask)
 
 
 def _batch_layout(lead, a, b):
@@ -422,9 +419,9 @@ def _fwd_packed(a, b, c, lead, minplus):
 
 
 def _inputs(a, b, minplus):
-    """(a, b, the semiring zero for padding, int_constants): integer inputs clamped to the
+    """(a, b, the semiring zero for padding, _int_constants): integer inputs clamped to the
     stand-in S_IN (the sentinel, and anything beyond, becomes the stand-in: their zero)."""
-    consts = int_constants(a.dtype, minplus)
+    consts = _int_constants(a.dtype, minplus)
     if not consts["IS_INT"]:
         return a, b, consts["ZERO"], consts
     s = consts["S_IN"]
@@ -432,7 +429,7 @@ def _inputs(a, b, minplus):
     return a, b, s, consts
 
 
-def int_constants(dtype, minplus):
+def _int_constants(dtype, minplus):
     """IS_INT, S_IN (the sentinel's stand-in), LIMIT, SENT for the kernel (see the module doc);
     ZERO, the float semiring zero."""
     zero = float("inf") if minplus else float("-inf")
@@ -448,7 +445,7 @@ def batch_layout_ok(lead, a, b):
     return _batch_layout(lead, a, b) is not None
 
 
-def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True):
+def maxplus_bwd(g, idx, da, db, lead):
     """Accumulates the route-scattered dC into da and db: zeroed, contiguous float32
     (float64) buffers of A's and B's shapes, whose batch dims broadcast to `lead`
     through one layout (batch_layout_ok)."""
@@ -463,6 +460,4 @@ def maxplus_bwd(g, idx, da, db, lead, want_a=True, want_b=True):
     bm, bn = (16, 16) if interpret_mode() else (32, 128)
     grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _check_programs(grid[0], "backward")
-    launch(maxplus_bwd_kernel)[grid](
-        g, idx, da, db, M, N, K, *args, WANT_A=want_a, WANT_B=want_b, BM=bm, BN=bn, num_warps=4
-    )
+    launch(maxplus_bwd_kernel)[grid](g, idx, da, db, M, N, K, *args, BM=bm, BN=bn, num_warps=4)

@@ -1,23 +1,78 @@
-"""The checks every family runs on its custom ops: opcheck and torch.compile(fullgraph)."""
+"""The checks every family runs on its custom ops: opcheck and torch.compile(fullgraph).
+
+A CUDA-backend op (geokern::<op>_cuda) runs the reference as its CPU implementation, so it is
+checked on every machine. Where geokern._C is not built the op does not exist; its fake and CPU
+implementation (recorded by geokern.ops._registry.cuda_op all the same) are then checked through
+a mirror, geokern_mirror::<op>_cuda: an op with the schema of geokern::<op>_triton (the CUDA
+op's too: tests/test_ext.py checks csrc/registration.cpp declares the same) and the same fake and
+CPU implementation. A Triton-backend op traces its kernels for CUDA tensors only (the eager
+kernels are checked under the interpreter by the family's other tests)."""
 
 import pytest
 import torch
 from conftest import HAS_CUDA
 
+from geokern import _ext
 from geokern.ops import _registry
 
-
-def ops_here(family):
-    """Qualified names of the family's custom ops that can be checked on this machine.
-
-    CUDA-backend ops run their reference as the CPU implementation, so they are checked
-    everywhere; triton_op traces its kernels for CUDA tensors only (the eager kernels are
-    checked under the interpreter by the family's other tests)."""
-    return [name for backend, name in _registry.CUSTOM_OPS if family in name and (backend != "triton" or HAS_CUDA)]
+MIRROR = "geokern_mirror"
+_mirror_lib = None
 
 
-def _op(qualname):
-    return getattr(torch.ops.geokern, qualname.split("::")[1]).default
+def triton_schema_of(cuda_qualname):
+    """The arguments and returns, `(...) -> ...`, of the Triton op twin of geokern::<op>_cuda,
+    with torch.library's inferred SymInt spelt int as in csrc/registration.cpp."""
+    name = cuda_qualname.split("::")[1].removesuffix("_cuda") + "_triton"
+    schema = str(getattr(torch.ops.geokern, name).default._schema)
+    return schema[schema.index("("):].replace("SymInt", "int")
+
+
+def _mirror(qualname):
+    """geokern_mirror::<op>_cuda for geokern::<op>_cuda, defined on first use."""
+    global _mirror_lib
+    name = qualname.split("::")[1]
+    mirrored = f"{MIRROR}::{name}"
+    if _mirror_lib is None:
+        _mirror_lib = torch.library.Library(MIRROR, "FRAGMENT")
+    if not hasattr(torch.ops.geokern_mirror, name):
+        fake, cpu_impl = _registry.CUDA_OPS[qualname]
+        _mirror_lib.define(name + triton_schema_of(qualname))
+        # the reference runs on any device: CUDA tensors too, on a GPU machine without _C
+        _mirror_lib.impl(name, cpu_impl, "CPU")
+        _mirror_lib.impl(name, cpu_impl, "CUDA")
+        torch.library.register_fake(mirrored, fake, lib=_mirror_lib)
+    return mirrored
+
+
+def op(qualname):
+    """The OpOverload of a qualified name, geokern::<op> or geokern_mirror::<op>."""
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name).default
+
+
+def cuda_op(name):
+    """geokern::<name> (a CUDA-backend op, `<op>_cuda`), or without geokern._C its mirror: what
+    it runs on CPU tensors."""
+    return op(f"geokern::{name}" if _ext.HAS_C else _mirror(f"geokern::{name}"))
+
+
+def ops_here(prefix):
+    """Qualified names of the custom ops named `<prefix>...` that can be checked on this machine:
+    the CUDA-backend ops (or their mirrors, without geokern._C) everywhere, the Triton-backend
+    ops with a GPU."""
+
+    def ours(qualname):
+        return qualname.split("::")[1].startswith(prefix)
+
+    cuda = [q if _ext.HAS_C else _mirror(q) for q in _registry.CUDA_OPS if ours(q)]
+    triton = [q for backend, q in _registry.CUSTOM_OPS if backend == "triton" and ours(q)]
+    return cuda + (triton if HAS_CUDA else [])
+
+
+def op_id(qualname):
+    """Test id: the op's name, `-mirror` for a mirror (maxplus_cuda, maxplus_cuda-mirror)."""
+    ns, name = qualname.split("::")
+    return name + ("-mirror" if ns == MIRROR else "")
 
 
 def _as_tuple(x):
@@ -26,34 +81,36 @@ def _as_tuple(x):
 
 def check_opcheck(qualname, samples):
     for args in samples:
-        torch.library.opcheck(_op(qualname), args)
+        torch.library.opcheck(op(qualname), args)
 
 
 def check_compile(qualname, samples):
-    op = _op(qualname)
+    eager = op(qualname)
     # Every op compiles through the same OpOverload.__call__ code object: without a reset
     # the checks of one session run into dynamo's recompile limit (8), not into a bug.
     torch._dynamo.reset()
-    compiled = torch.compile(op, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    compiled = torch.compile(eager, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
     for args in samples:
-        for got, want in zip(_as_tuple(compiled(*args)), _as_tuple(op(*args))):
-            torch.testing.assert_close(got, want, equal_nan=True, msg=f"{qualname} compiled vs eager")
+        for i, (got, want) in enumerate(zip(_as_tuple(compiled(*args)), _as_tuple(eager(*args)))):
+            torch.testing.assert_close(got, want, equal_nan=True, msg=f"{qualname} output {i}: compiled vs eager")
 
 
-def custom_op_tests(family, samples):
-    """(test_opcheck, test_compile_fullgraph) over every custom op of `family` here, for a
-    test module to bind at module level in one line:
+def custom_op_tests(prefix, samples):
+    """(test_opcheck, test_compile_fullgraph) over every custom op named `<prefix>...` here,
+    for a test module to bind at module level in one line:
 
-        test_opcheck, test_compile_fullgraph = custom_op_tests("maxplus", op_samples)
+        test_opcheck, test_compile_fullgraph = custom_op_tests("maxplus_", op_samples)
 
-    samples(qualname) -> a list of argument tuples for that op."""
-    names = ops_here(family)
+    samples(qualname) -> a list of argument tuples for that op (qualname may be a mirror's:
+    an op the samples call, say the forward of a backward's op, is op(<qualname without
+    _backward>))."""
+    names = ops_here(prefix)
 
-    @pytest.mark.parametrize("qualname", names)
+    @pytest.mark.parametrize("qualname", names, ids=op_id)
     def test_opcheck(qualname):
         check_opcheck(qualname, samples(qualname))
 
-    @pytest.mark.parametrize("qualname", names)
+    @pytest.mark.parametrize("qualname", names, ids=op_id)
     def test_compile_fullgraph(qualname):
         check_compile(qualname, samples(qualname))
 

@@ -75,6 +75,8 @@ def test_every_family_has_each_layer():
                 missing.append(want)
         if not ((ROOT / "kernels" / f"{f}.py").exists() or (ROOT / "kernels" / f / "__init__.py").exists()):
             missing.append(f"kernels/{f}.py or kernels/{f}/")
+        if not list((ROOT / "csrc" / f).glob("*.cu")):
+            missing.append(f"csrc/{f}/ (a folder with a .cu)")
         if not list((ROOT / "tests").glob(f"test_{f}*.py")):
             missing.append(f"tests/test_{f}*.py")
     assert not missing, f"missing layers: {missing}"

@@ -10,7 +10,7 @@ witness that reconstructs each path.
 
 import pytest
 import torch
-from _custom_ops import check_opcheck, ops_here
+from _custom_ops import check_opcheck, op_id, ops_here
 from _helpers import BACKENDS, dtype_id, need
 from conftest import DEVICE, HAS_CUDA
 from test_maxplus import SEMIRINGS, shape_id
@@ -253,7 +253,7 @@ def test_all_pairs_shortest_paths(dtype, backend):
 # ---- custom ops on integers --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qualname", [q for q in ops_here("maxplus") if "backward" not in q])
+@pytest.mark.parametrize("qualname", [q for q in ops_here("maxplus_") if "backward" not in q], ids=op_id)
 def test_int_opcheck(qualname):
     A, B = rand_int(3, 7, 10, dtype=torch.int32), rand_int(10, 5, dtype=torch.int32)
     check_opcheck(qualname, [(A, B, False, True, False, 0), (A.short(), B.short(), True, False, False, 3)])

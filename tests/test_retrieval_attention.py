@@ -1,19 +1,19 @@
 """Fused retrieval attention: every backend against the float64 reference, the bank segment, the
-custom ops (one schema for both kernel backends) and bad input."""
+custom ops and bad input."""
 
 import math
 
 import pytest
 import torch
-from _custom_ops import custom_op_tests
+from _custom_ops import cuda_op, custom_op_tests, op as custom_op
 from _helpers import BACKENDS, dtype_id, need
+from _retrieval import KERNEL_DTYPES, make_R, metric_of, rnd
 from _tolerance import assert_close, rel_err
 from conftest import DEVICE, HAS_CUDA
-from test_retrieval_cost import KERNEL_DTYPES, cost_op_samples, make_R, metric_of, rnd
 
 import geokern
 import geokern.metric as gm
-from geokern import _backend, _ext
+from geokern import _backend
 from geokern.ops import retrieval as ops
 from geokern.reference import retrieval as ref
 
@@ -379,9 +379,7 @@ def attention_op_samples(qualname):
            (q, k, v, w, r, mask, bk, bv, br, 1.5, 1e-8, 0, 16, 0, 1)]
     if "backward" not in qualname:
         return fwd
-    ns, name = qualname.split("::")
-    name = name.replace("_backward", "")
-    forward = _mirror(name) if ns == "geokern_mirror" else getattr(torch.ops.geokern, name).default
+    forward = custom_op(qualname.replace("_backward", ""))
     out = []
     for args, dlse, need_dr, chunk in zip(fwd, (False, True, True), (True, False, True), (0, 60, 0)):
         o, lse = forward(*args)
@@ -390,63 +388,11 @@ def attention_op_samples(qualname):
     return out
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("retrieval_attention", attention_op_samples)
-
-# The CUDA ops' fake and CPU implementation (the reference) under the Triton ops' schema, in a
-# namespace of their own: what geokern::<op>_cuda runs on CPU tensors, checked without geokern._C.
-_MIRROR = {}
-_OPS = ["retrieval_attention", "retrieval_attention_backward", "retrieval_cost", "retrieval_cost_backward"]
-
-
-def _mirror(name):
-    if name not in _MIRROR:
-        lib = torch.library.Library("geokern_mirror", "FRAGMENT")
-        schema = str(getattr(torch.ops.geokern, f"{name}_triton").default._schema)
-        lib.define(name + schema[schema.index("("):])
-        lib.impl(name, getattr(ops, f"_{name}_cpu"), "CPU")
-        torch.library.register_fake(f"geokern_mirror::{name}", getattr(ops, f"_{name}_fake"), lib=lib)
-        _MIRROR[name] = lib
-    return getattr(torch.ops.geokern_mirror, name).default
-
-
-def _cuda_op(name):
-    """geokern::<name>_cuda, or where geokern._C is not built its CPU implementation (_mirror)."""
-    return getattr(torch.ops.geokern, f"{name}_cuda").default if _ext.HAS_C else _mirror(name)
-
-
-def _mirror_samples(name):
-    return (attention_op_samples if "attention" in name else cost_op_samples)(f"geokern_mirror::{name}")
-
-
-@pytest.mark.parametrize("name", _OPS)
-def test_cpu_implementation_opcheck(name):
-    for args in _mirror_samples(name):
-        torch.library.opcheck(_mirror(name), args)
-
-
-@pytest.mark.parametrize("name", _OPS)
-def test_cpu_implementation_compiles_fullgraph(name):
-    op = _mirror(name)
-    torch._dynamo.reset()
-    compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
-    for args in _mirror_samples(name):
-        for i, (got, want) in enumerate(zip(compiled(*args), op(*args))):
-            torch.testing.assert_close(got, want, equal_nan=True, msg=f"{name} output {i}: compiled vs eager")
-
-
-@pytest.mark.skipif(not _ext.HAS_C, reason="the CUDA extension geokern._C is not built")
-@pytest.mark.parametrize("name", _OPS)
-def test_one_schema_for_both_backends(name):
-    # torch.library infers SymInt for the Triton op's int arguments; both take Python ints
-    schemas = [str(getattr(torch.ops.geokern, f"{name}_{be}").default._schema).replace("SymInt", "int")
-               for be in ("cuda", "triton")]
-    cuda, triton = (s[s.index("("):] for s in schemas)
-    assert cuda == triton, f"{name}: the CUDA op's schema {cuda} differs from the Triton op's {triton}"
-
+test_opcheck, test_compile_fullgraph = custom_op_tests("retrieval_attention_", attention_op_samples)
 
 def test_no_bank_gradient_convention():
     """Without a bank, every backend's backward returns empty float32 [0] tensors as the bank's gradients."""
-    for op in [_cuda_op("retrieval_attention_backward")] + (
+    for op in [cuda_op("retrieval_attention_backward_cuda")] + (
             [torch.ops.geokern.retrieval_attention_backward_triton.default] if HAS_CUDA else []):
         grads = op(*attention_op_samples(op._schema.name)[0])
         for name, g in zip(("dbank_k", "dbank_v", "dbank_r"), grads[4:7]):
@@ -533,10 +479,10 @@ def test_cuda_ops_match_reference(dtype, layout, chunks):
     w = (torch.rand(8, device=DEVICE) + 0.5).float()
     beta, eps = 0.7, 1e-8
     b3 = bank or (None, None, None)
-    out, lse = _cuda_op("retrieval_attention")(q, k, v, w, r, mask, *b3, beta, eps, 0, 0, -1, -1)
+    out, lse = cuda_op("retrieval_attention_cuda")(q, k, v, w, r, mask, *b3, beta, eps, 0, 0, -1, -1)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     dlse[0, 0, 0] = 0.0
-    got = _cuda_op("retrieval_attention_backward")(dout, q, k, v, w, r, mask, *b3, out, lse, dlse, beta, eps, True,
+    got = cuda_op("retrieval_attention_backward_cuda")(dout, q, k, v, w, r, mask, *b3, out, lse, dlse, beta, eps, True,
                                                    60 if chunks == "bwd-chunked" else 0)
 
     def reference(prec):
@@ -581,7 +527,7 @@ def test_cuda_forward_layouts(dtype, knobs):
 
     def check(q, k, v, r, m, bank=None, beta=0.6, eps=1e-8):
         w = (torch.rand(q.shape[3], device=DEVICE) * 0.3 + 0.05).float()
-        out, lse = _cuda_op("retrieval_attention")(q, k, v, w, r, m, *(bank or (None, None, None)), beta, eps,
+        out, lse = cuda_op("retrieval_attention_cuda")(q, k, v, w, r, m, *(bank or (None, None, None)), beta, eps,
                                                    num_ctas, bank_splits, -1, -1)
         c = lambda t: None if t is None else t.double()  # noqa: E731
         kc, vc, rc, mc = _union4(q.double(), c(k), c(v), c(r), m, None if bank is None else tuple(map(c, bank)))

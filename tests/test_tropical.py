@@ -12,7 +12,7 @@ and for consistency (the recorded key reproduces the output) elsewhere.
 import _helpers
 import pytest
 import torch
-from _custom_ops import custom_op_tests
+from _custom_ops import custom_op_tests, op as custom_op
 from _helpers import BACKENDS, DTYPES, dtype_id
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
@@ -350,12 +350,11 @@ def _op_samples(qualname):
     q, k, v = qkv((1, 2, 1, 9, 9, 5, True))
     if "backward" not in qualname:
         return [(q, k, v, True, True, True, True), (q, k, v, False, False, False, False)]
-    fwd = ops._KERNELS["cuda" if "cuda" in qualname else "triton"][0]
-    _, idx, jm, _ = fwd(q, k, v, True, True, True, False)
+    _, idx, jm, _ = custom_op(qualname.replace("_backward", ""))(q, k, v, True, True, True, False)
     return [(rand(*q.shape), q, k, idx, jm, True), (rand(*q.shape), q, k, idx, jm, False)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("tropical_attention", _op_samples)
+test_opcheck, test_compile_fullgraph = custom_op_tests("tropical_attention_", _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

@@ -13,13 +13,19 @@ import torch
 from geokern import _ext
 
 CUSTOM_OPS = []  # (backend, qualified name): every op geokern defines, for tests and docs
+# qualified name -> (fake, cpu_impl) of every CUDA-backend op, recorded with or without _C: the
+# tests check the fake and CPU implementations everywhere (tests/_custom_ops.py)
+CUDA_OPS = {}
 
 
 def cuda_op(name, fake, cpu_impl):
-    """torch.ops.geokern.<name> from _C with its fake and CPU implementations, or None."""
+    """torch.ops.geokern.<name> from _C with its fake and CPU implementations, or None.
+
+    Without _C nothing is registered, but (fake, cpu_impl) is still recorded in CUDA_OPS."""
+    qualname = f"geokern::{name}"
+    CUDA_OPS[qualname] = (fake, cpu_impl)
     if not _ext.HAS_C:
         return None
-    qualname = f"geokern::{name}"
     if not hasattr(torch.ops.geokern, name):
         raise ImportError(f"geokern._C has no op {qualname}: the extension was built from older sources; "
                           "rebuild it (pip install --no-build-isolation --no-deps -e .)")
