@@ -38,7 +38,10 @@ def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc, b
     float32 buffers with atomics. nr = -beta log2(e) R and hr = -beta R / 2 broadcast
     against the [BLOCK_N, BLOCK_M] tile."""
     # qn carries + eps: s = g + eps; qw = w q / psc (psc a power of two, 1 unless float16 overflows)
-    s = kn[:, None] + qn[None, :] - 2.0 * psc * mm(k, tl.trans(qw), PREC)
+    if qw.dtype == tl.float16:
+        s = kn[:, None] + qn[None, :] - 2.0 * psc * mm(k, tl.trans(qw), PREC)
+    else:  # psc is 1 unless float16 overflows: no multiply per score
+        s = kn[:, None] + qn[None, :] - 2.0 * mm(k, tl.trans(qw), PREC)
     t = tl.maximum(s, eps, propagate_nan=tl.PropagateNan.ALL)
     inv = tl.math.rsqrt(t)  # one MUFU.RSQ gives spd = t / sqrt(t) and the 1 / spd of d cost / d s
     # t = 0 (eps = 0 and k = q, or a padded row): spd = 0, and d cost / d s takes sqrt's
@@ -67,10 +70,11 @@ def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc, b
         sc = tl.where(ok, tl.math.exp2(14.0 - tl.ceil(tl.math.log2(tl.where(ok, amax, 1.0)))), 1.0)
         dsl = (ds * sc).to(qw.dtype)
         unsc = 1.0 / sc
+        dk_acc += mm(dsl, qw, PREC) * (unsc * psc)
     else:
         dsl = ds.to(qw.dtype)  # d loss / d s
         unsc = 1.0
-    dk_acc += mm(dsl, qw, PREC) * (unsc * psc)
+        dk_acc += mm(dsl, qw, PREC)  # no scale: the GEMM accumulates into dk_acc in place
     cs += tl.sum(ds, 1)
     tl.atomic_add(rs_b + offs_m, tl.sum(ds, 0), mask=mvalid, sem="relaxed")
     a = mm(tl.trans(dsl), ka, PREC) * unsc  # sum_j ds_ij k_j for these queries (ka: k, non-finite entries 0 if masked)
