@@ -3,12 +3,10 @@ why not; its ops' schemas (csrc/registration.cpp) are their Triton twins'."""
 
 import pathlib
 import re
-import subprocess
-import sys
-
 import pytest
 import torch
 from _custom_ops import triton_schema_of
+from _helpers import run_isolated
 
 from geokern import _ext
 from geokern.ops import _registry
@@ -32,9 +30,7 @@ else:
 
 
 def test_missing_extension_is_explained_not_a_circular_import():
-    run = subprocess.run([sys.executable, "-c", _WITHOUT_C], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    msg = run.stdout
+    msg = run_isolated(_WITHOUT_C, timeout=300)
     assert "geokern._C is not built" in msg and "pip install" in msg, f"unhelpful message: {msg!r}"
     assert "circular" not in msg and "partially initialized" not in msg, f"import-machinery message leaked: {msg!r}"
 

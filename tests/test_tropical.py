@@ -9,12 +9,12 @@ and for consistency (the recorded key reproduces the output) elsewhere.
 """
 
 
-import _helpers
 import pytest
 import torch
 from _custom_ops import custom_op_tests, op as custom_op
 from _helpers import BACKENDS, DTYPES, dtype_id
 from _tolerance import assert_close
+from _tropical import need
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
@@ -47,13 +47,6 @@ def _id(x):
         B, H, Hkv, Tq, Tk, D, causal = x
         return f"B{B}-H{H}-KV{Hkv}-Tq{Tq}-Tk{Tk}-D{D}-{'causal' if causal else 'full'}"
     return dtype_id(x)
-
-
-def need(backend, dtype=torch.float32, D=1):
-    """_helpers.need, and the CUDA kernel's own limits (float64 and D > 128 go elsewhere)."""
-    _helpers.need(backend)
-    if backend == "cuda" and (dtype == torch.float64 or D > ops._CUDA_MAX_D):
-        pytest.skip("the CUDA kernel takes 16/32-bit inputs and D <= 128 (checked in test_bad_input)")
 
 
 def _fwd_cuda(*args):

@@ -3,10 +3,10 @@ garbage, empty dims, streams, CUDA graphs, dynamic shapes, autocast, determinism
 sizes past 2**31 elements."""
 
 
-import _helpers
 import pytest
 import torch
 from _helpers import BACKENDS, capturable, gpu, run_isolated
+from _tropical import need
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
@@ -14,12 +14,6 @@ from geokern.reference import tropical as ref
 
 INF, NAN = float("inf"), float("nan")
 OPTIONS = [(True, True), (False, True), (False, False)]  # (gauge_fix, score_center)
-
-
-def need(backend, dtype=torch.float32):
-    _helpers.need(backend)
-    if backend == "cuda" and dtype == torch.float64:
-        pytest.skip("the CUDA kernel takes 16/32-bit inputs")
 
 
 def rand(*shape, dtype=torch.float32, grid=None):

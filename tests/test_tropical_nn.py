@@ -9,21 +9,15 @@ theirs materialises; these tests hold our module to it.
 
 import types
 
-import _helpers
 import pytest
 import torch
 from _helpers import BACKENDS, dtype_id
 from _tolerance import assert_close
+from _tropical import need
 from conftest import DEVICE, HAS_CUDA
 
 from geokern.bench.tropical import rotary, their_module_forward
 from geokern.nn import TropicalCausalSelfAttention
-
-def need(backend, dtype=torch.float32):
-    """_helpers.need, and the CUDA kernel's dtypes (float64 goes elsewhere)."""
-    _helpers.need(backend)
-    if backend == "cuda" and dtype == torch.float64:
-        pytest.skip("the CUDA kernel takes 16/32-bit inputs")
 
 
 def config(n_head=4, n_kv_head=4, n_embd=32, **kw):
