@@ -121,3 +121,35 @@ def test_forward_never_syncs_and_compiles_fullgraph(backend, own, monkeypatch):
     tol = {"rtol": 2e-5, "atol": 2e-5}
     torch.testing.assert_close(eager, want.float(), **tol)
     torch.testing.assert_close(compiled, want.float(), **tol)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_triton_launchers_trace_the_bank_mask_without_a_dtype_view(direction, monkeypatch):
+    """torch.compile traces the Triton ops' launchers into the graph inductor lowers; inductor
+    (torch 2.11, H100) failed on a uint8 view of the bank's fill mask, a bool computed in the
+    graph. The launchers, traced here with their kernel launches stubbed out (a CPU interpreter
+    kernel cannot be traced), must hand the bool mask to the kernels as it is."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from geokern.kernels import retrieval as tk
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(tk, "launch", lambda kernel: _NoLaunch())
+    q, k, v = torch.randn(1, 3, 1, 8), torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 16)
+    w, r, count = torch.rand(8) + 0.5, torch.ones(1, 1, 1, 1), torch.tensor(5)
+
+    def launchers(q, k, v, w, r, count):
+        filled = (torch.arange(12) < count).view(1, 1, 1, 12)
+        out, lse = tk.retrieval_attention_fwd(q, k, v, w, r, filled, None, None, None, 0.7, 1e-8)
+        if direction == "forward":
+            return out, lse
+        shapes = (((1, 3, 1, 8), (1, 1, 12, 8), (1, 1, 12, 16), (1, 1, 1, 1)), None)
+        return tk.retrieval_attention_bwd(torch.ones_like(out), q, k, v, w, r, filled, None, None, None, out, lse,
+                                          None, 0.7, 1e-8, True, shapes)
+
+    graph = make_fx(launchers, tracing_mode="fake")(q, k, v, w, r, count).graph
+    views = [n for n in graph.nodes if n.target is torch.ops.aten.view.dtype]
+    assert not views, f"dtype views in the traced launchers: {[str(n) for n in views]}"

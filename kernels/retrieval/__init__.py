@@ -87,7 +87,9 @@ class _Segment:
         self.kn = kn.expand(lead + tuple(kn.shape[2:]))
         self.ve = v.expand(lead + tuple(v.shape[2:]))
         self.re = r.expand(lead + (lq, self.m))  # for its strides; kernels get r (never empty) itself
-        self.me = None if mask is None else mask.view(torch.uint8).expand(lead + (lq, self.m))
+        # the bool mask itself (Triton loads *i1 as bytes): torch.compile traces this launcher, and
+        # inductor (torch 2.11) cannot lower a uint8 view of a bool computed in the graph
+        self.me = None if mask is None else mask.expand(lead + (lq, self.m))
         self.r_mode = r_mode(r)
         nb = lead[0] * lead[1]
         dk_s, dv_s = grads or (k.shape, v.shape)
@@ -153,7 +155,7 @@ def retrieval_attention_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, pipeline
         return out.zero_(), lse.fill_(float("-inf"))
     qe = q.expand(lead + (lq, d))
     two = bank or seg  # the kernel ignores segment 2 without HAS_BANK: any valid tensors do
-    me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.uint8)
+    me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.bool)
     eb = even_block()
     grid = lambda meta: (_programs(triton.cdiv(lq, meta["BLOCK_M"]) * nb),)  # noqa: E731
     args = (qe, w, seg.ke, seg.kn, seg.ve, seg.r, me, two.ke, two.kn, two.ve, two.r, out, lse,
@@ -237,7 +239,7 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
     rs = torch.zeros(lead + (lq,), **f32)
     two = bank or seg
     b_dk, b_dv, b_dr = (dk2, dv2, dr2) if bank is not None else (dw.new_zeros(1), dw.new_zeros(1), dw.new_zeros(1))
-    me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.uint8)
+    me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.bool)
     eb = even_block()
     nblk = lambda bn: triton.cdiv(seg.m, bn) + (triton.cdiv(bank.m, bn) if bank is not None else 0)  # noqa: E731
     grid = lambda meta: (_programs(nblk(meta["BLOCK_N"]) * nb),)  # noqa: E731
