@@ -145,18 +145,10 @@ def _i64(x):
 
 
 @triton.jit
-def _route_d(q_row, k_ptrs, D, sqd, skd, BQ: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
-    """First e maximising q[i, e] + k[j, e] (NaN counts as largest), for a [BQ, BD]
-    grid of (i, j): q_row are the BQ row pointers of q, k_ptrs the [BQ, BD] row
-    pointers of k."""
-    best = tl.full((BQ, BD), float("-inf"), ACC)
-    arg = tl.zeros((BQ, BD), tl.int32)
-    for e in range(0, D):
-        val = tl.load(q_row + e * sqd).to(ACC)[:, None] + tl.load(k_ptrs + e * skd).to(ACC)
-        take = (val > best) | ((val != val) & (best == best))
-        best = tl.where(take, val, best)
-        arg = tl.where(take, e, arg)
-    return arg
+def _beats(val, best):
+    """Whether val replaces the running maximum best: larger, or NaN over a number (NaN
+    counts as largest; the first maximiser wins ties)."""
+    return (val > best) | ((val != val) & (best == best))
 
 
 @triton.jit
@@ -190,15 +182,35 @@ def tropical_attention_bwd_kernel(
 
     q_row = q_ptr + b * sqb + (bh % H) * sqh + rqc * sqt
     k_base = k_ptr + b * skb + hk * skh
-    e = _route_d(q_row, k_base + j * skt, D, sqd, skd, BQ, BD, ACC)
+    k_rows = k_base + j * skt
+    # The score argmaxes over e, recomputed in one pass over e: e[i, d] of s[i, j[i, d]] and, with
+    # CENTER, e1[i] of the row maximum s[i, jm[i]]. Written here, not in a helper that takes the q / k
+    # pointers: torch.compile's analysis of what a kernel writes counts every argument of a call
+    # whose result reaches a stored-to address as written, and cloned q and k for it (with dynamic
+    # shapes that clone failed in Inductor, torch 2.11).
+    best = tl.full((BQ, BD), float("-inf"), ACC)
+    e = tl.zeros((BQ, BD), tl.int32)
+    if CENTER:  # m[i] = s[i, jm[i]] entered every y[i, :] with a minus sign
+        jr = tl.load(jm_ptr + bh * Tq + rqc, mask=qmask, other=0)
+        k_row1 = k_base + jr * skt
+        best1 = tl.full((BQ,), float("-inf"), ACC)
+        e1 = tl.zeros((BQ,), tl.int32)
+    for f in range(0, D):
+        qf = tl.load(q_row + f * sqd).to(ACC)
+        val = qf[:, None] + tl.load(k_rows + f * skd).to(ACC)
+        take = _beats(val, best)
+        best = tl.where(take, val, best)
+        e = tl.where(take, f, e)
+        if CENTER:
+            val1 = qf + tl.load(k_row1 + f * skd).to(ACC)
+            take1 = _beats(val1, best1)
+            best1 = tl.where(take1, val1, best1)
+            e1 = tl.where(take1, f, e1)
     dq_row = dq_ptr + bh * Tq * D + rqc * D
     tl.atomic_add(dq_row[:, None] + e, g, mask=mask)
     tl.atomic_add(dk_ptr + kvo + j * D + e, g, mask=mask)
-    if CENTER:  # m[i] = s[i, jm[i]] entered every y[i, :] with a minus sign
+    if CENTER:
         dm = -tl.sum(g, axis=1)
-        jr = tl.load(jm_ptr + bh * Tq + rqc, mask=qmask, other=0)
-        e1 = _route_d(q_row, (k_base + jr * skt)[:, None] + tl.zeros((BQ, BD), tl.int32), D, sqd, skd, BQ, BD, ACC)
-        e1 = tl.max(tl.where(rd[None, :] == 0, e1, -1), axis=1)  # every column holds the same e
         tl.atomic_add(dq_row + e1, dm, mask=qmask)
         tl.atomic_add(dk_ptr + kvo + jr * D + e1, dm, mask=qmask)
 

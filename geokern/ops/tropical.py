@@ -43,9 +43,11 @@ Edge cases, the same in every backend (the rules: geokern.reference.tropical):
   rule); outside one they are an error.
 - Sizes: the Triton and CUDA backends take B * H <= 65535 and T * D < 2**31 per head and
   say so before any launch; offsets into whole tensors and strided views are 64-bit.
-- Any CUDA stream and CUDA-graph capture are supported; torch.compile(dynamic=True) is,
-  except for the Triton backend's backward, which Inductor (torch 2.11) fails to compile
-  with dynamic shapes (an assertion in decompose_triton_kernel_wrapper_functional; open).
+- Any CUDA stream and CUDA-graph capture are supported, and torch.compile(dynamic=True).
+  The Triton backward failed there (Inductor, torch 2.11: the node-count assertion of
+  decompose_triton_kernel_wrapper_functional) while its kernel looked to torch as if it
+  wrote q and k, which torch.compile then cloned: kernels/tropical.py says why it no
+  longer does.
 """
 
 import math
