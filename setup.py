@@ -5,7 +5,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST          archs to compile for (default "8.0;9.0")
   MAX_JOBS                      parallel compile jobs (ninja)
   CUDA_HOME                     the toolkit; found by itself when unset (see _find_cuda_home)
-  GEOKERN_LOCAL_VERSION=0       no +cuXYtorchA.B local version on the wheel
+  GEOKERN_LOCAL_VERSION=0       no +cuXY local version on the wheel
 """
 
 import glob
@@ -18,7 +18,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = open(os.path.join(ROOT, "geokern", "_version.py")).read().split('"')[1]
+_VERSION_PY = open(os.path.join(ROOT, "geokern", "_version.py")).read()
+VERSION = re.search(r'__version__ = "([^"]+)"', _VERSION_PY).group(1)
+TORCH_MIN = re.search(r'TORCH_MIN = "(\d+)\.(\d+)"', _VERSION_PY).groups()
 
 
 def _read_wrapper_target(path):
@@ -92,6 +94,9 @@ def _cuda_extension():
         return _fail_or_skip(mode, f"torch is not importable ({e})")
     if torch.version.cuda is None:
         return _fail_or_skip(mode, f"torch {torch.__version__} is a CPU-only build")
+    have = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if have < tuple(int(x) for x in TORCH_MIN):
+        return _fail_or_skip(mode, f"torch {torch.__version__} predates {'.'.join(TORCH_MIN)}, the stable ABI _C targets")
     nvcc_ver = _nvcc_version(cuda_home)
     torch_ver = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
     if nvcc_ver is None or nvcc_ver[0] != torch_ver[0]:
@@ -103,11 +108,15 @@ def _cuda_extension():
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     arch_label = archs.replace(" ", ";")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*.cu") + glob.glob("csrc/*/*.cpp"))
-    return CUDAExtension(
+    ext = CUDAExtension(
         name="geokern._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[
+            # the stable ABI only (no ATen / c10 beyond the header-only parts), nothing newer than TORCH_MIN
+            ("TORCH_STABLE_ONLY", None),
+            ("TORCH_TARGET_VERSION", f"0x{int(TORCH_MIN[0]):02x}{int(TORCH_MIN[1]):02x}000000000000ULL"),
+            ("USE_CUDA", None),  # the C shim's CUDA stream call
             ("GEOKERN_ARCHS", f'"{arch_label}"'),
             ("GEOKERN_TORCH_VERSION", f'"{torch.__version__}"'),
             ("GEOKERN_CUDA_VERSION", f'"{nvcc_ver[0]}.{nvcc_ver[1]}"'),
@@ -119,18 +128,22 @@ def _cuda_extension():
         },
         py_limited_api=True,
     )
+    # The stable ABI needs only the C shim (torch_cpu, torch_cuda) and the CUDA runtime; no c10,
+    # torch or torch_python. libstdc++ first, so our own message strings bind to it, not to the
+    # copies libc10 exports.
+    ext.libraries = ["stdc++", "torch_cpu", "torch_cuda", "cudart"]
+    return ext
 
 
 def _local_version():
-    """+cu130torch2.11, as flash-attention names its wheels (only when _C is built)."""
+    """+cu130: the CUDA the wheel was built with (only when _C is built). No torch in the name: on
+    the stable ABI one _C serves every torch from TORCH_MIN on."""
     try:
         import torch
 
         if torch.version.cuda is None:
             return ""
-        cu = "".join(torch.version.cuda.split(".")[:2])
-        tv = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-        return f"+cu{cu}torch{tv}"
+        return "+cu" + "".join(torch.version.cuda.split(".")[:2])
     except ImportError:
         return ""
 

@@ -1,34 +1,14 @@
 // Shared helpers for geokern's CUDA kernels: elementwise layouts with broadcasting,
-// launch sizing, and error checks. Narrow headers only: torch/extension.h triples
-// the compile time.
+// launch sizing, dtype dispatch. The torch surface they use is stable.cuh's.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/irange.h>
-
+#include <algorithm>
 #include <string>
 #include <vector>
 
+#include "stable.cuh"
+
 namespace geokern {
-
-// Numbers and shapes for error messages, formatted without iostreams: an integer streamed
-// into a TORCH_CHECK message from a .cu can run ostream::_M_insert<long> from our .so with
-// a locale facet that is not its own (libc10 exports its own ostringstream) and crash the
-// process; std::to_string does not touch locales.
-inline std::string fmt(int64_t v) { return std::to_string(v); }
-
-inline std::string fmt(at::IntArrayRef shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-inline std::string fmt(const std::vector<int64_t>& shape) { return fmt(at::IntArrayRef(shape)); }
 
 // Up to kMaxDims leading dims after coalescing; per-operand strides in elements,
 // zero where the operand is broadcast. `comp` is the stride of the last (component) dim.
@@ -57,14 +37,14 @@ struct RowLayout {
 
 // The broadcast shape of the leading dims of a and b: all but their last `trailing`
 // (1 for rows of components, 2 for matrices).
-inline std::vector<int64_t> broadcast_leading(const char* op, const at::Tensor& a, const at::Tensor& b,
+inline std::vector<int64_t> broadcast_leading(const char* op, const Tensor& a, const Tensor& b,
                                               int64_t trailing = 1) {
   const int64_t na = a.dim() - trailing, nb = b.dim() - trailing, n = std::max(na, nb);
   std::vector<int64_t> shape(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ia = i - (n - na), ib = i - (n - nb);
     const int64_t sa = ia >= 0 ? a.size(ia) : 1, sb = ib >= 0 ? b.size(ib) : 1;
-    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, op, ": leading dims of a ", fmt(a.sizes()),
+    GK_CHECK(sa == sb || sa == 1 || sb == 1, op, ": leading dims of a ", fmt(a.sizes()),
                 " and b ", fmt(b.sizes()), " do not broadcast (dim ", fmt(i), ": ", fmt(sa), " vs ",
                 fmt(sb), ")");
     shape[i] = sa == 1 ? sb : sa;
@@ -74,7 +54,7 @@ inline std::vector<int64_t> broadcast_leading(const char* op, const at::Tensor& 
 
 // Strides of t's leading dims (all but its last `trailing`) viewed as `shape`, zero on
 // broadcast dims.
-inline std::vector<int64_t> broadcast_strides(const at::Tensor& t, const std::vector<int64_t>& shape,
+inline std::vector<int64_t> broadcast_strides(const Tensor& t, const std::vector<int64_t>& shape,
                                               int64_t trailing = 1) {
   const int64_t n = shape.size(), nt = t.dim() - trailing;
   std::vector<int64_t> st(n, 0);
@@ -119,8 +99,8 @@ inline bool make_row_layout(const std::vector<int64_t>& shape,
 // Streaming multiprocessors of the current device.
 inline int num_sms() {
   int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  GK_CUDA_CHECK(cudaGetDevice(&dev));
+  GK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   return sms;
 }
 
@@ -135,22 +115,29 @@ struct Strides4 {
   int64_t s[4];
 };
 
-inline Strides4 broadcast_strides4(const at::Tensor& t) {
+inline Strides4 broadcast_strides4(const Tensor& t) {
   Strides4 r;
   for (int d = 0; d < 4; ++d) r.s[d] = t.size(d) == 1 ? 0 : t.stride(d);
   return r;
 }
 
-// Calls f(T{}) with T the kernel element type of st: float, at::Half or at::BFloat16.
+// Calls f(T{}) with T the kernel element type of st: float, Half or BFloat16.
 // Any other dtype is refused with op's name.
 template <typename F>
-void dispatch_kernel_dtype(at::ScalarType st, const char* op, F&& f) {
+void dispatch_kernel_dtype(ScalarType st, const char* op, F&& f) {
   switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ", c10::toString(st));
+    case dtype::f32: f(float{}); break;
+    case dtype::f16: f(Half{}); break;
+    case dtype::bf16: f(BFloat16{}); break;
+    default: GK_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ", st);
   }
+}
+
+// As dispatch_kernel_dtype, float64 too.
+template <typename F>
+void dispatch_float_dtype(ScalarType st, const char* op, F&& f) {
+  if (st == dtype::f64) f(double{});
+  else dispatch_kernel_dtype(st, op, f);
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

@@ -1,8 +1,10 @@
 // geokern._C: every op schema is declared here, once; each family's .cu adds only
-// its TORCH_LIBRARY_IMPL. The module itself uses the limited Python API (no pybind11)
-// so the wheel is abi3; its one function reports the facts it was built with.
+// its STABLE_TORCH_LIBRARY_IMPL. The ops are on the LibTorch stable ABI (one build serves
+// every torch from TORCH_TARGET_VERSION on) and the module uses the limited Python API (no
+// pybind11), so the wheel is abi3 too; its one function reports the facts it was built with.
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/headeronly/version.h>
 
 #ifndef GEOKERN_ARCHS
 #define GEOKERN_ARCHS "unknown"
@@ -14,7 +16,7 @@
 #define GEOKERN_CUDA_VERSION "unknown"
 #endif
 
-TORCH_LIBRARY(geokern, m) {
+STABLE_TORCH_LIBRARY(geokern, m) {
   // Hypercomplex products; n is the algebra dimension (4: quaternions, 8: octonions).
   // Inputs are broadcast against each other in their leading dims.
   m.def("hypercomplex_mul_cuda(Tensor a, Tensor b, int n) -> Tensor");
@@ -49,9 +51,15 @@ TORCH_LIBRARY(geokern, m) {
   m.def("retrieval_attention_backward_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor r, Tensor? mask, Tensor? bank_k, Tensor? bank_v, Tensor? bank_r, Tensor out, Tensor lse, Tensor? dlse, float beta, float eps, bool need_dr, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+
+// The oldest torch this build serves: TORCH_TARGET_VERSION (0xMMmmpp...) as "M.m".
 static PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:s,s:s}", "archs", GEOKERN_ARCHS, "torch", GEOKERN_TORCH_VERSION,
-                       "cuda", GEOKERN_CUDA_VERSION);
+  const unsigned long long target = TORCH_TARGET_VERSION;
+  const int major = int((target >> 56) & 0xff), minor = int((target >> 48) & 0xff);
+  char min_torch[16];
+  snprintf(min_torch, sizeof min_torch, "%d.%d", major, minor);
+  return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s}", "archs", GEOKERN_ARCHS, "torch", GEOKERN_TORCH_VERSION,
+                       "cuda", GEOKERN_CUDA_VERSION, "abi", "stable", "min_torch", min_torch);
 }
 
 static PyMethodDef methods[] = {

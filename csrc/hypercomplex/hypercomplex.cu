@@ -3,8 +3,6 @@
 // same-shape inputs take a vectorised path (16-byte loads, several rows per thread for
 // 16-bit types); broadcast or strided inputs index through a RowLayout instead of
 // being copied. Notes: README.md beside this file.
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include "common.cuh"
 
@@ -55,9 +53,9 @@ constexpr int rows_per_thread() {
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void load_row(const T* p, int64_t comp, at::opmath_type<T>* out) {
+__device__ __forceinline__ void load_row(const T* p, int64_t comp, opmath_t<T>* out) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = static_cast<at::opmath_type<T>>(p[i * comp]);
+  for (int i = 0; i < N; ++i) out[i] = static_cast<opmath_t<T>>(p[i * comp]);
 }
 
 // The elementwise maps, each from kIn rows to kOut rows.
@@ -101,7 +99,7 @@ struct Ptrs {
 // the last whole tile go row by row.
 template <typename T, int N, typename Op>
 __global__ void __launch_bounds__(kThreads) hypercomplex_dense_kernel(Ptrs<T> p, int64_t rows) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   constexpr int kIn = Op::kIn, kOut = Op::kOut;
   constexpr int R = rows_per_thread<T, N>();
   constexpr int VPT = R * N * int(sizeof(T)) / 16;  // 16-byte vectors per thread per operand
@@ -172,7 +170,7 @@ template <typename T, int N, typename Op>
 void launch_dense(Ptrs<T> p, int64_t rows, cudaStream_t stream) {
   const int64_t tiles = rows / (int64_t(kThreads) * rows_per_thread<T, N>());
   hypercomplex_dense_kernel<T, N, Op><<<grid_for(std::max<int64_t>(tiles, 1) * kThreads, kThreads), kThreads, 0, stream>>>(p, rows);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GK_LAUNCH_CHECK();
 }
 
 // a, b: [..., N] broadcasting to [rows, N], any strides; out0, out1: [rows, N] contiguous.
@@ -182,7 +180,7 @@ void launch_dense(Ptrs<T> p, int64_t rows, cudaStream_t stream) {
 // sums broadcast dims and wants that sum exact.
 template <typename T, typename O, int N, typename Op>
 __global__ void hypercomplex_strided_kernel(Ptrs<T> p, O* out0, O* out1, int64_t rows, RowLayout L) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   O* out[2] = {out0, out1};
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
@@ -203,19 +201,19 @@ __global__ void hypercomplex_strided_kernel(Ptrs<T> p, O* out0, O* out1, int64_t
   }
 }
 
-void check_inputs(const char* op, const at::Tensor& a, const at::Tensor* b, int64_t n) {
-  TORCH_CHECK(n == 4 || n == 8, op, ": n must be 4 (quaternion) or 8 (octonion), got ", fmt(n));
-  TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got device ", a.device());
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": a must be floating point, got ",
+void check_inputs(const char* op, const Tensor& a, const Tensor* b, int64_t n) {
+  GK_CHECK(n == 4 || n == 8, op, ": n must be 4 (quaternion) or 8 (octonion), got ", fmt(n));
+  GK_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got device ", a.device());
+  GK_CHECK(is_float(a.scalar_type()), op, ": a must be floating point, got ",
               a.scalar_type());
-  TORCH_CHECK(a.dim() >= 1 && a.size(-1) == n, op, ": a must have last dim ", fmt(n), ", got shape ",
+  GK_CHECK(a.dim() >= 1 && a.size(-1) == n, op, ": a must have last dim ", fmt(n), ", got shape ",
               fmt(a.sizes()));
   if (b) {
-    TORCH_CHECK(b->device() == a.device(), op, ": b is on ", b->device(), " but a is on ",
+    GK_CHECK(b->device() == a.device(), op, ": b is on ", b->device(), " but a is on ",
                 a.device());
-    TORCH_CHECK(b->scalar_type() == a.scalar_type(), op, ": b has dtype ", b->scalar_type(),
+    GK_CHECK(b->scalar_type() == a.scalar_type(), op, ": b has dtype ", b->scalar_type(),
                 " but a has ", a.scalar_type());
-    TORCH_CHECK(b->dim() >= 1 && b->size(-1) == n, op, ": b must have last dim ", fmt(n),
+    GK_CHECK(b->dim() >= 1 && b->size(-1) == n, op, ": b must have last dim ", fmt(n),
                 ", got shape ", fmt(b->sizes()));
   }
 }
@@ -237,7 +235,7 @@ std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& lead, int64_
 
 // The layout of (a, b, contiguous out) over the broadcast leading shape; copies a or b
 // only in the rare case of more than kMaxDims non-mergeable dims.
-RowLayout layout_for(at::Tensor& a, at::Tensor& b, const std::vector<int64_t>& lead, int64_t n) {
+RowLayout layout_for(Tensor& a, Tensor& b, const std::vector<int64_t>& lead, int64_t n) {
   RowLayout L;
   for (int attempt = 0; attempt < 2; ++attempt) {
     const int64_t comp[3] = {a.stride(-1), b.stride(-1), 1};
@@ -245,14 +243,14 @@ RowLayout layout_for(at::Tensor& a, at::Tensor& b, const std::vector<int64_t>& l
                                contiguous_strides(lead, n)},
                         comp, &L))
       return L;
-    a = a.expand(with_last(lead, n)).contiguous();
-    b = b.expand(with_last(lead, n)).contiguous();
+    a = ops::contiguous(ops::expand(a, with_last(lead, n)));
+    b = ops::contiguous(ops::expand(b, with_last(lead, n)));
   }
-  TORCH_CHECK(false, "geokern: could not build an element layout");
+  GK_CHECK(false, "geokern: could not build an element layout");
 }
 
-bool dense_for(const at::Tensor& t, const std::vector<int64_t>& full) {
-  return t.is_contiguous() && t.sizes() == at::IntArrayRef(full) && aligned16(t.const_data_ptr());
+bool dense_for(const Tensor& t, const std::vector<int64_t>& full) {
+  return t.is_contiguous() && same_shape(t.sizes(), IntRef(full)) && aligned16(t.const_data_ptr());
 }
 
 // Runs Op over the broadcast shape `full`: the dense kernel when every operand is
@@ -260,20 +258,20 @@ bool dense_for(const at::Tensor& t, const std::vector<int64_t>& full) {
 // are contiguous in `full` by construction (the grad), a and b are laid out.
 // O: the output type, void for the input's own.
 template <template <int> class Op, typename O>
-void run(const std::vector<at::Tensor>& dense_in, at::Tensor a, at::Tensor b,
-         const std::vector<int64_t>& lead, int64_t n, std::vector<at::Tensor>& out) {
+void run(const std::vector<Tensor>& dense_in, Tensor a, Tensor b,
+         const std::vector<int64_t>& lead, int64_t n, std::vector<Tensor>& out) {
   const auto full = with_last(lead, n);
   const int64_t rows = out[0].numel() / n;
   if (rows == 0) return;
-  c10::cuda::CUDAGuard guard(a.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(a.get_device_index());
+  const cudaStream_t stream = current_stream(a);
   bool dense = dense_for(a, full) && dense_for(b, full) && out[0].scalar_type() == a.scalar_type();
   for (const auto& t : dense_in) dense = dense && dense_for(t, full);
   for (const auto& t : out) dense = dense && aligned16(t.const_data_ptr());
   RowLayout L{};
   if (!dense) L = layout_for(a, b, lead, n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "geokern_hypercomplex", [&] {
-    using T = scalar_t;
+  dispatch_float_dtype(a.scalar_type(), "geokern_hypercomplex", [&](auto tag) {
+    using T = decltype(tag);
     Ptrs<T> p{};
     int k = 0;
     for (const auto& t : dense_in) p.in[k++] = t.const_data_ptr<T>();
@@ -294,7 +292,7 @@ void run(const std::vector<at::Tensor>& dense_in, at::Tensor a, at::Tensor b,
       } else {
         hypercomplex_strided_kernel<T, Out, N, OpN>
             <<<grid_for(rows, kThreads), kThreads, 0, stream>>>(p, o0, o1, rows, L);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        GK_LAUNCH_CHECK();
       }
     };
     if (n == 4) go(std::integral_constant<int, 4>{});
@@ -302,56 +300,57 @@ void run(const std::vector<at::Tensor>& dense_in, at::Tensor a, at::Tensor b,
   });
 }
 
-at::Tensor hypercomplex_mul_cuda(const at::Tensor& a, const at::Tensor& b, int64_t n) {
+Tensor hypercomplex_mul_cuda(const Tensor& a, const Tensor& b, int64_t n) {
   check_inputs("hypercomplex_mul_cuda", a, &b, n);
   const auto lead = broadcast_leading("hypercomplex_mul_cuda", a, b);
-  std::vector<at::Tensor> out{at::empty(with_last(lead, n), a.options())};
+  std::vector<Tensor> out{ops::empty(with_last(lead, n), ops::options(a))};
   run<MulOp, void>({}, a, b, lead, n, out);
   return out[0];
 }
 
-at::Tensor hypercomplex_conj_cuda(const at::Tensor& a, int64_t n) {
+Tensor hypercomplex_conj_cuda(const Tensor& a, int64_t n) {
   check_inputs("hypercomplex_conj_cuda", a, nullptr, n);
   const std::vector<int64_t> lead(a.sizes().begin(), a.sizes().end() - 1);
-  std::vector<at::Tensor> out{at::empty(a.sizes(), a.options())};
+  std::vector<Tensor> out{ops::empty(a.sizes(), ops::options(a))};
   run<ConjOp, void>({}, a, a, lead, n, out);
   return out[0];
 }
 
-std::tuple<at::Tensor, at::Tensor> hypercomplex_mul_backward_cuda(const at::Tensor& grad,
-                                                                  const at::Tensor& a,
-                                                                  const at::Tensor& b, int64_t n) {
+std::tuple<Tensor, Tensor> hypercomplex_mul_backward_cuda(const Tensor& grad,
+                                                                  const Tensor& a,
+                                                                  const Tensor& b, int64_t n) {
   const char* name = "hypercomplex_mul_backward_cuda";
   check_inputs(name, a, &b, n);
   const auto lead = broadcast_leading(name, a, b);
   const auto full = with_last(lead, n);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(full), name, ": grad must have shape ", fmt(full),
+  GK_CHECK(same_shape(grad.sizes(), IntRef(full)), name, ": grad must have shape ", fmt(full),
               ", got ", fmt(grad.sizes()));
-  TORCH_CHECK(grad.device() == a.device() && grad.scalar_type() == a.scalar_type(), name,
+  GK_CHECK(grad.device() == a.device() && grad.scalar_type() == a.scalar_type(), name,
               ": grad must match a in device and dtype, got ", grad.device(), " ",
               grad.scalar_type());
-  const bool reduce = a.sizes() != at::IntArrayRef(full) || b.sizes() != at::IntArrayRef(full);
-  const auto acc = at::toOpMathType(a.scalar_type());
+  const bool reduce = !same_shape(a.sizes(), IntRef(full)) || !same_shape(b.sizes(), IntRef(full));
+  const auto acc = opmath_of(a.scalar_type());
   // broadcast dims are summed afterwards: keep the full-shape grads in float32 then
   const auto out_type = reduce ? acc : a.scalar_type();
-  std::vector<at::Tensor> out{at::empty(full, a.options().dtype(out_type)),
-                              at::empty(full, a.options().dtype(out_type))};
-  if (out_type == a.scalar_type()) run<MulBwdOp, void>({grad.contiguous()}, a, b, lead, n, out);
-  else run<MulBwdOp, float>({grad.contiguous()}, a, b, lead, n, out);
-  at::Tensor da = out[0], db = out[1];
+  std::vector<Tensor> out{ops::empty(full, ops::options(a).dtype(out_type)),
+                              ops::empty(full, ops::options(a).dtype(out_type))};
+  const Tensor g = ops::contiguous(grad);
+  if (out_type == a.scalar_type()) run<MulBwdOp, void>({g}, a, b, lead, n, out);
+  else run<MulBwdOp, float>({g}, a, b, lead, n, out);
+  Tensor da = out[0], db = out[1];
   if (reduce) {
-    da = da.sum_to_size(a.sizes()).to(a.scalar_type());
-    db = db.sum_to_size(b.sizes()).to(b.scalar_type());
+    da = ops::to(ops::sum_to_size(da, a.sizes()), a.scalar_type());
+    db = ops::to(ops::sum_to_size(db, b.sizes()), b.scalar_type());
   }
   return {da, db};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(geokern, CUDA, m) {
-  m.impl("hypercomplex_mul_cuda", &hypercomplex_mul_cuda);
-  m.impl("hypercomplex_mul_backward_cuda", &hypercomplex_mul_backward_cuda);
-  m.impl("hypercomplex_conj_cuda", &hypercomplex_conj_cuda);
+STABLE_TORCH_LIBRARY_IMPL(geokern, CUDA, m) {
+  m.impl("hypercomplex_mul_cuda", TORCH_BOX(&hypercomplex_mul_cuda));
+  m.impl("hypercomplex_mul_backward_cuda", TORCH_BOX(&hypercomplex_mul_backward_cuda));
+  m.impl("hypercomplex_conj_cuda", TORCH_BOX(&hypercomplex_conj_cuda));
 }
 
 }  // namespace geokern

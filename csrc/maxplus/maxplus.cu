@@ -63,10 +63,6 @@
 // NaN propagates through max.NaN / min.NaN (fmaxf would drop it). Out-of-range k are
 // staged as the semiring zero (-inf for max-plus, S for integers), which can never win or
 // tie a comparison against a real k (comparisons are strict), so tails need no branches.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 #include <limits>
@@ -86,7 +82,7 @@ namespace geokern {
 namespace {
 
 // The batch layout of (a, b) over `lead`; false if more than kMaxDims dims remain.
-bool make_batch(const std::vector<int64_t>& lead, const at::Tensor& a, const at::Tensor& b, Batch* B) {
+bool make_batch(const std::vector<int64_t>& lead, const Tensor& a, const Tensor& b, Batch* B) {
   RowLayout R;
   const int64_t comp[3] = {0, 0, 0};
   if (!make_row_layout(lead, {broadcast_strides(a, lead, 2), broadcast_strides(b, lead, 2)}, comp, &R)) return false;
@@ -101,22 +97,22 @@ bool make_batch(const std::vector<int64_t>& lead, const at::Tensor& a, const at:
   return true;
 }
 
-void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got device ", a.device());
-  TORCH_CHECK(b.device() == a.device(), op, ": b is on ", b.device(), " but a is on ", a.device());
+void check_pair(const char* op, const Tensor& a, const Tensor& b) {
+  GK_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got device ", a.device());
+  GK_CHECK(b.device() == a.device(), op, ": b is on ", b.device(), " but a is on ", a.device());
   const auto st = a.scalar_type();
-  TORCH_CHECK(at::isFloatingType(st) || st == at::kInt || st == at::kShort, op,
+  GK_CHECK(is_float(st) || st == dtype::i32 || st == dtype::i16, op,
               ": a must be floating point, int32 or int16, got ", st);
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b has dtype ", b.scalar_type(), " but a has ",
+  GK_CHECK(b.scalar_type() == a.scalar_type(), op, ": b has dtype ", b.scalar_type(), " but a has ",
               a.scalar_type());
-  TORCH_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": a and b need at least 2 dims, got ", fmt(a.sizes()), " and ",
+  GK_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": a and b need at least 2 dims, got ", fmt(a.sizes()), " and ",
               fmt(b.sizes()));
-  TORCH_CHECK(a.size(-1) == b.size(-2), op, ": a (..., M, K) and b (..., K, N) disagree on K: ", fmt(a.sizes()),
+  GK_CHECK(a.size(-1) == b.size(-2), op, ": a (..., M, K) and b (..., K, N) disagree on K: ", fmt(a.sizes()),
               " and ", fmt(b.sizes()));
   const int64_t lim = std::numeric_limits<int>::max();
   const int64_t span_a = (a.size(-2) - 1) * std::abs(a.stride(-2)) + (a.size(-1) - 1) * std::abs(a.stride(-1));
   const int64_t span_b = (b.size(-2) - 1) * std::abs(b.stride(-2)) + (b.size(-1) - 1) * std::abs(b.stride(-1));
-  TORCH_CHECK(span_a < lim && span_b < lim && a.size(-2) < lim && b.size(-1) < lim, op,
+  GK_CHECK(span_a < lim && span_b < lim && a.size(-2) < lim && b.size(-1) < lim, op,
               ": one matrix of a or b spans 2**31 elements or more; the kernel uses 32-bit offsets within a matrix");
 }
 
@@ -139,10 +135,10 @@ int choose_splits(int64_t tiles, int64_t K, int64_t num_splits, bool allowed, in
 // Launches the packed kernel for 16-bit T (true), or does nothing (false).
 template <typename T, typename Acc>
 bool launch_packed(const Params<T, Acc>& p, bool minplus, dim3 grid, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, int16_t>) {
+  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16> || std::is_same_v<T, int16_t>) {
     if (minplus) maxplus_fwd_packed_kernel<T, Acc, true><<<grid, kThreads, 0, stream>>>(p);
     else maxplus_fwd_packed_kernel<T, Acc, false><<<grid, kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    GK_LAUNCH_CHECK();
     return true;
   } else {
     return false;
@@ -157,24 +153,24 @@ bool launch_packed(const Params<T, Acc>& p, bool minplus, dim3 grid, cudaStream_
 // For integers, *flags (when given) becomes a zeroed [nb, cols] byte tensor that the copy
 // marks where a row of A / column of B holds an out-of-range value (maxplus_mark_kernel).
 template <typename T, typename W, int PER>
-at::Tensor pack_operand(const at::Tensor& x, bool is_a, bool minplus, at::ScalarType word, cudaStream_t stream,
-                        at::Tensor* flags = nullptr) {
+Tensor pack_operand(const Tensor& x, bool is_a, bool minplus, ScalarType word, cudaStream_t stream,
+                        Tensor* flags = nullptr) {
   const int64_t rows = x.size(-2), cols_ = x.size(-1);
   const int64_t cols = is_a ? rows : cols_, klen = is_a ? cols_ : rows;
   const int64_t C = (cols + kBM - 1) / kBM * kBM, R = (klen + kKQuant - 1) / kKQuant * kKQuant / PER;
   if constexpr (PER == 1 && std::is_same_v<T, W> && !kIsInt<T>) {  // floats need no staging: x itself, if laid out so
-    const at::Tensor v = is_a ? x.transpose(-1, -2) : x;
+    const Tensor v = is_a ? ops::transpose(x, -1, -2) : x;
     if (R == klen && C == cols && v.is_contiguous() && aligned16(v.const_data_ptr())) return v;
   }
-  const at::Tensor x3 = x.reshape({-1, rows, cols_});
+  const Tensor x3 = ops::reshape(x, {-1, rows, cols_});
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
   shape.push_back(R);
   shape.push_back(C);
-  at::Tensor out = at::empty(shape, x.options().dtype(word));
+  Tensor out = ops::empty(shape, ops::options(x).dtype(word));
   const int64_t nb = x3.size(0), total = nb * (R / 8) * C;
   uint8_t* fl = nullptr;
   if (flags && kIsInt<T>) {
-    *flags = at::zeros({nb, cols}, x.options().dtype(at::kByte));
+    *flags = ops::zeros({nb, cols}, ops::options(x).dtype(dtype::u8));
     fl = flags->mutable_data_ptr<uint8_t>();
   }
   if (total == 0) return out;
@@ -189,35 +185,35 @@ at::Tensor pack_operand(const at::Tensor& x, bool is_a, bool minplus, at::Scalar
   };
   if (minplus) go(std::true_type{});
   else go(std::false_type{});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GK_LAUNCH_CHECK();
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
+std::tuple<Tensor, Tensor, Tensor> maxplus_cuda(const Tensor& a_in, const Tensor& b_in,
                                                             bool minplus, bool want_argmax, bool want_margin,
                                                             int64_t num_splits) {
   const char* op = "maxplus_cuda";
   check_pair(op, a_in, b_in);
-  TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0: choose), got ", fmt(num_splits));
-  const bool is_int = !at::isFloatingType(a_in.scalar_type());
-  TORCH_CHECK(!(is_int && want_margin), op, ": margin is float-only, got ", a_in.scalar_type(), " inputs");
-  at::Tensor a = a_in, b = b_in;
+  GK_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0: choose), got ", fmt(num_splits));
+  const bool is_int = !is_float(a_in.scalar_type());
+  GK_CHECK(!(is_int && want_margin), op, ": margin is float-only, got ", a_in.scalar_type(), " inputs");
+  Tensor a = a_in, b = b_in;
   auto lead = broadcast_leading("maxplus_cuda", a, b, 2);
   const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
   std::vector<int64_t> shape = lead;
   shape.push_back(M);
   shape.push_back(N);
-  at::Tensor c = at::empty(shape, a.options());
-  at::Tensor idx = at::empty(want_argmax ? at::IntArrayRef(shape) : at::IntArrayRef({0}),
-                             a.options().dtype(at::kLong));
-  at::Tensor mg = at::empty(want_margin ? at::IntArrayRef(shape) : at::IntArrayRef({0}), a.options());
+  Tensor c = ops::empty(shape, ops::options(a));
+  Tensor idx = ops::empty(want_argmax ? IntRef(shape) : IntRef({0}),
+                             ops::options(a).dtype(dtype::i64));
+  Tensor mg = ops::empty(want_margin ? IntRef(shape) : IntRef({0}), ops::options(a));
   if (c.numel() == 0) return {c, idx, mg};
   if (K == 0) {  // the semiring zero (the integer sentinel), no route
-    if (a.scalar_type() == at::kInt) c.fill_(minplus ? INT32_MAX : INT32_MIN);
-    else if (a.scalar_type() == at::kShort) c.fill_(minplus ? INT16_MAX : INT16_MIN);
-    else c.fill_(minplus ? INFINITY : -INFINITY);
-    if (want_argmax) idx.fill_(-1);
-    if (want_margin) mg.fill_(INFINITY);
+    if (a.scalar_type() == dtype::i32) ops::fill_(c, minplus ? INT32_MAX : INT32_MIN);
+    else if (a.scalar_type() == dtype::i16) ops::fill_(c, minplus ? INT16_MAX : INT16_MIN);
+    else ops::fill_(c, minplus ? INFINITY : -INFINITY);
+    if (want_argmax) ops::fill_(idx, -1);
+    if (want_margin) ops::fill_(mg, INFINITY);
     return {c, idx, mg};
   }
   Batch L;
@@ -225,13 +221,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
     std::vector<int64_t> fa = lead, fb = lead;
     fa.insert(fa.end(), {M, K});
     fb.insert(fb.end(), {K, N});
-    a = a.expand(fa).contiguous();
-    b = b.expand(fb).contiguous();
-    TORCH_CHECK(make_batch(lead, a, b, &L), op, ": could not build a batch layout");
+    a = ops::contiguous(ops::expand(a, fa));
+    b = ops::contiguous(ops::expand(b, fb));
+    GK_CHECK(make_batch(lead, a, b, &L), op, ": could not build a batch layout");
   }
   const int64_t batch = c.numel() / (M * N);
-  c10::cuda::CUDAGuard guard(a.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(a.get_device_index());
+  const cudaStream_t stream = current_stream(a);
   const int tiles = int(((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN));
   // argmax alone records 16-bit tile numbers: at most 65535 tiles of kBK per slice
   const int64_t least = want_argmax && !want_margin ? (K + 65535 * kBK - 1) / (65535 * kBK) : 1;
@@ -246,16 +242,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
   // int16x2 DPX is one instruction from sm_90 on; before, it is emulated (several SIMD
   // instructions and 1 KB of spills in the packed kernel), so int16 takes the int32 kernel
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
-  const bool packed_ok = a.scalar_type() != at::kShort || major >= 9;
-  AT_DISPATCH_FLOATING_TYPES_AND4(at::kHalf, at::kBFloat16, at::kInt, at::kShort, a.scalar_type(), "maxplus_cuda", [&] {
+  GK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
+  const bool packed_ok = a.scalar_type() != dtype::i16 || major >= 9;
+  auto body = [&](auto tag) {
+    using scalar_t = decltype(tag);
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double,
                                    std::conditional_t<std::is_integral_v<scalar_t>, int, float>>;
-    const auto acc_type = std::is_same_v<Acc, double> ? at::kDouble : std::is_same_v<Acc, int> ? at::kInt : at::kFloat;
-    at::Tensor part, part_idx;
+    const auto acc_type = std::is_same_v<Acc, double> ? dtype::f64 : std::is_same_v<Acc, int> ? dtype::i32 : dtype::f32;
+    Tensor part, part_idx;
     if (splits > 1) {
-      part = at::empty({splits, c.numel()}, a.options().dtype(acc_type));
-      if (want_argmax) part_idx = at::empty({splits, c.numel()}, a.options().dtype(at::kInt));
+      part = ops::empty({splits, c.numel()}, ops::options(a).dtype(acc_type));
+      if (want_argmax) part_idx = ops::empty({splits, c.numel()}, ops::options(a).dtype(dtype::i32));
     }
     Params<scalar_t, Acc> p{a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
                             c.mutable_data_ptr<scalar_t>(),
@@ -265,22 +262,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
                             splits > 1 && want_argmax ? part_idx.mutable_data_ptr<int>() : nullptr,
                             int(M), int(N), int(K), sam, sak, sbk, sbn, int(ksplit), batch, L};
     const int mode = (want_argmax ? kArgmax : 0) | (want_margin ? kMargin : 0);
-    constexpr bool k16 = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16> ||
+    constexpr bool k16 = std::is_same_v<scalar_t, Half> || std::is_same_v<scalar_t, BFloat16> ||
                          std::is_same_v<scalar_t, int16_t>;
     const bool packed = k16 && mode == 0 && packed_ok;
-    at::Tensor pa, pb;  // the operands as the kernel streams them
-    at::Tensor fa, fb;  // integers: out-of-range rows of A, columns of B (set by the copies)
+    Tensor pa, pb;  // the operands as the kernel streams them
+    Tensor fa, fb;  // integers: out-of-range rows of A, columns of B (set by the copies)
     if constexpr (k16) {
       if (packed) {
-        pa = pack_operand<scalar_t, unsigned, 2>(a, true, minplus, at::kInt, stream, &fa);
-        pb = pack_operand<scalar_t, unsigned, 2>(b, false, minplus, at::kInt, stream, &fb);
+        pa = pack_operand<scalar_t, unsigned, 2>(a, true, minplus, dtype::i32, stream, &fa);
+        pb = pack_operand<scalar_t, unsigned, 2>(b, false, minplus, dtype::i32, stream, &fb);
       }
     }
     if (!packed) {
       pa = pack_operand<scalar_t, Acc, 1>(a, true, minplus, acc_type, stream, &fa);
       pb = pack_operand<scalar_t, Acc, 1>(b, false, minplus, acc_type, stream, &fb);
     }
-    TORCH_CHECK(make_batch(lead, pa, pb, &p.LP), op, ": could not build a batch layout for the packed operands");
+    GK_CHECK(make_batch(lead, pa, pb, &p.LP), op, ": could not build a batch layout for the packed operands");
     p.pa = pa.const_data_ptr();
     p.pb = pb.const_data_ptr();
     p.lda = int(pa.size(-1));
@@ -290,15 +287,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
       const int64_t total = c.numel();
       maxplus_split_reduce_kernel<scalar_t, Acc, decltype(min_c)::value>
           <<<grid_for(total, kThreads), kThreads, 0, stream>>>(p.part, p.part_idx, p.c, p.idx, splits, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      GK_LAUNCH_CHECK();
     };
     auto go = [&](auto min_c, auto mode_c) {
       constexpr int mode = decltype(mode_c)::value;
       if constexpr (std::is_integral_v<scalar_t> && (mode & kMargin)) {
-        TORCH_CHECK(false, "maxplus_cuda: margin is float-only");
+        GK_CHECK(false, "maxplus_cuda: margin is float-only");
       } else {
         maxplus_fwd_kernel<scalar_t, Acc, decltype(min_c)::value, mode><<<grid, kThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        GK_LAUNCH_CHECK();
       }
     };
     auto by_mode = [&](auto min_c) {
@@ -314,34 +311,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxplus_cuda(const at::Tensor& a_
             <<<unsigned(std::min<int64_t>(rows, int64_t(num_sms()) * 64)), kThreads, 0, stream>>>(
                 p.c, p.idx, fa.const_data_ptr<uint8_t>(), fb.const_data_ptr<uint8_t>(), int(M), int(N), rows, p.LP,
                 pa.size(-2) * pa.size(-1), pb.size(-2) * pb.size(-1));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        GK_LAUNCH_CHECK();
       }
     };
     if (minplus) by_mode(std::true_type{});
     else by_mode(std::false_type{});
-  });
+  };
+  switch (a.scalar_type()) {
+    case dtype::i32: body(int32_t{}); break;
+    case dtype::i16: body(int16_t{}); break;
+    default: dispatch_float_dtype(a.scalar_type(), op, body);
+  }
   return {c, idx, mg};
 }
 
-std::tuple<at::Tensor, at::Tensor> maxplus_backward_cuda(const at::Tensor& grad, const at::Tensor& argmax,
-                                                         at::IntArrayRef a_shape, at::IntArrayRef b_shape) {
+std::tuple<Tensor, Tensor> maxplus_backward_cuda(const Tensor& grad, const Tensor& argmax,
+                                                         IntRef a_shape, IntRef b_shape) {
   const char* op = "maxplus_backward_cuda";
-  TORCH_CHECK(grad.is_cuda() && argmax.device() == grad.device(), op,
+  GK_CHECK(grad.is_cuda() && argmax.device() == grad.device(), op,
               ": grad and argmax must be CUDA tensors on one device, got ", grad.device(), " and ",
               argmax.device());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating point, got ",
+  GK_CHECK(is_float(grad.scalar_type()), op, ": grad must be floating point, got ",
               grad.scalar_type());
-  TORCH_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad.sizes(), op,
+  GK_CHECK(argmax.scalar_type() == dtype::i64 && same_shape(argmax.sizes(), grad.sizes()), op,
               ": argmax must be int64 with grad's shape ", fmt(grad.sizes()), ", got ", argmax.scalar_type(), " ",
               fmt(argmax.sizes()));
-  TORCH_CHECK(grad.dim() >= 2 && a_shape.size() >= 2 && b_shape.size() >= 2, op,
+  GK_CHECK(grad.dim() >= 2 && a_shape.size() >= 2 && b_shape.size() >= 2, op,
               ": grad, a_shape and b_shape need at least 2 dims");
   const int64_t M = grad.size(-2), N = grad.size(-1), K = a_shape.back();
-  TORCH_CHECK(a_shape[a_shape.size() - 2] == M && b_shape.back() == N && b_shape[b_shape.size() - 2] == K, op,
+  GK_CHECK(a_shape[a_shape.size() - 2] == M && b_shape.back() == N && b_shape[b_shape.size() - 2] == K, op,
               ": a_shape ", fmt(a_shape), " and b_shape ", fmt(b_shape), " do not match grad ", fmt(grad.sizes()));
-  const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor da = at::zeros(a_shape, grad.options().dtype(acc));
-  at::Tensor db = at::zeros(b_shape, grad.options().dtype(acc));
+  const auto acc = grad.scalar_type() == dtype::f64 ? dtype::f64 : dtype::f32;
+  Tensor da = ops::zeros(a_shape, ops::options(grad).dtype(acc));
+  Tensor db = ops::zeros(b_shape, ops::options(grad).dtype(acc));
   std::vector<int64_t> lead(grad.sizes().begin(), grad.sizes().end() - 2);
   Batch L;
   bool full = false;
@@ -349,36 +351,37 @@ std::tuple<at::Tensor, at::Tensor> maxplus_backward_cuda(const at::Tensor& grad,
     std::vector<int64_t> fa = lead, fb = lead;
     fa.insert(fa.end(), {M, K});
     fb.insert(fb.end(), {K, N});
-    da = at::zeros(fa, da.options());
-    db = at::zeros(fb, db.options());
-    TORCH_CHECK(make_batch(lead, da, db, &L), op, ": could not build a batch layout");
+    da = ops::zeros(fa, ops::options(da));
+    db = ops::zeros(fb, ops::options(db));
+    GK_CHECK(make_batch(lead, da, db, &L), op, ": could not build a batch layout");
     full = true;
   }
   const int64_t total = grad.numel();
   if (total > 0 && K > 0) {
-    c10::cuda::CUDAGuard guard(grad.device());
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    const at::Tensor g = grad.contiguous(), ix = argmax.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "maxplus_backward_cuda", [&] {
+    const DeviceGuard guard(grad.get_device_index());
+    const cudaStream_t stream = current_stream(grad);
+    const Tensor g = ops::contiguous(grad), ix = ops::contiguous(argmax);
+    dispatch_float_dtype(grad.scalar_type(), op, [&](auto tag) {
+      using scalar_t = decltype(tag);
       using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       maxplus_bwd_kernel<scalar_t, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), ix.const_data_ptr<int64_t>(), da.mutable_data_ptr<Acc>(),
           db.mutable_data_ptr<Acc>(), int(M), int(N), int(K), total, L);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      GK_LAUNCH_CHECK();
     });
   }
   if (full) {
-    da = da.sum_to_size(a_shape);
-    db = db.sum_to_size(b_shape);
+    da = ops::sum_to_size(da, a_shape);
+    db = ops::sum_to_size(db, b_shape);
   }
-  return {da.to(grad.scalar_type()), db.to(grad.scalar_type())};
+  return {ops::to(da, grad.scalar_type()), ops::to(db, grad.scalar_type())};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(geokern, CUDA, m) {
-  m.impl("maxplus_cuda", &maxplus_cuda);
-  m.impl("maxplus_backward_cuda", &maxplus_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(geokern, CUDA, m) {
+  m.impl("maxplus_cuda", TORCH_BOX(&maxplus_cuda));
+  m.impl("maxplus_backward_cuda", TORCH_BOX(&maxplus_backward_cuda));
 }
 
 }  // namespace geokern

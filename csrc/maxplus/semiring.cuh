@@ -154,9 +154,9 @@ struct PackedFloat {
   }
 };
 template <>
-struct Packed<at::Half> : PackedFloat<__half, __half2, 0x7C00> {};
+struct Packed<Half> : PackedFloat<__half, __half2, 0x7C00> {};
 template <>
-struct Packed<at::BFloat16> : PackedFloat<__nv_bfloat16, __nv_bfloat162, 0x7F80> {};
+struct Packed<BFloat16> : PackedFloat<__nv_bfloat16, __nv_bfloat162, 0x7F80> {};
 template <>
 struct Packed<int16_t> {
   using H = int16_t;

@@ -8,10 +8,6 @@
 // loads overlap the other stage's math. Ties keep the smallest key, NaN propagates, and a
 // key the causal mask hides never enters. Tile layout, thread map and measurements:
 // README.md beside this file.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include "common.cuh"
 
@@ -401,25 +397,25 @@ __global__ void tropical_attention_bwd_center_kernel(const BwdParams p, int64_t 
 
 // ---- host ---------------------------------------------------------------------------
 
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device");
+void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  GK_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
+  GK_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device");
   const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+  GK_CHECK(st == dtype::f32 || st == dtype::f16 || st == dtype::bf16, op,
               ": q must be float32, float16 or bfloat16 (float64 runs on the triton or torch backend), got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k and v must share one dtype");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, T, D), got ",
+  GK_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k and v must share one dtype");
+  GK_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, T, D), got ",
               fmt(q.sizes()), ", ", fmt(k.sizes()), ", ", fmt(v.sizes()));
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have one shape, got ", fmt(k.sizes()), " and ",
+  GK_CHECK(same_shape(k.sizes(), v.sizes()), op, ": k and v must have one shape, got ", fmt(k.sizes()), " and ",
               fmt(v.sizes()));
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k ", fmt(k.sizes()),
+  GK_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k ", fmt(k.sizes()),
               " must match q ", fmt(q.sizes()), " in B and D");
-  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op, ": k's head count ", fmt(k.size(1)),
+  GK_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op, ": k's head count ", fmt(k.size(1)),
               " must divide q's ", fmt(q.size(1)));
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128, op, ": the CUDA kernel takes head dims 1..128, got ",
+  GK_CHECK(q.size(3) >= 1 && q.size(3) <= 128, op, ": the CUDA kernel takes head dims 1..128, got ",
               fmt(q.size(3)), " (use the triton backend)");
   const int64_t lim = std::numeric_limits<int>::max();
-  TORCH_CHECK(q.size(2) * q.size(3) < lim && k.size(2) * k.size(3) < lim, op,
+  GK_CHECK(q.size(2) * q.size(3) < lim && k.size(2) * k.size(3) < lim, op,
               ": T * D must be < 2**31 per head, got q ", fmt(q.sizes()), ", k ", fmt(k.sizes()));
 }
 
@@ -427,14 +423,14 @@ template <int BD, int MODE>
 void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
   constexpr int bytes = smem_floats<BD>() * int(sizeof(float));
   int dev = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK(bytes <= optin, "tropical_attention_cuda: head dims above 64 need ", fmt(bytes),
+  GK_CUDA_CHECK(cudaGetDevice(&dev));
+  GK_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  GK_CHECK(bytes <= optin, "tropical_attention_cuda: head dims above 64 need ", fmt(bytes),
               " bytes of shared memory per block, this GPU gives ", fmt(optin), " (use the triton backend)");
   auto kernel = tropical_attention_fwd_kernel<BD, MODE>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  GK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GK_LAUNCH_CHECK();
 }
 
 template <int BD>
@@ -445,31 +441,31 @@ void launch_fwd_mode(const FwdParams& p, int mode, dim3 grid, cudaStream_t strea
   else launch_fwd<BD, kArgmax | kMargin>(p, grid, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tropical_attention_cuda(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal, bool center,
+std::tuple<Tensor, Tensor, Tensor, Tensor> tropical_attention_cuda(
+    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal, bool center,
     bool want_argmax, bool want_margin) {
   const char* op = "tropical_attention_cuda";
   check_qkv(op, q_in, k_in, v_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Tk = k_in.size(2);
-  TORCH_CHECK(!causal || Tk >= Tq || Tq == 1, op, ": causal attention needs Tk >= Tq (or Tq == 1), got q ",
+  GK_CHECK(!causal || Tk >= Tq || Tq == 1, op, ": causal attention needs Tk >= Tq (or Tq == 1), got q ",
               fmt(q_in.sizes()), ", k ", fmt(k_in.sizes()));
-  TORCH_CHECK(Tk >= 1 || Tq == 0, op, ": k needs at least one key, got ", fmt(k_in.sizes()));
-  const auto f32 = q_in.options().dtype(at::kFloat);
-  const at::Tensor q = q_in.to(at::kFloat), k = k_in.to(at::kFloat), v = v_in.to(at::kFloat);
-  at::Tensor y = at::empty({B, H, Tq, D}, f32);
-  at::Tensor idx = at::empty(want_argmax ? at::IntArrayRef({B, H, Tq, D}) : at::IntArrayRef({0}),
-                             q_in.options().dtype(at::kInt));
-  at::Tensor jm = at::empty(want_argmax ? at::IntArrayRef({B, H, Tq}) : at::IntArrayRef({0}),
-                            q_in.options().dtype(at::kInt));
-  at::Tensor mg = at::empty(want_margin ? at::IntArrayRef({B, H, Tq}) : at::IntArrayRef({0}), f32);
+  GK_CHECK(Tk >= 1 || Tq == 0, op, ": k needs at least one key, got ", fmt(k_in.sizes()));
+  const auto f32 = ops::options(q_in).dtype(dtype::f32);
+  const Tensor q = ops::to(q_in, dtype::f32), k = ops::to(k_in, dtype::f32), v = ops::to(v_in, dtype::f32);
+  Tensor y = ops::empty({B, H, Tq, D}, f32);
+  Tensor idx = ops::empty(want_argmax ? IntRef({B, H, Tq, D}) : IntRef({0}),
+                             ops::options(q_in).dtype(dtype::i32));
+  Tensor jm = ops::empty(want_argmax ? IntRef({B, H, Tq}) : IntRef({0}),
+                            ops::options(q_in).dtype(dtype::i32));
+  Tensor mg = ops::empty(want_margin ? IntRef({B, H, Tq}) : IntRef({0}), f32);
   if (y.numel() > 0) {
-    TORCH_CHECK(B * H <= 65535, op, ": B * H must be <= 65535, got ", fmt(B * H));
+    GK_CHECK(B * H <= 65535, op, ": B * H must be <= 65535, got ", fmt(B * H));
     const int64_t nqb = (Tq + kBQ - 1) / kBQ;
-    TORCH_CHECK(nqb * B * H <= std::numeric_limits<int>::max(), op, ": B * H * ceil(Tq / 128) must be < 2**31, got q ",
+    GK_CHECK(nqb * B * H <= std::numeric_limits<int>::max(), op, ": B * H * ceil(Tq / 128) must be < 2**31, got q ",
                 fmt(q_in.sizes()));
-    c10::cuda::CUDAGuard guard(q.device());
-    auto stream = c10::cuda::getCurrentCUDAStream();
+    const DeviceGuard guard(q.get_device_index());
+    const cudaStream_t stream = current_stream(q);
     FwdParams p{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
                 y.mutable_data_ptr<float>(), want_argmax ? idx.mutable_data_ptr<int>() : nullptr,
                 want_argmax ? jm.mutable_data_ptr<int>() : nullptr, want_margin ? mg.mutable_data_ptr<float>() : nullptr,
@@ -485,33 +481,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tropical_attention_cu
     else launch_fwd_mode<128>(p, mode, grid, stream);
   }
   const auto dt = q_in.scalar_type();
-  return {y.to(dt), idx, jm, mg.to(dt)};
+  return {ops::to(y, dt), idx, jm, ops::to(mg, dt)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tropical_attention_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& argmax,
-    const at::Tensor& rowarg, bool center) {
+std::tuple<Tensor, Tensor, Tensor> tropical_attention_backward_cuda(
+    const Tensor& grad, const Tensor& q_in, const Tensor& k_in, const Tensor& argmax,
+    const Tensor& rowarg, bool center) {
   const char* op = "tropical_attention_backward_cuda";
   check_qkv(op, q_in, k_in, k_in);
-  TORCH_CHECK(grad.device() == q_in.device() && grad.sizes() == q_in.sizes(), op,
+  GK_CHECK(grad.device() == q_in.device() && same_shape(grad.sizes(), q_in.sizes()), op,
               ": grad must be on q's device with q's shape ", fmt(q_in.sizes()), ", got ", fmt(grad.sizes()));
-  TORCH_CHECK(argmax.scalar_type() == at::kInt && argmax.sizes() == q_in.sizes(), op,
+  GK_CHECK(argmax.scalar_type() == dtype::i32 && same_shape(argmax.sizes(), q_in.sizes()), op,
               ": argmax must be int32 with q's shape ", fmt(q_in.sizes()), ", got ", fmt(argmax.sizes()));
-  TORCH_CHECK(!center || (rowarg.scalar_type() == at::kInt && rowarg.dim() == 3 && rowarg.numel() ==
+  GK_CHECK(!center || (rowarg.scalar_type() == dtype::i32 && rowarg.dim() == 3 && rowarg.numel() ==
                           q_in.size(0) * q_in.size(1) * q_in.size(2)), op,
               ": rowarg must be int32 of shape (B, H, Tq), got ", fmt(rowarg.sizes()));
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Tk = k_in.size(2);
-  const auto f32 = q_in.options().dtype(at::kFloat);
-  at::Tensor dq = at::zeros({B, H, Tq, D}, f32);
-  at::Tensor dk = at::zeros({B, Hkv, Tk, D}, f32);
-  at::Tensor dv = at::zeros({B, Hkv, Tk, D}, f32);
+  const auto f32 = ops::options(q_in).dtype(dtype::f32);
+  Tensor dq = ops::zeros({B, H, Tq, D}, f32);
+  Tensor dk = ops::zeros({B, Hkv, Tk, D}, f32);
+  Tensor dv = ops::zeros({B, Hkv, Tk, D}, f32);
   const int64_t total = grad.numel();
   if (total > 0) {
-    c10::cuda::CUDAGuard guard(q_in.device());
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    const at::Tensor g = grad.to(at::kFloat).contiguous(), q = q_in.to(at::kFloat), k = k_in.to(at::kFloat);
-    const at::Tensor ix = argmax.contiguous(), jr = rowarg.contiguous();
+    const DeviceGuard guard(q_in.get_device_index());
+    const cudaStream_t stream = current_stream(q_in);
+    const Tensor g = ops::contiguous(ops::to(grad, dtype::f32)), q = ops::to(q_in, dtype::f32), k = ops::to(k_in, dtype::f32);
+    const Tensor ix = ops::contiguous(argmax), jr = ops::contiguous(rowarg);
     BwdParams p{g.const_data_ptr<float>(), q.const_data_ptr<float>(), k.const_data_ptr<float>(),
                 ix.const_data_ptr<int>(), center ? jr.const_data_ptr<int>() : nullptr,
                 dq.mutable_data_ptr<float>(), dk.mutable_data_ptr<float>(), dv.mutable_data_ptr<float>(),
@@ -521,22 +517,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tropical_attention_backward_cuda(
       p.sk[d] = k.stride(d);
     }
     tropical_attention_bwd_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(p, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    GK_LAUNCH_CHECK();
     if (center) {
       const int64_t rows = B * H * Tq;
       tropical_attention_bwd_center_kernel<<<grid_for(rows, kThreads), kThreads, 0, stream>>>(p, rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      GK_LAUNCH_CHECK();
     }
   }
   const auto dt = grad.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {ops::to(dq, dt), ops::to(dk, dt), ops::to(dv, dt)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(geokern, CUDA, m) {
-  m.impl("tropical_attention_cuda", &tropical_attention_cuda);
-  m.impl("tropical_attention_backward_cuda", &tropical_attention_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(geokern, CUDA, m) {
+  m.impl("tropical_attention_cuda", TORCH_BOX(&tropical_attention_cuda));
+  m.impl("tropical_attention_backward_cuda", TORCH_BOX(&tropical_attention_backward_cuda));
 }
 
 }  // namespace geokern
