@@ -120,7 +120,7 @@ def _cuda_extension():
             ("GEOKERN_ARCHS", f'"{arch_label}"'),
             ("GEOKERN_TORCH_VERSION", f'"{torch.__version__}"'),
             ("GEOKERN_CUDA_VERSION", f'"{nvcc_ver[0]}.{nvcc_ver[1]}"'),
-            ("Py_LIMITED_API", "0x03090000"),
+            ("Py_LIMITED_API", "0x030A0000"),
         ],
         extra_compile_args={
             "cxx": ["-O3"],
@@ -156,7 +156,7 @@ if ext is not None:
 
     ext_modules = [ext]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
-    options = {"bdist_wheel": {"py_limited_api": "cp39"}}
+    options = {"bdist_wheel": {"py_limited_api": "cp310"}}
     if os.environ.get("GEOKERN_LOCAL_VERSION", "1") == "1":
         version = VERSION + _local_version()
 

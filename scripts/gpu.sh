@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make gpu [OUT=folder] [SELECT=family] [BENCH=0] [STEPS="build tests sanitizer bench"]: the one script for a GPU machine that may have
-# no network (python3 there already has torch, triton, pytest, ninja). Builds geokern._C,
+# make gpu [OUT=folder] [SELECT=family] [BENCH=0] [STEPS="build tests sanitizer bench"] [WHEEL=dist/x.whl]: the one
+# script for a GPU machine that may have no network (python3 there already has torch, triton, pytest, ninja).
+# Builds geokern._C (or, given WHEEL, installs that wheel and tests the installed package instead),
 # runs the whole test suite on CUDA, compute-sanitizer (memcheck) over the CUDA
 # extension's tests, then the benchmarks. Everything is logged to OUT/gpu.log; result
 # files (one JSON and one PNG per op family) land in OUT.
@@ -37,8 +38,15 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
 for s in $STEPS; do
   case $s in build|tests|huge|sanitizer|bench) ;; *) echo "make gpu: unknown step '$s' in STEPS (build tests huge sanitizer bench)"; exit 2 ;; esac
 done
-want build && step build $PY -m pip install --no-build-isolation --no-deps -e . -q
-step info $PY -c "import geokern, json; print(json.dumps(geokern.info(), indent=1))"
+if [ -n "${WHEEL:-}" ]; then
+  # the checkout's own geokern/ must not shadow the installed one: no cwd on sys.path, in the child
+  # processes too (pytest itself puts tests/ on the path, not the root)
+  export PYTHONSAFEPATH=1
+  want build && step install-wheel $PY -m pip install --no-deps --force-reinstall -q "$WHEEL"
+else
+  want build && step build $PY -m pip install --no-build-isolation --no-deps -e . -q
+fi
+step info $PY -c "import geokern, json; print(geokern.__file__); print(json.dumps(geokern.info(), indent=1))"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >>"$LOG" 2>&1
 # tests take one fixed config per Triton kernel (GEOKERN_AUTOTUNE=0): autotuning every
 # test shape would cost minutes and test nothing the benchmarks do not

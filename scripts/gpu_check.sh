@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh OUT [BASE_DIR]: one device call that checks a change when device time is short:
-# the whole suite (not huge) and compute-sanitizer memcheck over the CUDA tests at once (correctness
-# only: they share the GPU), then the headline rows beside BASE_DIR's (scripts/compare.sh, one repeat)
-# alone on the GPU. geokern._C comes prebuilt (.carry/_C.abi3.so, built against the device's torch).
+# scripts/gpu_check.sh OUT [STAGE...]: device calls that check a change when device time is short, with
+# geokern._C prebuilt on the CPU machine and carried in .carry/: a wheel (.carry/*.whl, installed, the
+# tests then import the installed package) or a bare .carry/_C.abi3.so (built against the device's torch,
+# dropped into an editable install). Stages, in order:
+#   suite       the whole suite (not huge) and compute-sanitizer memcheck over the CUDA tests at once
+#               (correctness only: they share the GPU); logs in OUT/tests, OUT/sanitizer
+#   huge        the tests past 2**31 elements, one process (OUT/huge.log)
+#   compare     the headline rows beside older trees (.base, .pre where present; scripts/compare.sh,
+#               REPEATS times, default 3), alone on the GPU
 set -uo pipefail
-OUT=$1; BASE=${2:-}
+OUT=$1; shift
+STAGES=" ${*:-suite huge compare} "
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GEOKERN_AUTOTUNE=0
-cp .carry/_C.abi3.so geokern/ && GEOKERN_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
-python3 -c "import geokern, json; print(json.dumps(geokern.info()))" | tee "$OUT/info.json"
+wheel=$(ls .carry/*.whl 2>/dev/null | head -1)
+if [ -n "$wheel" ]; then
+  python3 -m pip install -q --no-deps --force-reinstall "$wheel" || exit 1
+  export WHEEL=$wheel PYTHONSAFEPATH=1  # the checkout's geokern/ must not shadow the installed one
+else
+  cp .carry/_C.abi3.so geokern/ && GEOKERN_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+fi
+python3 -c "import geokern, json; print(geokern.__file__); print(json.dumps(geokern.info()))" | tee "$OUT/info.json"
 t0=$SECONDS
-JOBS=9 STEPS="tests" BENCH=0 bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
-tp=$!
-JOBS=6 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer" >/dev/null 2>&1 &
-sp=$!
-wait $tp; trc=$?; wait $sp; src=$?
-echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
-grep -hE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/sanitizer/gpu.log | cut -c1-240 | tail -40
-if [ -n "$BASE" ]; then
+if [[ "$STAGES" == *" suite "* ]]; then
+  JOBS=9 STEPS="tests" BENCH=0 bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
+  tp=$!
+  JOBS=6 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer" >/dev/null 2>&1 &
+  sp=$!
+  wait $tp; trc=$?; wait $sp; src=$?
+  echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
+  grep -hE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/sanitizer/gpu.log | cut -c1-240 | tail -40
+fi
+if [[ "$STAGES" == *" huge "* ]]; then
+  python3 -m pytest -q -p no:cacheprovider -m huge tests >"$OUT/huge.log" 2>&1
+  echo "huge exit $?, $((SECONDS - t0)) s"; tail -5 "$OUT/huge.log"
+fi
+if [[ "$STAGES" == *" compare "* ]]; then
   unset GEOKERN_AUTOTUNE
-  bash scripts/compare.sh "$BASE" "$OUT" "${REPEATS:-1}" 2>&1 | grep -v '^{' | tail -30
+  olds=()
+  for d in .base .pre; do [ -d "$d" ] && olds+=("${d#.}=$d"); done
+  bash scripts/compare.sh "$OUT/compare" "${REPEATS:-3}" "${olds[@]}" 2>&1 | grep -v '^{' | tail -30
+  echo "compare done, $((SECONDS - t0)) s"
 fi
