@@ -50,32 +50,41 @@ step info $PY -c "import geokern, json; print(geokern.__file__); print(json.dump
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >>"$LOG" 2>&1
 # tests take one fixed config per Triton kernel (GEOKERN_AUTOTUNE=0): autotuning every
 # test shape would cost minutes and test nothing the benchmarks do not
-# The test files run in JOBS pytest processes at once (one GPU is far from busy with one):
-# shards() deals the files out largest first, so the processes end together.
+# The tests run in JOBS pytest processes at once (one GPU is far from busy with one): shards()
+# deals the selected test ids out round-robin, so each file's tests spread over every process and
+# the processes end together (one file's tests under memcheck took 9 minutes alone).
 JOBS=${JOBS:-4}
-shards() {
-  ls -S tests/test_*.py | awk -v n="$JOBS" '{ s[NR % n] = s[NR % n] " " $0 } END { for (i in s) print s[i] }'
-}
-parallel() {  # parallel NAME CMD...: CMD + one shard's files in each process; logs appended in order
+shards() {  # shards NAME SELECT...: the ids pytest selects with SELECT, in JOBS files OUT/NAME.ids.<i>
   local name=$1; shift
-  local i=0 pids=() rc=0
-  while read -r files; do
-    # exit 5: the -k filter left nothing to run in this shard, which is no failure
-    ( "$@" $files; r=$?; [ $r -eq 5 ] && r=0; exit $r ) >"$OUT/$name.$i.log" 2>&1 &
-    pids+=($!); i=$((i + 1))
-  done < <(shards)
+  rm -f "$OUT/$name".ids*
+  $PY -m pytest --collect-only -q -p no:cacheprovider "$@" tests 2>/dev/null | grep '::' >"$OUT/$name.ids"
+  awk -v n="$JOBS" -v f="$OUT/$name.ids." '{ print > (f (NR % n)) }' "$OUT/$name.ids"
+}
+parallel() {  # parallel NAME SELECT... -- CMD...: CMD + one shard's test ids in each process; logs appended in order
+  local name=$1; shift
+  local sel=()
+  while [ "$1" != "--" ]; do sel+=("$1"); shift; done
+  shift
+  shards "$name" "${sel[@]}"
+  local pids=() rc=0
+  for ids in "$OUT/$name".ids.*; do
+    # exit 5: nothing selected in this shard, which is no failure
+    ( readarray -t t <"$ids"; "$@" "${t[@]}"; r=$?; [ $r -eq 5 ] && r=0; exit $r ) >"${ids/.ids./.}.log" 2>&1 &
+    pids+=($!)
+  done
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  for f in "$OUT/$name".*.log; do cat "$f"; rm -f "$f"; done
+  for f in "$OUT/$name".[0-9]*.log; do cat "$f"; rm -f "$f"; done
   return $rc
 }
-want tests && step tests parallel tests env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m "not huge" $K
+want tests && step tests parallel tests -m "not huge" $K -- env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider
 # tensors past 2**31 elements: one process at a time (each test takes much of the GPU's memory)
 want huge && step huge env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m huge $K tests
-# Each allocation its own cudaMalloc, so memcheck sees out-of-bounds accesses that the
-# caching allocator would otherwise hide inside a larger block.
-want sanitizer && step sanitizer parallel sanitizer env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-  compute-sanitizer --tool memcheck --error-exitcode 1 \
-  $PY -m pytest -q -p no:cacheprovider -m "not huge" -k "cuda and not compile${SELECT:+ and $SELECT}"
+# memcheck over every kernel test, CUDA and Triton (not the compile tests: inductor's own kernels
+# add nothing of ours). Each allocation its own cudaMalloc, so memcheck sees out-of-bounds
+# accesses that the caching allocator would otherwise hide inside a larger block.
+want sanitizer && step sanitizer parallel sanitizer -m "not huge" -k "(cuda or triton) and not compile${SELECT:+ and $SELECT}" -- \
+  env GEOKERN_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  $PY -m pytest -q -p no:cacheprovider
 want bench && step bench $PY -m geokern.bench --out "$OUT" --commit "$COMMIT" ${SELECT:+--family $SELECT}
 echo "=== make gpu: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
 exit $status

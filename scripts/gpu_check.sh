@@ -23,9 +23,9 @@ fi
 python3 -c "import geokern, json; print(geokern.__file__); print(json.dumps(geokern.info()))" | tee "$OUT/info.json"
 t0=$SECONDS
 if [[ "$STAGES" == *" suite "* ]]; then
-  JOBS=9 STEPS="tests" BENCH=0 bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
+  JOBS=8 STEPS="tests" BENCH=0 bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
   tp=$!
-  JOBS=6 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer" >/dev/null 2>&1 &
+  JOBS=8 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer" >/dev/null 2>&1 &
   sp=$!
   wait $tp; trc=$?; wait $sp; src=$?
   echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
