@@ -383,3 +383,18 @@ def test_fp16_inf_query_coordinate_leaves_the_other_rows_alone(backend):
     assert out[0, others].isfinite().all(), "rows without an inf coordinate must stay finite"
     err = (out[0, others].float() - ref_out[0, others]).norm() / ref_out[0, others].norm()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beta_R_past_float32_backward_is_finite(backend):
+    """The hard-min limit's gradients: d out / d (q, k, R) is 0 there (the weights are constant
+    near the limit), as the reference's; never NaN from 0 * inf in the chain rule."""
+    need(backend)
+    q, k, v = _qkv(m=20)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    R = torch.full((2, 5, 20), 1e30, device=DEVICE, requires_grad=True)
+    out, lse = _attn(backend, q, k, v, R=R, beta=1e10)
+    out.square().sum().backward()
+    for name, g in (("q", q.grad), ("k", k.grad), ("R", R.grad)):
+        assert g.isfinite().all() and (g == 0).all(), f"d out / d {name} in the hard-min limit: {g}"
+    assert v.grad.isfinite().all()

@@ -60,7 +60,8 @@ def _bwd_update(qw, do, qn, lse2, delta, k, ka, kn, v, nr, hr, keep, eps, psc, b
         c = tl.where(keep, c, 0.0)
         spd = tl.where(keep, spd, 0.0)
     dv_acc += mm(pl, do, PREC)
-    ds = pd * c
+    # p = 0 where beta R spd passed float32 (a hard-min row: lse = -inf), where c may be inf: 0, not NaN
+    ds = tl.where(p > 0.0, pd * c, 0.0)
     if qw.dtype == tl.float16:
         # d loss / d s is ~ beta R / spd: far coordinates make it smaller than float16's subnormals.
         # Round it to float16 at a power-of-two scale that puts the tile's largest near 2^14, and
