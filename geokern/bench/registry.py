@@ -46,6 +46,13 @@ def families():
     return sorted(n for n in names if n not in _NOT_FAMILIES and not n.startswith("_"))
 
 
+def own_timing(family):
+    """The family's module when it times its own way instead of do_bench (it defines
+    measure(match, progress) -> rows and print_table(rows)), else None."""
+    mod = importlib.import_module(f"geokern.bench.{family}")
+    return mod if hasattr(mod, "measure") else None
+
+
 def cases(family=None):
     out = []
     for fam in families():

@@ -3,7 +3,9 @@
 For each case: check every implementation against the reference (an implementation
 that fails is reported as failed, never timed), time it with do_bench (median, inputs
 rotated through buffers larger than L2), and write one JSON per op family plus a PNG
-plot to the output folder, in the schema of DESIGN.md.
+plot to the output folder, in the schema of DESIGN.md. A family that times its own way (the
+host overhead of a call, geokern/bench/overhead.py) gives its rows and table through its
+`measure` and `print_table` instead, into the same JSON file.
 """
 
 import argparse
@@ -184,22 +186,31 @@ def main(argv=None):
     except ImportError:
         tqdm = None
     for fam in args.family or registry.families():
-        cases = [c for c in registry.cases(fam)
-                 if not args.match or re.search(args.match, f"{c.op} {c.shape} {c.dtype} {c.direction}")]
-        bar = tqdm(total=len(cases), desc=fam, file=sys.stderr) if tqdm else None
-        rows = []
-        for case in cases:
-            rows += run_case(case, ceils, do_bench, (bar.set_postfix_str if bar else (lambda s: print("  " + s, file=sys.stderr, flush=True))))
-            if bar:
-                bar.update()
-        if bar:
-            bar.close()
+        own = registry.own_timing(fam)
+        if own:  # host wall clock, not do_bench (geokern/bench/overhead.py says why)
+            rows = own.measure(args.match, lambda s: print("  " + s, file=sys.stderr, flush=True))
+        else:
+            rows = _run_cases(fam, args.match, ceils, do_bench, tqdm)
+            plot(fam, rows, os.path.join(out, f"{fam}.png"))
         with open(os.path.join(out, f"{fam}.json"), "w") as f:
             json.dump({**header, "rows": rows}, f, indent=1)
-        plot(fam, rows, os.path.join(out, f"{fam}.png"))
         print(f"\n== {fam} ({header['device']}, torch {header['torch']}, triton {header['triton']}) ==")
-        print_table(rows)
+        (own.print_table if own else print_table)(rows)
     return 0
+
+
+def _run_cases(fam, match, ceils, do_bench, tqdm):
+    cases = [c for c in registry.cases(fam)
+             if not match or re.search(match, f"{c.op} {c.shape} {c.dtype} {c.direction}")]
+    bar = tqdm(total=len(cases), desc=fam, file=sys.stderr) if tqdm else None
+    rows = []
+    for case in cases:
+        rows += run_case(case, ceils, do_bench, (bar.set_postfix_str if bar else (lambda s: print("  " + s, file=sys.stderr, flush=True))))
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,352 @@
+"""Host overhead: what an eager call of each public op costs beyond its kernel (issue #16).
+
+Not a do_bench family: do_bench times each call between CUDA events after an L2 clear, which
+keeps the GPU busy while the host prepares the call and so hides most of the host's time. This
+family times host wall clock instead, and `measure` is its runner (geokern/bench/runner.py calls
+a family's `measure` and `print_table` where it defines them); `cases()` is empty, so the
+do_bench runner, benchmarks/ and scripts/headline.py see nothing of it.
+
+Per (op, backend, dtype), tiny inputs on the GPU (a few rows: the kernel's time is a few us):
+  eager_us     N back-to-back eager calls, one synchronisation, divided by N (time.perf_counter,
+               after a warm-up; median of REPEATS runs). Forward only, inputs without grad.
+  host_us      the same loop's time before its synchronisation, divided by N: the host's own time
+               per call. eager_us ~ host_us means the host is the bottleneck.
+  graph_us     GRAPH_CALLS calls captured in one CUDA graph, replayed N / GRAPH_CALLS times, one
+               synchronisation, divided by N: the GPU's time of a call without the host's. The
+               replay's output is checked against an eager call first (captured nothing, or
+               work on another stream, would fail there).
+  overhead_us  eager_us - graph_us: what a call costs beyond its kernels.
+  floor_us     an empty custom op (geokern_bench::noop: the same tensors in, a new 1-element
+               tensor out, no GPU work) called through a trivial autograd.Function, timed as
+               eager_us on the same inputs: the least any op pays in this design.
+  over_floor_us overhead_us - floor_us: issue #16 asks for at most 10 us.
+  floor_aten_us the floor with an aten op (new_empty) in place of the custom op: without the
+               Python autograd layer of torch.library custom ops, which the Triton backend's ops
+               (triton_op) pay and the CUDA backend's C++ ops do not: the CUDA rows' nearer floor.
+The decode-shape rows (retrieval_attention on _retrieval_decode's inputs, the trainer's shape)
+also give eager_per_graph = eager_us / graph_us: issue #16 asks for at most 1.3 in both dtypes.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import math
+import re
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+import geokern
+from geokern import _backend
+from geokern.bench import _retrieval_decode as decode
+from geokern.metric import diag
+from geokern.ops._registry import bound_once
+
+N_CALLS = 500  # calls per timed loop: ~0.5 us of timer and loop cost spread over them
+REPEATS = 7  # timed loops per number; the median is kept
+WARMUP = 20  # eager calls before any timing (Triton compiles and autotunes in the first)
+GRAPH_CALLS = 10  # calls per captured graph: spreads the replay's own launch cost over 10 calls
+KERNEL_BACKENDS = ("cuda", "triton")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# public ops without a host-overhead case, and why (tests/test_bench_overhead.py holds every other
+# public op to a case here)
+NO_CASE = {"curvature_scalar": "no kernel backend: two PyTorch contractions, nothing of geokern's to wrap"}
+BETA, EPS = 5.0, 1e-8
+
+
+# ---- the floor: an op that does nothing, reached the way every geokern op is reached ----------
+
+
+@torch.library.custom_op("geokern_bench::noop", mutates_args=())
+def _noop(xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0].new_empty(1)  # a fresh tensor, as every op returns one; no GPU work
+
+
+@_noop.register_fake
+def _noop_fake(xs):
+    return xs[0].new_empty(1)
+
+
+@bound_once  # as every geokern Function is: the floor must not pay what the ops no longer pay
+class NoopFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(*xs):
+        return torch.ops.geokern_bench.noop.default(list(xs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.n_inputs = len(inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * ctx.n_inputs
+
+
+@bound_once
+class AtenNoopFunction(NoopFunction):
+    """NoopFunction with an aten op (new_empty) for the custom op: no torch.library Python layer
+    (its autograd wrapper), which the Triton ops (triton_op) pay and the C++ CUDA ops do not."""
+
+    @staticmethod
+    def forward(*xs):
+        return xs[0].new_empty(1)
+
+
+def floor_call(*inputs):
+    """The floor's call on an op's inputs (its tensors)."""
+    return NoopFunction.apply(*inputs)
+
+
+def aten_floor_call(*inputs):
+    return AtenNoopFunction.apply(*inputs)
+
+
+# ---- the calls timed -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One public op on one input shape: make(dtype) -> tuple of tensors on the GPU;
+    run(backend, *inputs) -> the op's output, through the public function."""
+
+    op: str
+    shape: str
+    make: Callable
+    run: Callable
+
+    def label(self, dtype):
+        return f"{self.op} {self.shape} {dtype} fwd"
+
+
+def _randn(*shape):
+    return lambda dtype: torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+def _inputs(*parts):
+    """make(dtype): each part a dtype -> tensor maker (R and the metric's weights: float32)."""
+    return lambda dtype: tuple(p(dtype) for p in parts)
+
+
+def _positive(*shape):
+    return lambda dtype: torch.rand(*shape, device="cuda") + 0.5
+
+
+def _decode_make(dtype):
+    return decode._make(dtype, False)()
+
+
+@functools.lru_cache(None)
+def _decode_public(backend):
+    return decode._public(backend)
+
+
+def _decode_run(backend, *inputs):
+    return _decode_public(backend)(*inputs)
+
+
+CALLS = [
+    Call("quaternion_mul", "4x4", _inputs(_randn(4, 4), _randn(4, 4)),
+         lambda be, a, b: geokern.quaternion_mul(a, b, backend=be)),
+    Call("quaternion_conj", "4x4", _inputs(_randn(4, 4)), lambda be, a: geokern.quaternion_conj(a, backend=be)),
+    Call("octonion_mul", "4x8", _inputs(_randn(4, 8), _randn(4, 8)),
+         lambda be, a, b: geokern.octonion_mul(a, b, backend=be)),
+    Call("octonion_conj", "4x8", _inputs(_randn(4, 8)), lambda be, a: geokern.octonion_conj(a, backend=be)),
+    Call("maxplus_matmul", "8x8x8", _inputs(_randn(8, 8), _randn(8, 8)),
+         lambda be, a, b: geokern.maxplus_matmul(a, b, backend=be)),
+    Call("tropical_attention", "B1H2T8D16", _inputs(*[_randn(1, 2, 8, 16)] * 3),
+         lambda be, q, k, v: geokern.tropical_attention(q, k, v, backend=be)),
+    Call("retrieval_cost", "B4-n8-M16", _inputs(_randn(4, 8), _randn(16, 8), _positive(4, 1), _positive(8)),
+         lambda be, q, k, r, lam: geokern.retrieval_cost(q, k, r, diag(lam), EPS, backend=be)),
+    Call("retrieval_attention", "B4-n8-T16-dv16",
+         _inputs(_randn(4, 8), _randn(4, 16, 8), _randn(4, 16, 16), _positive(4, 1), _positive(8)),
+         lambda be, q, k, v, r, lam: geokern.retrieval_attention(q, k, v, r, diag(lam), BETA, EPS, backend=be)),
+    # the trainer's decode shape, with _retrieval_decode's inputs and call (bank, R per row)
+    Call("retrieval_attention", f"decode-B{decode.B}-n{decode.N}-T{decode.T}+bank{decode.C}-dv{decode.DV}",
+         _decode_make, _decode_run),
+]
+
+
+def cases():
+    """No do_bench cases: this family times with `measure` (see the module's docstring)."""
+    return []
+
+
+# ---- timing --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """A collection inside a timed loop would land on one call; collect before, none during."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def loop_time(fn, n, clock=time.perf_counter, sync=None):
+    """(eager, host) seconds per call of n back-to-back calls of fn(): eager until one
+    synchronisation after the last call, host until the last call returned."""
+    sync = sync or torch.cuda.synchronize
+    sync()  # nothing queued before the loop is counted
+    t0 = clock()
+    for _ in range(n):
+        fn()
+    t1 = clock()
+    sync()
+    t2 = clock()
+    return (t2 - t0) / n, (t1 - t0) / n
+
+
+def median_loop_time(fn, n=N_CALLS, repeats=REPEATS, **timer):
+    """(eager, host) seconds per call, each the median over `repeats` loops of n calls."""
+    with _no_gc():
+        runs = [loop_time(fn, n, **timer) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def summarize(eager_s, host_s, graph_s, floor_s, floor_aten_s=None):
+    """The row's numbers in microseconds from seconds per call."""
+    us = 1e6
+    return {
+        "eager_us": eager_s * us,
+        "host_us": host_s * us,
+        "graph_us": graph_s * us,
+        "overhead_us": (eager_s - graph_s) * us,
+        "floor_us": floor_s * us,
+        "over_floor_us": (eager_s - graph_s - floor_s) * us,
+        "floor_aten_us": None if floor_aten_s is None else floor_aten_s * us,
+        "eager_per_graph": eager_s / graph_s if graph_s > 0 else None,
+    }
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)]
+
+
+def _graph_time(fn, inputs, n, repeats):
+    """Seconds per call of fn(*inputs) replayed from a CUDA graph of GRAPH_CALLS calls.
+
+    Raises if the replay does not recompute the eager result (outputs poisoned with NaN first)."""
+    graphed = decode._graphed(lambda *x: [fn(*x) for _ in range(GRAPH_CALLS)])
+    outs = _flat(graphed(*inputs))  # captures (after a warm-up on a side stream), then replays
+    want = _flat(fn(*inputs))
+    for o in outs:
+        if o.is_floating_point():
+            o.fill_(float("nan"))
+    graphed(*inputs)
+    torch.cuda.synchronize()
+    tol = dict(rtol=2e-2, atol=2e-2) if want[0].dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-4, atol=1e-5)
+    for i, o in enumerate(outs):
+        torch.testing.assert_close(o, want[i % len(want)], **tol,
+                                   msg=lambda m: f"graph replay differs from an eager call: {m.splitlines()[0]}")
+    reps = max(1, n // GRAPH_CALLS)
+    seconds, _ = median_loop_time(lambda: graphed(*inputs), reps, repeats)
+    return seconds / GRAPH_CALLS
+
+
+def _error(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+
+
+NUMBERS = ("eager_us", "host_us", "graph_us", "overhead_us", "floor_us", "over_floor_us", "floor_aten_us",
+           "eager_per_graph")
+
+
+def _blank_row(call, dname, backend, n):
+    return {"op": call.op, "backend": backend, "shape": call.shape, "dtype": dname, "direction": "fwd",
+            "calls": n, "metric": "us", **dict.fromkeys(NUMBERS), "error": None}
+
+
+def _row(call, dname, backend, inputs, floors, n, repeats):
+    """One kernel backend's row; floors: (floor, aten floor) seconds per call, or None."""
+    row = _blank_row(call, dname, backend, n)
+    why = _backend.why_unavailable(backend, torch.device("cuda"))
+    if why is not None:
+        row["error"] = f"unavailable: {why}"
+        return row
+    fn = lambda *x: call.run(backend, *x)  # noqa: E731
+    try:
+        for _ in range(WARMUP):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        eager_s, host_s = median_loop_time(lambda: fn(*inputs), n, repeats)
+        graph_s = _graph_time(fn, inputs, n, repeats)
+    except Exception as e:  # a failed call or capture is reported in the row, never timed
+        row["error"] = _error(e)
+        return row
+    if floors is None:
+        row["error"] = "the floor failed on these inputs (see its row)"
+        return row
+    row.update(summarize(eager_s, host_s, graph_s, *floors))
+    return row
+
+
+def _floor_row(call, dname, inputs, n, repeats):
+    """((floor, aten floor) seconds per call, or None; the floor's own row)."""
+    row = _blank_row(call, dname, "floor", n)
+    try:
+        for _ in range(WARMUP):
+            floor_call(*inputs)
+            aten_floor_call(*inputs)
+        torch.cuda.synchronize()
+        eager_s, host_s = median_loop_time(lambda: floor_call(*inputs), n, repeats)
+        aten_s, _ = median_loop_time(lambda: aten_floor_call(*inputs), n, repeats)
+    except Exception as e:
+        row["error"] = _error(e)
+        return None, row
+    row.update(eager_us=eager_s * 1e6, host_us=host_s * 1e6, floor_us=eager_s * 1e6, floor_aten_us=aten_s * 1e6)
+    return (eager_s, aten_s), row
+
+
+def measure(match=None, progress=print, n=N_CALLS, repeats=REPEATS, backends=KERNEL_BACKENDS):
+    """The family's rows: per call and dtype, the floor's row, then one row per kernel backend."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the host-overhead family times CUDA calls and needs a CUDA device")
+    rows = []
+    for call in CALLS:
+        for dname, dtype in DTYPES.items():
+            if match and not re.search(match, call.label(dname)):
+                continue
+            progress(f"{call.label(dname)} floor")
+            inputs = call.make(dtype)
+            floors, floor_row = _floor_row(call, dname, inputs, n, repeats)
+            rows.append(floor_row)
+            for be in backends:
+                progress(f"{call.label(dname)} {be}")
+                rows.append(_row(call, dname, be, inputs, floors, n, repeats))
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(v, spec):
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return format(v, spec)
+    return format("-", ">" + spec.split(".")[0])
+
+
+def print_table(rows, file=sys.stdout):
+    """Microseconds per call (the columns: the module's docstring); the floor's row holds its own
+    eager time in eager_us and floor_us."""
+    head = (f"{'op':<20} {'shape':<34} {'dtype':<5} {'backend':<7} {'eager us':>9} {'host us':>8} "
+            f"{'graph us':>9} {'overhead':>9} {'floor us':>9} {'over floor':>10} {'aten floor':>10} {'eager/graph':>11}")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in rows:
+        line = (f"{r['op']:<20} {r['shape']:<34} {r['dtype']:<5} {r['backend']:<7} {_fmt(r['eager_us'], '9.2f')} "
+                f"{_fmt(r['host_us'], '8.2f')} {_fmt(r['graph_us'], '9.2f')} {_fmt(r['overhead_us'], '9.2f')} "
+                f"{_fmt(r['floor_us'], '9.2f')} {_fmt(r['over_floor_us'], '10.2f')} {_fmt(r['floor_aten_us'], '10.2f')} "
+                f"{_fmt(r['eager_per_graph'], '11.2f')}")
+        if r.get("error"):
+            line += f"  [{r['error']}]"
+        print(line, file=file)

@@ -1,0 +1,124 @@
+"""The host-overhead benchmark family (geokern/bench/overhead.py): a case for every public op,
+and the arithmetic of its timing on a fake clock; the measurement itself on a GPU."""
+
+import io
+import math
+
+import pytest
+import torch
+from _helpers import capturable, gpu
+
+import geokern
+import geokern.ops
+from geokern.bench import overhead, registry
+
+
+def test_every_public_op_has_a_host_overhead_case():
+    """A new public op fails here until it has a Call in overhead.CALLS (or a reason in NO_CASE)."""
+    public = set(geokern.ops.__all__)
+    covered = {c.op for c in overhead.CALLS}
+    assert covered <= public, f"cases for ops that are not public: {sorted(covered - public)}"
+    assert set(overhead.NO_CASE) <= public, f"NO_CASE names ops that are not public: {sorted(set(overhead.NO_CASE) - public)}"
+    assert not covered & set(overhead.NO_CASE), "an op both has a case and is excused from one"
+    missing = public - covered - set(overhead.NO_CASE)
+    assert not missing, f"public ops without a host-overhead case in geokern/bench/overhead.py: {sorted(missing)}"
+    assert set(geokern.__all__) >= public
+
+
+def test_the_decode_case_is_the_trainers_shape():
+    from geokern.bench import _retrieval_decode as decode
+
+    shapes = [c.shape for c in overhead.CALLS if c.op == "retrieval_attention"]
+    assert any(s.startswith("decode-") and f"B{decode.B}-" in s and f"bank{decode.C}" in s for s in shapes)
+
+
+def test_the_runner_finds_the_family_and_its_own_timing():
+    assert "overhead" in registry.families()
+    assert registry.own_timing("overhead") is overhead
+    assert registry.cases("overhead") == []  # nothing for do_bench, benchmarks/ or headline.py
+    assert registry.own_timing("maxplus") is None
+
+
+class FakeClock:
+    """Time moves only when the fake work says so: each call costs `call`, a sync `drain`."""
+
+    def __init__(self, call, drain):
+        self.t, self.call, self.drain = 100.0, call, drain
+
+    def __call__(self):
+        return self.t
+
+    def fn(self):
+        self.t += self.call
+
+    def sync(self):
+        self.t += self.drain
+
+
+def test_loop_time_divides_by_the_calls_and_counts_one_sync():
+    clock = FakeClock(call=3.0, drain=5.0)
+    eager, host = overhead.loop_time(clock.fn, 10, clock=clock, sync=clock.sync)
+    assert host == pytest.approx(3.0)  # 10 calls of 3, the sync before the loop not counted
+    assert eager == pytest.approx((10 * 3.0 + 5.0) / 10)
+
+
+def test_median_loop_time_keeps_the_median_run(monkeypatch):
+    runs = iter([(1.0, 0.5), (9.0, 8.0), (2.0, 1.0)])
+    monkeypatch.setattr(overhead, "loop_time", lambda fn, n, **timer: next(runs))
+    assert overhead.median_loop_time(lambda: None, 4, 3) == (2.0, 1.0)
+
+
+def test_summarize_subtracts_the_graph_then_the_floor():
+    row = overhead.summarize(eager_s=30e-6, host_s=28e-6, graph_s=8e-6, floor_s=5e-6, floor_aten_s=3e-6)
+    assert set(row) == set(overhead.NUMBERS)
+    assert row["eager_us"] == pytest.approx(30) and row["host_us"] == pytest.approx(28)
+    assert row["graph_us"] == pytest.approx(8) and row["floor_us"] == pytest.approx(5)
+    assert row["overhead_us"] == pytest.approx(22)
+    assert row["over_floor_us"] == pytest.approx(17)
+    assert row["eager_per_graph"] == pytest.approx(3.75) and row["floor_aten_us"] == pytest.approx(3)
+    assert overhead.summarize(1e-6, 1e-6, 0.0, 0.0)["eager_per_graph"] is None
+
+
+def test_the_floor_is_an_empty_op_through_a_function():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = overhead.floor_call(x, torch.randn(2))
+    assert out.shape == (1,) and out.grad_fn is not None
+    assert torch.ops.geokern_bench.noop.default([x]).shape == (1,)
+
+
+def test_measure_plumbing_with_a_fake_graph(monkeypatch):
+    """measure's rows on CPU: the reference backend, the graph's time replaced by a constant."""
+    call = overhead.Call("quaternion_mul", "2x4", lambda dt: (torch.randn(2, 4, dtype=dt), torch.randn(2, 4, dtype=dt)),
+                         lambda be, a, b: geokern.quaternion_mul(a, b, backend=be))
+    monkeypatch.setattr(overhead, "CALLS", [call])
+    monkeypatch.setattr(overhead, "DTYPES", {"fp32": torch.float32})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(overhead, "_graph_time", lambda fn, inputs, n, repeats: 1e-6)
+    rows = overhead.measure(n=5, repeats=1, backends=("torch", "cuda"), progress=lambda s: None)
+    floor, torch_row, bad = rows
+    assert floor["backend"] == "floor" and floor["error"] is None and floor["floor_us"] > 0 < floor["floor_aten_us"]
+    assert torch_row["floor_aten_us"] == floor["floor_aten_us"]
+    assert torch_row["error"] is None and torch_row["graph_us"] == pytest.approx(1.0)
+    assert torch_row["floor_us"] == floor["floor_us"]
+    assert torch_row["overhead_us"] == pytest.approx(torch_row["eager_us"] - 1.0)
+    assert torch_row["over_floor_us"] == pytest.approx(torch_row["overhead_us"] - floor["floor_us"])
+    assert bad["error"] and bad["eager_us"] is None  # no _C here, or _C on CPU tensors
+    text = io.StringIO()
+    overhead.print_table(rows, file=text)
+    assert "quaternion_mul" in text.getvalue() and "[" in text.getvalue()
+
+
+@gpu
+@capturable
+def test_measure_on_the_gpu():
+    rows = overhead.measure(match=r"^quaternion_conj 4x4 fp32", n=50, repeats=2, progress=lambda s: None)
+    assert rows and rows[0]["backend"] == "floor"
+    for r in rows:
+        if r["error"] and r["error"].startswith("unavailable"):
+            continue
+        assert r["error"] is None, r
+        assert math.isfinite(r["eager_us"]) and r["eager_us"] > 0
+        if r["backend"] != "floor":
+            assert 0 < r["graph_us"] < r["eager_us"] * 10
