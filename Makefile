@@ -44,7 +44,7 @@ wheel: $(VENV)/.deps
 	rm -rf dist/raw
 	TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCHS)" GEOKERN_BUILD_CUDA=1 MAX_JOBS=$(MAX_JOBS) \
 	  $(VPY) -m pip wheel --no-build-isolation --no-deps -w dist/raw .
-	$(VPY) -m auditwheel repair -w dist --exclude 'libtorch*.so*' --exclude 'libc10*.so*' \
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VPY) -m auditwheel repair -w dist --exclude 'libtorch*.so*' --exclude 'libc10*.so*' \
 	  --exclude 'libcudart.so*' --exclude 'libcuda.so*' dist/raw/geokern-*.whl
 	ls -l dist/*.whl
 

@@ -15,7 +15,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GEOKERN_AUTOTUNE=0
 wheel=$(ls .carry/*.whl 2>/dev/null | head -1)
 if [ -n "$wheel" ]; then
-  python3 -m pip install -q --no-deps --force-reinstall "$wheel" || exit 1
+  if ! python3 -m pip install -q --no-deps --force-reinstall "$wheel"; then
+    # a manylinux tag newer than this machine's glibc: say so, then install the same files as a plain linux wheel
+    ldd --version | head -1
+    plain=/tmp/$(basename "$wheel" | sed -E 's/manylinux_[0-9]+_[0-9]+_x86_64/linux_x86_64/')
+    cp "$wheel" "$plain" && python3 -m pip install -q --no-deps --force-reinstall "$plain" || exit 1
+    wheel=$plain
+  fi
   export WHEEL=$wheel PYTHONSAFEPATH=1  # the checkout's geokern/ must not shadow the installed one
 else
   cp .carry/_C.abi3.so geokern/ && GEOKERN_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
