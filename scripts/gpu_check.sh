@@ -3,8 +3,8 @@
 # geokern._C prebuilt on the CPU machine and carried in .carry/: a wheel (.carry/*.whl, installed, the
 # tests then import the installed package) or a bare .carry/_C.abi3.so (built against the device's torch,
 # dropped into an editable install). Stages, in order:
-#   suite       the whole suite (not huge) and compute-sanitizer memcheck over the CUDA tests at once
-#               (correctness only: they share the GPU); logs in OUT/tests, OUT/sanitizer
+#   suite       the whole suite (not huge) and compute-sanitizer memcheck over the kernel tests at once
+#               (correctness only: they share the GPU); logs in OUT/tests, OUT/sanitizer(_triton)
 #   huge        the tests past 2**31 elements, one process (OUT/huge.log)
 #   compare     the headline rows beside older trees (.base, .pre where present; scripts/compare.sh,
 #               REPEATS times, default 3), alone on the GPU
@@ -31,11 +31,15 @@ t0=$SECONDS
 if [[ "$STAGES" == *" suite "* ]]; then
   JOBS=8 STEPS="tests" BENCH=0 bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
   tp=$!
-  JOBS=8 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer" >/dev/null 2>&1 &
+  # the CUDA extension's tests first, then the Triton kernels' (if the call's time runs out, the
+  # shard logs say how far each got)
+  ( JOBS=8 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer" cuda >/dev/null 2>&1; r=$?
+    JOBS=8 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer_triton" triton >/dev/null 2>&1 || r=1
+    exit $r ) &
   sp=$!
   wait $tp; trc=$?; wait $sp; src=$?
   echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
-  grep -hE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/sanitizer/gpu.log | cut -c1-240 | tail -40
+  grep -hE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log | cut -c1-240 | tail -40
 fi
 if [[ "$STAGES" == *" huge "* ]]; then
   python3 -m pytest -q -p no:cacheprovider -m huge tests >"$OUT/huge.log" 2>&1
