@@ -80,3 +80,20 @@ def test_every_family_has_each_layer():
         if not list((ROOT / "tests").glob(f"test_{f}*.py")):
             missing.append(f"tests/test_{f}*.py")
     assert not missing, f"missing layers: {missing}"
+
+
+def test_every_graph_capture_test_is_marked_capturable():
+    """memcheck runs without the caching allocator, where a capture fails and poisons its process
+    (every later test of it then fails too): each test that captures a CUDA graph says so."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        src = path.read_text()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                body = ast.get_source_segment(src, node) or ""
+                marks = {ast.unparse(d) for d in node.decorator_list}
+                if re.search(r"cuda\.graph\(|CUDAGraph\(", body) and "capturable" not in marks:
+                    bad.append(f"{_rel(path)}::{node.name}")
+    assert not bad, f"capture a CUDA graph without @capturable: {bad}"

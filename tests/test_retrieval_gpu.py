@@ -5,7 +5,7 @@ autocast and deterministic algorithms, for every op and kernel backend."""
 
 import pytest
 import torch
-from _helpers import need, run_isolated
+from _helpers import capturable, need, run_isolated
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
@@ -134,6 +134,7 @@ def test_non_default_stream(backend, op):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@capturable
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_graph_capture(backend, op):
