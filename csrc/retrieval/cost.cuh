@@ -114,14 +114,19 @@ __global__ void __launch_bounds__(kRedThreads) retrieval_cost_bwd_kernel(const X
             float c = 0.f;
             if (y < p.LY) {
               const float gd = gb[y * p.sg.s[3]];
-              float s = 0.f;
-              for (int ff = 0; ff < F; ++ff) {
-                const float d = xs[ff] - static_cast<float>(yb[y * p.sy.s[2] + ff * p.sy.s[3]]);
-                s = fmaf(ws[ff] * d, d, s);
+              float spd = 0.f;
+              // a zero dcost (a masked key, an empty row) adds nothing, even where its key or R is
+              // inf (0 * inf would be NaN)
+              if (gd != 0.f) {
+                float s = 0.f;
+                for (int ff = 0; ff < F; ++ff) {
+                  const float d = xs[ff] - static_cast<float>(yb[y * p.sy.s[2] + ff * p.sy.s[3]]);
+                  s = fmaf(ws[ff] * d, d, s);
+                }
+                spd = sqrtf((s < 0.f ? 0.f : s) + p.eps);
+                // spd = 0 (eps = 0, x = y): sqrt's subgradient 0 there, not g r / 0
+                c = s >= 0.f && spd > 0.f ? gd * rb[y * p.sr.s[3]] / spd : 0.f;
               }
-              const float spd = sqrtf((s < 0.f ? 0.f : s) + p.eps);
-              // spd = 0 (eps = 0, x = y): sqrt's subgradient 0 there, not g r / 0
-              c = s >= 0.f && spd > 0.f ? gd * rb[y * p.sr.s[3]] / spd : 0.f;
               if (fb == 0) {
                 dr_acc = fmaf(gd, spd, dr_acc);
                 if (p.drp) p.drp[b0 * p.sdp.s[0] + b1 * p.sdp.s[1] + xl * p.sdp.s[2] + y * p.sdp.s[3]] = gd * spd;
