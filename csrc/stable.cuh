@@ -135,14 +135,31 @@ using torch::stable::transpose;
 // What a new tensor is made with: a dtype and a device (ATen's TensorOptions, the part we use).
 struct Options {
   ScalarType type;
-  torch::stable::Device device;
-  Options dtype(ScalarType t) const { return {t, device}; }
+  torch::headeronly::DeviceType device_type;
+  int32_t device_index;
+  Options dtype(ScalarType t) const { return {t, device_type, device_index}; }
 };
 
-inline Options options(const Tensor& t) { return {t.scalar_type(), t.device()}; }
+inline Options options(const Tensor& t) { return {t.scalar_type(), t.device().type(), t.get_device_index()}; }
 
+// Through the C shim's direct call, not the dispatcher: torch::stable::empty goes through
+// torch_call_dispatcher, which looks the op up by name and boxes every argument on each call,
+// several microseconds an allocation on a host-bound call (the decode-shape attention allocates
+// three tensors a call).
 inline Tensor empty(IntRef shape, const Options& o) {
-  return torch::stable::empty(shape, o.type, std::nullopt, o.device);
+  const size_t n = shape.size();
+  std::vector<int64_t> strides(n);
+  int64_t st = 1;
+  for (size_t i = n; i-- > 0;) {
+    strides[i] = st;
+    st *= shape[i] > 1 ? shape[i] : 1;
+  }
+  using torch::stable::detail::from;
+  using torch::stable::detail::to;
+  AtenTensorHandle h = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(int64_t(n), shape.data(), strides.data(), to<int32_t>(from(o.type)),
+                                                  to<int32_t>(from(o.device_type)), o.device_index, &h));
+  return Tensor(h);
 }
 
 inline Tensor zero_(Tensor t) { return torch::stable::zero_(t); }
