@@ -8,9 +8,11 @@
 #   huge        the tests past 2**31 elements, one process (OUT/huge.log)
 #   compare     the headline rows beside older trees (.base, .pre where present; scripts/compare.sh,
 #               REPEATS times, default 3), alone on the GPU
+#   overhead    what a call costs (#16): the overhead benchmark family and scripts/profile_calls.py
+#               (autotuning on, as users run it), in OUT/overhead
 set -uo pipefail
 OUT=$1; shift
-STAGES=" ${*:-suite huge compare} "
+STAGES=" ${*:-suite huge compare overhead} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GEOKERN_AUTOTUNE=0
 wheel=$(ls .carry/*.whl 2>/dev/null | head -1)
@@ -51,4 +53,10 @@ if [[ "$STAGES" == *" compare "* ]]; then
   for d in .base .pre; do [ -d "$d" ] && olds+=("${d#.}=$d"); done
   bash scripts/compare.sh "$OUT/compare" "${REPEATS:-3}" "${olds[@]}" 2>&1 | grep -v '^{' | tail -30
   echo "compare done, $((SECONDS - t0)) s"
+fi
+if [[ "$STAGES" == *" overhead "* ]]; then
+  unset GEOKERN_AUTOTUNE
+  python3 -m geokern.bench --family overhead --out "$OUT/overhead" 2>&1 | tail -40
+  python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" 2>&1 | tail -20
+  echo "overhead done, $((SECONDS - t0)) s"
 fi
