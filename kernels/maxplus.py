@@ -280,12 +280,12 @@ def maxplus_bwd_kernel(
     rn = (t % tn) * BN + tl.arange(0, BN)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     off = bat * M * N + rm[:, None] * N + rn[None, :]
-    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(da_ptr.dtype.element_ty)
+    g = tl.load(g_ptr + off, mask=mask, other=0.0)
     k = tl.load(idx_ptr + off, mask=mask, other=0)
     pa = da_ptr + row_offset(bat, s1, s2, s3, ab0, ab1, ab2, ab3) + rm[:, None] * sam + k * sak
-    tl.atomic_add(pa, g, mask=mask)
+    tl.atomic_add(pa, g.to(da_ptr.dtype.element_ty), mask=mask)
     pb = db_ptr + row_offset(bat, s1, s2, s3, bb0, bb1, bb2, bb3) + k * sbk + rn[None, :] * sbn
-    tl.atomic_add(pb, g, mask=mask)
+    tl.atomic_add(pb, g.to(db_ptr.dtype.element_ty), mask=mask)
 
 
 def _batch_layout(lead, a, b):
@@ -446,8 +446,8 @@ def batch_layout_ok(lead, a, b):
 
 
 def maxplus_bwd(g, idx, da, db, lead):
-    """Accumulates the route-scattered dC into da and db: zeroed, contiguous float32
-    (float64) buffers of A's and B's shapes, whose batch dims broadcast to `lead`
+    """Accumulates the route-scattered dC into da and db: zeroed, contiguous float32 or
+    float64 buffers (each its own) of A's and B's shapes, whose batch dims broadcast to `lead`
     through one layout (batch_layout_ok)."""
     M, N, K = g.shape[-2], g.shape[-1], da.shape[-1]
     batch = g.numel() // max(1, M * N)

@@ -406,3 +406,22 @@ with pytest.raises(ValueError, match="programs, more than the grid"):
     geokern.maxplus_matmul(A, B, backend="triton", check_range=False)
 torch.cuda.synchronize()
 ''')
+
+
+def test_triton_backward_counts_past_float32_in_float64(monkeypatch):
+    """A gradient entry that gathers more than EXACT_FAN_IN terms accumulates in float64: here (the
+    threshold lowered so a small case shows it) one dB entry sums 2^24 and seven ones, which a
+    float32 running sum loses (x + 1 == x past 2^24) and float64 keeps."""
+    need("triton")
+    from geokern.ops import maxplus as mp
+    monkeypatch.setattr(mp, "EXACT_FAN_IN", 1)
+    a = torch.full((8, 4), -100.0, device=DEVICE)
+    a[:, 0] = 0.0  # every (i, j) routes through k = 0
+    a.requires_grad_()
+    b = torch.zeros(4, 3, device=DEVICE, requires_grad=True)
+    g = torch.ones(8, 3, device=DEVICE)
+    g[0] = 2.0**24
+    da, db = torch.autograd.grad(geokern.maxplus_matmul(a, b, backend="triton"), (a, b), g)
+    want = g.double().sum(0).float()  # 2^24 + 7, rounded once: 2^24 + 8
+    assert torch.equal(db[0], want), (db[0], want)
+    assert (db[1:] == 0).all() and torch.equal(da[:, 0], g.sum(1)) and (da[:, 1:] == 0).all()

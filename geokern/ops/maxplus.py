@@ -8,7 +8,11 @@ a + b itself overflows or loses bits (operands of very different magnitude).
 
 The backward routes dC along the argmax only; the forward records the argmax whenever
 A or B requires grad. dA and dB are accumulated in float32 with atomic adds on the
-GPU: their last bits may vary from run to run where several entries share a route.
+GPU: their last bits may vary from run to run where several entries share a route. A float32
+sum stops counting past 2^24 equal terms (x + 1 == x there), so on the Triton backend a buffer
+whose entries can gather more than EXACT_FAN_IN terms (a B broadcast over a batch of many rows)
+accumulates in float64 instead (float64 atomics); the CUDA backend does not yet (its dB
+saturates there: the README's known gaps).
 Under torch.use_deterministic_algorithms(True) the backward scatters with the
 reference's scatter_add_ instead (a fixed order; torch's own deterministic kernel). The
 backward is linear in dC, so double backward is supported: the gradient of (dA, dB) in
@@ -23,6 +27,8 @@ while it copies the operands and marks the entries after the product (a read of 
 flags); the Triton backend reduces A and B with torch ops after its kernel
 (ref.int_out_of_range, a few passes over A, B and C), which check_range=False skips.
 """
+
+import math
 
 import torch
 
@@ -108,16 +114,29 @@ def _maxplus_triton(
     return c, idx, mg
 
 
+# Most terms a float32 gradient entry may gather: past 2^24, adding 1 to the sum changes nothing
+EXACT_FAN_IN = 2**24
+
+
+def _accumulator(grad, lead, shape, other):
+    """float32, or float64 for float64 grads and for a buffer of `shape` whose entries can
+    gather more than EXACT_FAN_IN terms: the batch entries broadcast onto one of its matrices
+    times `other` (N for dA, M for dB)."""
+    fan_in = math.prod(lead) // max(1, math.prod(shape[:-2])) * other
+    return torch.float64 if grad.dtype == torch.float64 or fan_in > EXACT_FAN_IN else torch.float32
+
+
 def _maxplus_backward_triton(
     grad: torch.Tensor, argmax: torch.Tensor, a_shape: list[int], b_shape: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     lead = tuple(grad.shape[:-2])
-    da = grad.new_zeros(a_shape, dtype=acc)
-    db = grad.new_zeros(b_shape, dtype=acc)
+    acc_a = _accumulator(grad, lead, a_shape, grad.shape[-1])
+    acc_b = _accumulator(grad, lead, b_shape, grad.shape[-2])
+    da = grad.new_zeros(a_shape, dtype=acc_a)
+    db = grad.new_zeros(b_shape, dtype=acc_b)
     if not tk.batch_layout_ok(lead, da, db):  # rare: many unmergeable batch dims
-        da = grad.new_zeros(lead + tuple(a_shape[-2:]), dtype=acc)
-        db = grad.new_zeros(lead + tuple(b_shape[-2:]), dtype=acc)
+        da = grad.new_zeros(lead + tuple(a_shape[-2:]), dtype=acc_a)
+        db = grad.new_zeros(lead + tuple(b_shape[-2:]), dtype=acc_b)
     tk.maxplus_bwd(grad.contiguous(), argmax.contiguous(), da, db, lead)
     return da.sum_to_size(a_shape).to(grad.dtype), db.sum_to_size(b_shape).to(grad.dtype)
 
