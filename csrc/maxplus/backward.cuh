@@ -8,7 +8,7 @@ namespace {
 
 // dA[i, argmax[i, j]] += g[i, j], dB[argmax[i, j], j] += g[i, j].
 //
-// g, idx: [batch, M, N] contiguous -> da: [.., M, K], db: [.., K, N], float32 (double) buffers
+// g, idx: [batch, M, N] contiguous -> da: [.., M, K], db: [.., K, N], float32 or double buffers
 // of A's and B's shapes, batch strides zero where the input was broadcast (L). One thread: one
 // entry (i, j) of one batch, in a grid-stride loop: two atomic adds.
 template <typename T, typename Acc>

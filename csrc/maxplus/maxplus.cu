@@ -341,7 +341,19 @@ std::tuple<Tensor, Tensor> maxplus_backward_cuda(const Tensor& grad, const Tenso
   const int64_t M = grad.size(-2), N = grad.size(-1), K = a_shape.back();
   GK_CHECK(a_shape[a_shape.size() - 2] == M && b_shape.back() == N && b_shape[b_shape.size() - 2] == K, op,
               ": a_shape ", fmt(a_shape), " and b_shape ", fmt(b_shape), " do not match grad ", fmt(grad.sizes()));
-  const auto acc = grad.scalar_type() == dtype::f64 ? dtype::f64 : dtype::f32;
+  // A float32 sum stops counting past 2^24 equal terms (x + 1 == x): where an entry of dA or dB can
+  // gather more (the batch entries sharing one matrix of A times N, of B times M), both accumulate in
+  // double (geokern/ops/maxplus.py's EXACT_FAN_IN, the Triton backward's rule, per buffer there)
+  constexpr int64_t kExactFanIn = int64_t(1) << 24;
+  auto batch_of = [](IntRef s) {
+    int64_t n = 1;
+    for (size_t d = 0; d + 2 < s.size(); ++d) n *= s[d];
+    return n > 0 ? n : int64_t(1);
+  };
+  const int64_t rows = batch_of(grad.sizes());
+  const bool wide = grad.scalar_type() == dtype::f64 || rows / batch_of(a_shape) * N > kExactFanIn ||
+                    rows / batch_of(b_shape) * M > kExactFanIn;
+  const auto acc = wide ? dtype::f64 : dtype::f32;
   Tensor da = ops::zeros(a_shape, ops::options(grad).dtype(acc));
   Tensor db = ops::zeros(b_shape, ops::options(grad).dtype(acc));
   std::vector<int64_t> lead(grad.sizes().begin(), grad.sizes().end() - 2);
@@ -363,11 +375,15 @@ std::tuple<Tensor, Tensor> maxplus_backward_cuda(const Tensor& grad, const Tenso
     const Tensor g = ops::contiguous(grad), ix = ops::contiguous(argmax);
     dispatch_float_dtype(grad.scalar_type(), op, [&](auto tag) {
       using scalar_t = decltype(tag);
-      using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      maxplus_bwd_kernel<scalar_t, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), ix.const_data_ptr<int64_t>(), da.mutable_data_ptr<Acc>(),
-          db.mutable_data_ptr<Acc>(), int(M), int(N), int(K), total, L);
-      GK_LAUNCH_CHECK();
+      auto go = [&](auto acc_tag) {
+        using Acc = decltype(acc_tag);
+        maxplus_bwd_kernel<scalar_t, Acc><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+            g.const_data_ptr<scalar_t>(), ix.const_data_ptr<int64_t>(), da.mutable_data_ptr<Acc>(),
+            db.mutable_data_ptr<Acc>(), int(M), int(N), int(K), total, L);
+        GK_LAUNCH_CHECK();
+      };
+      if (wide) go(double{});
+      else if constexpr (!std::is_same_v<scalar_t, double>) go(float{});
     });
   }
   if (full) {

@@ -9,10 +9,10 @@ a + b itself overflows or loses bits (operands of very different magnitude).
 The backward routes dC along the argmax only; the forward records the argmax whenever
 A or B requires grad. dA and dB are accumulated in float32 with atomic adds on the
 GPU: their last bits may vary from run to run where several entries share a route. A float32
-sum stops counting past 2^24 equal terms (x + 1 == x there), so on the Triton backend a buffer
-whose entries can gather more than EXACT_FAN_IN terms (a B broadcast over a batch of many rows)
-accumulates in float64 instead (float64 atomics); the CUDA backend does not yet (its dB
-saturates there: the README's known gaps).
+sum stops counting past 2^24 equal terms (x + 1 == x there), so a buffer whose entries can
+gather more than EXACT_FAN_IN terms (a B broadcast over a batch of many rows) accumulates in
+float64 instead (float64 atomics): per buffer on the Triton backend, both buffers on the CUDA one
+(csrc/maxplus/maxplus.cu applies the same rule).
 Under torch.use_deterministic_algorithms(True) the backward scatters with the
 reference's scatter_add_ instead (a fixed order; torch's own deterministic kernel). The
 backward is linear in dC, so double backward is supported: the gradient of (dA, dB) in
