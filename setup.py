@@ -4,7 +4,7 @@ Environment:
   GEOKERN_BUILD_CUDA=auto|0|1   auto (default): build _C if possible; 0: skip; 1: failure is an error
   TORCH_CUDA_ARCH_LIST          archs to compile for (default "8.0;9.0")
   MAX_JOBS                      parallel compile jobs (ninja)
-  CUDA_HOME                     the toolkit; found by itself when unset (see _find_cuda_home)
+  CUDA_HOME                     the toolkit; found by itself when unset (geokern/_toolkit.py)
   GEOKERN_LOCAL_VERSION=0       no +cuXY local version on the wheel
 """
 
@@ -20,43 +20,20 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 _VERSION_PY = open(os.path.join(ROOT, "geokern", "_version.py")).read()
 VERSION = re.search(r'__version__ = "([^"]+)"', _VERSION_PY).group(1)
-TORCH_MIN = re.search(r'TORCH_MIN = "(\d+)\.(\d+)"', _VERSION_PY).groups()
+TORCH_MIN = re.search(r'TORCH_MIN = "([^"]+)"', _VERSION_PY).group(1)
 
 
-def _read_wrapper_target(path):
-    """If `path` is a small shell script that execs a real nvcc, return that nvcc."""
-    try:
-        if os.path.getsize(path) > 64 * 1024:
-            return None
-        with open(path, "r", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    m = re.search(r"(/\S+/bin/nvcc)\b", text)
-    return m.group(1) if m and os.path.isfile(m.group(1)) else None
+def _load_toolkit():
+    """geokern/_toolkit.py, by path: the package is not installed while it builds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_geokern_toolkit", os.path.join(ROOT, "geokern", "_toolkit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _find_cuda_home():
-    """The real toolkit, so that a wrapper `nvcc` on PATH does not mislead torch.
-
-    torch guesses CUDA_HOME as dirname(dirname(which nvcc)); on machines where nvcc on
-    PATH is a wrapper script outside the toolkit this yields e.g. /usr/local and the
-    link fails with `cannot find -lcudart`. Order: $CUDA_HOME / $CUDA_PATH, the standard
-    /usr/local/cuda, the toolkit a wrapper script calls, the nvcc binary's own folder.
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return home
-    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = _read_wrapper_target(nvcc) or os.path.realpath(nvcc)
-        home = os.path.dirname(os.path.dirname(real))
-        if os.path.isdir(os.path.join(home, "include")):
-            return home
-    return None
+_TK = _load_toolkit()
 
 
 def _nvcc_version(cuda_home):
@@ -83,7 +60,7 @@ def _cuda_extension():
     mode = _want_cuda()
     if mode == "0":
         return None
-    cuda_home = _find_cuda_home()
+    cuda_home = _TK.find_cuda_home()
     if cuda_home is None:
         return _fail_or_skip(mode, "no CUDA toolkit found (set CUDA_HOME)")
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
@@ -94,9 +71,8 @@ def _cuda_extension():
         return _fail_or_skip(mode, f"torch is not importable ({e})")
     if torch.version.cuda is None:
         return _fail_or_skip(mode, f"torch {torch.__version__} is a CPU-only build")
-    have = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
-    if have < tuple(int(x) for x in TORCH_MIN):
-        return _fail_or_skip(mode, f"torch {torch.__version__} predates {'.'.join(TORCH_MIN)}, the stable ABI _C targets")
+    if _TK.torch_release(torch.__version__) < _TK.torch_release(TORCH_MIN):
+        return _fail_or_skip(mode, f"torch {torch.__version__} predates {TORCH_MIN}, the stable ABI _C targets")
     nvcc_ver = _nvcc_version(cuda_home)
     torch_ver = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
     if nvcc_ver is None or nvcc_ver[0] != torch_ver[0]:
@@ -115,7 +91,7 @@ def _cuda_extension():
         define_macros=[
             # the stable ABI only (no ATen / c10 beyond the header-only parts), nothing newer than TORCH_MIN
             ("TORCH_STABLE_ONLY", None),
-            ("TORCH_TARGET_VERSION", f"0x{int(TORCH_MIN[0]):02x}{int(TORCH_MIN[1]):02x}000000000000ULL"),
+            ("TORCH_TARGET_VERSION", _TK.stable_target_macro(TORCH_MIN)),
             ("USE_CUDA", None),  # the C shim's CUDA stream call
             ("GEOKERN_ARCHS", f'"{arch_label}"'),
             ("GEOKERN_TORCH_VERSION", f'"{torch.__version__}"'),

@@ -4,26 +4,21 @@ _C is built on the LibTorch stable ABI for torch TORCH_MIN and later (geokern/_v
 build serves every such torch; an older torch is refused here, before the library is loaded."""
 
 import importlib.util
-import re
 
 import torch  # noqa: F401  (loads libtorch before _C)
 
+from geokern._toolkit import torch_release
 from geokern._version import TORCH_MIN
 
 _HOW = ("build it with `pip install --no-build-isolation --no-deps -e .` on a machine with nvcc and a CUDA "
         "build of torch (GEOKERN_BUILD_CUDA=1 makes a failed build an error)")
 
 
-def _torch_release(version):
-    """(major, minor) of a torch version string: '2.11.0+cu130' -> (2, 11)."""
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-
-
 def _load():
     """(module or None, error message or None)."""
     if importlib.util.find_spec("geokern._C") is None:
         return None, f"geokern._C is not built (no compiled extension beside geokern/__init__.py); {_HOW}"
-    if _torch_release(torch.__version__) < _torch_release(TORCH_MIN):
+    if torch_release(torch.__version__) < torch_release(TORCH_MIN):
         return None, (f"geokern._C needs torch >= {TORCH_MIN} (it is built on the stable ABI of {TORCH_MIN}), "
                       f"this is torch {torch.__version__}: upgrade torch, or use backend='triton' / 'torch'")
     try:

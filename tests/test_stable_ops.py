@@ -6,35 +6,28 @@ a C++ compiler and the CUDA runtime's headers are (stable.cuh includes cuda_runt
 import pathlib
 import shutil
 import subprocess
-import sysconfig
 
 import pytest
 import torch
 from _helpers import run_isolated
 
+from geokern._toolkit import find_cuda_home, stable_target_macro
+from geokern._version import TORCH_MIN
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _cuda_include():
-    for home in ("/usr/local/cuda", shutil.which("nvcc") and str(pathlib.Path(shutil.which("nvcc")).resolve().parents[1])):
-        if home and (pathlib.Path(home) / "include" / "cuda_runtime.h").is_file():
-            return str(pathlib.Path(home) / "include")
-    return None
 
 
 @pytest.fixture(scope="module")
 def probe_library(tmp_path_factory):
-    cxx, cuda_inc = shutil.which("g++") or shutil.which("c++"), _cuda_include()
-    if cxx is None or cuda_inc is None:
-        pytest.skip("needs a C++ compiler and the CUDA runtime headers (cuda_runtime.h)")
+    cxx, cuda_home = shutil.which("g++") or shutil.which("c++"), find_cuda_home()
+    if cxx is None or cuda_home is None:
+        pytest.skip("needs a C++ compiler and a CUDA toolkit's headers (cuda_runtime.h)")
     from torch.utils.cpp_extension import include_paths, library_paths
-    from geokern._version import TORCH_MIN
-    major, minor = (int(x) for x in TORCH_MIN.split("."))
     out = tmp_path_factory.mktemp("stable") / "probe.so"
     cmd = [cxx, "-shared", "-fPIC", "-O1", "-std=c++17", "-o", str(out), str(ROOT / "tests" / "_stable_probe.cpp"),
-           f"-I{ROOT / 'csrc'}", f"-I{cuda_inc}", *(f"-I{p}" for p in include_paths()),
-           f"-DTORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000ULL", "-DTORCH_STABLE_ONLY", "-DUSE_CUDA",
-           *(f"-L{p}" for p in library_paths()), "-ltorch_cpu", f"-I{sysconfig.get_paths()['include']}"]
+           f"-I{ROOT / 'csrc'}", f"-I{pathlib.Path(cuda_home) / 'include'}", *(f"-I{p}" for p in include_paths()),
+           f"-DTORCH_TARGET_VERSION={stable_target_macro(TORCH_MIN)}", "-DTORCH_STABLE_ONLY", "-DUSE_CUDA",
+           *(f"-L{p}" for p in library_paths()), "-ltorch_cpu"]
     if torch.version.cuda:
         cmd.append("-ltorch_cuda")
     run = subprocess.run(cmd, capture_output=True, text=True)
