@@ -28,8 +28,9 @@ MIN flips every comparison (min-plus). Sums in float32 (float64 for float64 inpu
 copy clamps each value to the stand-in S_IN for the sentinel (-2**(bits-2) for
 max-plus, 2**(bits-2) - 1 for min-plus), so no sum wraps for inputs in the documented
 range, and results beyond +-LIMIT (2 * INT_BOUND, geokern.reference.maxplus) are stored
-as the sentinel SENT with argmax 0. Inputs outside the range are not the kernels' concern:
-geokern.ops.maxplus marks the entries that read one (the overflow marker) after the launch.
+as the sentinel SENT with argmax 0. The pass that clamps (int_prepare_kernel) also flags
+the rows of A and columns of B that hold an out-of-range input; the kernels write the
+overflow marker MARK (argmax 0) into every entry that reads a flagged row or column.
 
 Value-only 16-bit inputs on the GPU take maxplus_fwd_packed_kernel instead: the same
 tiles over pairs of k packed in 32-bit words, one inline-PTX add + max per pair (see
@@ -50,7 +51,7 @@ import triton.language as tl
 from geokern._backend import interpret_mode
 from geokern.kernels._common import autotune_configs, launch, narrow
 from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_strides, row_layout, row_offset
-from geokern.reference.maxplus import int_bound, int_sentinel
+from geokern.reference.maxplus import int_bound, int_overflow, int_sentinel
 
 
 def _cfg(rm, rn, tm, tn, bk, warps, stages=1, group=8, maxnreg=None):
@@ -123,6 +124,14 @@ def _out_tile(bat, om, on, M, N):
 
 
 @triton.jit
+def _read_flags(fa_ptr, fb_ptr, bat, om, on, M, N):
+    """Whether entry (om, on) of C reads an out-of-range row of A or column of B, (RM, RN, TM, TN)."""
+    fa = tl.load(fa_ptr + bat * M + om, mask=om < M, other=0)
+    fb = tl.load(fb_ptr + bat * N + on, mask=on < N, other=0)
+    return (fa[:, None, :, None] != 0) | (fb[None, :, None, :] != 0)
+
+
+@triton.jit
 def _step(s, k, top1, idx, top2, MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr):
     if MARGIN:
         if MIN:
@@ -147,19 +156,20 @@ def _step(s, k, top1, idx, top2, MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "MIN", "ARGMAX", "MARGIN"])
 @triton.jit
 def maxplus_fwd_kernel(
-    a_ptr, b_ptr, c_ptr, idx_ptr, mg_ptr,
+    a_ptr, b_ptr, c_ptr, idx_ptr, mg_ptr, fa_ptr, fb_ptr,
     M, N, K,
     s1, s2, s3,
     ab0, ab1, ab2, ab3, sak,
     bb0, bb1, bb2, bb3, sbk,
     MIN: tl.constexpr, ARGMAX: tl.constexpr, MARGIN: tl.constexpr,
-    IS_INT: tl.constexpr, S_IN: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr,
+    IS_INT: tl.constexpr, S_IN: tl.constexpr, LIMIT: tl.constexpr, SENT: tl.constexpr, MARK: tl.constexpr,
     RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, BK: tl.constexpr,
     STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # a: At [.., K, Mp], b: Bt [.., K, Np] (k-major padded copies, K a multiple of BK) -> C, argmax,
-    # margin: [batch, M, N] contiguous. One program: one (RM * TM) x (RN * TN) tile of C of one batch
-    # index (axis 0 = batch x tiles, tile rows grouped by GROUP_M); one thread: RM x RN entries.
+    # margin: [batch, M, N] contiguous; integers: fa [batch, M], fb [batch, N] int8 out-of-range flags
+    # (_int_prepare). One program: one (RM * TM) x (RN * TN) tile of C of one batch index (axis 0 =
+    # batch x tiles, tile rows grouped by GROUP_M); one thread: RM x RN entries.
     bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
         a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
     )
@@ -184,7 +194,9 @@ def maxplus_fwd_kernel(
         else:
             dead = top1 < -LIMIT
         top1 = tl.where(dead, SENT, top1)
-        idx = tl.where(dead, 0, idx)
+        bad = _read_flags(fa_ptr, fb_ptr, bat, om, on, M, N)
+        top1 = tl.where(bad, MARK, top1)
+        idx = tl.where(dead | bad, 0, idx)
     out, mask = _out_tile(bat, om, on, M, N)
     tl.store(c_ptr + out, narrow(top1, c_ptr.dtype.element_ty), mask=mask)
     if ARGMAX:
@@ -211,17 +223,17 @@ def maxplus_fwd_kernel(
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "KP", "MIN", "KIND"])
 @triton.jit
 def maxplus_fwd_packed_kernel(
-    a_ptr, b_ptr, c_ptr,
+    a_ptr, b_ptr, c_ptr, fa_ptr, fb_ptr,
     M, N, KP,
     s1, s2, s3,
     ab0, ab1, ab2, ab3, sak,
     bb0, bb1, bb2, bb3, sbk,
     MIN: tl.constexpr, KIND: tl.constexpr, STEP: tl.constexpr, ZERO2: tl.constexpr, LIMIT: tl.constexpr,
-    SENT: tl.constexpr, RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+    SENT: tl.constexpr, MARK: tl.constexpr, RM: tl.constexpr, RN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     BK: tl.constexpr, STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # a: [.., KP, Mp], b: [.., KP, Np] int32 words of 16-bit k pairs (KP a multiple of BK) -> C:
-    # [batch, M, N] contiguous, value only. One program: one (RM * TM) x (RN * TN) tile of C of one
+    # [batch, M, N] contiguous, value only; int16: fa, fb as maxplus_fwd_kernel's. One program: one (RM * TM) x (RN * TN) tile of C of one
     # batch index, as maxplus_fwd_kernel; one thread: RM x RN entries of two lanes.
     bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
         a_ptr, b_ptr, M, N, s1, s2, s3, ab0, ab1, ab2, ab3, bb0, bb1, bb2, bb3, RM, RN, TM, TN, GROUP_M
@@ -244,6 +256,7 @@ def maxplus_fwd_packed_kernel(
         else:
             v = tl.maximum(lo.to(tl.int32), hi.to(tl.int32))
             v = tl.where(v < -LIMIT, SENT, v)
+        v = tl.where(_read_flags(fa_ptr, fb_ptr, bat, om, on, M, N), MARK, v)
     else:
         if KIND == 0:
             x = lo.to(tl.bfloat16, bitcast=True).to(tl.float32)
@@ -374,14 +387,16 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus):
     _check_programs(batch * triton.cdiv(M, _MIN_BM) * triton.cdiv(N, _MIN_BN), "forward")
     if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
         return _fwd_packed(a, b, c, lead, minplus)
-    a, b, zero, consts = _inputs(a, b, minplus)
+    a, b, zero, consts, (fa, fb) = _inputs(a, b, lead, minplus)
     acc = torch.int32 if consts["IS_INT"] else (torch.float64 if a.dtype == torch.float64 else torch.float32)
     at, bt, args = _operands(a, b, lead, zero, acc)
     launch(maxplus_fwd_kernel)[_grid(batch, M, N)](
         at, bt, c, idx if idx is not None else c, margin if margin is not None else c,
+        fa if fa is not None else c, fb if fb is not None else c,
         M, N, _ceil(a.shape[-1], _K_PAD), *args,
         MIN=minplus, ARGMAX=idx is not None, MARGIN=margin is not None,
         IS_INT=consts["IS_INT"], S_IN=consts["S_IN"], LIMIT=consts["LIMIT"], SENT=consts["SENT"],
+        MARK=consts["MARK"],
     )
 
 
@@ -405,39 +420,101 @@ def _fwd_packed(a, b, c, lead, minplus):
     """Value-only 16-bit forward through maxplus_fwd_packed_kernel (see there)."""
     M, N = a.shape[-2], b.shape[-1]
     kind = _PACKED_KIND[a.dtype]
-    a, b, zero, consts = _inputs(a, b, minplus)
+    a, b, zero, consts, (fa, fb) = _inputs(a, b, lead, minplus)
     # the zero pair's bits (pure Python: this runs under torch.compile's tracing too)
     half = (zero & 0xFFFF) if kind == 2 else ((0x7F80, 0x7C00)[kind] | (0 if minplus else 0x8000))
     zbits = (half << 16 | half) - (1 << 32 if half & 0x8000 else 0)
     at, bt, args = _operands(a, b, lead, zero, a.dtype, pair=2)
     batch = c.numel() // max(1, M * N)
     launch(maxplus_fwd_packed_kernel)[_grid(batch, M, N)](
-        at, bt, c, M, N, _ceil(a.shape[-1], _K_PAD) // 2, *args,
+        at, bt, c, fa if fa is not None else c, fb if fb is not None else c,
+        M, N, _ceil(a.shape[-1], _K_PAD) // 2, *args,
         MIN=minplus, KIND=kind, STEP=_packed_step(kind, minplus), ZERO2=zbits,
-        LIMIT=consts["LIMIT"], SENT=consts["SENT"],
+        LIMIT=consts["LIMIT"], SENT=consts["SENT"], MARK=consts["MARK"],
     )
 
 
-def _inputs(a, b, minplus):
-    """(a, b, the semiring zero for padding, _int_constants): integer inputs clamped to the
-    stand-in S_IN (the sentinel, and anything beyond, becomes the stand-in: their zero)."""
+def _inputs(a, b, lead, minplus):
+    """(a, b, the semiring zero for padding, _int_constants, flags): integer inputs clamped to
+    the stand-in S_IN (the sentinel, and anything beyond, becomes the stand-in: their zero),
+    flags the out-of-range rows of A and columns of B for the kernels, int8 (*lead, M) and
+    (*lead, N) (found by the same pass that clamps; None for floats)."""
     consts = _int_constants(a.dtype, minplus)
     if not consts["IS_INT"]:
-        return a, b, consts["ZERO"], consts
-    s = consts["S_IN"]
-    a, b = (a.clamp(max=s), b.clamp(max=s)) if minplus else (a.clamp(min=s), b.clamp(min=s))
-    return a, b, s, consts
+        return a, b, consts["ZERO"], consts, (None, None)
+    a, fa = _int_prepare(a, -1, consts, minplus)
+    b, fb = _int_prepare(b, -2, consts, minplus)
+    # the flags of broadcast batch dims repeated: batch x M bytes, where C has batch x M x N entries
+    fa = fa.expand(*lead, fa.shape[-1]).contiguous()
+    fb = fb.expand(*lead, fb.shape[-1]).contiguous()
+    return a, b, consts["S_IN"], consts, (fa, fb)
+
+
+@triton.jit
+def int_prepare_kernel(
+    x_ptr, y_ptr, f_ptr,
+    R, L, RB,
+    sxb, sxr, sxl, syb, syr, syl,
+    Q: tl.constexpr, S_IN: tl.constexpr, SENT: tl.constexpr, MIN: tl.constexpr,
+    BR: tl.constexpr, BL: tl.constexpr,
+):
+    # x: [batch, R, L] integers (any strides) -> y: x clamped to S_IN (y's strides), f: [batch, R] int8
+    # contiguous, 1 where the row holds a value neither in [-Q, Q] nor the sentinel SENT. One program:
+    # BR rows of one batch index over all of L (axis 0 = batch x RB row blocks).
+    pid = tl.program_id(0).to(tl.int64)
+    bat = pid // RB
+    r = (pid % RB) * BR + tl.arange(0, BR)
+    bad = tl.zeros((BR,), tl.int32)
+    for l0 in range(0, L, BL):
+        l = l0 + tl.arange(0, BL)
+        m = (r < R)[:, None] & (l < L)[None, :]
+        x = tl.load(x_ptr + bat * sxb + r[:, None] * sxr + l[None, :] * sxl, mask=m, other=0)
+        xi = x.to(tl.int32)
+        if MIN:  # the sentinel is the maximum
+            out = (xi < -Q) | ((xi > Q) & (xi != SENT))
+            y = tl.minimum(xi, S_IN)
+        else:
+            out = (xi > Q) | ((xi < -Q) & (xi != SENT))
+            y = tl.maximum(xi, S_IN)
+        tl.store(y_ptr + bat * syb + r[:, None] * syr + l[None, :] * syl, y.to(x.dtype), mask=m)
+        bad = tl.maximum(bad, tl.max(out.to(tl.int32), axis=1))
+    tl.store(f_ptr + bat * R + r, bad.to(tl.int8), mask=r < R)
+
+
+def _int_prepare(x, k_dim, consts, minplus):
+    """(x clamped to the stand-in, int8 flags of x's out-of-range rows (k_dim=-1: A's rows) or
+    columns (k_dim=-2: B's columns), shaped (*x's batch, M or N)): one pass over x."""
+    x3 = x.reshape(-1, *x.shape[-2:])
+    y = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
+    sx, sy = x3.stride(), y.stride()
+    if k_dim == -1:  # rows of A: reduce along its last (contiguous) dim
+        R, L, strides, (br, bl) = x3.shape[1], x3.shape[2], (sx[0], sx[1], sx[2], sy[0], sy[1], sy[2]), (8, 128)
+    else:  # columns of B: reduce along its rows
+        R, L, strides, (br, bl) = x3.shape[2], x3.shape[1], (sx[0], sx[2], sx[1], sy[0], sy[2], sy[1]), (128, 8)
+    if interpret_mode():
+        br, bl = min(br, 16), min(bl, 16)
+    f = torch.empty((x3.shape[0], R), dtype=torch.int8, device=x.device)
+    rb = triton.cdiv(R, br)
+    _check_programs(x3.shape[0] * rb, "range check")
+    if f.numel():
+        launch(int_prepare_kernel)[(x3.shape[0] * rb,)](
+            x3, y, f, R, L, rb, *strides,
+            Q=int_bound(x.dtype), S_IN=consts["S_IN"], SENT=int_sentinel(x.dtype, "minplus" if minplus else "maxplus"),
+            MIN=minplus, BR=br, BL=bl, num_warps=4,
+        )
+    return y.view(x.shape), f.view(*x.shape[:-2], R)
 
 
 def _int_constants(dtype, minplus):
-    """IS_INT, S_IN (the sentinel's stand-in), LIMIT, SENT for the kernel (see the module doc);
-    ZERO, the float semiring zero."""
+    """IS_INT, S_IN (the sentinel's stand-in), LIMIT, SENT, MARK (the overflow marker) for the
+    kernel (see the module doc); ZERO, the float semiring zero."""
     zero = float("inf") if minplus else float("-inf")
     if dtype.is_floating_point:
-        return dict(IS_INT=False, S_IN=0, LIMIT=0, SENT=0, ZERO=zero)
+        return dict(IS_INT=False, S_IN=0, LIMIT=0, SENT=0, MARK=0, ZERO=zero)
     quarter = 2 ** (torch.iinfo(dtype).bits - 2)
-    sent = int_sentinel(dtype, "minplus" if minplus else "maxplus")
-    return dict(IS_INT=True, S_IN=quarter - 1 if minplus else -quarter, LIMIT=2 * int_bound(dtype), SENT=sent, ZERO=zero)
+    semiring = "minplus" if minplus else "maxplus"
+    return dict(IS_INT=True, S_IN=quarter - 1 if minplus else -quarter, LIMIT=2 * int_bound(dtype),
+                SENT=int_sentinel(dtype, semiring), MARK=int_overflow(dtype, semiring), ZERO=zero)
 
 
 def batch_layout_ok(lead, a, b):

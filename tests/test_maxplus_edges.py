@@ -175,11 +175,10 @@ def test_int_out_of_range_is_flagged(dtype, semiring, backend):
         assert torch.equal(c, rc), f"{backend} {semiring} {kw}: differs from the reference"
         if "return_argmax" in kw:
             assert (out[1][expect] == 0).all(), f"{backend} {semiring}: argmax of a marked entry is 0"
-    # check_range=False skips the check: in-range inputs give the same result
+    # in range again: no marker anywhere
     A[1, 5], A[2, 0], B[7, 3], B[0, 6] = 0, 0, 0, 0
     c1 = geokern.maxplus_matmul(A, B, semiring=semiring, backend=backend)
-    c2 = geokern.maxplus_matmul(A, B, semiring=semiring, backend=backend, check_range=False)
-    assert torch.equal(c1, c2) and not (c1 == marker).any(), f"{backend}: check_range=False on in-range inputs"
+    assert torch.equal(c1, ref.maxplus_matmul(A, B, semiring=semiring)) and not (c1 == marker).any(), backend
 
 
 def _shortest_paths(W, backend):
@@ -215,10 +214,23 @@ def test_readme_shortest_paths_is_exact(w, dtype, backend):
     assert D[0, 4] == 4 * w and D[1, 3] == 2 * w and D[4, 0] == INF, f"{backend}: chain distances {D}"
 
 
-def test_check_range_is_a_bool():
-    A = torch.zeros(3, 4, dtype=torch.int16)
-    with pytest.raises(TypeError, match="check_range must be a bool"):
-        geokern.maxplus_matmul(A, A.T, check_range=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("semiring", SEMIRINGS)
+def test_int_out_of_range_flags_follow_broadcast_batches(semiring, backend):
+    """Flags of a broadcast operand reach every batch entry that reads it, and only those."""
+    need(backend)
+    dt = torch.int16
+    q = ref.int_bound(dt)
+    A = torch.randint(-q, q + 1, (2, 1, 5, 19), device=DEVICE).to(dt)
+    B = torch.randint(-q, q + 1, (3, 19, 6), device=DEVICE).to(dt)
+    A[1, 0, 2, 7] = q + 1  # row 2 of batch 1 (every B batch reads it)
+    B[2, 4, 5] = -q - 1  # column 5 of B's batch 2
+    for kw in ({}, {"return_argmax": True}):
+        out = geokern.maxplus_matmul(A, B, semiring=semiring, backend=backend, **kw)
+        c = out[0] if isinstance(out, tuple) else out
+        assert torch.equal(c, ref.maxplus_matmul(A, B, semiring=semiring)), f"{backend} {semiring} {kw}"
+        marked = c == ref.int_overflow(dt, semiring)
+        assert marked[1, :, 2].all() and marked[:, 2, :, 5].all() and marked.sum() == 3 * 6 + 2 * 5 - 1
 
 
 # ---- double backward ----------------------------------------------------------------------
@@ -403,7 +415,7 @@ import torch, geokern, pytest
 A = torch.zeros(1, 1, 1, dtype=torch.int16, device="cuda").expand(2**31, 1, 1)
 B = torch.zeros(1, 1, dtype=torch.int16, device="cuda")
 with pytest.raises(ValueError, match="programs, more than the grid"):
-    geokern.maxplus_matmul(A, B, backend="triton", check_range=False)
+    geokern.maxplus_matmul(A, B, backend="triton")
 torch.cuda.synchronize()
 ''')
 

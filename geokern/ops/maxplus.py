@@ -22,10 +22,9 @@ Integer inputs (int16, int32; the sentinel, the overflow marker and the exact ra
 documented in geokern.reference.maxplus) run forward only: integer tensors cannot require
 grad, so they bypass the autograd Function; margin is float-only. Entries that read an
 out-of-range input are the overflow marker in every backend, device-side with no host
-sync (CUDA graphs capture it): the CUDA op flags out-of-range rows of A and columns of B
-while it copies the operands and marks the entries after the product (a read of the
-flags); the Triton backend reduces A and B with torch ops after its kernel
-(ref.int_out_of_range, a few passes over A, B and C), which check_range=False skips.
+sync (CUDA graphs capture it): each kernel flags out-of-range rows of A and columns of B
+in the pass that copies (CUDA) or clamps (Triton) the operands and marks the flagged
+entries after the product.
 """
 
 import math
@@ -230,7 +229,7 @@ class MaxplusBackwardFunction(torch.autograd.Function):
 # ---- public op -----------------------------------------------------------------
 
 
-def _check(A, B, return_argmax, return_margin, semiring, num_splits, check_range=True):
+def _check(A, B, return_argmax, return_margin, semiring, num_splits):
     check_tensor(_OP, "A", A, dtypes=_DTYPES, min_dim=2)
     check_tensor(_OP, "B", B, dtypes=_DTYPES, min_dim=2)
     check_same(_OP, {"A": A, "B": B})
@@ -247,7 +246,7 @@ def _check(A, B, return_argmax, return_margin, semiring, num_splits, check_range
         ) from None
     if semiring not in ref.SEMIRINGS:
         raise ValueError(f"{_OP}: semiring must be one of {ref.SEMIRINGS}, got {semiring!r}")
-    for name, flag in (("return_argmax", return_argmax), ("return_margin", return_margin), ("check_range", check_range)):
+    for name, flag in (("return_argmax", return_argmax), ("return_margin", return_margin)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_OP}: {name} must be a bool, got {type(flag).__name__}")
     if not isinstance(num_splits, int) or isinstance(num_splits, bool):
@@ -266,7 +265,6 @@ def maxplus_matmul(
     return_margin: bool = False,
     semiring: str = "maxplus",
     num_splits: int = 0,
-    check_range: bool = True,
     backend: str | None = None,
 ):
     """C[..., i, j] = max_k A[..., i, k] + B[..., k, j] (min_k for semiring="minplus").
@@ -287,12 +285,10 @@ def maxplus_matmul(
     sentinel. An entry that reads any other value (row i of A, column j of B) is the
     overflow marker ref.int_overflow (the opposite extreme: iinfo.max for max-plus,
     iinfo.min for min-plus), argmax 0: check `(C == marker).any()`; results beyond
-    INT_BOUND are marked when fed back in. The check runs on the device, no host sync: in
-    the CUDA op it rides on the operand copies (a flag per row of A / column of B, then a
-    pass that writes only flagged entries); the Triton backend reduces A and B with torch
-    ops (a few passes over A, B and C). check_range=False skips the Triton check when the
-    inputs are known to be in range (out-of-range inputs then give unspecified results);
-    the CUDA op and the torch reference always check.
+    INT_BOUND are marked when fed back in. The check runs on the device, no host sync, in
+    every backend: the kernels flag out-of-range rows of A and columns of B in the pass that
+    copies (CUDA) or clamps (Triton) the operands, and mark the flagged entries after the
+    product (no extra pass over A, B or C).
 
     num_splits (CUDA backend; the others ignore it): how many slices of K the kernel
     computes in parallel and combines in k order (split-K, for outputs with too few tiles to
@@ -301,7 +297,7 @@ def maxplus_matmul(
     slices (at most 256 and one per 32 k; 1 turns split-K off). Results, ties included, are
     the same for every value; with return_margin K is never split.
     """
-    _check(A, B, return_argmax, return_margin, semiring, num_splits, check_range)
+    _check(A, B, return_argmax, return_margin, semiring, num_splits)
     be = _backend.resolve(_OP, backend, A.device, _PREFER)
     if be == "torch":
         return ref.maxplus_matmul(A, B, return_argmax, return_margin, semiring)
@@ -314,11 +310,6 @@ def maxplus_matmul(
         )
     if not A.dtype.is_floating_point:  # integers carry no gradient: no autograd Function
         c, idx, _ = _KERNELS[be][0](A, B, semiring == "minplus", return_argmax, False, num_splits)
-        if check_range and be == "triton":  # the CUDA op checks while it copies the operands
-            bad = ref.int_out_of_range(A, B, semiring)
-            c.masked_fill_(bad, ref.int_overflow(A.dtype, semiring))  # in place: the op's own fresh outputs
-            if return_argmax:
-                idx.masked_fill_(bad, 0)
         return (c, idx) if return_argmax else c
     need_route = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
     c, idx, mg = MaxplusMatmulFunction.apply(
