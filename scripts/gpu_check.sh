@@ -3,17 +3,21 @@
 # geokern._C prebuilt on the CPU machine and carried in .carry/: a wheel (.carry/*.whl, installed, the
 # tests then import the installed package) or a bare .carry/_C.abi3.so (built against the device's torch,
 # dropped into an editable install). Stages, in order:
-#   suite       the whole suite (not huge) and compute-sanitizer memcheck over the kernel tests at once
+#   suite       (LIMIT seconds at most, default 480) the whole suite (not huge) and compute-sanitizer memcheck over the kernel tests at once
 #               (correctness only: they share the GPU); logs in OUT/tests, OUT/sanitizer(_triton)
 #   huge        the tests past 2**31 elements, one process (OUT/huge.log)
 #   compare     the headline rows beside older trees (.base, .pre where present; scripts/compare.sh,
 #               REPEATS times, default 3), alone on the GPU
 #   overhead    what a call costs (#16): the overhead benchmark family and scripts/profile_calls.py
 #               (autotuning on, as users run it), in OUT/overhead
+#   ultrametric the ultrametric family's tests and benchmark (OUT/ultrametric)
+# The device returns at most 8 files from OUT: at the end everything but info.json and the
+# summary (OUT/summary.txt, this script's output) is packed into OUT/logs.tgz.
 set -uo pipefail
 OUT=$1; shift
 STAGES=" ${*:-suite huge compare overhead} "
 mkdir -p "$OUT"
+exec > >(tee "$OUT/summary.txt") 2>&1
 export PYTHONUNBUFFERED=1 GEOKERN_AUTOTUNE=0
 wheel=$(ls .carry/*.whl 2>/dev/null | head -1)
 if [ -n "$wheel" ]; then
@@ -31,12 +35,12 @@ fi
 python3 -c "import geokern, json; print(geokern.__file__); print(json.dumps(geokern.info()))" | tee "$OUT/info.json"
 t0=$SECONDS
 if [[ "$STAGES" == *" suite "* ]]; then
-  JOBS=8 STEPS="tests" BENCH=0 bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
+  JOBS=8 STEPS="tests" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
   tp=$!
   # the CUDA extension's tests first, then the Triton kernels' (if the call's time runs out, the
   # shard logs say how far each got)
-  ( JOBS=8 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer" cuda >/dev/null 2>&1; r=$?
-    JOBS=8 STEPS="sanitizer" BENCH=0 bash scripts/gpu.sh "$OUT/sanitizer_triton" triton >/dev/null 2>&1 || r=1
+  ( JOBS=8 STEPS="sanitizer" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/sanitizer" cuda >/dev/null 2>&1; r=$?
+    JOBS=8 STEPS="sanitizer" BENCH=0 timeout $(( ${LIMIT:-480} - (SECONDS - t0) )) bash scripts/gpu.sh "$OUT/sanitizer_triton" triton >/dev/null 2>&1 || r=1
     exit $r ) &
   sp=$!
   wait $tp; trc=$?; wait $sp; src=$?
@@ -60,3 +64,14 @@ if [[ "$STAGES" == *" overhead "* ]]; then
   python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" 2>&1 | tail -20
   echo "overhead done, $((SECONDS - t0)) s"
 fi
+if [[ "$STAGES" == *" ultrametric "* ]]; then
+  mkdir -p "$OUT/ultrametric"
+  GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests/test_ultrametric*.py >"$OUT/ultrametric/tests.log" 2>&1
+  echo "ultrametric tests exit $?, $((SECONDS - t0)) s"; tail -5 "$OUT/ultrametric/tests.log"
+  unset GEOKERN_AUTOTUNE
+  python3 -m geokern.bench --family ultrametric --out "$OUT/ultrametric" 2>&1 | tail -40
+  echo "ultrametric bench done, $((SECONDS - t0)) s"
+fi
+rm -f "$OUT"/*/*.ids*
+( cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=info.json --exclude=summary.txt . 2>/dev/null &&
+  find . -mindepth 1 -not -name logs.tgz -not -name info.json -not -name summary.txt -delete )
