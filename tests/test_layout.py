@@ -9,6 +9,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRODUCT = ["csrc", "kernels", "geokern"]
 SOURCE = {".py", ".cu", ".cuh", ".cpp", ".h"}
 MAX_LINES = 600
+# families whose CUDA kernels are still to come, with the issue that brings them (their ops
+# refuse backend='cuda' with that issue's number)
+CUDA_PENDING = {"ultrametric": "#18"}
 # where a GEOKERN_* variable may be read: the process-wide switches (read once, in _backend)
 # and the build variables (setup.py)
 ENV_READERS = {"geokern/_backend.py", "setup.py"}
@@ -75,7 +78,7 @@ def test_every_family_has_each_layer():
                 missing.append(want)
         if not ((ROOT / "kernels" / f"{f}.py").exists() or (ROOT / "kernels" / f / "__init__.py").exists()):
             missing.append(f"kernels/{f}.py or kernels/{f}/")
-        if not list((ROOT / "csrc" / f).glob("*.cu")):
+        if not list((ROOT / "csrc" / f).glob("*.cu")) and f not in CUDA_PENDING:
             missing.append(f"csrc/{f}/ (a folder with a .cu)")
         if not list((ROOT / "tests").glob(f"test_{f}*.py")):
             missing.append(f"tests/test_{f}*.py")

@@ -1,40 +1,14 @@
 """The ultrametric reference (hard mode, decode state, soft kernel, digits, codes) against a
 float64 brute-force O(T^2) evaluation of alpha ** LCP, written here from the spec (LCP by
-comparing digits pair by pair) and used by no library code."""
+comparing digits pair by pair, tests/_ultrametric.py) and used by no library code."""
 
 import math
 
 import pytest
 import torch
+from _ultrametric import brute, digits
 
 from geokern.reference import ultrametric as ref
-
-
-def brute(qd, kd, v, alpha, causal=True, keep=None):
-    """(y, lse) in float64: w_ij = alpha ** lcp_ij over visible keys, y = w v / max(sum w, 1e-9)."""
-    B, H, Tq, K = qd.shape
-    Tk = kd.shape[2]
-    kd, v = (t.repeat_interleave(H // kd.shape[1], dim=1) for t in (kd, v.double()))
-    lcp = (qd[:, :, :, None, :] == kd[:, :, None, :, :]).long().cumprod(-1).sum(-1)
-    w = torch.tensor(alpha, dtype=torch.float64) ** lcp.double()
-    vis = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=qd.device)
-    if causal:
-        vis = vis & (torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + Tk - Tq)
-    if keep is not None:
-        vis = vis & keep[:, None, None, :]
-    w = torch.where(vis, w, torch.zeros(()).double())
-    den = w.sum(-1)
-    y = torch.where(vis[..., None], w[..., None] * v[:, :, None], torch.zeros(()).double()).sum(3)
-    return y / den.clamp_min(1e-9)[..., None], torch.log(den)
-
-
-def digits(B, H, T, K, p, kind="random"):
-    if kind == "equal":
-        return torch.full((B, H, T, K), p - 1, dtype=torch.int64)
-    if kind == "distinct":  # every token a different digit string (base-p expansion of a permutation)
-        n = torch.randperm(p ** K)[: B * H * T].view(B, H, T, 1)
-        return (n // p ** torch.arange(K - 1, -1, -1)) % p
-    return torch.randint(0, p, (B, H, T, K))
 
 
 # (B, H, Hkv, Tq, Tk, K, p, causal, digit kind, padded): prefill, decode, chunked prefill, non-causal,

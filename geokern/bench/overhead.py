@@ -54,7 +54,10 @@ KERNEL_BACKENDS = ("cuda", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # public ops without a host-overhead case, and why (tests/test_bench_overhead.py holds every other
 # public op to a case here)
-NO_CASE = {"curvature_scalar": "no kernel backend: two PyTorch contractions, nothing of geokern's to wrap"}
+NO_CASE = {"curvature_scalar": "no kernel backend: two PyTorch contractions, nothing of geokern's to wrap",
+           "ultrametric_soft_digits": "no kernel backend: a matmul and a sigmoid in PyTorch",
+           "ultrametric_hard_digits": "no kernel backend: round and clamp in PyTorch",
+           "UltrametricCache": "a class: its step is timed as ultrametric_decode_step_"}
 BETA, EPS = 5.0, 1e-8
 
 
@@ -135,6 +138,26 @@ def _positive(*shape):
     return lambda dtype: torch.rand(*shape, device="cuda") + 0.5
 
 
+def _digits(*shape):
+    return lambda dtype: torch.randint(0, 2, (*shape, 8), device="cuda")
+
+
+def _ultrametric_step_make(dtype):
+    d = _digits(1, 2, 1)
+    return d(dtype), d(dtype), torch.randn(1, 2, 1, 16, device="cuda", dtype=dtype)
+
+
+def _ultrametric_step_run(backend, q, k, v):
+    cache = _ultrametric_caches.get(backend)
+    if cache is None:
+        cache = _ultrametric_caches[backend] = geokern.UltrametricCache(1, 2, 16, 8, device="cuda", backend=backend)
+    cache.reset()  # the same state before every call, so eager and graph replays give the same output
+    return geokern.ultrametric_decode_step_(cache, q, k, v)
+
+
+_ultrametric_caches = {}
+
+
 def _decode_make(dtype):
     return decode._make(dtype, False)()
 
@@ -159,6 +182,9 @@ CALLS = [
          lambda be, a, b: geokern.maxplus_matmul(a, b, backend=be)),
     Call("tropical_attention", "B1H2T8D16", _inputs(*[_randn(1, 2, 8, 16)] * 3),
          lambda be, q, k, v: geokern.tropical_attention(q, k, v, backend=be)),
+    Call("ultrametric_attention", "B1H2T8K8D16", _inputs(_digits(1, 2, 8), _digits(1, 2, 8), _randn(1, 2, 8, 16)),
+         lambda be, q, k, v: geokern.ultrametric_attention(q, k, v, backend=be)),
+    Call("ultrametric_decode_step_", "B1H2K8D16", _ultrametric_step_make, _ultrametric_step_run),
     Call("retrieval_cost", "B4-n8-M16", _inputs(_randn(4, 8), _randn(16, 8), _positive(4, 1), _positive(8)),
          lambda be, q, k, r, lam: geokern.retrieval_cost(q, k, r, diag(lam), EPS, backend=be)),
     Call("retrieval_attention", "B4-n8-T16-dv16",

@@ -35,14 +35,15 @@ def cuda_op(name, fake, cpu_impl):
     return getattr(torch.ops.geokern, name).default
 
 
-def triton_op(name, impl):
+def triton_op(name, impl, mutates_args=()):
     """torch.library.triton_op geokern::<name> with `impl` as its body.
 
     `impl` launches its kernels through geokern.kernels._common.launch, so torch.compile
     traces into them on the GPU; on CPU tensors under TRITON_INTERPRET=1 the kernels run
-    directly (eager only: tracing CPU Triton ops is unsupported)."""
+    directly (eager only: tracing CPU Triton ops is unsupported). `mutates_args` names the
+    arguments written in place (a decode state)."""
     qualname = f"geokern::{name}"
-    op = torch.library.triton_op(qualname, impl, mutates_args=())
+    op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
     CUSTOM_OPS.append(("triton", qualname))
     return op
 

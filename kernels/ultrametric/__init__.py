@@ -1,0 +1,147 @@
+"""Triton kernels of the ultrametric family and their launchers (what geokern.ops.ultrametric imports).
+
+    ultrametric_attention_fwd / ultrametric_attention_bwd   hard-mode LCP-bucket attention and its
+                                                            gradient to v (scan.py)
+    ultrametric_cache_append / ultrametric_cache_query      the constant-cost decode state
+
+Digits are integer tensors [B, heads, T, K] (any integer dtype, contiguous), v / dy
+[B, heads, T, D] contiguous, keep a bool tensor [B, Tk]. README.md beside this file holds the
+design, its bytes and flops, and what is measured.
+"""
+
+import math
+
+import torch
+import triton
+
+from geokern._backend import interpret_mode
+from geokern.kernels._common import launch
+from geokern.kernels.ultrametric.scan import (ultrametric_prefix_kernel, ultrametric_read_kernel,
+                                              ultrametric_scan_kernel, ultrametric_summary_kernel)
+
+__all__ = ["ultrametric_attention_fwd", "ultrametric_attention_bwd", "ultrametric_cache_append",
+           "ultrametric_cache_query", "MAX_CODES", "default_chunk", "plan"]
+
+MAX_CODES = 1 << 16  # dense bucket tables (int32 codes, [N, D] float32 per group and segment)
+SCRATCH_BYTES = 1 << 28  # segment tables beyond this many bytes: fewer segments
+PREFIX_BLOCK = 1024
+
+
+def default_chunk():
+    """Positions per chunk: the dense C x C block of a chunk is one tensor-core dot."""
+    return 16 if interpret_mode() else 64
+
+
+def _bd(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _weights(alpha):
+    """(log2 alpha, alpha - 1) as the kernels take them: alpha^l = exp2(l log2 alpha) and
+    w_l = alpha^(l-1) (alpha - 1), without the cancellation of alpha^l - alpha^(l-1) near 1."""
+    return math.log2(alpha), alpha - 1.0
+
+
+def plan(Tk, groups, N, D, device, chunk=0, num_segments=0):
+    """(C, S, chunks per segment, chunks): the scan's chunk size and segment count. Segments run
+    in parallel (grid segments x groups); by default enough for two programs per SM, each at
+    least one chunk, their tables within SCRATCH_BYTES."""
+    C = chunk or default_chunk()
+    nchunks = triton.cdiv(Tk, C)
+    if num_segments:
+        S = num_segments
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        S = triton.cdiv(2 * sms, max(1, groups))
+        S = min(S, max(1, SCRATCH_BYTES // max(1, groups * N * (D + 1) * 4)))
+    S = max(1, min(S, nchunks))
+    cps = triton.cdiv(max(nchunks, 1), S)
+    return C, triton.cdiv(max(nchunks, 1), cps), cps, nchunks
+
+
+def _keep(keep, B, T, device):
+    return torch.ones(B, T, dtype=torch.bool, device=device) if keep is None else keep
+
+
+def _summary(tab, cnt, sdig, val, lse, keep, Hkv, NS, src_off, Tk, K, p, N, slots, S, cps, nchunks, C,
+             scale_lse, keep_src, count):
+    B, HS, TS, D = val.shape
+    launch(ultrametric_summary_kernel)[(S, B * Hkv)](
+        sdig, val, lse, keep, tab, cnt, HS, NS, TS, src_off, Tk, Hkv, K, p, N, D, slots, cps, nchunks,
+        SCALE_LSE=scale_lse, KEEP_SRC=keep_src, COUNT=count, C=C, BD=_bd(D), num_warps=4)
+
+
+def _prefix(t, S, reverse):
+    G, width = t.shape[0], t[0, 0].numel()
+    launch(ultrametric_prefix_kernel)[(triton.cdiv(width, PREFIX_BLOCK), G)](
+        t, S, width, REVERSE=reverse, BLOCK=PREFIX_BLOCK, num_warps=4)
+
+
+def _read(tab, cnt, tdig, out, lse, keep, Hkv, tgt_off, Tk, K, p, N, slots, slot, alpha, fwd, C):
+    B, HT, TT, _ = tdig.shape
+    D = out.shape[-1]
+    launch(ultrametric_read_kernel)[(triton.cdiv(TT, C), B * HT)](
+        tdig, tab, cnt, out, lse, keep, HT, HT // Hkv, TT, tgt_off, Tk, Hkv, K, p, N, D, slots, slot,
+        *_weights(alpha), FWD=fwd, C=C, BD=_bd(D), num_warps=4)
+
+
+def _run(fwd, qd, kd, src, lse, keep, out, out_lse, alpha, p, N, causal, chunk, num_segments):
+    """The forward (fwd: sources keys, targets queries) or the backward (sources queries with
+    dy / den, targets keys): tables, summaries, prefixes, then the causal scan or the read."""
+    B, H, Tq, K = qd.shape
+    Hkv, Tk = kd.shape[1], kd.shape[2]
+    D = src.shape[-1]
+    G, R = B * Hkv, H // Hkv
+    C, S, cps, nchunks = plan(Tk, G, N, D, src.device, chunk, num_segments)
+    keep = _keep(keep, B, Tk, src.device)
+    if causal and S == 1:
+        slots = 1  # one segment: it starts from empty tables, no summary or prefix
+    else:
+        slots = S + 1
+    tab = torch.zeros(G, slots, N, D, dtype=torch.float32, device=src.device)
+    cnt = torch.zeros(G, slots, N, dtype=torch.int32, device=src.device) if fwd else tab
+    sdig, off = (kd, 0) if fwd else (qd, Tk - Tq)
+    if slots > 1:
+        _summary(tab, cnt, sdig, src, lse, keep, Hkv, 1 if fwd else R, off, Tk, K, p, N, slots, S, cps, nchunks,
+                 C, not fwd, fwd, fwd)
+        _prefix(tab, S, not fwd)
+        if fwd:
+            _prefix(cnt, S, False)
+    tdig, tgt_off = (qd, Tk - Tq) if fwd else (kd, 0)
+    if not causal:
+        _read(tab, cnt, tdig, out, out_lse, keep, Hkv, tgt_off, Tk, K, p, N, slots, S, alpha, fwd, C)
+        return
+    HT, TT = tdig.shape[1], tdig.shape[2]
+    HS, TS = src.shape[1], src.shape[2]
+    launch(ultrametric_scan_kernel)[(S, G)](
+        tdig, sdig, src, lse, keep, tab, cnt, out, out_lse,
+        HT, HT // Hkv, TT, tgt_off, HS, HS // Hkv, TS, off, Tk, Hkv, K, p, N, D, slots, cps, nchunks,
+        *_weights(alpha), FWD=fwd, SCALE_LSE=not fwd, KEEP_SRC=fwd, C=C, BD=_bd(D), num_warps=4)
+
+
+def ultrametric_attention_fwd(qd, kd, v, keep, y, lse, alpha, p, N, causal, chunk=0, num_segments=0):
+    """qd [B, H, Tq, K], kd [B, Hkv, Tk, K] digits, v [B, Hkv, Tk, D], keep [B, Tk] bool or None:
+    writes y [B, H, Tq, D] (v's dtype) and lse [B, H, Tq] float32. Tk >= 1."""
+    _run(True, qd, kd, v, y, keep, y, lse, alpha, p, N, causal, chunk, num_segments)
+
+
+def ultrametric_attention_bwd(qd, kd, dy, lse, keep, dv, alpha, p, N, causal, chunk=0, num_segments=0):
+    """dy [B, H, Tq, D] and the forward's lse [B, H, Tq]: writes dv [B, Hkv, Tk, D] (zero for a padded
+    key): dv_j = sum over the queries i that see j of alpha^lcp_ij dy_i / max(den_i, 1e-9)."""
+    _run(False, qd, kd, dy, lse, keep, dv, dv, alpha, p, N, causal, chunk, num_segments)
+
+
+def ultrametric_cache_append(tab, cnt, kd, v, keep, p):
+    """Add T keys to the decode tables tab [B * Hkv, N, D] float32, cnt [B * Hkv, N] int32 in place:
+    kd [B, Hkv, T, K], v [B, Hkv, T, D], keep [B, T] bool or None. One program per group."""
+    B, Hkv, T, K = kd.shape
+    C = default_chunk()
+    _summary(tab, cnt, kd, v, v, _keep(keep, B, T, v.device), Hkv, 1, 0, T, K, p, tab.shape[1], 1, 1,
+             triton.cdiv(T, C), triton.cdiv(T, C), C, False, True, True)
+
+
+def ultrametric_cache_query(tab, cnt, qd, y, lse, alpha, p):
+    """Every query qd [B, H, Tq, K] against every key in the decode tables: y [B, H, Tq, D], lse."""
+    B, H, Tq, K = qd.shape
+    Hkv = tab.shape[0] // B
+    _read(tab, cnt, qd, y, lse, lse, Hkv, 0, Tq, K, p, tab.shape[1], 1, 0, alpha, True, default_chunk())

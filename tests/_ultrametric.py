@@ -1,0 +1,71 @@
+"""What the ultrametric test modules share: independent float64 definitions (a dense alpha^LCP
+brute force and a per-query trie walk, the spec's two readings) and input makers."""
+
+import torch
+from conftest import DEVICE
+
+
+def brute(qd, kd, v, alpha, causal=True, keep=None):
+    """(y, lse) in float64: w_ij = alpha ** lcp_ij over visible keys, y = w v / max(sum w, 1e-9)."""
+    B, H, Tq, K = qd.shape
+    Tk = kd.shape[2]
+    kd, v = (t.repeat_interleave(H // kd.shape[1], dim=1) for t in (kd, v.double()))
+    lcp = (qd[:, :, :, None, :] == kd[:, :, None, :, :]).long().cumprod(-1).sum(-1)
+    w = torch.tensor(alpha, dtype=torch.float64, device=qd.device) ** lcp.double()
+    vis = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=qd.device)
+    if causal:
+        vis = vis & (torch.arange(Tk, device=qd.device)[None, :] <= torch.arange(Tq, device=qd.device)[:, None] + Tk - Tq)
+    if keep is not None:
+        vis = vis & keep[:, None, None, :]
+    w = torch.where(vis, w, torch.zeros((), dtype=torch.float64, device=qd.device))
+    den = w.sum(-1)
+    y = torch.where(vis[..., None], w[..., None] * v[:, :, None], torch.zeros((), dtype=torch.float64, device=qd.device)).sum(3)
+    return y / den.clamp_min(1e-9)[..., None], torch.log(den)
+
+
+def digits(B, H, T, K, p, kind="random"):
+    if kind == "equal":
+        return torch.full((B, H, T, K), p - 1, dtype=torch.int64, device=DEVICE)
+    if kind == "distinct":  # every token a different digit string (base-p expansion of a permutation)
+        n = torch.randperm(p ** K, device=DEVICE)[: B * H * T].view(B, H, T, 1)
+        return (n // p ** torch.arange(K - 1, -1, -1, device=DEVICE)) % p
+    return torch.randint(0, p, (B, H, T, K), device=DEVICE)
+
+
+def visible(B, Tq, Tk, causal, keep):
+    """[B, Tq, Tk] bool: query i (at position Tk - Tq + i) sees key j."""
+    vis = torch.ones(B, Tq, Tk, dtype=torch.bool, device=DEVICE)
+    if causal:
+        pos = torch.arange(Tq, device=DEVICE) + (Tk - Tq)
+        vis = vis & (torch.arange(Tk, device=DEVICE)[None, :] <= pos[:, None])
+    if keep is not None:
+        vis = vis & keep[:, None, :]
+    return vis
+
+
+def trie_walk(qd, kd, v, alpha, causal=True, keep=None):
+    """float64, one query at a time: the visible keys' prefix sums S_l / counts C_l along the
+    query's trie path, y = sum_l alpha^l (S_l - S_{l+1}) / sum_l alpha^l (C_l - C_{l+1})."""
+    B, H, Tq, K = qd.shape
+    R = H // kd.shape[1]
+    vis = visible(B, Tq, kd.shape[2], causal, keep)
+    y = torch.zeros(B, H, Tq, v.shape[3], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kk, vv = kd[b, h // R].tolist(), v[b, h // R].double().cpu()
+            for i in range(Tq):
+                q = qd[b, h, i].tolist()
+                S = [torch.zeros(v.shape[3], dtype=torch.float64) for _ in range(K + 2)]
+                Cn = [0] * (K + 2)
+                for j in range(kd.shape[2]):
+                    if vis[b, i, j]:
+                        n = 0
+                        while n < K and kk[j][n] == q[n]:
+                            n += 1
+                        for level in range(n + 1):
+                            S[level] = S[level] + vv[j]
+                            Cn[level] += 1
+                num = sum(alpha ** lv * (S[lv] - S[lv + 1]) for lv in range(K + 1))
+                den = sum(alpha ** lv * (Cn[lv] - Cn[lv + 1]) for lv in range(K + 1))
+                y[b, h, i] = num / max(den, 1e-9)
+    return y.to(DEVICE)

@@ -1,0 +1,165 @@
+"""Ultrametric attention at the edges: empty inputs, bad input (errors name the argument), the
+Triton backend's limits, the refused CUDA backend; and the constant-cost decode state against
+full recomputation."""
+
+import pytest
+import torch
+from _helpers import capturable, gpu, need
+from _tolerance import rel_err
+from _ultrametric import digits
+from conftest import DEVICE, HAS_CUDA
+
+import geokern
+from geokern.reference import ultrametric as ref
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 5), (1, 2, 0, 5), (1, 2, 3, 0)], ids=["B0", "Tq0", "Tk0"])
+def test_empty(shape, backend):
+    need(backend)
+    B, H, Tq, Tk = shape
+    qd, kd = digits(B, H, Tq, 3, 2), digits(B, H, Tk, 3, 2)
+    v = torch.randn(B, H, Tk, 4, device=DEVICE, requires_grad=True)
+    y, lse = geokern.ultrametric_attention(qd, kd, v, causal=Tk >= Tq, return_lse=True, backend=backend)
+    assert y.shape == (B, H, Tq, 4) and lse.shape == (B, H, Tq)
+    assert not y.isnan().any() and (lse == float("-inf")).all() == (Tk == 0 or y.numel() == 0 or lse.numel() == 0)
+    (dv,) = torch.autograd.grad(y.sum(), v, allow_unused=True, materialize_grads=True)
+    assert dv.shape == v.shape
+
+
+def _args(**over):
+    a = dict(q_digits=digits(1, 2, 5, 3, 2), k_digits=digits(1, 1, 5, 3, 2), v=torch.randn(1, 1, 5, 4, device=DEVICE))
+    a.update(over)
+    return a
+
+
+BAD = {
+    "float digits": (dict(q_digits=torch.zeros(1, 2, 5, 3, device=DEVICE)), {}, TypeError, "q_digits"),
+    "digit out of range": (dict(k_digits=torch.full((1, 1, 5, 3), 2, device=DEVICE)), {}, ValueError, "k_digits"),
+    "negative digit": (dict(q_digits=torch.full((1, 2, 5, 3), -1, device=DEVICE)), {}, ValueError, "q_digits"),
+    "K mismatch": (dict(k_digits=digits(1, 1, 5, 4, 2)), {}, ValueError, "k_digits"),
+    "v shape": (dict(v=torch.randn(1, 1, 6, 4, device=DEVICE)), {}, ValueError, "v"),
+    "heads": (dict(k_digits=digits(1, 3, 5, 3, 2), v=torch.randn(1, 3, 5, 4, device=DEVICE)), {}, ValueError, "heads"),
+    "3-D v": (dict(v=torch.randn(1, 5, 4, device=DEVICE)), {}, ValueError, "v"),
+    "int v": (dict(v=torch.ones(1, 1, 5, 4, dtype=torch.int32, device=DEVICE)), {}, TypeError, "v"),
+    "alpha 0": ({}, dict(alpha=0.0), ValueError, "alpha"),
+    "alpha nan": ({}, dict(alpha=float("nan")), ValueError, "alpha"),
+    "p 1": ({}, dict(p=1), ValueError, "p"),
+    "p float": ({}, dict(p=2.0), TypeError, "p"),
+    "mask shape": ({}, dict(key_padding_mask=torch.ones(1, 4, dtype=torch.bool, device=DEVICE)), ValueError,
+                   "key_padding_mask"),
+    "causal Tk < Tq": (dict(k_digits=digits(1, 1, 3, 3, 2), v=torch.randn(1, 1, 3, 4, device=DEVICE)), {},
+                       ValueError, "Tk >= Tq"),
+    "chunk": ({}, dict(chunk=-1), ValueError, "chunk"),
+    "soft alone": ({}, dict(q_soft=torch.rand(1, 2, 5, 3, device=DEVICE)), ValueError, "k_soft"),
+    "backend": ({}, dict(backend="gpu"), ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input(name, backend):
+    need(backend)
+    over, kw, exc, word = BAD[name]
+    kw = {"backend": backend, **kw}
+    with pytest.raises(exc, match=word):
+        geokern.ultrametric_attention(**_args(**over), **kw)
+
+
+def test_cuda_backend_is_refused_with_the_issue():
+    with pytest.raises(RuntimeError, match="#18"):
+        geokern.ultrametric_attention(**_args(), backend="cuda")
+
+
+def test_triton_limits():
+    need("triton")
+    with pytest.raises(ValueError, match="2\\*\\*16"):
+        geokern.ultrametric_attention(digits(1, 1, 3, 16, 2), digits(1, 1, 3, 16, 2), torch.randn(1, 1, 3, 4,
+                                      device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        geokern.ultrametric_attention(**_args(v=torch.randn(1, 1, 5, 4, device=DEVICE, dtype=torch.float64)),
+                                      backend="triton")
+    # the reference takes what the Triton backend refuses
+    y = geokern.ultrametric_attention(digits(1, 1, 3, 16, 2), digits(1, 1, 3, 16, 2), torch.randn(1, 1, 3, 4,
+                                      device=DEVICE), backend="torch")
+    assert y.isfinite().all()
+
+
+def test_codes_past_63_bits_are_refused():
+    with pytest.raises(ValueError, match="63 bits"):
+        geokern.ultrametric_attention(digits(1, 1, 2, 64, 2), digits(1, 1, 2, 64, 2), torch.randn(1, 1, 2, 4,
+                                      device=DEVICE), backend="torch")
+
+
+# ---- decode --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_equals_full_recomputation(backend):
+    """Prefill 5 tokens, then one token at a time (with padding): each step's output equals the
+    causal op's row over everything so far; after 2000 steps too (float32, relative 1e-5). The
+    Triton kernels under the CPU interpreter take 150 steps (CI time), 2000 on a GPU."""
+    need(backend)
+    T = 150 if backend == "triton" and not HAS_CUDA else 2000
+    B, H, Hkv, K, D, p = 2, 4, 2, 4, 8, 3
+    qd, kd = digits(B, H, T, K, p), digits(B, Hkv, T, K, p)
+    v = torch.randn(B, Hkv, T, D, device=DEVICE)
+    keep = torch.rand(B, T, device=DEVICE) > 0.1
+    cache = geokern.UltrametricCache(B, Hkv, D, K, p=p, alpha=1.3, device=DEVICE, backend=backend)
+    cache.append(kd[:, :, :5], v[:, :, :5], keep[:, :5])
+    out = (torch.empty(B, H, 1, D, device=DEVICE), torch.empty(B, H, 1, device=DEVICE))
+    ys, lses = [], []
+    for t in range(5, T):
+        y, lse = geokern.ultrametric_decode_step_(cache, qd[:, :, t:t + 1], kd[:, :, t:t + 1], v[:, :, t:t + 1],
+                                                  key_padding_mask=keep[:, t:t + 1], out=out, return_lse=True)
+        assert y.data_ptr() == out[0].data_ptr()
+        ys.append(y.clone())
+        lses.append(lse.clone())
+    want, lwant = ref.ultrametric_attention(qd, kd, v.double(), 1.3, p=p, key_padding_mask=keep, return_lse=True)
+    got, lgot = torch.cat(ys, 2), torch.cat(lses, 2)
+    assert rel_err(got[:, :, -1], want[:, :, -1]) < 1e-5, "y at the last step"
+    assert rel_err(got, want[:, :, 5:]) < 1e-5, "y over all steps"
+    assert rel_err(lgot, lwant[:, :, 5:]) < 1e-5, "lse"
+    assert cache.length == T
+
+
+def test_decode_cache_errors():
+    with pytest.raises(ValueError, match="2\\*\\*16"):
+        geokern.UltrametricCache(1, 1, 4, 16, device=DEVICE)
+    cache = geokern.UltrametricCache(1, 1, 4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="k_digits"):
+        geokern.ultrametric_decode_step_(cache, digits(1, 1, 1, 3, 2), digits(1, 1, 2, 3, 2),
+                                         torch.randn(1, 1, 2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="v must"):
+        cache.append(digits(1, 1, 1, 3, 2), torch.randn(1, 1, 1, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="k_digits"):
+        cache.append(torch.full((1, 1, 1, 3), 2, device=DEVICE), torch.randn(1, 1, 1, 4, device=DEVICE))
+
+
+@gpu
+@capturable
+def test_decode_step_in_a_cuda_graph():
+    """The step replays from a CUDA graph: in place, no host sync, the same result as eager."""
+    B, H, K, D = 4, 8, 8, 64
+    cache = geokern.UltrametricCache(B, H, D, K, device="cuda", backend="triton")
+    eager = geokern.UltrametricCache(B, H, D, K, device="cuda", backend="triton")
+    qd, kd, v = digits(B, H, 1, K, 2), digits(B, H, 1, K, 2), torch.randn(B, H, 1, D, device="cuda")
+    out = (torch.empty(B, H, 1, D, device="cuda"), torch.empty(B, H, 1, device="cuda"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        geokern.ultrametric_decode_step_(cache, qd, kd, v, out=out)  # compiles the kernels
+    torch.cuda.current_stream().wait_stream(s)
+    cache.reset()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        geokern.ultrametric_decode_step_(cache, qd, kd, v, out=out)
+    for _ in range(3):
+        qd.copy_(digits(B, H, 1, K, 2))
+        kd.copy_(digits(B, H, 1, K, 2))
+        v.normal_()
+        g.replay()
+        want = geokern.ultrametric_decode_step_(eager, qd, kd, v)
+        torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-6)
