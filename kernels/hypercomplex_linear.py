@@ -24,7 +24,9 @@ Signs are one integer NEG: bit (p * n + b) set when block (p, b) is negated (at 
 import triton
 import triton.language as tl
 
+from geokern._backend import interpret_mode
 from geokern.kernels._common import autotune_configs, launch, narrow
+from geokern.kernels.retrieval.common import mm_acc
 
 
 def _gemm_configs():
@@ -57,6 +59,19 @@ def _pick(c, w0, w1, w2, w3, w4, w5, w6, w7, N: tl.constexpr):
         w = tl.where(c == 6, w6, w)
         w = tl.where(c == 7, w7, w)
     return w
+
+
+@triton.jit
+def _negate_if(x, neg):
+    """-x where the scalar neg is nonzero, by flipping the sign bit: exact in every dtype, and
+    right under the interpreter too (its bfloat16 negation is not)."""
+    if x.dtype.primitive_bitwidth == 16:
+        bits = x.to(tl.int16, bitcast=True)
+        flip = tl.where(neg != 0, tl.full((), -32768, tl.int16), tl.full((), 0, tl.int16))
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        flip = tl.where(neg != 0, tl.full((), -2147483648, tl.int32), tl.full((), 0, tl.int32))
+    return (bits ^ flip).to(x.dtype, bitcast=True)
 
 
 @triton.jit
@@ -104,8 +119,7 @@ def hypercomplex_linear_fwd_kernel(
         neg = (neg_row >> b) & 1
         x = tl.load(a_rows + (b * KB + k)[None, :].to(tl.int64) * sak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + k[:, None].to(tl.int64) * swk + w_cols, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        x = tl.where(neg != 0, -x, x)  # negation is exact in every dtype
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc = mm_acc(_negate_if(x, neg), w, acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + p * NB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = c_ptr + rows[:, None] * (N * NB) + (p * NB + cols)[None, :]
@@ -144,8 +158,7 @@ def hypercomplex_linear_bwd_weight_kernel(
         neg = (tl.full((), NEG, tl.int64) >> (p * N + b).to(tl.int64)) & 1
         g = tl.load(g_ptr + m[None, :] * sgm + (p * O + o)[:, None] * sgk, mask=o_ok[:, None] & m_ok[None, :], other=0.0)
         x = tl.load(x_ptr + m[:, None] * sxm + (b * I + i)[None, :] * sxk, mask=m_ok[:, None] & i_ok[None, :], other=0.0)
-        g = tl.where(neg != 0, -g, g)
-        acc = tl.dot(g, x, acc, input_precision=PRECISION)
+        acc = mm_acc(_negate_if(g, neg), x, acc, PRECISION)
     out = dw_ptr + c.to(tl.int64) * O * I + o[:, None] * I + i[None, :]
     tl.store(out, narrow(acc, dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
@@ -162,6 +175,11 @@ def neg_mask(sign, transpose=False):
     return bits
 
 
+def _precision(precision):
+    """tl.dot's input precision, or "upcast" under the interpreter (see mm_acc)."""
+    return "upcast" if interpret_mode() else precision
+
+
 def _ptrs(weights):
     return list(weights) + [weights[0]] * (8 - len(weights))
 
@@ -176,7 +194,7 @@ def _gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision):
         return out
     launch(hypercomplex_linear_fwd_kernel)[_gemm_grid(len(weights), M, NB)](
         a, *_ptrs(weights), bias if bias is not None else a, out, M, KB, NB, a.stride(0), a.stride(1), swk, swn,
-        NEG=neg, N=len(weights), HAS_BIAS=bias is not None, PRECISION=precision)
+        NEG=neg, N=len(weights), HAS_BIAS=bias is not None, PRECISION=_precision(precision))
     return out
 
 
@@ -206,5 +224,5 @@ def hypercomplex_linear_bwd_weight(grad, x, dw, sign, precision):
         return dw.zero_()
     launch(hypercomplex_linear_bwd_weight_kernel)[_gemm_grid(n, O, I)](
         grad, x, dw, M, O, I, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
-        NEG=neg_mask(sign), N=n, PRECISION=precision)
+        NEG=neg_mask(sign), N=n, PRECISION=_precision(precision))
     return dw
