@@ -74,15 +74,21 @@ def test_no_bias_3d_strided(backend, n):
     _check_against_reference(n, x, list(wt.unbind(0)), None, backend, f"{backend} strided n={n}")
 
 
+def _layer_and_dense(n, fin, fout, backend):
+    """Our layer and the nn.Linear holding its expanded weight and bias."""
+    layer = LAYERS[n](fin, fout, backend=backend, device=DEVICE)
+    dense = torch.nn.Linear(fin, fout, device=DEVICE)
+    with torch.no_grad():
+        dense.weight.copy_(layer.expanded_weight())
+        dense.bias.copy_(layer.bias)
+    return layer, dense
+
+
 @pytest.mark.parametrize("n", [4, 8])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_layer_equals_dense_linear(backend, n):
     need(backend)
-    layer = LAYERS[n](n * 5, n * 3, backend=backend, device=DEVICE)
-    dense = torch.nn.Linear(n * 5, n * 3, device=DEVICE)
-    with torch.no_grad():
-        dense.weight.copy_(layer.expanded_weight())
-        dense.bias.copy_(layer.bias)
+    layer, dense = _layer_and_dense(n, n * 5, n * 3, backend)
     x = torch.randn(2, 4, n * 5, device=DEVICE, requires_grad=True)
     y, yd = layer(x), dense(x)
     torch.testing.assert_close(y, yd, msg="layer output vs nn.Linear with the expanded weight")
@@ -211,11 +217,7 @@ def test_bad_input(n):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_autocast_like_linear(backend, n):
     need(backend)
-    layer = LAYERS[n](n * 4, n * 2, backend=backend, device=DEVICE)
-    dense = torch.nn.Linear(n * 4, n * 2, device=DEVICE)
-    with torch.no_grad():
-        dense.weight.copy_(layer.expanded_weight())
-        dense.bias.copy_(layer.bias)
+    layer, dense = _layer_and_dense(n, n * 4, n * 2, backend)
     x = torch.randn(3, n * 4, device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y, yd = layer(x), dense(x)
