@@ -22,7 +22,7 @@ import torch
 from geokern import _backend
 from geokern.bench._retrieval_decode import _graphed
 from geokern.bench.registry import Case
-from geokern.ops import hypercomplex_linear as ops
+from geokern.ops import hypercomplex as ops
 from geokern.reference import hypercomplex as ref
 
 NAMES = {4: "quaternion_linear", 8: "octonion_linear"}

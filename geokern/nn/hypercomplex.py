@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from geokern.ops.hypercomplex_linear import octonion_linear, quaternion_linear
+from geokern.ops.hypercomplex import octonion_linear, quaternion_linear
 
 # Parcollet et al.'s QuaternionLinear (Orkis-Research/Pytorch-Quaternion-Neural-Networks):
 # r_weight, i_weight, j_weight, k_weight, each [in/4, out/4] and applied as x @ W, laid
