@@ -1,0 +1,228 @@
+"""Triton kernels for the quaternion (n = 4) and octonion (n = 8) linear layers.
+
+The layer is a real GEMM with the n x n block matrix whose block (p, b) is
+sign(p, b) * W_{p ^ b} (geokern.reference.hypercomplex.left_mul_blocks: the component
+index of a basis product is the XOR of the factors' indices in the Cayley-Dickson basis).
+No kernel builds that matrix: a weight tile is read straight from the component matrix
+it lies in (a pointer chosen per K step among the n component pointers) and the block's
+sign is applied to the other operand's tile in registers, so one K loop runs over all n
+blocks with one accumulator and one software pipeline.
+
+Tiles never straddle blocks: the output columns are tiled per block (grid over n blocks x
+cdiv(block, BN)) and the K loop steps through each block separately (cdiv(block, BK)
+steps, masked at the block's end), so any block size works; when BN and BK divide the
+blocks the masks are all true and the work is that of the dense GEMM.
+
+Programs that read the same weight rows (the n output blocks of one column tile) are
+adjacent in launch order, so for skinny inputs (decode) the weights come from DRAM about
+once and the other n - 1 reads hit L2.
+
+Signs are one integer NEG: bit (p * n + b) set when block (p, b) is negated (at most
+63 bits: the diagonal blocks, W_0, are never negated).
+"""
+
+import triton
+import triton.language as tl
+
+from geokern._backend import interpret_mode
+from geokern.kernels._common import autotune_configs, launch, narrow
+from geokern.kernels.retrieval.common import mm_acc
+
+
+def _gemm_configs():
+    cfg = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4),
+        (32, 64, 128, 4, 4), (16, 32, 256, 4, 3),
+    ]:
+        cfg.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
+    return cfg
+
+
+_GEMM_CONFIGS = autotune_configs(
+    _gemm_configs,
+    test=[triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)],
+    interp=[triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2})],
+)
+
+
+@triton.jit
+def _pick(c, w0, w1, w2, w3, w4, w5, w6, w7, N: tl.constexpr):
+    """Component c's pointer: scalar selects, no branch in the K loop."""
+    w = tl.where(c == 1, w1, w0)
+    w = tl.where(c == 2, w2, w)
+    w = tl.where(c == 3, w3, w)
+    if N == 8:
+        w = tl.where(c == 4, w4, w)
+        w = tl.where(c == 5, w5, w)
+        w = tl.where(c == 6, w6, w)
+        w = tl.where(c == 7, w7, w)
+    return w
+
+
+@triton.jit
+def _negate_if(x, neg):
+    """-x where the scalar neg is nonzero, by flipping the sign bit: exact in every dtype, and
+    right under the interpreter too (its bfloat16 negation is not)."""
+    if x.dtype.primitive_bitwidth == 16:
+        bits = x.to(tl.int16, bitcast=True)
+        flip = tl.where(neg != 0, tl.full((), -32768, tl.int16), tl.full((), 0, tl.int16))
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        flip = tl.where(neg != 0, tl.full((), -2147483648, tl.int32), tl.full((), 0, tl.int32))
+    return (bits ^ flip).to(x.dtype, bitcast=True)
+
+
+@triton.jit
+def _grouped(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(tile row, tile col) of program pid, tile rows grouped by GROUP_M for L2 reuse."""
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    gm = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % gm, (pid % per_group) // gm
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "KB", "NB", "N", "HAS_BIAS"])
+@triton.jit
+def hypercomplex_linear_fwd_kernel(
+    a_ptr, w0, w1, w2, w3, w4, w5, w6, w7, bias_ptr, c_ptr,
+    M, KB, NB,
+    sam, sak, swk, swn,
+    NEG: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # a: [M, N * KB] (strides sam, sak); component c: [.., ..], its tile element (k, j) at
+    # w_c + k * swk + j * swn; c: [M, N * NB] contiguous; bias: [N * NB].
+    # c[:, p * NB + j] = sum_b sign(p, b) sum_k a[:, b * KB + k] W_{p ^ b}(k, j) (+ bias).
+    # The forward (a = x, KB = in / n, W(k, j) = W[j, k]) and dx (a = dy, KB = out / n,
+    # W(k, j) = W[k, j], NEG transposed). One program: BM rows x BN columns of one block p.
+    pid = tl.program_id(0)
+    tiles_nb = tl.cdiv(NB, BN)
+    pm, pn = _grouped(pid, tl.cdiv(M, BM), tiles_nb * N, GROUP_M)
+    p = pn % N  # the n output blocks of one column tile are neighbours: they share weight rows
+    jt = pn // N
+    rows = pm.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = jt * BN + tl.arange(0, BN)
+    row_ok = rows < M
+    col_ok = cols < NB
+    a_rows = a_ptr + rows[:, None] * sam
+    w_cols = cols[None, :].to(tl.int64) * swn
+    tiles_k = tl.cdiv(KB, BK)
+    neg_row = tl.full((), NEG, tl.int64) >> (p * N).to(tl.int64)  # bit b: block (p, b) negated
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(0, N * tiles_k):
+        b = it // tiles_k
+        k = (it - b * tiles_k) * BK + tl.arange(0, BK)
+        k_ok = k < KB
+        w_base = _pick(p ^ b, w0, w1, w2, w3, w4, w5, w6, w7, N)
+        neg = (neg_row >> b) & 1
+        x = tl.load(a_rows + (b * KB + k)[None, :].to(tl.int64) * sak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_base + k[:, None].to(tl.int64) * swk + w_cols, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mm_acc(_negate_if(x, neg), w, acc, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + p * NB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = c_ptr + rows[:, None] * (N * NB) + (p * NB + cols)[None, :]
+    tl.store(out, narrow(acc, c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "O", "I", "N"])
+@triton.jit
+def hypercomplex_linear_bwd_weight_kernel(
+    g_ptr, x_ptr, dw_ptr,
+    M, O, I,
+    sgm, sgk, sxm, sxk,
+    NEG: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # g (dy): [M, N * O]; x: [M, N * I]; dw: [N, O, I] contiguous, dw[c] the gradient of W_c:
+    # dW_c = sum over the N blocks (p, b) with p ^ b = c of sign(p, b) dy_p^T x_b, reduced here
+    # (the expanded [N*O, N*I] gradient never exists). One program: a BM x BN tile (rows of O,
+    # columns of I) of one component c; the K loop runs over the N blocks x the M rows (BK).
+    pid = tl.program_id(0)
+    tiles_i = tl.cdiv(I, BN)
+    po, pn = _grouped(pid, tl.cdiv(O, BM), tiles_i * N, GROUP_M)
+    c = pn % N  # the N components of one tile read the same dy and x columns: neighbours
+    it_ = pn // N
+    o = po.to(tl.int64) * BM + tl.arange(0, BM)
+    i = it_ * BN + tl.arange(0, BN)
+    o_ok = o < O
+    i_ok = i < I
+    tiles_m = tl.cdiv(M, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(0, N * tiles_m):
+        b = it // tiles_m
+        p = c ^ b
+        m = ((it - b * tiles_m) * BK + tl.arange(0, BK)).to(tl.int64)
+        m_ok = m < M
+        neg = (tl.full((), NEG, tl.int64) >> (p * N + b).to(tl.int64)) & 1
+        g = tl.load(g_ptr + m[None, :] * sgm + (p * O + o)[:, None] * sgk, mask=o_ok[:, None] & m_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + m[:, None] * sxm + (b * I + i)[None, :] * sxk, mask=m_ok[:, None] & i_ok[None, :], other=0.0)
+        acc = mm_acc(_negate_if(g, neg), x, acc, PRECISION)
+    out = dw_ptr + c.to(tl.int64) * O * I + o[:, None] * I + i[None, :]
+    tl.store(out, narrow(acc, dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
+
+
+def neg_mask(sign, transpose=False):
+    """NEG of a sign table (sign[p][b] = +-1): bit p * n + b set where the block is negated;
+    transpose=True for the transposed block matrix (dx), bit b * n + p."""
+    n = len(sign)
+    bits = 0
+    for p in range(n):
+        for b in range(n):
+            if sign[p][b] < 0:
+                bits |= 1 << ((b * n + p) if transpose else (p * n + b))
+    return bits
+
+
+def _precision(precision):
+    """tl.dot's input precision, or "upcast" under the interpreter (see mm_acc)."""
+    return "upcast" if interpret_mode() else precision
+
+
+def _ptrs(weights):
+    return list(weights) + [weights[0]] * (8 - len(weights))
+
+
+def _gemm_grid(n, M, NB):
+    return lambda meta: (triton.cdiv(M, meta["BM"]) * n * triton.cdiv(NB, meta["BN"]),)
+
+
+def _gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision):
+    M = a.shape[0]
+    if M == 0 or NB == 0:
+        return out
+    launch(hypercomplex_linear_fwd_kernel)[_gemm_grid(len(weights), M, NB)](
+        a, *_ptrs(weights), bias if bias is not None else a, out, M, KB, NB, a.stride(0), a.stride(1), swk, swn,
+        NEG=neg, N=len(weights), HAS_BIAS=bias is not None, PRECISION=_precision(precision))
+    return out
+
+
+def hypercomplex_linear_fwd(x, weights, bias, out, sign, precision):
+    """out = x @ W_expanded^T + bias. x: [M, n * I]; weights: n x [O, I] sharing strides;
+    out: [M, n * O] contiguous."""
+    w = weights[0]
+    O, I = w.shape
+    return _gemm(x, weights, bias, out, I, O, w.stride(1), w.stride(0), neg_mask(sign), precision)
+
+
+def hypercomplex_linear_bwd_input(grad, weights, dx, sign, precision):
+    """dx = dy @ W_expanded: the transposed block structure. grad: [M, n * O]; dx: [M, n * I]."""
+    w = weights[0]
+    O, I = w.shape
+    return _gemm(grad, weights, None, dx, O, I, w.stride(0), w.stride(1), neg_mask(sign, transpose=True), precision)
+
+
+def hypercomplex_linear_bwd_weight(grad, x, dw, sign, precision):
+    """dw[c] = sum_{p ^ b = c} sign(p, b) dy_p^T x_b. grad: [M, n * O]; x: [M, n * I];
+    dw: [n, O, I] contiguous (zeros when M == 0)."""
+    n, O, I = dw.shape
+    M = grad.shape[0]
+    if O == 0 or I == 0:
+        return dw
+    if M == 0:
+        return dw.zero_()
+    launch(hypercomplex_linear_bwd_weight_kernel)[_gemm_grid(n, O, I)](
+        grad, x, dw, M, O, I, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
+        NEG=neg_mask(sign), N=n, PRECISION=_precision(precision))
+    return dw
