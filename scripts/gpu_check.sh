@@ -10,7 +10,8 @@
 #               REPEATS times, default 3), alone on the GPU
 #   overhead    what a call costs (#16): the overhead benchmark family and scripts/profile_calls.py
 #               (autotuning on, as users run it), in OUT/overhead
-#   ultrametric the ultrametric family's tests and benchmark (OUT/ultrametric)
+#   new         the newest families' tests and benchmarks (FAMILIES, default: ultrametric
+#               hypercomplex_linear; OUT/new)
 # The device returns at most 8 files from OUT: at the end everything but info.json and the
 # summary (OUT/summary.txt, this script's output) is packed into OUT/logs.tgz.
 set -uo pipefail
@@ -64,13 +65,16 @@ if [[ "$STAGES" == *" overhead "* ]]; then
   python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" 2>&1 | tail -20
   echo "overhead done, $((SECONDS - t0)) s"
 fi
-if [[ "$STAGES" == *" ultrametric "* ]]; then
-  mkdir -p "$OUT/ultrametric"
-  GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests/test_ultrametric*.py >"$OUT/ultrametric/tests.log" 2>&1
-  echo "ultrametric tests exit $?, $((SECONDS - t0)) s"; tail -5 "$OUT/ultrametric/tests.log"
-  unset GEOKERN_AUTOTUNE
-  python3 -m geokern.bench --family ultrametric --out "$OUT/ultrametric" 2>&1 | tail -40
-  echo "ultrametric bench done, $((SECONDS - t0)) s"
+if [[ "$STAGES" == *" new "* ]]; then
+  mkdir -p "$OUT/new"
+  fams=${FAMILIES:-ultrametric hypercomplex_linear}
+  files=$(for f in $fams; do ls tests/test_${f}*.py 2>/dev/null; done)
+  GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $files >"$OUT/new/tests.log" 2>&1
+  echo "new families' tests exit $?, $((SECONDS - t0)) s"; grep -E "^FAILED|^ERROR|passed|failed" "$OUT/new/tests.log" | cut -c1-300 | tail -30
+  for f in $fams; do
+    ( unset GEOKERN_AUTOTUNE; timeout "${BENCH_LIMIT:-240}" python3 -m geokern.bench --family "$f" --out "$OUT/new" 2>&1 | tail -40 )
+    echo "bench $f done, $((SECONDS - t0)) s"
+  done
 fi
 rm -f "$OUT"/*/*.ids*
 ( cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=info.json --exclude=summary.txt . 2>/dev/null &&
