@@ -3,5 +3,6 @@
 from geokern.nn.maxplus import TropicalLinear  # noqa: F401
 from geokern.nn.retrieval import GeodesicRetrieval  # noqa: F401
 from geokern.nn.tropical import TropicalCausalSelfAttention  # noqa: F401
+from geokern.nn.ultrametric import UltrametricCausalSelfAttention  # noqa: F401
 
-__all__ = ["GeodesicRetrieval", "TropicalCausalSelfAttention", "TropicalLinear"]
+__all__ = ["GeodesicRetrieval", "TropicalCausalSelfAttention", "TropicalLinear", "UltrametricCausalSelfAttention"]
