@@ -42,9 +42,10 @@ class UltrametricCausalSelfAttention(nn.Module):
     construction), so it compiles with torch.compile(fullgraph=True). With cache (new_cache(B)),
     x holds the next T tokens: each attends to every earlier token in the cache and causally
     within x, then enters the cache (O(K D) per token; the attention output carries no gradient:
-    decode under torch.no_grad()). One token per call is
-    ultrametric_decode_step_; T > 1 merges the cache's read with the op over x by their
-    log-sum-exps. backend is passed to the op and the cache ("torch", "triton", None = auto).
+    decode under torch.no_grad()). One token per call is ultrametric_decode_step_; T > 1 merges
+    the cache's read with the op over x by their log-sum-exps. The cache checks the digits on the
+    host (except under CUDA-graph capture). backend is passed to the op and the cache ("torch",
+    "triton", None = auto).
     """
 
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, K=8, p=2, alpha=2.0, lcp_beta=32.0,
@@ -55,7 +56,8 @@ class UltrametricCausalSelfAttention(nn.Module):
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"UltrametricCausalSelfAttention: {name} must be an int >= 1, got {x!r}")
         if d_model % n_heads:
-            raise ValueError(f"UltrametricCausalSelfAttention: d_model={d_model} must be divisible by n_heads={n_heads}")
+            raise ValueError(f"UltrametricCausalSelfAttention: d_model={d_model} must be divisible by "
+                             f"n_heads={n_heads}")
         if n_heads % n_kv_heads:
             raise ValueError(f"UltrametricCausalSelfAttention: n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         try:

@@ -236,8 +236,9 @@ def ultrametric_attention(
     straight-through gradient, when q_soft / k_soft are given and need one).
 
     check_digits=False skips the digits' range check, a host read of their min and max that
-    waits for the GPU, for digits in range by construction (nn.UltrametricCausalSelfAttention's);
-    the Triton kernels clamp digits to [0, p - 1]. The torch backend (the reference) reads the
+    waits for the GPU, for digits in range by construction (nn.UltrametricCausalSelfAttention's).
+    An out-of-range digit is then not refused: the Triton kernels keep every table access in
+    bounds, but the result is unspecified. The torch backend (the reference) reads and checks the
     digits on the host regardless (its code compression has a data-dependent size).
     """
     B, H, Hkv, Tq, Tk, K, D = _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num_segments,
