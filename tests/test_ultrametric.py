@@ -1,7 +1,7 @@
 """Hard-mode ultrametric attention: every backend against the reference, a float64 dense brute
 force and a per-query trie walk; causal / non-causal / chunked prefill / decode, padding, GQA,
 lse, the gradient to v, straight-through soft digits, custom-op checks. Edge cases and bad input:
-test_ultrametric_edges.py; decode state and module: test_ultrametric_decode.py."""
+test_ultrametric_edges.py (with the decode state); the nn module: test_ultrametric_nn.py."""
 
 import pytest
 import torch

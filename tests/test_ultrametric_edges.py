@@ -68,6 +68,21 @@ def test_bad_input(name, backend):
         geokern.ultrametric_attention(**_args(**over), **kw)
 
 
+def test_check_digits_false_skips_only_the_range_check():
+    """check_digits=False: no host read of the digits' range. An out-of-range digit is then not
+    refused; the Triton kernels keep every table access in bounds (the result is unspecified, but
+    finite); the type and shape checks stay, and the torch backend (the reference) still checks."""
+    need("triton")
+    a = _args(k_digits=torch.tensor([0, 1, 2, 1, 0], device=DEVICE).view(1, 1, 5, 1).expand(1, 1, 5, 3).contiguous())
+    y = geokern.ultrametric_attention(**a, check_digits=False, backend="triton")
+    assert y.shape == (1, 2, 5, 4) and y.isfinite().all()
+    with pytest.raises(ValueError, match="k_digits"):
+        geokern.ultrametric_attention(**a, check_digits=False, backend="torch")
+    with pytest.raises(TypeError, match="q_digits"):
+        geokern.ultrametric_attention(**_args(q_digits=torch.zeros(1, 2, 5, 3, device=DEVICE)), check_digits=False,
+                                      backend="triton")
+
+
 def test_cuda_backend_is_refused_with_the_issue():
     with pytest.raises(RuntimeError, match="#18"):
         geokern.ultrametric_attention(**_args(), backend="cuda")

@@ -4,5 +4,9 @@ from geokern.nn.hypercomplex import OctonionLinear, QuaternionLinear  # noqa: F4
 from geokern.nn.maxplus import TropicalLinear  # noqa: F401
 from geokern.nn.retrieval import GeodesicRetrieval  # noqa: F401
 from geokern.nn.tropical import TropicalCausalSelfAttention  # noqa: F401
+from geokern.nn.ultrametric import UltrametricCausalSelfAttention  # noqa: F401
 
-__all__ = ["GeodesicRetrieval", "OctonionLinear", "QuaternionLinear", "TropicalCausalSelfAttention", "TropicalLinear"]
+__all__ = [
+    "GeodesicRetrieval", "OctonionLinear", "QuaternionLinear", "TropicalCausalSelfAttention", "TropicalLinear",
+    "UltrametricCausalSelfAttention",
+]

@@ -137,7 +137,7 @@ def _check_knob(name, x):
         raise ValueError(f"{_OP}: {name} must be an int >= 0 (0 chooses), got {x!r}")
 
 
-def _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num_segments):
+def _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num_segments, values):
     if not isinstance(causal, bool):
         raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
     check_tensor(_OP, "v", v)
@@ -145,7 +145,7 @@ def _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num
         if isinstance(t, torch.Tensor) and t.device != v.device:
             raise ValueError(f"{_OP}: {name} is on {t.device} but v is on {v.device}")
     try:
-        dims = ref.check_inputs(q_digits, k_digits, v, alpha, p, causal, key_padding_mask)
+        dims = ref.check_inputs(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, values=values)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{_OP}: {e}") from None
     _check_knob("chunk", chunk)
@@ -221,6 +221,7 @@ def ultrametric_attention(
     lcp_beta: float = 32.0,
     chunk: int = 0,
     num_segments: int = 0,
+    check_digits: bool = True,
     backend: str | None = None,
 ):
     """Hard-mode ultrametric attention y[i] = sum_j alpha^lcp_ij v[j] / max(sum_j alpha^lcp_ij, 1e-9)
@@ -233,8 +234,15 @@ def ultrametric_attention(
     [B, H, Tq, D] in v's dtype, and lse [B, H, Tq] float32 (log of the weight sum, -inf for a query
     that sees no key) with return_lse. Work O((Tq + Tk) K D), never O(Tq Tk) (except the dense
     straight-through gradient, when q_soft / k_soft are given and need one).
+
+    check_digits=False skips the digits' range check, a host read of their min and max that
+    waits for the GPU, for digits in range by construction (nn.UltrametricCausalSelfAttention's).
+    An out-of-range digit is then not refused: the Triton kernels keep every table access in
+    bounds, but the result is unspecified. The torch backend (the reference) reads and checks the
+    digits on the host regardless (its code compression has a data-dependent size).
     """
-    B, H, Hkv, Tq, Tk, K, D = _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num_segments)
+    B, H, Hkv, Tq, Tk, K, D = _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num_segments,
+                                     check_digits)
     soft = q_soft is not None or k_soft is not None
     if soft:
         _check_soft(q_soft, k_soft, q_digits, k_digits, v)

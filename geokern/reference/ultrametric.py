@@ -99,9 +99,10 @@ def _check_base(p):
         raise ValueError(f"p must be >= 2 (the digit base), got {p}")
 
 
-def check_digits(name, d, p):
+def check_digits(name, d, p, values=True):
     """TypeError unless d is an integer tensor with >= 1 dims; ValueError for a digit outside [0, p - 1],
-    no digit (K = 0), or codes of more than 63 bits."""
+    no digit (K = 0), or codes of more than 63 bits. values=False skips the range check (a read of
+    d's min and max on the host: a GPU sync)."""
     _check_base(p)
     if not isinstance(d, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer digits, got {type(d).__name__}")
@@ -114,7 +115,7 @@ def check_digits(name, d, p):
     if num_codes(p, K) > 1 << 63:
         raise ValueError(f"{name}: K={K} digits in base p={p} need prefix codes of more than 63 bits "
                          f"(sum of p**l for l <= K is {num_codes(p, K)} > 2**63); use fewer digits or a smaller p")
-    if d.numel() and (int(d.min()) < 0 or int(d.max()) > p - 1):
+    if values and d.numel() and (int(d.min()) < 0 or int(d.max()) > p - 1):
         raise ValueError(f"{name} must hold digits in [0, p - 1] = [0, {p - 1}], found min {int(d.min())} "
                          f"max {int(d.max())}")
 
@@ -147,8 +148,9 @@ def _check_alpha(alpha):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
 
 
-def check_inputs(q, k, v, alpha, p, causal, key_padding_mask, soft=False):
-    """The checks every entry point shares; (B, H, Hkv, Tq, Tk, K, D). Errors name the argument."""
+def check_inputs(q, k, v, alpha, p, causal, key_padding_mask, soft=False, values=True):
+    """The checks every entry point shares; (B, H, Hkv, Tq, Tk, K, D). Errors name the argument.
+    values=False: no digit range check (check_digits)."""
     qn, kn = ("q_soft", "k_soft") if soft else ("q_digits", "k_digits")
     if soft:
         for name, t in ((qn, q), (kn, k)):
@@ -156,8 +158,8 @@ def check_inputs(q, k, v, alpha, p, causal, key_padding_mask, soft=False):
                 raise TypeError(f"{name} must be a floating-point tensor, got "
                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
     else:
-        check_digits(qn, q, p)
-        check_digits(kn, k, p)
+        check_digits(qn, q, p, values)
+        check_digits(kn, k, p, values)
     if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
         raise TypeError(f"v must be a floating-point tensor, got {v.dtype if isinstance(v, torch.Tensor) else type(v)}")
     for name, t in ((qn, q), (kn, k), ("v", v)):
