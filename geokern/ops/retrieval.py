@@ -52,7 +52,8 @@ _DECODE_PREFER = ("cuda", "triton")
 #   retrieval_attention_backward_<be>(dout, q, k, v, w, r, mask, bank_k, bank_v, bank_r, out, lse,
 #       Tensor? dlse, float beta, float eps, bool need_dr, int chunk)
 #       -> (dq, dk, dv, dr, dbank_k, dbank_v, dbank_r, dw), float32 at _attention_grad_shapes
-#       (without a bank its three are empty [0]; dr / dbank_r may be zeros unless need_dr)
+#       (without a bank its three are empty [0]; dr / dbank_r may be zeros unless need_dr; Triton's dq /
+#       dk / dv that have their input's shape come in the input's dtype: nothing is summed after them)
 #   retrieval_cost_<be>(q, k, w, r, float eps) -> cost [NB0, NB1, LQ, M] float32
 #   retrieval_cost_backward_<be>(grad, q, k, w, r, float eps) -> (dq, dk, dr, dw) float32
 #

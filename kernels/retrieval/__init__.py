@@ -102,6 +102,13 @@ class _Segment:
             s += [0, 0, 0, 0] if self.me is None else [*self.me.stride()]
         return s
 
+    def long(self):
+        """Whether an offset inside one batch of this segment (key, norm or value element) may pass
+        int32: the forward then advances 64-bit tile bases (a little more work per score)."""
+        ks, vs = self.k.stride(), self.v.stride()  # (the norms' row stride is at most 16)
+        reach = (self.m + 128) * max(abs(ks[2]), abs(vs[2]), 16) + abs(ks[3]) * self.k.shape[3]
+        return reach + abs(vs[3]) * self.v.shape[3] >= 2**31
+
     def even(self):
         # an empty segment is not "even": the pipelined forward loads its first tile before the
         # loop, and without masks that would read an empty tensor
@@ -165,29 +172,54 @@ def retrieval_attention_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, pipeline
               PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(),
               EVEN_D=_pow2(d) == d, EVEN_DV=_pow2(dv) == dv, NORM_MMA=split, PIPE=_pipelined(d, pipeline),
               BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
-    launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=False)  # (passed: an autotune key)
-    # rows whose logits all passed float32 (beta * R * spd): their hard-min limit, recomputed in cost
-    # units by a second launch whose programs return at once where no row needs it (beta = 0 cannot
-    # overflow, and its cost-unit differences would read -inf * 0)
-    if beta > 0:
-        launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARDMIN=True)
+    # beta > 0: rows whose logits all passed float32 (beta * R * spd) get their hard-min limit from a
+    # second pass of the same program (beta = 0 cannot overflow, and its cost-unit differences would
+    # read -inf * 0)
+    launch(retrieval_attention_fwd_kernel)[grid](*args, **kw, HARD_PASS=beta > 0, LONG_N=seg.long(),
+                                                 LONG_N2=two.long())
     return out, lse
 
 
+def _long_q(lq, d, dv, seg, bank, me):
+    """Whether a query-row offset inside one batch may pass int32 in the backward's loop: rows of
+    qw / do / dqa (D, DV wide), of a per-pair dR (M wide), of R or the mask through their strides."""
+    widths = [_pow2(d), _pow2(dv), seg.m, abs(seg.re.stride(2)), abs(me.stride(2)) if me.dim() == 4 else 0]
+    if bank is not None:
+        widths += [bank.m, abs(bank.re.stride(2))]
+    return (lq + 128) * (max(widths) + 128) >= 2**31
+
+
+def _eps_pos(eps):
+    """eps is a positive normal float32: the distances' clamp keeps them >= eps > 0, and the
+    backward needs no zero-distance selects (a subnormal eps may flush to 0 on the GPU)."""
+    return float(eps) >= 2.0**-126
+
+
+def _own_dtype(x, shape):
+    """A gradient buffer's dtype: x's own where the buffer has x's shape (the kernel rounds each entry
+    once and nothing is summed after it: no float32 buffer and cast pass), else float32 (the sum
+    over broadcast dims that follows runs in float32)."""
+    return x.dtype if tuple(x.shape) == tuple(shape) else torch.float32
+
+
 def _grad_buffers(s, lead, lq, d, dv):
-    """(dk, dv, dr) float32 buffers of one segment: zeros where added into atomically (or not
-    written: dR without NEED_DR)."""
+    """(dk, dv, dr) buffers of one segment: float32 zeros where added into atomically (or not
+    written: dR without NEED_DR); dk / dv written whole in the inputs' dtype where no sum follows."""
     f32 = dict(dtype=torch.float32, device=s.k.device)
-    dk = torch.zeros((1, 1, s.m, d), **f32) if s.shared_k else torch.empty(lead + (s.m, d), **f32)
-    dvv = torch.zeros((1, 1, s.m, dv), **f32) if s.shared_v else torch.empty(lead + (s.m, dv), **f32)
+    dk_s, dv_s = lead + (s.m, d), lead + (s.m, dv)
+    dk = (torch.zeros((1, 1, s.m, d), **f32) if s.shared_k
+          else torch.empty(dk_s, dtype=_own_dtype(s.k, dk_s), device=s.k.device))
+    dvv = (torch.zeros((1, 1, s.m, dv), **f32) if s.shared_v
+           else torch.empty(dv_s, dtype=_own_dtype(s.v, dv_s), device=s.k.device))
     dr_shape = {R_BATCH: (lq, 1), R_QUERY: (lq, 1), R_KEY: (1, s.m), R_PAIR: (lq, s.m)}[s.r_mode]
     return dk, dvv, torch.zeros(lead + dr_shape, **f32)
 
 
 def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse, beta, eps, need_dr, shapes):
-    """(dq, dk, dv, dr, dbank_k, dbank_v, dbank_r, dw), float32, at `shapes`: ((dq, dk, dv, dr),
+    """(dq, dk, dv, dr, dbank_k, dbank_v, dbank_r, dw) at `shapes`: ((dq, dk, dv, dr),
     (_, dbank_k, dbank_v, dbank_r) or None) as geokern.ops.retrieval gives them; without a bank
-    its three are empty [0]. dw is [F]. dr (dbank_r) stay zeros unless need_dr.
+    its three are empty [0]. dw is [F]. dr (dbank_r) stay zeros unless need_dr. float32, except
+    dq / dk / dv (and the bank's) that have their input's shape: those come in the input's dtype.
 
     dlse (optional, lse's shape) is the gradient of the log-sum-exp output: with
     d lse / d logit_j = p_j it enters as delta_i = rowsum(dO * O)_i - dlse_i."""
@@ -197,7 +229,7 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
     bd = _pow2(d)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
-    dq = torch.empty(lead + (lq, d), **f32)
+    dq = torch.empty(lead + (lq, d), dtype=_own_dtype(q, lead + (lq, d)), device=dev)
     dw = torch.zeros((bd,), **f32)
     dk, dvv, dr = _grad_buffers(seg, lead, lq, d, dv)
     if bank is not None:
@@ -222,12 +254,13 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
     qw = torch.empty_like(qe)
     # qw = w q / psc in q's dtype: psc, a power of two, keeps float16 finite (one max over q, float16
     # only); appended to w, where the kernels read it (their loads of w stop at F)
-    psc = torch.ones(1, **f32)
-    if q.dtype == torch.float16 and qe.numel() > 0:
-        # over finite entries only: one inf coordinate must not bring the overflow back for every row
-        amax = (qe.abs().nan_to_num(0.0, 0.0, 0.0).amax(dim=(0, 1, 2)).float() * w.abs()).amax()
-        psc = torch.exp2(torch.ceil(torch.log2(amax / 16384.0))).clamp(min=1.0).reshape(1)
-    w = torch.cat([w, psc])
+    if q.dtype == torch.float16:  # the other dtypes' kernels never read psc: no ops for it
+        psc = torch.ones(1, **f32)
+        if qe.numel() > 0:
+            # over finite entries only: one inf coordinate must not bring the overflow back for every row
+            amax = (qe.abs().nan_to_num(0.0, 0.0, 0.0).amax(dim=(0, 1, 2)).float() * w.abs()).amax()
+            psc = torch.exp2(torch.ceil(torch.log2(amax / 16384.0))).clamp(min=1.0).reshape(1)
+        w = torch.cat([w, psc])
     qn = sqnorm(qe, w, qw)
     do = do.expand(lead + (lq, dv)).contiguous()
     delta = (do.float() * out.float()).sum(-1)
@@ -252,7 +285,8 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
         R_MODE=seg.r_mode, MASK_MODE=_mask_mode(mask), R2_MODE=two.r_mode, HAS_BANK=bank is not None,
         SHARED_K=seg.shared_k, SHARED_V=seg.shared_v, SHARED_K2=two.shared_k, SHARED_V2=two.shared_v,
         NEED_DR=bool(need_dr), PREC=_prec(q.dtype), EVEN_M=lq % eb == 0, EVEN_N=seg.even(), EVEN_N2=two.even(),
-        EVEN_D=bd == d, EVEN_DV=_pow2(dv) == dv, BLOCK_D=bd, BLOCK_DV=_pow2(dv),
+        EVEN_D=bd == d, EVEN_DV=_pow2(dv) == dv, BLOCK_D=bd, BLOCK_DV=_pow2(dv), EPS_POS=_eps_pos(eps),
+        LONG_Q=_long_q(lq, d, dv, seg, bank, me),
     )
     rows = nb * lq
     br_ = 64

@@ -29,22 +29,29 @@ _FULL = [(128, 64, 8, 2, None), (128, 128, 8, 2, None), (64, 64, 4, 2, None), (6
          (128, 128, 8, 3, None)]
 # NORM_MMA and PIPE too: a config tuned for one loop shape is not reused for the other
 _KEY = ["LQ", "M", "M2", "BLOCK_D", "BLOCK_DV", "R_MODE", "MASK_MODE", "R2_MODE", "HAS_BANK", "EVEN_M", "EVEN_N",
-        "EVEN_N2", "NORM_MMA", "PIPE", "HARDMIN"]
+        "EVEN_N2", "NORM_MMA", "PIPE", "HARD_PASS", "LONG_N", "LONG_N2"]
 
 
 @triton.jit
 def _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC: tl.constexpr,
-              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr):
+              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, NORM_MMA: tl.constexpr,
+              LONG: tl.constexpr):
     """s = |q|^2 + eps + |k|^2 - 2 (w q).k for the key tile at `start`: one GEMM (two with
     NORM_MMA, where qne / kn are the bfloat16 norm splits of norm_split and their product
     adds the norms on the tensor cores; else qne / kn are float32 [BM] / [BN] and two adds).
     float16: qw2 is -2 w q / pw (pw a power of two, 1 unless |2 w q| would pass float16's range),
-    so its GEMM is scaled back by pw: one multiply per score, float16 only."""
+    so its GEMM is scaled back by pw: one multiply per score, float16 only.
+    LONG (the segment's offsets pass 2^31): the tile's base in 64 bits, offsets within it in 32;
+    else 32-bit offsets from the segment's start, which the loop's address arithmetic strength-reduces
+    (the 64-bit base costs ~0.5 instruction per score in the SASS of the loop)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     nvalid = offs_n < M
-    # the tile's base in 64 bits, offsets within it in 32: keys past 2^31 elements, no int64 per element
-    local = tl.arange(0, BLOCK_N)
-    base = tl.cast(start, tl.int64)
+    if LONG:
+        local = tl.arange(0, BLOCK_N)
+        base = tl.cast(start, tl.int64)
+    else:
+        local = offs_n
+        base = 0
     k = load_tile(k_b + base * skn, local, offs_d, skn, skd, nvalid, dvalid, EVEN_N, EVEN_D)
     if NORM_MMA:
         offs_a = tl.arange(0, 16)
@@ -63,7 +70,7 @@ def _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M,
 
 @triton.jit
 def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, hs, PREC: tl.constexpr, USE_KEEP: tl.constexpr,
-                GUARD: tl.constexpr, NORM_MMA: tl.constexpr, HARDMIN: tl.constexpr):
+                GUARD: tl.constexpr, NORM_MMA: tl.constexpr, HARDMIN: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax (logits in log2 units) from its distances s
     (_fwd_dist): the updated (m_i, l_i, acc). With NORM_MMA, l_i is [BM, 16], the row sums
     in column 0, also from the tensor cores."""
@@ -89,7 +96,9 @@ def _fwd_update(s, nr, m_i, l_i, acc, v, keep, eps, hs, PREC: tl.constexpr, USE_
         l_i = mm_acc(p, first_column(p.dtype, ROWS=v.shape[0]), l_i * alpha[:, None], PREC)
     else:
         l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    if USE_KEEP and GUARD:  # a mask: a masked key's value must not reach acc, even as 0 * NaN
+    # a mask: a masked key's value must not reach acc, even as 0 * NaN. Unmasked, keep is false only on
+    # padded keys, whose values load as 0: the plain GEMM (the hard-min pass too: its registers)
+    if MASKED:
         acc = acc * alpha[:, None] + _masked_pv(p, v, keep, PREC)
     else:
         acc = acc * alpha[:, None] + mm(p, v, PREC)
@@ -122,7 +131,7 @@ def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dv
                  k_b, kn_b, v_b, r_b, mk_b, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M, scale, eps,
                  hs, HARDMIN: tl.constexpr, R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, PREC: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                 NORM_MMA: tl.constexpr, PIPE: tl.constexpr):
+                 NORM_MMA: tl.constexpr, PIPE: tl.constexpr, LONG: tl.constexpr):
     """Stream one key segment (k_b, v_b, ... already offset to this row's batch) into (m_i, l_i, acc).
 
     PIPE (no mask): the distance GEMM of the next key tile is issued before this tile's softmax,
@@ -135,7 +144,7 @@ def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dv
     last = ((M - 1) // BLOCK_N) * BLOCK_N
     if PIPE:
         s = _fwd_dist(qw2, pw, qne, k_b, kn_b, 0, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D, BLOCK_N,
-                      NORM_MMA)
+                      NORM_MMA, LONG)
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nvalid = offs_n < M
@@ -144,12 +153,15 @@ def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dv
         if PIPE:
             s_cur = s
             s = _fwd_dist(qw2, pw, qne, k_b, kn_b, tl.minimum(start + BLOCK_N, last), offs_d, dvalid, skn, skd, sknn, M,
-                          PREC, EVEN_N, EVEN_D, BLOCK_N, NORM_MMA)
+                          PREC, EVEN_N, EVEN_D, BLOCK_N, NORM_MMA, LONG)
         else:
             s_cur = _fwd_dist(qw2, pw, qne, k_b, kn_b, start, offs_d, dvalid, skn, skd, sknn, M, PREC, EVEN_N, EVEN_D,
-                              BLOCK_N, NORM_MMA)
-        v = load_tile(v_b + tl.cast(start, tl.int64) * svn, tl.arange(0, BLOCK_N), offs_e, svn, svd, nvalid, evalid,
-                      EVEN_N, EVEN_DV)
+                              BLOCK_N, NORM_MMA, LONG)
+        if LONG:
+            v = load_tile(v_b + tl.cast(start, tl.int64) * svn, tl.arange(0, BLOCK_N), offs_e, svn, svd, nvalid,
+                          evalid, EVEN_N, EVEN_DV)
+        else:
+            v = load_tile(v_b, offs_n, offs_e, svn, svd, nvalid, evalid, EVEN_N, EVEN_DV)
         if R_MODE < 2:
             nr = nr_row
         else:
@@ -158,11 +170,55 @@ def _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dv
             keep = kept(mk_b, qi, kj, qv, kv, smm, smn, MASK_MODE)
             if tl.max(keep.to(tl.int32)) > 0:  # a tile whose keys are all masked costs no math
                 m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, keep, eps, hs, PREC, True, True, NORM_MMA,
-                                            HARDMIN)
+                                            HARDMIN, True)
         else:
             m_i, l_i, acc = _fwd_update(s_cur, nr, m_i, l_i, acc, v, kv, eps, hs, PREC, not EVEN_N or HARDMIN,
-                                        HARDMIN, NORM_MMA, HARDMIN)
+                                        HARDMIN, NORM_MMA, HARDMIN, False)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_rows(qw2, pw, qne, offs_m, mvalid, offs_d, offs_e, dvalid, evalid, b0, b1,
+              k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, k2_ptr, kn2_ptr, v2_ptr, r2_ptr,
+              sk0, sk1, skn, skd, skn0, skn1, sknn, sv0, sv1, svn, svd, sr0, sr1, srm, srn, sm0, sm1, smm, smn,
+              tk0, tk1, tkn, tkd, tkn0, tkn1, tknn, tv0, tv1, tvn, tvd, tr0, tr1, trm, trn,
+              M, M2, xs, xs2, eps, hs,
+              HARDMIN: tl.constexpr, R_MODE: tl.constexpr, MASK_MODE: tl.constexpr, R2_MODE: tl.constexpr,
+              HAS_BANK: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr, PIPE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, LONG_N: tl.constexpr,
+              LONG_N2: tl.constexpr):
+    """(out [BLOCK_M, BLOCK_DV] float32, lse [BLOCK_M]) of these query rows over both key segments.
+    HARDMIN: logits in cost units (xs = 1, hs = beta log2(e)), scaled only as differences from the
+    row's best, and the lse scaled by xs2 = beta log2(e) at the end."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M, 16] if NORM_MMA else [BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+                                 k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
+                                 v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
+                                 mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
+                                 xs, eps, hs, HARDMIN, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N,
+                                 NORM_MMA, PIPE and MASK_MODE == 0, LONG_N)
+    if HAS_BANK:
+        m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
+                                     k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
+                                     v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
+                                     mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
+                                     xs, eps, hs, HARDMIN, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
+                                     NORM_MMA, PIPE, LONG_N2)
+    if NORM_MMA:
+        l_i = tl.sum(l_i, 1)
+    if MASK_MODE != 0 or HARDMIN:
+        empty = l_i == 0.0  # every key masked: zeros and lse = -inf
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        # HARDMIN: m_i = -cost_min; m_i * xs2 may pass the float range: lse = -inf, the true value rounded
+        lse = tl.where(empty, float("-inf"),
+                       (m_i * xs2 + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    else:
+        out = acc / l_i[:, None]
+        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    return out, lse
 
 
 @triton.autotune(configs=autotune_configs(table_configs(_FULL), test=TEST_CONFIGS, interp=INTERP_CONFIGS), key=_KEY,
@@ -179,12 +235,19 @@ def retrieval_attention_fwd_kernel(
     PREC: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_N2: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, NORM_MMA: tl.constexpr, PIPE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HARDMIN: tl.constexpr = False,
+    HARD_PASS: tl.constexpr = False, LONG_N: tl.constexpr = True, LONG_N2: tl.constexpr = True,
 ):
     """q: [NB0, NB1, LQ, D], k: [NB0|1, NB1|1, M, D], v: [.., M, DV], bank k2 / v2: [.., M2, D | DV]
     -> o: [NB0 * NB1, LQ, DV], lse: [NB0 * NB1, LQ]. One program: BLOCK_M queries of one batch
     against the row's keys (s* strides, optional mask), then the bank (t* strides, unmasked; one
-    copy in memory when shared by the batch). EVEN_*: a length is a multiple of every block."""
+    copy in memory when shared by the batch). EVEN_*: a length is a multiple of every block.
+    LONG_N / LONG_N2: a segment's offsets within one batch may pass 2^31 (_fwd_dist).
+
+    HARD_PASS (beta > 0): rows whose pass found no finite logit (lse -inf or NaN), since
+    beta * R * spd passed float32 (or nothing was kept, or a NaN came in: recomputed, unchanged),
+    are recomputed by the same program in cost units (_fwd_rows' HARDMIN): the limit, equal
+    weights on the nearest keys. A program without such rows pays one reduction of its lse; the
+    first pass's state is stored and dead before the second loop, so it adds no registers."""
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     scale = tl.cast(scale, tl.float32)
     eps = tl.cast(eps, tl.float32)
@@ -201,21 +264,6 @@ def retrieval_attention_fwd_kernel(
     mvalid = offs_m < LQ
     dvalid = offs_d < D
     evalid = offs_e < DV
-    if HARDMIN:
-        # the second pass: rows whose first pass found no finite logit (lse -inf or NaN), since
-        # beta * R * spd passed float32 (or nothing was kept, or a NaN came in: recomputed, unchanged).
-        # Logits in cost units (xs = 1: x = -R spd), scaled by beta log2(e) only as differences from
-        # the row's best: the limit, equal weights on the nearest keys. A program without such rows
-        # returns at once (the pass costs a launch and one load of the lse when nothing overflowed).
-        lse0 = tl.load(lse_ptr + pid_b * LQ + offs_m, mask=mvalid, other=0.0)
-        need = (lse0 != lse0) | (lse0 == float("-inf"))
-        if tl.max(need.to(tl.int32), 0) == 0:
-            return
-        xs = 1.0
-        xs2 = scale
-    else:
-        xs = scale
-        xs2 = 1.0
     # |q|^2_w and -2 w q from q itself: no pre-pass over the queries
     q = load_tile(q_ptr + b0 * sq0 + b1 * sq1, offs_m, offs_d, sqm, sqd, mvalid, dvalid, EVEN_M, EVEN_D)
     w = tl.load(w_ptr + offs_d, mask=dvalid, other=0.0)
@@ -234,44 +282,36 @@ def retrieval_attention_fwd_kernel(
     if NORM_MMA:
         qne = norm_split(qne, 0, 3)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M, 16] if NORM_MMA else [BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
-                                 k_ptr + b0 * sk0 + b1 * sk1, kn_ptr + b0 * skn0 + b1 * skn1,
-                                 v_ptr + b0 * sv0 + b1 * sv1, r_ptr + b0 * sr0 + b1 * sr1,
-                                 mk_ptr + b0 * sm0 + b1 * sm1, skn, skd, sknn, svn, svd, srm, srn, smm, smn, M,
-                                 xs, eps, scale, HARDMIN, R_MODE, MASK_MODE, PREC, EVEN_N, EVEN_D, EVEN_DV, BLOCK_N,
-                                 NORM_MMA, PIPE and MASK_MODE == 0)
-    if HAS_BANK:
-        m_i, l_i, acc = _fwd_segment(qw2, pw, qne, m_i, l_i, acc, offs_m, mvalid, offs_d, offs_e, dvalid, evalid,
-                                     k2_ptr + b0 * tk0 + b1 * tk1, kn2_ptr + b0 * tkn0 + b1 * tkn1,
-                                     v2_ptr + b0 * tv0 + b1 * tv1, r2_ptr + b0 * tr0 + b1 * tr1,
-                                     mk_ptr, tkn, tkd, tknn, tvn, tvd, trm, trn, smm, smn, M2,
-                                     xs, eps, scale, HARDMIN, R2_MODE, 0, PREC, EVEN_N2, EVEN_D, EVEN_DV, BLOCK_N,
-                                     NORM_MMA, PIPE)
-
-    if NORM_MMA:
-        l_i = tl.sum(l_i, 1)
-    if MASK_MODE != 0 or HARDMIN:
-        empty = l_i == 0.0  # every key masked: zeros and lse = -inf
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        # HARDMIN: m_i = -cost_min; m_i * scale may pass the float range: lse = -inf, the true value rounded
-        lse = tl.where(empty, float("-inf"),
-                       (m_i * xs2 + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    else:
-        out = acc / l_i[:, None]
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    out, lse = _fwd_rows(qw2, pw, qne, offs_m, mvalid, offs_d, offs_e, dvalid, evalid, b0, b1,
+                         k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, k2_ptr, kn2_ptr, v2_ptr, r2_ptr,
+                         sk0, sk1, skn, skd, skn0, skn1, sknn, sv0, sv1, svn, svd, sr0, sr1, srm, srn, sm0, sm1, smm,
+                         smn, tk0, tk1, tkn, tkd, tkn0, tkn1, tknn, tv0, tv1, tvn, tvd, tr0, tr1, trm, trn,
+                         M, M2, scale, 1.0, eps, scale, False, R_MODE, MASK_MODE, R2_MODE, HAS_BANK, PREC, EVEN_N,
+                         EVEN_N2, EVEN_D, EVEN_DV, NORM_MMA, PIPE, BLOCK_M, BLOCK_DV, BLOCK_N,
+                         LONG_N, LONG_N2)
     o_p = o_ptr + pid_b * LQ * DV + offs_m[:, None] * DV + offs_e[None, :]
-    if HARDMIN:  # only the rows that needed it: the others keep the first pass's bits
-        tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=(need & mvalid)[:, None] & evalid[None, :])
-        tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=need & mvalid)
+    l_p = lse_ptr + pid_b * LQ + offs_m
+    if HARD_PASS:
+        # each row is stored once, by one of the two passes: no ordering between them to rely on
+        need = (lse != lse) | (lse == float("-inf"))
+        tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=(mvalid & ~need)[:, None] & evalid[None, :])
+        tl.store(l_p, lse, mask=mvalid & ~need)
+        if tl.max((need & mvalid).to(tl.int32), 0) > 0:
+            out, lse = _fwd_rows(qw2, pw, qne, offs_m, mvalid, offs_d, offs_e, dvalid, evalid, b0, b1,
+                                 k_ptr, kn_ptr, v_ptr, r_ptr, mk_ptr, k2_ptr, kn2_ptr, v2_ptr, r2_ptr,
+                                 sk0, sk1, skn, skd, skn0, skn1, sknn, sv0, sv1, svn, svd, sr0, sr1, srm, srn, sm0,
+                                 sm1, smm, smn, tk0, tk1, tkn, tkd, tkn0, tkn1, tknn, tv0, tv1, tvn, tvd, tr0, tr1,
+                                 trm, trn, M, M2, 1.0, scale, eps, scale, True, R_MODE, MASK_MODE, R2_MODE, HAS_BANK,
+                                 PREC, EVEN_N, EVEN_N2, EVEN_D, EVEN_DV, NORM_MMA, PIPE, BLOCK_M, BLOCK_DV, BLOCK_N,
+                         LONG_N, LONG_N2)
+            tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=(need & mvalid)[:, None] & evalid[None, :])
+            tl.store(l_p, lse, mask=need & mvalid)
     else:
         if EVEN_M and EVEN_DV:
             tl.store(o_p, out.to(o_ptr.dtype.element_ty))
         else:
             tl.store(o_p, out.to(o_ptr.dtype.element_ty), mask=mvalid[:, None] & evalid[None, :])
         if EVEN_M:
-            tl.store(lse_ptr + pid_b * LQ + offs_m, lse)
+            tl.store(l_p, lse)
         else:
-            tl.store(lse_ptr + pid_b * LQ + offs_m, lse, mask=mvalid)
+            tl.store(l_p, lse, mask=mvalid)

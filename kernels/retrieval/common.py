@@ -162,7 +162,9 @@ def sqnorm_kernel(x_ptr, w_ptr, out_ptr, xw_ptr, sx0, sx1, sxl, sxd, NB1, L, D,
                  mask=lvalid[:, None])
     else:
         tl.store(out_ptr + pid_b * L + offs_l, n, mask=lvalid)
-    if WRITE_XW:  # divided by w_ptr[D], a power of two that keeps float16 in range (the backward's)
-        tl.store(xw_ptr + (pid_b * L + offs_l)[:, None] * D + offs_d[None, :],
-                 (x * w[None, :] / tl.load(w_ptr + D)).to(xw_ptr.dtype.element_ty),
+    if WRITE_XW:
+        xw = x * w[None, :]
+        if xw_ptr.dtype.element_ty == tl.float16:  # divided by w_ptr[D], a power of two that keeps it in range
+            xw = xw / tl.load(w_ptr + D)
+        tl.store(xw_ptr + (pid_b * L + offs_l)[:, None] * D + offs_d[None, :], xw.to(xw_ptr.dtype.element_ty),
                  mask=lvalid[:, None] & dvalid[None, :])
