@@ -6,21 +6,34 @@ from conftest import DEVICE
 
 
 def brute(qd, kd, v, alpha, causal=True, keep=None):
-    """(y, lse) in float64: w_ij = alpha ** lcp_ij over visible keys, y = w v / max(sum w, 1e-9)."""
+    """(y, lse) in float64: w_ij = alpha ** lcp_ij over visible keys, y = w v / max(sum w, 1e-9).
+    Over chunks of queries, so the [.., Tq, Tk, max(K, D)] pair tensors stay near 2^24 elements
+    (T = 1000 tests share the GPU with other test processes)."""
     B, H, Tq, K = qd.shape
     Tk = kd.shape[2]
     kd, v = (t.repeat_interleave(H // kd.shape[1], dim=1) for t in (kd, v.double()))
-    lcp = (qd[:, :, :, None, :] == kd[:, :, None, :, :]).long().cumprod(-1).sum(-1)
-    w = torch.tensor(alpha, dtype=torch.float64, device=qd.device) ** lcp.double()
-    vis = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=qd.device)
-    if causal:
-        vis = vis & (torch.arange(Tk, device=qd.device)[None, :] <= torch.arange(Tq, device=qd.device)[:, None] + Tk - Tq)
-    if keep is not None:
-        vis = vis & keep[:, None, None, :]
-    w = torch.where(vis, w, torch.zeros((), dtype=torch.float64, device=qd.device))
-    den = w.sum(-1)
-    y = torch.where(vis[..., None], w[..., None] * v[:, :, None], torch.zeros((), dtype=torch.float64, device=qd.device)).sum(3)
-    return y / den.clamp_min(1e-9)[..., None], torch.log(den)
+    dev, f64 = qd.device, torch.float64
+    zero = torch.zeros((), dtype=f64, device=dev)
+    step = max(1, (1 << 24) // max(1, B * H * Tk * max(K, v.shape[-1])))
+    ys, lses = [], []
+    for i0 in range(0, Tq, step):
+        q = qd[:, :, i0:i0 + step]
+        lcp = (q[:, :, :, None, :] == kd[:, :, None, :, :]).long().cumprod(-1).sum(-1)
+        w = torch.tensor(alpha, dtype=f64, device=dev) ** lcp.double()
+        vis = torch.ones(B, 1, q.shape[2], Tk, dtype=torch.bool, device=dev)
+        if causal:
+            qpos = torch.arange(i0, i0 + q.shape[2], device=dev)[:, None] + Tk - Tq
+            vis = vis & (torch.arange(Tk, device=dev)[None, :] <= qpos)
+        if keep is not None:
+            vis = vis & keep[:, None, None, :]
+        w = torch.where(vis, w, zero)
+        den = w.sum(-1)
+        y = torch.where(vis[..., None], w[..., None] * v[:, :, None], zero).sum(3)
+        ys.append(y / den.clamp_min(1e-9)[..., None])
+        lses.append(torch.log(den))
+    if not ys:  # no queries
+        return v.new_zeros(B, H, 0, v.shape[-1]), v.new_zeros(B, H, 0)
+    return torch.cat(ys, 2), torch.cat(lses, 2)
 
 
 def digits(B, H, T, K, p, kind="random"):

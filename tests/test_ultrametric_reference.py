@@ -34,8 +34,9 @@ def _id(c):
 
 def inputs(case, D=5):
     B, H, Hkv, Tq, Tk, K, p, causal, kind, pad = case
-    qd = digits(B, H, Tq, K, p, kind)
-    kd = digits(B, Hkv, Tk, K, p, kind)
+    # the reference's tests run on the CPU (tests/_ultrametric.digits makes DEVICE tensors)
+    qd = digits(B, H, Tq, K, p, kind).cpu()
+    kd = digits(B, Hkv, Tk, K, p, kind).cpu()
     if kind == "random" and Tq > 1:  # many deep matches: queries copy some keys' digits
         src = kd.repeat_interleave(H // Hkv, dim=1)[:, :, Tk - Tq:]
         take = torch.rand(B, H, Tq, 1) < 0.5

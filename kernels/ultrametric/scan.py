@@ -81,7 +81,8 @@ def _add_rows(tab, cnt, dig_ptr, digbase, rows, use, vals, K, p, D, COUNT: tl.co
 def _read_rows(tab, cnt, dig_ptr, digbase, rows, valid, K, p, log2a, am1, D,
                COUNT: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
     """sum_l w_l * table[code_l(row)] for each target row: (acc [C, BD], den [C], seen [C]);
-    w_0 = 1, w_l = alpha^(l-1) (alpha - 1) (reference.ultrametric.level_weights)."""
+    w_0 = 1, w_l = alpha^(l-1) (alpha - 1) (reference.ultrametric.level_weights). w in float32:
+    under torch.compile the float arguments log2a and am1 arrive as float64 scalars."""
     rd = tl.arange(0, BD)
     m2 = valid[:, None] & (rd < D)[None, :]
     # the root bucket (code 0) holds every source so far
@@ -101,7 +102,7 @@ def _read_rows(tab, cnt, dig_ptr, digbase, rows, valid, K, p, log2a, am1, D,
         pw *= p
         val = val * p + dl
         code = base + val
-        w = am1 * tl.exp2((l - 1) * log2a)
+        w = (am1 * tl.exp2((l - 1) * log2a)).to(tl.float32)
         acc += w * tl.load(tab + code.to(tl.int64)[:, None] * D + rd[None, :], mask=m2, other=0.0,
                            cache_modifier=".cg")
         if COUNT:
@@ -243,7 +244,7 @@ def ultrametric_scan_kernel(
                 else:
                     vis = pos[None, :] >= pos[:, None]
                 vis = vis & suse[None, :] & tvalid[:, None]
-                W = tl.where(vis, tl.exp2(lcp.to(tl.float32) * log2a), 0.0)
+                W = tl.where(vis, tl.exp2(lcp.to(tl.float32) * log2a).to(tl.float32), 0.0)
                 finite = (vals == vals) & (tl.abs(vals) != float("inf"))
                 dense = tl.dot(W, tl.where(finite, vals, 0.0), input_precision="ieee")
                 if tl.max(tl.where(finite, 0, 1)) > 0:
