@@ -144,6 +144,8 @@ def _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num
     for name, t in (("q_digits", q_digits), ("k_digits", k_digits), ("key_padding_mask", key_padding_mask)):
         if isinstance(t, torch.Tensor) and t.device != v.device:
             raise ValueError(f"{_OP}: {name} is on {t.device} but v is on {v.device}")
+    if values and v.is_cuda and torch.cuda.is_current_stream_capturing():
+        values = False  # a host read would break the capture; the kernels keep every access in bounds
     try:
         dims = ref.check_inputs(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, values=values)
     except (TypeError, ValueError) as e:
@@ -239,7 +241,9 @@ def ultrametric_attention(
     waits for the GPU, for digits in range by construction (nn.UltrametricCausalSelfAttention's).
     An out-of-range digit is then not refused: the Triton kernels keep every table access in
     bounds, but the result is unspecified. The torch backend (the reference) reads and checks the
-    digits on the host regardless (its code compression has a data-dependent size).
+    digits on the host regardless (its code compression has a data-dependent size). Under CUDA-graph
+    capture the Triton backend skips the check as check_digits=False does (a host read cannot be
+    captured).
     """
     B, H, Hkv, Tq, Tk, K, D = _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num_segments,
                                      check_digits)
