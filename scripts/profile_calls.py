@@ -77,7 +77,8 @@ def _walk(e, path, depth, tree, kinds, seen, out):
 def _summarise(prof, n, depth, kinds, min_share=0.01):
     """(per-call tree rows, per-call kinds, per-call GPU work) of one profiler run over n calls."""
     tree, out = collections.defaultdict(lambda: [0.0, 0]), collections.Counter()
-    calls = [e for e in prof.events() if e.name == MARK]
+    # the CPU ranges only: with CUDA activity the profiler mirrors each range as a GPU annotation
+    calls = [e for e in prof.events() if e.name == MARK and e.device_type == torch.autograd.DeviceType.CPU]
     if len(calls) != n:
         raise RuntimeError(f"expected {n} '{MARK}' ranges in the profile, found {len(calls)}")
     for e in calls:
@@ -87,7 +88,7 @@ def _summarise(prof, n, depth, kinds, min_share=0.01):
             for p, (us, k) in tree.items() if us / n >= min_share * total]
     gpu = collections.defaultdict(lambda: [0, 0.0])
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name != MARK:
             gpu[_name(e)][0] += 1
             gpu[_name(e)][1] += e.time_range.elapsed_us()
     work = [{"name": k, "per_call": c / n, "us": us / max(c, 1), "own": any(f in k for f in OWN)}
