@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/compare.sh OUT REPEATS LABEL=DIR [LABEL=DIR ...]: the headline rows (scripts/headline.py) of
+# scripts/compare.sh OUT REPEATS LABEL=DIR [LABEL=DIR ...] (HEADLINE_ARGS: more arguments of headline.py): the headline rows (scripts/headline.py) of
 # the geokern this checkout imports (label "new": the editable install or an installed wheel) and of
 # older trees, in one run on one machine, REPEATS times alternating (the spread of repeats says what a
 # difference must exceed). Each DIR holds an older tree (git archive REV | tar -x -C DIR) with its
@@ -21,9 +21,9 @@ for spec in "$@"; do
 done
 $PY -c "import geokern; print('new', geokern.__file__, geokern.info()['cuda_extension'])" || exit 1
 for i in $(seq "$REPEATS"); do
-  $PY "$ROOT/scripts/headline.py" --label new --out "$OUT/headline.jsonl" || exit 1
+  $PY "$ROOT/scripts/headline.py" --label new --out "$OUT/headline.jsonl" ${HEADLINE_ARGS:-} || exit 1
   for spec in "${labels[@]}"; do
-    ( cd /tmp && PYTHONPATH="${spec#*=}" $PY "$ROOT/scripts/headline.py" --label "${spec%%=*}" --out "$OUT/headline.jsonl" ) || exit 1
+    ( cd /tmp && PYTHONPATH="${spec#*=}" $PY "$ROOT/scripts/headline.py" --label "${spec%%=*}" --out "$OUT/headline.jsonl" ${HEADLINE_ARGS:-} ) || exit 1
   done
 done
 $PY - "$OUT/headline.jsonl" <<'PYEOF' | tee "$OUT/headline.txt"
