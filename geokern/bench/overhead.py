@@ -18,7 +18,9 @@ Per (op, backend, dtype), tiny inputs on the GPU (a few rows: the kernel's time 
   overhead_us  eager_us - graph_us: what a call costs beyond its kernels.
   floor_us     an empty custom op (geokern_bench::noop: the same tensors in, a new 1-element
                tensor out, no GPU work) called through a trivial autograd.Function, timed as
-               eager_us on the same inputs: the least any op pays in this design.
+               eager_us on the same inputs: the least a call through a custom op pays (the Triton
+               backend's ops skip the custom-op layer in plain eager calls, _registry._plain_eager,
+               so their rows may fall below it).
   over_floor_us overhead_us - floor_us: issue #16 asks for at most 10 us.
   floor_aten_us the floor with an aten op (new_empty) in place of the custom op: without the
                Python autograd layer of torch.library custom ops, which the Triton backend's ops

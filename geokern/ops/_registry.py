@@ -9,6 +9,8 @@ torch.library.triton_op (geokern::<op>_triton), so torch.compile sees into them.
 import inspect
 
 import torch
+from torch._C._functorch import peek_interpreter_stack as _functorch_level
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 from geokern import _ext
 
@@ -36,16 +38,43 @@ def cuda_op(name, fake, cpu_impl):
 
 
 def triton_op(name, impl, mutates_args=()):
-    """torch.library.triton_op geokern::<name> with `impl` as its body.
+    """torch.library.triton_op geokern::<name> with `impl` as its body, as a callable that runs
+    `impl` directly in plain eager calls (see _plain_eager) and the op otherwise.
 
     `impl` launches its kernels through geokern.kernels._common.launch, so torch.compile
     traces into them on the GPU; on CPU tensors under TRITON_INTERPRET=1 the kernels run
     directly (eager only: tracing CPU Triton ops is unsupported). `mutates_args` names the
-    arguments written in place (a decode state)."""
+    arguments written in place (a decode state). The op itself is the callable's `.op`."""
     qualname = f"geokern::{name}"
     op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
     CUSTOM_OPS.append(("triton", qualname))
-    return op
+
+    def call(*args, **kwargs):
+        if _plain_eager(args, kwargs):
+            return impl(*args, **kwargs)
+        return call.op(*args, **kwargs)
+
+    call.op = op
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args, kwargs):
+    """Whether a Triton op's body may run without the dispatcher: eager (not traced by
+    torch.compile), no dispatch mode (fake tensors, functionalization, a debug mode), no
+    functorch transform, and only plain tensors. The dispatcher's Python custom-op layer costs
+    about 20 us a call there (scripts/profile_calls.py on the H100: the empty custom op's floor)
+    and does nothing the body needs: autograd lives in each op's autograd.Function."""
+    if torch.compiler.is_compiling() or _dispatch_mode() is not None or _functorch_level() is not None:
+        return False
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
+                return False
+    return True
 
 
 def bound_once(cls):

@@ -1,0 +1,65 @@
+"""geokern.ops._registry.triton_op: plain eager calls run the op's body without the dispatcher,
+every other call (fake tensors, functorch transforms, tensor subclasses, torch.compile) goes
+through the custom op."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from geokern.ops import _registry
+
+
+@pytest.fixture(scope="module")
+def probe():
+    """A triton_op whose body and whose dispatcher route record which ran."""
+    ran = []
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        ran.append("body")
+        return x.clone()
+
+    call = _registry.triton_op("registry_probe_triton", body)
+    yield call, ran
+    _registry.CUSTOM_OPS.remove(("triton", "geokern::registry_probe_triton"))
+
+
+class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_eager_runs_the_body_directly(probe, monkeypatch):
+    call, ran = probe
+    x = torch.randn(3)
+    op = call.op
+    monkeypatch.setattr(call, "op", lambda *a, **k: ran.append("op") or op(*a, **k))
+    ran.clear()
+    assert torch.equal(call(x), x) and ran == ["body"]
+    assert _registry._plain_eager((x, [x, 1]), {"y": x})
+    with _Seen():  # a dispatch mode: through the op, which runs the body
+        call(x)
+    assert ran == ["body", "op", "body"]
+
+
+def test_modes_transforms_and_subclasses_go_through_the_op(probe):
+    call, ran = probe
+    x = torch.randn(3)
+    with _Seen() as seen:  # any dispatch mode: the op, so the mode sees geokern's op
+        call(x)
+    assert any("registry_probe_triton" in o for o in seen.ops), seen.ops
+    with FakeTensorMode() as mode:
+        assert not _registry._plain_eager((mode.from_tensor(x),), {})
+    seen_levels = []
+    torch.func.vmap(lambda t: seen_levels.append(_registry._plain_eager((t,), {})) or t)(torch.ones(2, 3))
+    assert seen_levels == [False]
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _registry._plain_eager((x.as_subclass(Sub),), {})
+    assert not _registry._plain_eager(([x, x.as_subclass(Sub)],), {})
