@@ -74,12 +74,12 @@ def octonion_attention(q, k, v, causal=True, scale=None, normalize=True):
     Tk = k.shape[2]
     step = max(1, _CHUNK_ELEMS // max(1, B * H * Tk * D))
     out = []
-    for i0 in range(0, Tq, step):
+    for i0 in range(0, max(Tq, 1), step):  # one pass even when Tq == 0: an empty y with a grad_fn
         qc = channels(qn[:, :, i0:i0 + step], 8).unsqueeze(3)  # (B, H, c, 1, C, 8)
         left = hypercomplex_mul(qc, kb.unsqueeze(2), 8)  # q^_i conj(k^_j): (B, H, c, Tk, C, 8)
         prod = hypercomplex_mul(left, vc.unsqueeze(2), 8).flatten(-2)  # (B, H, c, Tk, D)
         out.append(torch.einsum("bhij,bhijd->bhid", p[:, :, i0:i0 + step], prod))
-    return torch.cat(out, dim=2) if out else q.new_empty((B, H, Tq, D))
+    return torch.cat(out, dim=2)
 
 
 def octonion_attention_other_parenthesisation(q, k, v, causal=True, scale=None, normalize=True):
