@@ -1,0 +1,109 @@
+"""Quaternion rotor-gate attention and octonion attention: the definition (spec section 4).
+
+Shapes: q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with Hkv dividing H (grouped-query heads).
+The head dim holds D / n hypercomplex channels, each n = 4 (quaternion) or 8 (octonion)
+consecutive components: channel c of a row is x[..., n c : n c + n] (x.unflatten(-1, (D / n, n))),
+the layout of the product ops' last dim.
+
+    s_ij = (q_i . k_j) * scale            (scale = 1 / sqrt(D); the raw q, k)
+    p_ij = softmax_j(s_ij)                (causal mask: tropical.causal_visible)
+    q^_i, k^_j = q_i, k_j normalised per channel (x / max(|x|, eps), F.normalize's rule)
+    quaternion:  y_i = q^_i (sum_j p_ij conj(k^_j) v_j)            per channel
+    octonion:    y_i = sum_j p_ij ((q^_i conj(k^_j)) v_j)           per channel
+
+Choices where the spec is silent: the channel layout above (interleaved components, as the
+product ops take them); the octonion op normalises q and k per channel as the quaternion op
+does (the spec says "the same scores" and the same rotor construction); eps = 1e-12 (a zero
+channel gives a zero rotor, never NaN); normalize=False uses q and k in the products as they
+are. Everything is computed in the inputs' dtype (use float64 for the truth); memory is
+bounded by chunking queries (the octonion products are O(chunk * Tk * D) at a time).
+"""
+
+import torch
+
+from geokern.reference.hypercomplex import hypercomplex_conj, hypercomplex_mul
+from geokern.reference.tropical import causal_visible, repeat_kv
+
+EPS = 1e-12
+_CHUNK_ELEMS = 1 << 24  # elements of one query chunk's [B, H, chunk, Tk, D] octonion products
+
+
+def channels(x, n):
+    """(..., D) -> (..., D / n, n)."""
+    return x.unflatten(-1, (x.shape[-1] // n, n))
+
+
+def normalize_channels(x, n, eps=EPS):
+    """x with each of its D / n channels scaled to unit norm (zero channels stay zero)."""
+    c = channels(x, n)
+    return (c / c.norm(dim=-1, keepdim=True).clamp_min(eps)).flatten(-2)
+
+
+def softmax_weights(q, k, causal, scale=None):
+    """p (B, H, Tq, Tk) and lse (B, H, Tq) of the scores; rows with no visible key get p = 0
+    and lse = -inf."""
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    k = repeat_kv(k, q.shape[1])
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~causal_visible(q.shape[2], k.shape[2], q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(s.dtype).min))
+    return p, lse
+
+
+def quaternion_attention(q, k, v, causal=True, scale=None, normalize=True):
+    """y (B, H, Tq, D) of quaternion rotor-gate attention (module docstring)."""
+    p, _ = softmax_weights(q, k, causal, scale)
+    qn, kn = (normalize_channels(q, 4), normalize_channels(k, 4)) if normalize else (q, k)
+    t = hypercomplex_mul(hypercomplex_conj(channels(kn, 4), 4), channels(v, 4), 4).flatten(-2)  # T_j
+    a = torch.matmul(p, repeat_kv(t, q.shape[1]))  # A_i = sum_j p_ij T_j
+    return hypercomplex_mul(channels(qn, 4), channels(a, 4), 4).flatten(-2)
+
+
+def octonion_attention(q, k, v, causal=True, scale=None, normalize=True):
+    """y (B, H, Tq, D) of octonion attention with the parenthesisation ((q^_i conj(k^_j)) v_j)
+    (module docstring): the literal sum over key pairs, in query chunks."""
+    p, _ = softmax_weights(q, k, causal, scale)
+    qn, kn = (normalize_channels(q, 8), normalize_channels(k, 8)) if normalize else (q, k)
+    H = q.shape[1]
+    kb = channels(hypercomplex_conj(channels(repeat_kv(kn, H), 8), 8).flatten(-2), 8)  # (B, H, Tk, C, 8)
+    vc = channels(repeat_kv(v, H), 8)
+    B, _, Tq, D = q.shape
+    Tk = k.shape[2]
+    step = max(1, _CHUNK_ELEMS // max(1, B * H * Tk * D))
+    out = []
+    for i0 in range(0, max(Tq, 1), step):  # one pass even when Tq == 0: an empty y with a grad_fn
+        qc = channels(qn[:, :, i0:i0 + step], 8).unsqueeze(3)  # (B, H, c, 1, C, 8)
+        left = hypercomplex_mul(qc, kb.unsqueeze(2), 8)  # q^_i conj(k^_j): (B, H, c, Tk, C, 8)
+        prod = hypercomplex_mul(left, vc.unsqueeze(2), 8).flatten(-2)  # (B, H, c, Tk, D)
+        out.append(torch.einsum("bhij,bhijd->bhid", p[:, :, i0:i0 + step], prod))
+    return torch.cat(out, dim=2)
+
+
+def octonion_attention_other_parenthesisation(q, k, v, causal=True, scale=None, normalize=True):
+    """sum_j p_ij (q^_i (conj(k^_j) v_j)): what the op is not (octonions do not associate);
+    the tests use it to show the op keeps the spec's parenthesisation."""
+    p, _ = softmax_weights(q, k, causal, scale)
+    qn, kn = (normalize_channels(q, 8), normalize_channels(k, 8)) if normalize else (q, k)
+    t = hypercomplex_mul(hypercomplex_conj(channels(kn, 8), 8), channels(v, 8), 8).flatten(-2)
+    a = torch.matmul(p, repeat_kv(t, q.shape[1]))  # by linearity in the right factor
+    return hypercomplex_mul(channels(qn, 8), channels(a, 8), 8).flatten(-2)
+
+
+def structure_constants(n):
+    """G (n, n, n, n) float64 with ((e_s e_t) e_u)_r = G[r, s, t, u]: the trilinear form of
+    (a b) c, read off the one multiplication table (hypercomplex_mul) on basis elements."""
+    e = torch.eye(n, dtype=torch.float64)
+    ab = hypercomplex_mul(e[:, None, :], e[None, :, :], n)  # [s, t, :] = e_s e_t
+    abc = hypercomplex_mul(ab[:, :, None, :], e[None, None, :, :], n)  # [s, t, u, :]
+    return abc.permute(3, 0, 1, 2).contiguous()
+
+
+def epilogue_matrix(n):
+    """(n * n, n * n) float64 E with E[t n + u, s n + r] = G[r, s, t, u]: for M[t, u] =
+    sum_j p_ij conj(k^_j)_t v_j,u, (M.flatten() @ E)[s n + r] summed against q^_s over s is
+    y_r, the octonion attention's epilogue as one small GEMM."""
+    g = structure_constants(n)  # [r, s, t, u]
+    return g.permute(2, 3, 1, 0).reshape(n * n, n * n).contiguous()

@@ -1,0 +1,84 @@
+"""Triton kernels of quaternion and octonion attention (spec section 4; the definition is
+geokern.reference.hypercomplex_attention): one forward kernel and a two-kernel backward,
+shared by both algebras through N = 4 / 8 (common.py holds the algebra).
+
+Launchers take q, qn (B, H, Tq, D) and k, v, kn (B, Hkv, Tk, D) with any strides, and
+contiguous outputs; float16 / bfloat16 / float32 (float32 dots exact: "ieee").
+"""
+
+import torch
+import triton
+
+from geokern._backend import interpret_mode
+from geokern.kernels._common import launch
+from geokern.kernels.hypercomplex_attention.attention_bwd import (hypercomplex_attention_bwd_dkdv_kernel,
+                                                                  hypercomplex_attention_bwd_dq_kernel)
+from geokern.kernels.hypercomplex_attention.attention_fwd import hypercomplex_attention_fwd_kernel
+
+__all__ = ["hypercomplex_attention_fwd", "hypercomplex_attention_bwd"]
+
+LOG2E = 1.4426950408889634
+
+def _prec(dtype):
+    # the interpreter's 16-bit dot is wrong in triton 3.8: it multiplies float32 copies
+    if interpret_mode():
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+def _blocks(n, block_d):
+    """(BLOCK_M, BLOCK_N, warps): the octonion accumulators are [rows, 8 * BLOCK_D] float32, so
+    their tiles shrink to keep rows * width <= 16K floats (the register budget the retrieval
+    kernels measured); the quaternion ones are flash-attention's 64 x 64."""
+    if interpret_mode():
+        return 16, 16, 4
+    vw = block_d * (1 if n == 4 else 8)
+    rows = max(16, min(64, 16384 // vw))
+    return rows, rows, 4
+
+def _strides(*ts):
+    return [s for t in ts for s in t.stride()]
+
+def _common(q, k, causal, n):
+    B, H, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    block_d = max(16, triton.next_power_of_2(D))
+    bm, bn, warps = _blocks(n, block_d)
+    vw = block_d * (1 if n == 4 else 8)
+    meta = dict(CAUSAL=bool(causal), N=n, PREC=_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, VW=vw,
+                num_warps=warps)
+    return B, H, Hk, Tq, Tk, D, meta
+
+def hypercomplex_attention_fwd(q, k, v, qn, kn, e, y, lse, causal, scale, n):
+    """y (B, H, Tq, D) and lse (B, H, Tq) float32, written in place; e: the [n * n, n * n]
+    float32 epilogue matrix (octonions; any float32 tensor for quaternions)."""
+    B, H, Hk, Tq, Tk, D, meta = _common(q, k, causal, n)
+    if y.numel() == 0:
+        return y, lse
+    grid = (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)
+    launch(hypercomplex_attention_fwd_kernel)[grid](
+        q, k, v, qn, kn, e, y, lse, *_strides(q, k, v, qn, kn),
+        H, H // Hk, Tq, Tk, D, Tk - Tq, scale * LOG2E, **meta)
+    return y, lse
+
+def hypercomplex_attention_bwd(q, k, v, qn, kn, e, et, dy, y, lse, dq, dqn, dk, dkn, dv, causal, scale, n):
+    """Writes dq, d q^ (B, H, Tq, D) and dk, d k^, dv (B, Hkv, Tk, D), contiguous; dy contiguous."""
+    B, H, Hk, Tq, Tk, D, meta = _common(q, k, causal, n)
+    if dq.numel() == 0 and dk.numel() == 0:
+        return
+    delta = (dy.float() * y.float()).sum(-1).contiguous()  # <dy, y> = the rows' sum of P dP
+    strides = _strides(q, k, v, qn, kn)
+    scalars = (H, H // Hk, Tq, Tk, D, Tk - Tq, scale * LOG2E, scale)
+    if dq.numel():
+        launch(hypercomplex_attention_bwd_dq_kernel)[(triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+            q, k, v, qn, kn, e, et, dy, lse, delta, dq, dqn, *strides, *scalars, **meta)
+    if dk.numel():
+        launch(hypercomplex_attention_bwd_dkdv_kernel)[(triton.cdiv(Tk, meta["BLOCK_N"]), B * Hk)](
+            q, k, v, qn, kn, et, dy, lse, delta, dk, dkn, dv, *strides, *scalars, **meta)
+
+def flops(B, H, Tq, Tk, D, n, causal):
+    """Forward flops as the benchmarks count them: 2 Tq Tk (D + value width) per head, with value
+    width D (quaternions) or 8 D (octonions), halved when causal and square."""
+    width = D if n == 4 else 8 * D
+    f = 2.0 * B * H * Tq * Tk * (D + width)
+    return f / 2 if causal and Tq == Tk else f
+
