@@ -145,9 +145,9 @@ def _check_params(op, params):
 
 def _composition_only(op, backend, device):
     """The torch-op composition's backend; an explicit kernel backend is refused, saying why."""
-    be = _backend.resolve(op, backend, device, ())
-    if be == "cuda":
+    if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
         raise RuntimeError(f"{op}: {_NO_CUDA}")
+    be = _backend.resolve(op, backend, device, ())
     if be == "triton":
         raise RuntimeError(f"{op}: has no Triton kernel: it is a composition of torch ops (a GEMM or cuFFT), "
                            "use backend='torch' or 'auto'")

@@ -177,7 +177,10 @@ def lior_recurrence(x, j=None, rho=0.9, eta=1.0, xi=0.5, p=4, m0=None, history=N
     for t in range(T):
         m = lior_recurrence_step(m, xs[t + p], xs[t], None if j is None else j[t], rho, eta, xi)
         out.append(m)
-    return (torch.stack(out) if out else x.new_zeros((0, B, D), dtype=acc)).to(x.dtype)
+    if not out:  # no step: an empty result still tied to every input (their gradients are zeros)
+        tie = sum(t.sum() for t in (j, m0, history) if t is not None)
+        return (x.to(acc) + 0 * tie).to(x.dtype)
+    return torch.stack(out).to(x.dtype)
 
 
 def lior_action(v, R, metric, eps=1e-8, dtau=1.0, integral=None, mean=None, count=None):
