@@ -59,7 +59,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NO_CASE = {"curvature_scalar": "no kernel backend: two PyTorch contractions, nothing of geokern's to wrap",
            "ultrametric_soft_digits": "no kernel backend: a matmul and a sigmoid in PyTorch",
            "ultrametric_hard_digits": "no kernel backend: round and clamp in PyTorch",
-           "UltrametricCache": "a class: its step is timed as ultrametric_decode_step_"}
+           "UltrametricCache": "a class: its step is timed as ultrametric_decode_step_",
+           "lior_params": "a constructor of a 12-element tensor, no GPU work of its own",
+           "lior_kernel": "no kernel backend: a composition of torch elementwise ops",
+           "lior_memory_conv": "no kernel backend: a Toeplitz GEMM or cuFFT composed in PyTorch"}
 BETA, EPS = 5.0, 1e-8
 
 
@@ -158,6 +161,29 @@ def _ultrametric_step_run(backend, q, k, v):
 
 
 _ultrametric_caches = {}
+_lior_states = {}
+
+
+def _lior_state(backend, dtype, B, D, p=4):
+    key = (backend, dtype, B, D)
+    if key not in _lior_states:
+        _lior_states[key] = (torch.zeros(B, D, device="cuda", dtype=dtype),
+                             torch.zeros(p, B, D, device="cuda", dtype=dtype),
+                             torch.zeros((), device="cuda", dtype=torch.int64))
+    m, ring, pos = _lior_states[key]
+    for t in (m, ring, pos):  # the same state before every call: eager and graph replays agree
+        t.zero_()
+    return m, ring, pos
+
+
+def _lior_step_run(backend, x, j):
+    m, ring, pos = _lior_state(backend, x.dtype, *x.shape)
+    return geokern.lior_recurrence_step_(m, ring, pos, x, j, backend=backend)
+
+
+def _lior_action_run(backend, v, r, lam):
+    m, ring, count = _lior_state(backend, torch.float32, 1, v.shape[1])
+    return geokern.lior_action_(v, r, diag(lam), m[0], ring[0, 0], count, dtau=0.1, backend=backend)
 
 
 def _decode_make(dtype):
@@ -200,6 +226,10 @@ CALLS = [
     Call("retrieval_attention", "B4-n8-T16-dv16",
          _inputs(_randn(4, 8), _randn(4, 16, 8), _randn(4, 16, 16), _positive(4, 1), _positive(8)),
          lambda be, q, k, v, r, lam: geokern.retrieval_attention(q, k, v, r, diag(lam), BETA, EPS, backend=be)),
+    Call("lior_recurrence", "T8-B2-D16", _inputs(_randn(8, 2, 16), _randn(8, 2)),
+         lambda be, x, j: geokern.lior_recurrence(x, j, backend=be)),
+    Call("lior_recurrence_step_", "B4-D16", _inputs(_randn(4, 16), _randn(4)), _lior_step_run),
+    Call("lior_action_", "W4-B8-n8", _inputs(_randn(4, 8, 8), _positive(4, 8), _positive(8)), _lior_action_run),
     # the trainer's decode shape, with _retrieval_decode's inputs and call (bank, R per row)
     Call("retrieval_attention", f"decode-B{decode.B}-n{decode.N}-T{decode.T}+bank{decode.C}-dv{decode.DV}",
          _decode_make, _decode_run),

@@ -70,9 +70,15 @@ def _cost_chunk(q, k, R, metric, eps, keep=None):
     if keep is not None:
         dv = torch.where(keep.unsqueeze(-1), dv, torch.zeros_like(dv))
         R = torch.where(keep, R, torch.zeros_like(keep, dtype=dv.dtype))
+    return quad_cost(dv, R, metric, eps)
+
+
+def quad_cost(dv, R, metric, eps):
+    """R * sqrt(max(g(dv, dv), 0) + eps) over dv's last dim: the quadratic form every cost in
+    geokern uses (the retrieval cost's pairs, the LIoR action's velocities)."""
     t = torch.clamp(metric.quad(dv), min=0) + eps  # clamp keeps NaN
     if eps == 0:
-        # sqrt has no derivative at 0 (k = q): take the subgradient 0, not 0 * inf = NaN
+        # sqrt has no derivative at 0 (dv = 0): take the subgradient 0, not 0 * inf = NaN
         pos = t > 0
         return R * torch.where(pos, torch.sqrt(torch.where(pos, t, torch.ones_like(t))), torch.zeros_like(t))
     return R * torch.sqrt(t)

@@ -1,0 +1,242 @@
+"""Triton kernels of the LIoR family and their launchers (what geokern.ops.lior imports).
+
+    lior_step              one recurrence step in place over [B, D] (the ring slot of x_{t-p} too)
+    lior_recurrence_fwd    the sequence [T, B, D] in one launch: a program per (b, D-block) walks T
+    lior_recurrence_bwd    its adjoint in one launch, walking T backwards
+    lior_action            the action integrand per step, the running integral and mean, in place
+
+The memory convolution has no kernel: its direct path is one cuBLAS GEMM with a Toeplitz matrix and
+its long path cuFFT (kernels/lior.md says why, and what the benchmark measures). Arithmetic is
+float32 for float16 / bfloat16 / float32 tensors (float64 runs on the reference: Triton passes
+float scalars as float32). Tensors reach the launchers contiguous.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from geokern.kernels._common import autotune_configs, launch, narrow
+
+__all__ = ["lior_step", "lior_recurrence_fwd", "lior_recurrence_bwd", "lior_action"]
+
+STEP_BLOCK = 1024
+
+
+@triton.jit
+def _gate(j, rho, eta, xi):
+    """(a, b, c) = (rho sigmoid j, eta g, xi g), g = 1 + 0.1 tanh j, and their derivatives in j."""
+    s = 1.0 / (1.0 + tl.exp(-j))
+    e2 = tl.exp(-2.0 * tl.abs(j))  # tanh without overflow: sign(j) (1 - e^-2|j|) / (1 + e^-2|j|)
+    th = (1.0 - e2) / (1.0 + e2)
+    th = tl.where(j < 0, -th, th)
+    g = 1.0 + 0.1 * th
+    dg = 0.1 * (1.0 - th * th)
+    return rho * s, eta * g, xi * g, rho * s * (1.0 - s), eta * dg, xi * dg
+
+
+@triton.jit
+def lior_step_kernel(m_ptr, ring_ptr, x_ptr, j_ptr, pos_ptr, N, D, rho, eta, xi,
+                     P: tl.constexpr, HAS_J: tl.constexpr, BLOCK: tl.constexpr):
+    """m, x [B, D] (N = B D elements), ring [P, B, D]; a program updates BLOCK elements of m and of
+    ring slot pos % P (x_{t-P} read, x_t written), j [B] the per-row gate."""
+    acc: tl.constexpr = tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    slot = tl.load(pos_ptr) % P
+    r_ptr = ring_ptr + slot * N + offs
+    old = tl.load(r_ptr, mask=ok, other=0.0).to(acc)
+    xv = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(acc)
+    if HAS_J:
+        jv = tl.load(j_ptr + offs // D, mask=ok, other=0.0).to(acc)
+        a, b, c, _, _, _ = _gate(jv, rho, eta, xi)
+        m = a * m + b * xv.to(acc) - c * old
+    else:
+        m = rho * m + eta * xv.to(acc) - xi * old
+    tl.store(m_ptr + offs, narrow(m, m_ptr.dtype.element_ty), mask=ok)
+    tl.store(r_ptr, narrow(xv, ring_ptr.dtype.element_ty), mask=ok)
+
+
+def lior_step(m, ring, x, j, pos, rho, eta, xi):
+    """In place: m [B, D], ring [P, B, D] (slot pos % P); pos itself is advanced by the caller."""
+    N = m.numel()
+    if N == 0:
+        return
+    grid = (triton.cdiv(N, STEP_BLOCK),)
+    launch(lior_step_kernel)[grid](m, ring, x, x if j is None else j, pos, N, m.shape[1], rho, eta, xi,
+                                   P=ring.shape[0], HAS_J=j is not None, BLOCK=STEP_BLOCK)
+
+
+def _seq_configs():
+    return [triton.Config({"BD": bd}, num_warps=w) for bd in (32, 64, 128, 256, 512) for w in (1, 2, 4)
+            if bd >= 32 * w]
+
+
+_SEQ_CONFIGS = autotune_configs(_seq_configs, test=[triton.Config({"BD": 128}, num_warps=1)],
+                                interp=[triton.Config({"BD": 16}, num_warps=1)])
+
+
+@triton.autotune(configs=_SEQ_CONFIGS, key=["T", "B", "D", "HAS_J"])
+@triton.jit
+def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rho, eta, xi,
+                               P: tl.constexpr, PP: tl.constexpr, HAS_J: tl.constexpr, HAS_M0: tl.constexpr,
+                               HAS_H: tl.constexpr, BD: tl.constexpr):
+    """x, out [T, B, D], j [T, B], m0 [B, D], h [P, B, D] (x_{-P} .. x_{-1}). A program owns row b and
+    BD columns; it walks t in chunks of P so that ring slot t % P is a compile-time row of the
+    register ring [PP, BD] (PP = P rounded up to a power of two)."""
+    acc: tl.constexpr = tl.float32
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dok = d < D
+    rows = tl.arange(0, PP)[:, None]
+    if HAS_M0:
+        m = tl.load(m0_ptr + b * D + d, mask=dok, other=0.0).to(acc)
+    else:
+        m = tl.zeros([BD], acc)
+    if HAS_H:
+        ring = tl.load(h_ptr + rows * (B * D) + b * D + d[None, :], mask=(rows < P) & dok[None, :],
+                       other=0.0).to(acc)
+    else:
+        ring = tl.zeros([PP, BD], acc)
+    row_stride = B * D
+    for t0 in range(0, T, P):
+        for i in tl.static_range(P):
+            t = t0 + i
+            ok = dok & (t < T)
+            off = tl.cast(t, tl.int64) * row_stride + b * D + d
+            xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(acc)
+            old = tl.sum(tl.where(rows == i, ring, 0.0), 0)
+            ring = tl.where(rows == i, xv[None, :], ring)
+            if HAS_J:
+                jv = tl.load(j_ptr + tl.cast(t, tl.int64) * B + b, mask=t < T, other=0.0).to(acc)
+                a, bb, c, _, _, _ = _gate(jv, rho, eta, xi)
+                m = a * m + bb * xv - c * old
+            else:
+                m = rho * m + eta * xv - xi * old
+            tl.store(out_ptr + off, narrow(m, out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_SEQ_CONFIGS, key=["T", "B", "D", "HAS_J"], reset_to_zero=["dj_ptr"])
+@triton.jit
+def lior_recurrence_bwd_kernel(g_ptr, x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, dx_ptr, dm0_ptr, dh_ptr, dj_ptr,
+                               T, B, D, rho, eta, xi, P: tl.constexpr, PP: tl.constexpr, HAS_J: tl.constexpr,
+                               HAS_M0: tl.constexpr, HAS_H: tl.constexpr, BD: tl.constexpr):
+    """Adjoint lam_t = g_t + a_{t+1} lam_{t+1}, walked from T - 1 down: dx_t = b_t lam_t - c_{t+P}
+    lam_{t+P} (the ring holds c lam of the last P steps), dm0 = a_0 lam_0, dh_i = -c_i lam_i, and
+    dj [T, B] += sum over this program's columns of lam_t (a'_t m_{t-1} + b'_t x_t - c'_t x_{t-P})
+    (float32 atomics across D-blocks). Shapes as in the forward; dj float32 zeroed by the caller."""
+    acc: tl.constexpr = tl.float32
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dok = d < D
+    rows = tl.arange(0, PP)[:, None]
+    row_stride = B * D
+    lam = tl.zeros([BD], acc)
+    ring = tl.zeros([PP, BD], acc)
+    a_next = rho  # a_{t+1}; multiplies lam = 0 until the first real step
+    nc = tl.cdiv(T, P)
+    for cc in range(0, nc):
+        t0 = (nc - 1 - cc) * P
+        for k in tl.static_range(P):
+            i = P - 1 - k
+            t = t0 + i
+            tok = t < T
+            ok = dok & tok
+            off = tl.cast(t, tl.int64) * row_stride + b * D + d
+            lam = tl.load(g_ptr + off, mask=ok, other=0.0).to(acc) + a_next * lam
+            if HAS_J:
+                jv = tl.load(j_ptr + tl.cast(t, tl.int64) * B + b, mask=tok, other=0.0).to(acc)
+                a, bb, c, da, db, dc = _gate(jv, rho, eta, xi)
+            else:
+                a, bb, c = rho, eta, xi
+            old = tl.sum(tl.where(rows == i, ring, 0.0), 0)
+            tl.store(dx_ptr + off, narrow(bb * lam - old, dx_ptr.dtype.element_ty), mask=ok)
+            ring = tl.where(rows == i, (c * lam)[None, :], ring)
+            if HAS_J:
+                xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(acc)
+                mp = tl.load(out_ptr + off - row_stride, mask=ok & (t >= 1), other=0.0).to(acc)
+                if HAS_M0:
+                    mp += tl.load(m0_ptr + b * D + d, mask=ok & (t == 0), other=0.0).to(acc)
+                xo = tl.load(x_ptr + off - P * row_stride, mask=ok & (t >= P), other=0.0).to(acc)
+                if HAS_H:
+                    xo += tl.load(h_ptr + t * row_stride + b * D + d, mask=ok & (t < P), other=0.0).to(acc)
+                part = tl.sum(tl.where(ok, lam * (da * mp + db * xv - dc * xo), 0.0), 0)
+                tl.atomic_add(dj_ptr + tl.cast(t, tl.int64) * B + b, part.to(tl.float32), mask=tok)
+            a_next = a
+    tl.store(dm0_ptr + b * D + d, narrow(a_next * lam, dm0_ptr.dtype.element_ty), mask=dok)
+    tl.store(dh_ptr + rows * row_stride + b * D + d[None, :], narrow(-ring, dh_ptr.dtype.element_ty),
+             mask=(rows < P) & dok[None, :])
+
+
+def _pp(P):
+    return triton.next_power_of_2(P)
+
+
+def lior_recurrence_fwd(x, j, m0, h, out, rho, eta, xi, P):
+    """out [T, B, D] = the recurrence over x [T, B, D] (j [T, B], m0 [B, D], h [P, B, D] or None)."""
+    T, B, D = x.shape
+    if out.numel() == 0:
+        return
+    grid = lambda meta: (B, triton.cdiv(D, meta["BD"]))  # noqa: E731
+    launch(lior_recurrence_fwd_kernel)[grid](
+        x, x if j is None else j, x if m0 is None else m0, x if h is None else h, out, T, B, D, rho, eta, xi,
+        P=P, PP=_pp(P), HAS_J=j is not None, HAS_M0=m0 is not None, HAS_H=h is not None)
+
+
+def lior_recurrence_bwd(g, x, j, m0, h, out, dx, dm0, dh, dj, rho, eta, xi, P):
+    """dx [T, B, D], dm0 [B, D], dh [P, B, D] written; dj [T, B] float32 (zeros) accumulated."""
+    T, B, D = x.shape
+    if B * D == 0:
+        return
+    grid = lambda meta: (B, triton.cdiv(D, meta["BD"]))  # noqa: E731
+    launch(lior_recurrence_bwd_kernel)[grid](
+        g, x, x if j is None else j, x if m0 is None else m0, x if h is None else h, out, dx, dm0, dh,
+        dj, T, B, D, rho, eta, xi, P=P, PP=_pp(P), HAS_J=j is not None, HAS_M0=m0 is not None,
+        HAS_H=h is not None)
+
+
+@triton.jit
+def lior_action_kernel(phi_ptr, w_ptr, r_ptr, cost_ptr, int_ptr, mean_ptr, count_ptr, W, B, F, s_pw, s_pb,
+                       s_rw, s_rb, eps, dtau, BB: tl.constexpr, BF: tl.constexpr):
+    """phi [W, B, F] (feature stride 1), w [F], R read at t * s_rw + b * s_rb (stride 0 where it
+    broadcasts); cost [W, B] written; integral, mean [B] and count [] (steps before this window)
+    read, integral and mean written. A program owns BB rows and walks the W steps."""
+    acc: tl.constexpr = tl.float32
+    rb = tl.program_id(0) * BB + tl.arange(0, BB)
+    rok = rb < B
+    rb64 = rb.to(tl.int64)
+    total = tl.zeros([BB], acc)
+    for t in range(0, W):
+        q = tl.zeros([BB], acc)
+        for f0 in range(0, F, BF):
+            f = f0 + tl.arange(0, BF)
+            fok = f < F
+            wv = tl.load(w_ptr + f, mask=fok, other=0.0).to(acc)
+            v = tl.load(phi_ptr + tl.cast(t, tl.int64) * s_pw + rb64[:, None] * s_pb + f[None, :],
+                        mask=rok[:, None] & fok[None, :], other=0.0).to(acc)
+            q += tl.sum(v * v * wv[None, :], 1)
+        q = tl.where(q < 0, 0.0, q)  # max(q, 0) that keeps NaN
+        r = tl.load(r_ptr + tl.cast(t, tl.int64) * s_rw + rb64 * s_rb, mask=rok, other=0.0).to(acc)
+        cost = r * tl.sqrt(q + eps)
+        tl.store(cost_ptr + tl.cast(t, tl.int64) * B + rb64, narrow(cost, cost_ptr.dtype.element_ty), mask=rok)
+        total += cost
+    n0 = tl.load(count_ptr).to(acc)
+    n1 = n0 + W
+    integ = tl.load(int_ptr + rb64, mask=rok, other=0.0).to(acc)
+    mu = tl.load(mean_ptr + rb64, mask=rok, other=0.0).to(acc)
+    tl.store(int_ptr + rb64, narrow(integ + dtau * total, int_ptr.dtype.element_ty), mask=rok)
+    mu = tl.where(n1 > 0, (mu * n0 + total) / tl.maximum(n1, 1.0), mu)
+    tl.store(mean_ptr + rb64, narrow(mu, mean_ptr.dtype.element_ty), mask=rok)
+
+
+def lior_action(phi, w, r, cost, integral, mean, count, eps, dtau):
+    """cost [W, B] written; integral, mean [B] updated from count [] (advanced by the caller).
+    r is [W, B]-shaped (expanded: any strides)."""
+    W, B, F = phi.shape
+    if B == 0:
+        return
+    BF = min(triton.next_power_of_2(max(F, 1)), 128)
+    BB = max(1, min(triton.next_power_of_2(B), 4096 // BF))
+    launch(lior_action_kernel)[(triton.cdiv(B, BB),)](
+        phi, w, r, cost, integral, mean, count, W, B, F, phi.stride(0), phi.stride(1), r.stride(0), r.stride(1),
+        eps, dtau, BB=BB, BF=BF)
