@@ -77,5 +77,6 @@ if [[ "$STAGES" == *" new "* ]]; then
   done
 fi
 rm -f "$OUT"/*/*.ids*
-( cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=info.json --exclude=summary.txt . 2>/dev/null &&
-  find . -mindepth 1 -not -name logs.tgz -not -name info.json -not -name summary.txt -delete )
+# (tar may exit 1 when a log still grows: the delete does not depend on it)
+( cd "$OUT" && { tar czf logs.tgz --exclude=logs.tgz --exclude=info.json --exclude=summary.txt . 2>/dev/null
+  find . -mindepth 1 -not -name logs.tgz -not -name info.json -not -name summary.txt -delete; } )
