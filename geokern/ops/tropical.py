@@ -114,22 +114,15 @@ def _tropical_attention_triton(
     want_margin: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     sy, si, sr, sm = _fwd_shapes(q, want_argmax, want_margin)
-    y, idx, jm, mg = _flat(q, sy), _flat(q, si, torch.int32), _flat(q, sr, torch.int32), _flat(q, sm)
+    y = q.new_empty(sy)
+    idx = q.new_empty(si, dtype=torch.int32)
+    jm = q.new_empty(sr, dtype=torch.int32)
+    mg = q.new_empty(sm)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scratch = q.new_empty((tk.scratch_numel(*q.shape[:3]),), dtype=acc)
     tk.tropical_attention_fwd(q, k, v, y, idx if want_argmax else None, jm if want_argmax else None,
                               mg if want_margin else None, scratch, causal, center)
-    return y.view(sy), idx.view(si), jm.view(sr), mg.view(sm)
-
-
-def _flat(like, shape, dtype=None, zero=False):
-    """A fresh 1-D buffer of shape's size for a kernel to write (its launcher takes contiguous
-    buffers), viewed as `shape` once written. Flat because inductor's functional wrapper of a
-    mutated (1, s, ...) buffer under dynamic shapes traces 0 * stride two ways and asserts
-    (pytorch/pytorch#181735, torch 2.11)."""
-    n = math.prod(shape)
-    dtype = like.dtype if dtype is None else dtype
-    return like.new_zeros((n,), dtype=dtype) if zero else like.new_empty((n,), dtype=dtype)
+    return y, idx, jm, mg
 
 
 def _tropical_attention_backward_triton(
@@ -137,9 +130,11 @@ def _tropical_attention_backward_triton(
     center: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    dq, dk, dv = _flat(grad, q.shape, acc, True), _flat(grad, k.shape, acc, True), _flat(grad, k.shape, acc, True)
+    dq = grad.new_zeros(q.shape, dtype=acc)
+    dk = grad.new_zeros(k.shape, dtype=acc)
+    dv = grad.new_zeros(k.shape, dtype=acc)
     tk.tropical_attention_bwd(grad.contiguous(), q, k, argmax, rowarg, dq, dk, dv, center)
-    return dq.view(q.shape).to(grad.dtype), dk.view(k.shape).to(grad.dtype), dv.view(k.shape).to(grad.dtype)
+    return dq.to(grad.dtype), dk.to(grad.dtype), dv.to(grad.dtype)
 
 
 # (forward, backward) per kernel backend; a CUDA entry is None without geokern._C
