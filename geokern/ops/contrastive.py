@@ -22,11 +22,11 @@ How the Triton backend computes it, with no host synchronisation (CUDA graphs ca
    read of in * out elements; `gram=None` takes it when 2 N < in * out / (in + out), as the spec
    asks (2 N: the stacked rows, Nn + Nf). It cancels where the phases nearly agree (small beta): its relative error on ||dW||^2
    is about eps(float32 or TF32) * ||A||^2 ||B||^2 / ||G||^2, so the clip is exact to that.
-3. On the device: ok_w = ||dW|| <= float32 max (false for NaN / inf: a non-finite element of dW
-   makes the norm non-finite, and a finite norm bounds every element); the clip factor
-   min(1, max_norm / ||dW||); ok_b = ok_w and every element of db finite. Four float32 scalars.
-4. One Triton launch applies W += f G and b += f_b gb where the flags allow, and stores nothing
-   where they do not (kernels/contrastive.py).
+3. One Triton launch (kernels/contrastive.py) decides, in every program, from ||G||: ok_w =
+   ||dW|| <= float32 max (false for NaN / inf: a non-finite element of dW makes the norm
+   non-finite, and a finite norm bounds every element) and the clip factor; ok_b = ok_w and
+   every element of db finite. It applies W += f G and b += s gb where they allow, and stores
+   nothing where they do not. A torch chain for those scalars would cost a dozen launches.
 
 Choices beyond the spec: a phase with no rows is refused (its mean does not exist); b may be None;
 W and b stay in their own dtype (one rounding of the float32 update); float64 runs the reference
@@ -49,7 +49,6 @@ _PREFER = ("triton",)  # no CUDA C++ kernel yet (issue #22's later items): the a
 _NO_CUDA = ("backend='cuda' is not built for the contrastive update (the GEMMs are cuBLAS either way; "
             "CUDA C++ apply kernel: issue #22, later items); use backend='triton' or 'torch'")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_F32_MAX = torch.finfo(torch.float32).max
 
 
 # ---- the device-side pieces ------------------------------------------------------------------
@@ -71,26 +70,15 @@ def _mm32(a, b):
     return torch.matmul(a.float(), b.float())  # CPU (the interpreter): no 16-bit out_dtype mm there
 
 
-def _scalars(norm_g, gb, s, max_norm):
-    """float32 [4] = (f_w, ok_w, f_b, ok_b), all on the device (no .item())."""
-    norm = norm_g * s  # float64 0-dim: ||dW||_F before the clip
-    ok_w = norm <= _F32_MAX  # False for NaN and inf
-    f_w = torch.full_like(norm, s)
-    if max_norm is not None:
-        # exact scale-down (no epsilon): max_norm / ||G|| when ||dW|| > max_norm
-        f_w = torch.where(norm > max_norm, max_norm / norm_g, f_w)
-    ok_b = ok_w & torch.isfinite(gb * s).all()
-    return torch.stack([f_w, ok_w.double(), torch.full_like(norm, s), ok_b.double()]).float()
-
-
 def _finish(w, b, G, gb, s, max_norm, norm_g):
-    scal = _scalars(norm_g, gb, s, max_norm)
-    if w.is_contiguous() and b.is_contiguous():
-        tk.contrastive_apply(w, G, b, gb, scal)
-    else:  # a strided W or b (rare: Parameters are contiguous): the same rule, two torch passes
-        w.copy_(torch.where(scal[1] != 0, (w.float() + scal[0] * G).to(w.dtype), w))
-        if b.numel():
-            b.copy_(torch.where(scal[3] != 0, (b.float() + scal[2] * gb).to(b.dtype), b))
+    """The gated, clipped apply (one Triton launch; the gate and the clip are decided in it)."""
+    wc, bc = w.contiguous(), b.contiguous()  # Parameters are contiguous: no copy
+    tk.contrastive_apply(wc, G, bc, gb, norm_g, s, max_norm)
+    # a strided W or b: copy back (a skipped update copies back the same bits)
+    if wc.data_ptr() != w.data_ptr():
+        w.copy_(wc)
+    if bc.data_ptr() != b.data_ptr():
+        b.copy_(bc)
 
 
 def _gram_norm(A, B):
@@ -119,7 +107,7 @@ def _contrastive_update_triton(
     s = lr / ((2.0 * beta if centred else beta) * nn_)
     A, B = _stacked(xn, yn, xf, yf, c)
     G = _mm32(A.T, B)
-    gb = yn.sum(0, dtype=torch.float32) - c * yf.sum(0, dtype=torch.float32)
+    gb = A.sum(0, dtype=torch.float32)  # sum Yn - c sum Yf: one reduction over the stacked rows
     norm_g = _gram_norm(A, B) if gram else torch.linalg.vector_norm(G, dtype=torch.float64)
     _finish(w, b.view(-1), G, gb, s, max_norm, norm_g)
 
