@@ -5,7 +5,7 @@ no host synchronisation, bad input, and the custom ops' opcheck / compile."""
 import pytest
 import torch
 from _custom_ops import custom_op_tests
-from _helpers import dtype_id, need
+from _helpers import capturable, dtype_id, gpu, need
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
@@ -193,6 +193,47 @@ def test_no_host_sync(backend, monkeypatch):
     assert torch.isfinite(W).all()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_autocast_does_not_lower_the_precision(backend):
+    """Inside an autocast region (a training step's) the float32 activities stay float32."""
+    need(backend)
+    W, b, *acts = make(12, 10, 4, 4)
+    want_w, want_b = updated(backend, W, b, *acts, lr=0.5, beta=0.5)
+    stats = geokern.ContrastiveStats(12, 10, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got_w, got_b = updated(backend, W, b, *acts, lr=0.5, beta=0.5)
+        stats.add_(acts[0], acts[1], "nudged")
+        stats.add_(acts[2], acts[3], "free")
+        sw, sb = W.clone(), b.clone()
+        stats.apply_(sw, sb, 0.5, 0.5, backend=backend)
+    for name, got, want in (("W", got_w, want_w), ("b", got_b, want_b), ("streaming W", sw, want_w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{backend} {name} under autocast")
+
+
+@gpu
+@capturable
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_capture(backend):
+    """No host synchronisation on the GPU: the update captures into a CUDA graph, and a replay
+    with NaN refilled into the captured activities skips the update."""
+    need(backend)
+    W, b, *acts = make(64, 48, 8, 8)
+    geokern.contrastive_update_(W, b, *acts, 0.5, 1.0, 0.1, backend=backend)  # compile outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        geokern.contrastive_update_(W, b, *acts, 0.5, 1.0, 0.1, backend=backend)
+    w0, b0 = W.clone(), b.clone()
+    g.replay()
+    want_w, want_b = updated(backend, w0, b0, *acts, lr=0.5, beta=1.0, max_norm=0.1)
+    torch.testing.assert_close(W, want_w, msg=f"{backend} W after a replay")
+    torch.testing.assert_close(b, want_b, msg=f"{backend} b after a replay")
+    acts[1][0, 0] = float("nan")
+    w1, b1 = W.clone(), b.clone()
+    g.replay()
+    assert torch.equal(bits(W), bits(w1)) and torch.equal(bits(b), bits(b1)), f"{backend}: a NaN replay changed W or b"
+
+
 def test_float64_refused_by_triton():
     need("triton")
     W, b, *acts = make(3, 2, 2, 2, torch.float64, torch.float64)
@@ -241,7 +282,7 @@ def test_bad_input_names_the_argument(case):
         geokern.contrastive_update_(**args)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@gpu
 def test_device_mismatch_names_the_argument():
     W, b, Xn, Yn, Xf, Yf = make(4, 3, 2, 2)
     with pytest.raises(ValueError, match="Xf is on cpu"):

@@ -20,7 +20,8 @@ How the Triton backend computes it, with no host synchronisation (CUDA graphs ca
    the two Gram matrices, sum((A A^T) * (B B^T)) with A = [Yn ; -c Yf], B = [Xn ; Xf] (cuBLAS
    too), which never reads G again. The Gram form costs N^2 (in + out) multiply-adds against a
    read of in * out elements; `gram=None` takes it when 2 N < in * out / (in + out), as the spec
-   asks (2 N: the stacked rows, Nn + Nf). It cancels where the phases nearly agree (small beta): its relative error on ||dW||^2
+   asks (2 N: the stacked rows, Nn + Nf). A and B are first divided by their largest magnitude,
+   so the Gram entries overflow only where dW itself would. It cancels where the phases nearly agree (small beta): its relative error on ||dW||^2
    is about eps(float32 or TF32) * ||A||^2 ||B||^2 / ||G||^2, so the clip is exact to that.
 3. One Triton launch (kernels/contrastive.py) decides, in every program, from ||G||: ok_w =
    ||dW|| <= float32 max (false for NaN / inf: a non-finite element of dW makes the norm
@@ -72,12 +73,15 @@ def _mm32(a, b):
 
 def _finish(w, b, G, gb, s, max_norm, norm_g):
     """The gated, clipped apply (one Triton launch; the gate and the clip are decided in it)."""
-    wc, bc = w.contiguous(), b.contiguous()  # Parameters are contiguous: no copy
+    # Parameters are contiguous (no copy); a strided W or b is updated in a contiguous copy and
+    # copied back (a skipped update copies back the same bits). `is`, not data_ptr(): fake
+    # tensors (opcheck, torch.compile) have no data pointer.
+    wc = w if w.is_contiguous() else w.contiguous()
+    bc = b if b.is_contiguous() else b.contiguous()
     tk.contrastive_apply(wc, G, bc, gb, norm_g, s, max_norm)
-    # a strided W or b: copy back (a skipped update copies back the same bits)
-    if wc.data_ptr() != w.data_ptr():
+    if wc is not w:
         w.copy_(wc)
-    if bc.data_ptr() != b.data_ptr():
+    if bc is not b:
         b.copy_(bc)
 
 
@@ -109,7 +113,7 @@ def _contrastive_update_triton(
     G = _mm32(A.T, B)
     gb = A.sum(0, dtype=torch.float32)  # sum Yn - c sum Yf: one reduction over the stacked rows
     norm_g = _gram_norm(A, B) if gram else torch.linalg.vector_norm(G, dtype=torch.float64)
-    _finish(w, b.view(-1), G, gb, s, max_norm, norm_g)
+    _finish(w, b, G, gb, s, max_norm, norm_g)
 
 
 def _contrastive_stats_apply_triton(
@@ -120,7 +124,7 @@ def _contrastive_stats_apply_triton(
     s = lr / ((2.0 * beta if centred else beta) * nn_)
     G = gn - c * gf  # float32 sums; no Gram form: the activities are gone
     gb = sn - c * sf
-    _finish(w, b.view(-1), G, gb, s, max_norm, torch.linalg.vector_norm(G, dtype=torch.float64))
+    _finish(w, b, G, gb, s, max_norm, torch.linalg.vector_norm(G, dtype=torch.float64))
 
 
 _KERNELS = {
@@ -224,7 +228,9 @@ def contrastive_update_(W, b, Xn, Yn, Xf, Yf, lr, beta, max_norm=None, *, centre
     _check_scalars(lr, beta, max_norm, centred, gram)
     be = _resolve(backend, W.device, (W.dtype, Xn.dtype) + ((b.dtype,) if b is not None else ()))
     mx = None if max_norm is None else float(max_norm)
-    with torch.no_grad():
+    # no autograd, and no autocast: the activities' dtype decides the GEMMs' precision (an autocast
+    # region around a training step would otherwise turn float32 activities into bf16 products)
+    with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
         if be == "torch":
             return ref.contrastive_update_(W, b, Xn, Yn, Xf, Yf, float(lr), float(beta), mx, centred)
         if gram is None:
@@ -284,13 +290,14 @@ class ContrastiveStats:
         if X.shape[0] != Y.shape[0] or X.dtype != Y.dtype:
             raise ValueError(f"ContrastiveStats.add_: X and Y must have the same rows and dtype, got "
                              f"{tuple(X.shape)} {X.dtype} and {tuple(Y.shape)} {Y.dtype}")
-        if X.dtype == g.dtype:
-            g.addmm_(Y.T, X)  # cuBLAS with beta = 1: accumulates in its epilogue
-        elif g.dtype == torch.float32 and X.dtype != torch.float64 and g.device.type == "cuda":
-            torch.addmm(g, Y.T, X, out_dtype=torch.float32, out=g)  # 16-bit operands, float32 sum
-        else:
-            g.addmm_(Y.T.to(g.dtype), X.to(g.dtype))
-        sy.add_(Y.sum(0, dtype=g.dtype))
+        with torch.autocast(g.device.type, enabled=False):  # the activities' dtype decides
+            if X.dtype == g.dtype:
+                g.addmm_(Y.T, X)  # cuBLAS with beta = 1: accumulates in its epilogue
+            elif g.dtype == torch.float32 and X.dtype != torch.float64 and g.device.type == "cuda":
+                torch.addmm(g, Y.T, X, out_dtype=torch.float32, out=g)  # 16-bit operands, float32 sum
+            else:
+                g.addmm_(Y.T.to(g.dtype), X.to(g.dtype))
+            sy.add_(Y.sum(0, dtype=g.dtype))
         self.n[phase] += X.shape[0]
 
     def apply_(self, W, b, lr, beta, max_norm=None, *, centred=False, backend=None):
@@ -308,7 +315,7 @@ class ContrastiveStats:
         be = _resolve(backend, W.device, (W.dtype, gdt) + ((b.dtype,) if b is not None else ()))
         mx = None if max_norm is None else float(max_norm)
         args = (self.g["nudged"], self.s["nudged"], self.n["nudged"], self.g["free"], self.s["free"], self.n["free"])
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
             if be == "torch":
                 return ref.contrastive_update_from_stats_(W, b, *args, float(lr), float(beta), mx, centred)
             bb = b if b is not None else W.new_empty(0)
