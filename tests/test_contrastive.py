@@ -139,6 +139,33 @@ def test_clip_is_exact(gram, backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("gram", [False, True], ids=["direct", "gram"])
+def test_clip_is_exact_when_the_phases_nearly_agree(gram, backend):
+    """At small beta the nudged phase is the free one plus a little: ||dW|| is a tiny difference of
+    large Gram terms, which the float64 Gram form still gets right (float32 would not)."""
+    need(backend)
+    W, b, Xn, Yn, Xf, Yf = make(40, 30, 6, 6)
+    Xn, Yn = Xf + 1e-4 * torch.randn_like(Xf), Yf + 1e-4 * torch.randn_like(Yf)
+    W.zero_()
+    w64 = W.double()
+    ref.contrastive_update_(w64, None, Xn.double(), Yn.double(), Xf.double(), Yf.double(), 1.0, 1.0)
+    max_norm = w64.norm().item() / 2
+    got, _ = updated(backend, W, b, Xn, Yn, Xf, Yf, lr=1.0, beta=1.0, max_norm=max_norm, gram=gram)
+    err = abs(got.double().norm().item() - max_norm) / max_norm
+    assert err <= 1e-4, f"{backend} gram={gram}: clipped norm off by {err:.2e} (relative) with nearly equal phases"
+
+
+def test_gram_choice():
+    """gram=None: the Gram form only where the spec allows it and its float64 flops are cheaper."""
+    from geokern.ops.contrastive import use_gram
+
+    assert use_gram(8, 70, 90) and use_gram(64, 4096, 4096)
+    assert not use_gram(3000, 4096, 4096)  # beyond the spec's 2N < in out / (in + out)
+    assert not use_gram(1024, 4096, 4096)  # allowed by the spec, but float64 Grams cost more than a read
+    assert not use_gram(4, 1, 1000)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("centred", [False, True], ids=["plain", "centred"])
 def test_streaming_equals_one_shot(centred, backend):
     need(backend)

@@ -104,7 +104,7 @@ def _case(inn, out, n, dt, device="cuda"):
         return (W, b) + tuple(t.to(dtype) for t in (Xn, Yn, Xf, Yf))
 
     impls = {"triton": _geokern("triton")}
-    if (2 * n) * (inn + out) >= inn * out:  # the default is direct: time the Gram form beside it
+    if not ops.use_gram(2 * n, out, inn):  # the default is direct: time the Gram form beside it
         impls["triton-gram"] = _geokern("triton", gram=True)
     else:
         impls["triton-direct"] = _geokern("triton", gram=False)

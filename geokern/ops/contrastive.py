@@ -16,13 +16,13 @@ How the Triton backend computes it, with no host synchronisation (CUDA graphs ca
    activities multiply on tensor cores with float32 accumulation and a float32 G (mm's
    out_dtype). 16-bit phases of unequal size are widened to float32 first, so the 1 / N of each
    phase is not rounded to 8 bits.
-2. ||G||_F, in float64 so that squares of large entries do not overflow: from G itself, or from
-   the two Gram matrices, sum((A A^T) * (B B^T)) with A = [Yn ; -c Yf], B = [Xn ; Xf] (cuBLAS
-   too), which never reads G again. The Gram form costs N^2 (in + out) multiply-adds against a
-   read of in * out elements; `gram=None` takes it when 2 N < in * out / (in + out), as the spec
-   asks (2 N: the stacked rows, Nn + Nf). A and B are first divided by their largest magnitude,
-   so the Gram entries overflow only where dW itself would. It cancels where the phases nearly agree (small beta): its relative error on ||dW||^2
-   is about eps(float32 or TF32) * ||A||^2 ||B||^2 / ||G||^2, so the clip is exact to that.
+2. ||G||_F, in float64 so that squares of large entries do not overflow: from G itself (one
+   reduction), or from the two Gram matrices, sum((A A^T) * (B B^T)) with A = [Yn ; -c Yf],
+   B = [Xn ; Xf], which never reads G again. The Gram products run in float64 (cuBLAS DGEMM):
+   the form cancels when the phases nearly agree, as they do at small beta (relative error about
+   eps * ||A||^2 ||B||^2 / ||G||^2), which would cost float32 or TF32 every digit of the clip.
+   `gram=None` takes it only where the spec allows it (2 N < in * out / (in + out), 2 N = Nn + Nf
+   stacked rows) and where its float64 flops cost less than the read of G (use_gram).
 3. One Triton launch (kernels/contrastive.py) decides, in every program, from ||G||: ok_w =
    ||dW|| <= float32 max (false for NaN / inf: a non-finite element of dW makes the norm
    non-finite, and a finite norm bounds every element) and the clip factor; ok_b = ok_w and
@@ -88,17 +88,21 @@ def _finish(w, b, G, gb, s, max_norm, norm_g):
 def _gram_norm(A, B):
     """||A^T B||_F from the N x N Gram matrices, in float64 (never forms A^T B).
 
-    A and B are first divided by their largest magnitude (in float32), so that the Gram entries
-    cannot overflow where A^T B itself does not (activities near 1e19 would otherwise turn a
-    finite dW into a skipped update); a non-finite input makes the norm NaN (skip), as it makes
-    dW non-finite."""
-    A, B = A.float(), B.float()
-    sa, sb = A.abs().amax(), B.abs().amax()
-    one = torch.ones_like(sa)
-    sa, sb = torch.where(sa > 0, sa, one), torch.where(sb > 0, sb, one)  # all-zero: norm 0, not NaN
-    A, B = A / sa, B / sb
-    gram = (_mm32(A, A.T).double() * _mm32(B, B.T).double()).sum()
-    return gram.clamp_min(0).sqrt() * (sa.double() * sb.double())
+    float64 because the Gram form cancels: ||dW||^2 = sum((A A^T) * (B B^T)) is a small difference
+    of large terms when the phases nearly agree (small beta, the usual case), so float32 (let alone
+    TF32) Grams could lose every digit of it, and the clip with them. float64 also holds the
+    squares of any float32 activity (no overflow where dW itself is finite)."""
+    A, B = A.double(), B.double()
+    return ((A @ A.T) * (B @ B.T)).sum().clamp_min(0).sqrt()
+
+
+def use_gram(n_rows, out, inn):
+    """Whether gram=None takes the Gram form for Nn + Nf = n_rows stacked rows: only when the spec's
+    2N < in out / (in + out) holds, and then only while its float64 products, 2 n^2 (in + out)
+    flops at the H100's ~67 TFLOP/s of float64, cost less than the read of G (4 in out bytes at
+    ~3.35 TB/s) they replace: n^2 (in + out) < 40 in out, taken as 32 for the conversions.
+    Derived, not measured; on GPUs with slow float64 pass gram=False."""
+    return n_rows * (inn + out) < inn * out and n_rows * n_rows * (inn + out) < 32 * inn * out
 
 
 def _contrastive_update_triton(
@@ -215,8 +219,9 @@ def contrastive_update_(W, b, Xn, Yn, Xf, Yf, lr, beta, max_norm=None, *, centre
     updated and b is left alone. The gate and the clip are decided on the device: the call never
     synchronises with the host (CUDA-graph capturable).
 
-    gram: how ||dW|| is computed for the gate and the clip: None chooses (the Gram form when
-    Nn + Nf < in * out / (in + out)), True / False force it (geokern.ops.contrastive's docstring
+    gram: how ||dW|| is computed for the gate and the clip: None chooses (the float64 Gram form
+    when Nn + Nf < in * out / (in + out) and it is cheaper than a read of dW: use_gram), True /
+    False force it (geokern.ops.contrastive's docstring
     gives the cost and accuracy of each). backend: "auto" | "triton" | "torch" (see DESIGN.md);
     float64 runs the reference.
     """
@@ -234,8 +239,7 @@ def contrastive_update_(W, b, Xn, Yn, Xf, Yf, lr, beta, max_norm=None, *, centre
         if be == "torch":
             return ref.contrastive_update_(W, b, Xn, Yn, Xf, Yf, float(lr), float(beta), mx, centred)
         if gram is None:
-            out, inn = W.shape
-            gram = (Xn.shape[0] + Xf.shape[0]) * (inn + out) < inn * out  # 2N = Nn + Nf stacked rows
+            gram = use_gram(Xn.shape[0] + Xf.shape[0], *W.shape)
         bb = b if b is not None else W.new_empty(0)
         _KERNELS[be][0](W, bb, Xn, Yn, Xf, Yf, float(lr), float(beta), mx, centred, gram)
 
