@@ -15,7 +15,7 @@ import triton.language as tl
 from geokern.kernels._common import launch, narrow
 
 BLOCK = 1024  # elements per program: 4 KB of float32 G per program, enough to hide latency
-F32_MAX = 3.4028234663852886e38
+F32_MAX = tl.constexpr(3.4028234663852886e38)  # constexpr: a jit function reads no plain globals
 
 
 @triton.jit
@@ -45,24 +45,25 @@ def contrastive_apply_kernel(w_ptr, g_ptr, n_w, b_ptr, gb_ptr, n_b, norm_ptr, s,
     f, ok = _gate(norm_ptr, s, max_norm, HAS_CLIP)
     if pid < w_blocks:
         # a skipped update masks every element off: nothing is read or stored
-        lim = tl.where(ok, n_w, 0)
+        # (names differ between the branches: n_w and n_b may differ in width, i64 / i32)
+        lim_w = tl.where(ok, n_w, 0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        m = offs < lim
-        w = tl.load(w_ptr + offs, mask=m)
-        g = tl.load(g_ptr + offs, mask=m)
-        tl.store(w_ptr + offs, narrow(w.to(tl.float32) + f * g, w_ptr.dtype.element_ty), mask=m)
+        m_w = offs < lim_w
+        w = tl.load(w_ptr + offs, mask=m_w)
+        g = tl.load(g_ptr + offs, mask=m_w)
+        tl.store(w_ptr + offs, narrow(w.to(tl.float32) + f * g, w_ptr.dtype.element_ty), mask=m_w)
     else:
         bad = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, n_b, BLOCK):
             o = start + tl.arange(0, BLOCK)
             d = tl.load(gb_ptr + o, mask=o < n_b, other=0.0) * s
             bad += tl.where(tl.abs(d) <= F32_MAX, 0, 1)  # NaN and inf both fail the comparison
-        lim = tl.where(ok & (tl.sum(bad, 0) == 0), n_b, 0)
+        lim_b = tl.where(ok & (tl.sum(bad, 0) == 0), n_b, 0)
         offs = (pid - w_blocks) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < lim
-        b = tl.load(b_ptr + offs, mask=m)
-        gb = tl.load(gb_ptr + offs, mask=m)
-        tl.store(b_ptr + offs, narrow(b.to(tl.float32) + s * gb, b_ptr.dtype.element_ty), mask=m)
+        m_b = offs < lim_b
+        b = tl.load(b_ptr + offs, mask=m_b)
+        gb = tl.load(gb_ptr + offs, mask=m_b)
+        tl.store(b_ptr + offs, narrow(b.to(tl.float32) + s * gb, b_ptr.dtype.element_ty), mask=m_b)
 
 
 def contrastive_apply(w, g, b, gb, norm_g, s, max_norm):

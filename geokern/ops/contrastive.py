@@ -15,7 +15,10 @@ How the Triton backend computes it, with no host synchronisation (CUDA graphs ca
    matmul precision (IEEE, or TF32 where torch.backends.cuda.matmul allows it); bf16 / fp16
    activities multiply on tensor cores with float32 accumulation and a float32 G (mm's
    out_dtype). 16-bit phases of unequal size are widened to float32 first, so the 1 / N of each
-   phase is not rounded to 8 bits.
+   phase is not rounded to 8 bits. The stacked product subtracts the phases inside the GEMM, so
+   its error is relative to ||Y|| ||X||, not to ||dW||: at small beta (nearly equal phases) TF32
+   or bf16 products leave few correct digits of dW; float32 activities with TF32 off keep ~1e-7
+   of ||Y|| ||X||, as the reference does.
 2. ||G||_F, in float64 so that squares of large entries do not overflow: from G itself (one
    reduction), or from the two Gram matrices, sum((A A^T) * (B B^T)) with A = [Yn ; -c Yf],
    B = [Xn ; Xf], which never reads G again. The Gram products run in float64 (cuBLAS DGEMM):
