@@ -317,6 +317,10 @@ BAD = [
     ("beta-0", dict(beta=0.0), ValueError, "beta must be > 0"),
     ("lr-tensor", dict(lr=torch.tensor(0.1)), TypeError, "lr must be a Python float"),
     ("max_norm-neg", dict(max_norm=-1.0), ValueError, "max_norm must be > 0"),
+    # another device than W's (meta: a second device on any machine)
+    ("Xf-device", dict(Xf=torch.randn(2, 3, device="meta")), ValueError, "Xf is on meta"),
+    ("b-device", dict(b=torch.randn(4, device="meta")), ValueError, "b is on meta"),
+    ("W-device", dict(W=torch.randn(4, 3, device="meta")), ValueError, "b is on .* but W is on meta"),
 ]
 
 
@@ -325,7 +329,7 @@ def test_bad_input_names_the_argument(case):
     _, change, exc, msg = case
     args = _bad(**change)
     if DEVICE.type == "cuda":  # the CPU tensors above are on the wrong device there: move them
-        args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and not v.is_meta else v) for k, v in args.items()}
     with pytest.raises(exc, match=msg):
         geokern.contrastive_update_(**args)
 
