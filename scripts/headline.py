@@ -24,7 +24,8 @@ HEADLINE = (r"^(quaternion_mul 67108864x4 bf16 fwd|octonion_mul 33554432x8 fp32 
             r"|maxplus_matmul 4096x4096x4096 (fp32|bf16|int16) fwd|maxplus_matmul 64x65536x64 fp32 fwd"
             r"|tropical_attention B4H8T4096D64 fp32 (fwd|bwd)"
             r"|retrieval_attention B4-H16-N4096-D64 bf16 (fwd|fwd\+bwd)"
-            r"|retrieval_decode B32-n8-T512\+bank4096-dv768 (fp32|bf16) fwd)$")
+            r"|retrieval_decode B32-n8-T512\+bank4096-dv768 (fp32|bf16) fwd"
+            r"|contrastive_update_ in4096-out4096-N256 (fp32|bf16) fwd)$")
 L2_BYTES = 50 << 20
 
 

@@ -11,7 +11,7 @@ SOURCE = {".py", ".cu", ".cuh", ".cpp", ".h"}
 MAX_LINES = 600
 # families whose CUDA kernels are still to come, with the issue that brings them (their ops
 # refuse backend='cuda' with that issue's number)
-CUDA_PENDING = {"ultrametric": "#18", "hypercomplex_attention": "#20", "lior": "#21"}
+CUDA_PENDING = {"ultrametric": "#18", "hypercomplex_attention": "#20", "lior": "#21", "contrastive": "#22"}
 # where a GEOKERN_* variable may be read: the process-wide switches (read once, in _backend)
 # and the build variables (setup.py)
 ENV_READERS = {"geokern/_backend.py", "setup.py"}

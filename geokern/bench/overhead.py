@@ -62,7 +62,8 @@ NO_CASE = {"curvature_scalar": "no kernel backend: two PyTorch contractions, not
            "UltrametricCache": "a class: its step is timed as ultrametric_decode_step_",
            "lior_params": "a constructor of a 12-element tensor, no GPU work of its own",
            "lior_kernel": "no kernel backend: a composition of torch elementwise ops",
-           "lior_memory_conv": "no kernel backend: a Toeplitz GEMM or cuFFT composed in PyTorch"}
+           "lior_memory_conv": "no kernel backend: a Toeplitz GEMM or cuFFT composed in PyTorch",
+           "ContrastiveStats": "a class: add_ is a cuBLAS addmm and a sum; apply_ runs contrastive_update_'s apply"}
 BETA, EPS = 5.0, 1e-8
 
 
@@ -199,6 +200,27 @@ def _decode_run(backend, *inputs):
     return _decode_public(backend)(*inputs)
 
 
+def _contrastive_run(backend, w0, b0, *acts):
+    """The update in place on a per-backend copy of (w0, b0), reset first (two small copies in the
+    timed call) so that eager calls and graph replays give the same W: the op returns nothing, so
+    the updated W is the output the replay check compares."""
+    w, b = _contrastive_params.get(backend) or _contrastive_params.setdefault(backend, (w0.clone(), b0.clone()))
+    w.copy_(w0)
+    b.copy_(b0)
+    geokern.contrastive_update_(w, b, *acts, 0.1, 1.0, 1.0, backend=backend)
+    return w, b
+
+
+_contrastive_params = {}
+
+
+def _contrastive_make(dtype):
+    """W, b in float32 (parameters), activities in `dtype`."""
+    f32 = torch.float32
+    return (_randn(16, 16)(f32), _randn(16)(f32), _randn(4, 16)(dtype), _randn(4, 16)(dtype),
+            _randn(4, 16)(dtype), _randn(4, 16)(dtype))
+
+
 CALLS = [
     Call("quaternion_mul", "4x4", _inputs(_randn(4, 4), _randn(4, 4)),
          lambda be, a, b: geokern.quaternion_mul(a, b, backend=be)),
@@ -221,6 +243,8 @@ CALLS = [
     Call("ultrametric_attention", "B1H2T8K8D16", _inputs(_digits(1, 2, 8), _digits(1, 2, 8), _randn(1, 2, 8, 16)),
          lambda be, q, k, v: geokern.ultrametric_attention(q, k, v, backend=be)),
     Call("ultrametric_decode_step_", "B1H2K8D16", _ultrametric_step_make, _ultrametric_step_run),
+    Call("contrastive_update_", "out16-in16-N4", _contrastive_make,
+         lambda be, *inputs: _contrastive_run(be, *inputs)),
     Call("retrieval_cost", "B4-n8-M16", _inputs(_randn(4, 8), _randn(16, 8), _positive(4, 1), _positive(8)),
          lambda be, q, k, r, lam: geokern.retrieval_cost(q, k, r, diag(lam), EPS, backend=be)),
     Call("retrieval_attention", "B4-n8-T16-dv16",
