@@ -19,7 +19,7 @@ from geokern.kernels.hypercomplex_attention.common import (dkv_tiles, dquery_til
                                                            value_tile)
 from geokern.kernels.retrieval.common import mm, mm_acc
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a plain global is rejected by the compiler (not the interpreter)
 
 
 @triton.jit

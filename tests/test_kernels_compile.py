@@ -1,0 +1,107 @@
+"""Every Triton entry kernel of the hypercomplex-attention and LIoR families compiles to sm_90
+machine code, on any machine (no GPU needed: Triton's bundled ptxas runs on the CPU).
+
+The CI tests run these kernels under the CPU interpreter (TRITON_INTERPRET=1), which accepts
+code the compiler rejects (a plain Python global read inside a kernel, a variable of two widths
+across an if). Each family compiles in a fresh process with TRITON_INTERPRET=0 set before
+import, for the constexpr values its launcher passes and the signature types it launches with
+(ints as i32, Python floats as fp32, tensors' element types); float32 and bfloat16 cover the two
+code paths of the dtype (ieee vs tensor-core dots, the rounding narrow). The sizes are the
+distinct code paths, not every size: the whole module stays under a minute on two cores."""
+
+from _helpers import run_isolated
+
+_PRELUDE = """
+    import os
+    os.environ["TRITON_INTERPRET"] = "0"  # before triton.jit decorates the kernels
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    TARGET = GPUTarget("cuda", 90, 32)
+
+    def compile_ok(kernel, sig, constexprs, num_warps=4, num_stages=3):
+        sig = {**sig, **{name: "constexpr" for name in constexprs}}
+        assert list(sig) == list(kernel.arg_names), (kernel.__name__, list(sig), kernel.arg_names)
+        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+        try:
+            out = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+        except Exception as e:
+            raise AssertionError(f"{kernel.__name__} {constexprs} does not compile for sm_90: {e}") from e
+        assert "cubin" in out.asm, (kernel.__name__, constexprs)
+"""
+
+
+def test_hypercomplex_attention_kernels_compile_for_sm90():
+    """The forward and both backward kernels, for both algebras (N = 4, 8), causal and not,
+    float32 ("ieee" dots) and bfloat16, with the launcher's tiles (_blocks)."""
+    run_isolated(_PRELUDE + """
+    from geokern.kernels.hypercomplex_attention import (_blocks, hypercomplex_attention_bwd_dkdv_kernel as dkdv,
+                                                        hypercomplex_attention_bwd_dq_kernel as dq,
+                                                        hypercomplex_attention_fwd_kernel as fwd)
+
+    strides = {f"s{t}{i}": "i32" for t in "qkvab" for i in range(4)}
+    ints = {name: "i32" for name in ("H", "G", "Tq", "Tk", "D", "off")}
+    # (dtype, N, head dim D, causal, the backward too): float32 quaternions causal, bfloat16
+    # octonions (both tile shapes: D = 16 -> 64 x 64 tiles of width 128, D = 64 -> 32 x 32 of
+    # width 512; the latter's backward, the slowest to compile, only through its forward's code)
+    for dt, n, d, causal, bwd in (("fp32", 4, 64, True, True), ("bf16", 8, 16, False, True),
+                                  ("bf16", 8, 64, True, False)):
+        block_d = max(16, triton.next_power_of_2(d))
+        bm, bn, warps = _blocks(n, block_d)
+        meta = dict(CAUSAL=causal, N=n, PREC="ieee" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+                    BLOCK_D=block_d, VW=block_d * (1 if n == 4 else 8))
+        t = f"*{dt}"
+        ins = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "qn_ptr": t, "kn_ptr": t}
+        compile_ok(fwd, {**ins, "e_ptr": "*fp32", "y_ptr": t, "lse_ptr": "*fp32", **strides, **ints,
+                         "qk_scale": "fp32"}, meta, warps)
+        if not bwd:
+            continue
+        scalars = {**strides, **ints, "qk_scale": "fp32", "scale": "fp32"}
+        stats = {"lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        compile_ok(dq, {**ins, "e_ptr": "*fp32", "et_ptr": "*fp32", "dy_ptr": t, **stats, "dq_ptr": t, "dqn_ptr": t,
+                        **scalars}, meta, warps)
+        compile_ok(dkdv, {**ins, "et_ptr": "*fp32", "dy_ptr": t, **stats, "dk_ptr": t, "dkn_ptr": t, "dv_ptr": t,
+                          **scalars}, meta, warps)
+    """, timeout=300)
+
+
+def test_lior_kernels_compile_for_sm90():
+    """The step, the recurrence forward / backward (every autotune config once, each flag both
+    ways) and the action, float32 and bfloat16."""
+    run_isolated(_PRELUDE + """
+    from geokern.kernels import lior
+
+    params = {"rho": "fp32", "eta": "fp32", "xi": "fp32"}
+    for dt, p, has_j in (("fp32", 3, True), ("bf16", 1, False)):
+        t = f"*{dt}"
+        compile_ok(lior.lior_step_kernel, {"m_ptr": t, "ring_ptr": t, "x_ptr": t, "j_ptr": t, "pos_ptr": "*i64",
+                                           "N": "i32", "D": "i32", **params},
+                   dict(P=p, HAS_J=has_j, BLOCK=lior.STEP_BLOCK))
+
+    fwd, bwd = lior.lior_recurrence_fwd_kernel, lior.lior_recurrence_bwd_kernel
+    assert fwd.configs and bwd.configs
+    dims = {"T": "i32", "B": "i32", "D": "i32", **params}
+    # (dtype, P, HAS_J, HAS_M0, HAS_H): flags on and off, P a power of two and not
+    cases = [("fp32", 3, True, True, True), ("bf16", 4, False, False, False), ("bf16", 1, True, False, True)]
+    for i, (dt, p, has_j, has_m0, has_h) in enumerate(cases):
+        t = f"*{dt}"
+        flags = dict(P=p, PP=lior._pp(p), HAS_J=has_j, HAS_M0=has_m0, HAS_H=has_h)
+        # every autotune config on the first case (its tile sizes and warps), one on the others
+        for cfg in fwd.configs if i == 0 else fwd.configs[:1]:
+            compile_ok(fwd.fn, {"x_ptr": t, "j_ptr": t, "m0_ptr": t, "h_ptr": t, "out_ptr": t, **dims},
+                       {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+        for cfg in bwd.configs if i == 0 else bwd.configs[-1:]:
+            compile_ok(bwd.fn, {"g_ptr": t, "x_ptr": t, "j_ptr": t, "m0_ptr": t, "h_ptr": t, "out_ptr": t,
+                                "dx_ptr": t, "dm0_ptr": t, "dh_ptr": t, "dj_ptr": "*fp32", **dims},
+                       {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+
+    # BB, BF as lior_action picks them: one feature (BF = 1), many (BF = 128), one row (BB = 1)
+    for dt, bb, bf in (("fp32", 4096, 1), ("bf16", 32, 128), ("fp32", 1, 4)):
+        f32 = "*fp32"
+        compile_ok(lior.lior_action_kernel, {"phi_ptr": f"*{dt}", "w_ptr": f32, "r_ptr": f32, "cost_ptr": f32,
+                                             "int_ptr": f32, "mean_ptr": f32, "count_ptr": "*i64", "W": "i32",
+                                             "B": "i32", "F": "i32", "s_pw": "i32", "s_pb": "i32", "s_rw": "i32",
+                                             "s_rb": "i32", "eps": "fp32", "dtau": "fp32"},
+                   dict(BB=bb, BF=bf))
+    """, timeout=300)
