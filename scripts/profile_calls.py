@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from geokern.bench import overhead
 
 MARK = "geokern_call"
-OWN = ("hypercomplex", "maxplus", "tropical", "retrieval")  # a geokern kernel's name holds its family
+OWN = ("hypercomplex", "maxplus", "tropical", "retrieval", "ultrametric", "lior", "contrastive")  # a geokern kernel's name holds its family
 OP_KINDS = {  # dispatcher and CUDA-runtime events, by name (the first that matches)
     "autograd Function forward": r"Function$",
     "custom-op dispatch": r"^geokern(_bench)?::",
