@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from geokern import _backend
 from geokern.bench.registry import Case
 from geokern.kernels.hypercomplex_attention import flops
-from geokern.nn.tropical import apply_rotary_emb
+from geokern.nn.tropical import attention_heads
 from geokern.ops import hypercomplex_attention as ops
 from geokern.reference import hypercomplex as hc
 from geokern.reference import hypercomplex_attention as ref
@@ -60,15 +60,7 @@ def their_attention(n, q, k, v):
 def their_module_forward(mod, x, cos_sin, kv_cache=None):
     """Their Quaternion/OctonionCausalSelfAttention.forward with `mod`'s weights and config."""
     Bx, T, _ = x.shape
-    q = mod.c_q(x).view(Bx, T, mod.n_head, mod.head_dim)
-    k = mod.c_k(x).view(Bx, T, mod.n_kv_head, mod.head_dim)
-    v = mod.c_v(x).view(Bx, T, mod.n_kv_head, mod.head_dim)
-    cos, sin = cos_sin
-    q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-    q, k = F.rms_norm(q, (mod.head_dim,)), F.rms_norm(k, (mod.head_dim,))
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if kv_cache is not None:
-        k, v = kv_cache.insert_kv(mod.layer_idx, k, v)
+    q, k, v = attention_heads(mod, x, cos_sin, kv_cache)
     y = their_attention(mod.N, q, repeat_kv(k, mod.n_head), repeat_kv(v, mod.n_head))
     return mod.c_proj(y.transpose(1, 2).contiguous().view(Bx, T, -1))
 

@@ -18,11 +18,10 @@ Where it runs out of memory the row records the error.
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from geokern import _backend
 from geokern.bench.registry import Case
-from geokern.nn.tropical import TropicalCausalSelfAttention, apply_rotary_emb
+from geokern.nn.tropical import TropicalCausalSelfAttention, attention_heads
 from geokern.reference import tropical as ref
 
 from geokern.ops import tropical as ops
@@ -50,15 +49,7 @@ def their_attention(q, k, v, gauge_fix=True, score_center=True):
 def their_module_forward(mod, x, cos_sin, kv_cache=None):
     """Their TropicalCausalSelfAttention.forward with `mod`'s weights and config."""
     Bx, T, _ = x.shape
-    q = mod.c_q(x).view(Bx, T, mod.n_head, mod.head_dim)
-    k = mod.c_k(x).view(Bx, T, mod.n_kv_head, mod.head_dim)
-    v = mod.c_v(x).view(Bx, T, mod.n_kv_head, mod.head_dim)
-    cos, sin = cos_sin
-    q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-    q, k = F.rms_norm(q, (mod.head_dim,)), F.rms_norm(k, (mod.head_dim,))
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if kv_cache is not None:
-        k, v = kv_cache.insert_kv(mod.layer_idx, k, v)
+    q, k, v = attention_heads(mod, x, cos_sin, kv_cache)
     k, v = ref.repeat_kv(k, mod.n_head), ref.repeat_kv(v, mod.n_head)
     y = their_attention(q, k, v, mod.tropical_gauge_fix, mod.tropical_score_center)
     y = mod.c_proj(y.transpose(1, 2).contiguous().view(Bx, T, -1))

@@ -1,10 +1,9 @@
 """QuaternionCausalSelfAttention and OctonionCausalSelfAttention on the fused kernels
 (geokern.quaternion_attention / geokern.octonion_attention, issue #20)."""
 
-import torch.nn.functional as F
 from torch import nn
 
-from geokern.nn.tropical import apply_rotary_emb
+from geokern.nn.tropical import attention_heads
 from geokern.ops.hypercomplex_attention import octonion_attention, quaternion_attention
 
 
@@ -31,16 +30,8 @@ class _HypercomplexCausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
 
     def forward(self, x, cos_sin, kv_cache):
-        B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        B, T, _ = x.shape
+        q, k, v = attention_heads(self, x, cos_sin, kv_cache)
         y = type(self)._op(q, k, v, causal=True, backend=self.backend)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 

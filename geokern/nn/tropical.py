@@ -23,6 +23,23 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], 3).to(x.dtype)
 
 
+def attention_heads(mod, x, cos_sin, kv_cache=None):
+    """(q, k, v) as (B, H, T, D) / (B, Hkv, Tk, D) for an attention module in nanochat's shape
+    (c_q / c_k / c_v, n_head, n_kv_head, head_dim, layer_idx): the projections, rotary and
+    RMS-normed q and k, then the KV cache's keys and values when one is given."""
+    B, T, _ = x.shape
+    q = mod.c_q(x).view(B, T, mod.n_head, mod.head_dim)
+    k = mod.c_k(x).view(B, T, mod.n_kv_head, mod.head_dim)
+    v = mod.c_v(x).view(B, T, mod.n_kv_head, mod.head_dim)
+    cos, sin = cos_sin
+    q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+    q, k = F.rms_norm(q, (mod.head_dim,)), F.rms_norm(k, (mod.head_dim,))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kv_cache is not None:
+        k, v = kv_cache.insert_kv(mod.layer_idx, k, v)
+    return q, k, v
+
+
 class TropicalCausalSelfAttention(nn.Module):
     """Causal self-attention with max-plus scores and values, on the fused kernel.
 
@@ -77,16 +94,8 @@ class TropicalCausalSelfAttention(nn.Module):
             self.register_buffer(name, torch.full(shape, float("nan"), dtype=torch.float32), persistent=False)
 
     def forward(self, x, cos_sin, kv_cache):
-        B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        B, T, _ = x.shape
+        q, k, v = attention_heads(self, x, cos_sin, kv_cache)
         out = tropical_attention(q, k, v, causal=True, gauge_fix=self.tropical_gauge_fix,
                                  score_center=self.tropical_score_center,
                                  return_margins=self.tropical_record_margins, backend=self.backend)
