@@ -1,4 +1,5 @@
-"""Every Triton entry kernel of the hypercomplex-attention and LIoR families compiles to sm_90
+"""Every Triton entry kernel of the hypercomplex-attention and LIoR families (and the ultrametric
+scan and read kernels with float64 scalars, as torch.compile passes them) compiles to sm_90
 machine code, on any machine (no GPU needed: Triton's bundled ptxas runs on the CPU).
 
 The CI tests run these kernels under the CPU interpreter (TRITON_INTERPRET=1), which accepts
@@ -29,6 +30,7 @@ _PRELUDE = """
         except Exception as e:
             raise AssertionError(f"{kernel.__name__} {constexprs} does not compile for sm_90: {e}") from e
         assert "cubin" in out.asm, (kernel.__name__, constexprs)
+        return out
 """
 
 
@@ -104,4 +106,25 @@ def test_lior_kernels_compile_for_sm90():
                                              "B": "i32", "F": "i32", "s_pw": "i32", "s_pb": "i32", "s_rw": "i32",
                                              "s_rb": "i32", "eps": "fp32", "dtau": "fp32"},
                    dict(BB=bb, BF=bf))
+    """, timeout=300)
+
+
+def test_ultrametric_kernels_take_float64_scalars_without_float64_loops():
+    """Under torch.compile the ultrametric kernels' float arguments (log2a, am1) arrive as float64
+    (the fullgraph tests failed on the H100 when they reached the loops): the scan and read
+    kernels compile either way, and with float64 scalars no float64 arithmetic is left beyond
+    the entry casts."""
+    run_isolated(_PRELUDE + """
+    import inspect
+    from geokern.kernels.ultrametric import scan as sc
+
+    ptrs = {"tdig_ptr": "*i64", "sdig_ptr": "*i64", "val_ptr": "*bf16", "slse_ptr": "*fp32", "keep_ptr": "*i8",
+            "tab_ptr": "*fp32", "cnt_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
+    for kernel, cons in ((sc.ultrametric_scan_kernel, dict(FWD=True, SCALE_LSE=False, KEEP_SRC=True, C=64, BD=64)),
+                         (sc.ultrametric_read_kernel, dict(FWD=True, C=64, BD=64))):
+        for ft in ("fp32", "fp64"):
+            sig = {n: ptrs.get(n, ft if n in ("log2a", "am1") else "i32")
+                   for n in inspect.signature(kernel.fn).parameters if n not in cons}
+            ptx = compile_ok(kernel, sig, cons).asm["ptx"]
+            assert ptx.count(".f64") <= 4, (kernel.__name__, ft, ptx.count(".f64"))
     """, timeout=300)

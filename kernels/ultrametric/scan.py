@@ -78,11 +78,19 @@ def _add_rows(tab, cnt, dig_ptr, digbase, rows, use, vals, K, p, D, COUNT: tl.co
 
 
 @triton.jit
+def _f32(x):
+    """A float argument as a float32 scalar: under torch.compile float arguments arrive as float64,
+    which would make every weight of the hot loops a float64 value (and change the accumulators'
+    type); cast once per program instead."""
+    return tl.full([], x, tl.float32)
+
+
+@triton.jit
 def _read_rows(tab, cnt, dig_ptr, digbase, rows, valid, K, p, log2a, am1, D,
                COUNT: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
     """sum_l w_l * table[code_l(row)] for each target row: (acc [C, BD], den [C], seen [C]);
-    w_0 = 1, w_l = alpha^(l-1) (alpha - 1) (reference.ultrametric.level_weights). w in float32:
-    under torch.compile the float arguments log2a and am1 arrive as float64 scalars."""
+    w_0 = 1, w_l = alpha^(l-1) (alpha - 1) (reference.ultrametric.level_weights). log2a and am1
+    are float32 (_f32)."""
     rd = tl.arange(0, BD)
     m2 = valid[:, None] & (rd < D)[None, :]
     # the root bucket (code 0) holds every source so far
@@ -102,7 +110,7 @@ def _read_rows(tab, cnt, dig_ptr, digbase, rows, valid, K, p, log2a, am1, D,
         pw *= p
         val = val * p + dl
         code = base + val
-        w = (am1 * tl.exp2((l - 1) * log2a)).to(tl.float32)
+        w = am1 * tl.exp2((l - 1) * log2a)
         acc += w * tl.load(tab + code.to(tl.int64)[:, None] * D + rd[None, :], mask=m2, other=0.0,
                            cache_modifier=".cg")
         if COUNT:
@@ -189,6 +197,7 @@ def ultrametric_read_kernel(
     # tdig: [B, HT, TT, K]; out: [B, HT, TT, D] (lse [B, HT, TT] forward). One program: C targets of
     # one (batch, target head), grid (cdiv(TT, C), B * HT); they read table (group, slot) only
     # (non-causal attention, decode): every source is visible to every target.
+    log2a, am1 = _f32(log2a), _f32(am1)
     bh = tl.program_id(1)
     b = bh // HT
     g = b * Hkv + (bh % HT) // TR
@@ -212,6 +221,7 @@ def ultrametric_scan_kernel(
     # backward). One program: segment s of group g, grid (segments, B * Hkv): chunk by chunk (in
     # time order), its NT target heads read the table and add the chunk's own visible sources
     # densely (C x C weights, a tensor-core dot), then the chunk's sources enter the table.
+    log2a, am1 = _f32(log2a), _f32(am1)
     s = tl.program_id(0)
     g = tl.program_id(1)
     b = g // Hkv
@@ -244,7 +254,7 @@ def ultrametric_scan_kernel(
                 else:
                     vis = pos[None, :] >= pos[:, None]
                 vis = vis & suse[None, :] & tvalid[:, None]
-                W = tl.where(vis, tl.exp2(lcp.to(tl.float32) * log2a).to(tl.float32), 0.0)
+                W = tl.where(vis, tl.exp2(lcp.to(tl.float32) * log2a), 0.0)
                 finite = (vals == vals) & (tl.abs(vals) != float("inf"))
                 dense = tl.dot(W, tl.where(finite, vals, 0.0), input_precision="ieee")
                 if tl.max(tl.where(finite, 0, 1)) > 0:
