@@ -37,16 +37,24 @@ def cuda_op(name, fake, cpu_impl):
     return getattr(torch.ops.geokern, name).default
 
 
-def triton_op(name, impl, mutates_args=()):
+def triton_op(name, impl, mutates_args=(), opaque_fake=None):
     """torch.library.triton_op geokern::<name> with `impl` as its body, as a callable that runs
     `impl` directly in plain eager calls (see _plain_eager) and the op otherwise.
 
     `impl` launches its kernels through geokern.kernels._common.launch, so torch.compile
     traces into them on the GPU; on CPU tensors under TRITON_INTERPRET=1 the kernels run
     directly (eager only: tracing CPU Triton ops is unsupported). `mutates_args` names the
-    arguments written in place (a decode state). The op itself is the callable's `.op`."""
+    arguments written in place (a decode state). The op itself is the callable's `.op`.
+
+    `opaque_fake` (a fake implementation) makes the op a plain torch.library.custom_op instead:
+    torch.compile calls it as one opaque kernel and does not trace into its launches. For an op
+    whose traced launches inductor cannot compile (see the call site for which and why)."""
     qualname = f"geokern::{name}"
-    op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
+    if opaque_fake is None:
+        op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
+    else:
+        op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args)
+        op.register_fake(opaque_fake)
     CUSTOM_OPS.append(("triton", qualname))
 
     def call(*args, **kwargs):

@@ -146,7 +146,10 @@ _KERNELS = {
     ),
     "triton": (
         triton_op("tropical_attention_triton", _tropical_attention_triton),
-        triton_op("tropical_attention_backward_triton", _tropical_attention_backward_triton),
+        # opaque to torch.compile: with dynamic shapes, inductor's decomposition of this op's traced
+        # launch fails its own node-count assertion (pytorch/pytorch#181735, torch 2.11 to 2.14)
+        triton_op("tropical_attention_backward_triton", _tropical_attention_backward_triton,
+                  opaque_fake=_tropical_attention_backward_fake),
     ),
 }
 
