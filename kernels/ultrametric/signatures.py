@@ -16,7 +16,17 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import launch
+from geokern.kernels._common import _INTERPRET, launch
+
+
+@triton.jit
+def dot_f32acc(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b with float32 accumulation. The interpreter's dot misreads bfloat16 operands
+    (Triton 3.8), so there they are widened to float32 first: exact products either way, as the
+    GPU's tensor-core dot makes them."""
+    if _INTERPRET and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -43,7 +53,7 @@ def ultrametric_signatures_kernel(
             cm = (c0 + rc) < Din
             xt = tl.load(xrow + (c0 + rc)[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
             wt = tl.load(wrow + (c0 + rc)[:, None], mask=cm[:, None] & dm[None, :], other=0.0)  # [BC, BD]
-            acc = tl.dot(xt, wt, acc, input_precision=PREC)
+            acc = dot_f32acc(xt, wt, acc, PREC)
     else:
         xrow = x_ptr + ((b * H + h) * T + t.to(tl.int64))[:, None] * D
         acc = tl.load(xrow + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from geokern._backend import interpret_mode
 from geokern.kernels._common import launch
+from geokern.kernels.ultrametric.signatures import dot_f32acc
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def ultrametric_top1_kernel(
         kt = tl.load(k_ptr + krow[:, None] * D + rd[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
         kf = kt.to(tl.float32)
         kn = tl.sqrt(tl.sum(kf * kf, axis=1)) + 1e-12
-        dot = tl.dot(q, tl.trans(kt), input_precision=PREC)
+        dot = dot_f32acc(q, tl.trans(kt), tl.zeros([BM, BN], tl.float32), PREC)
         sim = dot / (qn[:, None] * kn[None, :])
         alive = tl.full([BM, BN], 1, tl.int1)
         lcp = tl.zeros([BM, BN], tl.int32)
