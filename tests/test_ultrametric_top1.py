@@ -196,7 +196,7 @@ def test_gradient_to_v(backend):
     v64 = a["v"].detach().double().requires_grad_()
     (dv64,) = torch.autograd.grad(ref.top1_values(v64, index, sim), v64, dy.double())
     assert_close("dv", dv, dv64.float())
-    assert not y.grad_fn is None and not index.requires_grad
+    assert y.grad_fn is not None and not index.requires_grad
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16), (64, 64)], ids=str)
