@@ -65,7 +65,7 @@ def ultrametric_top1_kernel(
             lcp += alive.to(tl.int32)
         vis = im[:, None] & jm[None, :]
         if HAS_KEEP:
-            vis = vis & (tl.load(keep_ptr + b * Tk + j, mask=jm, other=0) != 0)[None, :]
+            vis = vis & (tl.load(keep_ptr + b.to(tl.int64) * Tk + j, mask=jm, other=0) != 0)[None, :]
         if CAUSAL:
             vis = vis & (j[None, :] <= (i + OFF)[:, None])
         lm = tl.where(vis, lcp, -1)
