@@ -1,5 +1,6 @@
-"""Every Triton entry kernel of the hypercomplex-attention and LIoR families (and the ultrametric
-scan and read kernels with float64 scalars, as torch.compile passes them) compiles to sm_90
+"""Every Triton entry kernel of the hypercomplex-attention and LIoR families, the ultrametric
+signature and top-1 kernels (and the ultrametric scan and read kernels with float64 scalars, as
+torch.compile passes them) compiles to sm_90
 machine code, on any machine (no GPU needed: Triton's bundled ptxas runs on the CPU).
 
 The CI tests run these kernels under the CPU interpreter (TRITON_INTERPRET=1), which accepts
@@ -127,4 +128,32 @@ def test_ultrametric_kernels_take_float64_scalars_without_float64_loops():
                    for n in inspect.signature(kernel.fn).parameters if n not in cons}
             ptx = compile_ok(kernel, sig, cons).asm["ptx"]
             assert ptx.count(".f64") <= 4, (kernel.__name__, ft, ptx.count(".f64"))
+    """, timeout=300)
+
+
+def test_ultrametric_signature_and_top1_kernels_compile_for_sm90():
+    """The fused signature kernel (projection and head-vector forms, float32 "ieee" and bfloat16
+    tensor-core dots, the launcher's tiles for D <= 128 and D = 256) and the top-1 scan (causal
+    and padded or not, float32 and bfloat16)."""
+    run_isolated(_PRELUDE + """
+    import inspect
+    from geokern.kernels.ultrametric import signatures as sg, top1 as t1
+
+    def sig_of(kernel, cons, ptrs):
+        return {n: ptrs.get(n, "i32") for n in inspect.signature(kernel.fn).parameters if n not in cons}
+
+    for dt, has_w, D, K in (("fp32", True, 64, 8), ("bf16", True, 128, 16), ("bf16", False, 64, 8),
+                            ("fp32", False, 256, 32)):
+        BT, BC, BD, BK = sg.blocks(D, K)
+        cons = dict(HAS_W=has_w, PREC="ieee" if dt == "fp32" else "tf32", BT=BT, BC=BC, BD=BD, BK=BK)
+        ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "planes_ptr": "*fp32", "out_ptr": "*i8"}
+        compile_ok(sg.ultrametric_signatures_kernel, sig_of(sg.ultrametric_signatures_kernel, cons, ptrs), cons,
+                   4 if BD <= 128 else 8)
+
+    for dt, causal, keep, D in (("fp32", True, True, 64), ("bf16", False, False, 128), ("bf16", True, False, 64)):
+        BM, BN, BD = t1.blocks(D)
+        cons = dict(HAS_KEEP=keep, CAUSAL=causal, PREC="ieee" if dt == "fp32" else "tf32", BM=BM, BN=BN, BD=BD)
+        ptrs = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "qd_ptr": "*i8", "kd_ptr": "*i8", "keep_ptr": "*i1",
+                "idx_ptr": "*i64", "lcp_ptr": "*i32", "sim_ptr": "*fp32"}
+        compile_ok(t1.ultrametric_top1_kernel, sig_of(t1.ultrametric_top1_kernel, cons, ptrs), cons)
     """, timeout=300)

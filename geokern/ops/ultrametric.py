@@ -37,10 +37,12 @@ from geokern import _backend
 from geokern._checks import check_same, check_tensor
 from geokern.kernels import ultrametric as tk
 from geokern.ops._registry import bound_once, refuse_double_backward, triton_op
+from geokern.ops._ultrametric_retrieval import ultrametric_signatures, ultrametric_top1  # noqa: F401
 from geokern.reference import ultrametric as ref
 
 __all__ = ["ultrametric_attention", "ultrametric_soft_digits", "ultrametric_hard_digits", "UltrametricCache",
            "ultrametric_decode_step_"]
+__all__ += ["ultrametric_signatures", "ultrametric_top1"]  # signatures and top-1 retrieval (their module)
 
 _OP = "ultrametric_attention"
 _PREFER = ("triton",)

@@ -87,6 +87,148 @@ def hard_digits(soft, p):
     return torch.round(soft).clamp(0, p - 1).to(torch.int64)
 
 
+def hyperplane_signatures(x, planes, weight=None):
+    """Random-hyperplane bit signatures (their JAX demo's `_signature`, p = 2): digit l of a head
+    vector h is 1 if planes[l] . h > 0, else 0, as int8 [B, H, T, K], usable as q_digits / k_digits.
+
+    weight None: x [B, H, T, D] are the head vectors. weight [H * D, Din] (an nn.Linear weight,
+    y = x @ weight.T): x [B, T, Din] is projected first and split into H heads of D (the layout of
+    q = c_q(x).view(B, T, H, D).transpose(1, 2)). planes [H, K, D] (one set per head, as the demo's
+    per-head planes) or [K, D] (shared by every head). Everything is computed in float64.
+
+    Ties: a dot of exactly 0 (and -0) gives digit 0 (the comparison is strict, as the demo's
+    `proj > 0`); a NaN dot gives 0 too (the comparison is false). Digits are discrete: no gradient.
+    """
+    B, H, T, D, K = check_signature_inputs(x, planes, weight)
+    with torch.no_grad():
+        h = x.detach().double()
+        if weight is not None:
+            h = (h @ weight.detach().double().transpose(0, 1)).view(B, T, H, D).transpose(1, 2)
+        P = planes.detach().double()
+        P = P.expand(H, K, D) if P.dim() == 2 else P
+        dots = torch.einsum("bhtd,hkd->bhtk", h, P)
+        return (dots > 0).to(torch.int8)
+
+
+def check_signature_inputs(x, planes, weight):
+    """(B, H, T, D, K) of hyperplane_signatures' inputs; TypeError / ValueError naming the argument."""
+    for name, t in (("x", x), ("planes", planes), ("weight", weight)):
+        if t is None and name == "weight":
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if planes.dim() not in (2, 3) or planes.shape[-2] < 1:
+        raise ValueError(f"planes must be [K, D] or [H, K, D] with K >= 1, got shape {tuple(planes.shape)}")
+    K, D = planes.shape[-2], planes.shape[-1]
+    if weight is None:
+        if x.dim() != 4 or x.shape[-1] != D:
+            raise ValueError(f"x must be [B, H, T, D] head vectors with D = {D} (planes' last dim) when weight is "
+                             f"None, got shape {tuple(x.shape)}")
+        B, H, T = x.shape[:3]
+    else:
+        if weight.dim() != 2 or x.dim() != 3 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"weight must be [H * D, Din] and x [B, T, Din] with Din = weight.shape[1], got weight "
+                             f"{tuple(weight.shape)}, x {tuple(x.shape)}")
+        if D == 0 or weight.shape[0] % D:
+            raise ValueError(f"weight must have H * D rows with D = {D} (planes' last dim), got {weight.shape[0]}")
+        H = weight.shape[0] // D
+        B, T = x.shape[:2]
+    if planes.dim() == 3 and planes.shape[0] != H:
+        raise ValueError(f"planes [H, K, D] must have H = {H} heads (from {'weight' if weight is not None else 'x'}),"
+                         f" got shape {tuple(planes.shape)}")
+    return B, H, T, D, K
+
+
+def ultrametric_top1(q, k, v, q_digits, k_digits, *, p=2, causal=False, key_padding_mask=None, return_details=False):
+    """Top-1 bucket retrieval (their demo's `attend`): per head h and query i, among the keys j
+    visible to it, the deepest non-empty prefix bucket (the largest lcp_ij: at lcp 0 every visible
+    key) and in it the key with the best cosine similarity
+        cos_ij = q_i . k_j / ((|q_i| + 1e-12) (|k_j| + 1e-12)),
+    i.e. the lexicographic maximum of (lcp_ij, cos_ij, -j). y[b, i] = mean over the H heads of
+    v[b, h // R, index[b, h, i]] (the demo averages the picked values over heads).
+
+    q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv], q_digits [B, H, Tq, K], k_digits
+    [B, Hkv, Tk, K] (integer digits in [0, p - 1]; Hkv divides H, query head h reads key head
+    h // (H // Hkv)). causal and key_padding_mask as in ultrametric_attention (default
+    non-causal: the demo retrieves from every stored key). Computed in float64.
+
+    Ties: equal (lcp, cos) picks the lowest key index. A NaN similarity ranks above every number
+    (torch.argmax's rule), so a NaN key wins the buckets it competes in, and y is NaN for a
+    query whose pick in any head has a NaN similarity. A query that sees no key gets index -1,
+    lcp -1, similarity -inf and y = 0. Gradient: to v only (through the pick); the pick is
+    discrete in q, k and the digits.
+
+    Returns y [B, Tq, Dv] in v's dtype, and with return_details (index [B, H, Tq] int64,
+    lcp [B, H, Tq] int64, sim [B, H, Tq] float64).
+    """
+    B, H, Hkv, Tq, Tk, K, Dv = check_inputs(q_digits, k_digits, v, 2.0, p, causal, key_padding_mask)
+    check_top1_vectors(q, k, B, H, Hkv, Tq, Tk)
+    f64, dev = torch.float64, v.device
+    kk, kd = _repeat_kv(k.detach().to(f64), H), _repeat_kv(k_digits.long(), H)
+    kn = kk.norm(dim=-1) + 1e-12  # [B, H, Tk]
+    keep = torch.ones(B, Tk, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask
+    step = max(1, CHUNK_ELEMS // max(1, B * H * Tk * max(K, q.shape[-1])))
+    idx, lcps, sims = [], [], []
+    jj = torch.arange(Tk, device=dev)
+    for i0 in range(0, Tq, step):
+        qq = q[:, :, i0:i0 + step].detach().to(f64)
+        c = qq.shape[2]
+        lcp = (q_digits[:, :, i0:i0 + c, None, :].long() == kd[:, :, None]).long().cumprod(-1).sum(-1)
+        sim = (qq @ kk.transpose(-1, -2)) / ((qq.norm(dim=-1) + 1e-12)[..., None] * kn[:, :, None, :])
+        vis = keep[:, None, None, :].expand(B, H, c, Tk)
+        if causal:
+            pos = torch.arange(i0, i0 + c, device=dev) + (Tk - Tq)
+            vis = vis & (jj[None, :] <= pos[:, None])
+        lcp = torch.where(vis, lcp, -1)
+        best = lcp.amax(-1, keepdim=True) if Tk else lcp.new_full((B, H, c, 1), -1)
+        cand = vis & (lcp == best)
+        rank = torch.where(cand, torch.where(sim.isnan(), math.inf, sim), -math.inf)
+        top = rank.amax(-1, keepdim=True) if Tk else rank.new_full((B, H, c, 1), -math.inf)
+        win = cand & (rank == top)
+        j = torch.where(win, jj, Tk).amin(-1) if Tk else torch.full((B, H, c), Tk, device=dev)
+        found = j < Tk
+        j = torch.where(found, j, -1)
+        s = torch.gather(sim, -1, j.clamp_min(0)[..., None]).squeeze(-1) if Tk else torch.zeros(B, H, c, dtype=f64,
+                                                                                                    device=dev)
+        idx.append(j)
+        lcps.append(best.squeeze(-1))
+        sims.append(torch.where(found, s, -math.inf))
+    cat = (lambda ts, dt: torch.cat(ts, 2) if ts else torch.zeros(B, H, 0, dtype=dt, device=dev))
+    index, lcp, sim = cat(idx, torch.int64), cat(lcps, torch.int64), cat(sims, f64)
+    y = top1_values(v, index, sim)
+    return (y, index, lcp, sim) if return_details else y
+
+
+def check_top1_vectors(q, k, B, H, Hkv, Tq, Tk):
+    """q [B, H, Tq, D] and k [B, Hkv, Tk, D] float tensors of one D matching the digits' shapes."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if q.dim() != 4 or tuple(q.shape[:3]) != (B, H, Tq):
+        raise ValueError(f"q must have shape (B, H, Tq, D) = ({B}, {H}, {Tq}, D) like q_digits, got {tuple(q.shape)}")
+    if k.dim() != 4 or tuple(k.shape) != (B, Hkv, Tk, q.shape[3]):
+        raise ValueError(f"k must have shape (B, Hkv, Tk, D) = ({B}, {Hkv}, {Tk}, {q.shape[3]}) like k_digits and q, "
+                         f"got {tuple(k.shape)}")
+
+
+def top1_values(v, index, sim):
+    """y [B, Tq, Dv]: the mean over the H heads of v[b, h // R, index[b, h, i]] (0 where index is -1,
+    NaN where sim is NaN), summed in float32 (float64 for float64 v), in v's dtype."""
+    B, Hkv, Tk, Dv = v.shape
+    H, Tq = index.shape[1], index.shape[2]
+    acc = acc_dtype(v.dtype)
+    if Tk == 0 or H == 0:
+        return v.new_zeros(B, Tq, Dv) + v.reshape(-1)[:0].sum()
+    R = H // Hkv
+    flat = index.clamp_min(0).reshape(B, Hkv, R * Tq, 1).expand(B, Hkv, R * Tq, Dv)
+    got = torch.gather(v, 2, flat).view(B, H, Tq, Dv).to(acc)
+    got = torch.where((index < 0)[..., None], torch.zeros((), dtype=acc, device=v.device), got)
+    got = torch.where(sim.isnan()[..., None], torch.full((), math.nan, dtype=acc, device=v.device), got)
+    return (got.sum(1) / H).to(v.dtype)
+
+
 def num_codes(p, K):
     """N = sum_{l<=K} p^l, the number of prefix codes of K base-p digits (a Python int)."""
     return K + 1 if p == 1 else (p ** (K + 1) - 1) // (p - 1)
