@@ -11,7 +11,7 @@
 #   overhead    what a call costs (#16): the overhead benchmark family and scripts/profile_calls.py
 #               (autotuning on, as users run it), in OUT/overhead
 #   new         the newest families' tests and benchmarks (FAMILIES, default: ultrametric
-#               hypercomplex_linear hypercomplex_attention lior contrastive; OUT/new)
+#               hypercomplex_linear hypercomplex_attention lior contrastive, ultrametric_retrieval; OUT/new)
 # The device returns at most 8 files from OUT: at the end everything but info.json and the
 # summary (OUT/summary.txt, this script's output) is packed into OUT/logs.tgz.
 set -uo pipefail
@@ -67,7 +67,7 @@ if [[ "$STAGES" == *" overhead "* ]]; then
 fi
 if [[ "$STAGES" == *" new "* ]]; then
   mkdir -p "$OUT/new"
-  fams=${FAMILIES:-ultrametric hypercomplex_linear hypercomplex_attention lior contrastive}
+  fams=${FAMILIES:-ultrametric ultrametric_retrieval hypercomplex_linear hypercomplex_attention lior contrastive}
   files=$(for f in $fams; do ls tests/test_${f}*.py 2>/dev/null; done)
   GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $files >"$OUT/new/tests.log" 2>&1
   echo "new families' tests exit $?, $((SECONDS - t0)) s"; grep -E "^FAILED|^ERROR|passed|failed" "$OUT/new/tests.log" | cut -c1-300 | tail -30
