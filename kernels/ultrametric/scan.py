@@ -135,6 +135,23 @@ def _store_rows(out_ptr, lse_ptr, keep_ptr, outbase, rows, valid, acc, den, seen
 
 
 @triton.jit
+def reinsert_nonfinite(dense, vals, vis, finite):
+    """dense = W @ where(finite, vals, 0) with the non-finite values put back: a non-finite value
+    reaches exactly the targets that see its row, counted through the visibility pattern vis
+    [rows, cols] (W * inf would also poison hidden targets, W * NaN every target). Three more
+    dots, only for a block that holds one (vals [cols, BD], finite its mask)."""
+    if tl.max(tl.where(finite, 0, 1)) > 0:
+        vf = vals.to(tl.float32)
+        sf = vis.to(tl.float32)
+        nan = tl.dot(sf, (vf != vf).to(tl.float32), input_precision="ieee")
+        pinf = tl.dot(sf, (vf == float("inf")).to(tl.float32), input_precision="ieee")
+        ninf = tl.dot(sf, (vf == -float("inf")).to(tl.float32), input_precision="ieee")
+        dense = tl.where((nan > 0) | ((pinf > 0) & (ninf > 0)), float("nan"),
+                         tl.where(pinf > 0, float("inf"), tl.where(ninf > 0, -float("inf"), dense)))
+    return dense
+
+
+@triton.jit
 def _lcp_block(tdig, tbase, trows, tvalid, sdig, sbase, srows, suse, K, C: tl.constexpr):
     """lcp [C, C] int32 between target rows and source rows (leading equal digits)."""
     alive = tl.full([C, C], 1, tl.int1)
@@ -257,16 +274,7 @@ def ultrametric_scan_kernel(
                 W = tl.where(vis, tl.exp2(lcp.to(tl.float32) * log2a), 0.0)
                 finite = (vals == vals) & (tl.abs(vals) != float("inf"))
                 dense = tl.dot(W, tl.where(finite, vals, 0.0), input_precision="ieee")
-                if tl.max(tl.where(finite, 0, 1)) > 0:
-                    # a non-finite value reaches exactly the targets that see its row: counted
-                    # through the visibility pattern (W * inf would also poison hidden targets)
-                    vf = vis.to(tl.float32)
-                    nan = tl.dot(vf, (vals != vals).to(tl.float32), input_precision="ieee")
-                    pinf = tl.dot(vf, (vals == float("inf")).to(tl.float32), input_precision="ieee")
-                    ninf = tl.dot(vf, (vals == -float("inf")).to(tl.float32), input_precision="ieee")
-                    dense = tl.where((nan > 0) | ((pinf > 0) & (ninf > 0)), float("nan"),
-                                     tl.where(pinf > 0, float("inf"), tl.where(ninf > 0, -float("inf"), dense)))
-                acc += dense
+                acc += reinsert_nonfinite(dense, vals, vis, finite)
                 if FWD:
                     den += tl.sum(W, axis=1)
                     seen = seen | (tl.max(vis.to(tl.int32), axis=1) > 0)
