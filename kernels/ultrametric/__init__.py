@@ -171,8 +171,8 @@ def _soft_prec(dtype):
 
 
 def _soft_scalars(alpha, beta):
-    """(sqrt(beta log2 e), log2 alpha): the constants folded into the digits and the weight."""
-    return math.sqrt(beta * math.log2(math.e)), math.log2(alpha)
+    """(-beta log2 e, log2 alpha): the exp2 constants of the partial products and the weight."""
+    return -beta * math.log2(math.e), math.log2(alpha)
 
 
 def ultrametric_soft_attention_fwd(q, k, v, keep, y, lse, alpha, beta, causal):
@@ -181,9 +181,9 @@ def ultrametric_soft_attention_fwd(q, k, v, keep, y, lse, alpha, beta, causal):
     B, H, Tq, K = q.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], v.shape[3]
     BM, BN, warps = soft_blocks(D, True)
-    sqb, log2a = _soft_scalars(alpha, beta)
+    nb, log2a = _soft_scalars(alpha, beta)
     launch(ultrametric_soft_attention_fwd_kernel)[(triton.cdiv(Tq, BM), B * H)](
-        q, k, v, keep if keep is not None else v, y, lse, H, H // Hkv, Tq, Tk, D, sqb, log2a,
+        q, k, v, keep if keep is not None else v, y, lse, H, H // Hkv, Tq, Tk, D, nb, log2a,
         K=K, CAUSAL=causal, HAS_KEEP=keep is not None, PREC=_soft_prec(v.dtype), BM=BM, BN=BN, BD=_bd(D),
         num_warps=warps)
 
@@ -194,14 +194,14 @@ def ultrametric_soft_attention_bwd(dy, q, k, v, keep, y, lse, dq, dk, dv, alpha,
     B, H, Tq, K = q.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], v.shape[3]
     BM, BN, warps = soft_blocks(D, False)
-    sqb, log2a = _soft_scalars(alpha, beta)
+    nb, log2a = _soft_scalars(alpha, beta)
     # per query: log2 max(den, 1e-9) and dy . y, zero where the clamp holds (y no longer depends on den)
     lse2 = lse * math.log2(math.e)
     lsc = torch.clamp_min(lse2, math.log2(1e-9)).contiguous()
     delta = torch.where(lse2 > math.log2(1e-9), (dy.float() * y.float()).sum(-1), 0.0).contiguous()
     dq.zero_()
     launch(ultrametric_soft_attention_bwd_kernel)[(triton.cdiv(Tk, BN), B * Hkv)](
-        q, k, v, keep if keep is not None else v, dy, lsc, delta, dq, dk, dv, H, H // Hkv, Tq, Tk, D, sqb, log2a,
-        math.log(alpha), 2 * math.log(2) * sqb,
+        q, k, v, keep if keep is not None else v, dy, lsc, delta, dq, dk, dv, H, H // Hkv, Tq, Tk, D, nb, log2a,
+        math.log(alpha), 2.0 * beta,
         K=K, KP=max(2, triton.next_power_of_2(K)), CAUSAL=causal, HAS_KEEP=keep is not None,
         PREC=_soft_prec(v.dtype), BM=BM, BN=BN, BD=_bd(D), num_warps=warps)

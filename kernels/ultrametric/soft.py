@@ -5,9 +5,11 @@ Definition (reference.ultrametric.soft_lcp_attention, spec section 3), per (quer
     match_l = exp(-beta (q_l - k_l)^2),  lcp = sum_{l<=K} prod_{m<=l} match_m,  w = alpha^lcp
     y_i = sum_j w_ij v_j / max(sum_j w_ij, 1e-9)  over the visible keys,  lse_i = log sum_j w_ij.
 
-The partial products are one exponential each: prod_{m<=l} match_m = exp2(-c_l) with
-c_l = sum_{m<=l} (sq_m - sk_m)^2, sq = sqrt(beta log2 e) q (the constant folded into the digits
-once per load, never per pair), so a level costs FADD + FFMA + MUFU.EX2 + FADD. The weight is
+The partial products are one exponential each: prod_{m<=l} match_m = exp2(nb c_l) with
+c_l = sum_{m<=l} (q_m - k_m)^2 and nb = -beta log2 e (both constants folded into one), so a level
+costs FADD + FFMA + FMUL + MUFU.EX2 + FADD. The difference is formed before any scaling (exact
+for near digits; scaling q and k first costs one FMUL less per level but loses the difference's
+low bits: 6e-6 relative error in dq for digits 0.01 apart). The weight is
 w = exp2(lcp log2 alpha), normalised online (running max m_i and sum l_i in log2 units, as
 flash attention does), one FFMA + MUFU.EX2 more. Forward: K + 1 special-function evaluations
 per pair. Backward: the partial products are recomputed twice (once for lcp, which the level
@@ -17,9 +19,9 @@ Gradients. With G_ij = dL/dlcp_ij = pc_ij (dy_i . v_j - delta_i) ln alpha, pc_ij
 w_ij / max(den_i, 1e-9) and delta_i = dy_i . y_i (0 where the clamp holds, den_i <= 1e-9),
 and R_ijm = sum_{l>=m} P_ijl = lcp_ij - sum_{l<m} P_ijl:
 
-    dq_im = -2 ln2 sqrt(beta log2 e) sum_j G_ij R_ijm d_ijm,   dk_jm = -(the same summed over i),
+    dq_im = -2 beta sum_j G_ij R_ijm d_ijm,   dk_jm = -(the same summed over i),
 
-d = sq - sk (scaled units). One backward program owns a key tile: dk and dv are written once
+d = q - k. One backward program owns a key tile: dk and dv are written once
 (deterministic); dq is [.., K], 8x narrower than a flash dq, and added with float32 atomics per
 (query tile, key tile) (its last bits may vary from run to run).
 """
@@ -35,17 +37,17 @@ LOG2_CLAMP = -29.897352853986263  # log2(1e-9): the spec's clamp of the weight s
 
 
 @triton.jit
-def _soft_lcp(q_ptr, qbase, rows, rvalid, k_ptr, kbase, cols, cvalid, sqb, K: tl.constexpr):
-    """lcp [BM, BN] float32: sum over levels of exp2(-c_l), c_l the running sum of squared
-    scaled digit differences. K exp2 per pair."""
+def _soft_lcp(q_ptr, qbase, rows, rvalid, k_ptr, kbase, cols, cvalid, nb, K: tl.constexpr):
+    """lcp [BM, BN] float32: sum over levels of exp2(nb c_l), c_l the running sum of squared digit
+    differences, nb = -beta log2 e. K exp2 per pair."""
     c = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     lcp = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     for l in tl.static_range(K):
-        qd = tl.load(q_ptr + (qbase + rows) * K + l, mask=rvalid, other=0.0).to(tl.float32) * sqb
-        kd = tl.load(k_ptr + (kbase + cols) * K + l, mask=cvalid, other=0.0).to(tl.float32) * sqb
-        d = qd[:, None] - kd[None, :]
+        qd = tl.load(q_ptr + (qbase + rows) * K + l, mask=rvalid, other=0.0).to(tl.float32)
+        kd = tl.load(k_ptr + (kbase + cols) * K + l, mask=cvalid, other=0.0).to(tl.float32)
+        d = qd[:, None] - kd[None, :]  # before any scaling: exact for near digits (Sterbenz)
         c += d * d
-        lcp += tl.exp2(-c)
+        lcp += tl.exp2(c * nb)
     return lcp
 
 
@@ -77,7 +79,7 @@ def _pv(p, v, vis, PREC: tl.constexpr):
 @triton.jit
 def ultrametric_soft_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, keep_ptr, y_ptr, lse_ptr,
-    H, R, Tq, Tk, D, sqb, log2a,
+    H, R, Tq, Tk, D, nb, log2a,
     K: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
@@ -85,7 +87,7 @@ def ultrametric_soft_attention_fwd_kernel(
     # y: [B, H, Tq, D], lse: [B, H, Tq] float32 (natural log); all contiguous, Hkv = H // R.
     # One program: BM queries of one (batch, head) against every visible key, BN keys a step,
     # online normaliser in log2 units. grid (cdiv(Tq, BM), B * H).
-    sqb, log2a = _f32(sqb), _f32(log2a)
+    nb, log2a = _f32(nb), _f32(log2a)
     bh = tl.program_id(1)
     b = bh // H
     g = b * (H // R) + (bh % H) // R
@@ -105,7 +107,7 @@ def ultrametric_soft_attention_fwd_kernel(
     for start in range(0, hi, BN):
         cols = start + tl.arange(0, BN)
         cvalid = cols < Tk
-        lcp = _soft_lcp(q_ptr, qbase, rows, rvalid, k_ptr, kbase, cols, cvalid, sqb, K)
+        lcp = _soft_lcp(q_ptr, qbase, rows, rvalid, k_ptr, kbase, cols, cvalid, nb, K)
         vis = _visible(rows, rvalid, cols, cvalid, _keep(keep_ptr, b, Tk, cols, cvalid, HAS_KEEP), off, CAUSAL)
         s = tl.where(vis, lcp * log2a, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -129,7 +131,7 @@ def ultrametric_soft_attention_fwd_kernel(
 @triton.jit
 def ultrametric_soft_attention_bwd_kernel(
     q_ptr, k_ptr, v_ptr, keep_ptr, dy_ptr, lsc_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
-    H, R, Tq, Tk, D, sqb, log2a, lna, c0,
+    H, R, Tq, Tk, D, nb, log2a, lna, c0,
     K: tl.constexpr, KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
@@ -137,8 +139,8 @@ def ultrametric_soft_attention_bwd_kernel(
     # delta: [B, H, Tq] float32, dy . y (0 where the clamp holds); dq: [B, H, Tq, K] float32,
     # zeroed, added to atomically; dk: [B, Hkv, Tk, K], dv: [B, Hkv, Tk, D] written once.
     # One program: BN keys of one (batch, key head) against the R query heads that read them,
-    # BM queries a step. grid (cdiv(Tk, BN), B * Hkv). c0 = 2 ln2 sqrt(beta log2 e).
-    sqb, log2a, lna, c0 = _f32(sqb), _f32(log2a), _f32(lna), _f32(c0)
+    # BM queries a step. grid (cdiv(Tk, BN), B * Hkv). c0 = 2 beta.
+    nb, log2a, lna, c0 = _f32(nb), _f32(log2a), _f32(lna), _f32(c0)
     g = tl.program_id(1)
     Hkv = H // R
     b = g // Hkv
@@ -163,7 +165,7 @@ def ultrametric_soft_attention_bwd_kernel(
         for i0 in range(lo, Tq, BM):
             rows = i0 + tl.arange(0, BM)
             rvalid = rows < Tq
-            lcp = _soft_lcp(q_ptr, qbase, rows, rvalid, k_ptr, kbase, cols, cvalid, sqb, K)
+            lcp = _soft_lcp(q_ptr, qbase, rows, rvalid, k_ptr, kbase, cols, cvalid, nb, K)
             vis = _visible(rows, rvalid, cols, cvalid, keep, off, CAUSAL)
             lsc = tl.load(lsc_ptr + qbase + rows, mask=rvalid, other=0.0)
             delta = tl.load(delta_ptr + qbase + rows, mask=rvalid, other=0.0)
@@ -178,12 +180,12 @@ def ultrametric_soft_attention_bwd_kernel(
             below = tl.zeros([BM, BN], tl.float32)
             dq = tl.zeros([BM, KP], tl.float32)
             for l in tl.static_range(K):
-                qd = tl.load(q_ptr + (qbase + rows) * K + l, mask=rvalid, other=0.0).to(tl.float32) * sqb
-                kd = tl.load(k_ptr + (kbase + cols) * K + l, mask=cvalid, other=0.0).to(tl.float32) * sqb
+                qd = tl.load(q_ptr + (qbase + rows) * K + l, mask=rvalid, other=0.0).to(tl.float32)
+                kd = tl.load(k_ptr + (kbase + cols) * K + l, mask=cvalid, other=0.0).to(tl.float32)
                 d = qd[:, None] - kd[None, :]
                 c += d * d
                 hm = gl * (lcp - below) * d
-                below += tl.exp2(-c)
+                below += tl.exp2(c * nb)
                 dq += tl.where(kl[None, :] == l, tl.sum(hm, 1)[:, None], 0.0)
                 dk += tl.where(kl[None, :] == l, tl.sum(hm, 0)[:, None], 0.0)
             tl.atomic_add(dq_ptr + (qbase + rows)[:, None] * K + kl[None, :], dq * (-c0),
