@@ -20,6 +20,8 @@ refuses N > 2^16 tables.
 import triton
 import triton.language as tl
 
+from geokern.kernels._common import _INTERPRET
+
 
 @triton.jit
 def _digit(dig_ptr, digbase, rows, valid, l, K, p):
@@ -135,19 +137,41 @@ def _store_rows(out_ptr, lse_ptr, keep_ptr, outbase, rows, valid, acc, den, seen
 
 
 @triton.jit
+def _count_dot(a, b):
+    """a @ b of 0 / 1 matrices, exact (float16 operands hold 0 and 1, float32 sums count): on the
+    tensor cores; float32 copies under the interpreter (its 16-bit dot is wrong in triton 3.8).
+    An "ieee" float32 dot here is ~6k FFMA of code that the rest of the kernel's registers pay for."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def count_nonfinite(vis, vals):
+    """(nan, pinf, ninf) [rows, BD] float32: per target row and channel, how many of the sources it
+    sees (vis [rows, cols]) hold NaN / +inf / -inf in vals [cols, BD]."""
+    vf = vals.to(tl.float32)
+    return _count_dot(vis, vf != vf), _count_dot(vis, vf == float("inf")), _count_dot(vis, vf == -float("inf"))
+
+
+@triton.jit
+def apply_nonfinite(dense, nan, pinf, ninf):
+    """dense with the counted non-finite values put back: NaN where a NaN or both infinities are
+    seen, else +inf / -inf where one is."""
+    return tl.where((nan > 0) | ((pinf > 0) & (ninf > 0)), float("nan"),
+                    tl.where(pinf > 0, float("inf"), tl.where(ninf > 0, -float("inf"), dense)))
+
+
+@triton.jit
 def reinsert_nonfinite(dense, vals, vis, finite):
     """dense = W @ where(finite, vals, 0) with the non-finite values put back: a non-finite value
     reaches exactly the targets that see its row, counted through the visibility pattern vis
     [rows, cols] (W * inf would also poison hidden targets, W * NaN every target). Three more
     dots, only for a block that holds one (vals [cols, BD], finite its mask)."""
     if tl.max(tl.where(finite, 0, 1)) > 0:
-        vf = vals.to(tl.float32)
-        sf = vis.to(tl.float32)
-        nan = tl.dot(sf, (vf != vf).to(tl.float32), input_precision="ieee")
-        pinf = tl.dot(sf, (vf == float("inf")).to(tl.float32), input_precision="ieee")
-        ninf = tl.dot(sf, (vf == -float("inf")).to(tl.float32), input_precision="ieee")
-        dense = tl.where((nan > 0) | ((pinf > 0) & (ninf > 0)), float("nan"),
-                         tl.where(pinf > 0, float("inf"), tl.where(ninf > 0, -float("inf"), dense)))
+        nan, pinf, ninf = count_nonfinite(vis, vals)
+        dense = apply_nonfinite(dense, nan, pinf, ninf)
     return dense
 
 

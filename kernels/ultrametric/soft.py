@@ -31,9 +31,9 @@ import triton.language as tl
 
 from geokern.kernels._common import narrow
 from geokern.kernels.retrieval.common import mm
-from geokern.kernels.ultrametric.scan import _f32, reinsert_nonfinite
+from geokern.kernels.ultrametric.scan import _f32, apply_nonfinite, count_nonfinite
 
-LOG2_CLAMP = -29.897352853986263  # log2(1e-9): the spec's clamp of the weight sum
+LOG2_CLAMP = tl.constexpr(-29.897352853986263)  # log2(1e-9): the spec's clamp of the weight sum
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _soft_lcp(q_ptr, qbase, rows, rvalid, k_ptr, kbase, cols, cvalid, nb, K: tl.
     differences, nb = -beta log2 e. K exp2 per pair."""
     c = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     lcp = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
-    for l in tl.static_range(K):
+    for l in range(K):
         qd = tl.load(q_ptr + (qbase + rows) * K + l, mask=rvalid, other=0.0).to(tl.float32)
         kd = tl.load(k_ptr + (kbase + cols) * K + l, mask=cvalid, other=0.0).to(tl.float32)
         d = qd[:, None] - kd[None, :]  # before any scaling: exact for near digits (Sterbenz)
@@ -69,11 +69,8 @@ def _keep(keep_ptr, b, Tk, cols, cvalid, HAS_KEEP: tl.constexpr):
 
 
 @triton.jit
-def _pv(p, v, vis, PREC: tl.constexpr):
-    """p @ v (float32) where a hidden key's value (p = 0) contributes nothing, NaN included
-    (scan.reinsert_nonfinite)."""
-    finite = (v == v) & (tl.abs(v.to(tl.float32)) != float("inf"))
-    return reinsert_nonfinite(mm(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), PREC), v, vis, finite)
+def _load_v(v_ptr, kbase, cols, cvalid, rd, dvalid, D):
+    return tl.load(v_ptr + (kbase + cols)[:, None] * D + rd[None, :], mask=cvalid[:, None] & dvalid[None, :], other=0.0)
 
 
 @triton.jit
@@ -101,6 +98,7 @@ def ultrametric_soft_attention_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
+    bad = tl.zeros([], tl.int32)
     hi = Tk
     if CAUSAL:
         hi = tl.minimum(Tk, off + tl.program_id(0) * BM + BM)
@@ -115,10 +113,26 @@ def ultrametric_soft_attention_fwd_kernel(
         p = tl.exp2(s - m_sub[:, None])
         scale = tl.exp2(m_i - m_sub)
         l_i = l_i * scale + tl.sum(p, 1)
-        v = tl.load(v_ptr + (kbase + cols)[:, None] * D + rd[None, :], mask=cvalid[:, None] & dvalid[None, :],
-                    other=0.0)
-        acc = acc * scale[:, None] + _pv(p, v, vis, PREC)
+        v = _load_v(v_ptr, kbase, cols, cvalid, rd, dvalid, D)
+        # non-finite values are zeroed here (a hidden key's 0 * NaN must not reach a row) and put back
+        # after the loop, for the rows that see them: the rare path stays out of the hot loop's registers
+        finite = (v == v) & (tl.abs(v.to(tl.float32)) != float("inf"))
+        bad = tl.maximum(bad, tl.max(tl.where(finite, 0, 1)))
+        acc = acc * scale[:, None] + mm(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), PREC)
         m_i = m_new
+    if bad > 0:
+        nan = tl.zeros([BM, BD], tl.float32)
+        pinf = tl.zeros([BM, BD], tl.float32)
+        ninf = tl.zeros([BM, BD], tl.float32)
+        for start in range(0, hi, BN):
+            cols = start + tl.arange(0, BN)
+            cvalid = cols < Tk
+            vis = _visible(rows, rvalid, cols, cvalid, _keep(keep_ptr, b, Tk, cols, cvalid, HAS_KEEP), off, CAUSAL)
+            a, bp, bn = count_nonfinite(vis, _load_v(v_ptr, kbase, cols, cvalid, rd, dvalid, D))
+            nan += a
+            pinf += bp
+            ninf += bn
+        acc = apply_nonfinite(acc, nan, pinf, ninf)
     # lse2 = log2 of the weight sum; y = acc / l times min(1, den / 1e-9) (the clamp, in log space)
     lse2 = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
     f = tl.exp2(tl.minimum(lse2 - LOG2_CLAMP, 0.0)) / tl.where(l_i > 0, l_i, 1.0)
@@ -153,7 +167,7 @@ def ultrametric_soft_attention_bwd_kernel(
     dvalid = rd < D
     kl = tl.arange(0, KP)
     keep = _keep(keep_ptr, b, Tk, cols, cvalid, HAS_KEEP)
-    v = tl.load(v_ptr + (kbase + cols)[:, None] * D + rd[None, :], mask=cvalid[:, None] & dvalid[None, :], other=0.0)
+    v = _load_v(v_ptr, kbase, cols, cvalid, rd, dvalid, D)
     dv = tl.zeros([BN, BD], tl.float32)
     dk = tl.zeros([BN, KP], tl.float32)
     lo = 0
@@ -179,7 +193,7 @@ def ultrametric_soft_attention_bwd_kernel(
             c = tl.zeros([BM, BN], tl.float32)
             below = tl.zeros([BM, BN], tl.float32)
             dq = tl.zeros([BM, KP], tl.float32)
-            for l in tl.static_range(K):
+            for l in range(K):
                 qd = tl.load(q_ptr + (qbase + rows) * K + l, mask=rvalid, other=0.0).to(tl.float32)
                 kd = tl.load(k_ptr + (kbase + cols) * K + l, mask=cvalid, other=0.0).to(tl.float32)
                 d = qd[:, None] - kd[None, :]
