@@ -298,3 +298,29 @@ def test_public_op_compiles_with_backward():
     want = torch.autograd.grad(run("triton", q, k, v, keep, causal)[0].square().sum(), (q, k, v))
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert_close(f"{name} compiled", a, b.double())
+
+
+def test_non_contiguous_inputs_and_double_backward():
+    """Views with other strides give the contiguous inputs' result and gradients; a double backward
+    through the Triton kernels is refused by name (the torch backend has it)."""
+    need("triton")
+    B, H, T, K, D = 1, 2, 21, 4, 8
+    qb = torch.rand(B, T, H, K, device=DEVICE).requires_grad_()
+    kb = torch.rand(B, T, H, K, device=DEVICE).requires_grad_()
+    vb = torch.randn(B, T, H, 2 * D, device=DEVICE).requires_grad_()
+    views = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)[..., ::2])
+    assert not any(t.is_contiguous() for t in views)
+    y, _ = run("triton", *views, None, True)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (qb, kb, vb), dy)
+    xs = [t.detach().contiguous().requires_grad_() for t in views]
+    y0, _ = run("triton", *xs, None, True)
+    want = torch.autograd.grad(y0, xs, dy)
+    assert torch.equal(y, y0), "y from strided views"
+    for name, a, b, t in zip(("dq", "dk", "dv"), got, want, views):
+        ga = a.transpose(1, 2)[..., ::2] if name == "dv" else a.transpose(1, 2)
+        assert torch.equal(ga, b), f"{name} from strided views"
+    assert not got[2].transpose(1, 2)[..., 1::2].any(), "dv: the skipped columns got a gradient"
+    y, _ = run("triton", *xs, None, True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), xs[0], create_graph=True)
