@@ -82,3 +82,23 @@ def trie_walk(qd, kd, v, alpha, causal=True, keep=None):
                 den = sum(alpha ** lv * (Cn[lv] - Cn[lv + 1]) for lv in range(K + 1))
                 y[b, h, i] = num / max(den, 1e-9)
     return y.to(DEVICE)
+
+
+def soft_brute(qs, ks, v, alpha, beta, causal=True, keep=None):
+    """(y, lse) in float64 from the spec's soft LCP formula, dense (small sizes only):
+    match = exp(-beta (q - k)^2) per digit, lcp = sum_l prod_{m<=l} match, w = alpha^lcp over the
+    visible keys, y = w v / max(sum w, 1e-9), lse = log(sum w). Differentiable in all three."""
+    B, H, Tq, K = qs.shape
+    R = H // ks.shape[1]
+    ks, v = ks.double().repeat_interleave(R, 1), v.double().repeat_interleave(R, 1)
+    match = torch.exp(-beta * (qs.double()[:, :, :, None] - ks[:, :, None]).square())
+    lcp = torch.zeros(match.shape[:-1], dtype=torch.float64, device=qs.device)
+    run = torch.ones_like(lcp)
+    for level in range(K):
+        run = run * match[..., level]
+        lcp = lcp + run
+    vis = visible(B, Tq, ks.shape[2], causal, keep)[:, None]
+    w = torch.where(vis, torch.tensor(float(alpha), dtype=torch.float64) ** lcp, torch.zeros((), dtype=torch.float64))
+    den = w.sum(-1)
+    y = torch.where(vis[..., None], w[..., None] * v[:, :, None], torch.zeros((), dtype=torch.float64)).sum(3)
+    return y / den.clamp_min(1e-9)[..., None], torch.log(den)

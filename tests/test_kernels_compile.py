@@ -157,3 +157,34 @@ def test_ultrametric_signature_and_top1_kernels_compile_for_sm90():
                 "idx_ptr": "*i64", "lcp_ptr": "*i32", "sim_ptr": "*fp32"}
         compile_ok(t1.ultrametric_top1_kernel, sig_of(t1.ultrametric_top1_kernel, cons, ptrs), cons)
     """, timeout=300)
+
+
+def test_ultrametric_soft_kernels_compile_for_sm90():
+    """The soft-mode forward and backward (kernels/ultrametric/soft.py) with the launcher's GPU
+    tiles: bfloat16 causal with a padding mask (tensor-core dots), float32 non-causal ("ieee"
+    dots), K = 8 and K = 3 (KP = 4); with float64 scalars (torch.compile) no float64 arithmetic
+    is left past the entry casts."""
+    run_isolated(_PRELUDE + """
+    import inspect
+    from geokern.kernels.ultrametric import soft_blocks
+    from geokern.kernels.ultrametric.soft import (ultrametric_soft_attention_bwd_kernel as bwd,
+                                                  ultrametric_soft_attention_fwd_kernel as fwd)
+
+    floats = ("nb", "log2a", "lna", "c0")
+    for dt, K, causal, keep, ft in (("bf16", 8, True, True, "fp32"), ("fp32", 3, False, False, "fp64")):
+        t = f"*{dt}"
+        ptrs = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "keep_ptr": "*i1" if keep else t, "y_ptr": t, "dy_ptr": t,
+                "lse_ptr": "*fp32", "lsc_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": t,
+                "dv_ptr": t}
+        for kernel, is_fwd in ((fwd, True), (bwd, False)):
+            bm, bn, warps = soft_blocks(64, is_fwd)
+            meta = dict(K=K, KP=max(2, triton.next_power_of_2(K)), CAUSAL=causal, HAS_KEEP=keep,
+                        PREC="ieee" if dt == "fp32" else "tf32", BM=bm, BN=bn, BD=64)
+            cons = {n: meta[n] for n in kernel.arg_names if n in meta}
+            sig = {n: ptrs.get(n, ft if n in floats else "i32")
+                   for n in inspect.signature(kernel.fn).parameters if n not in cons}
+            ptx = compile_ok(kernel, sig, cons, warps).asm["ptx"]
+            if ft == "fp64":
+                assert ptx.count(".f64") <= 8, (kernel.__name__, ptx.count(".f64"))
+            assert "ex2.approx" in ptx, kernel.__name__
+    """, timeout=400)

@@ -24,12 +24,15 @@ def module(backend, *, d_model=24, n_heads=4, n_kv_heads=2, K=4, p=3, alpha=1.7,
 
 
 def plain(m, x, keep=None, straight_through=False):
-    """The spec in float64 on m's weights, written out densely (O(T^2 K))."""
+    """The spec in float64 on m's weights, written out densely (O(T^2 K)); m.mode's kernel."""
     B, T, _ = x.shape
     heads = lambda t: t.reshape(B, T, -1, m.head_dim).transpose(1, 2)  # noqa: E731
     q, k, v = (heads(x.double() @ c.weight.double().T) for c in (m.c_q, m.c_k, m.c_v))
     soft = lambda t: torch.sigmoid(t @ m.to_digits.weight.double().T) * (m.p - 1)  # noqa: E731
     qs, ks = soft(q), soft(k)
+    if m.mode == "soft":  # their kernel mode: the soft LCP kernel on the soft digits, every input differentiable
+        y = soft_lcp(qs, ks, v, m.alpha, m.lcp_beta, keep)
+        return y.transpose(1, 2).reshape(B, T, -1) @ m.c_proj.weight.double().T
     y, _ = brute(torch.round(qs).clamp(0, m.p - 1).long(), torch.round(ks).clamp(0, m.p - 1).long(), v, m.alpha,
                  True, keep)
     if straight_through:  # hard value, the soft LCP kernel's gradient to the digits (v held fixed)
@@ -142,11 +145,12 @@ def test_decode_equals_full(backend):
     assert rel_err(got, full) < 1e-5, "every step"
 
 
-def test_forward_reads_nothing_on_the_host(monkeypatch):
-    """No .item(), int(tensor), bool(tensor) in forward (Triton backend, straight-through on):
-    the digits are in range by construction, so the op's host check is skipped."""
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_forward_reads_nothing_on_the_host(monkeypatch, mode):
+    """No .item(), int(tensor), bool(tensor) in forward (Triton backend, straight-through on in
+    hard mode): the digits are in range by construction, so the op's host check is skipped."""
     need("triton")
-    m = module("triton", straight_through=True)
+    m = module("triton", straight_through=mode == "hard", mode=mode)
     x, keep = inputs()
     want = m(x, keep)
     calls = []
@@ -159,12 +163,13 @@ def test_forward_reads_nothing_on_the_host(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the Triton kernels needs CUDA tensors (the interpreter runs eager)")
-@pytest.mark.parametrize("straight_through", [False, True], ids=["hard", "straight-through"])
-def test_compiles_fullgraph_without_host_sync(straight_through):
+@pytest.mark.parametrize("straight_through, mode", [(False, "hard"), (True, "hard"), (False, "soft")],
+                         ids=["hard", "straight-through", "soft"])
+def test_compiles_fullgraph_without_host_sync(straight_through, mode):
     """torch.compile(fullgraph=True) traces forward whole, and the eager forward runs under
     torch.cuda's sync debug mode set to error. (The torch backend, the reference, compresses
     codes with torch.unique, a data-dependent size: not compiled here.)"""
-    m = module("triton", straight_through=straight_through)
+    m = module("triton", straight_through=straight_through, mode=mode)
     x, keep = inputs()
     want = m(x, keep)
     torch.cuda.synchronize()
@@ -185,8 +190,11 @@ def test_compiles_fullgraph_without_host_sync(straight_through):
     ({"K": 0}, "K must be an int >= 1"),
     ({"alpha": 0.0}, "alpha must be a finite number > 0"),
     ({"alpha": -2.0}, "alpha must be a finite number > 0"),
-    ({"lcp_beta": -1.0}, "lcp_beta must be a number >= 0"),
-], ids=["d_model", "n_kv_heads", "p", "K", "alpha0", "alpha-neg", "lcp_beta"])
+    ({"lcp_beta": -1.0}, "lcp_beta must be a finite number >= 0"),
+    ({"lcp_beta": float("inf")}, "lcp_beta must be a finite number >= 0"),
+    ({"mode": "kernel"}, "mode must be 'hard' or 'soft'"),
+    ({"mode": "soft", "straight_through": True}, "straight_through is for mode='hard'"),
+], ids=["d_model", "n_kv_heads", "p", "K", "alpha0", "alpha-neg", "lcp_beta", "lcp_beta-inf", "mode", "soft-st"])
 def test_bad_config(kwargs, match):
     args = {"d_model": 32, "n_heads": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -199,5 +207,39 @@ def test_bad_input_and_repr():
         m(torch.randn(2, 5, 23, device=DEVICE))
     with pytest.raises(ValueError, match="key_padding_mask"):
         m(torch.randn(2, 5, 24, device=DEVICE), torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
-    assert "K=4, p=3, alpha=1.7" in repr(m)
+    assert "K=4, p=3, alpha=1.7, mode=hard" in repr(m)
     assert sorted(m.state_dict()) == ["c_k.weight", "c_proj.weight", "c_q.weight", "c_v.weight", "to_digits.weight"]
+
+
+# ---- soft mode (their kernel mode) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_soft_mode_matches_plain_torch(case, backend):
+    """mode='soft': output and every parameter's gradient (and x's) against the spec's soft kernel
+    re-implemented densely in float64 on the same weights; lcp_beta 4 so partial matches count."""
+    need(backend)
+    H, Hkv, K, p, pad = case
+    m = module(backend, n_heads=H, n_kv_heads=Hkv, K=K, p=p, mode="soft", lcp_beta=4.0)
+    x, keep = inputs(pad=pad)
+    x.requires_grad_()
+    got = m(x, keep)
+    want = plain(m, x, keep)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert rel_err(got, want) < 1e-5, f"{backend} soft output: {rel_err(got, want):.2e}"
+    g = torch.randn_like(x)
+    names, params = zip(*([("x", x)] + list(m.named_parameters())))
+    ga = torch.autograd.grad((got * g).sum(), params)
+    gb = torch.autograd.grad((want * g.double()).sum(), params)
+    for name, a, b in zip(names, ga, gb):
+        assert a.abs().sum() > 0, f"{backend} soft grad {name} is zero"
+        assert rel_err(a, b) < 1e-4, f"{backend} soft grad {name}: {rel_err(a, b):.2e}"
+
+
+def test_soft_mode_has_no_cache():
+    m = module("torch", mode="soft")
+    with pytest.raises(ValueError, match="no decode cache"):
+        m.new_cache(2)
+    with pytest.raises(ValueError, match="no decode cache"):
+        m(torch.randn(2, 3, 24, device=DEVICE), cache=object())

@@ -242,6 +242,8 @@ CALLS = [
          lambda be, q, k, v: geokern.octonion_attention(q, k, v, backend=be)),
     Call("ultrametric_attention", "B1H2T8K8D16", _inputs(_digits(1, 2, 8), _digits(1, 2, 8), _randn(1, 2, 8, 16)),
          lambda be, q, k, v: geokern.ultrametric_attention(q, k, v, backend=be)),
+    Call("ultrametric_attention", "soft-B1H2T8K8D16", _inputs(*[_randn(1, 2, 8, 8)] * 2, _randn(1, 2, 8, 16)),
+         lambda be, q, k, v: geokern.ultrametric_attention(q, k, v, mode="soft", backend=be)),
     Call("ultrametric_decode_step_", "B1H2K8D16", _ultrametric_step_make, _ultrametric_step_run),
     Call("ultrametric_signatures", "B1H2T8K8D16", _inputs(_randn(1, 2, 8, 16), _randn(8, 16)),
          lambda be, x, planes: geokern.ultrametric_signatures(x, planes, backend=be)),

@@ -20,6 +20,9 @@ class Case:
     (fn(*inputs) -> tensor or tuple) is what every impl is checked against before it is
     timed; `tol` is the relative error allowed. `amount` is bytes (metric TB/s) or
     operations (TFLOP/s, Tops/s) per call; `ceiling` names a key of the ceilings dict.
+    `baselines` names peers that compute another function on the same shapes (SDPA beside an
+    attention of other weights): they run once before timing (an error or out of memory skips
+    them) but are not checked against `reference`, which they do not compute.
     """
 
     op: str
@@ -35,6 +38,7 @@ class Case:
     ceiling: str
     tol: float = 1e-2
     input_bytes: int = 0
+    baselines: tuple = ()
 
     @property
     def key(self):

@@ -9,7 +9,9 @@ lcp * ln(alpha) (exactly this attention, O(T^2)) where its T^2 LCP table fits. D
 UltrametricCache at contexts 4k / 64k / 1M against SDPA decode (one query over the whole
 KV cache), both in a CUDA graph; these rows are timed by their own loop in `measure_decode` and
 reported through Case with a peer like the others. A row whose tensors do not fit is skipped by
-the runner with the error it raised (out of memory), never a crash.
+the runner with the error it raised (out of memory), never a crash. SDPA computes other weights:
+it is a timing baseline (Case.baselines), not checked against the ultrametric reference.
+Soft mode (issue #18): geokern/bench/_ultrametric_soft.py.
 """
 
 import math
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from geokern.bench.registry import Case
+from geokern.bench._ultrametric_soft import soft_cases
 from geokern.ops import ultrametric as ops
 from geokern.reference import ultrametric as ref
 
@@ -92,7 +95,7 @@ def _fwd_case(T):
         peers["flex (dense lcp score_mod)"] = _flex(T)
     return Case(op="ultrametric_attention", shape=f"B{B}H{H}T{T}K{K}D{D}", dtype="bf16", direction="fwd",
                 make_inputs=_make(T), impls={"triton": _ours}, peers=peers, reference=_value, amount=_fwd_bytes(T),
-                metric="TB/s", ceiling="copy_tb_s", tol=TOL, input_bytes=_fwd_bytes(T))
+                metric="TB/s", ceiling="copy_tb_s", tol=TOL, input_bytes=_fwd_bytes(T), baselines=("sdpa causal",))
 
 
 def _fwd_bwd(fn):
@@ -115,7 +118,7 @@ def _fwd_bwd_case(T):
                 make_inputs=_make(T, grad=True), impls={"triton": _fwd_bwd(_ours)},
                 peers={"sdpa causal": _fwd_bwd(_sdpa)}, reference=_dv_value,
                 amount=_fwd_bytes(T) + 2 * B * H * T * D * 2, metric="TB/s", ceiling="copy_tb_s", tol=TOL,
-                input_bytes=_fwd_bytes(T))
+                input_bytes=_fwd_bytes(T), baselines=("sdpa causal",))
 
 
 def _decode_case(ctx):
@@ -180,4 +183,4 @@ def _decode_case(ctx):
 
 def cases():
     return [_fwd_case(T) for T in TS] + [_fwd_bwd_case(T) for T in (4096, 16384, 65536)] + \
-        [_decode_case(c) for c in DECODE_CONTEXTS]
+        [_decode_case(c) for c in DECODE_CONTEXTS] + soft_cases()

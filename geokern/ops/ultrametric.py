@@ -1,4 +1,4 @@
-"""Ultrametric (LCP-bucketed) attention, hard mode: checks, backends, custom ops, autograd, decode.
+"""Ultrametric (LCP-bucketed) attention, hard and soft mode: checks, backends, custom ops, autograd, decode.
 
 Public: ultrametric_attention, ultrametric_soft_digits, ultrametric_hard_digits, UltrametricCache,
 ultrametric_decode_step_. The definition (digits, prefix codes, alpha^LCP weights, causal /
@@ -29,6 +29,10 @@ Choices:
   y and dv may vary from run to run).
 - Empty inputs (B, H, Tq or D zero, or no key) take the reference: y zeros / empty, lse -inf.
 - Double backward through the Triton backend is refused (backend='torch' has it).
+- mode="soft": the soft LCP kernel (reference.soft_lcp_attention) on float digits, differentiable
+  in q, k and v; the Triton backend is one fused flash-style kernel (O(T) memory, K + 1
+  exponentials per pair forward, 2K + 1 backward; geokern.kernels.ultrametric.soft). The
+  straight-through gradient of the hard mode uses the same kernel on the Triton backend.
 """
 
 import torch
@@ -90,6 +94,34 @@ def _ultrametric_cache_query_triton(
     tk.ultrametric_cache_query(tab, cnt, q_digits, y, lse, alpha, p)
 
 
+def _ultrametric_soft_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, alpha: float, lcp_beta: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Tq, _ = q.shape
+    y = v.new_empty((B, H, Tq, v.shape[3]))
+    lse = v.new_empty((B, H, Tq), dtype=torch.float32)
+    tk.ultrametric_soft_attention_fwd(q, k, v, keep, y, lse, alpha, lcp_beta, causal)
+    return y, lse
+
+
+def _ultrametric_soft_attention_backward_triton(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+    y: torch.Tensor, lse: torch.Tensor, alpha: float, lcp_beta: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq = q.new_empty(q.shape, dtype=torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    tk.ultrametric_soft_attention_bwd(grad, q, k, v, keep, y, lse, dq, dk, dv, alpha, lcp_beta, causal)
+    return dq.to(q.dtype), dk, dv
+
+
+_SOFT_KERNELS = {  # (forward, backward) per kernel backend
+    "triton": (
+        triton_op("ultrametric_soft_attention_triton", _ultrametric_soft_attention_triton),
+        triton_op("ultrametric_soft_attention_backward_triton", _ultrametric_soft_attention_backward_triton),
+    ),
+}
+
 # (forward, backward, cache append, cache query) per kernel backend
 _KERNELS = {
     "triton": (
@@ -129,6 +161,34 @@ class UltrametricAttentionFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dv = _KERNELS[ctx.backend][1](gy.contiguous(), q_digits, k_digits, lse, keep, *ctx.args)
         return None, None, dv, None, None, None, None, None, None, None
+
+
+@bound_once
+class UltrametricSoftAttentionFunction(torch.autograd.Function):
+    """(y, lse) of the soft LCP kernel; gradients to the float digits q, k and to v (lse is
+    returned without a gradient of its own, as the hard mode's)."""
+
+    @staticmethod
+    def forward(q, k, v, keep, alpha, lcp_beta, causal, backend):
+        return _SOFT_KERNELS[backend][0](q, k, v, keep, alpha, lcp_beta, causal)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, keep, alpha, lcp_beta, causal, backend = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(q, k, v, keep, *output)
+        ctx.args = (alpha, lcp_beta, causal)
+        ctx.backend = backend
+
+    @staticmethod
+    def backward(ctx, gy, _glse):
+        refuse_double_backward(_OP)
+        q, k, v, keep, y, lse = ctx.saved_tensors
+        if not any(ctx.needs_input_grad[:3]):
+            return (None,) * 8
+        dq, dk, dv = _SOFT_KERNELS[ctx.backend][1](gy.contiguous(), q, k, v, keep, y, lse, *ctx.args)
+        need = ctx.needs_input_grad
+        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None, None
 
 
 # ---- checks ----------------------------------------------------------------------
@@ -220,6 +280,7 @@ def ultrametric_attention(
     causal: bool = True,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    mode: str = "hard",
     q_soft: torch.Tensor | None = None,
     k_soft: torch.Tensor | None = None,
     lcp_beta: float = 32.0,
@@ -228,16 +289,31 @@ def ultrametric_attention(
     check_digits: bool = True,
     backend: str | None = None,
 ):
-    """Hard-mode ultrametric attention y[i] = sum_j alpha^lcp_ij v[j] / max(sum_j alpha^lcp_ij, 1e-9)
-    over the keys visible to query i (geokern.reference.ultrametric, the module docstring above).
+    """Ultrametric attention y[i] = sum_j alpha^lcp_ij v[j] / max(sum_j alpha^lcp_ij, 1e-9) over the
+    keys visible to query i (geokern.reference.ultrametric, the module docstring above).
 
-    q_digits [B, H, Tq, K], k_digits [B, Hkv, Tk, K] integer digits in [0, p - 1]; v [B, Hkv, Tk, D]
-    with Hkv dividing H (grouped-query heads, read in place); any strides. causal: query i sits at
-    position Tk - Tq + i and sees keys at positions <= its own (prefill Tq == Tk, one-token decode
-    Tq == 1, chunked prefill Tq < Tk). key_padding_mask [B, Tk] bool, True = keep. Returns y
-    [B, H, Tq, D] in v's dtype, and lse [B, H, Tq] float32 (log of the weight sum, -inf for a query
-    that sees no key) with return_lse. Work O((Tq + Tk) K D), never O(Tq Tk) (except the dense
-    straight-through gradient, when q_soft / k_soft are given and need one).
+    mode="hard" (default): q_digits [B, H, Tq, K], k_digits [B, Hkv, Tk, K] integer digits in
+    [0, p - 1], lcp_ij the number of leading digits they share; y is differentiable in v only.
+    mode="soft": q_digits, k_digits are float (soft) digits of v's dtype, and lcp_ij the soft LCP
+    sum_l prod_{m<=l} exp(-lcp_beta (q_m - k_m)^2) (reference.soft_lcp_attention); y is
+    differentiable in q_digits, k_digits and v. On hard digits (integer values) it equals the hard
+    mode where exp(-lcp_beta) stands for 0. The Triton backend runs it as one fused flash-style
+    kernel: O(Tq Tk K) work, O(T) memory, K + 1 exponentials per pair forward (exp2 with
+    sqrt(lcp_beta log2 e) folded into the digits and log2 alpha into the weight) and 2K + 1
+    backward; the torch backend is the dense, query-chunked reference. p, q_soft / k_soft and the
+    hard-mode knobs (chunk, num_segments, check_digits) do not apply to it; q_soft / k_soft are
+    refused there.
+
+    v [B, Hkv, Tk, D] with Hkv dividing H (grouped-query heads, read in place); any strides. causal:
+    query i sits at position Tk - Tq + i and sees keys at positions <= its own (prefill Tq == Tk,
+    one-token decode Tq == 1, chunked prefill Tq < Tk). key_padding_mask [B, Tk] bool, True = keep.
+    Returns y [B, H, Tq, D] in v's dtype, and lse [B, H, Tq] float32 (log of the weight sum, -inf
+    for a query that sees no key) with return_lse. Hard mode: work O((Tq + Tk) K D), never O(Tq Tk).
+
+    Straight-through (hard mode): pass the soft digits the hard ones were rounded from as q_soft /
+    k_soft; y keeps the hard value and the soft digits get the soft kernel's gradient at lcp_beta
+    (module docstring), through the fused soft kernel on the Triton backend (O(T) memory), the
+    dense reference on the torch backend.
 
     check_digits=False skips the digits' range check, a host read of their min and max that
     waits for the GPU, for digits in range by construction (nn.UltrametricCausalSelfAttention's).
@@ -247,6 +323,14 @@ def ultrametric_attention(
     capture the Triton backend skips the check as check_digits=False does (a host read cannot be
     captured).
     """
+    if mode == "soft":
+        if q_soft is not None or k_soft is not None:
+            raise ValueError(f"{_OP}: q_soft / k_soft are the straight-through digits of mode='hard'; in "
+                             "mode='soft' q_digits and k_digits are the soft digits themselves")
+        y, lse = _soft(q_digits, k_digits, v, alpha, lcp_beta, causal, key_padding_mask, backend)
+        return (y, lse) if return_lse else y
+    if mode != "hard":
+        raise ValueError(f"{_OP}: mode must be 'hard' or 'soft', got {mode!r}")
     B, H, Hkv, Tq, Tk, K, D = _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num_segments,
                                      check_digits)
     soft = q_soft is not None or k_soft is not None
@@ -262,10 +346,38 @@ def ultrametric_attention(
         y, lse = UltrametricAttentionFunction.apply(q_digits.contiguous(), k_digits.contiguous(), v.contiguous(), keep,
                                                     float(alpha), p, causal, chunk, num_segments, be)
     if soft and torch.is_grad_enabled() and (q_soft.requires_grad or k_soft.requires_grad):
-        ys = ref.soft_lcp_attention(q_soft, k_soft, v.detach(), alpha, lcp_beta, causal=causal,
-                                    key_padding_mask=key_padding_mask)
+        ys, _ = _soft(q_soft, k_soft, v.detach(), alpha, lcp_beta, causal, key_padding_mask, be)
         y = y + (ys - ys.detach())
     return (y, lse) if return_lse else y
+
+
+def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
+    """(y, lse) of the soft LCP kernel (mode='soft'), checked, on the chosen backend."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
+    check_tensor(_OP, "v", v)
+    try:
+        B, H, Hkv, Tq, Tk, K, D = ref.check_inputs(q, k, v, alpha, 2, causal, key_padding_mask, soft=True,
+                                                   names=("q_digits", "k_digits"))
+        ref.check_lcp_beta(lcp_beta)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{_OP} (mode='soft'): {e}") from None
+    check_same(_OP, {"v": v, "q_digits": q, "k_digits": k})
+    if key_padding_mask is not None and key_padding_mask.device != v.device:
+        raise ValueError(f"{_OP}: key_padding_mask is on {key_padding_mask.device} but v is on {v.device}")
+    be = _backend_for(backend, v.device)
+    if be == "torch" or B * H * Tq * D == 0 or Tk == 0:
+        return ref.soft_lcp_attention(q, k, v, alpha, lcp_beta, causal=causal, key_padding_mask=key_padding_mask,
+                                      return_lse=True)
+    if v.dtype == torch.float64:
+        raise ValueError(f"{_OP}: the Triton backend takes float16 / bfloat16 / float32 digits and v, got float64 "
+                         "(use backend='torch')")
+    if B * H > _GRID_Y:
+        raise ValueError(f"{_OP}: the Triton backend launches one program row per (batch, head): B * H must be "
+                         f"<= {_GRID_Y}, got B={B}, H={H} (use backend='torch')")
+    keep = None if key_padding_mask is None else key_padding_mask.contiguous()
+    return UltrametricSoftAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), keep, float(alpha),
+                                                  float(lcp_beta), causal, be)
 
 
 # ---- decode ----------------------------------------------------------------------

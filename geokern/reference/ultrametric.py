@@ -56,8 +56,9 @@ regrouped sum forms inf - inf (alpha < 1) rather than the brute force's inf.
 
 Soft LCP kernel (soft_lcp_attention): dense O(Tq Tk K), the spec's formula with float
 digits, chunked over queries so at most about CHUNK_ELEMS pair elements exist at once;
-differentiable in q_soft, k_soft and v. With hard digits and a large lcp_beta (exp(-beta)
-== 0 in the dtype) it equals hard mode.
+differentiable in q_soft, k_soft and v. Causal / chunked prefill / decode positions, padding,
+grouped-query heads, the clamp and lse are those of hard mode; lcp_beta is a finite number >= 0.
+With hard digits and a large lcp_beta (exp(-beta) == 0 in the dtype) it equals hard mode.
 """
 
 import math
@@ -290,10 +291,11 @@ def _check_alpha(alpha):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
 
 
-def check_inputs(q, k, v, alpha, p, causal, key_padding_mask, soft=False, values=True):
-    """The checks every entry point shares; (B, H, Hkv, Tq, Tk, K, D). Errors name the argument.
+def check_inputs(q, k, v, alpha, p, causal, key_padding_mask, soft=False, values=True, names=None):
+    """The checks every entry point shares; (B, H, Hkv, Tq, Tk, K, D). Errors name the argument
+    (names: the (q, k) argument names, by default q_soft / k_soft or q_digits / k_digits).
     values=False: no digit range check (check_digits)."""
-    qn, kn = ("q_soft", "k_soft") if soft else ("q_digits", "k_digits")
+    qn, kn = names or (("q_soft", "k_soft") if soft else ("q_digits", "k_digits"))
     if soft:
         for name, t in ((qn, q), (kn, k)):
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -478,13 +480,18 @@ class UltrametricDecodeState:
         return self.query(q_digits, return_lse)
 
 
+def check_lcp_beta(lcp_beta):
+    """ValueError unless lcp_beta is a finite number >= 0 (inf would give inf * 0 = NaN at equal digits)."""
+    if isinstance(lcp_beta, bool) or not isinstance(lcp_beta, (int, float)) or not 0 <= lcp_beta < math.inf:
+        raise ValueError(f"lcp_beta must be a finite number >= 0, got {lcp_beta!r}")
+
+
 def soft_lcp_attention(q_soft, k_soft, v, alpha=2.0, lcp_beta=32.0, *, causal=True, key_padding_mask=None,
                        return_lse=False):
     """The soft LCP kernel (module docstring): q_soft [B, H, Tq, K], k_soft [B, Hkv, Tk, K] float digits,
     v [B, Hkv, Tk, D] -> y [B, H, Tq, D] (and lse [B, H, Tq]). Dense, chunked over queries."""
     B, H, Hkv, Tq, Tk, K, D = check_inputs(q_soft, k_soft, v, alpha, 2, causal, key_padding_mask, soft=True)
-    if isinstance(lcp_beta, bool) or not isinstance(lcp_beta, (int, float)) or not lcp_beta >= 0:
-        raise ValueError(f"lcp_beta must be a number >= 0, got {lcp_beta!r}")
+    check_lcp_beta(lcp_beta)
     acc = acc_dtype(v.dtype)
     k, vr = _repeat_kv(k_soft.to(acc), H), _repeat_kv(v.to(acc), H)
     keep = torch.ones(B, Tk, dtype=torch.bool, device=v.device) if key_padding_mask is None else key_padding_mask

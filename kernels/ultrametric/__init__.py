@@ -3,6 +3,8 @@
     ultrametric_attention_fwd / ultrametric_attention_bwd   hard-mode LCP-bucket attention and its
                                                             gradient to v (scan.py)
     ultrametric_cache_append / ultrametric_cache_query      the constant-cost decode state
+    ultrametric_soft_attention_fwd / _bwd                   the soft LCP kernel, flash-style, and its
+                                                            gradients to q, k (float digits) and v (soft.py)
 
 Digits are integer tensors [B, heads, T, K] (any integer dtype, contiguous), v / dy
 [B, heads, T, D] contiguous, keep a bool tensor [B, Tk]. README.md beside this file holds the
@@ -18,9 +20,12 @@ from geokern._backend import interpret_mode
 from geokern.kernels._common import launch
 from geokern.kernels.ultrametric.scan import (ultrametric_prefix_kernel, ultrametric_read_kernel,
                                               ultrametric_scan_kernel, ultrametric_summary_kernel)
+from geokern.kernels.ultrametric.soft import (ultrametric_soft_attention_bwd_kernel,
+                                              ultrametric_soft_attention_fwd_kernel)
 
 __all__ = ["ultrametric_attention_fwd", "ultrametric_attention_bwd", "ultrametric_cache_append",
-           "ultrametric_cache_query", "MAX_CODES", "default_chunk", "plan"]
+           "ultrametric_cache_query", "ultrametric_soft_attention_fwd", "ultrametric_soft_attention_bwd",
+           "soft_blocks", "MAX_CODES", "default_chunk", "plan"]
 
 MAX_CODES = 1 << 16  # dense bucket tables (int32 codes, [N, D] float32 per group and segment)
 SCRATCH_BYTES = 1 << 28  # segment tables beyond this many bytes: fewer segments
@@ -145,3 +150,59 @@ def ultrametric_cache_query(tab, cnt, qd, y, lse, alpha, p):
     B, H, Tq, K = qd.shape
     Hkv = tab.shape[0] // B
     _read(tab, cnt, qd, y, lse, lse, Hkv, 0, Tq, K, p, tab.shape[1], 1, 0, alpha, True, default_chunk())
+
+
+# ---- soft mode (soft.py) ---------------------------------------------------------------
+
+
+def soft_blocks(D, fwd):
+    """(BM, BN, warps) of the soft kernels: 16 x 16 under the interpreter (CI time). On the GPU
+    the largest tiles that compile for sm_90 without register spills (ptxas, K = 8, D = 64,
+    bf16; not yet timed): forward 64 x 64 on 8 warps (4 warps spill), backward 32 queries x 64
+    keys on 8 warps (it holds five pair tiles: lcp, c, the level sum, pc and dL/dlcp)."""
+    if interpret_mode():
+        return 16, 16, 4
+    return (64, 64, 8) if fwd else (32, 64, 8)
+
+
+def _soft_prec(dtype):
+    if interpret_mode():
+        return "upcast"  # the interpreter's 16-bit dot is wrong (triton 3.8): float32 copies, exact
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _soft_scalars(alpha, beta):
+    """(-beta log2 e, log2 alpha): the exp2 constants of the partial products and the weight."""
+    return -beta * math.log2(math.e), math.log2(alpha)
+
+
+def ultrametric_soft_attention_fwd(q, k, v, keep, y, lse, alpha, beta, causal):
+    """q [B, H, Tq, K], k [B, Hkv, Tk, K] float digits, v [B, Hkv, Tk, D], keep [B, Tk] bool or None
+    (all contiguous): writes y [B, H, Tq, D] (v's dtype) and lse [B, H, Tq] float32. Tk >= 1."""
+    B, H, Tq, K = q.shape
+    Hkv, Tk, D = k.shape[1], k.shape[2], v.shape[3]
+    BM, BN, warps = soft_blocks(D, True)
+    nb, log2a = _soft_scalars(alpha, beta)
+    launch(ultrametric_soft_attention_fwd_kernel)[(triton.cdiv(Tq, BM), B * H)](
+        q, k, v, keep if keep is not None else v, y, lse, H, H // Hkv, Tq, Tk, D, nb, log2a,
+        K=K, CAUSAL=causal, HAS_KEEP=keep is not None, PREC=_soft_prec(v.dtype), BM=BM, BN=BN, BD=_bd(D),
+        num_warps=warps)
+
+
+def ultrametric_soft_attention_bwd(dy, q, k, v, keep, y, lse, dq, dk, dv, alpha, beta, causal):
+    """dy [B, H, Tq, D], the forward's y and lse: writes dq (float32 [B, H, Tq, K], zeroed here and
+    added to atomically), dk [B, Hkv, Tk, K] and dv [B, Hkv, Tk, D] (each written once)."""
+    B, H, Tq, K = q.shape
+    Hkv, Tk, D = k.shape[1], k.shape[2], v.shape[3]
+    BM, BN, warps = soft_blocks(D, False)
+    nb, log2a = _soft_scalars(alpha, beta)
+    # per query: log2 max(den, 1e-9) and dy . y, zero where the clamp holds (y no longer depends on den)
+    lse2 = lse * math.log2(math.e)
+    lsc = torch.clamp_min(lse2, math.log2(1e-9)).contiguous()
+    delta = torch.where(lse2 > math.log2(1e-9), (dy.float() * y.float()).sum(-1), 0.0).contiguous()
+    dq.zero_()
+    launch(ultrametric_soft_attention_bwd_kernel)[(triton.cdiv(Tk, BN), B * Hkv)](
+        q, k, v, keep if keep is not None else v, dy, lsc, delta, dq, dk, dv, H, H // Hkv, Tq, Tk, D, nb, log2a,
+        math.log(alpha), 2.0 * beta,
+        K=K, KP=max(2, triton.next_power_of_2(K)), CAUSAL=causal, HAS_KEEP=keep is not None,
+        PREC=_soft_prec(v.dtype), BM=BM, BN=BN, BD=_bd(D), num_warps=warps)

@@ -20,6 +20,8 @@ refuses N > 2^16 tables.
 import triton
 import triton.language as tl
 
+from geokern.kernels._common import _INTERPRET
+
 
 @triton.jit
 def _digit(dig_ptr, digbase, rows, valid, l, K, p):
@@ -132,6 +134,45 @@ def _store_rows(out_ptr, lse_ptr, keep_ptr, outbase, rows, valid, acc, den, seen
         keep = tl.load(keep_ptr + b * Tk + pos, mask=valid, other=0) != 0
         y = tl.where(keep[:, None], acc, 0.0)
     tl.store(out_ptr + (outbase + rows)[:, None] * D + rd[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _count_dot(a, b):
+    """a @ b of 0 / 1 matrices, exact (float16 operands hold 0 and 1, float32 sums count): on the
+    tensor cores; float32 copies under the interpreter (its 16-bit dot is wrong in triton 3.8).
+    An "ieee" float32 dot here is ~6k FFMA of code that the rest of the kernel's registers pay for."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def count_nonfinite(vis, vals):
+    """(nan, pinf, ninf) [rows, BD] float32: per target row and channel, how many of the sources it
+    sees (vis [rows, cols]) hold NaN / +inf / -inf in vals [cols, BD]."""
+    vf = vals.to(tl.float32)
+    return _count_dot(vis, vf != vf), _count_dot(vis, vf == float("inf")), _count_dot(vis, vf == -float("inf"))
+
+
+@triton.jit
+def apply_nonfinite(dense, nan, pinf, ninf):
+    """dense with the counted non-finite values put back: NaN where a NaN or both infinities are
+    seen, else +inf / -inf where one is."""
+    return tl.where((nan > 0) | ((pinf > 0) & (ninf > 0)), float("nan"),
+                    tl.where(pinf > 0, float("inf"), tl.where(ninf > 0, -float("inf"), dense)))
+
+
+@triton.jit
+def reinsert_nonfinite(dense, vals, vis, finite):
+    """dense = W @ where(finite, vals, 0) with the non-finite values put back: a non-finite value
+    reaches exactly the targets that see its row, counted through the visibility pattern vis
+    [rows, cols] (W * inf would also poison hidden targets, W * NaN every target). Three more
+    dots, only for a block that holds one (vals [cols, BD], finite its mask)."""
+    if tl.max(tl.where(finite, 0, 1)) > 0:
+        nan, pinf, ninf = count_nonfinite(vis, vals)
+        dense = apply_nonfinite(dense, nan, pinf, ninf)
+    return dense
 
 
 @triton.jit
@@ -257,16 +298,7 @@ def ultrametric_scan_kernel(
                 W = tl.where(vis, tl.exp2(lcp.to(tl.float32) * log2a), 0.0)
                 finite = (vals == vals) & (tl.abs(vals) != float("inf"))
                 dense = tl.dot(W, tl.where(finite, vals, 0.0), input_precision="ieee")
-                if tl.max(tl.where(finite, 0, 1)) > 0:
-                    # a non-finite value reaches exactly the targets that see its row: counted
-                    # through the visibility pattern (W * inf would also poison hidden targets)
-                    vf = vis.to(tl.float32)
-                    nan = tl.dot(vf, (vals != vals).to(tl.float32), input_precision="ieee")
-                    pinf = tl.dot(vf, (vals == float("inf")).to(tl.float32), input_precision="ieee")
-                    ninf = tl.dot(vf, (vals == -float("inf")).to(tl.float32), input_precision="ieee")
-                    dense = tl.where((nan > 0) | ((pinf > 0) & (ninf > 0)), float("nan"),
-                                     tl.where(pinf > 0, float("inf"), tl.where(ninf > 0, -float("inf"), dense)))
-                acc += dense
+                acc += reinsert_nonfinite(dense, vals, vis, finite)
                 if FWD:
                     den += tl.sum(W, axis=1)
                     seen = seen | (tl.max(vis.to(tl.int32), axis=1) > 0)

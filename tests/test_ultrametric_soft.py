@@ -1,0 +1,326 @@
+"""Soft-mode ultrametric attention (the soft LCP kernel, mode="soft"): every backend against the
+float64 reference and a dense float64 re-implementation of the spec's formula; causal /
+non-causal / chunked prefill / decode, padding, GQA, lse, gradients to q, k (float digits) and v
+against the reference's autograd, the clamp and large weights, equality with the hard mode on
+hard digits, hidden non-finite values, bad input, custom-op checks."""
+
+import math
+
+import pytest
+import torch
+from _custom_ops import custom_op_tests
+from _helpers import DTYPES, dtype_id, need
+from _tolerance import assert_close, rel_err
+from _ultrametric import digits, soft_brute
+from conftest import DEVICE, HAS_CUDA
+
+import geokern
+from geokern.reference import ultrametric as ref
+
+BACKENDS = ["torch", "triton"]  # "cuda": not built for this op (issue #18)
+
+# (B, H, Hkv, Tq, Tk, K, D, causal, padded)
+CPU_CASES = [
+    (1, 2, 2, 37, 37, 4, 16, True, False),
+    (2, 4, 2, 29, 29, 3, 5, True, True),
+    (1, 3, 1, 1, 40, 5, 7, True, True),
+    (1, 2, 2, 13, 50, 2, 33, True, True),
+    (1, 2, 1, 23, 31, 8, 17, False, True),
+    (1, 1, 1, 1, 1, 1, 4, True, False),
+]
+GPU_CASES = [(2, 8, 2, 1000, 1000, 8, 64, True, True), (1, 4, 4, 300, 700, 6, 128, True, False),
+             (1, 4, 2, 513, 513, 8, 65, False, True)] if HAS_CUDA else []
+ALPHA, BETA = 1.7, 6.0  # a beta at which partial matches matter (32 makes the kernel nearly hard)
+
+
+def _id(c):
+    if not isinstance(c, tuple):
+        return dtype_id(c)
+    B, H, Hkv, Tq, Tk, K, D, causal, pad = c
+    return f"B{B}-H{H}-KV{Hkv}-Tq{Tq}-Tk{Tk}-K{K}-D{D}-{'causal' if causal else 'full'}{'-pad' if pad else ''}"
+
+
+def make(case, dtype=torch.float32, grad=False):
+    B, H, Hkv, Tq, Tk, K, D, causal, pad = case
+    q = torch.rand(B, H, Tq, K, device=DEVICE, dtype=torch.float64).to(dtype)
+    k = torch.rand(B, Hkv, Tk, K, device=DEVICE, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, device=DEVICE, dtype=torch.float64).to(dtype)
+    keep = (torch.rand(B, Tk, device=DEVICE) > 0.3) if pad else None
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, keep, causal
+
+
+def run(backend, q, k, v, keep, causal, alpha=ALPHA, beta=BETA):
+    return geokern.ultrametric_attention(q, k, v, alpha=alpha, mode="soft", lcp_beta=beta, causal=causal,
+                                         key_padding_mask=keep, return_lse=True, backend=backend)
+
+
+def _check_lse(lse, lse64):
+    assert torch.equal(lse.isinf(), lse64.isinf()), "lse: -inf (no visible key) at other queries than the reference"
+    fin = lse64.isfinite()
+    assert_close("lse", lse[fin], lse64[fin].float(), lse64[fin].float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CPU_CASES + GPU_CASES, ids=_id)
+def test_matches_reference(case, backend):
+    need(backend)
+    q, k, v, keep, causal = make(case)
+    y, lse = run(backend, q, k, v, keep, causal)
+    y64, lse64 = ref.soft_lcp_attention(q.double(), k.double(), v.double(), ALPHA, BETA, causal=causal,
+                                        key_padding_mask=keep, return_lse=True)
+    assert_close("y", y, y64.float(), y64.float())
+    _check_lse(lse, lse64)
+
+
+@pytest.mark.parametrize("case", CPU_CASES[:5], ids=_id)
+def test_reference_is_the_spec(case):
+    """The reference against the spec's formula written out densely (float64), y and lse."""
+    q, k, v, keep, causal = make(case, torch.float64)
+    y, lse = ref.soft_lcp_attention(q, k, v, ALPHA, BETA, causal=causal, key_padding_mask=keep, return_lse=True)
+    yb, lb = soft_brute(q, k, v, ALPHA, BETA, causal, keep)
+    torch.testing.assert_close(y, yb, rtol=1e-12, atol=1e-12, msg="y vs the spec's formula")
+    torch.testing.assert_close(lse, lb, rtol=1e-12, atol=1e-12, msg="lse vs the spec's formula")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]] + GPU_CASES[:1], ids=_id)
+def test_gradients(case, backend):
+    """dq, dk (float digits) and dv against the float64 reference's autograd."""
+    need(backend)
+    q, k, v, keep, causal = make(case, grad=True)
+    y, _ = run(backend, q, k, v, keep, causal)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (q, k, v), dy)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y64 = ref.soft_lcp_attention(*x64, ALPHA, BETA, causal=causal, key_padding_mask=keep)
+    want = torch.autograd.grad(y64, x64, dy.double())
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(name, a, b.float())
+    if keep is not None:
+        pad = ~keep[:, None, :, None]
+        assert not got[1][pad.expand_as(got[1])].any(), "dk: a padded key got a gradient"
+        assert not got[2][pad.expand_as(got[2])].any(), "dv: a padded key got a gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtypes(dtype, backend):
+    need(backend)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 runs on backend='torch' (test_bad_input checks the error)")
+    q, k, v, keep, causal = make(CPU_CASES[1], dtype, grad=True)
+    y, lse = run(backend, q, k, v, keep, causal)
+    assert y.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    dy = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, (q, k, v), dy))
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y64 = ref.soft_lcp_attention(*x64, ALPHA, BETA, causal=causal, key_padding_mask=keep)
+    want = (y64, *torch.autograd.grad(y64, x64, dy.double()))
+    xs = [t.detach().requires_grad_() for t in (q, k, v)]
+    ys = ref.soft_lcp_attention(*xs, ALPHA, BETA, causal=causal, key_padding_mask=keep)
+    same = (ys, *torch.autograd.grad(ys, xs, dy))
+    for name, a, b, c in zip(("y", "dq", "dk", "dv"), got, want, same):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        assert_close(name, a, b.to(dtype), c)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_equals_hard_mode_on_hard_digits(p, causal):
+    """Integer-valued digits at lcp_beta = 32: exp(-32) stands for 0, and the soft kernel is the
+    hard mode (float32 tolerance), y and lse, with padding and GQA."""
+    need("triton")
+    B, H, Hkv, T, K, D = 1, 4, 2, 41, 5, 12
+    qd, kd = digits(B, H, T, K, p), digits(B, Hkv, T, K, p)
+    v = torch.randn(B, Hkv, T, D, device=DEVICE)
+    keep = torch.rand(B, T, device=DEVICE) > 0.2
+    hard, lh = geokern.ultrametric_attention(qd, kd, v, alpha=2.0, p=p, causal=causal, key_padding_mask=keep,
+                                             return_lse=True, backend="triton")
+    soft, ls = geokern.ultrametric_attention(qd.float(), kd.float(), v, alpha=2.0, mode="soft", lcp_beta=32.0,
+                                             causal=causal, key_padding_mask=keep, return_lse=True, backend="triton")
+    hard64, lh64 = ref.ultrametric_attention(qd, kd, v.double(), 2.0, p=p, causal=causal, key_padding_mask=keep,
+                                             return_lse=True)
+    assert_close("y soft vs hard (float64)", soft, hard64.float())
+    assert_close("y soft vs hard (triton)", soft, hard.double())
+    fin = lh64.isfinite()
+    assert torch.equal(ls.isinf(), lh64.isinf())
+    assert_close("lse soft vs hard", ls[fin], lh64[fin].float())
+
+
+@pytest.mark.parametrize("alpha", [0.05, 1.0, 1e6], ids=["clamp", "alpha1", "huge"])
+def test_weight_extremes(alpha):
+    """alpha = 0.05, K = 8: every weight is under 1e-9 for near-equal digits, so the spec's clamp
+    of the weight sum holds (y is not a weighted mean there, and its gradient drops the sum's
+    term); alpha = 1: uniform weights, no digit gradient; alpha = 1e6: weights up to 1e48, past
+    float32 without the online maximum."""
+    need("triton")
+    B, H, T, K, D = 1, 2, 23, 8, 8
+    base = torch.rand(B, H, 1, K, device=DEVICE, dtype=torch.float64)
+    q = (base + 0.01 * torch.rand(B, H, T, K, device=DEVICE, dtype=torch.float64)).float().requires_grad_()
+    k = (base + 0.01 * torch.rand(B, H, T, K, device=DEVICE, dtype=torch.float64)).float().requires_grad_()
+    v = torch.randn(B, H, T, D, device=DEVICE, requires_grad=True)
+    y, lse = run("triton", q, k, v, None, True, alpha=alpha)
+    dy = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, (q, k, v), dy))
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y64, l64 = ref.soft_lcp_attention(*x64, alpha, BETA, return_lse=True)
+    if alpha == 0.05:
+        assert (l64 < torch.log(torch.tensor(1e-9, dtype=torch.float64))).all(), "the case must hit the clamp"
+    want = (y64, *torch.autograd.grad(y64, x64, dy.double()))
+    # weights of exponent |lcp log2 alpha| ~ 35 (clamp) or 160 (huge) carry float32 rounding of that
+    # size: judged against the float32 reference's error
+    xs = [t.detach().requires_grad_() for t in (q, k, v)]
+    ys, ls = ref.soft_lcp_attention(*xs, alpha, BETA, return_lse=True)
+    same = (ys, *torch.autograd.grad(ys, xs, dy))
+    for name, a, b, c in zip(("y", "dq", "dk", "dv"), got, want, same):
+        if alpha == 1.0 and name in ("dq", "dk"):
+            assert not a.any(), f"{name}: alpha = 1 gives the digits no gradient"
+            continue
+        if alpha == 1e6:  # float32 torch overflows (inf weights): the bound is lcp's rounding, K ulps of
+            # float32, times ln alpha (the weights' sensitivity to lcp)
+            bound = 2 * K * 2.0**-24 * math.log(alpha)
+            assert rel_err(a, b) < bound, f"{name}: {rel_err(a, b):.2e} > {bound:.2e}"
+        else:
+            assert_close(name, a, b.float(), c)
+    if alpha != 1e6:
+        assert_close("lse", lse, l64.float(), ls)
+    else:
+        assert rel_err(lse, l64) < 1e-6, "lse"
+
+
+def test_hidden_non_finite_values_stay_hidden():
+    """A padded key or a later key (causal) with NaN / inf values reaches no query; a visible NaN
+    reaches exactly the queries that see it."""
+    need("triton")
+    B, H, T, K, D = 1, 2, 37, 3, 16
+    q, k = torch.rand(B, H, T, K, device=DEVICE), torch.rand(B, H, T, K, device=DEVICE)
+    v = torch.randn(B, H, T, D, device=DEVICE)
+    keep = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    keep[0, 5] = False
+    v[0, :, 5] = float("nan")  # padded
+    v[0, :, 20, :3] = float("nan")  # visible from position 20 on
+    v[0, :, 30, 3] = float("inf")
+    y, _ = run("triton", q, k, v, keep, True)
+    assert not y[:, :, :20].isnan().any(), "NaN leaked to queries before the NaN key"
+    assert y[:, :, 20:, :3].isnan().all(), "a visible NaN must reach every query that sees it"
+    assert not y[:, :, :, 3:].isnan().any(), "NaN in channels without one"
+    assert y[:, :, 30:, 3].isposinf().all() and y[:, :, :30, 3].isfinite().all(), "+inf reaches exactly its viewers"
+    qn = q.clone()
+    qn[0, 1, 7, 2] = float("nan")  # a NaN digit: its own row only
+    yn, _ = run("triton", qn, k, v.nan_to_num(0.0, 0.0, 0.0), keep, True)
+    assert yn[0, 1, 7].isnan().all() and yn.isnan().sum() == D, "a NaN query digit must reach its row only"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 5), (1, 2, 0, 5), (1, 2, 3, 0)], ids=["B0", "Tq0", "Tk0"])
+def test_empty(shape, backend):
+    need(backend)
+    B, H, Tq, Tk = shape
+    q = torch.rand(B, H, Tq, 3, device=DEVICE, requires_grad=True)
+    k = torch.rand(B, H, Tk, 3, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, H, Tk, 4, device=DEVICE, requires_grad=True)
+    y, lse = run(backend, q, k, v, None, Tk >= Tq)
+    assert y.shape == (B, H, Tq, 4) and lse.shape == (B, H, Tq) and not y.isnan().any()
+    grads = torch.autograd.grad(y.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def _args(**over):
+    a = dict(q_digits=torch.rand(1, 2, 5, 3, device=DEVICE), k_digits=torch.rand(1, 1, 5, 3, device=DEVICE),
+             v=torch.randn(1, 1, 5, 4, device=DEVICE))
+    a.update(over)
+    return a
+
+
+BAD = {
+    "int digits": (dict(q_digits=digits(1, 2, 5, 3, 2)), {}, TypeError, "q_digits"),
+    "K mismatch": (dict(k_digits=torch.rand(1, 1, 5, 4, device=DEVICE)), {}, ValueError, "k_digits"),
+    "dtype mismatch": (dict(k_digits=torch.rand(1, 1, 5, 3, device=DEVICE, dtype=torch.float16)), {}, TypeError,
+                       "k_digits"),
+    "v shape": (dict(v=torch.randn(1, 1, 6, 4, device=DEVICE)), {}, ValueError, "v"),
+    "heads": (dict(k_digits=torch.rand(1, 3, 5, 3, device=DEVICE), v=torch.randn(1, 3, 5, 4, device=DEVICE)), {},
+              ValueError, "heads"),
+    "alpha 0": ({}, dict(alpha=0.0), ValueError, "alpha"),
+    "lcp_beta negative": ({}, dict(lcp_beta=-1.0), ValueError, "lcp_beta"),
+    "lcp_beta inf": ({}, dict(lcp_beta=float("inf")), ValueError, "lcp_beta"),
+    "mask shape": ({}, dict(key_padding_mask=torch.ones(1, 4, dtype=torch.bool, device=DEVICE)), ValueError,
+                   "key_padding_mask"),
+    "causal Tk < Tq": (dict(k_digits=torch.rand(1, 1, 3, 3, device=DEVICE), v=torch.randn(1, 1, 3, 4, device=DEVICE)),
+                       {}, ValueError, "Tk >= Tq"),
+    "causal not bool": ({}, dict(causal=1), TypeError, "causal"),
+    "q_soft in soft mode": ({}, dict(q_soft=torch.rand(1, 2, 5, 3, device=DEVICE)), ValueError, "q_soft"),
+    "backend": ({}, dict(backend="gpu"), ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input(name, backend):
+    need(backend)
+    over, kw, exc, word = BAD[name]
+    kw = {"backend": backend, "mode": "soft", **kw}
+    with pytest.raises(exc, match=word):
+        geokern.ultrametric_attention(**_args(**over), **kw)
+
+
+def test_bad_mode_float64_and_cuda():
+    with pytest.raises(ValueError, match="mode must be 'hard' or 'soft'"):
+        geokern.ultrametric_attention(**_args(), mode="kernel")
+    with pytest.raises(RuntimeError, match="#18"):
+        geokern.ultrametric_attention(**_args(), mode="soft", backend="cuda")
+    need("triton")
+    a64 = {n: t.double() for n, t in _args().items()}
+    with pytest.raises(ValueError, match="float64"):
+        geokern.ultrametric_attention(**a64, mode="soft", backend="triton")
+    assert geokern.ultrametric_attention(**a64, mode="soft", backend="torch").dtype == torch.float64
+
+
+def _op_samples(qualname):
+    q, k, v, keep, causal = make(CPU_CASES[1])
+    q, k, v, keep = q.cuda(), k.cuda(), v.cuda(), keep.cuda()
+    fwd = (q, k, v, keep, ALPHA, BETA, causal)
+    if "backward" not in qualname:
+        return [fwd, (q, k, v, None, 2.0, 32.0, False)]
+    y, lse = torch.ops.geokern.ultrametric_soft_attention_triton.default(*fwd)
+    return [(torch.randn_like(y), q, k, v, keep, y, lse, ALPHA, BETA, causal)]
+
+
+test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_soft_attention_", _op_samples)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
+def test_public_op_compiles_with_backward():
+    q, k, v, keep, causal = make(CPU_CASES[0], grad=True)
+    f = torch.compile(lambda a, b, c: run("triton", a, b, c, keep, causal)[0].square().sum(), fullgraph=True)
+    got = torch.autograd.grad(f(q, k, v), (q, k, v))
+    want = torch.autograd.grad(run("triton", q, k, v, keep, causal)[0].square().sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(f"{name} compiled", a, b.double())
+
+
+def test_non_contiguous_inputs_and_double_backward():
+    """Views with other strides give the contiguous inputs' result and gradients; a double backward
+    through the Triton kernels is refused by name (the torch backend has it)."""
+    need("triton")
+    B, H, T, K, D = 1, 2, 21, 4, 8
+    qb = torch.rand(B, T, H, K, device=DEVICE).requires_grad_()
+    kb = torch.rand(B, T, H, K, device=DEVICE).requires_grad_()
+    vb = torch.randn(B, T, H, 2 * D, device=DEVICE).requires_grad_()
+    views = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)[..., ::2])
+    assert not any(t.is_contiguous() for t in views)
+    y, _ = run("triton", *views, None, True)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (qb, kb, vb), dy)
+    xs = [t.detach().contiguous().requires_grad_() for t in views]
+    y0, _ = run("triton", *xs, None, True)
+    want = torch.autograd.grad(y0, xs, dy)
+    assert torch.equal(y, y0), "y from strided views"
+    for name, a, b, t in zip(("dq", "dk", "dv"), got, want, views):
+        ga = a.transpose(1, 2)[..., ::2] if name == "dv" else a.transpose(1, 2)
+        assert torch.equal(ga, b), f"{name} from strided views"
+    assert not got[2].transpose(1, 2)[..., 1::2].any(), "dv: the skipped columns got a gradient"
+    y, _ = run("triton", *xs, None, True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), xs[0], create_graph=True)
