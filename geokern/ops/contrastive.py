@@ -145,61 +145,62 @@ _KERNELS = {
 # ---- checks ----------------------------------------------------------------------------------
 
 
-def _check_scalars(lr, beta, max_norm, centred, gram):
+def _check_scalars(lr, beta, max_norm, centred, gram, op=_OP):
     for name, v in (("lr", lr), ("beta", beta)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{_OP}: {name} must be a Python float, got {type(v).__name__}")
+            raise TypeError(f"{op}: {name} must be a Python float, got {type(v).__name__}")
     if not beta > 0:  # also rejects NaN
-        raise ValueError(f"{_OP}: beta must be > 0 (the nudging strength; use the sign of the phases), got {beta}")
+        raise ValueError(f"{op}: beta must be > 0 (the nudging strength; use the sign of the phases), got {beta}")
     if max_norm is not None:
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
-            raise TypeError(f"{_OP}: max_norm must be a Python float or None, got {type(max_norm).__name__}")
+            raise TypeError(f"{op}: max_norm must be a Python float or None, got {type(max_norm).__name__}")
         if not max_norm > 0:
-            raise ValueError(f"{_OP}: max_norm must be > 0 (None: no clip), got {max_norm}")
+            raise ValueError(f"{op}: max_norm must be > 0 (None: no clip), got {max_norm}")
     if not isinstance(centred, bool):
-        raise TypeError(f"{_OP}: centred must be a bool, got {type(centred).__name__}")
+        raise TypeError(f"{op}: centred must be a bool, got {type(centred).__name__}")
     if gram is not None and not isinstance(gram, bool):
-        raise TypeError(f"{_OP}: gram must be None (choose) or a bool, got {type(gram).__name__}")
+        raise TypeError(f"{op}: gram must be None (choose) or a bool, got {type(gram).__name__}")
 
 
-def _check_params(W, b):
-    check_tensor(_OP, "W", W, min_dim=2)
+def _check_params(W, b, op=_OP, names=("W", "b")):
+    wn, bn = names
+    check_tensor(op, wn, W, min_dim=2)
     if W.dim() != 2:
-        raise ValueError(f"{_OP}: W must be [out, in], got shape {tuple(W.shape)}")
+        raise ValueError(f"{op}: {wn} must be [out, in], got shape {tuple(W.shape)}")
     if b is not None:
-        check_tensor(_OP, "b", b)
+        check_tensor(op, bn, b)
         if tuple(b.shape) != (W.shape[0],):
-            raise ValueError(f"{_OP}: b must have shape ({W.shape[0]},) (W's out), got {tuple(b.shape)}")
+            raise ValueError(f"{op}: {bn} must have shape ({W.shape[0]},) ({wn}'s out), got {tuple(b.shape)}")
         if b.device != W.device:
-            raise ValueError(f"{_OP}: b is on {b.device} but W is on {W.device}")
+            raise ValueError(f"{op}: {bn} is on {b.device} but {wn} is on {W.device}")
 
 
-def _check_phase(W, named):
+def _check_phase(W, named, op=_OP, wname="W"):
     """X [N, in], Y [N, out] of one phase, on W's device, one dtype for all activities."""
     (xn, X), (yn, Y) = named
     out, inn = W.shape
     for name, t, width in ((xn, X, inn), (yn, Y, out)):
-        check_tensor(_OP, name, t, min_dim=2)
+        check_tensor(op, name, t, min_dim=2)
         if t.dim() != 2 or t.shape[1] != width:
-            raise ValueError(f"{_OP}: {name} must be [N, {width}] ({'in' if t is X else 'out'} of W "
+            raise ValueError(f"{op}: {name} must be [N, {width}] ({'in' if t is X else 'out'} of {wname} "
                              f"{tuple(W.shape)}), got shape {tuple(t.shape)}")
         if t.device != W.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but W is on {W.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but {wname} is on {W.device}")
     if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"{_OP}: {xn} and {yn} must have the same rows, got {tuple(X.shape)} and {tuple(Y.shape)}")
+        raise ValueError(f"{op}: {xn} and {yn} must have the same rows, got {tuple(X.shape)} and {tuple(Y.shape)}")
     if X.shape[0] == 0:
-        raise ValueError(f"{_OP}: the phase of {xn} / {yn} has no rows: its mean does not exist")
+        raise ValueError(f"{op}: the phase of {xn} / {yn} has no rows: its mean does not exist")
     if X.dtype != Y.dtype:
-        raise TypeError(f"{_OP}: {yn} has dtype {Y.dtype} but {xn} has {X.dtype}")
+        raise TypeError(f"{op}: {yn} has dtype {Y.dtype} but {xn} has {X.dtype}")
 
 
-def _resolve(backend, device, dtypes):
+def _resolve(backend, device, dtypes, op=_OP):
     if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
-        raise RuntimeError(f"{_OP}: {_NO_CUDA}")
-    be = _backend.resolve(_OP, backend, device, _PREFER)
+        raise RuntimeError(f"{op}: {_NO_CUDA}")
+    be = _backend.resolve(op, backend, device, _PREFER)
     if be == "triton" and any(d not in _KERNEL_DTYPES for d in dtypes):
         if backend == "triton":
-            raise TypeError(f"{_OP}: the Triton backend takes float16 / bfloat16 / float32 W, b and activities, "
+            raise TypeError(f"{op}: the Triton backend takes float16 / bfloat16 / float32 W, b and activities, "
                             f"got {sorted({str(d) for d in dtypes})} (use backend='torch' for float64)")
         be = "torch"  # auto: float64 runs the reference, as documented
     return be
