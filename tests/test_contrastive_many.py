@@ -330,3 +330,25 @@ def test_aliasing_parameters_refused(backend):
         ys[1] = ys[1][:2]
         with pytest.raises(ValueError, match=r"overlaps"):
             geokern.contrastive_update_many_(Ws, bs, xs, ys, acts[2], acts[3], 0.1, 1.0, backend=backend)
+
+
+@pytest.mark.parametrize("peer", ["torch-loop", "autograd+SGD"])
+@pytest.mark.parametrize("dt", ["fp32", "tf32", "bf16"])
+def test_bench_many_case_checks_every_implementation(dt, peer):
+    """The many-layer benchmark's implementations and peers (tiny, on this machine's device) pass
+    the runner's check before timing, keep updating on a second call, and leave the inputs alone."""
+    from geokern.bench import contrastive as bench
+    from geokern.bench.runner import _rel_err
+
+    need("triton")
+    case = bench._many_case(3, 9, 7, 3, dt, device=DEVICE, peer=peer)
+    inputs = case.make_inputs()
+    want = case.reference(*inputs)
+    assert set(case.peers) == {peer} and "triton" in case.impls
+    if HAS_CUDA and peer == "torch-loop":
+        assert "triton-graph" in case.impls
+    for name, fn in {**case.impls, **case.peers}.items():
+        err = _rel_err(fn(*inputs), want)
+        assert err <= case.tol, f"bench {name} {dt}: relative error {err:.2e} > {case.tol}"
+        assert not torch.equal(fn(*inputs)[0], want[0].float()), f"bench {name}: the second call did not update"
+    assert all(W.abs().sum() == 0 for W in inputs[0]), "an implementation updated the shared input Ws"
