@@ -296,15 +296,15 @@ def contrastive_update_many_(Ws, bs, Xns, Yns, Xfs, Yfs, lr, beta, max_norm=None
     ContrastiveGroup (the group made for these parameters is cached, the last few of them).
     """
     knobs = (block_m, block_n, block_k, num_warps, num_stages)
-    group = None
+    group = key = None
     if backend != "torch" and isinstance(Ws, (list, tuple)) and Ws:
-        group = _groups.get(_param_key(Ws, bs, knobs))
+        key = _param_key(Ws, bs, knobs)
+        group = _groups.get(key)
     ok = isinstance(Xns, (list, tuple)) and Xns and isinstance(Xns[0], torch.Tensor)
     if group is not None and ok:  # the parameters were checked when the group was made
-        acts = (Xns, Yns, Xfs, Yfs)
         if _resolve(backend, group.Ws[0].device, (group.Ws[0].dtype, Xns[0].dtype), op=_OP) == "triton":
-            _groups.move_to_end(_param_key(Ws, bs, knobs))
-            return group.update_(*acts, lr, beta, max_norm, centred=centred, tf32=tf32)
+            _groups.move_to_end(key)
+            return group.update_(Xns, Yns, Xfs, Yfs, lr, beta, max_norm, centred=centred, tf32=tf32)
     Ws, bs = _check_layers(Ws, bs, op=_OP)
     acts = _check_acts(Ws, (Xns, Yns, Xfs, Yfs))
     _check_scalars(lr, beta, max_norm, centred, None, op=_OP)
