@@ -176,6 +176,7 @@ def test_counters_reset_and_tables_cached():
         torch.testing.assert_close(Ws[i], want[i], rtol=1e-5, atol=1e-6, msg=f"W[{i}] after two calls")
     group.update_(*[[t.clone() for t in a] for a in acts], 0.2, 0.5)
     assert len(group._acts) == 2
+    assert all(t._version == 3 for t in (*Ws, *bs)), "the version counters do not count the in-place writes"
 
 
 def test_strided_rows():

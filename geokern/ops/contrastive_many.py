@@ -34,6 +34,7 @@ streaming and distributed forms (ContrastiveStats and all_reduce_stats_ cover th
 import collections
 
 import torch
+from torch.autograd.graph import increment_version
 
 from geokern import _backend
 from geokern.kernels import contrastive as tk
@@ -100,6 +101,7 @@ class ContrastiveGroup:
             raise TypeError(f"ContrastiveGroup: W[0] has dtype {Ws[0].dtype}: the grouped kernel takes float32 / "
                             "bfloat16 / float16 parameters (contrastive_update_many_(backend='torch') for float64)")
         self.Ws, self.bs = Ws, bs
+        self._written = Ws + [b for b in bs if b is not None]
         for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
                         ("num_warps", num_warps), ("num_stages", num_stages)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -208,6 +210,9 @@ class ContrastiveGroup:
             tk.contrastive_many(meta, tiles, self._ws, self._norm, self._badb, self._cnt, n_tiles, lr_beta,
                                 None if max_norm is None else float(max_norm), act, self.Ws[0].dtype, tf32,
                                 bm, bn, bk, warps, stages)
+        # the kernel writes through raw addresses, which autograd does not see: bump the version
+        # counters as an in-place torch op would, so a graph that saved W refuses a stale backward
+        increment_version(self._written)
 
 
 def _act_key(acts, n_layers):
