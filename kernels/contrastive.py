@@ -95,6 +95,18 @@ META = tl.constexpr(20)  # META_COLS padded to an even width
 
 
 @triton.jit
+def _as_ptr(addr, KIND: tl.constexpr):
+    """An int64 address from the table as a pointer to KIND ("fp32", "bf16", "fp16"): strings, not
+    tl dtypes, as constexprs, so the launch passes only plain values through torch's wrap_triton."""
+    if KIND == "bf16":
+        return addr.to(tl.pointer_type(tl.bfloat16))
+    elif KIND == "fp16":
+        return addr.to(tl.pointer_type(tl.float16))
+    else:
+        return addr.to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
 def _accumulate(acc, accb, y_ptr, sy, x_ptr, sx, n, rm, rn, out, inn, PREC: tl.constexpr, BK: tl.constexpr):
     """acc += Y^T X over the n rows of one phase (Y [n, out] rows sy apart, X [n, in] rows sx
     apart, unit inner stride), for output rows rm and columns rn; accb += the column sums of Y."""
@@ -118,14 +130,14 @@ def _many_gemm_tile(row, layer, rm, rn, tn, out, inn, ws_ptr, norm_ptr, badb_ptr
     c = nn.to(tl.float32) / nf.to(tl.float32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     accb = tl.zeros([BM], dtype=tl.float32)
-    xf = tl.load(row + _XF).to(tl.pointer_type(ACT))
-    yf = tl.load(row + _YF).to(tl.pointer_type(ACT))
+    xf = _as_ptr(tl.load(row + _XF), ACT)
+    yf = _as_ptr(tl.load(row + _YF), ACT)
     acc, accb = _accumulate(acc, accb, yf, tl.load(row + _SYF), xf, tl.load(row + _SXF), nf, rm, rn, out, inn,
                             PREC, BK)
     acc = acc * -c  # the free sum first, scaled once, so one accumulator holds both phases
     accb = accb * -c
-    xn = tl.load(row + _XN).to(tl.pointer_type(ACT))
-    yn = tl.load(row + _YN).to(tl.pointer_type(ACT))
+    xn = _as_ptr(tl.load(row + _XN), ACT)
+    yn = _as_ptr(tl.load(row + _YN), ACT)
     acc, accb = _accumulate(acc, accb, yn, tl.load(row + _SYN), xn, tl.load(row + _SXN), nn, rm, rn, out, inn,
                             PREC, BK)
     m2 = (rm[:, None] < out) & (rn[None, :] < inn)
@@ -162,18 +174,18 @@ def _many_apply_tile(row, layer, rm, rn, tn, out, inn, ws_ptr, norm_ptr, badb_pt
     f = f.to(tl.float32)
     lim = tl.where(ok, out, 0)  # a skipped layer masks every element off: nothing read or stored
     m2 = (rm[:, None] < lim) & (rn[None, :] < inn)
-    w_ptr = tl.load(row + _W).to(tl.pointer_type(W_DT)) + rm[:, None] * inn + rn[None, :]
+    w_ptr = _as_ptr(tl.load(row + _W), W_DT) + rm[:, None] * inn + rn[None, :]
     w = tl.load(w_ptr, mask=m2)
     g = tl.load(ws_ptr + tl.load(row + _GOFF) + rm[:, None] * inn + rn[None, :], mask=m2)
-    tl.store(w_ptr, narrow(w.to(tl.float32) + f * g, W_DT), mask=m2)
+    tl.store(w_ptr, narrow(w.to(tl.float32) + f * g, w_ptr.dtype.element_ty), mask=m2)
     if tn == 0:
         if tl.load(row + _HASB) != 0:
             okb = ok & (tl.load(badb_ptr + layer, volatile=True) == 0)
             mb = rm < tl.where(okb, out, 0)
-            b_ptr = tl.load(row + _B).to(tl.pointer_type(W_DT)) + rm
+            b_ptr = _as_ptr(tl.load(row + _B), W_DT) + rm
             b = tl.load(b_ptr, mask=mb)
             gb = tl.load(ws_ptr + tl.load(row + _GBOFF) + rm, mask=mb)
-            tl.store(b_ptr, narrow(b.to(tl.float32) + s * gb, W_DT), mask=mb)
+            tl.store(b_ptr, narrow(b.to(tl.float32) + s * gb, b_ptr.dtype.element_ty), mask=mb)
 
 
 @triton.jit
@@ -183,8 +195,9 @@ def contrastive_many_kernel(meta_ptr, tiles_ptr, ws_ptr, norm_ptr, badb_ptr, cnt
                             RB: tl.constexpr):
     """Every layer's contrastive update in one launch of 2 * n_tiles programs.
 
-    meta: int64 [L, META] (META_COLS: the addresses of W [out, in] and b [out] (W_DT, contiguous),
-    Xn [Nn, in], Yn [Nn, out], Xf [Nf, in], Yf [Nf, out] (ACT, unit inner stride, rows s* apart),
+    meta: int64 [L, META] (META_COLS: the addresses of W [out, in] and b [out] (W_DT: "fp32",
+    "bf16" or "fp16"; contiguous), Xn [Nn, in], Yn [Nn, out], Xf [Nf, in], Yf [Nf, out] (ACT, the
+    same kinds; unit inner stride, rows s* apart),
     the sizes, the layer's offsets into ws, its column tiles and tiles); tiles: int32 [n_tiles, 2]
     = (layer, tile in the layer, row-major over [BM, BN] tiles of W); ws: float32 G of every layer
     then gb of every layer; norm float64 [L], badb int32 [L], cnt int32 [L + 2] (arrivals per layer,
@@ -227,7 +240,7 @@ def contrastive_many_kernel(meta_ptr, tiles_ptr, ws_ptr, norm_ptr, badb_ptr, cnt
                         ACT, PREC, BM, BN, BK)
 
 
-_TL = {"torch.float32": tl.float32, "torch.bfloat16": tl.bfloat16, "torch.float16": tl.float16}
+_KIND = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def contrastive_many(meta, tiles, ws, norm, badb, cnt, n_tiles, lr_beta, max_norm, act_dtype, w_dtype, tf32,
@@ -237,12 +250,11 @@ def contrastive_many(meta, tiles, ws, norm, badb, cnt, n_tiles, lr_beta, max_nor
     of W and b; tf32: float32 activities multiply on TF32 tensor cores (else IEEE float32)."""
     if n_tiles == 0:
         return
-    act = _TL[str(act_dtype)]
     prec = ("tf32" if tf32 else "ieee") if act_dtype == torch.float32 else "tf32"  # 16-bit: no choice
     if interpret_mode():
         prec = "upcast"
     launch(contrastive_many_kernel)[(2 * n_tiles,)](
         meta, tiles, ws, norm, badb, cnt, n_tiles, norm.numel(), float(lr_beta), float(max_norm or 0.0),
-        ACT=act, W_DT=_TL[str(w_dtype)], PREC=prec, HAS_CLIP=max_norm is not None, BM=block_m, BN=block_n,
+        ACT=_KIND[act_dtype], W_DT=_KIND[w_dtype], PREC=prec, HAS_CLIP=max_norm is not None, BM=block_m, BN=block_n,
         BK=block_k, RB=128, num_warps=num_warps, num_stages=num_stages,
     )
