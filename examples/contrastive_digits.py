@@ -18,6 +18,11 @@ and lets torch.optim.SGD apply it.
 Data: sklearn.datasets.load_digits (bundled with scikit-learn, no download: the `examples` extra
 installs it), split 80 / 20 by a seeded permutation. `--data synthetic` (the default when
 scikit-learn is missing) draws ten noisy prototype images instead, so the script runs anywhere.
+
+Measured with the defaults on a 2-core CPU (no GPU run yet): geokern 96.7% test accuracy after 30
+epochs (best 97.8%), 0.073 s per epoch; the autograd update 96.9% (best 97.8%), 0.084 s per epoch
+(the two agree step for step at first: tests/test_contrastive_digits.py; float rounding parts them
+later). At this size the relaxation, not the update, takes most of an epoch.
 """
 
 import argparse
