@@ -188,3 +188,25 @@ def test_ultrametric_soft_kernels_compile_for_sm90():
                 assert ptx.count(".f64") <= 8, (kernel.__name__, ptx.count(".f64"))
             assert "ex2.approx" in ptx, kernel.__name__
     """, timeout=400)
+
+
+def test_contrastive_many_kernel_compiles_for_sm90():
+    """The grouped many-layer update (its ticket, the spin on a layer's arrivals, the pointer
+    casts from the address table) for float32 activities on IEEE and TF32 dots, bfloat16 and
+    float16 activities, float32, bfloat16 and float16 W, clip on and off, with the launcher's
+    default tiles."""
+    run_isolated(_PRELUDE + """
+    import torch
+    from geokern.kernels import contrastive as tk
+    from geokern.ops.contrastive_many import default_blocks
+
+    sig = {"meta_ptr": "*i64", "tiles_ptr": "*i32", "ws_ptr": "*fp32", "norm_ptr": "*fp64", "badb_ptr": "*i32",
+           "cnt_ptr": "*i32", "n_tiles": "i32", "n_layers": "i32", "lr_beta": "fp32", "max_norm": "fp32"}
+    for act, wdt, prec, clip in ((torch.float32, "fp32", "ieee", True), (torch.float32, "fp32", "tf32", False),
+                                 (torch.bfloat16, "fp32", "tf32", True), (torch.bfloat16, "bf16", "tf32", False),
+                                 (torch.float16, "fp16", "tf32", True)):
+        bm, bn, bk, warps, stages = default_blocks(act)
+        compile_ok(tk.contrastive_many_kernel, sig,
+                   dict(ACT=tk._KIND[act], W_DT=wdt, PREC=prec, HAS_CLIP=clip, BM=bm, BN=bn, BK=bk, RB=128),
+                   warps, stages)
+    """, timeout=300)

@@ -46,7 +46,7 @@ from geokern.kernels import contrastive as tk
 from geokern.ops._registry import triton_op
 from geokern.reference import contrastive as ref
 
-__all__ = ["contrastive_update_", "ContrastiveStats"]
+__all__ = ["contrastive_update_", "ContrastiveStats", "all_reduce_stats_"]
 
 _OP = "contrastive_update_"
 _PREFER = ("triton",)  # no CUDA C++ kernel yet (issue #22's later items): the apply is one pass
@@ -145,61 +145,62 @@ _KERNELS = {
 # ---- checks ----------------------------------------------------------------------------------
 
 
-def _check_scalars(lr, beta, max_norm, centred, gram):
+def _check_scalars(lr, beta, max_norm, centred, gram, op=_OP):
     for name, v in (("lr", lr), ("beta", beta)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{_OP}: {name} must be a Python float, got {type(v).__name__}")
+            raise TypeError(f"{op}: {name} must be a Python float, got {type(v).__name__}")
     if not beta > 0:  # also rejects NaN
-        raise ValueError(f"{_OP}: beta must be > 0 (the nudging strength; use the sign of the phases), got {beta}")
+        raise ValueError(f"{op}: beta must be > 0 (the nudging strength; use the sign of the phases), got {beta}")
     if max_norm is not None:
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
-            raise TypeError(f"{_OP}: max_norm must be a Python float or None, got {type(max_norm).__name__}")
+            raise TypeError(f"{op}: max_norm must be a Python float or None, got {type(max_norm).__name__}")
         if not max_norm > 0:
-            raise ValueError(f"{_OP}: max_norm must be > 0 (None: no clip), got {max_norm}")
+            raise ValueError(f"{op}: max_norm must be > 0 (None: no clip), got {max_norm}")
     if not isinstance(centred, bool):
-        raise TypeError(f"{_OP}: centred must be a bool, got {type(centred).__name__}")
+        raise TypeError(f"{op}: centred must be a bool, got {type(centred).__name__}")
     if gram is not None and not isinstance(gram, bool):
-        raise TypeError(f"{_OP}: gram must be None (choose) or a bool, got {type(gram).__name__}")
+        raise TypeError(f"{op}: gram must be None (choose) or a bool, got {type(gram).__name__}")
 
 
-def _check_params(W, b):
-    check_tensor(_OP, "W", W, min_dim=2)
+def _check_params(W, b, op=_OP, names=("W", "b")):
+    wn, bn = names
+    check_tensor(op, wn, W, min_dim=2)
     if W.dim() != 2:
-        raise ValueError(f"{_OP}: W must be [out, in], got shape {tuple(W.shape)}")
+        raise ValueError(f"{op}: {wn} must be [out, in], got shape {tuple(W.shape)}")
     if b is not None:
-        check_tensor(_OP, "b", b)
+        check_tensor(op, bn, b)
         if tuple(b.shape) != (W.shape[0],):
-            raise ValueError(f"{_OP}: b must have shape ({W.shape[0]},) (W's out), got {tuple(b.shape)}")
+            raise ValueError(f"{op}: {bn} must have shape ({W.shape[0]},) ({wn}'s out), got {tuple(b.shape)}")
         if b.device != W.device:
-            raise ValueError(f"{_OP}: b is on {b.device} but W is on {W.device}")
+            raise ValueError(f"{op}: {bn} is on {b.device} but {wn} is on {W.device}")
 
 
-def _check_phase(W, named):
+def _check_phase(W, named, op=_OP, wname="W"):
     """X [N, in], Y [N, out] of one phase, on W's device, one dtype for all activities."""
     (xn, X), (yn, Y) = named
     out, inn = W.shape
     for name, t, width in ((xn, X, inn), (yn, Y, out)):
-        check_tensor(_OP, name, t, min_dim=2)
+        check_tensor(op, name, t, min_dim=2)
         if t.dim() != 2 or t.shape[1] != width:
-            raise ValueError(f"{_OP}: {name} must be [N, {width}] ({'in' if t is X else 'out'} of W "
+            raise ValueError(f"{op}: {name} must be [N, {width}] ({'in' if t is X else 'out'} of {wname} "
                              f"{tuple(W.shape)}), got shape {tuple(t.shape)}")
         if t.device != W.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but W is on {W.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but {wname} is on {W.device}")
     if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"{_OP}: {xn} and {yn} must have the same rows, got {tuple(X.shape)} and {tuple(Y.shape)}")
+        raise ValueError(f"{op}: {xn} and {yn} must have the same rows, got {tuple(X.shape)} and {tuple(Y.shape)}")
     if X.shape[0] == 0:
-        raise ValueError(f"{_OP}: the phase of {xn} / {yn} has no rows: its mean does not exist")
+        raise ValueError(f"{op}: the phase of {xn} / {yn} has no rows: its mean does not exist")
     if X.dtype != Y.dtype:
-        raise TypeError(f"{_OP}: {yn} has dtype {Y.dtype} but {xn} has {X.dtype}")
+        raise TypeError(f"{op}: {yn} has dtype {Y.dtype} but {xn} has {X.dtype}")
 
 
-def _resolve(backend, device, dtypes):
+def _resolve(backend, device, dtypes, op=_OP):
     if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
-        raise RuntimeError(f"{_OP}: {_NO_CUDA}")
-    be = _backend.resolve(_OP, backend, device, _PREFER)
+        raise RuntimeError(f"{op}: {_NO_CUDA}")
+    be = _backend.resolve(op, backend, device, _PREFER)
     if be == "triton" and any(d not in _KERNEL_DTYPES for d in dtypes):
         if backend == "triton":
-            raise TypeError(f"{_OP}: the Triton backend takes float16 / bfloat16 / float32 W, b and activities, "
+            raise TypeError(f"{op}: the Triton backend takes float16 / bfloat16 / float32 W, b and activities, "
                             f"got {sorted({str(d) for d in dtypes})} (use backend='torch' for float64)")
         be = "torch"  # auto: float64 runs the reference, as documented
     return be
@@ -275,18 +276,23 @@ class ContrastiveStats:
         self.g = {p: torch.zeros(self.shape, device=device, dtype=dtype) for p in self.PHASES}
         self.s = {p: torch.zeros(self.shape[0], device=device, dtype=dtype) for p in self.PHASES}
         self.n = dict.fromkeys(self.PHASES, 0)
+        self.reduced = False  # all_reduce_stats_ made g, s the global means (n = 1)
 
     def reset(self):
         for p in self.PHASES:
             self.g[p].zero_()
             self.s[p].zero_()
             self.n[p] = 0
+        self.reduced = False
 
     @torch.no_grad()
     def add_(self, X, Y, phase):
         """Accumulate one step's activities X [N, in], Y [N, out] into `phase` ("nudged" or "free")."""
         if phase not in self.PHASES:
             raise ValueError(f"ContrastiveStats.add_: phase must be one of {self.PHASES}, got {phase!r}")
+        if self.reduced:
+            raise RuntimeError("ContrastiveStats.add_: the statistics were all-reduced (they are global means "
+                               "now): apply_ them, then reset() before adding more")
         g, sy = self.g[phase], self.s[phase]
         for name, t, width in (("X", X, self.shape[1]), ("Y", Y, self.shape[0])):
             check_tensor("ContrastiveStats.add_", name, t, min_dim=2)
@@ -307,8 +313,15 @@ class ContrastiveStats:
             sy.add_(Y.sum(0, dtype=g.dtype))
         self.n[phase] += X.shape[0]
 
-    def apply_(self, W, b, lr, beta, max_norm=None, *, centred=False, backend=None):
-        """contrastive_update_ of W, b from the accumulated statistics; returns None. Does not reset."""
+    def apply_(self, W, b, lr, beta, max_norm=None, *, centred=False, backend=None, all_reduce=None, group=None):
+        """contrastive_update_ of W, b from the accumulated statistics; returns None. Does not reset.
+
+        all_reduce: sum the statistics over the ranks of `group` first (all_reduce_stats_); None: when
+        torch.distributed is initialised with more than one rank and they were not reduced yet.
+        With many layers, call all_reduce_stats_ on all of them first: one collective for all."""
+        if _distributed(group) if all_reduce is None else all_reduce:
+            if not self.reduced:
+                all_reduce_stats_([self], group=group)
         _check_params(W, b)
         if tuple(W.shape) != self.shape:
             raise ValueError(f"ContrastiveStats.apply_: W must have shape {self.shape}, got {tuple(W.shape)}")
@@ -328,3 +341,60 @@ class ContrastiveStats:
             bb = b if b is not None else W.new_empty(0)
             gn, sn, nn_, gf, sf, nf = args
             _KERNELS[be][1](W, bb, gn, gf, sn, sf, nn_, nf, float(lr), float(beta), mx, centred)
+
+
+def _distributed(group=None):
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+@torch.no_grad()
+def all_reduce_stats_(stats, group=None):
+    """Sum the phase statistics of every ContrastiveStats in `stats` across the ranks of `group`
+    (torch.distributed, any backend), in one collective for all of them, before the update:
+    each phase's sum of Y^T X, sum of Y and row count, not per-rank means, so ranks with different
+    row counts weigh each row alike, as one process would on all the rows. No autograd hook does
+    this for the contrastive rule (it has no gradients), so a data-parallel run calls it (or lets
+    ContrastiveStats.apply_ call it) once per update.
+
+    Afterwards each statistic holds the global mean of its phase (sums divided by the summed row
+    counts on the device: the counts are never read back to the host, so nothing synchronises
+    beyond the collective itself) and counts as one row; apply_ then gives the update on all the
+    ranks' rows. add_ is refused until reset(). Every rank must pass the same layers in the same
+    order. Row counts travel in the statistics' float dtype: exact up to 2**24 rows per phase in
+    float32 (refused beyond). A phase with no rows on any rank has no mean: its statistics turn
+    NaN and the finite gate skips the update (a host check would cost the synchronisation)."""
+    import torch.distributed as dist
+
+    stats = list(stats)
+    if not stats:
+        return
+    for i, st in enumerate(stats):
+        if not isinstance(st, ContrastiveStats):
+            raise TypeError(f"all_reduce_stats_: stats[{i}] must be a ContrastiveStats, got {type(st).__name__}")
+        if st.reduced:
+            raise RuntimeError(f"all_reduce_stats_: stats[{i}] was reduced already; reset() it after its apply_")
+    dev = stats[0].g["free"].device
+    dt = torch.float64 if any(st.g["free"].dtype == torch.float64 for st in stats) else torch.float32
+    world = dist.get_world_size(group) if _distributed(group) else 1
+    limit = 2 ** 53 if dt == torch.float64 else 2 ** 24
+    counts = [st.n[p] for st in stats for p in ContrastiveStats.PHASES]
+    if max(counts) * world > limit:
+        raise ValueError(f"all_reduce_stats_: up to {max(counts)} rows per phase on each of {world} ranks may pass "
+                         f"{limit} rows, which {dt} counts do not hold exactly: accumulate float64 statistics")
+    parts = [t.reshape(-1).to(dt) for st in stats for p in ContrastiveStats.PHASES for t in (st.g[p], st.s[p])]
+    parts.append(torch.tensor(counts, dtype=dt).to(dev))
+    bucket = torch.cat(parts)
+    if world > 1:
+        dist.all_reduce(bucket, group=group)
+    n_tot = bucket[-len(counts):]
+    off, k = 0, 0
+    for st in stats:
+        for p in ContrastiveStats.PHASES:
+            for t in (st.g[p], st.s[p]):
+                torch.div(bucket[off:off + t.numel()].view(t.shape), n_tot[k], out=t)
+                off += t.numel()
+            st.n[p] = 1
+            k += 1
+        st.reduced = True
