@@ -86,7 +86,7 @@ def contrastive_apply(w, g, b, gb, norm_g, s, max_norm):
 # ---- many layers, one launch -----------------------------------------------------------------
 #
 # Columns of the per-layer table (int64 [L, META]) that the grouped kernel reads; the launcher in
-# geokern/ops/contrastive_many.py builds it with these names.
+# geokern/ops/_contrastive_many.py builds it with these names.
 META_COLS = ("w", "b", "xn", "yn", "xf", "yf", "out", "inn", "nn", "nf", "sxn", "syn", "sxf", "syf",
              "g_off", "gb_off", "tiles_n", "tiles", "has_b")
 META = tl.constexpr(20)  # META_COLS padded to an even width
@@ -246,7 +246,7 @@ _KIND = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 def contrastive_many(meta, tiles, ws, norm, badb, cnt, n_tiles, lr_beta, max_norm, act_dtype, w_dtype, tf32,
                      block_m, block_n, block_k, num_warps, num_stages):
     """Launch the grouped update (contrastive_many_kernel) on the tables that
-    geokern.ops.contrastive_many builds; act_dtype / w_dtype: torch dtypes of the activities and
+    geokern.ops._contrastive_many builds; act_dtype / w_dtype: torch dtypes of the activities and
     of W and b; tf32: float32 activities multiply on TF32 tensor cores (else IEEE float32)."""
     if n_tiles == 0:
         return

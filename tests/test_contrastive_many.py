@@ -11,7 +11,7 @@ from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
-from geokern.ops import contrastive_many as cm
+from geokern.ops import _contrastive_many as cm
 from geokern.reference import contrastive as ref
 
 BACKENDS = ["torch", "triton"]

@@ -198,7 +198,7 @@ def test_contrastive_many_kernel_compiles_for_sm90():
     run_isolated(_PRELUDE + """
     import torch
     from geokern.kernels import contrastive as tk
-    from geokern.ops.contrastive_many import default_blocks
+    from geokern.ops._contrastive_many import default_blocks
 
     sig = {"meta_ptr": "*i64", "tiles_ptr": "*i32", "ws_ptr": "*fp32", "norm_ptr": "*fp64", "badb_ptr": "*i32",
            "cnt_ptr": "*i32", "n_tiles": "i32", "n_layers": "i32", "lr_beta": "fp32", "max_norm": "fp32"}

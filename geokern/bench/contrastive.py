@@ -26,8 +26,8 @@ import torch
 
 from geokern.bench.registry import Case
 from geokern.ops import contrastive as ops
-from geokern.ops import contrastive_many as ops_many
-from geokern.ops.contrastive_many import ContrastiveGroup
+from geokern.ops import _contrastive_many as ops_many
+from geokern.ops._contrastive_many import ContrastiveGroup
 from geokern.reference import contrastive as ref
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

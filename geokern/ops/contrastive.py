@@ -398,3 +398,9 @@ def all_reduce_stats_(stats, group=None):
             st.n[p] = 1
             k += 1
         st.reduced = True
+
+
+# the many-layer grouped update (its own module: it imports this one's checks)
+from geokern.ops._contrastive_many import ContrastiveGroup, contrastive_update_many_  # noqa: E402
+
+__all__ += ["contrastive_update_many_", "ContrastiveGroup"]
