@@ -2,11 +2,13 @@
 Triton backend's limits, the refused CUDA backend; and the constant-cost decode state against
 full recomputation."""
 
+import math
+
 import pytest
 import torch
 from _helpers import capturable, gpu, need
 from _tolerance import rel_err
-from _ultrametric import digits
+from _ultrametric import brute, digits
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
@@ -28,6 +30,28 @@ def test_empty(shape, backend):
     (dv,) = torch.autograd.grad(y.sum(), v, allow_unused=True, materialize_grads=True)
     assert dv.shape == v.shape
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_empty_head_dim(causal, backend):
+    """D = 0 (v.shape[-1] == 0): y [B, H, Tq, 0], the lse of the weights all the same (it does not
+    read v), dv of v's shape; hard and the reference decode state (the tables once failed to
+    reshape 0 elements into [-1, 0])."""
+    need(backend)
+    qd, kd = digits(1, 2, 5, 3, 2), digits(1, 1, 5, 3, 2)
+    v = torch.randn(1, 1, 5, 0, device=DEVICE, requires_grad=True)
+    y, lse = geokern.ultrametric_attention(qd, kd, v, causal=causal, return_lse=True, backend=backend)
+    _, lwant = brute(qd, kd, torch.zeros(1, 1, 5, 1, device=DEVICE), 2.0, causal)
+    assert y.shape == (1, 2, 5, 0), "y"
+    assert rel_err(lse, lwant) < 1e-6, "lse"
+    (dv,) = torch.autograd.grad(y.sum(), v, allow_unused=True, materialize_grads=True)
+    assert dv.shape == v.shape, "dv"
+    state = ref.UltrametricDecodeState(1, 1, 0, 3, device=DEVICE)
+    state.append(kd, v.detach())
+    ys, ls = state.query(qd, return_lse=True)
+    assert ys.shape == (1, 2, 5, 0), "decode y"
+    assert rel_err(ls, brute(qd, kd, torch.zeros(1, 1, 5, 1, device=DEVICE), 2.0, False)[1]) < 1e-6, "decode lse"
 
 def _args(**over):
     a = dict(q_digits=digits(1, 2, 5, 3, 2), k_digits=digits(1, 1, 5, 3, 2), v=torch.randn(1, 1, 5, 4, device=DEVICE))
@@ -178,3 +202,71 @@ def test_decode_step_in_a_cuda_graph():
         g.replay()
         want = geokern.ultrametric_decode_step_(eager, qd, kd, v)
         torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-6)
+
+
+# ---- alpha < 1: the weights are no difference of large level sums ---------------------
+
+
+def _deep_keys(Tk=40, K=8, p=2):
+    """One query row of zeros; most keys equal to it in every digit (lcp K), a few diverging at
+    each level: with alpha < 1 the answer is tiny next to the level sums of a regrouped formula."""
+    qd = torch.zeros(1, 2, 3, K, dtype=torch.int64, device=DEVICE)
+    kd = torch.zeros(1, 1, Tk, K, dtype=torch.int64, device=DEVICE)
+    for j in range(K):  # key 3 j + 1 first differs at digit j
+        kd[0, 0, 3 * j + 1, j] = p - 1
+    return qd, kd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("alpha", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("p", [2, 3])
+def test_alpha_below_one_is_exact(p, alpha, causal, backend):
+    """alpha <= 1 against the float64 brute force: y, lse and dv to float32 rounding (the bucket
+    tables once gave y = -9.48 and lse NaN for y = 1e-7, lse = 8 log 0.01: w_l = alpha^l - alpha^(l-1)
+    cancelled). chunk=4 sends most keys through the tables, not the dense in-chunk block."""
+    need(backend)
+    qd, kd = _deep_keys(p=p)
+    v = (torch.rand(1, 1, kd.shape[2], 3, device=DEVICE) + 0.5).requires_grad_()
+    y, lse = geokern.ultrametric_attention(qd, kd, v, alpha=alpha, p=p, causal=causal, chunk=4, return_lse=True,
+                                           backend=backend)
+    v64 = v.detach().double().requires_grad_()
+    want, lwant = brute(qd, kd, v64, alpha, causal)
+    g = torch.randn_like(want)
+    (dv,) = torch.autograd.grad(y, v, g.float())
+    (dv64,) = torch.autograd.grad(want, v64, g)
+    assert rel_err(y, want) < 1e-5, "y"
+    assert rel_err(lse, lwant) < 1e-5, "lse"
+    assert rel_err(dv, dv64) < 1e-5, "dv"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_below_one_one_key(backend):
+    """The review's case: one key equal to the query, alpha = 0.01, K = 8: the weight 1e-16 is
+    below the 1e-9 clamp, so y = 1e-16 / 1e-9 = 1e-7 (not v), lse = log(1e-16)."""
+    need(backend)
+    d = torch.zeros(1, 1, 1, 8, dtype=torch.int64, device=DEVICE)
+    for dt in [torch.float32] + ([torch.float64] if backend == "torch" else []):
+        y, lse = geokern.ultrametric_attention(d, d, torch.ones(1, 1, 1, 1, dtype=dt, device=DEVICE), alpha=0.01,
+                                               causal=False, return_lse=True, backend=backend)
+        assert abs(y.item() / 1e-7 - 1) < 1e-5, f"y {dt}"
+        assert abs(lse.item() / (8 * math.log(0.01)) - 1) < 1e-6, f"lse {dt}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_below_one_decode(backend):
+    """The decode tables read the same disjoint buckets: UltrametricCache and the reference's
+    decode state against the brute force at alpha = 0.01."""
+    need(backend)
+    qd, kd = _deep_keys()
+    v = torch.rand(1, 1, kd.shape[2], 3, device=DEVICE) + 0.5
+    want, lwant = brute(qd, kd, v, 0.01, causal=False)
+    cache = geokern.UltrametricCache(1, 1, 3, 8, alpha=0.01, device=DEVICE, backend=backend)
+    cache.append(kd, v)
+    y, lse = cache.query(qd, return_lse=True)
+    state = ref.UltrametricDecodeState(1, 1, 3, 8, alpha=0.01, device=DEVICE)
+    state.append(kd, v)
+    ys, lses = state.query(qd, return_lse=True)
+    for name, got, w in (("cache y", y, want), ("cache lse", lse, lwant), ("state y", ys, want),
+                         ("state lse", lses, lwant)):
+        assert rel_err(got, w) < 1e-5, name

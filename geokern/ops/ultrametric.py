@@ -409,7 +409,6 @@ class UltrametricCache:
         self.backend = _backend_for(backend, device)
         self.tab = torch.zeros(batch * kv_heads, self.N, head_dim, dtype=torch.float32, device=device)
         self.cnt = torch.zeros(batch * kv_heads, self.N, dtype=torch.int32, device=device)
-        self.w = ref.level_weights(self.alpha, K, torch.float32, device)
         self.length = 0  # tokens appended through append (eager bookkeeping; not updated in a graph replay)
 
     def reset(self):
@@ -439,8 +438,9 @@ class UltrametricCache:
             raise ValueError(f"UltrametricCache: key_padding_mask must be bool ({self.B}, {digits.shape[2]}), got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
 
-    def _rows(self, digits):
-        """[B, heads, T, K] -> table rows [B, heads, T, K + 1] (group * N + code), as torch ops."""
+    def _rows(self, digits, read=False):
+        """[B, heads, T, K] -> table rows [B, heads, T, K + 1] (group * N + code), as torch ops; read:
+        the rows a query reads and their weights instead (reference.ultrametric.read_codes)."""
         B, heads = digits.shape[:2]
         d = digits.long().clamp(0, self.p - 1)
         codes, val, base = [torch.zeros_like(d[..., 0])], torch.zeros_like(d[..., 0]), 0
@@ -450,6 +450,9 @@ class UltrametricCache:
             codes.append(val + base)
         g = torch.arange(B * self.Hkv, device=d.device).view(B, self.Hkv, 1, 1)
         g = g.repeat_interleave(heads // self.Hkv, dim=1)
+        if read:
+            codes, w = ref.read_codes(torch.stack(codes, -1), self.p, self.alpha, torch.float32)
+            return codes + g * self.N, w
         return torch.stack(codes, -1) + g * self.N
 
     def append(self, k_digits, v, key_padding_mask=None):
@@ -486,8 +489,8 @@ class UltrametricCache:
                              f"({B}, {H}, {Tq}), got {tuple(y.shape)} {y.dtype}, {tuple(lse.shape)} {lse.dtype}")
         if Tq:
             if self.backend == "torch":
-                rows = self._rows(q_digits)
-                num, den, seen = ref.read_buckets(self.tab.view(-1, self.D), self.cnt.view(-1), rows, self.w)
+                rows, w = self._rows(q_digits, read=True)
+                num, den, seen = ref.read_buckets(self.tab.view(-1, self.D), self.cnt.view(-1), rows, w)
                 yy, ll = ref._finish(num, den, seen, torch.float32)
                 y.copy_(yy)
                 lse.copy_(ll)

@@ -25,9 +25,12 @@ lcp_ij the number of leading digits keys j and query i share,
     lse[i] = log(sum_j alpha^lcp_ij)                                    (-inf: no visible key)
 
 which is the spec's sum_l alpha^l (S_l - S_{l+1}) / sum_l alpha^l (C_l - C_{l+1}), S_l / C_l
-the sum of v / the count over the visible keys in the query's level-l bucket. It is computed
-as sum_l w_l S_l with w_0 = 1, w_l = alpha^l - alpha^(l-1) (the same sum regrouped; no level
-difference is formed). Query i sits at absolute position Tk - Tq + i and, when causal, sees
+the sum of v / the count over the visible keys in the query's level-l bucket. No level
+difference is formed and no weight is negative (read_codes): for alpha > 1 it is sum_l w_l S_l
+with w_0 = 1, w_l = alpha^(l-1) (alpha - 1) (the same sum regrouped); for alpha <= 1, where those
+w_l are <= 0 and the regrouped sum cancels (alpha = 0.01, K = 8: terms of size 1 summing to
+1e-16), S_l - S_{l+1} is read as the sum of the p - 1 sibling buckets of the query's
+level-(l + 1) bucket, so every key enters once with its own weight alpha^lcp. Query i sits at absolute position Tk - Tq + i and, when causal, sees
 keys at positions <= its own (their causal_attn_mask: prefill Tq == Tk, one-token decode
 Tq == 1 sees every key, chunked prefill Tq < Tk); causal with Tk < Tq and Tq > 1 is a
 ValueError (as in the tropical reference). key_padding_mask [B, Tk] (True = keep) removes
@@ -51,8 +54,9 @@ digits in hard mode (a straight-through option belongs to the op layer, not here
 
 Non-finite values: a key hidden from a query (padding, or a later position when causal)
 contributes nothing whatever its v (NaN included). A NaN in a visible v[j, d] makes y[i, d]
-NaN for every query i that sees key j; an infinite visible v may give NaN where the
-regrouped sum forms inf - inf (alpha < 1) rather than the brute force's inf.
+NaN for every query i that sees key j; a visible +-inf makes it +-inf (NaN where +inf and -inf
+meet), as the brute force, since every weight is positive (a weight alpha^l that underflows to 0
+times inf is NaN).
 
 Soft LCP kernel (soft_lcp_attention): dense O(Tq Tk K), the spec's formula with float
 digits, chunked over queries so at most about CHUNK_ELEMS pair elements exist at once;
@@ -277,9 +281,36 @@ def prefix_codes(digits, p):
 
 
 def level_weights(alpha, K, dtype, device=None):
-    """w [K + 1]: w_0 = 1, w_l = alpha^l - alpha^(l-1), so that sum_{l<=lcp} w_l = alpha^lcp."""
-    w = [1.0] + [alpha ** level - alpha ** (level - 1) for level in range(1, K + 1)]
+    """w [K + 1]: w_0 = 1, w_l = alpha^(l-1) (alpha - 1), so that sum_{l<=lcp} w_l = alpha^lcp (alpha - 1
+    rather than a difference of powers: no cancellation near alpha = 1). Negative for alpha < 1:
+    read_codes uses them for alpha > 1 only."""
+    w = [1.0] + [alpha ** (level - 1) * (alpha - 1) for level in range(1, K + 1)]
     return torch.tensor(w, dtype=dtype, device=device)
+
+
+def read_codes(codes, p, alpha, dtype):
+    """The buckets a query reads and their weights: codes [..., K + 1] (the query's prefix_codes) ->
+    (read [..., M] codes, w [M] of dtype), so that sum_m w_m * table[read_m] = sum_j alpha^lcp_j v_j
+    over the keys j in the table, with every w_m >= 0: nothing cancels.
+
+    alpha > 1: the query's K + 1 prefix buckets with level_weights (w_l = alpha^(l-1) (alpha - 1) >= 0;
+    a key with lcp L lies in buckets 0..L, whose weights sum to alpha^L).
+    alpha <= 1 (those weights are negative or zero, and a sum of size 1 cancelling to alpha^K loses
+    everything when alpha^K is below the dtype's epsilon): disjoint buckets, each key in exactly one:
+    for l < K the p - 1 siblings of the query's level-(l + 1) bucket (the keys whose first differing
+    digit is digit l + 1, lcp l) with weight alpha^l, and the query's level-K bucket with weight
+    alpha^K. M = K (p - 1) + 1 (K + 1 for p = 2).
+    """
+    K = codes.shape[-1] - 1
+    if alpha > 1:
+        return codes, level_weights(alpha, K, dtype, codes.device)
+    child = codes[..., 1:, None]  # [..., K, 1]: the query's bucket at levels 1..K
+    digit = torch.stack([(codes[..., level] - num_codes(p, level - 1)) % p for level in range(1, K + 1)], -1)[..., None]
+    shift = torch.arange(1, p, device=codes.device)  # the other p - 1 digits, (digit + shift) mod p
+    siblings = child - digit + (digit + shift) % p  # [..., K, p - 1]
+    read = torch.cat([siblings.flatten(-2), codes[..., K:]], -1)
+    w = [alpha ** level for level in range(K) for _ in range(p - 1)] + [alpha ** K]
+    return read, torch.tensor(w, dtype=dtype, device=codes.device)
 
 
 def _repeat_kv(t, H):
@@ -337,22 +368,22 @@ def _finish(num, den, seen, out_dtype):
 
 
 def read_buckets(sums, counts, rows, w):
-    """Level-weighted table reads: rows [..., K + 1] -> (num [..., D], den [...], seen [...])."""
+    """Weighted table reads (read_codes): rows [..., M] -> (num [..., D], den [...], seen [...])."""
     num = (sums[rows] * w.unsqueeze(-1)).sum(-2)
     c = counts[rows]
-    return num, (c.to(w.dtype) * w).sum(-1), c[..., 0] > 0
+    return num, (c.to(w.dtype) * w).sum(-1), (c > 0).any(-1)
 
 
 def _row_ids(qc, kc, R):
     """Compress (key head, code) pairs to dense rows: (query rows, key rows, number of rows)."""
     B, Hkv, Tk, L = kc.shape
-    H, Tq = qc.shape[1], qc.shape[2]
+    H, Tq, M = qc.shape[1], qc.shape[2], qc.shape[3]
     g = torch.arange(B * Hkv, device=kc.device).view(B, Hkv, 1, 1)
-    kp = torch.stack([g.expand(B, Hkv, Tk, L), kc], -1).reshape(-1, 2)
-    qg = g.repeat_interleave(R, dim=1).expand(B, H, Tq, L)
-    qp = torch.stack([qg, qc], -1).reshape(-1, 2)
+    kp = torch.stack([g.expand(B, Hkv, Tk, L), kc], -1).reshape(B * Hkv * Tk * L, 2)
+    qg = g.repeat_interleave(R, dim=1).expand(B, H, Tq, M)
+    qp = torch.stack([qg, qc], -1).reshape(B * H * Tq * M, 2)
     uniq, inv = torch.unique(torch.cat([kp, qp]), dim=0, return_inverse=True)
-    return inv[kp.shape[0]:].view(B, H, Tq, L), inv[: kp.shape[0]].view(B, Hkv, Tk, L), uniq.shape[0]
+    return inv[kp.shape[0]:].view(B, H, Tq, M), inv[: kp.shape[0]].view(B, Hkv, Tk, L), uniq.shape[0]
 
 
 def ultrametric_attention(q_digits, k_digits, v, alpha=2.0, *, p=2, causal=True, key_padding_mask=None,
@@ -364,19 +395,19 @@ def ultrametric_attention(q_digits, k_digits, v, alpha=2.0, *, p=2, causal=True,
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
     acc, R = acc_dtype(v.dtype), H // Hkv
     qc, kc = prefix_codes(q_digits, p), prefix_codes(k_digits, p)
-    qrow, krow, n_rows = _row_ids(qc, kc, R)
+    qread, w = read_codes(qc, p, alpha, acc)
+    qrow, krow, n_rows = _row_ids(qread, kc, R)
     keep = torch.ones(B, Tk, dtype=torch.bool, device=v.device) if key_padding_mask is None else key_padding_mask
     keep4 = keep.view(B, 1, Tk, 1)
     # a removed key adds zeros: where, not a product, so its NaN never enters
     vk = torch.where(keep4, v.to(acc), torch.zeros((), dtype=acc, device=v.device))
     sums = torch.zeros(n_rows, D, dtype=acc, device=v.device)
     counts = torch.zeros(n_rows, dtype=torch.int64, device=v.device)
-    w = level_weights(alpha, K, acc, v.device)
-    alpha_pow = torch.cumsum(w, 0)  # alpha^l, l = 0..K
+    alpha_pow = torch.tensor([alpha ** level for level in range(K + 1)], dtype=acc, device=v.device)
 
     def add(j0, j1):  # keys at positions [j0, j1) into their K + 1 buckets
-        rows = krow[:, :, j0:j1].reshape(-1)
-        sums.index_add_(0, rows, vk[:, :, j0:j1, None, :].expand(-1, -1, -1, K + 1, -1).reshape(-1, D))
+        rows = krow[:, :, j0:j1].reshape(-1)  # explicit sizes below: D may be 0
+        sums.index_add_(0, rows, vk[:, :, j0:j1, None, :].expand(-1, -1, -1, K + 1, -1).reshape(rows.numel(), D))
         counts.index_add_(0, rows, keep4[:, :, j0:j1].expand(B, Hkv, -1, K + 1).reshape(-1).long())
 
     off = Tk - Tq
@@ -427,7 +458,6 @@ class UltrametricDecodeState:
         self.counts = torch.zeros(64, dtype=torch.int64, device=device)
         self.rows = {}
         self.length = 0  # tokens appended
-        self.w = level_weights(alpha, K, self.acc, device)
 
     def _rows_of(self, codes, heads, create):
         """codes [B, heads, T, K + 1] -> rows (same shape) of (b * Hkv + head // (heads // Hkv), code)."""
@@ -459,7 +489,7 @@ class UltrametricDecodeState:
         keep = (torch.ones(self.B, T, dtype=torch.bool, device=v.device) if key_padding_mask is None
                 else key_padding_mask).view(self.B, 1, T, 1)
         vk = torch.where(keep, v.detach().to(self.acc), torch.zeros((), dtype=self.acc, device=v.device))
-        self.sums.index_add_(0, rows.reshape(-1), vk.unsqueeze(3).expand(-1, -1, -1, L, -1).reshape(-1, self.D))
+        self.sums.index_add_(0, rows.reshape(-1), vk.unsqueeze(3).expand(-1, -1, -1, L, -1).reshape(rows.numel(), self.D))
         self.counts.index_add_(0, rows.reshape(-1), keep.expand(self.B, self.Hkv, T, L).reshape(-1).long())
         self.length += T
 
@@ -469,8 +499,9 @@ class UltrametricDecodeState:
                 or q_digits.shape[1] % self.Hkv or q_digits.shape[3] != self.K:
             raise ValueError(f"q_digits must have shape ({self.B}, H, Tq, {self.K}) with H a multiple of "
                              f"{self.Hkv}, got {tuple(getattr(q_digits, 'shape', ()))}")
-        rows = self._rows_of(prefix_codes(q_digits, self.p), q_digits.shape[1], False)
-        y, lse = _finish(*read_buckets(self.sums, self.counts, rows, self.w), self.dtype)
+        read, w = read_codes(prefix_codes(q_digits, self.p), self.p, self.alpha, self.acc)
+        rows = self._rows_of(read, q_digits.shape[1], False)
+        y, lse = _finish(*read_buckets(self.sums, self.counts, rows, w), self.dtype)
         return (y, lse) if return_lse else y
 
     def step(self, q_digits, k_digits, v, key_padding_mask=None, return_lse=False):

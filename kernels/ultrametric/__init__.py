@@ -43,7 +43,9 @@ def _bd(d):
 
 def _weights(alpha):
     """(log2 alpha, alpha - 1) as the kernels take them: alpha^l = exp2(l log2 alpha) and
-    w_l = alpha^(l-1) (alpha - 1), without the cancellation of alpha^l - alpha^(l-1) near 1."""
+    w_l = alpha^(l-1) (alpha - 1), without the cancellation of alpha^l - alpha^(l-1) near 1.
+    The kernels use w_l only for alpha > 1 (EXCL=False: every weight positive); alpha <= 1 reads
+    disjoint sibling buckets with weights alpha^l (scan._read_rows)."""
     return math.log2(alpha), alpha - 1.0
 
 
@@ -87,7 +89,7 @@ def _read(tab, cnt, tdig, out, lse, keep, Hkv, tgt_off, Tk, K, p, N, slots, slot
     D = out.shape[-1]
     launch(ultrametric_read_kernel)[(triton.cdiv(TT, C), B * HT)](
         tdig, tab, cnt, out, lse, keep, HT, HT // Hkv, TT, tgt_off, Tk, Hkv, K, p, N, D, slots, slot,
-        *_weights(alpha), FWD=fwd, C=C, BD=_bd(D), num_warps=4)
+        *_weights(alpha), FWD=fwd, EXCL=alpha <= 1, C=C, BD=_bd(D), num_warps=4)
 
 
 def _run(fwd, qd, kd, src, lse, keep, out, out_lse, alpha, p, N, causal, chunk, num_segments):
@@ -121,7 +123,7 @@ def _run(fwd, qd, kd, src, lse, keep, out, out_lse, alpha, p, N, causal, chunk, 
     launch(ultrametric_scan_kernel)[(S, G)](
         tdig, sdig, src, lse, keep, tab, cnt, out, out_lse,
         HT, HT // Hkv, TT, tgt_off, HS, HS // Hkv, TS, off, Tk, Hkv, K, p, N, D, slots, cps, nchunks,
-        *_weights(alpha), FWD=fwd, SCALE_LSE=not fwd, KEEP_SRC=fwd, C=C, BD=_bd(D), num_warps=4)
+        *_weights(alpha), FWD=fwd, SCALE_LSE=not fwd, KEEP_SRC=fwd, EXCL=alpha <= 1, C=C, BD=_bd(D), num_warps=4)
 
 
 def ultrametric_attention_fwd(qd, kd, v, keep, y, lse, alpha, p, N, causal, chunk=0, num_segments=0):

@@ -89,32 +89,55 @@ def _f32(x):
 
 @triton.jit
 def _read_rows(tab, cnt, dig_ptr, digbase, rows, valid, K, p, log2a, am1, D,
-               COUNT: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
-    """sum_l w_l * table[code_l(row)] for each target row: (acc [C, BD], den [C], seen [C]);
-    w_0 = 1, w_l = alpha^(l-1) (alpha - 1) (reference.ultrametric.level_weights). log2a and am1
-    are float32 (_f32)."""
+               COUNT: tl.constexpr, EXCL: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
+    """sum_m w_m * table[code_m(row)] for each target row, every w_m >= 0 (nothing cancels;
+    reference.ultrametric.read_codes): (acc [C, BD], den [C], seen [C]). log2a and am1 are
+    float32 (_f32).
+    EXCL False (alpha > 1): the K + 1 prefix buckets, w_0 = 1, w_l = alpha^(l-1) (alpha - 1).
+    EXCL True (alpha <= 1, where those weights are <= 0 and cancel): disjoint buckets, the p - 1
+    siblings of the row's level-l bucket with weight alpha^(l-1) for l = 1..K, then its level-K
+    bucket with weight alpha^K: (p - 1) K + 1 reads."""
     rd = tl.arange(0, BD)
     m2 = valid[:, None] & (rd < D)[None, :]
-    # the root bucket (code 0) holds every source so far
-    acc = tl.load(tab + rd[None, :] + tl.zeros([C, 1], tl.int64), mask=m2, other=0.0, cache_modifier=".cg")
     den = tl.zeros([C], tl.float32)
     seen = tl.zeros([C], tl.int1)
-    if COUNT:
+    if COUNT:  # the root bucket (code 0) holds every source so far
         c0 = tl.load(cnt + tl.zeros([C], tl.int32), mask=valid, other=0, cache_modifier=".cg")
-        den = c0.to(tl.float32)
         seen = c0 > 0
+    if EXCL:
+        acc = tl.zeros([C, BD], tl.float32)
+    else:
+        acc = tl.load(tab + rd[None, :] + tl.zeros([C, 1], tl.int64), mask=m2, other=0.0, cache_modifier=".cg")
+        if COUNT:
+            den = c0.to(tl.float32)
     val = tl.zeros([C], tl.int32)
+    code = tl.zeros([C], tl.int32)
     base = 0
     pw = 1
     for l in range(1, K + 1):
         dl = _digit(dig_ptr, digbase, rows, valid, l - 1, K, p)
         base += pw
         pw *= p
+        if EXCL:  # the siblings of this level's bucket: keys whose first differing digit is digit l
+            w = tl.exp2((l - 1) * log2a)
+            for c in range(p):
+                sib = valid & (dl != c)
+                scode = base + val * p + c
+                acc += w * tl.load(tab + scode.to(tl.int64)[:, None] * D + rd[None, :],
+                                   mask=sib[:, None] & (rd < D)[None, :], other=0.0, cache_modifier=".cg")
+                if COUNT:
+                    den += w * tl.load(cnt + scode, mask=sib, other=0, cache_modifier=".cg").to(tl.float32)
         val = val * p + dl
         code = base + val
-        w = am1 * tl.exp2((l - 1) * log2a)
-        acc += w * tl.load(tab + code.to(tl.int64)[:, None] * D + rd[None, :], mask=m2, other=0.0,
-                           cache_modifier=".cg")
+        if not EXCL:
+            w = am1 * tl.exp2((l - 1) * log2a)
+            acc += w * tl.load(tab + code.to(tl.int64)[:, None] * D + rd[None, :], mask=m2, other=0.0,
+                               cache_modifier=".cg")
+            if COUNT:
+                den += w * tl.load(cnt + code, mask=valid, other=0, cache_modifier=".cg").to(tl.float32)
+    if EXCL:  # the row's level-K bucket: the keys equal to it in every digit
+        w = tl.exp2(K * log2a)
+        acc += w * tl.load(tab + code.to(tl.int64)[:, None] * D + rd[None, :], mask=m2, other=0.0, cache_modifier=".cg")
         if COUNT:
             den += w * tl.load(cnt + code, mask=valid, other=0, cache_modifier=".cg").to(tl.float32)
     return acc, den, seen
@@ -233,7 +256,7 @@ def ultrametric_prefix_kernel(tab_ptr, S, WIDTH, REVERSE: tl.constexpr, BLOCK: t
 def ultrametric_read_kernel(
     tdig_ptr, tab_ptr, cnt_ptr, out_ptr, lse_ptr, keep_ptr,
     HT, TR, TT, TGT_OFF, Tk, Hkv, K, p, N, D, SLOTS, slot, log2a, am1,
-    FWD: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+    FWD: tl.constexpr, EXCL: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
 ):
     # tdig: [B, HT, TT, K]; out: [B, HT, TT, D] (lse [B, HT, TT] forward). One program: C targets of
     # one (batch, target head), grid (cdiv(TT, C), B * HT); they read table (group, slot) only
@@ -247,7 +270,7 @@ def ultrametric_read_kernel(
     tab = tab_ptr + (g.to(tl.int64) * SLOTS + slot) * N * D
     cnt = cnt_ptr + (g.to(tl.int64) * SLOTS + slot) * N
     base = bh.to(tl.int64) * TT
-    acc, den, seen = _read_rows(tab, cnt, tdig_ptr, base, rows, valid, K, p, log2a, am1, D, FWD, C, BD)
+    acc, den, seen = _read_rows(tab, cnt, tdig_ptr, base, rows, valid, K, p, log2a, am1, D, FWD, EXCL, C, BD)
     _store_rows(out_ptr, lse_ptr, keep_ptr, base, rows, valid, acc, den, seen, b, rows + TGT_OFF, Tk, D, FWD, BD)
 
 
@@ -255,7 +278,8 @@ def ultrametric_read_kernel(
 def ultrametric_scan_kernel(
     tdig_ptr, sdig_ptr, val_ptr, slse_ptr, keep_ptr, tab_ptr, cnt_ptr, out_ptr, lse_ptr,
     HT, NT, TT, TGT_OFF, HS, NS, TS, SRC_OFF, Tk, Hkv, K, p, N, D, SLOTS, CPS, nchunks, log2a, am1,
-    FWD: tl.constexpr, SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+    FWD: tl.constexpr, SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, EXCL: tl.constexpr, C: tl.constexpr,
+    BD: tl.constexpr,
 ):
     # The causal scan. tdig: [B, HT, TT, K], sdig: [B, HS, TS, K], val: [B, HS, TS, D]; tables as in
     # the summary kernel, slot s holding the sum of the sources before segment s (after it,
@@ -283,7 +307,8 @@ def ultrametric_scan_kernel(
         tvalid = (trows >= 0) & (trows < TT)
         for rt in range(NT):
             tbase = (b * HT + hk * NT + rt).to(tl.int64) * TT
-            acc, den, seen = _read_rows(tab, cnt, tdig_ptr, tbase, trows, tvalid, K, p, log2a, am1, D, FWD, C, BD)
+            acc, den, seen = _read_rows(tab, cnt, tdig_ptr, tbase, trows, tvalid, K, p, log2a, am1, D, FWD, EXCL, C,
+                                        BD)
             for rs in range(NS):
                 shead = hk * NS + rs
                 sbase = (b * HS + shead).to(tl.int64) * TS
