@@ -123,6 +123,28 @@ def test_empty_batch(backend, n):
         assert g.shape == t.shape and not g.any(), "empty batch: gradients must be zeros of the inputs' shapes"
 
 
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_in_features(backend, n, bias):
+    """in_features = 0: y is the bias broadcast over the rows (zeros without one), dbias the
+    summed gradient, dx and every dW zeros of their shapes (Triton once failed to reshape x)."""
+    need(backend)
+    x, ws, b = _inputs(n, 0, 3, 0, torch.float32, bias=bias, lead=(2, 5))
+    leaves = [t.requires_grad_() for t in (x, b, *ws) if t is not None]
+    y = OPS[n](x, *ws, bias=b, backend=backend)
+    want = torch.zeros(2, 5, n * 3, device=DEVICE) + (b.detach() if bias else 0)
+    assert y.shape == (2, 5, n * 3) and torch.equal(y, want), "y"
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    for t, dt in zip(leaves, grads):
+        assert dt.shape == t.shape, "gradient shape"
+        if t is b:
+            assert torch.allclose(dt, g.sum((0, 1))), "dbias"
+        else:
+            assert not dt.any(), "dx / dW: zeros"
+
 # ---- Parcollet et al.'s layout --------------------------------------------------
 
 

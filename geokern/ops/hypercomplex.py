@@ -408,7 +408,7 @@ def _linear(x, weights, bias, backend):
     if be == "torch":
         return ref.hypercomplex_linear(x, weights, bias)
     lead = x.shape[:-1]
-    y = HypercomplexLinearFunction.apply(x.reshape(-1, x.shape[-1]), bias, *weights)
+    y = HypercomplexLinearFunction.apply(x.reshape(lead.numel(), x.shape[-1]), bias, *weights)  # in may be 0
     return y.reshape(*lead, y.shape[-1])
 
 
