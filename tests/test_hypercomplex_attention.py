@@ -178,6 +178,22 @@ def test_empty_and_normalize_false(backend, n):
                                REFS[n](q.double(), k.double(), v.double(), True, None, False), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("scale", [None, 0.5], ids=["default-scale", "scale"])
+@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_channels(backend, n, scale):
+    """D = 0: an empty y and empty gradients of the inputs' shapes, with the default scale
+    (1 / sqrt(0) once raised a bare ZeroDivisionError) as with an explicit one; the reference too."""
+    need(backend)
+    q, k, v = (torch.randn(1, 2, T, 0, device=DEVICE, requires_grad=True) for T in (3, 4, 4))
+    y = OPS[n](q, k, v, scale=scale, backend=backend)
+    assert y.shape == (1, 2, 3, 0), "y"
+    grads = torch.autograd.grad(y.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+    for name, t, g in zip("qkv", (q, k, v), grads):
+        assert g.shape == t.shape, f"d{name}"
+    assert REFS[n](q, k, v, True, scale).shape == (1, 2, 3, 0), "reference y"
+
 def test_bad_input():
     q, k, v = qkv((1, 2, 1, 4, 4, 8, True))
     with pytest.raises(RuntimeError, match="#20"):

@@ -157,7 +157,7 @@ def _attention(n, q, k, v, causal, scale, normalize, backend):
         else:
             raise TypeError(f"{op}: backend='triton' takes float16, bfloat16 or float32, got {q.dtype} "
                             "(backend='torch' runs float64)")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = ref.default_scale(q.shape[-1]) if scale is None else float(scale)
     fn = ref.quaternion_attention if n == 4 else ref.octonion_attention
     if be == "torch" or q.numel() == 0:  # empty: the reference's empty result (and zero gradients)
         return fn(q, k, v, causal, scale, normalize)
@@ -178,7 +178,9 @@ def quaternion_attention(q, k, v, *, causal: bool = True, scale: float | None = 
 
     q (B, H, Tq, D), k and v (B, Hkv, Tk, D), D a multiple of 4 holding D / 4 channels (w, x, y, z)
     of consecutive components; Hkv divides H; any strides. Returns y (B, H, Tq, D), differentiable
-    in q, k, v."""
+    in q, k, v. D = 0 gives an empty y (the default scale is then 1). An infinite entry of a visible
+    v makes A_i infinite in its channel's components, and y_i = q^_i A_i meets inf - inf: NaN there
+    (+-inf where only one term is infinite), in both backends."""
     return _attention(4, q, k, v, causal, scale, normalize, backend)
 
 
@@ -186,5 +188,11 @@ def octonion_attention(q, k, v, *, causal: bool = True, scale: float | None = No
                        backend: str | None = None) -> torch.Tensor:
     """Octonion attention: y_i = sum_j p_ij ((q^_i conj(k^_j)) v_j) per octonion channel, with that
     parenthesisation (octonions do not associate); scores, normalisation and shapes as
-    quaternion_attention, with D a multiple of 8 (channels of 8 consecutive components)."""
+    quaternion_attention, with D a multiple of 8 (channels of 8 consecutive components).
+
+    An infinite entry of a visible v: the definition (the torch backend) multiplies it by one
+    component of q^_i conj(k^_j) per output component, so y is +-inf there (NaN where that
+    component is 0). The Triton kernel contracts the averaged 8 x 8 outer products with q^ (the
+    trilinear form), which adds several infinite terms of mixed sign: NaN in every component of
+    the channel (a known gap; NaN in v gives NaN in both)."""
     return _attention(8, q, k, v, causal, scale, normalize, backend)

@@ -5,7 +5,7 @@ The head dim holds D / n hypercomplex channels, each n = 4 (quaternion) or 8 (oc
 consecutive components: channel c of a row is x[..., n c : n c + n] (x.unflatten(-1, (D / n, n))),
 the layout of the product ops' last dim.
 
-    s_ij = (q_i . k_j) * scale            (scale = 1 / sqrt(D); the raw q, k)
+    s_ij = (q_i . k_j) * scale            (scale = 1 / sqrt(D), 1 for D = 0; the raw q, k)
     p_ij = softmax_j(s_ij)                (causal mask: tropical.causal_visible)
     q^_i, k^_j = q_i, k_j normalised per channel (x / max(|x|, eps), F.normalize's rule)
     quaternion:  y_i = q^_i (sum_j p_ij conj(k^_j) v_j)            per channel
@@ -39,11 +39,16 @@ def normalize_channels(x, n, eps=EPS):
     return (c / c.norm(dim=-1, keepdim=True).clamp_min(eps)).flatten(-2)
 
 
+def default_scale(D):
+    """1 / sqrt(D); 1 for D = 0 (every score is then 0 whatever the scale: an empty result, not a
+    ZeroDivisionError)."""
+    return D ** -0.5 if D else 1.0
+
+
 def softmax_weights(q, k, causal, scale=None):
     """p (B, H, Tq, Tk) and lse (B, H, Tq) of the scores; rows with no visible key get p = 0
     and lse = -inf."""
-    D = q.shape[-1]
-    scale = D ** -0.5 if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     k = repeat_kv(k, q.shape[1])
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
