@@ -224,3 +224,22 @@ def test_lior_memory_layer():
     assert layer.kernel_weights(30).shape == (30,)
     with pytest.raises(ValueError, match="LiorMemory: x must be a tensor with a time dim"):
         bf(torch.ones(3))
+
+
+def test_deterministic_mode_gate_backward():
+    """The Triton recurrence backward adds dj across D-blocks with float32 atomics: under
+    torch.use_deterministic_algorithms(True) it raises as torch's nondeterministic ops do, naming
+    backend='torch'; without a gate (no dj) it runs, and so does the torch backend."""
+    need("triton")
+    x = torch.randn(5, 2, 40, device=DEVICE, requires_grad=True)
+    j = torch.randn(5, 2, device=DEVICE, requires_grad=True)
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = geokern.lior_recurrence(x, j, backend="triton")
+        with pytest.raises(RuntimeError, match="lior_recurrence backward.*backend='triton'.*backend='torch'"):
+            out.sum().backward()
+        geokern.lior_recurrence(x, backend="triton").sum().backward()
+        geokern.lior_recurrence(x, j, backend="torch").sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)

@@ -270,3 +270,36 @@ def test_alpha_below_one_decode(backend):
     for name, got, w in (("cache y", y, want), ("cache lse", lse, lwant), ("state y", ys, want),
                          ("state lse", lses, lwant)):
         assert rel_err(got, w) < 1e-5, name
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test (warn_only off), restored after."""
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
+def test_deterministic_mode_triton_raises(deterministic):
+    """Triton's float32 atomics (hard-mode tables, the soft backward's dq, the decode cache's
+    append) raise as torch's nondeterministic ops do, naming the op and backend='torch'; the
+    torch backend and the atomic-free Triton soft forward and cache query run."""
+    need("triton")
+    qd, kd, v = digits(1, 2, 6, 3, 2), digits(1, 1, 6, 3, 2), torch.randn(1, 1, 6, 4, device=DEVICE)
+    match = "ultrametric_attention.*backend='triton'.*deterministic.*backend='torch' is deterministic"
+    with pytest.raises(RuntimeError, match=match):
+        geokern.ultrametric_attention(qd, kd, v, backend="triton")
+    geokern.ultrametric_attention(qd, kd, v, backend="torch")
+    qs, ks = (d.float().requires_grad_() for d in (qd, kd))
+    y = geokern.ultrametric_attention(qs, ks, v, mode="soft", backend="triton")
+    with pytest.raises(RuntimeError, match="mode='soft', backend='triton'.*backend='torch'"):
+        y.sum().backward()
+    geokern.ultrametric_attention(qs, ks, v, mode="soft", backend="torch").sum().backward()
+    cache = geokern.UltrametricCache(1, 1, 4, 3, device=DEVICE, backend="triton")
+    with pytest.raises(RuntimeError, match="UltrametricCache.append \\(backend='triton'\\)"):
+        cache.append(kd, v)
+    cache.query(qd)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="ultrametric_attention"):
+        geokern.ultrametric_attention(qd, kd, v, backend="triton")

@@ -7,6 +7,7 @@ torch.library.triton_op (geokern::<op>_triton), so torch.compile sees into them.
 """
 
 import inspect
+import warnings
 
 import torch
 from torch._C._functorch import peek_interpreter_stack as _functorch_level
@@ -98,6 +99,18 @@ def bound_once(cls):
     forward = cls.forward
     forward.__signature__ = inspect.signature(forward)
     return cls
+
+
+def alert_nondeterministic(what, alternative):
+    """torch's rule for an op without a deterministic implementation (what its C++ alert does):
+    under torch.use_deterministic_algorithms(True) raise (warn with warn_only=True), naming the
+    op (`what`, with its backend) and the deterministic `alternative` (e.g. "backend='torch'")."""
+    if torch.are_deterministic_algorithms_enabled():
+        msg = (f"{what} does not have a deterministic implementation, but you set "
+               f"'torch.use_deterministic_algorithms(True)'; {alternative} is deterministic")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        warnings.warn(msg)
 
 
 def refuse_double_backward(op):

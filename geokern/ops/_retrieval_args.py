@@ -1,10 +1,9 @@
 """Argument checks of geokern.ops.retrieval (kept apart so that module stays short): numbers,
-R, broadcasting to the cost shape, the tuning knobs, the bank segment; and the two torch
-conventions the ops follow (deterministic-algorithms alert, autocast dtype)."""
+R, broadcasting to the cost shape, the tuning knobs, the bank segment; and the autocast
+dtype convention (the deterministic-algorithms alert is ops._registry.alert_nondeterministic)."""
 
 import math
 import numbers
-import warnings
 
 import torch
 
@@ -89,16 +88,6 @@ def _check_bank(op, bank, query, values, R, lead, squeeze):
     else:
         _check_r_number(op, "bank R", br)
     return bk, bv, br
-
-
-def _alert_nondeterministic(what):
-    """torch's rule for an op without a deterministic implementation (what its C++ alert does)."""
-    if torch.are_deterministic_algorithms_enabled():
-        msg = (f"{what} does not have a deterministic implementation, but you set "
-               "'torch.use_deterministic_algorithms(True)'; backend='cuda' (or 'torch') is deterministic")
-        if not torch.is_deterministic_algorithms_warn_only_enabled():
-            raise RuntimeError(msg)
-        warnings.warn(msg)
 
 
 def _autocast(query, keys, values, bank):

@@ -27,7 +27,7 @@ from geokern import _backend
 from geokern._checks import FLOAT_DTYPES, check_same, check_tensor
 from geokern.kernels import lior as tk
 from geokern.metric import Metric
-from geokern.ops._registry import bound_once, refuse_double_backward, triton_op
+from geokern.ops._registry import alert_nondeterministic, bound_once, refuse_double_backward, triton_op
 from geokern.reference import lior as ref
 
 __all__ = ["lior_params", "lior_kernel", "lior_memory_conv", "lior_recurrence", "lior_recurrence_step_",
@@ -116,6 +116,9 @@ class LiorRecurrenceFunction(torch.autograd.Function):
     def backward(ctx, g):
         refuse_double_backward("lior_recurrence")
         x, j, m0, h, out = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:  # dj sums across D-blocks with float32 atomics
+            alert_nondeterministic(f"lior_recurrence backward with a gate j (backend='{ctx.backend}')",
+                                   "backend='torch'")
         dx, dm0, dh, dj = _KERNELS[ctx.backend]["bwd"](g.contiguous(), x, j, m0, h, out, *ctx.args)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dj.to(x.dtype) if need[1] else None, dm0 if need[2] else None,
@@ -240,7 +243,9 @@ def lior_recurrence(x: torch.Tensor, j: torch.Tensor | None = None, *, rho: floa
     g = 1 + 0.1 tanh; without it both are 1); m0 [B, D] the state before x[0] and history [p, B, D]
     = (x_{-p}, ..., x_{-1}), zeros when None. rho, eta, xi: Python numbers. Differentiable in x, j,
     m0 and history (the backward is one reverse launch; dj sums across D-blocks with float32
-    atomics, so its last bits may vary). NaN in x[t] or j[t] reaches m[t' >= t] of its row only."""
+    atomics, so its last bits may vary, and under torch.use_deterministic_algorithms(True) a
+    backward that needs dj raises on the Triton backend as torch's nondeterministic ops do;
+    backend='torch' is deterministic). NaN in x[t] or j[t] reaches m[t' >= t] of its row only."""
     op = "lior_recurrence"
     _check_recurrence(op, x, j, m0, history, p)
     _check_gains(op, rho, eta, xi)

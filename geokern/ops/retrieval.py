@@ -27,8 +27,8 @@ from geokern import _backend
 from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
 from geokern.metric import Diag, Metric
-from geokern.ops._registry import bound_once, cuda_op, refuse_double_backward, triton_op
-from geokern.ops._retrieval_args import (_alert_nondeterministic, _autocast, _check_bank, _check_broadcast,
+from geokern.ops._registry import alert_nondeterministic, bound_once, cuda_op, refuse_double_backward, triton_op
+from geokern.ops._retrieval_args import (_autocast, _check_bank, _check_broadcast,
                                          _check_knobs, _check_number, _check_r_number)
 from geokern.reference import retrieval as ref
 
@@ -208,7 +208,7 @@ class RetrievalAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         refuse_double_backward("retrieval_attention")
         if ctx.backend == "triton":  # float32 atomics add the query side, dw and shared dK / dV
-            _alert_nondeterministic("retrieval_attention backward (backend='triton')")
+            alert_nondeterministic("retrieval_attention backward (backend='triton')", "backend='cuda' (or 'torch')")
         q, k, v, w, r, mask, bk, bv, br, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)

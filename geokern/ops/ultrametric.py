@@ -26,7 +26,10 @@ Choices:
 - Sums are float32 (the Triton dense in-chunk part is a float32 "ieee" dot); y is v's dtype, lse
   float32. The backward adds each key's gradient in one program: deterministic, no atomics on
   dv; the bucket tables are filled with float32 atomics (their order varies, so the last bits of
-  y and dv may vary from run to run).
+  y and dv may vary from run to run), so under torch.use_deterministic_algorithms(True) the
+  Triton hard mode, the soft mode's Triton backward (dq: float32 atomics) and the Triton
+  UltrametricCache.append raise as torch's nondeterministic ops do (warn with warn_only=True);
+  backend='torch' is the deterministic alternative.
 - Empty inputs (B, H, Tq or D zero, or no key) take the reference: y zeros / empty, lse -inf.
 - Double backward through the Triton backend is refused (backend='torch' has it).
 - mode="soft": the soft LCP kernel (reference.soft_lcp_attention) on float digits, differentiable
@@ -40,7 +43,7 @@ import torch
 from geokern import _backend
 from geokern._checks import check_same, check_tensor
 from geokern.kernels import ultrametric as tk
-from geokern.ops._registry import bound_once, refuse_double_backward, triton_op
+from geokern.ops._registry import alert_nondeterministic, bound_once, refuse_double_backward, triton_op
 from geokern.ops._ultrametric_retrieval import ultrametric_signatures, ultrametric_top1  # noqa: F401
 from geokern.reference import ultrametric as ref
 
@@ -186,6 +189,8 @@ class UltrametricSoftAttentionFunction(torch.autograd.Function):
         q, k, v, keep, y, lse = ctx.saved_tensors
         if not any(ctx.needs_input_grad[:3]):
             return (None,) * 8
+        alert_nondeterministic(f"{_OP} backward (mode='soft', backend='{ctx.backend}')",  # dq: float32 atomics
+                               "backend='torch'")
         dq, dk, dv = _SOFT_KERNELS[ctx.backend][1](gy.contiguous(), q, k, v, keep, y, lse, *ctx.args)
         need = ctx.needs_input_grad
         return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None, None
@@ -342,6 +347,8 @@ def ultrametric_attention(
                                            key_padding_mask=key_padding_mask, return_lse=True)
     else:
         _triton_limits(B, H, Hkv, K, p, v)
+        # the bucket tables of the forward and the backward are filled with float32 atomics
+        alert_nondeterministic(f"{_OP} (backend='{be}')", "backend='torch'")
         keep = None if key_padding_mask is None else key_padding_mask.contiguous()
         y, lse = UltrametricAttentionFunction.apply(q_digits.contiguous(), k_digits.contiguous(), v.contiguous(), keep,
                                                     float(alpha), p, causal, chunk, num_segments, be)
@@ -470,7 +477,8 @@ class UltrametricCache:
                 vk = torch.where(keep4, v.float(), 0.0).unsqueeze(3).expand(-1, -1, -1, self.K + 1, -1)
                 self.tab.view(-1, self.D).index_add_(0, rows, vk.reshape(-1, self.D))
                 self.cnt.view(-1).index_add_(0, rows, keep4.expand(self.B, self.Hkv, T, self.K + 1).reshape(-1).int())
-            else:
+            else:  # float32 atomics into the tables
+                alert_nondeterministic(f"UltrametricCache.append (backend='{self.backend}')", "backend='torch'")
                 keep = None if key_padding_mask is None else key_padding_mask.contiguous()
                 _KERNELS[self.backend][2](self.tab, self.cnt, k_digits.contiguous(), v.contiguous(), keep, self.p)
         self.length += T
