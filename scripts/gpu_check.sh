@@ -60,7 +60,7 @@ if [[ "$STAGES" == *" compare "* ]]; then
   unset GEOKERN_AUTOTUNE
   olds=()
   for d in .base .pre; do [ -d "$d" ] && olds+=("${d#.}=$d"); done
-  bash scripts/compare.sh "$OUT/compare" "${REPEATS:-3}" "${olds[@]}" 2>&1 | grep -v '^{' | tail -30
+  timeout "${COMPARE_LIMIT:-540}" bash scripts/compare.sh "$OUT/compare" "${REPEATS:-3}" "${olds[@]}" 2>&1 | grep -v '^{' | tail -30
   echo "compare done, $((SECONDS - t0)) s"
 fi
 if [[ "$STAGES" == *" overhead "* ]]; then
