@@ -65,8 +65,8 @@ if [[ "$STAGES" == *" compare "* ]]; then
 fi
 if [[ "$STAGES" == *" overhead "* ]]; then
   unset GEOKERN_AUTOTUNE
-  python3 -m geokern.bench --family overhead --out "$OUT/overhead" 2>&1 | tail -40
-  python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" 2>&1 | tail -20
+  timeout "${OVERHEAD_LIMIT:-300}" python3 -m geokern.bench --family overhead --out "$OUT/overhead" 2>&1 | tail -40
+  timeout "${PROFILE_LIMIT:-200}" python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" 2>&1 | tail -20
   echo "overhead done, $((SECONDS - t0)) s"
 fi
 if [[ "$STAGES" == *" new "* ]]; then
