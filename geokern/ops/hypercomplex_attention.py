@@ -8,7 +8,9 @@ The Triton kernels (geokern.kernels.hypercomplex_attention) fuse everything afte
 normalisation: scores, causal mask, online softmax, the values built on chip (conj(k^) v, or
 for octonions the 8 x 8 outer product per channel, whose softmax average is contracted with q^
 by the structure constants in the epilogue: the trilinear form of ((q^ conj(k^)) v)), and the
-backward recomputed from the log-sum-exp. The normalisation q^ = q / |q| per channel runs in
+backward recomputed from the log-sum-exp; an octonion query block whose average comes out
+non-finite (an inf in v) is recomputed with the definition's parenthesisation for the non-finite
+terms (octonion_attention says what that gives). The normalisation q^ = q / |q| per channel runs in
 PyTorch before the kernel (elementwise, with the reference's code), so its gradient is
 autograd's; the kernel takes (q, k, v, q^, k^) and returns the gradients of all five.
 
@@ -190,9 +192,15 @@ def octonion_attention(q, k, v, *, causal: bool = True, scale: float | None = No
     parenthesisation (octonions do not associate); scores, normalisation and shapes as
     quaternion_attention, with D a multiple of 8 (channels of 8 consecutive components).
 
-    An infinite entry of a visible v: the definition (the torch backend) multiplies it by one
-    component of q^_i conj(k^_j) per output component, so y is +-inf there (NaN where that
-    component is 0). The Triton kernel contracts the averaged 8 x 8 outer products with q^ (the
-    trilinear form), which adds several infinite terms of mixed sign: NaN in every component of
-    the channel (a known gap; NaN in v gives NaN in both)."""
+    An infinite entry of a visible v: the definition multiplies it by one component of
+    q^_i conj(k^_j) per output component, so y is +-inf in its channel (NaN where that component or
+    p_ij is 0, or where infinite terms of both signs meet), in both backends. The Triton kernel's
+    fast path contracts the averaged 8 x 8 outer products with q^ (the trilinear form), which would
+    add infinite terms of both signs; a query block whose average comes out non-finite is computed
+    again with those terms formed key by key (a NaN in v gives NaN in its channel, both backends).
+    The causal mask hides a key's score only: a NaN or inf in a hidden key's v is p = 0 times it,
+    NaN in its channel, as in the reference; Triton reads the hidden keys of the key blocks a query
+    block visits only (a hidden key past the block's last query changes nothing there). The backward
+    with an inf in a visible v: dv is finite and exact (its formula never reads v); dq and dk are NaN
+    where the reference's autograd gives NaN (the rows that see the key, and the keys they see)."""
     return _attention(8, q, k, v, causal, scale, normalize, backend)

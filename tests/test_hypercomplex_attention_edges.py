@@ -1,0 +1,142 @@
+"""Quaternion and octonion attention at the edges: inf and NaN in v, every backend against the
+float64 reference (geokern.reference.hypercomplex_attention), positions of +inf / -inf / NaN
+exactly, finite entries within the suite's tolerance.
+
+The Triton interpreter's tiles are 16 x 16 (kernels.hypercomplex_attention._blocks): the shapes
+here put keys in one key block and in several."""
+
+import pytest
+import torch
+from _helpers import dtype_id, need
+from _tolerance import assert_close
+from conftest import DEVICE
+
+import geokern
+from geokern.reference import hypercomplex_attention as ref
+
+OPS = {4: geokern.quaternion_attention, 8: geokern.octonion_attention}
+REFS = {4: ref.quaternion_attention, 8: ref.octonion_attention}
+INF = float("inf")
+
+
+def assert_same(name, got, want64, same=None):
+    """+inf, -inf and NaN at exactly the reference's positions; the finite rest as assert_close."""
+    for what, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        a, b = f(got), f(want64)
+        assert torch.equal(a, b), (f"{name}: {what} at {(a & ~b).nonzero().tolist()} (not in the reference), "
+                                   f"missing at {(b & ~a).nonzero().tolist()}")
+    fin = torch.isfinite(want64)
+    if fin.any():
+        assert_close(f"{name} (finite entries)", got[fin], want64[fin], None if same is None else same[fin])
+
+
+def _qkv(B, H, Hkv, Tq, Tk, D, dtype=torch.float32):
+    return tuple(torch.randn(*s, device=DEVICE, dtype=torch.float64).to(dtype)
+                 for s in ((B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)))
+
+
+def _run(n, q, k, v, causal, backend):
+    y = OPS[n](q, k, v, causal=causal, backend=backend)
+    return y, REFS[n](q.double(), k.double(), v.double(), causal), REFS[n](q, k, v, causal)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_octonion_inf_in_v_is_signed_inf(backend):
+    """The defect's repro: one inf in v reaches each output component through exactly one term of
+    sum_j p_ij ((q^_i conj(k^_j)) v_j), so y is +-inf, never NaN (Triton gave all-NaN rows: its
+    regrouped trilinear sum added infinite terms of both signs)."""
+    need(backend)
+    q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
+    v[0, 0, 1, 0] = INF
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    y, y64, _ = _run(8, q, k, v, False, backend)
+    assert torch.isinf(y).all() and not torch.isnan(y).any(), f"{backend} y: {y}"
+    assert_same(f"{backend} y", y, y64)
+    torch.testing.assert_close(y, geokern.octonion_attention(q, k, v, causal=False, backend="torch"))
+
+
+# (B, H, Hkv, Tq, Tk, D, causal, the key j and component d of the inf): every row sees key j
+# (full), some rows are hidden from it (prefill, chunked decode: the documented rule, p = 0 times
+# inf is NaN, as the reference), one-token decode; grouped heads
+CASES = {
+    "full": (1, 2, 1, 7, 9, 16, False, 3, 5),
+    "prefill": (1, 2, 2, 9, 9, 16, True, 4, 11),
+    "chunked": (1, 2, 1, 5, 13, 16, True, 10, 2),
+    "decode": (2, 2, 1, 1, 9, 16, True, 8, 7),
+}
+
+
+@pytest.mark.parametrize("n", [8, 4])
+@pytest.mark.parametrize("sign", [1, -1], ids=["+inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("case", list(CASES))
+def test_inf_in_v_matches_reference(case, dtype, sign, n):
+    need("triton")
+    B, H, Hkv, Tq, Tk, D, causal, j, d = CASES[case]
+    q, k, v = _qkv(B, H, Hkv, Tq, Tk, D, dtype)
+    v[0, 0, j, d] = sign * INF
+    y, y64, same = _run(n, q, k, v, causal, "triton")
+    assert y.dtype == dtype
+    assert_same(f"triton n={n} {case} y", y, y64, same)
+    assert not torch.isfinite(y[0, :H // Hkv, :, d // n * n:d // n * n + n]).any(), "a row missed the inf"
+
+
+@pytest.mark.parametrize("n", [8, 4])
+def test_several_non_finite_in_one_block(n):
+    """In one key block: two infinities in one key's channel, opposite infinities in two keys of a
+    channel, like infinities in two keys, a NaN; grouped heads."""
+    need("triton")
+    q, k, v = _qkv(1, 2, 1, 11, 13, 32, torch.float32)
+    for j, d, x in ((2, 0, INF), (2, 5, -INF), (6, 9, INF), (7, 9, -INF), (10, 19, INF), (11, 19, INF),
+                    (4, 28, float("nan"))):
+        v[0, 0, j, d] = x
+    for causal in (False, True):
+        y, y64, same = _run(n, q, k, v, causal, "triton")
+        assert_same(f"triton n={n} causal={causal} y", y, y64, same)
+    assert torch.isnan(y[..., 28 // n * n:28 // n * n + n]).all(), "a NaN in v: its channel of every row"
+
+
+def test_octonion_inf_across_key_and_query_blocks():
+    """Keys in three interpreter key blocks, queries in two: infinities of both signs in different
+    blocks, the finite channels unchanged."""
+    need("triton")
+    q, k, v = _qkv(1, 1, 1, 20, 37, 24, torch.float32)
+    v[0, 0, 30, 3], v[0, 0, 5, 12], v[0, 0, 33, 12] = INF, -INF, -INF
+    for causal in (False, True):
+        y, y64, same = _run(8, q, k, v, causal, "triton")
+        assert_same(f"triton causal={causal} y", y, y64, same)
+    assert torch.isfinite(y[..., 16:]).all(), "a channel with no inf came out non-finite"
+
+
+def test_octonion_inf_in_hidden_key_within_its_block():
+    """The documented rule: the causal mask hides a key's score only, so an inf in the v of a key
+    hidden from row i (in the key blocks Triton visits for row i) is p = 0 times inf there: NaN in
+    its channel, as in the reference; the rows that see the key get +-inf."""
+    need("triton")
+    q, k, v = _qkv(1, 1, 1, 7, 7, 16, torch.float32)
+    v[0, 0, 5, 3] = INF
+    y, y64, same = _run(8, q, k, v, True, "triton")
+    assert_same("triton y", y, y64, same)
+    assert torch.isnan(y[0, 0, :5, :8]).all() and torch.isinf(y[0, 0, 5:, :8]).all()
+    assert torch.isfinite(y[..., 8:]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_octonion_inf_in_v_backward(causal):
+    """The backward with an inf in a visited v (both backends): dv is finite and exact (its formula
+    never reads v); dq and dk are non-finite exactly where the reference's autograd is."""
+    need("triton")
+    q, k, v = _qkv(1, 2, 1, 6, 6, 16, torch.float32)
+    v[0, 0, 4, 9] = INF
+    dy = torch.randn_like(q)
+    grads = {}
+    for backend, dt in (("triton", torch.float32), ("torch", torch.float64)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        OPS[8](*leaves, causal=causal, backend=backend).backward(dy.to(dt))
+        grads[backend] = [t.grad for t in leaves]
+    for name, got, want in zip(("dq", "dk", "dv"), grads["triton"], grads["torch"]):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), f"{name}: non-finite pattern"
+        fin = torch.isfinite(want)
+        if fin.any():
+            assert_close(f"triton {name} (finite entries)", got[fin], want[fin])
+    assert torch.isfinite(grads["triton"][2]).all(), "dv"
