@@ -357,3 +357,23 @@ def test_bench_many_case_checks_every_implementation(dt, peer):
         assert err <= case.tol, f"bench {name} {dt}: relative error {err:.2e} > {case.tol}"
         assert not torch.equal(fn(*inputs)[0], want[0].float()), f"bench {name}: the second call did not update"
     assert all(W.abs().sum() == 0 for W in inputs[0]), "an implementation updated the shared input Ws"
+
+
+def test_deterministic_mode_with_max_norm():
+    """The clip factor reads each layer's norm, summed with float64 atomics: under
+    torch.use_deterministic_algorithms(True) the Triton update with max_norm raises (names the op and
+    backend='torch'), warns with warn_only=True, and runs without max_norm; the torch backend runs."""
+    need("triton")
+    Ws, bs, acts = make(LAYERS[:2])
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match=r"contrastive_update_many_ with max_norm.*backend='torch'"):
+            geokern.contrastive_update_many_(Ws, bs, *acts, 0.1, 1.0, 1.0, backend="triton")
+        geokern.contrastive_update_many_(Ws, bs, *acts, 0.1, 1.0, backend="triton")
+        geokern.contrastive_update_many_(Ws, bs, *acts, 0.1, 1.0, 1.0, backend="torch")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="contrastive_update_many_ with max_norm"):
+            geokern.contrastive_update_many_(Ws, bs, *acts, 0.1, 1.0, 1.0, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)

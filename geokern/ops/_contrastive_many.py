@@ -38,6 +38,7 @@ from torch.autograd.graph import increment_version
 
 from geokern import _backend
 from geokern.kernels import contrastive as tk
+from geokern.ops._registry import alert_nondeterministic
 from geokern.ops.contrastive import _KERNEL_DTYPES, _check_params, _check_phase, _check_scalars, _resolve
 from geokern.reference import contrastive as ref
 
@@ -177,6 +178,8 @@ class ContrastiveGroup:
         activities multiply on TF32 tensor cores (None: when torch's float32 matmul precision is
         not "highest", as torch.matmul does); ignored for 16-bit activities."""
         _check_scalars(lr, beta, max_norm, centred, None, op=_OP)
+        if max_norm is not None:  # the clip factor reads a norm summed with float64 atomics
+            alert_nondeterministic(f"{_OP} with max_norm (backend='triton')", "backend='torch'")
         if tf32 is not None and not isinstance(tf32, bool):
             raise TypeError(f"{_OP}: tf32 must be None (follow torch's matmul precision) or a bool, got {tf32!r}")
         acts = (Xns, Yns, Xfs, Yfs)
