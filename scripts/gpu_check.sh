@@ -36,16 +36,19 @@ fi
 python3 -c "import geokern, json; print(geokern.__file__); print(json.dumps(geokern.info()))" | tee "$OUT/info.json"
 t0=$SECONDS
 if [[ "$STAGES" == *" suite "* ]]; then
-  JOBS=8 STEPS="tests" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
+  JOBS=${JOBS:-8} STEPS="tests" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
   tp=$!
   # the CUDA extension's tests first, then the Triton kernels' (if the call's time runs out, the
   # shard logs say how far each got)
-  # (MEMCHECK=triton: the Triton kernels' tests alone, when the CUDA sources are unchanged since a clean run)
+  # (MEMCHECK=triton: the Triton kernels' tests alone, when the CUDA sources are unchanged since a clean
+  # run; MEMCHECK=none: no memcheck, the suite alone; JOBS: the suite's processes, default 8)
   ( r=0
     if [[ " ${MEMCHECK:-cuda triton} " == *" cuda "* ]]; then
       JOBS=8 STEPS="sanitizer" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/sanitizer" cuda >/dev/null 2>&1 || r=1
     fi
-    JOBS=8 STEPS="sanitizer" BENCH=0 timeout $(( ${LIMIT:-480} - (SECONDS - t0) )) bash scripts/gpu.sh "$OUT/sanitizer_triton" triton >/dev/null 2>&1 || r=1
+    if [[ " ${MEMCHECK:-cuda triton} " == *" triton "* ]]; then
+      JOBS=8 STEPS="sanitizer" BENCH=0 timeout $(( ${LIMIT:-480} - (SECONDS - t0) )) bash scripts/gpu.sh "$OUT/sanitizer_triton" triton >/dev/null 2>&1 || r=1
+    fi
     exit $r ) &
   sp=$!
   wait $tp; trc=$?; wait $sp; src=$?
