@@ -121,8 +121,10 @@ def test_ultrametric_kernels_take_float64_scalars_without_float64_loops():
 
     ptrs = {"tdig_ptr": "*i64", "sdig_ptr": "*i64", "val_ptr": "*bf16", "slse_ptr": "*fp32", "keep_ptr": "*i8",
             "tab_ptr": "*fp32", "cnt_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
-    for kernel, cons in ((sc.ultrametric_scan_kernel, dict(FWD=True, SCALE_LSE=False, KEEP_SRC=True, C=64, BD=64)),
-                         (sc.ultrametric_read_kernel, dict(FWD=True, C=64, BD=64))):
+    cases = [(sc.ultrametric_scan_kernel, dict(FWD=True, SCALE_LSE=False, KEEP_SRC=True, EXCL=excl, C=64, BD=64))
+             for excl in (False, True)]  # EXCL: alpha <= 1 reads disjoint buckets
+    cases += [(sc.ultrametric_read_kernel, dict(FWD=True, EXCL=excl, C=64, BD=64)) for excl in (False, True)]
+    for kernel, cons in cases:
         for ft in ("fp32", "fp64"):
             sig = {n: ptrs.get(n, ft if n in ("log2a", "am1") else "i32")
                    for n in inspect.signature(kernel.fn).parameters if n not in cons}
