@@ -1,6 +1,7 @@
-"""Quaternion and octonion attention at the edges: inf and NaN in v, every backend against the
-float64 reference (geokern.reference.hypercomplex_attention), positions of +inf / -inf / NaN
-exactly, finite entries within the suite's tolerance.
+"""Quaternion and octonion attention at the edges: inf and NaN in v, and NaN / inf in causally
+hidden keys (and query rows), every backend against the float64 reference
+(geokern.reference.hypercomplex_attention), positions of +inf / -inf / NaN exactly, finite entries
+within the suite's tolerance.
 
 The Triton interpreter's tiles are 16 x 16 (kernels.hypercomplex_attention._blocks): the shapes
 here put keys in one key block and in several."""
@@ -56,8 +57,8 @@ def test_octonion_inf_in_v_is_signed_inf(backend):
 
 
 # (B, H, Hkv, Tq, Tk, D, causal, the key j and component d of the inf): every row sees key j
-# (full), some rows are hidden from it (prefill, chunked decode: the documented rule, p = 0 times
-# inf is NaN, as the reference), one-token decode; grouped heads
+# (full), some rows are hidden from it (prefill, chunked decode: those rows stay finite), one-token
+# decode; grouped heads
 CASES = {
     "full": (1, 2, 1, 7, 9, 16, False, 3, 5),
     "prefill": (1, 2, 2, 9, 9, 16, True, 4, 11),
@@ -78,7 +79,10 @@ def test_inf_in_v_matches_reference(case, dtype, sign, n):
     y, y64, same = _run(n, q, k, v, causal, "triton")
     assert y.dtype == dtype
     assert_same(f"triton n={n} {case} y", y, y64, same)
-    assert not torch.isfinite(y[0, :H // Hkv, :, d // n * n:d // n * n + n]).any(), "a row missed the inf"
+    first = max(0, j - (Tk - Tq)) if causal and Tq > 1 else 0  # the first row that sees key j
+    c = d // n * n
+    assert not torch.isfinite(y[0, :H // Hkv, first:, c:c + n]).any(), "a row missed the inf"
+    assert torch.isfinite(y[:, :, :first]).all(), "a row the key is hidden from"
 
 
 @pytest.mark.parametrize("n", [8, 4])
@@ -93,7 +97,8 @@ def test_several_non_finite_in_one_block(n):
     for causal in (False, True):
         y, y64, same = _run(n, q, k, v, causal, "triton")
         assert_same(f"triton n={n} causal={causal} y", y, y64, same)
-    assert torch.isnan(y[..., 28 // n * n:28 // n * n + n]).all(), "a NaN in v: its channel of every row"
+        first = 4 - 2 if causal else 0  # the first row that sees key 4 (off = Tk - Tq = 2)
+        assert torch.isnan(y[..., first:, 28 // n * n:28 // n * n + n]).all(), "a NaN in v: its channel of every row"
 
 
 def test_octonion_inf_across_key_and_query_blocks():
@@ -109,16 +114,109 @@ def test_octonion_inf_across_key_and_query_blocks():
 
 
 def test_octonion_inf_in_hidden_key_within_its_block():
-    """The documented rule: the causal mask hides a key's score only, so an inf in the v of a key
-    hidden from row i (in the key blocks Triton visits for row i) is p = 0 times inf there: NaN in
-    its channel, as in the reference; the rows that see the key get +-inf."""
+    """A causally hidden key contributes nothing: an inf in the v of a key hidden from rows 0-4 (in
+    the key block Triton visits for them) leaves those rows finite and exact; rows 5-6 see it: +-inf."""
     need("triton")
     q, k, v = _qkv(1, 1, 1, 7, 7, 16, torch.float32)
     v[0, 0, 5, 3] = INF
     y, y64, same = _run(8, q, k, v, True, "triton")
     assert_same("triton y", y, y64, same)
-    assert torch.isnan(y[0, 0, :5, :8]).all() and torch.isinf(y[0, 0, 5:, :8]).all()
+    assert torch.isfinite(y[0, 0, :5]).all() and torch.isinf(y[0, 0, 5:, :8]).all()
     assert torch.isfinite(y[..., 8:]).all()
+
+
+# Garbage in causally hidden keys: (B, H, Hkv, Tq, Tk, D, the keys given NaN / +inf / -inf in turn).
+# Each key is hidden from the rows before j - (Tk - Tq); those rows must equal the clean problem's.
+# Tq = Tk = 20: key 9 in query block 0's diagonal key block, key 18 past query block 0 (the
+# reference made rows 0-17 NaN, Triton only 16-17); chunked decode with an offset that is no
+# multiple of the tile; 33 rows: three query blocks.
+HIDDEN = {
+    "square20": (1, 2, 1, 20, 20, 16, (9, 18)),
+    "chunked": (1, 2, 2, 20, 27, 24, (12, 22, 25)),
+    "square33": (1, 1, 1, 33, 33, 8, (15, 16, 31)),
+}
+GARBAGE = (float("nan"), INF, -INF)
+
+
+def _hidden_problem(case, dtype, what):
+    """(q, k, v) with garbage at HIDDEN[case]'s keys (what = "k" / "v") or at the query rows
+    min(keys) - off.. (what = "q"), the same with the garbage replaced by 0, and the clean rows:
+    for k / v the rows before the first garbage key's first row, for q the keys after the last
+    garbage row's last key."""
+    B, H, Hkv, Tq, Tk, D, keys = HIDDEN[case]
+    q, k, v = _qkv(B, H, Hkv, Tq, Tk, D, dtype)
+    bad = [t.clone() for t in (q, k, v)]
+    clean = [t.clone() for t in (q, k, v)]
+    off = Tk - Tq
+    pos = keys if what != "q" else tuple(j - off for j in keys[:1])
+    t, c = {"q": (bad[0], clean[0]), "k": (bad[1], clean[1]), "v": (bad[2], clean[2])}[what]
+    for m, j in enumerate(pos):
+        t[:, :, j, (5 * j + 3) % D] = GARBAGE[m % 3]
+        c[:, :, j, (5 * j + 3) % D] = 0
+    hidden = min(pos) - off if what != "q" else max(pos) + off + 1
+    return bad, clean, hidden
+
+
+@pytest.mark.parametrize("n", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("what", ["v", "k"])
+@pytest.mark.parametrize("case", list(HIDDEN))
+def test_hidden_key_garbage_forward(case, what, dtype, n):
+    """NaN / +inf / -inf in the k or v of causally hidden keys: the rows they are hidden from equal
+    the clean problem (garbage replaced by 0; bitwise in the reference), whatever the tile size;
+    the rows that see them match the float64 reference's +inf / -inf / NaN exactly."""
+    need("triton")
+    (q, k, v), clean, first = _hidden_problem(case, dtype, what)
+    y, y64, same = _run(n, q, k, v, True, "triton")
+    assert_same(f"triton n={n} y", y, y64, same)
+    yc64 = REFS[n](*(t.double() for t in clean), True)
+    assert torch.equal(y64[:, :, :first], yc64[:, :, :first]), "reference: a hidden key reached a row"
+    assert torch.isfinite(y[:, :, :first]).all(), f"triton: hidden garbage reached rows {first} rows"
+    assert_close(f"triton n={n} rows hidden from the garbage", y[:, :, :first], yc64[:, :, :first],
+                 REFS[n](*clean, True)[:, :, :first])
+    assert not torch.isfinite(y[:, :, first]).all(), "the first row that sees a garbage key"
+
+
+def _grads(n, args, dy, backend, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in args]
+    OPS[n](*leaves, causal=True, backend=backend).backward(dy.to(dtype))
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("n", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("what", ["v", "k", "q"])
+@pytest.mark.parametrize("case", ["square20", "chunked"])
+def test_hidden_garbage_backward(case, what, dtype, n):
+    """The backward: garbage in hidden keys' k / v leaves dq of the rows they are hidden from equal
+    to the clean problem's; garbage in a query row's q leaves dk, dv of the keys hidden from it
+    equal to the clean problem's. Everything else: non-finite exactly where the float64
+    reference's autograd is, the finite entries within tolerance."""
+    need("triton")
+    bad, clean, cut = _hidden_problem(case, dtype, what)
+    dy = torch.randn_like(bad[0])
+    got = _grads(n, bad, dy, "triton", dtype)
+    want = _grads(n, bad, dy, "torch", torch.float64)
+    same = _grads(n, bad, dy, "torch", dtype)
+    for name, g, w, sm in zip(("dq", "dk", "dv"), got, want, same):
+        assert torch.equal(torch.isfinite(g), torch.isfinite(w)), \
+            f"{name}: non-finite at {(~torch.isfinite(g) & torch.isfinite(w)).nonzero().tolist()[:8]}, " \
+            f"finite at {(torch.isfinite(g) & ~torch.isfinite(w)).nonzero().tolist()[:8]}"
+        fin = torch.isfinite(w)
+        if fin.any():
+            sm = sm[fin] if torch.isfinite(sm[fin]).all() else None  # the same-dtype torch bound, where it has one
+            assert_close(f"triton {name} (finite entries)", g[fin], w[fin], sm)
+    cwant = _grads(n, clean, dy, "torch", torch.float64)
+    csame = _grads(n, clean, dy, "torch", dtype)
+    if what == "q":  # the keys hidden from every garbage row
+        for name, i in (("dk", 1), ("dv", 2)):
+            assert torch.equal(want[i][:, :, cut:], cwant[i][:, :, cut:]), f"reference {name}"
+            assert_close(f"triton {name} of keys hidden from the garbage", got[i][:, :, cut:], cwant[i][:, :, cut:],
+                         csame[i][:, :, cut:])
+    else:  # the rows every garbage key is hidden from
+        assert torch.equal(want[0][:, :, :cut], cwant[0][:, :, :cut]), "reference dq"
+        assert_close("triton dq of rows hidden from the garbage", got[0][:, :, :cut], cwant[0][:, :, :cut],
+                     csame[0][:, :, :cut])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -8,9 +8,12 @@ The Triton kernels (geokern.kernels.hypercomplex_attention) fuse everything afte
 normalisation: scores, causal mask, online softmax, the values built on chip (conj(k^) v, or
 for octonions the 8 x 8 outer product per channel, whose softmax average is contracted with q^
 by the structure constants in the epilogue: the trilinear form of ((q^ conj(k^)) v)), and the
-backward recomputed from the log-sum-exp; an octonion query block whose average comes out
-non-finite (an inf in v) is recomputed with the definition's parenthesisation for the non-finite
-terms (octonion_attention says what that gives). The normalisation q^ = q / |q| per channel runs in
+backward recomputed from the log-sum-exp; a query block whose average comes out non-finite (an
+inf in a visible v, or a causally hidden key's NaN / inf that the GEMM met with p = 0) is recomputed
+with each non-finite key's terms formed key by key for the rows that see it (octonions: with the
+definition's parenthesisation; octonion_attention says what that gives), and the backward kernels
+do the same for a block whose gradients come out non-finite. A causally hidden key contributes
+nothing, whatever its k and v (quaternion_attention says so). The normalisation q^ = q / |q| per channel runs in
 PyTorch before the kernel (elementwise, with the reference's code), so its gradient is
 autograd's; the kernel takes (q, k, v, q^, k^) and returns the gradients of all five.
 
@@ -182,7 +185,16 @@ def quaternion_attention(q, k, v, *, causal: bool = True, scale: float | None = 
     of consecutive components; Hkv divides H; any strides. Returns y (B, H, Tq, D), differentiable
     in q, k, v. D = 0 gives an empty y (the default scale is then 1). An infinite entry of a visible
     v makes A_i infinite in its channel's components, and y_i = q^_i A_i meets inf - inf: NaN there
-    (+-inf where only one term is infinite), in both backends."""
+    (+-inf where only one term is infinite), in both backends.
+
+    Masking: a key that the causal mask hides from row i contributes nothing to y_i, whatever its k
+    and v (NaN and inf included), and nothing to the gradients through row i: both backends, any
+    tile size (the reference selects hidden (query, key) pairs away; the Triton kernels recompute a
+    block whose result is non-finite with the non-finite keys taken one by one for the rows that see
+    them). Likewise a NaN or inf in q_i or in the upstream gradient of row i never reaches dk, dv of
+    the keys hidden from row i. Every key is seen by the last query (causal needs Tk >= Tq), so a
+    key's own gradient is the sum over the rows that see it: with garbage in the key it is
+    non-finite exactly where the reference's autograd is."""
     return _attention(4, q, k, v, causal, scale, normalize, backend)
 
 
@@ -198,9 +210,9 @@ def octonion_attention(q, k, v, *, causal: bool = True, scale: float | None = No
     fast path contracts the averaged 8 x 8 outer products with q^ (the trilinear form), which would
     add infinite terms of both signs; a query block whose average comes out non-finite is computed
     again with those terms formed key by key (a NaN in v gives NaN in its channel, both backends).
-    The causal mask hides a key's score only: a NaN or inf in a hidden key's v is p = 0 times it,
-    NaN in its channel, as in the reference; Triton reads the hidden keys of the key blocks a query
-    block visits only (a hidden key past the block's last query changes nothing there). The backward
-    with an inf in a visible v: dv is finite and exact (its formula never reads v); dq and dk are NaN
-    where the reference's autograd gives NaN (the rows that see the key, and the keys they see)."""
+    Masking as quaternion_attention: a causally hidden key contributes nothing, whatever its k and v
+    (NaN and inf included), to y and to the gradients through the rows it is hidden from, in both
+    backends. The backward with an inf in a visible v: dv is finite and exact (its formula never
+    reads v); dq and dk are NaN where the reference's autograd gives NaN (the rows that see the key,
+    and the keys they see)."""
     return _attention(8, q, k, v, causal, scale, normalize, backend)

@@ -9,6 +9,13 @@ flash-attention does, in two kernels without atomics:
   group: dvalues += P^T dO', dk += dS^T q; epilogue d k^, dv = common.dkv_tiles.
 delta_i = sum_j P_ij dP_ij = <dO'_i, avg_i> = <dy_i, y_i> (the epilogue is linear in the
 average), computed by the launcher from dy and y.
+
+Causal masking and non-finite inputs: a hidden (query, key) pair has P = dS = 0, but the GEMMs
+still multiply them by the key's k and values (dq kernel) or the row's q and dO' (dkdv kernel), so
+a NaN or inf there would reach rows (keys) it is hidden from. A causal program whose result comes
+out non-finite (one reduction after its loop) recomputes its block noinline (nonfinite_dq,
+nonfinite_dkdv): the non-finite keys (query rows) are left out of the GEMMs and their terms added
+one by one for the pairs that are visible. The loops are unchanged.
 """
 
 import triton
@@ -36,45 +43,39 @@ def hypercomplex_attention_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    h = bh % H
-    hk = h // G
+    hk = bh % H // G
     DT = q_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mvalid = offs_m < Tq
-    dvalid = offs_d < D
-    row = bh.to(tl.int64) * Tq + offs_m
-    io = row[:, None] * D + offs_d[None, :]
-    iomask = mvalid[:, None] & dvalid[None, :]
-    q = load_rows(q_ptr, b, h, offs_m, offs_d, sq0, sq1, sq2, sq3, mvalid, dvalid)
-    qn = load_rows(qn_ptr, b, h, offs_m, offs_d, sa0, sa1, sa2, sa3, mvalid, dvalid).to(tl.float32)
-    dy = tl.load(dy_ptr + io, mask=iomask, other=0.0).to(tl.float32)
-    lse2 = tl.load(lse_ptr + row, mask=mvalid, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + row, mask=mvalid, other=0.0)
-    do = dvalue_tile(qn, dy, et_ptr, N, BLOCK_M, BLOCK_D).to(DT)
+    offs_m, offs_d, mvalid, dvalid, io, iomask, q, qn, dy, lse2, delta, do = _dq_rows(
+        q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3, sa0, sa1, sa2, sa3, pid_m, bh, H, Tq, D,
+        N, BLOCK_M, BLOCK_D)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, VW), dtype=tl.float32)
     hi = Tk
     if CAUSAL:
         hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + off)
     for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        nvalid = offs_n < Tk
-        k = load_rows(k_ptr, b, hk, offs_n, offs_d, sk0, sk1, sk2, sk3, nvalid, dvalid)
-        keep = nvalid[None, :] & mvalid[:, None]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + off)
-        p = tl.where(keep, tl.exp2(mm(q, tl.trans(k), PREC) * qk_scale - lse2[:, None]), 0.0)
-        kn = load_rows(kn_ptr, b, hk, offs_n, offs_d, sb0, sb1, sb2, sb3, nvalid, dvalid).to(tl.float32)
-        v = load_rows(v_ptr, b, hk, offs_n, offs_d, sv0, sv1, sv2, sv3, nvalid, dvalid).to(tl.float32)
+        offs_n, keep, k, p, kn, v = _dq_keys(k_ptr, kn_ptr, v_ptr, sk0, sk1, sk2, sk3, sb0, sb1, sb2, sb3,
+                                             sv0, sv1, sv2, sv3, q, lse2, b, hk, start, offs_m, offs_d, mvalid,
+                                             dvalid, Tk, off, qk_scale, CAUSAL, PREC, BLOCK_N)
         val = value_tile(kn, v, N, BLOCK_N, BLOCK_D).to(DT)
         dp = mm(do, tl.trans(val), PREC)
         ds = p * (dp - delta[:, None])
         dq = mm_acc(ds.to(DT), k, dq, PREC)
         acc = mm_acc(p.to(DT), val, acc, PREC)
-    dqn = dquery_tile(dy, acc, e_ptr, N, BLOCK_M, BLOCK_D)
-    tl.store(dq_ptr + io, narrow(dq * scale, dq_ptr.dtype.element_ty), mask=iomask)
-    tl.store(dqn_ptr + io, narrow(dqn, dqn_ptr.dtype.element_ty), mask=iomask)
+    bad = 0
+    if CAUSAL:  # one reduction per program (nonfinite_dq says why)
+        bad = (tl.max(tl.where(mvalid[:, None] & ~_finite(dq), 1, 0))
+               + tl.max(tl.where(mvalid[:, None] & ~_finite(acc), 1, 0)))
+    if bad > 0:
+        nonfinite_dq(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, e_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, dqn_ptr,
+                     sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+                     sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3,
+                     pid_m, bh, H, G, Tq, Tk, D, off, qk_scale, scale,
+                     CAUSAL, N, PREC, BLOCK_M, BLOCK_N, BLOCK_D, VW)
+    else:
+        dqn = dquery_tile(dy, acc, e_ptr, N, BLOCK_M, BLOCK_D)
+        tl.store(dq_ptr + io, narrow(dq * scale, dq_ptr.dtype.element_ty), mask=iomask)
+        tl.store(dqn_ptr + io, narrow(dqn, dqn_ptr.dtype.element_ty), mask=iomask)
 
 
 @triton.jit
@@ -128,9 +129,194 @@ def hypercomplex_attention_bwd_dkdv_kernel(
             dpt = mm(val, tl.trans(do), PREC)
             dst = pt * (dpt - delta[None, :])
             dk = mm_acc(dst.to(DT), q, dk, PREC)
+    bad = 0
+    if CAUSAL:  # one reduction per program (nonfinite_dkdv says why)
+        bad = (tl.max(tl.where(nvalid[:, None] & ~_finite(dk), 1, 0))
+               + tl.max(tl.where(nvalid[:, None] & ~_finite(dval), 1, 0)))
+    if bad > 0:
+        nonfinite_dkdv(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dkn_ptr,
+                       dv_ptr, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+                       sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3,
+                       pid_n, bhk, H, G, Tq, Tk, D, off, qk_scale, scale,
+                       CAUSAL, N, PREC, BLOCK_M, BLOCK_N, BLOCK_D, VW)
+    else:
+        _store_dkdv(dk, dval, kn, v, dk_ptr, dkn_ptr, dv_ptr, bhk, offs_n, offs_d, nvalid, dvalid, Tk, D, scale,
+                    N, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _dq_rows(q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3, sa0, sa1, sa2, sa3, pid_m, bh, H,
+             Tq, D, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A dq program's query rows: offsets, masks, q, q^, dy, lse (log2 units), delta and dO'."""
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mvalid = offs_m < Tq
+    dvalid = offs_d < D
+    row = bh.to(tl.int64) * Tq + offs_m
+    io = row[:, None] * D + offs_d[None, :]
+    iomask = mvalid[:, None] & dvalid[None, :]
+    q = load_rows(q_ptr, b, h, offs_m, offs_d, sq0, sq1, sq2, sq3, mvalid, dvalid)
+    qn = load_rows(qn_ptr, b, h, offs_m, offs_d, sa0, sa1, sa2, sa3, mvalid, dvalid).to(tl.float32)
+    dy = tl.load(dy_ptr + io, mask=iomask, other=0.0).to(tl.float32)
+    lse2 = tl.load(lse_ptr + row, mask=mvalid, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + row, mask=mvalid, other=0.0)
+    do = dvalue_tile(qn, dy, et_ptr, N, BLOCK_M, BLOCK_D).to(q_ptr.dtype.element_ty)
+    return offs_m, offs_d, mvalid, dvalid, io, iomask, q, qn, dy, lse2, delta, do
+
+
+@triton.jit
+def _dq_keys(k_ptr, kn_ptr, v_ptr, sk0, sk1, sk2, sk3, sb0, sb1, sb2, sb3, sv0, sv1, sv2, sv3, q, lse2, b, hk, start,
+             offs_m, offs_d, mvalid, dvalid, Tk, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """The key block at start of a dq program: offsets, the visible pairs, k, P (0 where hidden),
+    k^ and v (float32)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    nvalid = offs_n < Tk
+    k = load_rows(k_ptr, b, hk, offs_n, offs_d, sk0, sk1, sk2, sk3, nvalid, dvalid)
+    keep = nvalid[None, :] & mvalid[:, None]
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + off)
+    p = tl.where(keep, tl.exp2(mm(q, tl.trans(k), PREC) * qk_scale - lse2[:, None]), 0.0)
+    kn = load_rows(kn_ptr, b, hk, offs_n, offs_d, sb0, sb1, sb2, sb3, nvalid, dvalid).to(tl.float32)
+    v = load_rows(v_ptr, b, hk, offs_n, offs_d, sv0, sv1, sv2, sv3, nvalid, dvalid).to(tl.float32)
+    return offs_n, keep, k, p, kn, v
+
+
+@triton.jit
+def _finite(x):
+    x = x.to(tl.float32)  # the interpreter compares 16-bit floats by their bits (NaN == NaN there)
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
+def _store_dkdv(dk, dval, kn, v, dk_ptr, dkn_ptr, dv_ptr, bhk, offs_n, offs_d, nvalid, dvalid, Tk, D, scale,
+                N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     dkn, dv = dkv_tiles(dval, kn, v, N, BLOCK_N, BLOCK_D)
     io = (bhk.to(tl.int64) * Tk + offs_n)[:, None] * D + offs_d[None, :]
     iomask = nvalid[:, None] & dvalid[None, :]
     tl.store(dk_ptr + io, narrow(dk * scale, dk_ptr.dtype.element_ty), mask=iomask)
     tl.store(dkn_ptr + io, narrow(dkn, dkn_ptr.dtype.element_ty), mask=iomask)
     tl.store(dv_ptr + io, narrow(dv, dv_ptr.dtype.element_ty), mask=iomask)
+
+
+@triton.jit(noinline=True)
+def nonfinite_dq(
+    q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, e_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, dqn_ptr,
+    sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+    sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3,
+    pid_m, bh, H, G, Tq, Tk, D, off, qk_scale, scale,
+    CAUSAL: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VW: tl.constexpr,
+):
+    # The dq kernel's query block again when its dq or average came out non-finite (causal only):
+    # a key whose k or value (in the tensor cores' dtype) holds NaN or inf is left out of the GEMMs
+    # and its terms ds_ij k_j, p_ij value_j are added key by key for the rows that see it only, so a
+    # hidden key's NaN or inf never meets p = 0 or ds = 0 (which the GEMMs would make NaN); dS is
+    # selected to 0 where a key is hidden. Visible keys: as the fast path. Writes dq and d q^.
+    b = bh // H
+    hk = bh % H // G
+    DT = q_ptr.dtype.element_ty
+    offs_m, offs_d, mvalid, dvalid, io, iomask, q, qn, dy, lse2, delta, do = _dq_rows(
+        q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3, sa0, sa1, sa2, sa3, pid_m, bh, H, Tq, D,
+        N, BLOCK_M, BLOCK_D)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, VW), dtype=tl.float32)
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + off)
+    for start in range(0, hi, BLOCK_N):
+        offs_n, keep, k, p, kn, v = _dq_keys(k_ptr, kn_ptr, v_ptr, sk0, sk1, sk2, sk3, sb0, sb1, sb2, sb3,
+                                             sv0, sv1, sv2, sv3, q, lse2, b, hk, start, offs_m, offs_d, mvalid,
+                                             dvalid, Tk, off, qk_scale, CAUSAL, PREC, BLOCK_N)
+        valf = value_tile(kn, v, N, BLOCK_N, BLOCK_D)
+        val = valf.to(DT)
+        badk = (tl.max(tl.where(_finite(val), 0, 1), axis=1) + tl.max(tl.where(_finite(k), 0, 1), axis=1)) > 0
+        dp = mm(do, tl.trans(val), PREC)
+        ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)
+        dq = mm_acc(ds.to(DT), tl.where(badk[:, None], 0.0, k).to(DT), dq, PREC)
+        acc = mm_acc(p.to(DT), tl.where(badk[:, None], 0.0, val).to(DT), acc, PREC)
+        if tl.max(tl.where(badk, 1, 0)) > 0:
+            kf = k.to(tl.float32)
+            for jj in range(0, BLOCK_N):
+                sel = offs_n == start + jj
+                use = tl.max(tl.where(sel[None, :] & badk[None, :] & keep, 1, 0), axis=1) > 0  # [BLOCK_M]
+                dsj = tl.sum(tl.where(sel[None, :], ds, 0.0), axis=1)
+                pj = tl.sum(tl.where(sel[None, :], p, 0.0), axis=1)
+                kj = tl.sum(tl.where(sel[:, None], kf, 0.0), axis=0)
+                vj = tl.sum(tl.where(sel[:, None], valf, 0.0), axis=0)
+                dq += tl.where(use[:, None], dsj[:, None] * kj[None, :], 0.0)
+                acc += tl.where(use[:, None], pj[:, None] * vj[None, :], 0.0)
+    dqn = dquery_tile(dy, acc, e_ptr, N, BLOCK_M, BLOCK_D)
+    tl.store(dq_ptr + io, narrow(dq * scale, dq_ptr.dtype.element_ty), mask=iomask)
+    tl.store(dqn_ptr + io, narrow(dqn, dqn_ptr.dtype.element_ty), mask=iomask)
+
+
+@triton.jit(noinline=True)
+def nonfinite_dkdv(
+    q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dkn_ptr, dv_ptr,
+    sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+    sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3,
+    pid_n, bhk, H, G, Tq, Tk, D, off, qk_scale, scale,
+    CAUSAL: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VW: tl.constexpr,
+):
+    # The dkdv kernel's key block again when its dk or values' gradient came out non-finite (causal
+    # only), the mirror of nonfinite_dq: a query row whose q or averaged values' gradient dO' holds
+    # NaN or inf is left out of the GEMMs and its terms dS_ji q_i, P_ji dO'_i are added row by row for
+    # the keys it sees only; dS and P are selected to 0 where a key is hidden (a row's NaN lse or
+    # delta never meets them). Writes dk, d k^, dv.
+    Hk = H // G
+    b = bhk // Hk
+    hk = bhk % Hk
+    DT = q_ptr.dtype.element_ty
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nvalid = offs_n < Tk
+    dvalid = offs_d < D
+    k = load_rows(k_ptr, b, hk, offs_n, offs_d, sk0, sk1, sk2, sk3, nvalid, dvalid)
+    kn = load_rows(kn_ptr, b, hk, offs_n, offs_d, sb0, sb1, sb2, sb3, nvalid, dvalid).to(tl.float32)
+    v = load_rows(v_ptr, b, hk, offs_n, offs_d, sv0, sv1, sv2, sv3, nvalid, dvalid).to(tl.float32)
+    val = value_tile(kn, v, N, BLOCK_N, BLOCK_D).to(DT)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dval = tl.zeros((BLOCK_N, VW), dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(pid_n * BLOCK_N - off, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        for start in range(lo, Tq, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            mvalid = offs_m < Tq
+            row = (b * H + h).to(tl.int64) * Tq + offs_m
+            q = load_rows(q_ptr, b, h, offs_m, offs_d, sq0, sq1, sq2, sq3, mvalid, dvalid)
+            qn = load_rows(qn_ptr, b, h, offs_m, offs_d, sa0, sa1, sa2, sa3, mvalid, dvalid).to(tl.float32)
+            dy = tl.load(dy_ptr + row[:, None] * D + offs_d[None, :], mask=mvalid[:, None] & dvalid[None, :],
+                         other=0.0).to(tl.float32)
+            lse2 = tl.load(lse_ptr + row, mask=mvalid, other=0.0) * LOG2E
+            delta = tl.load(delta_ptr + row, mask=mvalid, other=0.0)
+            dof = dvalue_tile(qn, dy, et_ptr, N, BLOCK_M, BLOCK_D)
+            do = dof.to(DT)
+            keep = nvalid[:, None] & mvalid[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + off)
+            pt = tl.where(keep, tl.exp2(mm(k, tl.trans(q), PREC) * qk_scale - lse2[None, :]), 0.0)
+            badq = (tl.max(tl.where(_finite(do), 0, 1), axis=1) + tl.max(tl.where(_finite(q), 0, 1), axis=1)) > 0
+            dval = mm_acc(pt.to(DT), tl.where(badq[:, None], 0.0, do).to(DT), dval, PREC)
+            dpt = mm(val, tl.trans(do), PREC)
+            dst = tl.where(keep, pt * (dpt - delta[None, :]), 0.0)
+            dk = mm_acc(dst.to(DT), tl.where(badq[:, None], 0.0, q).to(DT), dk, PREC)
+            if tl.max(tl.where(badq, 1, 0)) > 0:
+                qf = q.to(tl.float32)
+                for ii in range(0, BLOCK_M):
+                    sel = offs_m == start + ii
+                    use = tl.max(tl.where(sel[None, :] & badq[None, :] & keep, 1, 0), axis=1) > 0  # [BLOCK_N]
+                    pti = tl.sum(tl.where(sel[None, :], pt, 0.0), axis=1)
+                    dsti = tl.sum(tl.where(sel[None, :], dst, 0.0), axis=1)
+                    doi = tl.sum(tl.where(sel[:, None], dof, 0.0), axis=0)
+                    qi = tl.sum(tl.where(sel[:, None], qf, 0.0), axis=0)
+                    dval += tl.where(use[:, None], pti[:, None] * doi[None, :], 0.0)
+                    dk += tl.where(use[:, None], dsti[:, None] * qi[None, :], 0.0)
+    _store_dkdv(dk, dval, kn, v, dk_ptr, dkn_ptr, dv_ptr, bhk, offs_n, offs_d, nvalid, dvalid, Tk, D, scale,
+                N, BLOCK_N, BLOCK_D)

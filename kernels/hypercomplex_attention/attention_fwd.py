@@ -5,14 +5,16 @@ on chip from k^ and v (common.value_tile: conj(k^) v, or the 8 x 8 outer product
 for octonions, never stored), and acc += P @ values on the tensor cores. Epilogue: the
 normalised average contracted with q^ (common.output_tile). Writes y and the natural-log lse.
 
-Non-finite values (octonions): one inf in v puts eight infinite entries into a channel's
-averaged outer product, and the epilogue's GEMM and trilinear regrouping meet 0 * inf and
-inf - inf (NaN) where the definition reads one infinite term per output component. A query block
-whose average is non-finite anywhere (one reduction, after the key loop) is computed again by
-octonion_nonfinite_fwd: the finite part of v as above, the non-finite terms
-p_ij ((q^_i conj(k^_j)) v_j) key by key. That function is noinline so that its registers leave the
-key loop's allocation alone: sm_90 SASS of the loop, bf16, D = 16: 928 -> 934 instructions, no
-spills before or after; D = 64 causal: 1428 -> 1457, local loads 39 -> 22 (not yet timed on a GPU).
+Non-finite values. Octonions: one inf in v puts eight infinite entries into a channel's averaged
+outer product, and the epilogue's GEMM and trilinear regrouping meet 0 * inf and inf - inf (NaN)
+where the definition reads one infinite term per output component. Both algebras, causal: a key
+hidden from some rows of a diagonal key block still enters the GEMM with p = 0, so its NaN or inf
+(in v, or in k through k^) would make those rows NaN, although a hidden key contributes nothing.
+Either way the block's average comes out non-finite, so a query block whose average is non-finite
+anywhere (one reduction, after the key loop) is computed again by nonfinite_fwd: keys whose values
+are finite through the GEMM as above, each other key's terms formed key by key for the rows that
+see it only. That function is noinline so that its registers leave the key loop's allocation
+alone; the key loop itself is the same as without it.
 """
 
 import triton
@@ -73,12 +75,10 @@ def hypercomplex_attention_fwd_kernel(
     row = bh.to(tl.int64) * Tq + offs_m
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(lse_ptr + row, lse, mask=mvalid)
-    bad = 0
-    if N == 8:  # one reduction per program, on registers (octonion_nonfinite_fwd says why)
-        bad = tl.max(tl.where(mvalid[:, None] & ~_finite(acc), 1, 0))
+    bad = tl.max(tl.where(mvalid[:, None] & ~_finite(acc), 1, 0))  # one reduction (nonfinite_fwd says why)
     if bad > 0:
         tl.debug_barrier()  # the lse stored above is read back by other threads
-        octonion_nonfinite_fwd(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, e_ptr, y_ptr, lse_ptr,
+        nonfinite_fwd(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, e_ptr, y_ptr, lse_ptr,
                                sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
                                sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3,
                                pid_m, bh, H, G, Tq, Tk, D, off, qk_scale,
@@ -113,11 +113,12 @@ def _scores(q, k_ptr, b, hk, offs_m, offs_n, offs_d, nvalid, dvalid, sk0, sk1, s
 
 @triton.jit
 def _finite(x):
+    x = x.to(tl.float32)  # the interpreter compares 16-bit floats by their bits (NaN == NaN there)
     return (x == x) & (tl.abs(x) != float("inf"))
 
 
 @triton.jit(noinline=True)
-def octonion_nonfinite_fwd(
+def nonfinite_fwd(
     q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, e_ptr, y_ptr, lse_ptr,
     sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
     sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3,
@@ -125,12 +126,15 @@ def octonion_nonfinite_fwd(
     CAUSAL: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VW: tl.constexpr,
 ):
-    # The octonion forward's query block pid_m of (batch, head) bh again, when its fast result is
-    # non-finite somewhere; writes y. P from the stored lse (as the backward). The finite part of v
-    # (non-finite entries zeroed) goes through the fast path's averaged outer products; every key
-    # whose v holds inf or NaN adds its non-finite terms p_ij ((q^_i conj(k^_j)) v_j), formed key
-    # by key with the definition's parenthesisation and summed in IEEE arithmetic (+inf + -inf and
-    # 0 * inf are NaN, as in the reference). The same keys as the main loop.
+    # The forward's query block pid_m of (batch, head) bh again, when its fast result is non-finite
+    # somewhere; writes y. P from the stored lse (as the backward), exactly 0 where a key is hidden.
+    # Keys whose value (conj(k^) v, or the outer products; in the dtype the tensor cores take) is
+    # all finite go through the fast path's GEMM; each other key's terms are formed key by key, for
+    # the rows that see it only (a hidden key's NaN or inf is never multiplied by p = 0):
+    # quaternions p_ij T_j added to the average before the epilogue q^_i A_i, octonions
+    # p_ij ((q^_i conj(k^_j)) v_j) with the definition's parenthesisation added to y; IEEE sums, so
+    # +inf + -inf and a visible p = 0 times inf are NaN, as in the reference. The same keys as the
+    # main loop.
     b = bh // H
     h = bh % H
     hk = h // G
@@ -148,27 +152,49 @@ def octonion_nonfinite_fwd(
     qn8 = tl.reshape(qn, (R, N))
     conj = tl.where(offs_d % N == 0, 1.0, -1.0)
     acc = tl.zeros((BLOCK_M, VW), dtype=tl.float32)
-    extra = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # the non-finite terms' sum: 0, +-inf or NaN
+    # the key-by-key terms' sum: quaternions in the average's space, octonions in y's
+    extra = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    pinf = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows with a +inf visible score
+    nan = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows with a NaN visible score
     for start in range(0, _last_key(pid_m, Tk, off, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nvalid = offs_n < Tk
+        keep = nvalid[None, :] & mvalid[:, None]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + off)
         s = _scores(q, k_ptr, b, hk, offs_m, offs_n, offs_d, nvalid, dvalid, sk0, sk1, sk2, sk3, off, qk_scale,
                     CAUSAL, PREC)
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        pinf = tl.maximum(pinf, tl.max(tl.where(s == float("inf"), 1, 0), axis=1))
+        nan = tl.maximum(nan, tl.max(tl.where(s != s, 1, 0), axis=1))
         kn = load_rows(kn_ptr, b, hk, offs_n, offs_d, sb0, sb1, sb2, sb3, nvalid, dvalid).to(tl.float32)
         v = load_rows(v_ptr, b, hk, offs_n, offs_d, sv0, sv1, sv2, sv3, nvalid, dvalid).to(tl.float32)
-        fin = _finite(v)
-        acc = mm_acc(p.to(DT), value_tile(kn, tl.where(fin, v, 0.0), N, BLOCK_N, BLOCK_D).to(DT), acc, PREC)
-        if tl.max(tl.where(fin, 0, 1)) > 0:
+        val = value_tile(kn, v, N, BLOCK_N, BLOCK_D)
+        vt = val.to(DT)
+        badk = tl.max(tl.where(_finite(vt), 0, 1), axis=1) > 0  # [BLOCK_N] keys with a non-finite value
+        acc = mm_acc(p.to(DT), tl.where(badk[:, None], 0.0, vt).to(DT), acc, PREC)
+        if tl.max(tl.where(badk, 1, 0)) > 0:
             for jj in range(0, BLOCK_N):
                 sel = offs_n == start + jj
-                pj = tl.sum(tl.where(sel[None, :], p, 0.0), axis=1)  # column j of p (0 where hidden)
-                kbj = tl.sum(tl.where(sel[:, None], kn, 0.0), axis=0) * conj
-                vj = tl.sum(tl.where(sel[:, None], v, 0.0), axis=0)
-                left = _hmul(qn8, tl.reshape(tl.broadcast_to(kbj[None, :], (BLOCK_M, BLOCK_D)), (R, N)), N, R)
-                prod = _hmul(left, tl.reshape(tl.broadcast_to(vj[None, :], (BLOCK_M, BLOCK_D)), (R, N)), N, R)
-                term = pj[:, None] * tl.reshape(prod, (BLOCK_M, BLOCK_D))
-                extra += tl.where(_finite(term), 0.0, term)
-    y = output_tile(qn, acc, e_ptr, N, BLOCK_M, BLOCK_D) + extra
+                use = tl.max(tl.where(sel[None, :] & badk[None, :] & keep, 1, 0), axis=1) > 0  # [BLOCK_M]
+                pj = tl.sum(tl.where(sel[None, :], p, 0.0), axis=1)  # column j of p
+                if N == 4:
+                    tj = tl.sum(tl.where(sel[:, None], val, 0.0), axis=0)  # T_j
+                    term = pj[:, None] * tj[None, :]
+                else:
+                    kbj = tl.sum(tl.where(sel[:, None], kn, 0.0), axis=0) * conj
+                    vj = tl.sum(tl.where(sel[:, None], v, 0.0), axis=0)
+                    left = _hmul(qn8, tl.reshape(tl.broadcast_to(kbj[None, :], (BLOCK_M, BLOCK_D)), (R, N)), N, R)
+                    prod = _hmul(left, tl.reshape(tl.broadcast_to(vj[None, :], (BLOCK_M, BLOCK_D)), (R, N)), N, R)
+                    term = pj[:, None] * tl.reshape(prod, (BLOCK_M, BLOCK_D))
+                extra += tl.where(use[:, None], term, 0.0)
+    # logsumexp's lse where a +inf score made l_i NaN: +inf, NaN with a NaN score too (y is NaN there
+    # either way: P holds a NaN); the backward reads it
+    tl.debug_barrier()
+    tl.store(lse_ptr + row, tl.full((BLOCK_M,), float("inf"), tl.float32), mask=mvalid & (pinf > 0) & (nan == 0))
+    if N == 4:
+        y = output_tile(qn, acc + extra, e_ptr, N, BLOCK_M, BLOCK_D)
+    else:
+        y = output_tile(qn, acc, e_ptr, N, BLOCK_M, BLOCK_D) + extra
     tl.store(y_ptr + row[:, None] * D + offs_d[None, :], narrow(y, y_ptr.dtype.element_ty),
              mask=mvalid[:, None] & dvalid[None, :])
