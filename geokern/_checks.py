@@ -69,3 +69,14 @@ def autocast_promote(*ts):
     for t in ts[1:]:
         dt = torch.promote_types(dt, t.dtype)
     return tuple(t if t.dtype == dt else t.to(dt) for t in ts)
+
+
+GRID_ROWS = 65535  # CUDA's limit on a launch grid's y and z dimensions
+
+
+def check_grid_rows(op, backend, B, H):
+    """For kernels launched with one program row per (batch, head): B * H <= GRID_ROWS, else a
+    ValueError naming the op, the backend and the way out (the torch backend)."""
+    if B * H > GRID_ROWS:
+        raise ValueError(f"{op}: backend {backend!r} launches one program row per (batch, head): B * H must be "
+                         f"<= {GRID_ROWS}, got B={B}, H={H} (use backend='torch')")

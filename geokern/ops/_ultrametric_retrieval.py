@@ -23,7 +23,7 @@ Choices:
 import torch
 
 from geokern import _backend
-from geokern._checks import check_same
+from geokern._checks import GRID_ROWS, check_grid_rows, check_same
 from geokern.kernels.ultrametric import signatures as ks
 from geokern.kernels.ultrametric import top1 as kt
 from geokern.ops._registry import triton_op
@@ -32,7 +32,6 @@ from geokern.reference import ultrametric as ref
 __all__ = ["ultrametric_signatures", "ultrametric_top1"]
 
 _SIG, _TOP = "ultrametric_signatures", "ultrametric_top1"
-_GRID_YZ = 65535
 _MAX_BD = 256  # head dim (padded) of the Triton kernels' register tiles
 _MAX_K = 128  # signature bits per head in the Triton kernel
 
@@ -117,8 +116,8 @@ def ultrametric_signatures(x, planes, weight=None, *, block_t=0, backend=None):
     if max(16, D) > _MAX_BD or K > _MAX_K:
         raise ValueError(f"{_SIG}: the Triton backend takes head dim D <= {_MAX_BD} and K <= {_MAX_K} planes, got "
                          f"D={D}, K={K} (use backend='torch')")
-    if H > _GRID_YZ or B > _GRID_YZ:
-        raise ValueError(f"{_SIG}: the Triton backend launches a (heads, batch) grid of at most {_GRID_YZ} each, "
+    if H > GRID_ROWS or B > GRID_ROWS:
+        raise ValueError(f"{_SIG}: the Triton backend launches a (heads, batch) grid of at most {GRID_ROWS} each, "
                          f"got H={H}, B={B} (use backend='torch')")
     P = planes.detach().to(torch.float32)
     P = (P if P.dim() == 3 else P.unsqueeze(0)).contiguous()
@@ -170,9 +169,7 @@ def ultrametric_top1(q, k, v, q_digits, k_digits, *, p=2, causal=False, key_padd
         if max(16, q.shape[3]) > _MAX_BD:
             raise ValueError(f"{_TOP}: the Triton backend takes head dim D <= {_MAX_BD}, got {q.shape[3]} "
                              "(use backend='torch')")
-        if B * H > _GRID_YZ:
-            raise ValueError(f"{_TOP}: the Triton backend launches one program row per (batch, head): B * H must be "
-                             f"<= {_GRID_YZ}, got B={B}, H={H} (use backend='torch')")
+        check_grid_rows(_TOP, "triton", B, H)
         keep = None if key_padding_mask is None else key_padding_mask.contiguous()
         index, lcp, sim = _KERNELS[be][1](q.detach().contiguous(), k.detach().contiguous(), q_digits.contiguous(),
                                           k_digits.contiguous(), keep, causal, block_m, block_n)

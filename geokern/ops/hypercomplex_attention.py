@@ -36,7 +36,7 @@ import numbers
 import torch
 
 from geokern import _backend
-from geokern._checks import autocast_promote, FLOAT_DTYPES, check_same, check_tensor
+from geokern._checks import FLOAT_DTYPES, autocast_promote, check_grid_rows, check_same, check_tensor
 from geokern.kernels import hypercomplex_attention as tk
 from geokern.ops._registry import bound_once, refuse_double_backward, triton_op
 from geokern.reference import hypercomplex_attention as ref
@@ -166,9 +166,7 @@ def _attention(n, q, k, v, causal, scale, normalize, backend):
     fn = ref.quaternion_attention if n == 4 else ref.octonion_attention
     if be == "torch" or q.numel() == 0:  # empty: the reference's empty result (and zero gradients)
         return fn(q, k, v, causal, scale, normalize)
-    if q.shape[0] * q.shape[1] > 65535:
-        raise ValueError(f"{op}: backend 'triton' launches one program row per (batch, head): B * H must be "
-                         f"<= 65535, got q {tuple(q.shape)} (use backend='torch')")
+    check_grid_rows(op, "triton", q.shape[0], q.shape[1])
     qn, kn = (ref.normalize_channels(q, n), ref.normalize_channels(k, n)) if normalize else (q, k)
     e, et = _epilogue(q.device)
     y, _ = HypercomplexAttentionFunction.apply(q, k, v, qn, kn, e, et, causal, scale, n)

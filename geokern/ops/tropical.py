@@ -56,7 +56,7 @@ import numbers
 import torch
 
 from geokern import _backend
-from geokern._checks import autocast_promote, FLOAT_DTYPES, check_same, check_tensor
+from geokern._checks import FLOAT_DTYPES, autocast_promote, check_grid_rows, check_same, check_tensor
 from geokern.kernels import tropical as tk
 from geokern.ops._registry import bound_once, cuda_op, triton_op
 from geokern.reference import tropical as ref
@@ -281,9 +281,7 @@ def tropical_attention(
         return (y, gamma) if return_margins else y
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    if B * H > 65535:
-        raise ValueError(f"{_OP}: backend {be!r} launches one program row per (batch, head): B * H must be "
-                         f"<= 65535, got q {tuple(q.shape)} (use backend='torch')")
+    check_grid_rows(_OP, be, B, H)
     if max(Tq, Tk) * D > _INT32_MAX:
         raise ValueError(f"{_OP}: backend {be!r} indexes one head with 32-bit offsets; T * D must be < 2**31, "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)} (use backend='torch')")

@@ -41,7 +41,7 @@ Choices:
 import torch
 
 from geokern import _backend
-from geokern._checks import check_same, check_tensor
+from geokern._checks import check_grid_rows, check_same, check_tensor
 from geokern.kernels import ultrametric as tk
 from geokern.ops._registry import alert_nondeterministic, bound_once, refuse_double_backward, triton_op
 from geokern.ops._ultrametric_retrieval import ultrametric_signatures, ultrametric_top1  # noqa: F401
@@ -53,7 +53,6 @@ __all__ += ["ultrametric_signatures", "ultrametric_top1"]  # signatures and top-
 
 _OP = "ultrametric_attention"
 _PREFER = ("triton",)
-_GRID_Y = 65535
 _NO_CUDA = ("backend='cuda' is not built for ultrametric attention (its CUDA kernels are issue #18); "
             "use backend='triton' or 'torch'")
 
@@ -241,9 +240,7 @@ def _triton_limits(B, H, Hkv, K, p, v):
     if n > tk.MAX_CODES:
         raise ValueError(f"{_OP}: the Triton backend keeps dense bucket tables of sum(p**l, l <= K) codes, at most "
                          f"{tk.MAX_CODES} (2**16); p={p}, K={K} need {n} (use fewer digits, or backend='torch')")
-    if B * H > _GRID_Y:
-        raise ValueError(f"{_OP}: the Triton backend launches one program row per (batch, head): B * H must be "
-                         f"<= {_GRID_Y}, got B={B}, H={H} (use backend='torch')")
+    check_grid_rows(_OP, "triton", B, H)
 
 
 def _backend_for(backend, device):
@@ -379,9 +376,7 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     if v.dtype == torch.float64:
         raise ValueError(f"{_OP}: the Triton backend takes float16 / bfloat16 / float32 digits and v, got float64 "
                          "(use backend='torch')")
-    if B * H > _GRID_Y:
-        raise ValueError(f"{_OP}: the Triton backend launches one program row per (batch, head): B * H must be "
-                         f"<= {_GRID_Y}, got B={B}, H={H} (use backend='torch')")
+    check_grid_rows(_OP, "triton", B, H)
     keep = None if key_padding_mask is None else key_padding_mask.contiguous()
     return UltrametricSoftAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), keep, float(alpha),
                                                   float(lcp_beta), causal, be)
