@@ -5,13 +5,19 @@
 # dropped into an editable install). Stages, in order:
 #   suite       (LIMIT seconds at most, default 480) the whole suite (not huge) and compute-sanitizer memcheck over the kernel tests at once
 #               (correctness only: they share the GPU); logs in OUT/tests, OUT/sanitizer(_triton)
-#   huge        the tests past 2**31 elements, one process (OUT/huge.log)
+#   huge        the tests past 2**31 elements, one process (OUT/huge.log); beside the suite and memcheck
+#               when both stages are asked (all three check correctness only; each huge test takes a few GB)
 #   compare     the headline rows beside older trees (.base, .pre where present; scripts/compare.sh,
 #               REPEATS times, default 3), alone on the GPU
 #   overhead    what a call costs (#16): the overhead benchmark family and scripts/profile_calls.py
 #               (autotuning on, as users run it), in OUT/overhead
 #   new         the newest families' tests and benchmarks (FAMILIES, default: ultrametric
-#               hypercomplex_linear hypercomplex_attention lior contrastive, ultrametric_retrieval; OUT/new)
+#               hypercomplex_linear hypercomplex_attention lior contrastive, ultrametric_retrieval; OUT/new;
+#               NEW_TESTS=0 skips the tests when the suite stage ran them; BENCH_MATCH: only the cases
+#               whose 'op shape dtype direction' match this regular expression)
+# Autotuning results are cached on disk (TRITON_CACHE_AUTOTUNING): the repeats of one tree's
+# headline rows, and a later stage's call of the same kernel, reuse the first tuning instead of
+# re-tuning (the timed configs stay the tuned ones; the spread of repeats is then the run's noise).
 # The device returns at most 8 files from OUT: at the end everything but info.json and the
 # summary (OUT/summary.txt, this script's output) is packed into OUT/logs.tgz.
 set -uo pipefail
@@ -19,7 +25,7 @@ OUT=$1; shift
 STAGES=" ${*:-suite huge compare overhead} "
 mkdir -p "$OUT"
 exec > >(tee "$OUT/summary.txt") 2>&1
-export PYTHONUNBUFFERED=1 GEOKERN_AUTOTUNE=0
+export PYTHONUNBUFFERED=1 GEOKERN_AUTOTUNE=0 TRITON_CACHE_AUTOTUNING=1
 wheel=$(ls .carry/*.whl 2>/dev/null | head -1)
 if [ -n "$wheel" ]; then
   if ! python3 -m pip install -q --no-deps --force-reinstall "$wheel"; then
@@ -51,8 +57,16 @@ if [[ "$STAGES" == *" suite "* ]]; then
     fi
     exit $r ) &
   sp=$!
+  if [[ "$STAGES" == *" huge "* ]]; then
+    GEOKERN_AUTOTUNE=0 timeout "${LIMIT:-480}" python3 -m pytest -q -p no:cacheprovider -m huge tests >"$OUT/huge.log" 2>&1 &
+    hp=$!
+  fi
   wait $tp; trc=$?; wait $sp; src=$?
   echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
+  if [ -n "${hp:-}" ]; then
+    wait $hp; echo "huge exit $?, $((SECONDS - t0)) s"; tail -5 "$OUT/huge.log"
+    STAGES=${STAGES/ huge / }
+  fi
   grep -hsE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log | cut -c1-240 | tail -40
 fi
 if [[ "$STAGES" == *" huge "* ]]; then
@@ -76,10 +90,12 @@ if [[ "$STAGES" == *" new "* ]]; then
   mkdir -p "$OUT/new"
   fams=${FAMILIES:-ultrametric ultrametric_retrieval hypercomplex_linear hypercomplex_attention lior contrastive}
   files=$(for f in $fams; do ls tests/test_${f}*.py 2>/dev/null; done)
-  GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $files >"$OUT/new/tests.log" 2>&1
-  echo "new families' tests exit $?, $((SECONDS - t0)) s"; grep -E "^FAILED|^ERROR|passed|failed" "$OUT/new/tests.log" | cut -c1-300 | tail -30
+  if [ "${NEW_TESTS:-1}" != 0 ]; then
+    GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $files >"$OUT/new/tests.log" 2>&1
+    echo "new families' tests exit $?, $((SECONDS - t0)) s"; grep -E "^FAILED|^ERROR|passed|failed" "$OUT/new/tests.log" | cut -c1-300 | tail -30
+  fi
   for f in $fams; do
-    ( unset GEOKERN_AUTOTUNE; timeout "${BENCH_LIMIT:-240}" python3 -m geokern.bench --family "$f" --out "$OUT/new" 2>&1 | tail -40 )
+    ( unset GEOKERN_AUTOTUNE; timeout "${BENCH_LIMIT:-240}" python3 -m geokern.bench --family "$f" --out "$OUT/new" ${BENCH_MATCH:+--match "$BENCH_MATCH"} 2>&1 | tail -40 )
     echo "bench $f done, $((SECONDS - t0)) s"
   done
 fi

@@ -1,8 +1,10 @@
-"""Benchmark cases: quaternion / octonion attention (issue #20), causal bf16 forward.
+"""Benchmark cases: quaternion / octonion attention (issue #20), causal bf16, forward and
+forward + backward.
 
 Shapes: B4 H16 D64, T = 1k .. 16k, causal. TFLOP/s counts 2 T^2 (D + W) flops per head halved
 for causal, with W = D (quaternion: the values conj(k^) v are D wide) or 8 D (octonion: the 8 x 8
-outer product per channel), against the bf16 tensor-core ceiling.
+outer product per channel), against the bf16 tensor-core ceiling; forward + backward counts 2.5x
+that (the backward's five GEMM-shaped products to the forward's two).
 
 Peers, measured in the same process:
 - "sdpa": F.scaled_dot_product_attention on the same shape, as rows of op "sdpa (baseline)"
@@ -34,6 +36,8 @@ from geokern.reference.tropical import causal_visible, repeat_kv
 
 B, H, D = 4, 16, 64
 TS = (1024, 2048, 4096, 8192, 16384)
+FWD_BWD_TS = (1024, 4096, 16384)
+GRAD_TOL = 3e-2  # bf16 gradients summed over up to T keys, against float32
 THEIRS_MAX_T = {4: 4096, 8: 1024}  # the T x T weights (quaternion) / the Python loop's time (octonion)
 NAMES = {4: "quaternion_attention", 8: "octonion_attention"}
 
@@ -149,5 +153,57 @@ def _sdpa_case(T):
     )
 
 
+def _grads(fn):
+    """fn's forward and backward over every head (timed, dy = 1); returns dq, dk, dv of batch 0,
+    head 0 (views: nothing added to the timed call)."""
+
+    def run(q, k, v):
+        y = fn(q, k, v)
+        return tuple(g[:1, :1] for g in torch.autograd.grad(y, (q, k, v), torch.ones_like(y)))
+
+    return run
+
+
+def _grad_value(value):
+    """The float32 check's dq, dk, dv on batch 0, head 0 for dy = 1 (query-chunked: O(T^2) memory
+    for one head only)."""
+
+    def run(q, k, v):
+        ins = tuple(t[:1, :1].detach().float().requires_grad_() for t in (q, k, v))
+        y = value(*ins)
+        return torch.autograd.grad(y, ins, torch.ones_like(y))
+
+    return run
+
+
+def _make_grad(T):
+    def make():
+        return tuple(torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+
+    return make
+
+
+def _fwd_bwd_case(n, T):
+    kernels = [b for b in _backend.available(torch.device("cuda")) if b == "triton"]
+    impls = {b: _grads(functools.partial(ops._attention, n, causal=True, scale=None, normalize=True, backend=b))
+             for b in kernels}
+    return Case(
+        op=NAMES[n], shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd+bwd", make_inputs=_make_grad(T),
+        impls=impls, peers={"composition": _grads(functools.partial(composition, n))},
+        reference=_grad_value(functools.partial(_value, n)), amount=2.5 * flops(B, H, T, T, D, n, True),
+        metric="TFLOP/s", ceiling="bf16_gemm_tflop_s", tol=GRAD_TOL, input_bytes=3 * B * H * T * D * 2,
+    )
+
+
+def _sdpa_fwd_bwd_case(T):
+    return Case(
+        op="sdpa (baseline)", shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd+bwd", make_inputs=_make_grad(T),
+        impls={}, peers={"sdpa": _grads(functools.partial(F.scaled_dot_product_attention, is_causal=True))},
+        reference=_grad_value(_plain), amount=2.5 * flops(B, H, T, T, D, 4, True), metric="TFLOP/s",
+        ceiling="bf16_gemm_tflop_s", tol=GRAD_TOL, input_bytes=3 * B * H * T * D * 2,
+    )
+
+
 def cases():
-    return [_case(n, T) for n in (4, 8) for T in TS] + [_sdpa_case(T) for T in TS]
+    return ([_case(n, T) for n in (4, 8) for T in TS] + [_sdpa_case(T) for T in TS]
+            + [_fwd_bwd_case(n, T) for n in (4, 8) for T in FWD_BWD_TS] + [_sdpa_fwd_bwd_case(T) for T in FWD_BWD_TS])
