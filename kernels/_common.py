@@ -45,3 +45,22 @@ def narrow(x, dt: tl.constexpr):
         return x.to(dt, fp_downcast_rounding="rtne")
     else:
         return x.to(dt)
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in float32. PREC = "upcast" (the interpreter, whose 16-bit dot is
+    wrong in triton 3.8) multiplies float32 copies instead: the same products, exact."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def mm_acc(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b in float32 (PREC as in mm)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc, input_precision=PREC)

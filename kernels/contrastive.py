@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import launch, narrow
-from geokern.kernels.retrieval.common import mm_acc
+from geokern.kernels._common import launch, mm_acc, narrow
 
 BLOCK = 1024  # elements per program: 4 KB of float32 G per program, enough to hide latency
 F32_MAX = tl.constexpr(3.4028234663852886e38)  # constexpr: a jit function reads no plain globals

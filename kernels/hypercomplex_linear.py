@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import autotune_configs, launch, narrow
-from geokern.kernels.retrieval.common import mm_acc
+from geokern.kernels._common import autotune_configs, launch, mm_acc, narrow
 
 
 def _gemm_configs():

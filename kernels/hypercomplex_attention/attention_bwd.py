@@ -21,10 +21,9 @@ one by one for the pairs that are visible. The loops are unchanged.
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import narrow
+from geokern.kernels._common import mm, mm_acc, narrow
 from geokern.kernels.hypercomplex_attention.common import (dkv_tiles, dquery_tile, dvalue_tile, load_rows,
                                                            value_tile)
-from geokern.kernels.retrieval.common import mm, mm_acc
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a plain global is rejected by the compiler (not the interpreter)
 

@@ -20,10 +20,9 @@ alone; the key loop itself is the same as without it.
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import narrow
+from geokern.kernels._common import mm, mm_acc, narrow
 from geokern.kernels.hypercomplex import _hmul
 from geokern.kernels.hypercomplex_attention.common import load_rows, output_tile, value_tile
-from geokern.kernels.retrieval.common import mm, mm_acc
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)  # a plain global is rejected by the compiler (not the interpreter)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from geokern.kernels.hypercomplex import _hconj, _hmul
-from geokern.kernels.retrieval.common import mm
+from geokern.kernels._common import mm
 
 
 @triton.jit

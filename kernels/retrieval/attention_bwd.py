@@ -16,9 +16,9 @@ The distances are expanded as in the forward (attention_fwd.py), with float32 no
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import autotune_configs, narrow
+from geokern.kernels._common import autotune_configs, mm, narrow
 from geokern.kernels.retrieval.common import (INTERP_CONFIGS, TEST_CONFIGS, fit_value_width, kept, load_r, load_tile,
-                                              load_vec, mm, table_configs)
+                                              load_vec, table_configs)
 
 # (query tile, key tile, warps, stages, max registers); the key tile is the M of the dK / dV GEMMs
 # (128-query tiles spill: dK, dV and five [key, query] tiles do not fit in registers)

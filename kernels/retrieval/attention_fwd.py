@@ -16,9 +16,9 @@ softmax. README.md holds the instruction counts and measurements behind both.
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import autotune_configs
+from geokern.kernels._common import autotune_configs, mm, mm_acc
 from geokern.kernels.retrieval.common import (INTERP_CONFIGS, TEST_CONFIGS, fit_value_width, first_column, kept,
-                                              load_r, load_tile, load_vec, mm, mm_acc, norm_split, table_configs)
+                                              load_r, load_tile, load_vec, norm_split, table_configs)
 
 # (query tile, key tile, warps, stages, max registers). 8 warps on 128 rows: two warpgroups under
 # one CTA barrier per key tile; 4 warps (one warpgroup) on 64 rows: several CTAs per SM, out of

@@ -75,25 +75,6 @@ def kept(mk_b, qi, kj, qvalid, kvalid, smm, smn, MASK_MODE: tl.constexpr):
 
 
 @triton.jit
-def mm(a, b, PREC: tl.constexpr):
-    """a @ b accumulated in float32. PREC = "upcast" (the interpreter, whose 16-bit dot is
-    wrong in triton 3.8) multiplies float32 copies instead: the same products, exact."""
-    if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def mm_acc(a, b, acc, PREC: tl.constexpr):
-    """acc + a @ b in float32 (PREC as in mm)."""
-    if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc=acc, input_precision=PREC)
-
-
-@triton.jit
 def first_column(dtype: tl.constexpr, ROWS: tl.constexpr):
     """[ROWS, 16] with ones in column 0, zeros elsewhere: x @ it puts x's row sums in column 0."""
     return tl.broadcast_to(tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0).to(dtype), [ROWS, 16])

@@ -29,8 +29,7 @@ d = q - k. One backward program owns a key tile: dk and dv are written once
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import narrow
-from geokern.kernels.retrieval.common import mm
+from geokern.kernels._common import mm, narrow
 from geokern.kernels.ultrametric.scan import _f32, apply_nonfinite, count_nonfinite
 
 LOG2_CLAMP = tl.constexpr(-29.897352853986263)  # log2(1e-9): the spec's clamp of the weight sum
