@@ -4,7 +4,8 @@
 #   make wheel   the release wheel in dist/: geokern-X.Y.Z+cuXY-cp310-abi3-manylinux_*.whl, one per CUDA major,
 #                for every torch >= geokern._version.TORCH_MIN (_C on the stable ABI); WHEEL_ARCHS sets its GPUs
 #   make gpu     on a GPU machine with torch preinstalled (no network): build (or WHEEL=path installs that
-#                wheel instead), tests, sanitizer, benchmarks
+#                wheel instead), tests, sanitizer, benchmarks; PART=i/n runs the i-th of n interleaved parts of
+#                the tests (the whole suite outlasts one 600 s device call)
 PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -15,6 +16,7 @@ SELECT ?=
 BENCH ?= 1
 JOBS ?= 4
 WHEEL ?=
+PART ?= 1/1
 # SASS for A100, H100, B200 and RTX 50xx-class GPUs, PTX of the newest so later GPUs still run it
 WHEEL_ARCHS ?= 8.0;9.0;10.0;12.0+PTX
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cuh csrc/*/*.cu csrc/*/*.cuh)
@@ -49,7 +51,7 @@ wheel: $(VENV)/.deps
 	ls -l dist/*.whl
 
 gpu:
-	BENCH=$(BENCH) JOBS=$(JOBS) STEPS="$(STEPS)" WHEEL="$(WHEEL)" bash scripts/gpu.sh $(OUT) $(SELECT)
+	BENCH=$(BENCH) JOBS=$(JOBS) STEPS="$(STEPS)" WHEEL="$(WHEEL)" PART="$(PART)" bash scripts/gpu.sh $(OUT) $(SELECT)
 
 clean:
 	rm -rf build dist *.egg-info geokern/_C*.so $(VENV)/.built

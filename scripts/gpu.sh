@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make gpu [OUT=folder] [SELECT=family] [BENCH=0] [STEPS="build tests sanitizer bench"] [WHEEL=dist/x.whl]: the one
+# make gpu [OUT=folder] [SELECT=family] [BENCH=0] [STEPS="build tests sanitizer bench"] [WHEEL=dist/x.whl] [PART=i/n]: the one
 # script for a GPU machine that may have no network (python3 there already has torch, triton, pytest, ninja).
 # Builds geokern._C (or, given WHEEL, installs that wheel and tests the installed package instead),
 # runs the whole test suite on CUDA, compute-sanitizer (memcheck) over the CUDA
@@ -57,7 +57,10 @@ JOBS=${JOBS:-4}
 shards() {  # shards NAME SELECT...: the ids pytest selects with SELECT, in JOBS files OUT/NAME.ids.<i>
   local name=$1; shift
   rm -f "$OUT/$name".ids*
-  $PY -m pytest --collect-only -q -p no:cacheprovider "$@" tests 2>/dev/null | grep '::' >"$OUT/$name.ids"
+  # PART=i/n: only every n-th id from the i-th (1-based), so n device calls together run the whole
+  # selection when one cannot (each part spreads over every file, as the shards do)
+  $PY -m pytest --collect-only -q -p no:cacheprovider "$@" tests 2>/dev/null | grep '::' |
+    awk -v part="${PART:-1/1}" 'BEGIN { split(part, a, "/") } (NR - 1) % a[2] == a[1] - 1' >"$OUT/$name.ids"
   awk -v n="$JOBS" -v f="$OUT/$name.ids." '{ print > (f (NR % n)) }' "$OUT/$name.ids"
 }
 parallel() {  # parallel NAME SELECT... -- CMD...: CMD + one shard's test ids in each process; logs appended in order

@@ -3,7 +3,7 @@
 # geokern._C prebuilt on the CPU machine and carried in .carry/: a wheel (.carry/*.whl, installed, the
 # tests then import the installed package) or a bare .carry/_C.abi3.so (built against the device's torch,
 # dropped into an editable install). Stages, in order:
-#   suite       (LIMIT seconds at most, default 480) the whole suite (not huge) and compute-sanitizer memcheck over the kernel tests at once
+#   suite       (LIMIT seconds at most, default 480) the whole suite (not huge; PART=i/n: a part of it, see gpu.sh) and compute-sanitizer memcheck over the kernel tests at once
 #               (correctness only: they share the GPU); logs in OUT/tests, OUT/sanitizer(_triton)
 #   huge        the tests past 2**31 elements, one process (OUT/huge.log), alone: beside the suite and
 #               memcheck (16 processes of ~5 GB each on the H100) every huge test and ~290 others ran out of memory
