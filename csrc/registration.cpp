@@ -49,6 +49,13 @@ STABLE_TORCH_LIBRARY(geokern, m) {
   m.def("retrieval_cost_backward_cuda(Tensor grad, Tensor q, Tensor k, Tensor w, Tensor r, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("retrieval_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor w, Tensor r, Tensor? mask, Tensor? bank_k, Tensor? bank_v, Tensor? bank_r, float beta, float eps, int num_ctas, int bank_splits, int pipeline, int norm_mma) -> (Tensor, Tensor)");
   m.def("retrieval_attention_backward_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor r, Tensor? mask, Tensor? bank_k, Tensor? bank_v, Tensor? bank_r, Tensor out, Tensor lse, Tensor? dlse, float beta, float eps, bool need_dr, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The ultrametric decode state (csrc/ultrametric), in place: tab [B * Hkv, N, D] float32 and cnt
+  // [B * Hkv, N] int32 bucket tables, N = sum_{l<=K} p^l. Append adds each kept key (k_digits
+  // [B, Hkv, T, K], v [B, Hkv, T, D], keep [B, T] bool) to its K + 1 prefix rows; query writes y
+  // [B, H, Tq, D] and lse [B, H, Tq] (float32) of q_digits [B, H, Tq, K] against every key in them.
+  m.def("ultrametric_cache_append_cuda(Tensor(a0!) tab, Tensor(a1!) cnt, Tensor k_digits, Tensor v, Tensor? keep, int p) -> ()");
+  m.def("ultrametric_cache_query_cuda(Tensor tab, Tensor cnt, Tensor q_digits, Tensor(a3!) y, Tensor(a4!) lse, float alpha, int p) -> ()");
 }
 
 

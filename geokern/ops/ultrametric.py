@@ -19,15 +19,17 @@ Choices:
 - The kernels hold dense bucket tables: the Triton backend takes sum_{l<=K} p^l <= 2^16 codes
   (e.g. p = 2, K <= 15) and says so beyond; the torch backend (the reference) takes any size up
   to 63-bit codes.
-- Backends: "triton" and "torch"; "cuda" raises (the CUDA kernels are issue #18). float64 runs on
-  "torch" only. "auto" takes Triton for CUDA tensors, the reference for CPU tensors.
+- Backends: "triton" and "torch"; "cuda" raises (the CUDA kernels are issue #18; only the decode
+  state, UltrametricCache / ultrametric_decode_step_, has CUDA kernels so far: _ultrametric_cache).
+  float64 runs on "torch" only. "auto" takes Triton for CUDA tensors, the reference for CPU tensors
+  (the decode state too: its CUDA kernels are not yet measured faster).
 - Tuning knobs: chunk (positions per scan chunk, 0: 64 on the GPU) and num_segments (parallel
   segments per (batch, key head), 0: enough for two programs per SM), carried in the schema.
 - Sums are float32 (the Triton dense in-chunk part is a float32 "ieee" dot); y is v's dtype, lse
   float32. The backward adds each key's gradient in one program: deterministic, no atomics on
   dv; the bucket tables are filled with float32 atomics (their order varies, so the last bits of
   y and dv may vary from run to run), so under torch.use_deterministic_algorithms(True) the
-  Triton hard mode, the soft mode's Triton backward (dq: float32 atomics) and the Triton
+  Triton hard mode, the soft mode's Triton backward (dq: float32 atomics) and the Triton and CUDA
   UltrametricCache.append raise as torch's nondeterministic ops do (warn with warn_only=True);
   backend='torch' is the deterministic alternative.
 - Empty inputs (B, H, Tq or D zero, or no key) take the reference: y zeros / empty, lse -inf.
@@ -44,6 +46,7 @@ from geokern import _backend
 from geokern._checks import check_grid_rows, check_same, check_tensor
 from geokern.kernels import ultrametric as tk
 from geokern.ops._registry import alert_nondeterministic, bound_once, refuse_double_backward, triton_op
+from geokern.ops._ultrametric_cache import UltrametricCache, ultrametric_decode_step_  # noqa: F401
 from geokern.ops._ultrametric_retrieval import ultrametric_signatures, ultrametric_top1  # noqa: F401
 from geokern.reference import ultrametric as ref
 
@@ -53,7 +56,8 @@ __all__ += ["ultrametric_signatures", "ultrametric_top1"]  # signatures and top-
 
 _OP = "ultrametric_attention"
 _PREFER = ("triton",)
-_NO_CUDA = ("backend='cuda' is not built for ultrametric attention (its CUDA kernels are issue #18); "
+_NO_CUDA = ("backend='cuda' is not built for ultrametric attention (its CUDA kernels are issue #18; the decode "
+            "state, UltrametricCache / ultrametric_decode_step_, has a CUDA backend, attention does not yet); "
             "use backend='triton' or 'torch'")
 
 
@@ -81,19 +85,6 @@ def _ultrametric_attention_backward_triton(
     tk.ultrametric_attention_bwd(q_digits, k_digits, grad, lse, keep, dv, alpha, p,
                                  ref.num_codes(p, q_digits.shape[3]), causal, chunk, num_segments)
     return dv
-
-
-def _ultrametric_cache_append_triton(
-    tab: torch.Tensor, cnt: torch.Tensor, k_digits: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, p: int,
-) -> None:
-    tk.ultrametric_cache_append(tab, cnt, k_digits, v, keep, p)
-
-
-def _ultrametric_cache_query_triton(
-    tab: torch.Tensor, cnt: torch.Tensor, q_digits: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, alpha: float,
-    p: int,
-) -> None:
-    tk.ultrametric_cache_query(tab, cnt, q_digits, y, lse, alpha, p)
 
 
 def _ultrametric_soft_attention_triton(
@@ -124,13 +115,11 @@ _SOFT_KERNELS = {  # (forward, backward) per kernel backend
     ),
 }
 
-# (forward, backward, cache append, cache query) per kernel backend
+# (forward, backward) per kernel backend (the decode state's kernels: _ultrametric_cache)
 _KERNELS = {
     "triton": (
         triton_op("ultrametric_attention_triton", _ultrametric_attention_triton),
         triton_op("ultrametric_attention_backward_triton", _ultrametric_attention_backward_triton),
-        triton_op("ultrametric_cache_append_triton", _ultrametric_cache_append_triton, mutates_args=("tab", "cnt")),
-        triton_op("ultrametric_cache_query_triton", _ultrametric_cache_query_triton, mutates_args=("y", "lse")),
     ),
 }
 
@@ -380,136 +369,3 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     keep = None if key_padding_mask is None else key_padding_mask.contiguous()
     return UltrametricSoftAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), keep, float(alpha),
                                                   float(lcp_beta), causal, be)
-
-
-# ---- decode ----------------------------------------------------------------------
-
-
-class UltrametricCache:
-    """The constant-cost decode state of one attention layer: running bucket sums tab
-    [B * Hkv, N, D] float32 and counts cnt [B * Hkv, N] int32, one row per prefix code (N =
-    sum_{l<=K} p^l <= 2^16: dense tables). Appending a key adds its v to its K + 1 prefix rows;
-    a query reads its K + 1 rows: O(K D) per token whatever the context length, in place, no host
-    synchronisation, so a decode step can be captured in a CUDA graph (pass out= buffers to
-    allocate nothing per step). Equal to ultrametric_attention over every appended key (float32
-    sums: rounding grows with the context as any running float32 sum does). No gradient.
-
-    backend: "triton" or "torch" (torch index_add_ / gathers on the same tables), "auto" as the op."""
-
-    def __init__(self, batch, kv_heads, head_dim, K, *, p=2, alpha=2.0, device=None, backend=None):
-        for name, x, lo in (("batch", batch, 1), ("kv_heads", kv_heads, 1), ("head_dim", head_dim, 1), ("K", K, 1)):
-            if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-                raise ValueError(f"UltrametricCache: {name} must be an int >= {lo}, got {x!r}")
-        ref._check_base(p)
-        ref._check_alpha(alpha)
-        self.N = ref.num_codes(p, K)
-        if self.N > tk.MAX_CODES:
-            raise ValueError(f"UltrametricCache: dense tables hold at most {tk.MAX_CODES} (2**16) prefix codes; p={p}, "
-                             f"K={K} need {self.N} (use reference.ultrametric.UltrametricDecodeState)")
-        self.B, self.Hkv, self.D, self.K, self.p, self.alpha = batch, kv_heads, head_dim, K, p, float(alpha)
-        device = torch.device(device or "cpu")
-        self.backend = _backend_for(backend, device)
-        self.tab = torch.zeros(batch * kv_heads, self.N, head_dim, dtype=torch.float32, device=device)
-        self.cnt = torch.zeros(batch * kv_heads, self.N, dtype=torch.int32, device=device)
-        self.length = 0  # tokens appended through append (eager bookkeeping; not updated in a graph replay)
-
-    def reset(self):
-        self.tab.zero_()
-        self.cnt.zero_()
-        self.length = 0
-
-    def _check(self, name, digits, heads, T, v=None, mask=None):
-        if not isinstance(digits, torch.Tensor) or digits.dtype not in ref.INT_DTYPES or digits.dim() != 4 \
-                or digits.shape[0] != self.B or digits.shape[3] != self.K or (heads and digits.shape[1] != heads) \
-                or digits.shape[1] % self.Hkv or (T is not None and digits.shape[2] != T):
-            raise ValueError(f"UltrametricCache: {name} must be an integer tensor ({self.B}, "
-                             f"{heads or f'a multiple of {self.Hkv}'}, {T or 'T'}, {self.K}), got "
-                             f"{getattr(digits, 'dtype', type(digits).__name__)} {tuple(getattr(digits, 'shape', ()))}")
-        if digits.device != self.tab.device:
-            raise ValueError(f"UltrametricCache: {name} is on {digits.device}, the cache on {self.tab.device}")
-        if not (digits.is_cuda and torch.cuda.is_current_stream_capturing()):
-            ref.check_digits(name, digits, self.p)  # a host check; under capture the kernels clamp
-        if v is not None:
-            want = (self.B, self.Hkv, digits.shape[2], self.D)
-            if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point or tuple(v.shape) != want \
-                    or v.device != self.tab.device:
-                raise ValueError(f"UltrametricCache: v must be a float tensor {want} on {self.tab.device}, got "
-                                 f"{getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-                                 or tuple(mask.shape) != (self.B, digits.shape[2])):
-            raise ValueError(f"UltrametricCache: key_padding_mask must be bool ({self.B}, {digits.shape[2]}), got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
-
-    def _rows(self, digits, read=False):
-        """[B, heads, T, K] -> table rows [B, heads, T, K + 1] (group * N + code), as torch ops; read:
-        the rows a query reads and their weights instead (reference.ultrametric.read_codes)."""
-        B, heads = digits.shape[:2]
-        d = digits.long().clamp(0, self.p - 1)
-        codes, val, base = [torch.zeros_like(d[..., 0])], torch.zeros_like(d[..., 0]), 0
-        for level in range(self.K):
-            base += self.p ** level
-            val = val * self.p + d[..., level]
-            codes.append(val + base)
-        g = torch.arange(B * self.Hkv, device=d.device).view(B, self.Hkv, 1, 1)
-        g = g.repeat_interleave(heads // self.Hkv, dim=1)
-        if read:
-            codes, w = ref.read_codes(torch.stack(codes, -1), self.p, self.alpha, torch.float32)
-            return codes + g * self.N, w
-        return torch.stack(codes, -1) + g * self.N
-
-    def append(self, k_digits, v, key_padding_mask=None):
-        """Add T keys: k_digits [B, Hkv, T, K], v [B, Hkv, T, D] (any float dtype), key_padding_mask
-        [B, T] (True = keep) or None."""
-        self._check("k_digits", k_digits, self.Hkv, None, v, key_padding_mask)
-        T = v.shape[2]
-        if T:
-            v = v.detach()
-            if self.backend == "torch":
-                keep = torch.ones(self.B, T, dtype=torch.bool, device=v.device) if key_padding_mask is None \
-                    else key_padding_mask
-                keep4 = keep.view(self.B, 1, T, 1)
-                rows = self._rows(k_digits).reshape(-1)
-                vk = torch.where(keep4, v.float(), 0.0).unsqueeze(3).expand(-1, -1, -1, self.K + 1, -1)
-                self.tab.view(-1, self.D).index_add_(0, rows, vk.reshape(-1, self.D))
-                self.cnt.view(-1).index_add_(0, rows, keep4.expand(self.B, self.Hkv, T, self.K + 1).reshape(-1).int())
-            else:  # float32 atomics into the tables
-                alert_nondeterministic(f"UltrametricCache.append (backend='{self.backend}')", "backend='torch'")
-                keep = None if key_padding_mask is None else key_padding_mask.contiguous()
-                _KERNELS[self.backend][2](self.tab, self.cnt, k_digits.contiguous(), v.contiguous(), keep, self.p)
-        self.length += T
-
-    def query(self, q_digits, *, out=None, return_lse=False):
-        """q_digits [B, H, Tq, K] against every appended key: y [B, H, Tq, D] float32 (and lse
-        [B, H, Tq]); out=(y, lse) float32 buffers of those shapes are written instead of new ones."""
-        self._check("q_digits", q_digits, 0, None)
-        B, H, Tq, _ = q_digits.shape
-        if out is None:
-            out = (torch.empty(B, H, Tq, self.D, device=self.tab.device), torch.empty(B, H, Tq, device=self.tab.device))
-        y, lse = out
-        if tuple(y.shape) != (B, H, Tq, self.D) or tuple(lse.shape) != (B, H, Tq) or y.dtype != torch.float32 \
-                or lse.dtype != torch.float32 or not (y.is_contiguous() and lse.is_contiguous()):
-            raise ValueError(f"UltrametricCache: out must be contiguous float32 ({B}, {H}, {Tq}, {self.D}) and "
-                             f"({B}, {H}, {Tq}), got {tuple(y.shape)} {y.dtype}, {tuple(lse.shape)} {lse.dtype}")
-        if Tq:
-            if self.backend == "torch":
-                rows, w = self._rows(q_digits, read=True)
-                num, den, seen = ref.read_buckets(self.tab.view(-1, self.D), self.cnt.view(-1), rows, w)
-                yy, ll = ref._finish(num, den, seen, torch.float32)
-                y.copy_(yy)
-                lse.copy_(ll)
-            else:
-                _KERNELS[self.backend][3](self.tab, self.cnt, q_digits.contiguous(), y, lse, self.alpha, self.p)
-        return (y, lse) if return_lse else y
-
-
-def ultrametric_decode_step_(cache, q_digits, k_digits, v, *, key_padding_mask=None, out=None, return_lse=False):
-    """One decode token in place: append the key (k_digits [B, Hkv, 1, K], v [B, Hkv, 1, D]) to
-    `cache` (an UltrametricCache), then attend q_digits [B, H, 1, K] over every key so far (a query
-    sees its own key, as causal attention does). Returns y [B, H, 1, D] float32 (and lse); with
-    out=(y, lse) it writes those buffers and allocates nothing: capturable in a CUDA graph."""
-    if not isinstance(cache, UltrametricCache):
-        raise TypeError(f"ultrametric_decode_step_: cache must be an UltrametricCache, got {type(cache).__name__}")
-    cache._check("k_digits", k_digits, cache.Hkv, 1)
-    cache._check("q_digits", q_digits, 0, 1)
-    cache.append(k_digits, v, key_padding_mask)
-    return cache.query(q_digits, out=out, return_lse=return_lse)
