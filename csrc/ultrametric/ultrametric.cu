@@ -17,40 +17,40 @@ namespace geokern {
 namespace {
 
 constexpr int kThreads = 128, kWarps = kThreads / 32;
-constexpr int kMaxLevels = 16;  // K + 1 <= 16: the Python side refuses N > 2^16 codes
+constexpr int kMaxK = 15;  // N = sum_{l<=K} p^l <= 2^16 (the Python side refuses more): K + 1 <= 16 lanes
 constexpr unsigned kFull = 0xffffffffu;
 
-// The warp's K + 1 prefix codes of one digit row (every lane gets all of them) and its digits
-// (d[l - 1] is digit l). Digits are clamped to [0, p - 1]: the ops check their range, except
-// under CUDA-graph capture (a host read would synchronise), where the clamp keeps every table
-// access in bounds.
+// One digit row's prefix codes, spread over the warp: lane l <= K gets the code of level l and
+// digit l (the level's own digit; lane 0: the root, code 0). Lanes past K keep the deepest
+// code. Digits are clamped to [0, p - 1]: the ops check their range, except under CUDA-graph
+// capture (a host read would synchronise), where the clamp keeps every table access in bounds.
 template <typename DT>
-__device__ __forceinline__ void prefix_codes(const DT* dig, int K, int p, int (&code)[kMaxLevels],
-                                             int (&d)[kMaxLevels]) {
+__device__ __forceinline__ void prefix_code(const DT* dig, int K, int p, int& code, int& digit) {
   const int lane = threadIdx.x % 32;
   int mine = 0;
   if (lane < K) mine = int(min(max(static_cast<long long>(dig[lane]), 0LL), static_cast<long long>(p - 1)));
   int val = 0, base = 0, pw = 1;
-  code[0] = 0;
-#pragma unroll
-  for (int l = 1; l < kMaxLevels; ++l) {
-    d[l - 1] = __shfl_sync(kFull, mine, l - 1);
-    if (l <= K) {
-      base += pw;
-      pw *= p;
-      val = val * p + d[l - 1];
+  code = 0;
+  digit = 0;
+  for (int l = 1; l <= K; ++l) {
+    const int d = __shfl_sync(kFull, mine, l - 1);
+    base += pw;
+    pw *= p;
+    val = val * p + d;
+    if (lane >= l) {
+      code = base + val;
+      digit = d;
     }
-    code[l] = base + val;
   }
 }
 
 struct AppendParams {
-  const void* dig;      // [B, Hkv, T, K] integer, contiguous
-  const void* v;        // [B, Hkv, T, D] contiguous
-  const bool* keep;     // [B, T] or null
-  float* tab;           // [G, N, D]
-  int* cnt;             // [G, N]
-  int64_t keys;         // G * T
+  const void* dig;   // [B, Hkv, T, K] integer, contiguous
+  const void* v;     // [B, Hkv, T, D] contiguous
+  const bool* keep;  // [B, T] or null
+  float* tab;        // [G, N, D]
+  int* cnt;          // [G, N]
+  int64_t keys;      // G * T
   int T, Hkv, K, p, N, D;
 };
 
@@ -63,19 +63,18 @@ __global__ void __launch_bounds__(kThreads) ultrametric_cache_append_kernel(cons
   const int lane = threadIdx.x % 32;
   const int64_t g = key / a.T, t = key % a.T;
   if (a.keep && !a.keep[(g / a.Hkv) * a.T + t]) return;
-  int code[kMaxLevels], d[kMaxLevels];
-  prefix_codes(static_cast<const DT*>(a.dig) + key * a.K, a.K, a.p, code, d);
+  int code, digit;
+  prefix_code(static_cast<const DT*>(a.dig) + key * a.K, a.K, a.p, code, digit);
   float* tab = a.tab + g * a.N * a.D;
-  int* cnt = a.cnt + g * a.N;
-#pragma unroll
-  for (int l = 0; l < kMaxLevels; ++l)
-    if (l <= a.K && l == lane) atomicAdd(cnt + code[l], 1);
+  if (lane <= a.K) atomicAdd(a.cnt + g * a.N + code, 1);
   const VT* v = static_cast<const VT*>(a.v) + key * a.D;
-  for (int c = lane; c < a.D; c += 32) {
-    const float x = static_cast<float>(v[c]);
-#pragma unroll
-    for (int l = 0; l < kMaxLevels; ++l)
-      if (l <= a.K) atomicAdd(tab + int64_t(code[l]) * a.D + c, x);
+  for (int c0 = 0; c0 < a.D; c0 += 32) {  // warp-uniform bounds: the shuffles need every lane
+    const int c = c0 + lane;
+    const float x = c < a.D ? static_cast<float>(v[c]) : 0.f;
+    for (int l = 0; l <= a.K; ++l) {
+      const int row = __shfl_sync(kFull, code, l);
+      if (c < a.D) atomicAdd(tab + int64_t(row) * a.D + c, x);
+    }
   }
 }
 
@@ -83,69 +82,56 @@ struct QueryParams {
   const void* dig;  // [B, H, Tq, K] integer, contiguous
   const float* tab;
   const int* cnt;
-  float* y;    // [B, H, Tq, D]
-  float* lse;  // [B, H, Tq]
+  float* y;         // [B, H, Tq, D]
+  float* lse;       // [B, H, Tq]
   int64_t queries;  // B * H * Tq
   int H, R, Tq, Hkv, K, p, N, D;
   float log2a, am1;  // log2 alpha and alpha - 1, as the Triton kernels take them
   bool excl;         // alpha <= 1: the disjoint sibling buckets
 };
 
-template <int VEC>
-struct Vec {
-  float x[VEC];
-};
+// Read m of a query (reference.ultrametric.read_codes: every weight >= 0, nothing cancels), for
+// m < reads(q); the warp's codes are spread as prefix_code leaves them, and every lane must call
+// this (it shuffles). alpha > 1: the K + 1 prefix rows, w_0 = 1, w_l = alpha^(l-1) (alpha - 1).
+// alpha <= 1: for l = 1..K the p - 1 siblings of the level-l row with alpha^(l-1), then the
+// level-K row with alpha^K. The order is the Triton read's (_read_rows), so are the sums.
+__device__ __forceinline__ void read_pair(const QueryParams& q, int m, int code, int digit, int& row, float& w) {
+  if (!q.excl) {
+    row = __shfl_sync(kFull, code, min(m, q.K));
+    w = m == 0 ? 1.f : q.am1 * exp2f(float(m - 1) * q.log2a);
+    return;
+  }
+  const int l = min(m / (q.p - 1), q.K - 1) + 1;  // past the siblings: the level-K row
+  const int cl = __shfl_sync(kFull, code, l), dl = __shfl_sync(kFull, digit, l);
+  if (m >= (q.p - 1) * q.K) {
+    row = cl;
+    w = exp2f(float(q.K) * q.log2a);
+  } else {
+    const int j = m % (q.p - 1);  // the j-th digit other than dl
+    row = cl - dl + (j < dl ? j : j + 1);
+    w = exp2f(float(l - 1) * q.log2a);
+  }
+}
+
+__device__ __forceinline__ int reads(const QueryParams& q) { return q.excl ? (q.p - 1) * q.K + 1 : q.K + 1; }
 
 template <int VEC>
-__device__ __forceinline__ void axpy(Vec<VEC>& acc, float w, const float* row) {
+__device__ __forceinline__ void axpy(float (&acc)[VEC], float w, const float* row) {
   if constexpr (VEC == 4) {
     const float4 f = *reinterpret_cast<const float4*>(row);
-    acc.x[0] += w * f.x;
-    acc.x[1] += w * f.y;
-    acc.x[2] += w * f.z;
-    acc.x[3] += w * f.w;
+    acc[0] += w * f.x;
+    acc[1] += w * f.y;
+    acc[2] += w * f.z;
+    acc[3] += w * f.w;
   } else {
-    acc.x[0] += w * row[0];
+    acc[0] += w * row[0];
   }
 }
 
-// sum_m w_m * table[row_m] over the rows read_codes gives (every w_m >= 0), into acc (the VEC
-// channels at c) or, with COUNT, the same sum over the counts; in the Triton read's order.
-// alpha > 1: the K + 1 prefix rows, w_0 = 1, w_l = alpha^(l-1) (alpha - 1). alpha <= 1: the
-// p - 1 siblings of the level-l row with alpha^(l-1), l = 1..K, then the level-K row with alpha^K.
-template <int VEC, bool COUNT>
-__device__ __forceinline__ void read_rows(const QueryParams& q, const float* tab, const int* cnt,
-                                          const int (&code)[kMaxLevels], const int (&d)[kMaxLevels], int c,
-                                          Vec<VEC>& acc, float& den) {
-  auto add = [&](float w, int row) {
-    if constexpr (COUNT) den += w * float(cnt[row]);
-    else axpy<VEC>(acc, w, tab + int64_t(row) * q.D + c);
-  };
-  if (!q.excl) {
-    if constexpr (COUNT) den = float(cnt[0]);
-    else axpy<VEC>(acc, 1.f, tab + c);  // the root holds every key
-  }
-#pragma unroll
-  for (int l = 1; l < kMaxLevels; ++l) {
-    if (l > q.K) break;
-    if (q.excl) {
-      const float w = exp2f(float(l - 1) * q.log2a);
-      const int first = code[l] - d[l - 1];  // the level-l sibling of digit 0
-      for (int s = 0; s < q.p; ++s)
-        if (s != d[l - 1]) add(w, first + s);
-    } else {
-      add(q.am1 * exp2f(float(l - 1) * q.log2a), code[l]);
-    }
-  }
-  if (q.excl) {
-#pragma unroll
-    for (int l = 1; l < kMaxLevels; ++l)
-      if (l == q.K) add(exp2f(float(q.K) * q.log2a), code[l]);  // keys equal in every digit
-  }
-}
-
-// One warp per query (b, h, t), reading its group b * Hkv + h / R; lanes own VEC consecutive
-// channels (float4 loads and stores where D % 4 == 0 and the buffers are 16-byte aligned).
+// One warp per query (b, h, t), reading its group b * Hkv + h / R. Reads go 32 at a time: lane
+// i forms read m0 + i (row and weight) and its count; the sums then take them in order through
+// shuffles, lanes owning VEC consecutive channels (float4 loads and stores where D % 4 == 0 and
+// the buffers are 16-byte aligned), so the rows' loads are independent and all in flight.
 template <typename DT, int VEC>
 __global__ void __launch_bounds__(kThreads) ultrametric_cache_query_kernel(const QueryParams q) {
   const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -155,26 +141,42 @@ __global__ void __launch_bounds__(kThreads) ultrametric_cache_query_kernel(const
   const int64_t g = b * q.Hkv + h / q.R;
   const float* tab = q.tab + g * q.N * q.D;
   const int* cnt = q.cnt + g * q.N;
-  int code[kMaxLevels], d[kMaxLevels];
-  prefix_codes(static_cast<const DT*>(q.dig) + i * q.K, q.K, q.p, code, d);
-  Vec<VEC> none;
+  int code, digit;
+  prefix_code(static_cast<const DT*>(q.dig) + i * q.K, q.K, q.p, code, digit);
+  const int M = reads(q);
   float den = 0.f;
-  read_rows<VEC, true>(q, tab, cnt, code, d, 0, none, den);
+  for (int m0 = 0; m0 < M; m0 += 32) {
+    int row;
+    float w;
+    read_pair(q, m0 + lane, code, digit, row, w);
+    const float c = m0 + lane < M ? float(cnt[row]) : 0.f;
+    for (int j = 0; j < min(32, M - m0); ++j) den += __shfl_sync(kFull, w, j) * __shfl_sync(kFull, c, j);
+  }
   const float clamped = fmaxf(den, 1e-9f);
   if (lane == 0) q.lse[i] = cnt[0] > 0 ? logf(den) : -INFINITY;  // the root counts every key
   float* y = q.y + i * q.D;
-  for (int c = lane * VEC; c < q.D; c += 32 * VEC) {
-    Vec<VEC> acc;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) acc.x[j] = 0.f;
-    float unused = 0.f;
-    read_rows<VEC, false>(q, tab, cnt, code, d, c, acc, unused);
-    // a division, as the Triton store and the reference (not a product with 1 / den)
-    if constexpr (VEC == 4)
-      *reinterpret_cast<float4*>(y + c) =
-          make_float4(acc.x[0] / clamped, acc.x[1] / clamped, acc.x[2] / clamped, acc.x[3] / clamped);
-    else
-      y[c] = acc.x[0] / clamped;
+  for (int c0 = 0; c0 < q.D; c0 += 32 * VEC) {  // warp-uniform bounds: the shuffles need every lane
+    const int c = c0 + lane * VEC;
+    float acc[VEC] = {};
+    for (int m0 = 0; m0 < M; m0 += 32) {
+      int row;
+      float w;
+      read_pair(q, m0 + lane, code, digit, row, w);
+#pragma unroll 8
+      for (int j = 0; j < min(32, M - m0); ++j) {
+        const int r = __shfl_sync(kFull, row, j);
+        const float wj = __shfl_sync(kFull, w, j);
+        if (c < q.D) axpy<VEC>(acc, wj, tab + int64_t(r) * q.D + c);
+      }
+    }
+    if (c < q.D) {
+      // a division, as the Triton store and the reference (not a product with 1 / den)
+      if constexpr (VEC == 4)
+        *reinterpret_cast<float4*>(y + c) = make_float4(acc[0] / clamped, acc[1] / clamped, acc[2] / clamped,
+                                                        acc[3] / clamped);
+      else
+        y[c] = acc[0] / clamped;
+    }
   }
 }
 
@@ -208,7 +210,7 @@ int64_t check_tables(const char* op, const Tensor& tab, const Tensor& cnt, const
   GK_CHECK(dig.dim() == 4 && dig.is_contiguous() && dig.size(3) >= 1, op, ": ", dname,
            " must be contiguous [B, heads, T, K] with K >= 1, got ", dig.sizes());
   const int64_t K = dig.size(3);
-  GK_CHECK(p >= 2 && K < kMaxLevels, op, ": p must be >= 2 and K <= ", kMaxLevels - 1, ", got p ", p, ", K ", K);
+  GK_CHECK(p >= 2 && K <= kMaxK, op, ": p must be >= 2 and K <= ", kMaxK, ", got p ", p, ", K ", K);
   const int64_t N = num_codes(p, K);
   GK_CHECK(tab.scalar_type() == dtype::f32 && tab.dim() == 3 && tab.is_contiguous() && tab.size(1) == N, op,
            ": tab must be contiguous float32 [G, ", N, ", D] (N = sum p**l, l <= K), got ", tab.scalar_type(), " ",
