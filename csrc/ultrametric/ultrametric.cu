@@ -193,9 +193,15 @@ void dispatch_digits(ScalarType st, const char* op, const char* name, F&& f) {
   }
 }
 
+constexpr int64_t kMaxCodes = int64_t(1) << 16;
+
+// sum_{l<=K} p^l, or kMaxCodes + 1 once past kMaxCodes (p <= kMaxCodes: no product overflows)
 int64_t num_codes(int64_t p, int64_t K) {
   int64_t n = 0, pw = 1;
-  for (int64_t l = 0; l <= K && n <= (int64_t(1) << 16); ++l, pw *= p) n += pw;
+  for (int64_t l = 0; l <= K; ++l, pw *= p) {
+    n += pw;
+    if (n > kMaxCodes) return kMaxCodes + 1;
+  }
   return n;
 }
 
@@ -210,8 +216,10 @@ int64_t check_tables(const char* op, const Tensor& tab, const Tensor& cnt, const
   GK_CHECK(dig.dim() == 4 && dig.is_contiguous() && dig.size(3) >= 1, op, ": ", dname,
            " must be contiguous [B, heads, T, K] with K >= 1, got ", dig.sizes());
   const int64_t K = dig.size(3);
-  GK_CHECK(p >= 2 && K <= kMaxK, op, ": p must be >= 2 and K <= ", kMaxK, ", got p ", p, ", K ", K);
+  GK_CHECK(p >= 2 && p <= kMaxCodes && K <= kMaxK, op, ": p must be in [2, ", kMaxCodes, "] and K <= ", kMaxK,
+           ", got p ", p, ", K ", K);
   const int64_t N = num_codes(p, K);
+  GK_CHECK(N <= kMaxCodes, op, ": p = ", p, ", K = ", K, " need more than ", kMaxCodes, " codes (dense tables)");
   GK_CHECK(tab.scalar_type() == dtype::f32 && tab.dim() == 3 && tab.is_contiguous() && tab.size(1) == N, op,
            ": tab must be contiguous float32 [G, ", N, ", D] (N = sum p**l, l <= K), got ", tab.scalar_type(), " ",
            tab.sizes());
