@@ -14,7 +14,7 @@
 #   new         the newest families' tests and benchmarks (FAMILIES, default: ultrametric
 #               hypercomplex_linear hypercomplex_attention lior contrastive, ultrametric_retrieval; OUT/new;
 #               NEW_TESTS=0 skips the tests when the suite stage ran them; BENCH_MATCH: only the cases
-#               whose 'op shape dtype direction' match this regular expression)
+#               whose 'op shape dtype direction' match this regular expression, "done": the done-means rows)
 # Autotuning results are cached on disk (TRITON_CACHE_AUTOTUNING): the repeats of one tree's
 # headline rows, and a later stage's call of the same kernel, reuse the first tuning instead of
 # re-tuning (the timed configs stay the tuned ones; the spread of repeats is then the run's noise).
@@ -88,8 +88,12 @@ if [[ "$STAGES" == *" new "* ]]; then
     GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $files >"$OUT/new/tests.log" 2>&1
     echo "new families' tests exit $?, $((SECONDS - t0)) s"; grep -E "^FAILED|^ERROR|passed|failed" "$OUT/new/tests.log" | cut -c1-300 | tail -30
   fi
+  # BENCH_MATCH=done: the rows the issues' done-means name (#17-#22), 153 timed entries instead of ~290
+  done_rows='^ultrametric_attention B1H16T32768K8D64 bf16 fwd$|^ultrametric_attention B1H16T65536K8D64 bf16 fwd\+bwd$|^ultrametric_decode_step_ B32H16ctx(4096|1048576)|^ultrametric_attention soft B4H16T(1024|4096|16384)K8D64|^ultrametric_signatures|^ultrametric_top1 B1H8T8192D64K8 bf16|_linear (4096x|32x8192)|^(quaternion|octonion)_attention B4H16T(1024|4096|16384)D64|^sdpa \(baseline\) B4H16T(1024|4096|16384)D64|^lior_recurrence(\+gate)? T(1024|2048)|^lior_recurrence_step_(\+gate)? B(4096|8192)|^lior_action_ W64|^lior_memory_conv|^contrastive_update_many_|^contrastive_update_ in(4096-out4096|8192)'
+  match=${BENCH_MATCH:-}
+  [ "$match" = done ] && match=$done_rows
   for f in $fams; do
-    ( unset GEOKERN_AUTOTUNE; timeout "${BENCH_LIMIT:-240}" python3 -m geokern.bench --family "$f" --out "$OUT/new" ${BENCH_MATCH:+--match "$BENCH_MATCH"} 2>&1 | tail -40 )
+    ( unset GEOKERN_AUTOTUNE; timeout "${BENCH_LIMIT:-240}" python3 -m geokern.bench --family "$f" --out "$OUT/new" ${match:+--match "$match"} 2>&1 | tail -40 )
     echo "bench $f done, $((SECONDS - t0)) s"
   done
 fi
