@@ -41,7 +41,8 @@ else
 fi
 python3 -c "import geokern, json; print(geokern.__file__); print(json.dumps(geokern.info()))" | tee "$OUT/info.json"
 t0=$SECONDS
-[ -f .carry/dbg.py ] && timeout 60 python3 .carry/dbg.py 2>&1 | tee "$OUT/dbg.log" | tail -30  # a one-off probe carried for this call
+# PROBE=script.py: a diagnostic script run first (60 s at most; OUT/probe.log), e.g. scripts/probe_octonion_inf.py
+[ -n "${PROBE:-}" ] && timeout 60 python3 "$PROBE" 2>&1 | tee "$OUT/probe.log" | tail -30
 if [[ "$STAGES" == *" suite "* ]]; then
   JOBS=${JOBS:-8} STEPS="tests" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
   tp=$!
