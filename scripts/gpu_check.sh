@@ -61,8 +61,9 @@ if [[ "$STAGES" == *" suite "* ]]; then
   sp=$!
   wait $tp; trc=$?; wait $sp; src=$?
   echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
-
-  grep -hsE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log | cut -c1-240 | tail -40
+  # (a process cut by LIMIT leaves its shard log, not gpu.log's copy of it: both are read)
+  grep -hsE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/tests/tests.[0-9]*.log \
+    "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log | cut -c1-240 | tail -40
 fi
 if [[ "$STAGES" == *" huge "* ]]; then
   python3 -m pytest -q -p no:cacheprovider -m huge tests >"$OUT/huge.log" 2>&1
