@@ -125,6 +125,13 @@ def test_cuda_backend_refusals():
                                       k_soft=cpu["k_digits"].float())
 
 
+def test_auto_does_not_pick_cuda():
+    """auto keeps Triton for CUDA tensors (the CUDA kernels are not yet measured), the reference
+    for CPU tensors."""
+    from geokern.ops import ultrametric as um
+    assert um._backend_for("auto", DEVICE) == ("triton" if DEVICE.type == "cuda" else "torch")
+
+
 def test_cuda_ops_check_their_arguments():
     """The CUDA ops check what reaches them past the op layer (devices, layouts, dtypes, the
     backward's lse), naming the op and the argument."""
