@@ -146,12 +146,12 @@ def test_decode_equals_full(backend):
     assert rel_err(got, full) < 1e-5, "every step"
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_forward_reads_nothing_on_the_host(monkeypatch, mode):
-    """No .item(), int(tensor), bool(tensor) in forward (Triton backend, straight-through on in
-    hard mode): the digits are in range by construction, so the op's host check is skipped."""
-    need("triton")
-    m = module("triton", straight_through=mode == "hard", mode=mode)
+@pytest.mark.parametrize("mode, backend", [("hard", "triton"), ("soft", "triton"), ("hard", "cuda")])
+def test_forward_reads_nothing_on_the_host(monkeypatch, mode, backend):
+    """No .item(), int(tensor), bool(tensor) in forward (Triton or CUDA backend, straight-through
+    on in hard mode): the digits are in range by construction, so the op's host check is skipped."""
+    need(backend)
+    m = module(backend, straight_through=mode == "hard", mode=mode)
     x, keep = inputs()
     want = m(x, keep)
     calls = []
@@ -164,13 +164,16 @@ def test_forward_reads_nothing_on_the_host(monkeypatch, mode):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the Triton kernels needs CUDA tensors (the interpreter runs eager)")
-@pytest.mark.parametrize("straight_through, mode", [(False, "hard"), (True, "hard"), (False, "soft")],
-                         ids=["hard", "straight-through", "soft"])
-def test_compiles_fullgraph_without_host_sync(straight_through, mode):
+@pytest.mark.parametrize("straight_through, mode, backend",
+                         [(False, "hard", "triton"), (True, "hard", "triton"), (False, "soft", "triton"),
+                          (False, "hard", "cuda"), (True, "hard", "cuda")],
+                         ids=["hard", "straight-through", "soft", "hard-cuda", "straight-through-cuda"])
+def test_compiles_fullgraph_without_host_sync(straight_through, mode, backend):
     """torch.compile(fullgraph=True) traces forward whole, and the eager forward runs under
     torch.cuda's sync debug mode set to error. (The torch backend, the reference, compresses
     codes with torch.unique, a data-dependent size: not compiled here.)"""
-    m = module("triton", straight_through=straight_through, mode=mode)
+    need(backend)
+    m = module(backend, straight_through=straight_through, mode=mode)
     x, keep = inputs()
     want = m(x, keep)
     torch.cuda.synchronize()
