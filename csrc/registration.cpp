@@ -55,6 +55,12 @@ STABLE_TORCH_LIBRARY(geokern, m) {
   // [B, Hkv, T, K], v [B, Hkv, T, D], keep [B, T] bool) to its K + 1 prefix rows; query writes y
   // [B, H, Tq, D] and lse [B, H, Tq] (float32) of q_digits [B, H, Tq, K] against every key in them.
   m.def("ultrametric_cache_append_cuda(Tensor(a0!) tab, Tensor(a1!) cnt, Tensor k_digits, Tensor v, Tensor? keep, int p) -> ()");
+  // Hard-mode ultrametric attention (csrc/ultrametric/attention.cu): q_digits [B, H, Tq, K], k_digits
+  // [B, Hkv, Tk, K] integer digits, v [B, Hkv, Tk, D], keep [B, Tk] bool; returns (y [B, H, Tq, D] in v's
+  // dtype, lse [B, H, Tq] float32). The backward returns dv [B, Hkv, Tk, D] from grad [B, H, Tq, D] and the
+  // forward's lse. Knobs, 0 = choose: chunk (positions per scan chunk), num_segments (segments per group).
+  m.def("ultrametric_attention_cuda(Tensor q_digits, Tensor k_digits, Tensor v, Tensor? keep, float alpha, int p, bool causal, int chunk, int num_segments) -> (Tensor, Tensor)");
+  m.def("ultrametric_attention_backward_cuda(Tensor grad, Tensor q_digits, Tensor k_digits, Tensor lse, Tensor? keep, float alpha, int p, bool causal, int chunk, int num_segments) -> Tensor");
   m.def("ultrametric_cache_query_cuda(Tensor tab, Tensor cnt, Tensor q_digits, Tensor(a3!) y, Tensor(a4!) lse, float alpha, int p) -> ()");
 }
 

@@ -5,7 +5,7 @@ test_ultrametric_edges.py (with the decode state); the nn module: test_ultrametr
 
 import pytest
 import torch
-from _custom_ops import custom_op_tests
+from _custom_ops import custom_op_tests, op
 from _helpers import DTYPES, dtype_id, need
 from _tolerance import assert_close
 from _ultrametric import brute, digits, trie_walk
@@ -14,7 +14,8 @@ from conftest import DEVICE, HAS_CUDA
 import geokern
 from geokern.reference import ultrametric as ref
 
-BACKENDS = ["torch", "triton"]  # "cuda": not built for this op (issue #18), test_ultrametric_edges
+BACKENDS = ["torch", "triton", "cuda"]
+KERNELS = ["triton", "cuda"]  # the table kernels (the knobs, chunked prefill, hidden non-finite values)
 
 # (B, H, Hkv, Tq, Tk, K, p, causal, digit kind, padded)
 CPU_CASES = [
@@ -67,12 +68,13 @@ def test_matches_brute_force(case, backend):
     assert_close("lse", lse[fin], lse64[fin].float(), lse64[fin].float())
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[4], CPU_CASES[7]], ids=_id)
-def test_trie_walk_agrees(case):
-    """The spec's own formula, one query at a time, against the Triton kernels (and so the rest)."""
-    need("triton")
+def test_trie_walk_agrees(case, backend):
+    """The spec's own formula, one query at a time, against the kernels (and so the rest)."""
+    need(backend)
     qd, kd, v, keep, p, causal = make(case)
-    y, _ = run("triton", qd, kd, v, keep, p, causal)
+    y, _ = run(backend, qd, kd, v, keep, p, causal)
     assert_close("y vs trie walk", y, trie_walk(qd, kd, v, 1.7, causal, keep).float())
 
 
@@ -80,7 +82,7 @@ def test_trie_walk_agrees(case):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtypes(dtype, backend):
     need(backend)
-    if backend == "triton" and dtype == torch.float64:
+    if backend in KERNELS and dtype == torch.float64:
         pytest.skip("float64 runs on backend='torch' (test_ultrametric_edges checks the error)")
     qd, kd, v, keep, p, causal = make(CPU_CASES[1], dtype)
     y, lse = run(backend, qd, kd, v, keep, p, causal)
@@ -106,14 +108,15 @@ def test_gradient_to_v(case, backend):
         assert not dv[~keep[:, None, :, None].expand_as(dv)].any(), "dv: a padded key got a gradient"
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("num_segments", [1, 2, 3, 7])
 @pytest.mark.parametrize("chunk", [16, 32])
-def test_knobs_do_not_change_the_result(chunk, num_segments):
+def test_knobs_do_not_change_the_result(chunk, num_segments, backend):
     """Chunk size and segment count change only the summation order (and the scan's parallelism)."""
-    need("triton")
+    need(backend)
     qd, kd, v, keep, p, causal = make(CPU_CASES[3])
     v = v.requires_grad_()
-    y, lse = run("triton", qd, kd, v, keep, p, causal, chunk=chunk, num_segments=num_segments)
+    y, lse = run(backend, qd, kd, v, keep, p, causal, chunk=chunk, num_segments=num_segments)
     (dv,) = torch.autograd.grad(y.square().sum(), v)
     y0, lse0 = run("torch", qd, kd, v, keep, p, causal)
     (dv0,) = torch.autograd.grad(y0.square().sum(), v)
@@ -121,12 +124,13 @@ def test_knobs_do_not_change_the_result(chunk, num_segments):
     assert_close("dv", dv, dv0.double())
 
 
-def test_chunked_prefill_equals_prefill_rows():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_chunked_prefill_equals_prefill_rows(backend):
     """Queries Tk - Tq .. Tk - 1 of a chunked prefill are the last rows of the full prefill."""
-    need("triton")
+    need(backend)
     qd, kd, v, _, p, _ = make(CPU_CASES[0])
-    full, lfull = run("triton", qd, kd, v, None, p, True)
-    part, lpart = run("triton", qd[:, :, -9:], kd, v, None, p, True)
+    full, lfull = run(backend, qd, kd, v, None, p, True)
+    part, lpart = run(backend, qd[:, :, -9:], kd, v, None, p, True)
     assert_close("y", part, full[:, :, -9:].double())
     assert_close("lse", lpart, lfull[:, :, -9:].double())
 
@@ -152,10 +156,11 @@ def test_straight_through_gradient_is_the_soft_kernels():
     assert_close("dv", dv, dv_hard.double())
 
 
-def test_nan_in_hidden_values_stays_hidden():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_nan_in_hidden_values_stays_hidden(backend):
     """A padded key or a later key (causal) with NaN / inf values reaches no query; a visible NaN
     reaches exactly the queries that see it."""
-    need("triton")
+    need(backend)
     B, H, T, K, D, p = 1, 2, 37, 3, 16, 2
     qd, kd = digits(B, H, T, K, p), digits(B, H, T, K, p)
     v = torch.randn(B, H, T, D, device=DEVICE)
@@ -165,7 +170,7 @@ def test_nan_in_hidden_values_stays_hidden():
     v[0, :, 20, :3] = float("nan")  # visible from position 20 on
     v[0, :, 30, 3] = float("inf")
     v = v.requires_grad_()
-    y, _ = run("triton", qd, kd, v, keep, p, True)
+    y, _ = run(backend, qd, kd, v, keep, p, True)
     assert not y[:, :, :20].isnan().any(), "NaN leaked to queries before the NaN key"
     assert y[:, :, 20:, :3].isnan().all(), "a visible NaN must reach every query that sees it"
     assert not y[:, :, :, 3:].isnan().any(), "NaN in channels without one"
@@ -175,25 +180,27 @@ def test_nan_in_hidden_values_stays_hidden():
 
 
 def _op_samples(qualname):
+    """Both ops of a backend (the CUDA ops, or their mirrors, also on CPU tensors: the reference);
+    the backward's lse from its own backend's forward."""
     qd, kd, v, keep, p, causal = make(CPU_CASES[1])
-    qd, kd, v = qd.cuda(), kd.cuda(), v.cuda()
-    keep = keep.cuda()
     fwd = (qd, kd, v, keep, 1.7, p, causal, 0, 0)
     if "backward" not in qualname:
-        return [fwd, (qd, kd, v, None, 2.0, p, False, 16, 2)]
-    _, lse = torch.ops.geokern.ultrametric_attention_triton.default(*fwd)
-    grad = torch.randn(qd.shape[:3] + (v.shape[3],), device="cuda")
-    return [(grad, qd, kd, lse, keep, 1.7, p, causal, 0, 0)]
+        return [fwd, (qd, kd, v, None, 2.0, p, False, 16, 2), (qd, kd, v, keep, 0.5, p, causal, 4, 3)]
+    _, lse = op(qualname.replace("_backward", ""))(*fwd)
+    grad = torch.randn(qd.shape[:3] + (v.shape[3],), device=DEVICE)
+    return [(grad, qd, kd, lse, keep, 1.7, p, causal, 0, 0), (grad, qd, kd, lse, None, 1.7, p, False, 16, 2)]
 
 
 test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_attention_", _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
-def test_public_op_compiles_with_backward():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_public_op_compiles_with_backward(backend):
+    need(backend)
     qd, kd, v, keep, p, causal = make(CPU_CASES[0])
     v = v.requires_grad_()
-    f = torch.compile(lambda a: run("triton", qd, kd, a, keep, p, causal)[0].square().sum(), fullgraph=True)
+    f = torch.compile(lambda a: run(backend, qd, kd, a, keep, p, causal)[0].square().sum(), fullgraph=True)
     (got,) = torch.autograd.grad(f(v), v)
-    (want,) = torch.autograd.grad(run("triton", qd, kd, v, keep, p, causal)[0].square().sum(), v)
+    (want,) = torch.autograd.grad(run(backend, qd, kd, v, keep, p, causal)[0].square().sum(), v)
     assert_close("dv compiled", got, want.double())

@@ -1,5 +1,5 @@
 """Ultrametric attention at the edges: empty inputs, bad input (errors name the argument), the
-Triton backend's limits, the refused CUDA backend; and the constant-cost decode state against
+Triton and CUDA backends' limits, the CUDA backend's refusals; and the constant-cost decode state against
 full recomputation."""
 
 import math
@@ -12,10 +12,11 @@ from _ultrametric import brute, digits
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
+from geokern import _backend
 from geokern.reference import ultrametric as ref
 
-BACKENDS = ["torch", "triton"]
-DECODE_BACKENDS = ["torch", "triton", "cuda"]  # the decode state has CUDA kernels (attention: issue #18)
+BACKENDS = ["torch", "triton", "cuda"]
+DECODE_BACKENDS = ["torch", "triton", "cuda"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,38 +94,76 @@ def test_bad_input(name, backend):
         geokern.ultrametric_attention(**_args(**over), **kw)
 
 
-def test_check_digits_false_skips_only_the_range_check():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_check_digits_false_skips_only_the_range_check(backend):
     """check_digits=False: no host read of the digits' range. An out-of-range digit is then not
-    refused; the Triton kernels keep every table access in bounds (the result is unspecified, but
-    finite); the type and shape checks stay, and the torch backend (the reference) still checks."""
-    need("triton")
+    refused; the Triton and CUDA kernels keep every table access in bounds (the result is
+    unspecified, but finite); the type and shape checks stay, and the torch backend (the reference)
+    still checks."""
+    need(backend)
     a = _args(k_digits=torch.tensor([0, 1, 2, 1, 0], device=DEVICE).view(1, 1, 5, 1).expand(1, 1, 5, 3).contiguous())
-    y = geokern.ultrametric_attention(**a, check_digits=False, backend="triton")
+    y = geokern.ultrametric_attention(**a, check_digits=False, backend=backend)
     assert y.shape == (1, 2, 5, 4) and y.isfinite().all()
     with pytest.raises(ValueError, match="k_digits"):
         geokern.ultrametric_attention(**a, check_digits=False, backend="torch")
     with pytest.raises(TypeError, match="q_digits"):
         geokern.ultrametric_attention(**_args(q_digits=torch.zeros(1, 2, 5, 3, device=DEVICE)), check_digits=False,
-                                      backend="triton")
+                                      backend=backend)
 
 
-def test_cuda_backend_is_refused_with_the_issue():
-    """Attention's CUDA kernels are issue #18; the message points to the decode state's."""
-    with pytest.raises(RuntimeError, match="#18.*decode state.*has a CUDA backend"):
-        geokern.ultrametric_attention(**_args(), backend="cuda")
-    with pytest.raises(RuntimeError, match="#18"):
+def test_cuda_backend_refusals():
+    """The soft mode has no CUDA kernels (issue #18; the message names what has them); the hard
+    mode's CUDA backend refuses CPU tensors naming v and the way out (runs on every machine)."""
+    with pytest.raises(RuntimeError, match="mode='soft'.*#18.*hard mode.*have a CUDA backend"):
         geokern.ultrametric_attention(torch.rand(1, 2, 5, 3, device=DEVICE), torch.rand(1, 1, 5, 3, device=DEVICE),
                                       torch.randn(1, 1, 5, 4, device=DEVICE), mode="soft", backend="cuda")
+    cpu = {k: t.cpu() for k, t in _args().items()}
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, v is on cpu.*backend='torch'"):
+        geokern.ultrametric_attention(**cpu, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, v is on cpu"):
+        geokern.ultrametric_attention(**cpu, backend="cuda", q_soft=cpu["q_digits"].float(),
+                                      k_soft=cpu["k_digits"].float())
 
 
-def test_triton_limits():
-    need("triton")
-    with pytest.raises(ValueError, match="2\\*\\*16"):
+def test_auto_does_not_pick_cuda():
+    """auto keeps Triton for CUDA tensors (the CUDA kernels are not yet measured), the reference
+    for CPU tensors."""
+    from geokern.ops import ultrametric as um
+    assert um._backend_for("auto", DEVICE) == ("triton" if DEVICE.type == "cuda" else "torch")
+
+
+def test_cuda_ops_check_their_arguments():
+    """The CUDA ops check what reaches them past the op layer (devices, layouts, dtypes, the
+    backward's lse), naming the op and the argument."""
+    need("cuda")
+    qd, kd, v = _args().values()
+    fwd = torch.ops.geokern.ultrametric_attention_cuda.default
+    bwd = torch.ops.geokern.ultrametric_attention_backward_cuda.default
+    with pytest.raises(RuntimeError, match="ultrametric_attention_cuda: q_digits is on cpu"):
+        fwd(qd.cpu(), kd, v, None, 2.0, 2, True, 0, 0)
+    with pytest.raises(RuntimeError, match="ultrametric_attention_cuda: keep must be contiguous bool"):
+        fwd(qd, kd, v, torch.ones(1, 4, dtype=torch.bool, device=DEVICE), 2.0, 2, True, 0, 0)
+    with pytest.raises(RuntimeError, match="ultrametric_attention_cuda: dtype must be float32, float16 or bfloat16"):
+        fwd(qd, kd, v.double(), None, 2.0, 2, True, 0, 0)
+    with pytest.raises(RuntimeError, match="ultrametric_attention_cuda: k_digits must have an integer dtype"):
+        fwd(qd, kd.float(), v, None, 2.0, 2, True, 0, 0)
+    grad = torch.randn(1, 2, 5, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match="ultrametric_attention_backward_cuda: lse must be contiguous float32"):
+        bwd(grad, qd, kd, torch.zeros(1, 2, 5, dtype=torch.float64, device=DEVICE), None, 2.0, 2, True, 0, 0)
+    with pytest.raises(RuntimeError, match="ultrametric_attention_backward_cuda: grad must be contiguous"):
+        bwd(grad[:, :1], qd, kd, torch.zeros(1, 2, 5, device=DEVICE), None, 2.0, 2, True, 0, 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_backend_limits(backend):
+    need(backend)
+    name = "Triton" if backend == "triton" else "CUDA"
+    with pytest.raises(ValueError, match=f"the {name} backend keeps dense bucket tables.*2\\*\\*16"):
         geokern.ultrametric_attention(digits(1, 1, 3, 16, 2), digits(1, 1, 3, 16, 2), torch.randn(1, 1, 3, 4,
-                                      device=DEVICE), backend="triton")
-    with pytest.raises(ValueError, match="float64"):
+                                      device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match=f"the {name} backend takes .*float64"):
         geokern.ultrametric_attention(**_args(v=torch.randn(1, 1, 5, 4, device=DEVICE, dtype=torch.float64)),
-                                      backend="triton")
+                                      backend=backend)
     # the reference takes what the Triton backend refuses
     y = geokern.ultrametric_attention(digits(1, 1, 3, 16, 2), digits(1, 1, 3, 16, 2), torch.randn(1, 1, 3, 4,
                                       device=DEVICE), backend="torch")
@@ -290,7 +329,8 @@ def deterministic():
 
 def test_deterministic_mode_triton_raises(deterministic):
     """Triton's float32 atomics (hard-mode tables, the soft backward's dq, the decode cache's
-    append) raise as torch's nondeterministic ops do, naming the op and backend='torch'; the
+    append; the CUDA hard mode's tables too) raise as torch's nondeterministic ops do, naming the
+    op and backend='torch'; the
     torch backend and the atomic-free Triton soft forward and cache query run."""
     need("triton")
     qd, kd, v = digits(1, 2, 6, 3, 2), digits(1, 1, 6, 3, 2), torch.randn(1, 1, 6, 4, device=DEVICE)
@@ -298,6 +338,9 @@ def test_deterministic_mode_triton_raises(deterministic):
     with pytest.raises(RuntimeError, match=match):
         geokern.ultrametric_attention(qd, kd, v, backend="triton")
     geokern.ultrametric_attention(qd, kd, v, backend="torch")
+    if _backend.why_unavailable("cuda", DEVICE) is None:
+        with pytest.raises(RuntimeError, match="ultrametric_attention.*backend='cuda'.*backend='torch'"):
+            geokern.ultrametric_attention(qd, kd, v, backend="cuda")
     qs, ks = (d.float().requires_grad_() for d in (qd, kd))
     y = geokern.ultrametric_attention(qs, ks, v, mode="soft", backend="triton")
     with pytest.raises(RuntimeError, match="mode='soft', backend='triton'.*backend='torch'"):

@@ -12,7 +12,7 @@ from conftest import DEVICE, HAS_CUDA
 
 from geokern.nn import UltrametricCausalSelfAttention
 
-BACKENDS = ["torch", "triton"]  # "cuda": not built for ultrametric attention (issue #18)
+BACKENDS = ["torch", "triton", "cuda"]
 
 
 def module(backend, *, d_model=24, n_heads=4, n_kv_heads=2, K=4, p=3, alpha=1.7, **kw):
@@ -82,11 +82,12 @@ def test_matches_plain_torch(case, backend):
     assert rel_err(got, want) < 1e-5, f"{backend} output: {rel_err(got, want):.2e}"
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("straight_through", [False, True], ids=["hard", "straight-through"])
-def test_backends_agree(straight_through):
-    need("triton")
-    ms = {be: module(be, straight_through=straight_through) for be in BACKENDS}
-    ms["triton"].load_state_dict(ms["torch"].state_dict())
+def test_backends_agree(straight_through, backend):
+    need(backend)
+    ms = {be: module(be, straight_through=straight_through) for be in ("torch", backend)}
+    ms[backend].load_state_dict(ms["torch"].state_dict())
     x, keep = inputs()
     g = torch.randn_like(x)
     out = {}
@@ -94,10 +95,10 @@ def test_backends_agree(straight_through):
         y = m(x, keep)
         out[be] = (y, *torch.autograd.grad((y * g).sum(), list(m.parameters()), allow_unused=True))
     names = ["output"] + [f"grad {n}" for n, _ in ms["torch"].named_parameters()]
-    for name, a, b in zip(names, out["torch"], out["triton"]):
+    for name, a, b in zip(names, out["torch"], out[backend]):
         assert (a is None) == (b is None), f"{name}: one backend gives none"
         if a is not None:
-            assert rel_err(b, a) < 1e-5, f"triton vs torch {name}: {rel_err(b, a):.2e}"
+            assert rel_err(b, a) < 1e-5, f"{backend} vs torch {name}: {rel_err(b, a):.2e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,12 +146,12 @@ def test_decode_equals_full(backend):
     assert rel_err(got, full) < 1e-5, "every step"
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_forward_reads_nothing_on_the_host(monkeypatch, mode):
-    """No .item(), int(tensor), bool(tensor) in forward (Triton backend, straight-through on in
-    hard mode): the digits are in range by construction, so the op's host check is skipped."""
-    need("triton")
-    m = module("triton", straight_through=mode == "hard", mode=mode)
+@pytest.mark.parametrize("mode, backend", [("hard", "triton"), ("soft", "triton"), ("hard", "cuda")])
+def test_forward_reads_nothing_on_the_host(monkeypatch, mode, backend):
+    """No .item(), int(tensor), bool(tensor) in forward (Triton or CUDA backend, straight-through
+    on in hard mode): the digits are in range by construction, so the op's host check is skipped."""
+    need(backend)
+    m = module(backend, straight_through=mode == "hard", mode=mode)
     x, keep = inputs()
     want = m(x, keep)
     calls = []
@@ -163,13 +164,16 @@ def test_forward_reads_nothing_on_the_host(monkeypatch, mode):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the Triton kernels needs CUDA tensors (the interpreter runs eager)")
-@pytest.mark.parametrize("straight_through, mode", [(False, "hard"), (True, "hard"), (False, "soft")],
-                         ids=["hard", "straight-through", "soft"])
-def test_compiles_fullgraph_without_host_sync(straight_through, mode):
+@pytest.mark.parametrize("straight_through, mode, backend",
+                         [(False, "hard", "triton"), (True, "hard", "triton"), (False, "soft", "triton"),
+                          (False, "hard", "cuda"), (True, "hard", "cuda")],
+                         ids=["hard", "straight-through", "soft", "hard-cuda", "straight-through-cuda"])
+def test_compiles_fullgraph_without_host_sync(straight_through, mode, backend):
     """torch.compile(fullgraph=True) traces forward whole, and the eager forward runs under
     torch.cuda's sync debug mode set to error. (The torch backend, the reference, compresses
     codes with torch.unique, a data-dependent size: not compiled here.)"""
-    m = module("triton", straight_through=straight_through, mode=mode)
+    need(backend)
+    m = module(backend, straight_through=straight_through, mode=mode)
     x, keep = inputs()
     want = m(x, keep)
     torch.cuda.synchronize()

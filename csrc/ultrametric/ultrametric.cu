@@ -8,44 +8,19 @@
 // and bytes per step: README.md beside this file; the Triton twins are kernels/ultrametric/scan.py
 // (_add_rows, _read_rows, _store_rows), whose arithmetic order this follows.
 
-#include <cmath>
 #include <utility>
 
-#include "common.cuh"
+#include "tables.cuh"
 
 namespace geokern {
 namespace {
 
-constexpr int kThreads = 128, kWarps = kThreads / 32;
-constexpr int kMaxK = 15;  // N = sum_{l<=K} p^l <= 2^16 (the Python side refuses more): K + 1 <= 16 lanes
-constexpr unsigned kFull = 0xffffffffu;
+using namespace ultra;
 
-// One digit row's prefix codes, spread over the warp: lane l <= K gets the code of level l and
-// digit l (the level's own digit; lane 0: the root, code 0). Lanes past K keep the deepest
-// code. Digits are clamped to [0, p - 1]: the ops check their range, except under CUDA-graph
-// capture (a host read would synchronise), where the clamp keeps every table access in bounds.
-template <typename DT>
-__device__ __forceinline__ void prefix_code(const DT* dig, int K, int p, int& code, int& digit) {
-  const int lane = threadIdx.x % 32;
-  int mine = 0;
-  if (lane < K) mine = int(min(max(static_cast<long long>(dig[lane]), 0LL), static_cast<long long>(p - 1)));
-  int val = 0, base = 0, pw = 1;
-  code = 0;
-  digit = 0;
-  for (int l = 1; l <= K; ++l) {
-    const int d = __shfl_sync(kFull, mine, l - 1);
-    base += pw;
-    pw *= p;
-    val = val * p + d;
-    if (lane >= l) {
-      code = base + val;
-      digit = d;
-    }
-  }
-}
+constexpr int kThreads = 128, kWarps = kThreads / 32;
 
 struct AppendParams {
-  const void* dig;   // [B, Hkv, T, K] integer, contiguous
+  Digits dig;        // [B, Hkv, T, K], contiguous
   const void* v;     // [B, Hkv, T, D] contiguous
   const bool* keep;  // [B, T] or null
   float* tab;        // [G, N, D]
@@ -56,83 +31,32 @@ struct AppendParams {
 
 // One warp per key (group g, position t); lanes stride over D, so the atomics of a level are
 // one coalesced RED per 32 channels. A padded key adds nothing, whatever its v.
-template <typename DT, typename VT>
+template <typename VT>
 __global__ void __launch_bounds__(kThreads) ultrametric_cache_append_kernel(const AppendParams a) {
   const int64_t key = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (key >= a.keys) return;  // warp-uniform: the shuffles below see every lane of the warp
-  const int lane = threadIdx.x % 32;
   const int64_t g = key / a.T, t = key % a.T;
   if (a.keep && !a.keep[(g / a.Hkv) * a.T + t]) return;
   int code, digit;
-  prefix_code(static_cast<const DT*>(a.dig) + key * a.K, a.K, a.p, code, digit);
-  float* tab = a.tab + g * a.N * a.D;
-  if (lane <= a.K) atomicAdd(a.cnt + g * a.N + code, 1);
-  const VT* v = static_cast<const VT*>(a.v) + key * a.D;
-  for (int c0 = 0; c0 < a.D; c0 += 32) {  // warp-uniform bounds: the shuffles need every lane
-    const int c = c0 + lane;
-    const float x = c < a.D ? static_cast<float>(v[c]) : 0.f;
-    for (int l = 0; l <= a.K; ++l) {
-      const int row = __shfl_sync(kFull, code, l);
-      if (c < a.D) atomicAdd(tab + int64_t(row) * a.D + c, x);
-    }
-  }
+  prefix_code(a.dig, key, a.K, a.p, code, digit);
+  add_row(a.tab + g * a.N * a.D, a.cnt + g * a.N, code, a.K, a.D, static_cast<const VT*>(a.v) + key * a.D, 1.f);
 }
 
 struct QueryParams {
-  const void* dig;  // [B, H, Tq, K] integer, contiguous
+  Digits dig;       // [B, H, Tq, K], contiguous
   const float* tab;
   const int* cnt;
   float* y;         // [B, H, Tq, D]
   float* lse;       // [B, H, Tq]
   int64_t queries;  // B * H * Tq
-  int H, R, Tq, Hkv, K, p, N, D;
-  float log2a, am1;  // log2 alpha and alpha - 1, as the Triton kernels take them
-  bool excl;         // alpha <= 1: the disjoint sibling buckets
+  int H, R, Tq, Hkv, N, D;
+  ReadWeights rw;
 };
 
-// Read m of a query (reference.ultrametric.read_codes: every weight >= 0, nothing cancels), for
-// m < reads(q); the warp's codes are spread as prefix_code leaves them, and every lane must call
-// this (it shuffles). alpha > 1: the K + 1 prefix rows, w_0 = 1, w_l = alpha^(l-1) (alpha - 1).
-// alpha <= 1: for l = 1..K the p - 1 siblings of the level-l row with alpha^(l-1), then the
-// level-K row with alpha^K. The order is the Triton read's (_read_rows), so are the sums.
-__device__ __forceinline__ void read_pair(const QueryParams& q, int m, int code, int digit, int& row, float& w) {
-  if (!q.excl) {
-    row = __shfl_sync(kFull, code, min(m, q.K));
-    w = m == 0 ? 1.f : q.am1 * exp2f(float(m - 1) * q.log2a);
-    return;
-  }
-  const int l = min(m / (q.p - 1), q.K - 1) + 1;  // past the siblings: the level-K row
-  const int cl = __shfl_sync(kFull, code, l), dl = __shfl_sync(kFull, digit, l);
-  if (m >= (q.p - 1) * q.K) {
-    row = cl;
-    w = exp2f(float(q.K) * q.log2a);
-  } else {
-    const int j = m % (q.p - 1);  // the j-th digit other than dl
-    row = cl - dl + (j < dl ? j : j + 1);
-    w = exp2f(float(l - 1) * q.log2a);
-  }
-}
-
-__device__ __forceinline__ int reads(const QueryParams& q) { return q.excl ? (q.p - 1) * q.K + 1 : q.K + 1; }
-
+// One warp per query (b, h, t), reading its group b * Hkv + h / R: den through read_den, then
+// lanes own VEC consecutive channels (float4 loads and stores where D % 4 == 0 and the buffers
+// are 16-byte aligned) and sum the rows through read_acc.
 template <int VEC>
-__device__ __forceinline__ void axpy(float (&acc)[VEC], float w, const float* row) {
-  if constexpr (VEC == 4) {
-    const float4 f = *reinterpret_cast<const float4*>(row);
-    acc[0] += w * f.x;
-    acc[1] += w * f.y;
-    acc[2] += w * f.z;
-    acc[3] += w * f.w;
-  } else {
-    acc[0] += w * row[0];
-  }
-}
-
-// One warp per query (b, h, t), reading its group b * Hkv + h / R. Reads go 32 at a time: lane
-// i forms read m0 + i (row and weight) and its count; the sums then take them in order through
-// shuffles, lanes owning VEC consecutive channels (float4 loads and stores where D % 4 == 0 and
-// the buffers are 16-byte aligned), so the rows' loads are independent and all in flight.
-template <typename DT, int VEC>
 __global__ void __launch_bounds__(kThreads) ultrametric_cache_query_kernel(const QueryParams q) {
   const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (i >= q.queries) return;  // warp-uniform
@@ -142,33 +66,15 @@ __global__ void __launch_bounds__(kThreads) ultrametric_cache_query_kernel(const
   const float* tab = q.tab + g * q.N * q.D;
   const int* cnt = q.cnt + g * q.N;
   int code, digit;
-  prefix_code(static_cast<const DT*>(q.dig) + i * q.K, q.K, q.p, code, digit);
-  const int M = reads(q);
-  float den = 0.f;
-  for (int m0 = 0; m0 < M; m0 += 32) {
-    int row;
-    float w;
-    read_pair(q, m0 + lane, code, digit, row, w);
-    const float c = m0 + lane < M ? float(cnt[row]) : 0.f;
-    for (int j = 0; j < min(32, M - m0); ++j) den += __shfl_sync(kFull, w, j) * __shfl_sync(kFull, c, j);
-  }
+  prefix_code(q.dig, i, q.rw.K, q.rw.p, code, digit);
+  const float den = read_den(q.rw, cnt, code, digit);
   const float clamped = fmaxf(den, 1e-9f);
   if (lane == 0) q.lse[i] = cnt[0] > 0 ? logf(den) : -INFINITY;  // the root counts every key
   float* y = q.y + i * q.D;
   for (int c0 = 0; c0 < q.D; c0 += 32 * VEC) {  // warp-uniform bounds: the shuffles need every lane
     const int c = c0 + lane * VEC;
     float acc[VEC] = {};
-    for (int m0 = 0; m0 < M; m0 += 32) {
-      int row;
-      float w;
-      read_pair(q, m0 + lane, code, digit, row, w);
-#pragma unroll 8
-      for (int j = 0; j < min(32, M - m0); ++j) {
-        const int r = __shfl_sync(kFull, row, j);
-        const float wj = __shfl_sync(kFull, w, j);
-        if (c < q.D) axpy<VEC>(acc, wj, tab + int64_t(r) * q.D + c);
-      }
-    }
+    read_acc<VEC>(q.rw, tab, q.D, c, code, digit, acc);
     if (c < q.D) {
       // a division, as the Triton store and the reference (not a product with 1 / den)
       if constexpr (VEC == 4)
@@ -178,31 +84,6 @@ __global__ void __launch_bounds__(kThreads) ultrametric_cache_query_kernel(const
         y[c] = acc[0] / clamped;
     }
   }
-}
-
-// Calls f(DT{}) with DT the digits' element type (any integer dtype, as the ops accept).
-template <typename F>
-void dispatch_digits(ScalarType st, const char* op, const char* name, F&& f) {
-  switch (st) {
-    case dtype::u8: f(uint8_t{}); break;
-    case ScalarType::Char: f(int8_t{}); break;
-    case dtype::i16: f(int16_t{}); break;
-    case dtype::i32: f(int32_t{}); break;
-    case dtype::i64: f(int64_t{}); break;
-    default: GK_CHECK(false, op, ": ", name, " must have an integer dtype, got ", st);
-  }
-}
-
-constexpr int64_t kMaxCodes = int64_t(1) << 16;
-
-// sum_{l<=K} p^l, or kMaxCodes + 1 once past kMaxCodes (p <= kMaxCodes: no product overflows)
-int64_t num_codes(int64_t p, int64_t K) {
-  int64_t n = 0, pw = 1;
-  for (int64_t l = 0; l <= K; ++l, pw *= p) {
-    n += pw;
-    if (n > kMaxCodes) return kMaxCodes + 1;
-  }
-  return n;
 }
 
 // The shared checks: tables on one CUDA device, contiguous, of the shapes p and the digits give;
@@ -236,12 +117,6 @@ int64_t check_tables(const char* op, const Tensor& tab, const Tensor& cnt, const
   return Hkv;
 }
 
-int blocks_for(int64_t warps, const char* op) {
-  const int64_t n = (warps + kWarps - 1) / kWarps;
-  GK_CHECK(n <= INT32_MAX, op, ": ", warps, " rows exceed one launch");
-  return int(n);
-}
-
 void ultrametric_cache_append_cuda(Tensor tab, Tensor cnt, const Tensor& k_digits, const Tensor& v,
                                    const std::optional<Tensor>& keep, int64_t p) {
   const char* op = "ultrametric_cache_append_cuda";
@@ -257,19 +132,17 @@ void ultrametric_cache_append_cuda(Tensor tab, Tensor cnt, const Tensor& k_digit
                  keep->dim() == 2 && keep->size(0) == B && keep->size(1) == T,
              op, ": keep must be contiguous bool [", B, ", ", T, "], got ", keep->scalar_type(), " ", keep->sizes());
   const int64_t keys = B * Hkv * T;
-  AppendParams a{k_digits.const_data_ptr(), v.const_data_ptr(),
+  const Digits dig = digits_of(k_digits, op, "k_digits");  // refused whatever the size
+  AppendParams a{dig, v.const_data_ptr(),
                  keep.has_value() ? static_cast<const bool*>(keep->const_data_ptr()) : nullptr, tab.mutable_data_ptr<float>(),
                  cnt.mutable_data_ptr<int>(), keys, int(T), int(Hkv), int(k_digits.size(3)), int(p),
                  int(tab.size(1)), int(D)};
   // checked before the early return, so a refused dtype is refused whatever the size
   dispatch_kernel_dtype(v.scalar_type(), op, [&](auto vt) {
-    dispatch_digits(k_digits.scalar_type(), op, "k_digits", [&](auto dt) {
-      if (keys == 0) return;
-      const DeviceGuard guard(tab.get_device_index());
-      ultrametric_cache_append_kernel<decltype(dt), decltype(vt)>
-          <<<blocks_for(keys, op), kThreads, 0, current_stream(tab)>>>(a);
-      GK_LAUNCH_CHECK();
-    });
+    if (keys == 0) return;
+    const DeviceGuard guard(tab.get_device_index());
+    ultrametric_cache_append_kernel<decltype(vt)><<<blocks_for(keys, kWarps, op), kThreads, 0, current_stream(tab)>>>(a);
+    GK_LAUNCH_CHECK();
   });
 }
 
@@ -288,19 +161,17 @@ void ultrametric_cache_query_cuda(const Tensor& tab, const Tensor& cnt, const Te
            op, ": lse must be contiguous float32 [", B, ", ", H, ", ", Tq, "], got ", lse.scalar_type(), " ",
            lse.sizes());
   const int64_t queries = B * H * Tq;
-  QueryParams q{q_digits.const_data_ptr(), tab.const_data_ptr<float>(), cnt.const_data_ptr<int>(),
-                y.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), queries, int(H), int(H / Hkv), int(Tq),
-                int(Hkv), int(q_digits.size(3)), int(p), int(tab.size(1)), int(D),
-                float(std::log2(alpha)), float(alpha - 1.0), alpha <= 1.0};
+  const Digits dig = digits_of(q_digits, op, "q_digits");  // refused whatever the size
+  QueryParams q{dig, tab.const_data_ptr<float>(), cnt.const_data_ptr<int>(), y.mutable_data_ptr<float>(),
+                lse.mutable_data_ptr<float>(), queries, int(H), int(H / Hkv), int(Tq), int(Hkv), int(tab.size(1)),
+                int(D), read_weights(alpha, q_digits.size(3), p)};
+  if (queries == 0) return;
   const bool vec = D % 4 == 0 && aligned16(q.tab) && aligned16(q.y);
-  dispatch_digits(q_digits.scalar_type(), op, "q_digits", [&](auto dt) {
-    if (queries == 0) return;
-    const DeviceGuard guard(tab.get_device_index());
-    const int blocks = blocks_for(queries, op);
-    if (vec) ultrametric_cache_query_kernel<decltype(dt), 4><<<blocks, kThreads, 0, current_stream(tab)>>>(q);
-    else ultrametric_cache_query_kernel<decltype(dt), 1><<<blocks, kThreads, 0, current_stream(tab)>>>(q);
-    GK_LAUNCH_CHECK();
-  });
+  const DeviceGuard guard(tab.get_device_index());
+  const int blocks = blocks_for(queries, kWarps, op);
+  if (vec) ultrametric_cache_query_kernel<4><<<blocks, kThreads, 0, current_stream(tab)>>>(q);
+  else ultrametric_cache_query_kernel<1><<<blocks, kThreads, 0, current_stream(tab)>>>(q);
+  GK_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -48,7 +48,7 @@ class UltrametricCausalSelfAttention(nn.Module):
     decode under torch.no_grad()). One token per call is ultrametric_decode_step_; T > 1 merges
     the cache's read with the op over x by their log-sum-exps. The cache checks the digits on the
     host (except under CUDA-graph capture). backend is passed to the op and the cache ("torch",
-    "triton", None = auto).
+    "triton", "cuda": hard mode only, None = auto).
     """
 
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, K=8, p=2, alpha=2.0, lcp_beta=32.0,

@@ -16,24 +16,28 @@ Choices:
   / den_i of the soft weights: v's weighting gradient, passed through the soft digits. That
   gradient is dense: O(Tq Tk K) time, query-chunked memory (only when a soft digit needs it).
 - alpha is a Python number > 0 (it is a schema float of the custom ops); p an int >= 2.
-- The kernels hold dense bucket tables: the Triton backend takes sum_{l<=K} p^l <= 2^16 codes
-  (e.g. p = 2, K <= 15) and says so beyond; the torch backend (the reference) takes any size up
-  to 63-bit codes.
-- Backends: "triton" and "torch"; "cuda" raises (the CUDA kernels are issue #18; only the decode
-  state, UltrametricCache / ultrametric_decode_step_, has CUDA kernels so far: _ultrametric_cache).
-  float64 runs on "torch" only. "auto" takes Triton for CUDA tensors, the reference for CPU tensors
-  (the decode state too: its CUDA kernels are not yet measured faster).
+- The kernels hold dense bucket tables: the Triton and CUDA backends take sum_{l<=K} p^l <= 2^16
+  codes (e.g. p = 2, K <= 15) and say so beyond; the torch backend (the reference) takes any size
+  up to 63-bit codes.
+- Backends: "triton", "cuda" and "torch". "cuda" (csrc/ultrametric/attention.cu: the Triton design,
+  warp per row, float32 FMA loops) runs the hard mode, forward and backward; the soft mode has no
+  CUDA kernels (issue #18) and refuses it; the hard mode's straight-through part (the soft kernel's
+  gradient) runs on Triton under backend='cuda'. float64 runs on "torch" only. "auto" takes Triton
+  for CUDA tensors, the reference for CPU tensors: the CUDA kernels (of attention and of the decode
+  state, _ultrametric_cache) are not yet measured, and auto picks them only once they are faster.
 - Tuning knobs: chunk (positions per scan chunk, 0: 64 on the GPU) and num_segments (parallel
-  segments per (batch, key head), 0: enough for two programs per SM), carried in the schema.
-- Sums are float32 (the Triton dense in-chunk part is a float32 "ieee" dot); y is v's dtype, lse
-  float32. The backward adds each key's gradient in one program: deterministic, no atomics on
-  dv; the bucket tables are filled with float32 atomics (their order varies, so the last bits of
-  y and dv may vary from run to run), so under torch.use_deterministic_algorithms(True) the
-  Triton hard mode, the soft mode's Triton backward (dq: float32 atomics) and the Triton and CUDA
-  UltrametricCache.append raise as torch's nondeterministic ops do (warn with warn_only=True);
-  backend='torch' is the deterministic alternative.
+  segments per (batch, key head), 0: enough for two programs per SM), carried in the schema; the
+  CUDA backend plans the same chunks and segments.
+- Sums are float32 (the Triton dense in-chunk part is a float32 "ieee" dot, the CUDA one a float32
+  FMA loop); y is v's dtype, lse float32. The backward adds each key's gradient in one program (a
+  warp, CUDA): deterministic, no atomics on dv; the bucket tables are filled with float32 atomics
+  (their order varies, so the last bits of y and dv may vary from run to run), so under
+  torch.use_deterministic_algorithms(True) the Triton and CUDA hard mode, the soft mode's Triton
+  backward (dq: float32 atomics) and the Triton and CUDA UltrametricCache.append raise as torch's
+  nondeterministic ops do (warn with warn_only=True); backend='torch' is the deterministic
+  alternative.
 - Empty inputs (B, H, Tq or D zero, or no key) take the reference: y zeros / empty, lse -inf.
-- Double backward through the Triton backend is refused (backend='torch' has it).
+- Double backward through the Triton and CUDA backends is refused (backend='torch' has it).
 - mode="soft": the soft LCP kernel (reference.soft_lcp_attention) on float digits, differentiable
   in q, k and v; the Triton backend is one fused flash-style kernel (O(T) memory, K + 1
   exponentials per pair forward, 2K + 1 backward; geokern.kernels.ultrametric.soft). The
@@ -45,7 +49,7 @@ import torch
 from geokern import _backend
 from geokern._checks import check_grid_rows, check_same, check_tensor
 from geokern.kernels import ultrametric as tk
-from geokern.ops._registry import alert_nondeterministic, bound_once, refuse_double_backward, triton_op
+from geokern.ops._registry import alert_nondeterministic, bound_once, cuda_op, refuse_double_backward, triton_op
 from geokern.ops._ultrametric_cache import UltrametricCache, ultrametric_decode_step_  # noqa: F401
 from geokern.ops._ultrametric_retrieval import ultrametric_signatures, ultrametric_top1  # noqa: F401
 from geokern.reference import ultrametric as ref
@@ -56,9 +60,9 @@ __all__ += ["ultrametric_signatures", "ultrametric_top1"]  # signatures and top-
 
 _OP = "ultrametric_attention"
 _PREFER = ("triton",)
-_NO_CUDA = ("backend='cuda' is not built for ultrametric attention (its CUDA kernels are issue #18; the decode "
-            "state, UltrametricCache / ultrametric_decode_step_, has a CUDA backend, attention does not yet); "
-            "use backend='triton' or 'torch'")
+_NO_CUDA = ("backend='cuda' is not built for mode='soft' (its CUDA kernels are issue #18; the hard mode and the "
+            "decode state, UltrametricCache / ultrametric_decode_step_, have a CUDA backend); use backend='triton' "
+            "or 'torch'")
 
 
 # ---- custom ops ------------------------------------------------------------------
@@ -108,6 +112,43 @@ def _ultrametric_soft_attention_backward_triton(
     return dq.to(q.dtype), dk, dv
 
 
+def _ultrametric_attention_fake(q_digits, k_digits, v, keep, alpha, p, causal, chunk, num_segments):
+    B, H, Tq, _ = q_digits.shape
+    return v.new_empty((B, H, Tq, v.shape[3])), v.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+def _ultrametric_attention_cpu(q_digits, k_digits, v, keep, alpha, p, causal, chunk, num_segments):
+    """The CUDA op on CPU tensors: the reference (chunk and num_segments only steer the kernels)."""
+    y, lse = ref.ultrametric_attention(q_digits, k_digits, v, alpha, p=p, causal=causal, key_padding_mask=keep,
+                                       return_lse=True)
+    return y, lse.float()
+
+
+def _ultrametric_attention_backward_fake(grad, q_digits, k_digits, lse, keep, alpha, p, causal, chunk, num_segments):
+    B, Hkv, Tk, _ = k_digits.shape
+    return grad.new_empty((B, Hkv, Tk, grad.shape[3]))
+
+
+def _ultrametric_attention_backward_cpu(grad, q_digits, k_digits, lse, keep, alpha, p, causal, chunk, num_segments):
+    """The CUDA backward op on CPU tensors: dv_j = sum over the queries i that see j of alpha^lcp_ij
+    dy_i / max(exp(lse_i), 1e-9), with the pair weights dense ([B, H, Tq, Tk]: for small inputs,
+    opcheck's; the op layer runs the torch backend on CPU tensors, never this)."""
+    B, H, Tq, _ = q_digits.shape
+    Hkv, Tk, acc = k_digits.shape[1], k_digits.shape[2], ref.acc_dtype(grad.dtype)
+    kd = k_digits.repeat_interleave(H // Hkv, dim=1)
+    lcp = (q_digits[:, :, :, None] == kd[:, :, None]).long().cumprod(-1).sum(-1)
+    vis = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=grad.device)
+    if causal:
+        vis = vis & (torch.arange(Tk, device=grad.device) <= torch.arange(Tq, device=grad.device)[:, None] + Tk - Tq)
+    if keep is not None:
+        vis = vis & keep[:, None, None, :]
+    seen = lse != float("-inf")
+    w = torch.where(vis & seen[..., None], torch.tensor(float(alpha), dtype=acc) ** lcp.to(acc), 0.0)
+    src = torch.where(seen[..., None], grad.to(acc) / lse.to(acc).exp().clamp_min(ref.CLAMP)[..., None], 0.0)
+    dv = torch.einsum("bhij,bhid->bhjd", w, src).view(B, Hkv, H // Hkv, Tk, grad.shape[3]).sum(2)
+    return dv.to(grad.dtype)
+
+
 _SOFT_KERNELS = {  # (forward, backward) per kernel backend
     "triton": (
         triton_op("ultrametric_soft_attention_triton", _ultrametric_soft_attention_triton),
@@ -115,11 +156,17 @@ _SOFT_KERNELS = {  # (forward, backward) per kernel backend
     ),
 }
 
-# (forward, backward) per kernel backend (the decode state's kernels: _ultrametric_cache)
+# (forward, backward) per kernel backend (the decode state's kernels: _ultrametric_cache); the CUDA
+# pair is None without geokern._C
 _KERNELS = {
     "triton": (
         triton_op("ultrametric_attention_triton", _ultrametric_attention_triton),
         triton_op("ultrametric_attention_backward_triton", _ultrametric_attention_backward_triton),
+    ),
+    "cuda": (
+        cuda_op("ultrametric_attention_cuda", _ultrametric_attention_fake, _ultrametric_attention_cpu),
+        cuda_op("ultrametric_attention_backward_cuda", _ultrametric_attention_backward_fake,
+                _ultrametric_attention_backward_cpu),
     ),
 }
 
@@ -221,20 +268,26 @@ def _check_soft(q_soft, k_soft, q_digits, k_digits, v):
     check_same(_OP, {"v": v, "q_soft": q_soft, "k_soft": k_soft})
 
 
-def _triton_limits(B, H, Hkv, K, p, v):
+def _kernel_limits(be, B, H, Hkv, K, p, v):
+    name = "Triton" if be == "triton" else "CUDA"
     if v.dtype == torch.float64:
-        raise ValueError(f"{_OP}: the Triton backend takes float16 / bfloat16 / float32 v, got float64 "
+        raise ValueError(f"{_OP}: the {name} backend takes float16 / bfloat16 / float32 v, got float64 "
                          "(use backend='torch')")
     n = ref.num_codes(p, K)
     if n > tk.MAX_CODES:
-        raise ValueError(f"{_OP}: the Triton backend keeps dense bucket tables of sum(p**l, l <= K) codes, at most "
+        raise ValueError(f"{_OP}: the {name} backend keeps dense bucket tables of sum(p**l, l <= K) codes, at most "
                          f"{tk.MAX_CODES} (2**16); p={p}, K={K} need {n} (use fewer digits, or backend='torch')")
-    check_grid_rows(_OP, "triton", B, H)
+    if be == "triton":  # the CUDA kernels put the groups on the grid's x dimension: no such limit
+        check_grid_rows(_OP, "triton", B, H)
 
 
-def _backend_for(backend, device):
+def _backend_for(backend, device, soft=False):
     if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
-        raise RuntimeError(f"{_OP}: {_NO_CUDA}")
+        if soft:
+            raise RuntimeError(f"{_OP}: {_NO_CUDA}")
+        if device.type != "cuda":  # before resolve's generic message: name the tensor and the way out
+            raise RuntimeError(f"{_OP}: backend='cuda' needs CUDA tensors, v is on {device} (use backend='torch' "
+                               "on the CPU)")
     return _backend.resolve(_OP, backend, device, _PREFER)
 
 
@@ -303,16 +356,16 @@ def ultrametric_attention(
 
     Straight-through (hard mode): pass the soft digits the hard ones were rounded from as q_soft /
     k_soft; y keeps the hard value and the soft digits get the soft kernel's gradient at lcp_beta
-    (module docstring), through the fused soft kernel on the Triton backend (O(T) memory), the
-    dense reference on the torch backend.
+    (module docstring), through the fused soft kernel on the Triton backend (O(T) memory; under
+    backend='cuda' too), the dense reference on the torch backend.
 
     check_digits=False skips the digits' range check, a host read of their min and max that
     waits for the GPU, for digits in range by construction (nn.UltrametricCausalSelfAttention's).
-    An out-of-range digit is then not refused: the Triton kernels keep every table access in
-    bounds, but the result is unspecified. The torch backend (the reference) reads and checks the
+    An out-of-range digit is then not refused: the Triton and CUDA kernels keep every table access
+    in bounds, but the result is unspecified. The torch backend (the reference) reads and checks the
     digits on the host regardless (its code compression has a data-dependent size). Under CUDA-graph
-    capture the Triton backend skips the check as check_digits=False does (a host read cannot be
-    captured).
+    capture the Triton and CUDA backends skip the check as check_digits=False does (a host read
+    cannot be captured).
     """
     if mode == "soft":
         if q_soft is not None or k_soft is not None:
@@ -332,14 +385,16 @@ def ultrametric_attention(
         y, lse = ref.ultrametric_attention(q_digits, k_digits, v, alpha, p=p, causal=causal,
                                            key_padding_mask=key_padding_mask, return_lse=True)
     else:
-        _triton_limits(B, H, Hkv, K, p, v)
+        _kernel_limits(be, B, H, Hkv, K, p, v)
         # the bucket tables of the forward and the backward are filled with float32 atomics
         alert_nondeterministic(f"{_OP} (backend='{be}')", "backend='torch'")
         keep = None if key_padding_mask is None else key_padding_mask.contiguous()
         y, lse = UltrametricAttentionFunction.apply(q_digits.contiguous(), k_digits.contiguous(), v.contiguous(), keep,
                                                     float(alpha), p, causal, chunk, num_segments, be)
     if soft and torch.is_grad_enabled() and (q_soft.requires_grad or k_soft.requires_grad):
-        ys, _ = _soft(q_soft, k_soft, v.detach(), alpha, lcp_beta, causal, key_padding_mask, be)
+        # the soft kernel has no CUDA backend: its Triton one carries the straight-through gradient
+        ys, _ = _soft(q_soft, k_soft, v.detach(), alpha, lcp_beta, causal, key_padding_mask,
+                      "triton" if be == "cuda" else be)
         y = y + (ys - ys.detach())
     return (y, lse) if return_lse else y
 
@@ -358,7 +413,7 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     check_same(_OP, {"v": v, "q_digits": q, "k_digits": k})
     if key_padding_mask is not None and key_padding_mask.device != v.device:
         raise ValueError(f"{_OP}: key_padding_mask is on {key_padding_mask.device} but v is on {v.device}")
-    be = _backend_for(backend, v.device)
+    be = _backend_for(backend, v.device, soft=True)
     if be == "torch" or B * H * Tq * D == 0 or Tk == 0:
         return ref.soft_lcp_attention(q, k, v, alpha, lcp_beta, causal=causal, key_padding_mask=key_padding_mask,
                                       return_lse=True)
