@@ -28,10 +28,11 @@ CPU_CASES = [
     (1, 2, 2, 19, 19, 1, 3, True, "random", False),
     (1, 2, 1, 21, 21, 6, 2, True, "equal", True),
     (1, 2, 2, 33, 33, 7, 2, True, "distinct", False),
+    (1, 2, 1, 31, 23, 4, 2, False, "random", True),  # non-causal, more queries than keys
 ]
 GPU_CASES = [(2, 8, 2, 1000, 1000, 8, 2, True, "random", True), (1, 4, 4, 300, 700, 6, 3, True, "random", False),
              (1, 4, 2, 513, 513, 8, 2, False, "random", True)] if HAS_CUDA else []
-D_OF = {37: 16, 29: 5, 1: 7, 13: 64, 23: 17, 19: 33, 21: 8, 33: 16, 1000: 64, 300: 128, 513: 65}
+D_OF = {37: 16, 29: 5, 1: 7, 13: 64, 23: 17, 19: 33, 21: 8, 33: 16, 31: 12, 1000: 64, 300: 128, 513: 65}
 
 
 def _id(c):
@@ -93,8 +94,10 @@ def test_dtypes(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]], ids=_id)
+@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[3], CPU_CASES[4], CPU_CASES[9]], ids=_id)
 def test_gradient_to_v(case, backend):
+    """(CPU_CASES[9]: the backward's sources are the queries; non-causal with Tq > Tk, the kernels
+    once placed them at positions Tk - Tq + i as the causal scan does and dropped the first Tq - Tk.)"""
     need(backend)
     qd, kd, v, keep, p, causal = make(case)
     v = v.requires_grad_()

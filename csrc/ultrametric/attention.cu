@@ -283,8 +283,12 @@ void run(bool fwd, const char* op, const Dims& d, const Tensor& qd, const Tensor
          const float* slse, const std::optional<Tensor>& keep, Tensor out, float* out_lse, double alpha, int64_t p,
          bool causal, int64_t chunk, int64_t num_segments) {
   const int64_t G = d.B * d.Hkv, R = d.H / d.Hkv, N = num_codes(p, d.K);
-  const int64_t C = std::max<int64_t>(1, std::min(chunk ? chunk : kDefaultChunk, d.Tk));  // > Tk: one chunk
-  const int64_t nchunks = (d.Tk + C - 1) / C;
+  // positions: the key axis, where queries sit at Tk - Tq + i; without causality a position is only
+  // a row, so the backward's sources (queries) take positions 0..Tq-1 (Tq may exceed Tk)
+  const int64_t npos = fwd || causal ? d.Tk : d.Tq;
+  const int64_t C = std::max<int64_t>(1, std::min(chunk ? chunk : kDefaultChunk, npos));  // > npos: one chunk
+  GK_CHECK(R * C <= INT32_MAX, op, ": chunk ", C, " times ", R, " query heads per key head passes int32");
+  const int64_t nchunks = (npos + C - 1) / C;
   int64_t S = num_segments;
   if (!S) {
     S = (2 * int64_t(num_sms()) + G - 1) / G;
@@ -311,7 +315,7 @@ void run(bool fwd, const char* op, const Dims& d, const Tensor& qd, const Tensor
   a.HT = int(fwd ? d.H : d.Hkv), a.NT = int(fwd ? R : 1), a.TT = int(fwd ? d.Tq : d.Tk);
   a.tgt_off = int(fwd ? d.Tk - d.Tq : 0);
   a.HS = int(fwd ? d.Hkv : d.H), a.NS = int(fwd ? 1 : R), a.TS = int(fwd ? d.Tk : d.Tq);
-  a.src_off = int(fwd ? 0 : d.Tk - d.Tq);
+  a.src_off = int(fwd || !causal ? 0 : d.Tk - d.Tq);
   a.Tk = int(d.Tk), a.Hkv = int(d.Hkv), a.N = int(N), a.D = int(d.D), a.slots = int(slots), a.cps = int(cps);
   a.nchunks = int(nchunks), a.C = int(C);
   a.rw = read_weights(alpha, d.K, p);

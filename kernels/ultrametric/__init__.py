@@ -99,7 +99,10 @@ def _run(fwd, qd, kd, src, lse, keep, out, out_lse, alpha, p, N, causal, chunk, 
     Hkv, Tk = kd.shape[1], kd.shape[2]
     D = src.shape[-1]
     G, R = B * Hkv, H // Hkv
-    C, S, cps, nchunks = plan(Tk, G, N, D, src.device, chunk, num_segments)
+    # positions: the key axis, where queries sit at Tk - Tq + i; without causality a position is
+    # only a row, so the backward's sources (queries) take positions 0..Tq-1 (Tq may exceed Tk)
+    npos = Tk if fwd or causal else Tq
+    C, S, cps, nchunks = plan(npos, G, N, D, src.device, chunk, num_segments)
     keep = _keep(keep, B, Tk, src.device)
     if causal and S == 1:
         slots = 1  # one segment: it starts from empty tables, no summary or prefix
@@ -107,7 +110,7 @@ def _run(fwd, qd, kd, src, lse, keep, out, out_lse, alpha, p, N, causal, chunk, 
         slots = S + 1
     tab = torch.zeros(G, slots, N, D, dtype=torch.float32, device=src.device)
     cnt = torch.zeros(G, slots, N, dtype=torch.int32, device=src.device) if fwd else tab
-    sdig, off = (kd, 0) if fwd else (qd, Tk - Tq)
+    sdig, off = (kd, 0) if fwd else (qd, Tk - Tq if causal else 0)
     if slots > 1:
         _summary(tab, cnt, sdig, src, lse, keep, Hkv, 1 if fwd else R, off, Tk, K, p, N, slots, S, cps, nchunks,
                  C, not fwd, fwd, fwd)
