@@ -28,6 +28,8 @@ step() {  # step NAME CMD...: run, log, remember failure, go on
 export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
+# a "cuda" test fails, not skips, when _C cannot run here (tests/_helpers.need)
+export GEOKERN_REQUIRE_C=1
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 K=${SELECT:+-k $SELECT}
 # STEPS: which of build, tests, sanitizer, bench to run (a later call on the same, still warm

@@ -19,9 +19,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def need(backend, device=DEVICE):
-    """Skip the test when `backend` cannot run on `device` here (no GPU, _C not built)."""
+    """Skip the test when `backend` cannot run on `device` here (no GPU, _C not built), except
+    where GEOKERN_REQUIRE_C=1 (make gpu sets it): there a CUDA backend that cannot run on a GPU
+    machine (a _C that failed to build or load) fails the test instead of skipping it unseen."""
     why = _backend.why_unavailable(backend, device)
     if why:
+        if backend == "cuda" and torch.device(device).type == "cuda" and os.environ.get("GEOKERN_REQUIRE_C") == "1":
+            pytest.fail(f"backend cuda unavailable on this GPU machine: {why}")
         pytest.skip(f"backend {backend} unavailable here: {why}")
 
 
