@@ -26,18 +26,13 @@ def _rows(digits, p, N, Hkv, alpha=None):
     """[B, heads, T, K] -> table rows [B, heads, T, K + 1] (group * N + code) of a table [B * Hkv,
     N, ...]; with alpha, the rows a query reads and their weights (reference.ultrametric.read_codes)
     instead. Digits are clamped as the kernels clamp them."""
-    B, heads, _, K = digits.shape
-    d = digits.long().clamp(0, p - 1)
-    codes, val, base = [torch.zeros_like(d[..., 0])], torch.zeros_like(d[..., 0]), 0
-    for level in range(K):
-        base += p ** level
-        val = val * p + d[..., level]
-        codes.append(val + base)
-    g = torch.arange(B * Hkv, device=d.device).view(B, Hkv, 1, 1).repeat_interleave(heads // Hkv, dim=1)
+    B, heads = digits.shape[:2]
+    codes = ref.prefix_codes(digits.long().clamp(0, p - 1), p, values=False)  # clamped: no host check
+    g = torch.arange(B * Hkv, device=digits.device).view(B, Hkv, 1, 1).repeat_interleave(heads // Hkv, dim=1)
     if alpha is not None:
-        read, w = ref.read_codes(torch.stack(codes, -1), p, alpha, torch.float32)
+        read, w = ref.read_codes(codes, p, alpha, torch.float32)
         return read + g * N, w
-    return torch.stack(codes, -1) + g * N
+    return codes + g * N
 
 
 def _cache_append_torch(tab, cnt, k_digits, v, keep, p):
