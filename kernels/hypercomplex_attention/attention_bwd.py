@@ -190,6 +190,25 @@ def _finite(x):
 
 
 @triton.jit
+def _bad_column_terms(a, b, wa, wb, xa, xb, offs, start, bad, keep, COLS: tl.constexpr):
+    """a += wa[:, c] (outer) xa[c, :] and b += wb[:, c] (outer) xb[c, :] for each column c of the
+    block (index offs, from start) with bad[c], in the rows where keep[:, c] only: the terms the
+    GEMMs left out, one column at a time, so that a NaN or inf in xa / xb never meets a weight
+    of a pair that keep hides. dq: columns are keys (wa, wb = dS, P; xa, xb = k, values); dkdv:
+    columns are query rows (wa, wb = P^T, dS^T; xa, xb = dO', q)."""
+    for c in range(0, COLS):
+        sel = offs == start + c
+        use = tl.max(tl.where(sel[None, :] & bad[None, :] & keep, 1, 0), axis=1) > 0
+        wac = tl.sum(tl.where(sel[None, :], wa, 0.0), axis=1)
+        wbc = tl.sum(tl.where(sel[None, :], wb, 0.0), axis=1)
+        xac = tl.sum(tl.where(sel[:, None], xa, 0.0), axis=0)
+        xbc = tl.sum(tl.where(sel[:, None], xb, 0.0), axis=0)
+        a += tl.where(use[:, None], wac[:, None] * xac[None, :], 0.0)
+        b += tl.where(use[:, None], wbc[:, None] * xbc[None, :], 0.0)
+    return a, b
+
+
+@triton.jit
 def _store_dkdv(dk, dval, kn, v, dk_ptr, dkn_ptr, dv_ptr, bhk, offs_n, offs_d, nvalid, dvalid, Tk, D, scale,
                 N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     dkn, dv = dkv_tiles(dval, kn, v, N, BLOCK_N, BLOCK_D)
@@ -237,16 +256,7 @@ def nonfinite_dq(
         dq = mm_acc(ds.to(DT), tl.where(badk[:, None], 0.0, k).to(DT), dq, PREC)
         acc = mm_acc(p.to(DT), tl.where(badk[:, None], 0.0, val).to(DT), acc, PREC)
         if tl.max(tl.where(badk, 1, 0)) > 0:
-            kf = k.to(tl.float32)
-            for jj in range(0, BLOCK_N):
-                sel = offs_n == start + jj
-                use = tl.max(tl.where(sel[None, :] & badk[None, :] & keep, 1, 0), axis=1) > 0  # [BLOCK_M]
-                dsj = tl.sum(tl.where(sel[None, :], ds, 0.0), axis=1)
-                pj = tl.sum(tl.where(sel[None, :], p, 0.0), axis=1)
-                kj = tl.sum(tl.where(sel[:, None], kf, 0.0), axis=0)
-                vj = tl.sum(tl.where(sel[:, None], valf, 0.0), axis=0)
-                dq += tl.where(use[:, None], dsj[:, None] * kj[None, :], 0.0)
-                acc += tl.where(use[:, None], pj[:, None] * vj[None, :], 0.0)
+            dq, acc = _bad_column_terms(dq, acc, ds, p, k.to(tl.float32), valf, offs_n, start, badk, keep, BLOCK_N)
     dqn = dquery_tile(dy, acc, e_ptr, N, BLOCK_M, BLOCK_D)
     tl.store(dq_ptr + io, narrow(dq * scale, dq_ptr.dtype.element_ty), mask=iomask)
     tl.store(dqn_ptr + io, narrow(dqn, dqn_ptr.dtype.element_ty), mask=iomask)
@@ -307,15 +317,7 @@ def nonfinite_dkdv(
             dst = tl.where(keep, pt * (dpt - delta[None, :]), 0.0)
             dk = mm_acc(dst.to(DT), tl.where(badq[:, None], 0.0, q).to(DT), dk, PREC)
             if tl.max(tl.where(badq, 1, 0)) > 0:
-                qf = q.to(tl.float32)
-                for ii in range(0, BLOCK_M):
-                    sel = offs_m == start + ii
-                    use = tl.max(tl.where(sel[None, :] & badq[None, :] & keep, 1, 0), axis=1) > 0  # [BLOCK_N]
-                    pti = tl.sum(tl.where(sel[None, :], pt, 0.0), axis=1)
-                    dsti = tl.sum(tl.where(sel[None, :], dst, 0.0), axis=1)
-                    doi = tl.sum(tl.where(sel[:, None], dof, 0.0), axis=0)
-                    qi = tl.sum(tl.where(sel[:, None], qf, 0.0), axis=0)
-                    dval += tl.where(use[:, None], pti[:, None] * doi[None, :], 0.0)
-                    dk += tl.where(use[:, None], dsti[:, None] * qi[None, :], 0.0)
+                dval, dk = _bad_column_terms(dval, dk, pt, dst, dof, q.to(tl.float32), offs_m, start, badq, keep,
+                                             BLOCK_M)
     _store_dkdv(dk, dval, kn, v, dk_ptr, dkn_ptr, dv_ptr, bhk, offs_n, offs_d, nvalid, dvalid, Tk, D, scale,
                 N, BLOCK_N, BLOCK_D)
