@@ -108,10 +108,16 @@ def _value(n, q, k, v, chunk_elems=1 << 27):
     return torch.cat(out, dim=2)
 
 
-def _case(n, T):
+def _make(T, grad=False):
+    """q, k, v [B, H, T, D] bf16 (leaves requiring grad for the forward + backward rows)."""
     def make():
-        return tuple(torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        return tuple(torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+                     for _ in range(3))
 
+    return make
+
+
+def _case(n, T):
     kernels = [b for b in _backend.available(torch.device("cuda")) if b == "triton"]
     impls = {b: functools.partial(ops._attention, n, causal=True, scale=None, normalize=True, backend=b)
              for b in kernels}
@@ -119,7 +125,7 @@ def _case(n, T):
     if T <= THEIRS_MAX_T[n]:
         peers["theirs (re-implemented)"] = functools.partial(their_attention, n)
     return Case(
-        op=NAMES[n], shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd", make_inputs=make, impls=impls,
+        op=NAMES[n], shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd", make_inputs=_make(T), impls=impls,
         peers=peers, reference=functools.partial(_value, n), amount=flops(B, H, T, T, D, n, True),
         metric="TFLOP/s", ceiling="bf16_gemm_tflop_s", tol=2e-2, input_bytes=3 * B * H * T * D * 2,
     )
@@ -142,11 +148,8 @@ def _plain(q, k, v, chunk_elems=1 << 27):
 def _sdpa_case(T):
     """SDPA itself at the same shape (the runner times only what passes its own check, so plain
     attention is a row of its own): the flash-attention speed the quaternion op is read against."""
-    def make():
-        return tuple(torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-
     return Case(
-        op="sdpa (baseline)", shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd", make_inputs=make,
+        op="sdpa (baseline)", shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd", make_inputs=_make(T),
         impls={}, peers={"sdpa": functools.partial(F.scaled_dot_product_attention, is_causal=True)},
         reference=_plain, amount=flops(B, H, T, T, D, 4, True), metric="TFLOP/s", ceiling="bf16_gemm_tflop_s",
         tol=2e-2, input_bytes=3 * B * H * T * D * 2,
@@ -176,19 +179,12 @@ def _grad_value(value):
     return run
 
 
-def _make_grad(T):
-    def make():
-        return tuple(torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-
-    return make
-
-
 def _fwd_bwd_case(n, T):
     kernels = [b for b in _backend.available(torch.device("cuda")) if b == "triton"]
     impls = {b: _grads(functools.partial(ops._attention, n, causal=True, scale=None, normalize=True, backend=b))
              for b in kernels}
     return Case(
-        op=NAMES[n], shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd+bwd", make_inputs=_make_grad(T),
+        op=NAMES[n], shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd+bwd", make_inputs=_make(T, grad=True),
         impls=impls, peers={"composition": _grads(functools.partial(composition, n))},
         reference=_grad_value(functools.partial(_value, n)), amount=2.5 * flops(B, H, T, T, D, n, True),
         metric="TFLOP/s", ceiling="bf16_gemm_tflop_s", tol=GRAD_TOL, input_bytes=3 * B * H * T * D * 2,
@@ -197,7 +193,8 @@ def _fwd_bwd_case(n, T):
 
 def _sdpa_fwd_bwd_case(T):
     return Case(
-        op="sdpa (baseline)", shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd+bwd", make_inputs=_make_grad(T),
+        op="sdpa (baseline)", shape=f"B{B}H{H}T{T}D{D}", dtype="bf16", direction="fwd+bwd",
+        make_inputs=_make(T, grad=True),
         impls={}, peers={"sdpa": _grads(functools.partial(F.scaled_dot_product_attention, is_causal=True))},
         reference=_grad_value(_plain), amount=2.5 * flops(B, H, T, T, D, 4, True), metric="TFLOP/s",
         ceiling="bf16_gemm_tflop_s", tol=GRAD_TOL, input_bytes=3 * B * H * T * D * 2,
