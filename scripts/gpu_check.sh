@@ -5,6 +5,7 @@
 # dropped into an editable install). Stages, in order:
 #   suite       (LIMIT seconds at most, default 480) the whole suite (not huge; PART=i/n: a part of it, see gpu.sh) and compute-sanitizer memcheck over the kernel tests at once
 #               (correctness only: they share the GPU); logs in OUT/tests, OUT/sanitizer(_triton)
+#   memcheck    (instead of suite) memcheck alone, MEMCHECK and PART as for suite
 #   huge        the tests past 2**31 elements, one process (OUT/huge.log), alone: beside the suite and
 #               memcheck (16 processes of ~5 GB each on the H100) every huge test and ~290 others ran out of memory
 #   compare     the headline rows beside older trees (.base, .pre where present; scripts/compare.sh,
@@ -41,29 +42,34 @@ else
 fi
 python3 -c "import geokern, json; print(geokern.__file__); print(json.dumps(geokern.info()))" | tee "$OUT/info.json"
 t0=$SECONDS
-# PROBE=script.py: a diagnostic script run first (60 s at most; OUT/probe.log), e.g. scripts/probe_octonion_inf.py
-[ -n "${PROBE:-}" ] && timeout 60 python3 "$PROBE" 2>&1 | tee "$OUT/probe.log" | tail -30
+# PROBE=script.py: a diagnostic script run first (150 s at most; OUT/probe.log), e.g. scripts/probe_octonion_inf.py
+[ -n "${PROBE:-}" ] && timeout 150 python3 "$PROBE" 2>&1 | tee "$OUT/probe.log" | tail -45
+memcheck() {  # compute-sanitizer memcheck over the kernel tests (MEMCHECK: which of cuda, triton; LIMIT in all)
+  local r=0
+  if [[ " ${MEMCHECK:-cuda triton} " == *" cuda "* ]]; then
+    JOBS=8 STEPS="sanitizer" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/sanitizer" cuda >/dev/null 2>&1 || r=1
+  fi
+  if [[ " ${MEMCHECK:-cuda triton} " == *" triton "* ]]; then
+    JOBS=8 STEPS="sanitizer" BENCH=0 timeout $(( ${LIMIT:-480} - (SECONDS - t0) )) bash scripts/gpu.sh "$OUT/sanitizer_triton" triton >/dev/null 2>&1 || r=1
+  fi
+  return $r
+}
+logs() { grep -hsE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$@" | cut -c1-240 | tail -40; }
 if [[ "$STAGES" == *" suite "* ]]; then
   JOBS=${JOBS:-8} STEPS="tests" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
   tp=$!
-  # the CUDA extension's tests first, then the Triton kernels' (if the call's time runs out, the
-  # shard logs say how far each got)
-  # (MEMCHECK=triton: the Triton kernels' tests alone, when the CUDA sources are unchanged since a clean
-  # run; MEMCHECK=none: no memcheck, the suite alone; JOBS: the suite's processes, default 8)
-  ( r=0
-    if [[ " ${MEMCHECK:-cuda triton} " == *" cuda "* ]]; then
-      JOBS=8 STEPS="sanitizer" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/sanitizer" cuda >/dev/null 2>&1 || r=1
-    fi
-    if [[ " ${MEMCHECK:-cuda triton} " == *" triton "* ]]; then
-      JOBS=8 STEPS="sanitizer" BENCH=0 timeout $(( ${LIMIT:-480} - (SECONDS - t0) )) bash scripts/gpu.sh "$OUT/sanitizer_triton" triton >/dev/null 2>&1 || r=1
-    fi
-    exit $r ) &
-  sp=$!
+  # memcheck beside the suite: the CUDA extension's tests first, then the Triton kernels' (if the
+  # call's time runs out, the shard logs say how far each got). MEMCHECK=triton: the Triton kernels'
+  # tests alone, when the CUDA sources are unchanged since a clean run; MEMCHECK=none: the suite alone
+  memcheck & sp=$!
   wait $tp; trc=$?; wait $sp; src=$?
   echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
   # (a process cut by LIMIT leaves its shard log, not gpu.log's copy of it: both are read)
-  grep -hsE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$OUT"/tests/gpu.log "$OUT"/tests/tests.[0-9]*.log \
-    "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log | cut -c1-240 | tail -40
+  logs "$OUT"/tests/gpu.log "$OUT"/tests/tests.[0-9]*.log "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log
+elif [[ "$STAGES" == *" memcheck "* ]]; then
+  # memcheck alone (the suite ran in an earlier call): PART=i/n splits it as it splits the suite
+  memcheck; echo "sanitizer exit $?, $((SECONDS - t0)) s"
+  logs "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer/sanitizer.[0-9]*.log "$OUT"/sanitizer_triton/gpu.log "$OUT"/sanitizer_triton/sanitizer.[0-9]*.log
 fi
 if [[ "$STAGES" == *" huge "* ]]; then
   python3 -m pytest -q -p no:cacheprovider -m huge tests >"$OUT/huge.log" 2>&1

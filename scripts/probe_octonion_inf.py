@@ -4,12 +4,36 @@ gave no +inf where the float64 reference has one. Prints, per case, whether the 
 the reference's NaN / +inf / -inf positions (and the last row of both when not), then whether the
 second pass's key test (badk: a key whose value tile is non-finite) sees the inf key on the GPU.
 
-    python scripts/probe_octonion_inf.py   (a CUDA device; about 30 s, most of it compiling)
+    python scripts/probe_octonion_inf.py   (a CUDA device; about 40 s, most of it compiling)
 """
-import torch, geokern
+import os, subprocess, sys, tempfile
+import torch, triton, geokern
 from geokern.reference import hypercomplex_attention as ref
 torch.manual_seed(0)
 INF = float("inf")
+# PROBE_INLINE=1 (a child process with its own Triton cache): the second passes compiled inline
+# instead of noinline, to see whether the noinline call is what loses the per-key terms
+INLINE = os.environ.get("PROBE_INLINE") == "1"
+if INLINE:
+    from geokern.kernels.hypercomplex_attention import attention_fwd, attention_bwd
+    for f in (attention_fwd.nonfinite_fwd, attention_bwd.nonfinite_dq, attention_bwd.nonfinite_dkdv):
+        f.noinline = False
+print("triton", triton.__version__, "inline" if INLINE else "noinline")
+for n in (8, 4):
+    q, k, v = (torch.randn(1, 2, 7, 16, device="cuda") for _ in range(3))
+    v[0, 0, 3, 5] = INF
+    f = geokern.octonion_attention if n == 8 else geokern.quaternion_attention
+    fr = ref.octonion_attention if n == 8 else ref.quaternion_attention
+    y = f(q, k, v, causal=False, backend="triton"); y64 = fr(q.double(), k.double(), v.double(), False)
+    fin = torch.isfinite(y64)
+    print(f"n={n} f32: nonfinite pattern equal:", torch.equal(torch.isfinite(y), fin),
+          "finite max err:", (y.double() - y64)[fin & torch.isfinite(y)].abs().max().item())
+if INLINE:
+    sys.exit(0)
+with tempfile.TemporaryDirectory() as d:
+    r = subprocess.run([sys.executable, __file__], env={**os.environ, "PROBE_INLINE": "1", "TRITON_CACHE_DIR": d},
+                       capture_output=True, text=True, timeout=100)
+    print("child (inline):", r.stdout[-1500:], r.stderr[-1500:])
 for case, (B, H, Hkv, Tq, Tk, D, causal, j, d) in {"full": (1, 2, 1, 7, 9, 16, False, 3, 5), "chunked": (1, 2, 1, 5, 13, 16, True, 10, 2)}.items():
     for dt in (torch.float32, torch.bfloat16):
         for sign in (1, -1):
