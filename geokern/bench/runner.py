@@ -191,22 +191,30 @@ def main(argv=None):
         if own:  # host wall clock, not do_bench (geokern/bench/overhead.py says why)
             rows = own.measure(args.match, lambda s: print("  " + s, file=sys.stderr, flush=True))
         else:
-            rows = _run_cases(fam, args.match, ceils, do_bench, tqdm)
+            rows = _run_cases(fam, args.match, ceils, do_bench, tqdm,
+                              lambda so_far: _save(out, fam, header, so_far, partial=True))
             plot(fam, rows, os.path.join(out, f"{fam}.png"))
-        with open(os.path.join(out, f"{fam}.json"), "w") as f:
-            json.dump({**header, "rows": rows}, f, indent=1)
+        _save(out, fam, header, rows)
         print(f"\n== {fam} ({header['device']}, torch {header['torch']}, triton {header['triton']}) ==")
         (own.print_table if own else print_table)(rows)
     return 0
 
 
-def _run_cases(fam, match, ceils, do_bench, tqdm):
+def _save(out, fam, header, rows, partial=False):
+    # rewritten after every case as well as at the end: a run stopped by a time limit keeps the
+    # rows it measured ("partial": true says the family did not finish)
+    with open(os.path.join(out, f"{fam}.json"), "w") as f:
+        json.dump({**header, **({"partial": True} if partial else {}), "rows": rows}, f, indent=1)
+
+
+def _run_cases(fam, match, ceils, do_bench, tqdm, checkpoint=lambda rows: None):
     cases = [c for c in registry.cases(fam)
              if not match or re.search(match, f"{c.op} {c.shape} {c.dtype} {c.direction}")]
     bar = tqdm(total=len(cases), desc=fam, file=sys.stderr) if tqdm else None
     rows = []
     for case in cases:
         rows += run_case(case, ceils, do_bench, (bar.set_postfix_str if bar else (lambda s: print("  " + s, file=sys.stderr, flush=True))))
+        checkpoint(rows)
         if bar:
             bar.update()
     if bar:
