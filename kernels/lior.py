@@ -8,7 +8,8 @@
 The memory convolution has no kernel: its direct path is one cuBLAS GEMM with a Toeplitz matrix and
 its long path cuFFT (kernels/lior.md says why, and what the benchmark measures). Arithmetic is
 float32 for float16 / bfloat16 / float32 tensors (float64 runs on the reference: Triton passes
-float scalars as float32). Tensors reach the launchers contiguous.
+float scalars as float32; under torch.compile inductor passes them as float64, so every kernel
+casts its float arguments to float32 on entry). Tensors reach the launchers contiguous.
 """
 
 import torch
@@ -40,6 +41,8 @@ def lior_step_kernel(m_ptr, ring_ptr, x_ptr, j_ptr, pos_ptr, N, D, rho, eta, xi,
     """m, x [B, D] (N = B D elements), ring [P, B, D]; a program updates BLOCK elements of m and of
     ring slot pos % P (x_{t-P} read, x_t written), j [B] the per-row gate."""
     acc: tl.constexpr = tl.float32
+    # inductor passes Python floats as fp64 (eager Triton: fp32); the update would run in fp64
+    rho, eta, xi = tl.cast(rho, acc), tl.cast(eta, acc), tl.cast(xi, acc)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     slot = tl.load(pos_ptr) % P
@@ -85,6 +88,8 @@ def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rh
     BD columns; it walks t in chunks of P so that ring slot t % P is a compile-time row of the
     register ring [PP, BD] (PP = P rounded up to a power of two)."""
     acc: tl.constexpr = tl.float32
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
+    rho, eta, xi = tl.cast(rho, acc), tl.cast(eta, acc), tl.cast(xi, acc)
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     dok = d < D
@@ -126,6 +131,8 @@ def lior_recurrence_bwd_kernel(g_ptr, x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, dx_p
     dj [T, B] += sum over this program's columns of lam_t (a'_t m_{t-1} + b'_t x_t - c'_t x_{t-P})
     (float32 atomics across D-blocks). Shapes as in the forward; dj float32 zeroed by the caller."""
     acc: tl.constexpr = tl.float32
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
+    rho, eta, xi = tl.cast(rho, acc), tl.cast(eta, acc), tl.cast(xi, acc)
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     dok = d < D
@@ -202,6 +209,8 @@ def lior_action_kernel(phi_ptr, w_ptr, r_ptr, cost_ptr, int_ptr, mean_ptr, count
     broadcasts); cost [W, B] written; integral, mean [B] and count [] (steps before this window)
     read, integral and mean written. A program owns BB rows and walks the W steps."""
     acc: tl.constexpr = tl.float32
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
+    eps, dtau = tl.cast(eps, acc), tl.cast(dtau, acc)
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rok = rb < B
     rb64 = rb.to(tl.int64)

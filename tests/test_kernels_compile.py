@@ -1,6 +1,6 @@
 """Every Triton entry kernel of the hypercomplex-attention and LIoR families, the ultrametric
-signature and top-1 kernels (and the ultrametric scan and read kernels with float64 scalars, as
-torch.compile passes them) compiles to sm_90
+signature and top-1 kernels (and the ultrametric scan and read kernels and the LIoR kernels with
+float64 scalars, as torch.compile passes them) compiles to sm_90
 machine code, on any machine (no GPU needed: Triton's bundled ptxas runs on the CPU).
 
 The CI tests run these kernels under the CPU interpreter (TRITON_INTERPRET=1), which accepts
@@ -107,6 +107,37 @@ def test_lior_kernels_compile_for_sm90():
                                              "B": "i32", "F": "i32", "s_pw": "i32", "s_pb": "i32", "s_rw": "i32",
                                              "s_rb": "i32", "eps": "fp32", "dtau": "fp32"},
                    dict(BB=bb, BF=bf))
+    """, timeout=300)
+
+
+def test_lior_kernels_take_float64_scalars_without_float64_loops():
+    """Under torch.compile the LIoR kernels' float arguments (rho, eta, xi; eps, dtau) arrive as
+    float64 (inductor's signature for a Python float; eager Triton passes float32). On the H100 the
+    recurrence kernels then failed to compile ("Loop-carried variable m has initial type fp32 but
+    is re-assigned to fp64") and the action's running total had the same fault: every kernel
+    compiles either way, and with float64 scalars no float64 arithmetic is left beyond the entry
+    casts (a .param declaration, a load and a cvt per scalar)."""
+    run_isolated(_PRELUDE + """
+    import inspect
+    from geokern.kernels import lior
+
+    flags = dict(P=3, PP=lior._pp(3), HAS_J=True, HAS_M0=True, HAS_H=True)
+    cases = [(lior.lior_step_kernel, dict(P=3, HAS_J=True, BLOCK=lior.STEP_BLOCK), ("rho", "eta", "xi")),
+             (lior.lior_recurrence_fwd_kernel.fn, {**flags, **lior.lior_recurrence_fwd_kernel.configs[0].kwargs},
+              ("rho", "eta", "xi")),
+             (lior.lior_recurrence_bwd_kernel.fn, {**flags, **lior.lior_recurrence_bwd_kernel.configs[0].kwargs},
+              ("rho", "eta", "xi")),
+             (lior.lior_recurrence_bwd_kernel.fn, {**flags, "HAS_J": False,
+                                                   **lior.lior_recurrence_bwd_kernel.configs[0].kwargs},
+              ("rho", "eta", "xi")),
+             (lior.lior_action_kernel, dict(BB=32, BF=128), ("eps", "dtau"))]
+    for kernel, cons, floats in cases:
+        for ft in ("fp32", "fp64"):
+            sig = {n: (("*i64" if n in ("pos_ptr", "count_ptr") else "*fp32") if n.endswith("_ptr")
+                       else ft if n in floats else "i32")
+                   for n in inspect.signature(kernel.fn).parameters if n not in cons}
+            ptx = compile_ok(kernel, sig, cons).asm["ptx"]
+            assert ptx.count(".f64") <= 3 * len(floats), (kernel.__name__, cons, ft, ptx.count(".f64"))
     """, timeout=300)
 
 

@@ -29,7 +29,7 @@ def _state(B):
 def test_memory_conv_nonfinite_reaches_its_column_from_its_time(bad, method):
     x = rand(40, 2, 3)
     x[17, 1, 2] = bad
-    out = geokern.lior_memory_conv(x, geokern.lior_params(), method=method)
+    out = geokern.lior_memory_conv(x, geokern.lior_params(device=DEVICE), method=method)
     want = torch.zeros_like(out, dtype=torch.bool)
     want[17:, 1, 2] = True
     assert torch.equal(torch.isnan(out), want), f"{method}: NaN must cover out[t >= 17] of column (1, 2) only"
@@ -105,7 +105,7 @@ def test_step_and_action_empty(backend):
 
 
 def test_memory_conv_empty():
-    p = geokern.lior_params().requires_grad_()
+    p = geokern.lior_params(device=DEVICE).requires_grad_()
     for shape in [(0, 3), (5, 0)]:
         x = rand(*shape).requires_grad_()
         out = geokern.lior_memory_conv(x, p)
@@ -185,11 +185,19 @@ def test_bad_action_input(backend):
 
 
 def test_bad_kernel_and_conv_input_and_backends():
-    p = geokern.lior_params()
+    # every tensor on DEVICE: each check below must be the one that fires, not a device mismatch
+    p = geokern.lior_params(device=DEVICE)
     with pytest.raises(ValueError, match=r"params must have shape \(12,\)"):
-        geokern.lior_kernel(torch.ones(3), p[:9])
+        geokern.lior_kernel(torch.ones(3, device=DEVICE), p[:9])
     with pytest.raises(ValueError, match="method must be 'auto', 'direct' or 'fft'"):
         geokern.lior_memory_conv(rand(4, 2), p, method="conv")
+    # the method is an argument value: refused before (and whatever) the devices are
+    with pytest.raises(ValueError, match="method must be 'auto', 'direct' or 'fft'"):
+        geokern.lior_memory_conv(rand(4, 2), p.to("meta"), method="conv")
+    with pytest.raises(ValueError, match="params is on meta but x is on"):
+        geokern.lior_memory_conv(rand(4, 2), p.to("meta"))
+    with pytest.raises(ValueError, match="params is on meta but dt is on"):
+        geokern.lior_kernel(rand(3), p.to("meta"))
     with pytest.raises(ValueError, match="unknown parameter"):
         geokern.lior_params(alpha=1.0)
     with pytest.raises(RuntimeError, match="issue #21"):
@@ -197,8 +205,8 @@ def test_bad_kernel_and_conv_input_and_backends():
     with pytest.raises(RuntimeError, match="issue #21"):
         geokern.lior_memory_conv(rand(3, 2), p, backend="cuda")
     with pytest.raises(RuntimeError, match="issue #21"):
-        geokern.lior_recurrence_step_(rand(2, 2), rand(4, 2, 2), torch.zeros((), dtype=torch.int64), rand(2, 2),
-                                      backend="cuda")
+        geokern.lior_recurrence_step_(rand(2, 2), rand(4, 2, 2), torch.zeros((), dtype=torch.int64, device=DEVICE),
+                                      rand(2, 2), backend="cuda")
 
 
 def test_triton_refuses_float64_by_name():
@@ -211,12 +219,12 @@ def test_triton_refuses_float64_by_name():
 
 
 def test_lior_memory_layer():
-    layer = geokern.nn.LiorMemory(a=2.0)
+    layer = geokern.nn.LiorMemory(a=2.0, device=DEVICE)
     assert layer.params.shape == (12,) and layer.params[0].item() == 2.0
     x = rand(30, 2, 8)
     out = layer(x)
     torch.testing.assert_close(out, ref.lior_memory_conv(x, layer.params.detach(), "direct"), rtol=1e-5, atol=1e-6)
-    bf = geokern.nn.LiorMemory(a=2.0, batch_first=True, method="fft")
+    bf = geokern.nn.LiorMemory(a=2.0, batch_first=True, method="fft").to(DEVICE)  # .to moves params too
     torch.testing.assert_close(bf(x.transpose(0, 1)).transpose(0, 1), out, rtol=1e-5, atol=1e-6)
     out.square().sum().backward()
     assert layer.params.grad is not None and torch.isfinite(layer.params.grad).all()

@@ -208,10 +208,11 @@ def lior_memory_conv(x: torch.Tensor, params: torch.Tensor, *, method: str = "au
     op = "lior_memory_conv"
     check_tensor(op, "x", x)
     _check_params(op, params)
-    if x.device != params.device:
-        raise ValueError(f"{op}: params is on {params.device} but x is on {x.device}")
+    # argument values first: a bad method is refused the same way whatever devices x and params are on
     if method not in ("auto", "direct", "fft"):
         raise ValueError(f"{op}: method must be 'auto', 'direct' or 'fft', got {method!r}")
+    if x.device != params.device:
+        raise ValueError(f"{op}: params is on {params.device} but x is on {x.device}")
     _composition_only(op, backend, x.device)
     if method == "auto":
         method = "direct" if x.shape[0] <= DIRECT_MAX_T else "fft"
