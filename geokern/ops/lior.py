@@ -36,9 +36,10 @@ __all__ = ["lior_params", "lior_kernel", "lior_memory_conv", "lior_recurrence", 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREFER = ("triton",)
 _NO_CUDA = "backend='cuda' is not built for the LIoR ops (their CUDA kernels are issue #21, still to come)"
-# the memory convolution's "auto" takes the direct (GEMM) path up to this T, the FFT beyond: a
-# first guess, to be replaced by the crossover geokern/bench/lior.py measures on the H100
-DIRECT_MAX_T = 512
+# the memory convolution's "auto" takes the direct (GEMM) path up to this T, the FFT beyond: the
+# crossover geokern/bench/lior.py measured on the H100 (16384 fp32 columns: direct 1.77 vs FFT
+# 2.30 ms at T = 1024, 4.77 vs 4.48 ms at 2048; kernels/lior.md)
+DIRECT_MAX_T = 1024
 _GRID_X = 2**31 - 1
 
 
