@@ -133,7 +133,12 @@ def nonfinite_fwd(
     # quaternions p_ij T_j added to the average before the epilogue q^_i A_i, octonions
     # p_ij ((q^_i conj(k^_j)) v_j) with the definition's parenthesisation added to y; IEEE sums, so
     # +inf + -inf and a visible p = 0 times inf are NaN, as in the reference. The same keys as the
-    # main loop.
+    # main loop. This key loop is not software-pipelined (num_stages=1): pipelined, it holds k, k^, v
+    # in two shared buffers and issues the copy for key block i + 2 into block i's buffer before the
+    # per-key branch, and the compiler (triton 3.6 and 3.8, float32 octonions: sm_90 TTGIR) re-reads
+    # k^ and v from that buffer inside the per-key loop (a local_load there), getting the next
+    # blocks' keys or zeros: the inf key's terms were lost on the GPU (test_inf_in_v_matches_reference
+    # [full-f32-+inf-8]). The main kernel's loop is untouched (its PTX is the same).
     b = bh // H
     h = bh % H
     hk = h // G
@@ -155,7 +160,8 @@ def nonfinite_fwd(
     extra = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     pinf = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows with a +inf visible score
     nan = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows with a NaN visible score
-    for start in range(0, _last_key(pid_m, Tk, off, CAUSAL, BLOCK_M), BLOCK_N):
+    # num_stages=1: not software-pipelined (see above)
+    for start in tl.range(0, _last_key(pid_m, Tk, off, CAUSAL, BLOCK_M), BLOCK_N, num_stages=1):
         offs_n = start + tl.arange(0, BLOCK_N)
         nvalid = offs_n < Tk
         keep = nvalid[None, :] & mvalid[:, None]
