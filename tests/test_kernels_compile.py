@@ -69,6 +69,32 @@ def test_hypercomplex_attention_kernels_compile_for_sm90():
     """, timeout=300)
 
 
+def test_octonion_second_pass_is_not_pipelined():
+    """nonfinite_fwd's key loop must not be software-pipelined: pipelined (float32 octonions), the
+    compiler re-read k^ and v inside the per-key loop from a shared buffer the next block's copy had
+    already overwritten, and the H100 lost the inf key's terms. Its PTX function (noinline) holds no
+    asynchronous copy; the main kernel's pipelined loop does (the check sees them)."""
+    run_isolated(_PRELUDE + """
+    import re
+    from geokern.kernels.hypercomplex_attention import _blocks, hypercomplex_attention_fwd_kernel as fwd
+
+    strides = {f"s{t}{i}": "i32" for t in "qkvab" for i in range(4)}
+    ints = {name: "i32" for name in ("H", "G", "Tq", "Tk", "D", "off")}
+    bm, bn, warps = _blocks(8, 16)
+    meta = dict(CAUSAL=False, N=8, PREC="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=16, VW=128)
+    ins = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr", "qn_ptr", "kn_ptr")}
+    ptx = compile_ok(fwd, {**ins, "e_ptr": "*fp32", "y_ptr": "*fp32", "lse_ptr": "*fp32", **strides, **ints,
+                           "qk_scale": "fp32"}, meta, warps).asm["ptx"]
+    funcs = re.split(r"^(?=\\.(?:visible \\.entry|func))", ptx, flags=re.M)
+    # (the function appears twice: its declaration, then its body)
+    second = max((f for f in funcs if "nonfinite_fwd" in f.split("(")[0]), key=len)
+    main = [f for f in funcs if f.startswith(".visible .entry")]
+    assert len(main) == 1 and "ret;" in second, [f[:80] for f in funcs]
+    assert "cp.async" in main[0], "the main kernel's key loop is no longer pipelined: the check sees nothing"
+    assert "cp.async" not in second, "nonfinite_fwd's key loop is software-pipelined again"
+    """, timeout=300)
+
+
 def test_lior_kernels_compile_for_sm90():
     """The step, the recurrence forward / backward (every autotune config once, each flag both
     ways) and the action, float32 and bfloat16."""
