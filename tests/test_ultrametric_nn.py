@@ -250,7 +250,8 @@ def test_soft_mode_cuda_backend_refuses():
     backends that have the soft kernel (the op's refusal is test_ultrametric_edges.py::
     test_cuda_backend_refusals). The soft check comes before the device check: runs on every machine."""
     m = module("cuda", mode="soft")
-    with pytest.raises(RuntimeError, match="backend='cuda' is not built for mode='soft'.*#18.*backend='triton' or 'torch'"):
+    with pytest.raises(RuntimeError,
+                       match="backend='cuda' is not built for mode='soft'.*#18.*backend='triton' or 'torch'"):
         m(*inputs())
 
 
