@@ -199,6 +199,26 @@ def _op_samples(qualname):
 test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_attention_", _op_samples)
 
 
+def test_input_checks_trace_under_compile():
+    """The public op's input checks (what runs before its kernels, the digit range check on) trace
+    whole under torch.compile(fullgraph=True) on any machine. On the H100 the public op's compile
+    broke on torch.cuda.is_current_stream_capturing, which those checks called (dynamo cannot put a
+    bool-returning torch.* call in a graph), and the digits' host range check (int(d.min())) would
+    break it next (a data-dependent guard): both are host reads, skipped while compiling
+    (_checks.host_reads_allowed). The whole op compiles in test_public_op_compiles_with_backward
+    (CUDA only)."""
+    from geokern.ops.ultrametric import _check
+
+    qd, kd, v, keep, p, causal = make(CPU_CASES[1])
+    want = _check(qd, kd, v, 1.7, p, causal, keep, 0, 0, True)
+    torch._dynamo.reset()
+    got = torch.compile(lambda a: (_check(qd, kd, a, 1.7, p, causal, keep, 0, 0, True), a * 2)[0],
+                        fullgraph=True, backend="eager")(v)
+    assert got == want
+    with pytest.raises(ValueError, match="q_digits must hold digits in"):  # eager: still checked
+        _check(qd + p, kd, v, 1.7, p, causal, keep, 0, 0, True)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
 @pytest.mark.parametrize("backend", KERNELS)
 def test_public_op_compiles_with_backward(backend):
