@@ -19,6 +19,17 @@ def check_tensor(op, name, t, *, dtypes=FLOAT_DTYPES, last_dim=None, min_dim=1):
         )
 
 
+def host_reads_allowed(t):
+    """Whether an input check may read t's values on the host (a digit range check's min / max):
+    not while torch.compile traces (a data-dependent read breaks the graph, an error under
+    fullgraph) and not while t's CUDA stream is captured into a CUDA graph (the sync would break
+    the capture). is_compiling comes first: dynamo cannot trace torch.cuda.is_current_stream_capturing
+    either (a torch.* call that returns a bool), and a compiled graph has no host reads to skip."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_same(op, named):
     """All tensors in `named` ({name: tensor}) share one dtype and one device."""
     (n0, t0), *rest = named.items()

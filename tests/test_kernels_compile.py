@@ -178,7 +178,8 @@ def test_ultrametric_kernels_take_float64_scalars_without_float64_loops():
 
     ptrs = {"tdig_ptr": "*i64", "sdig_ptr": "*i64", "val_ptr": "*bf16", "slse_ptr": "*fp32", "keep_ptr": "*i8",
             "tab_ptr": "*fp32", "cnt_ptr": "*i32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}
-    cases = [(sc.ultrametric_scan_kernel, dict(FWD=True, SCALE_LSE=False, KEEP_SRC=True, EXCL=excl, C=64, BD=64))
+    cases = [(sc.ultrametric_scan_kernel, dict(FWD=True, SCALE_LSE=False, KEEP_SRC=True, EXCL=excl, C=64, CB=64,
+                                               BD=64))
              for excl in (False, True)]  # EXCL: alpha <= 1 reads disjoint buckets
     cases += [(sc.ultrametric_read_kernel, dict(FWD=True, EXCL=excl, C=64, BD=64)) for excl in (False, True)]
     for kernel, cons in cases:
@@ -187,6 +188,37 @@ def test_ultrametric_kernels_take_float64_scalars_without_float64_loops():
                    for n in inspect.signature(kernel.fn).parameters if n not in cons}
             ptx = compile_ok(kernel, sig, cons).asm["ptx"]
             assert ptx.count(".f64") <= 4, (kernel.__name__, ft, ptx.count(".f64"))
+    """, timeout=300)
+
+
+def test_ultrametric_scan_kernels_compile_for_sm90_with_small_chunks():
+    """The causal scan and the summary kernel for the chunk sizes a caller may pass, with the
+    launcher's blocks (kernels.ultrametric.chunk_block, _bd): chunk=4 and a small v (D = 3, as
+    tests/test_ultrametric_edges.py::test_alpha_below_one_is_exact uses) once put a C x C = 4 x 4
+    block into tl.dot, which the GPU compiler refuses (K >= 16; the interpreter runs it), and a
+    chunk that is no power of two (5) into tl.arange. Forward and backward (their source and
+    target roles differ), both weightings (EXCL), float32 and bfloat16 v; the default chunk (64)
+    with float64 scalars is test_ultrametric_kernels_take_float64_scalars_without_float64_loops."""
+    run_isolated(_PRELUDE + """
+    import inspect
+    from geokern.kernels import ultrametric as um
+    from geokern.kernels.ultrametric import scan as sc
+
+    def sig_of(kernel, cons, dt):
+        ptrs = {"tdig_ptr": "*i64", "sdig_ptr": "*i64", "val_ptr": f"*{dt}", "lse_ptr": "*fp32",
+                "slse_ptr": "*fp32", "keep_ptr": "*i1", "tab_ptr": "*fp32", "cnt_ptr": "*i32",
+                "out_ptr": f"*{dt}"}
+        return {n: ptrs.get(n, "fp32" if n in ("log2a", "am1") else "i32")
+                for n in inspect.signature(kernel.fn).parameters if n not in cons}
+
+    # (chunk, D, v dtype, forward, EXCL)
+    for C, D, dt, fwd, excl in ((4, 3, "fp32", True, True), (4, 3, "fp32", False, True),
+                                (5, 3, "bf16", True, False), (16, 8, "bf16", False, False)):
+        blocks = dict(C=C, CB=um.chunk_block(C), BD=um._bd(D))
+        cons = dict(FWD=fwd, SCALE_LSE=not fwd, KEEP_SRC=fwd, EXCL=excl, **blocks)
+        compile_ok(sc.ultrametric_scan_kernel, sig_of(sc.ultrametric_scan_kernel, cons, dt), cons)
+        cons = dict(SCALE_LSE=not fwd, KEEP_SRC=fwd, COUNT=fwd, **blocks)
+        compile_ok(sc.ultrametric_summary_kernel, sig_of(sc.ultrametric_summary_kernel, cons, dt), cons)
     """, timeout=300)
 
 

@@ -113,9 +113,11 @@ def test_gradient_to_v(case, backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("num_segments", [1, 2, 3, 7])
-@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("chunk", [5, 16, 32])
 def test_knobs_do_not_change_the_result(chunk, num_segments, backend):
-    """Chunk size and segment count change only the summation order (and the scan's parallelism)."""
+    """Chunk size and segment count change only the summation order (and the scan's parallelism).
+    chunk=5: no power of two and under tl.dot's least size, so the Triton kernels hold it in a
+    padded block of 16 rows (chunk_block) with the rows past the chunk masked off."""
     need(backend)
     qd, kd, v, keep, p, causal = make(CPU_CASES[3])
     v = v.requires_grad_()
@@ -195,6 +197,26 @@ def _op_samples(qualname):
 
 
 test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_attention_", _op_samples)
+
+
+def test_input_checks_trace_under_compile():
+    """The public op's input checks (what runs before its kernels, the digit range check on) trace
+    whole under torch.compile(fullgraph=True) on any machine. On the H100 the public op's compile
+    broke on torch.cuda.is_current_stream_capturing, which those checks called (dynamo cannot put a
+    bool-returning torch.* call in a graph), and the digits' host range check (int(d.min())) would
+    break it next (a data-dependent guard): both are host reads, skipped while compiling
+    (_checks.host_reads_allowed). The whole op compiles in test_public_op_compiles_with_backward
+    (CUDA only)."""
+    from geokern.ops.ultrametric import _check
+
+    qd, kd, v, keep, p, causal = make(CPU_CASES[1])
+    want = _check(qd, kd, v, 1.7, p, causal, keep, 0, 0, True)
+    torch._dynamo.reset()
+    got = torch.compile(lambda a: (_check(qd, kd, a, 1.7, p, causal, keep, 0, 0, True), a * 2)[0],
+                        fullgraph=True, backend="eager")(v)
+    assert got == want
+    with pytest.raises(ValueError, match="q_digits must hold digits in"):  # eager: still checked
+        _check(qd + p, kd, v, 1.7, p, causal, keep, 0, 0, True)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

@@ -218,7 +218,11 @@ def test_bad_input_and_repr():
 # ---- soft mode (their kernel mode) ---------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the soft mode has no CUDA kernels (issue #18): 'cuda' refuses it, test_soft_mode_cuda_backend_refuses
+SOFT_BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", SOFT_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_soft_mode_matches_plain_torch(case, backend):
     """mode='soft': output and every parameter's gradient (and x's) against the spec's soft kernel
@@ -239,6 +243,16 @@ def test_soft_mode_matches_plain_torch(case, backend):
     for name, a, b in zip(names, ga, gb):
         assert a.abs().sum() > 0, f"{backend} soft grad {name} is zero"
         assert rel_err(a, b) < 1e-4, f"{backend} soft grad {name}: {rel_err(a, b):.2e}"
+
+
+def test_soft_mode_cuda_backend_refuses():
+    """The module in soft mode with backend='cuda' raises at the call, naming issue #18 and the
+    backends that have the soft kernel (the op's refusal is test_ultrametric_edges.py::
+    test_cuda_backend_refusals). The soft check comes before the device check: runs on every machine."""
+    m = module("cuda", mode="soft")
+    with pytest.raises(RuntimeError,
+                       match="backend='cuda' is not built for mode='soft'.*#18.*backend='triton' or 'torch'"):
+        m(*inputs())
 
 
 def test_soft_mode_has_no_cache():

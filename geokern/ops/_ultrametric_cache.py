@@ -10,6 +10,7 @@ CUDA kernels are not yet measured against it, and auto picks them only once they
 import torch
 
 from geokern import _backend
+from geokern._checks import host_reads_allowed
 from geokern.kernels import ultrametric as tk
 from geokern.ops._registry import alert_nondeterministic, cuda_op, triton_op
 from geokern.reference import ultrametric as ref
@@ -143,8 +144,8 @@ class UltrametricCache:
                              f"{getattr(digits, 'dtype', type(digits).__name__)} {tuple(getattr(digits, 'shape', ()))}")
         if digits.device != self.tab.device:
             raise ValueError(f"UltrametricCache: {name} is on {digits.device}, the cache on {self.tab.device}")
-        if not (digits.is_cuda and torch.cuda.is_current_stream_capturing()):
-            ref.check_digits(name, digits, self.p)  # a host check; under capture the kernels clamp
+        if host_reads_allowed(digits):
+            ref.check_digits(name, digits, self.p)  # a host check; under capture or compile the kernels clamp
         if v is not None:
             want = (self.B, self.Hkv, digits.shape[2], self.D)
             if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point or tuple(v.shape) != want \

@@ -47,7 +47,7 @@ Choices:
 import torch
 
 from geokern import _backend
-from geokern._checks import check_grid_rows, check_same, check_tensor
+from geokern._checks import check_grid_rows, check_same, check_tensor, host_reads_allowed
 from geokern.kernels import ultrametric as tk
 from geokern.ops._registry import alert_nondeterministic, bound_once, cuda_op, refuse_double_backward, triton_op
 from geokern.ops._ultrametric_cache import UltrametricCache, ultrametric_decode_step_  # noqa: F401
@@ -246,8 +246,8 @@ def _check(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, chunk, num
     for name, t in (("q_digits", q_digits), ("k_digits", k_digits), ("key_padding_mask", key_padding_mask)):
         if isinstance(t, torch.Tensor) and t.device != v.device:
             raise ValueError(f"{_OP}: {name} is on {t.device} but v is on {v.device}")
-    if values and v.is_cuda and torch.cuda.is_current_stream_capturing():
-        values = False  # a host read would break the capture; the kernels keep every access in bounds
+    if values and not host_reads_allowed(v):
+        values = False  # a host read would break the capture or the trace; the kernels keep every access in bounds
     try:
         dims = ref.check_inputs(q_digits, k_digits, v, alpha, p, causal, key_padding_mask, values=values)
     except (TypeError, ValueError) as e:
@@ -364,8 +364,8 @@ def ultrametric_attention(
     An out-of-range digit is then not refused: the Triton and CUDA kernels keep every table access
     in bounds, but the result is unspecified. The torch backend (the reference) reads and checks the
     digits on the host regardless (its code compression has a data-dependent size). Under CUDA-graph
-    capture the Triton and CUDA backends skip the check as check_digits=False does (a host read
-    cannot be captured).
+    capture and while torch.compile traces the op, the Triton and CUDA backends skip the check as
+    check_digits=False does (a host read can be neither captured nor traced).
     """
     if mode == "soft":
         if q_soft is not None or k_soft is not None:

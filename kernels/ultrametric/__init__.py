@@ -25,7 +25,7 @@ from geokern.kernels.ultrametric.soft import (ultrametric_soft_attention_bwd_ker
 
 __all__ = ["ultrametric_attention_fwd", "ultrametric_attention_bwd", "ultrametric_cache_append",
            "ultrametric_cache_query", "ultrametric_soft_attention_fwd", "ultrametric_soft_attention_bwd",
-           "soft_blocks", "MAX_CODES", "default_chunk", "plan"]
+           "soft_blocks", "MAX_CODES", "default_chunk", "chunk_block", "plan"]
 
 MAX_CODES = 1 << 16  # dense bucket tables (int32 codes, [N, D] float32 per group and segment)
 SCRATCH_BYTES = 1 << 28  # segment tables beyond this many bytes: fewer segments
@@ -39,6 +39,14 @@ def default_chunk():
 
 def _bd(d):
     return max(16, triton.next_power_of_2(d))
+
+
+def chunk_block(C):
+    """Rows of the block that holds a chunk of C positions in the scan and summary kernels: a
+    power of two (tl.arange) and >= 16, the least K of tl.dot on sm_90 for the 16-bit count dots
+    (8 for float32; 16 in triton 3.6): a smaller chunk (chunk=4) once failed to compile on the
+    GPU, which the interpreter does not check. The rows past C are masked off."""
+    return max(16, triton.next_power_of_2(C))
 
 
 def _weights(alpha):
@@ -75,7 +83,7 @@ def _summary(tab, cnt, sdig, val, lse, keep, Hkv, NS, src_off, Tk, K, p, N, slot
     B, HS, TS, D = val.shape
     launch(ultrametric_summary_kernel)[(S, B * Hkv)](
         sdig, val, lse, keep, tab, cnt, HS, NS, TS, src_off, Tk, Hkv, K, p, N, D, slots, cps, nchunks,
-        SCALE_LSE=scale_lse, KEEP_SRC=keep_src, COUNT=count, C=C, BD=_bd(D), num_warps=4)
+        SCALE_LSE=scale_lse, KEEP_SRC=keep_src, COUNT=count, C=C, CB=chunk_block(C), BD=_bd(D), num_warps=4)
 
 
 def _prefix(t, S, reverse):
@@ -87,6 +95,7 @@ def _prefix(t, S, reverse):
 def _read(tab, cnt, tdig, out, lse, keep, Hkv, tgt_off, Tk, K, p, N, slots, slot, alpha, fwd, C):
     B, HT, TT, _ = tdig.shape
     D = out.shape[-1]
+    C = chunk_block(C)  # targets per program: any power of two (every target reads the same table)
     launch(ultrametric_read_kernel)[(triton.cdiv(TT, C), B * HT)](
         tdig, tab, cnt, out, lse, keep, HT, HT // Hkv, TT, tgt_off, Tk, Hkv, K, p, N, D, slots, slot,
         *_weights(alpha), FWD=fwd, EXCL=alpha <= 1, C=C, BD=_bd(D), num_warps=4)
@@ -126,7 +135,8 @@ def _run(fwd, qd, kd, src, lse, keep, out, out_lse, alpha, p, N, causal, chunk, 
     launch(ultrametric_scan_kernel)[(S, G)](
         tdig, sdig, src, lse, keep, tab, cnt, out, out_lse,
         HT, HT // Hkv, TT, tgt_off, HS, HS // Hkv, TS, off, Tk, Hkv, K, p, N, D, slots, cps, nchunks,
-        *_weights(alpha), FWD=fwd, SCALE_LSE=not fwd, KEEP_SRC=fwd, EXCL=alpha <= 1, C=C, BD=_bd(D), num_warps=4)
+        *_weights(alpha), FWD=fwd, SCALE_LSE=not fwd, KEEP_SRC=fwd, EXCL=alpha <= 1, C=C, CB=chunk_block(C),
+        BD=_bd(D), num_warps=4)
 
 
 def ultrametric_attention_fwd(qd, kd, v, keep, y, lse, alpha, p, N, causal, chunk=0, num_segments=0):

@@ -34,13 +34,14 @@ def _digit(dig_ptr, digbase, rows, valid, l, K, p):
 
 @triton.jit
 def _src_rows(P0, b, head, keep_ptr, val_ptr, lse_ptr, HS, TS, SRC_OFF, Tk, D,
-              SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
-    """The sources at positions [P0, P0 + C) of head `head`: (rows [C] int64, use [C] bool,
-    values [C, BD] float32). A removed row (past the end, padded key, query with no key) has
-    use False and values 0, whatever it holds in memory."""
-    pos = P0 + tl.arange(0, C)
+              SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
+              BD: tl.constexpr):
+    """The sources at positions [P0, P0 + C) of head `head`, in a block of CB >= C rows (chunk_block):
+    (rows [CB] int64, use [CB] bool, values [CB, BD] float32). A removed row (past the chunk or
+    the end, padded key, query with no key) has use False and values 0, whatever it holds in memory."""
+    pos = P0 + tl.arange(0, CB)
     rows = (pos - SRC_OFF).to(tl.int64)
-    use = (rows >= 0) & (rows < TS)
+    use = (tl.arange(0, CB) < C) & (rows >= 0) & (rows < TS)
     rd = tl.arange(0, BD)
     base = (b * HS + head).to(tl.int64) * TS
     vals = tl.load(val_ptr + (base + rows)[:, None] * D + rd[None, :], mask=use[:, None] & (rd < D)[None, :],
@@ -199,10 +200,10 @@ def reinsert_nonfinite(dense, vals, vis, finite):
 
 
 @triton.jit
-def _lcp_block(tdig, tbase, trows, tvalid, sdig, sbase, srows, suse, K, C: tl.constexpr):
-    """lcp [C, C] int32 between target rows and source rows (leading equal digits)."""
-    alive = tl.full([C, C], 1, tl.int1)
-    lcp = tl.zeros([C, C], tl.int32)
+def _lcp_block(tdig, tbase, trows, tvalid, sdig, sbase, srows, suse, K, CB: tl.constexpr):
+    """lcp [CB, CB] int32 between target rows and source rows (leading equal digits)."""
+    alive = tl.full([CB, CB], 1, tl.int1)
+    lcp = tl.zeros([CB, CB], tl.int32)
     for l in range(K):
         dt = tl.load(tdig + (tbase + trows) * K + l, mask=tvalid, other=0).to(tl.int32)
         ds = tl.load(sdig + (sbase + srows) * K + l, mask=suse, other=-1).to(tl.int32)
@@ -215,7 +216,8 @@ def _lcp_block(tdig, tbase, trows, tvalid, sdig, sbase, srows, suse, K, C: tl.co
 def ultrametric_summary_kernel(
     sdig_ptr, val_ptr, lse_ptr, keep_ptr, tab_ptr, cnt_ptr,
     HS, NS, TS, SRC_OFF, Tk, Hkv, K, p, N, D, SLOTS, CPS, nchunks,
-    SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, COUNT: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+    SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, COUNT: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
+    BD: tl.constexpr,
 ):
     # sdig: [B, HS, TS, K] int; val: [B, HS, TS, D]; tab: [B * Hkv, SLOTS, N, D] fp32, cnt [.., N] i32.
     # One program: segment s (chunks [s * CPS, (s + 1) * CPS) of C positions) of one group g;
@@ -230,7 +232,7 @@ def ultrametric_summary_kernel(
         for r in range(NS):
             head = hk * NS + r
             rows, use, vals = _src_rows(c * C, b, head, keep_ptr, val_ptr, lse_ptr, HS, TS, SRC_OFF, Tk, D,
-                                        SCALE_LSE, KEEP_SRC, C, BD)
+                                        SCALE_LSE, KEEP_SRC, C, CB, BD)
             _add_rows(tab, cnt, sdig_ptr, (b * HS + head).to(tl.int64) * TS, rows, use, vals, K, p, D, COUNT, BD)
 
 
@@ -279,13 +281,15 @@ def ultrametric_scan_kernel(
     tdig_ptr, sdig_ptr, val_ptr, slse_ptr, keep_ptr, tab_ptr, cnt_ptr, out_ptr, lse_ptr,
     HT, NT, TT, TGT_OFF, HS, NS, TS, SRC_OFF, Tk, Hkv, K, p, N, D, SLOTS, CPS, nchunks, log2a, am1,
     FWD: tl.constexpr, SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, EXCL: tl.constexpr, C: tl.constexpr,
-    BD: tl.constexpr,
+    CB: tl.constexpr, BD: tl.constexpr,
 ):
     # The causal scan. tdig: [B, HT, TT, K], sdig: [B, HS, TS, K], val: [B, HS, TS, D]; tables as in
     # the summary kernel, slot s holding the sum of the sources before segment s (after it,
     # backward). One program: segment s of group g, grid (segments, B * Hkv): chunk by chunk (in
     # time order), its NT target heads read the table and add the chunk's own visible sources
-    # densely (C x C weights, a tensor-core dot), then the chunk's sources enter the table.
+    # densely (C x C weights, a tensor-core dot), then the chunk's sources enter the table. The
+    # chunk's rows sit in blocks of CB = chunk_block(C) >= 16 rows (tl.dot's least K on sm_90; a
+    # power of two for tl.arange), the rows past C masked off.
     log2a, am1 = _f32(log2a), _f32(am1)
     s = tl.program_id(0)
     g = tl.program_id(1)
@@ -302,19 +306,19 @@ def ultrametric_scan_kernel(
         else:
             c = c_hi - 1 - i
         P0 = c * C
-        pos = P0 + tl.arange(0, C)
+        pos = P0 + tl.arange(0, CB)
         trows = (pos - TGT_OFF).to(tl.int64)
-        tvalid = (trows >= 0) & (trows < TT)
+        tvalid = (tl.arange(0, CB) < C) & (trows >= 0) & (trows < TT)
         for rt in range(NT):
             tbase = (b * HT + hk * NT + rt).to(tl.int64) * TT
-            acc, den, seen = _read_rows(tab, cnt, tdig_ptr, tbase, trows, tvalid, K, p, log2a, am1, D, FWD, EXCL, C,
+            acc, den, seen = _read_rows(tab, cnt, tdig_ptr, tbase, trows, tvalid, K, p, log2a, am1, D, FWD, EXCL, CB,
                                         BD)
             for rs in range(NS):
                 shead = hk * NS + rs
                 sbase = (b * HS + shead).to(tl.int64) * TS
                 srows, suse, vals = _src_rows(P0, b, shead, keep_ptr, val_ptr, slse_ptr, HS, TS, SRC_OFF, Tk, D,
-                                              SCALE_LSE, KEEP_SRC, C, BD)
-                lcp = _lcp_block(tdig_ptr, tbase, trows, tvalid, sdig_ptr, sbase, srows, suse, K, C)
+                                              SCALE_LSE, KEEP_SRC, C, CB, BD)
+                lcp = _lcp_block(tdig_ptr, tbase, trows, tvalid, sdig_ptr, sbase, srows, suse, K, CB)
                 if FWD:
                     vis = pos[None, :] <= pos[:, None]
                 else:
@@ -333,6 +337,6 @@ def ultrametric_scan_kernel(
         for rs in range(NS):
             shead = hk * NS + rs
             srows, suse, vals = _src_rows(P0, b, shead, keep_ptr, val_ptr, slse_ptr, HS, TS, SRC_OFF, Tk, D,
-                                          SCALE_LSE, KEEP_SRC, C, BD)
+                                          SCALE_LSE, KEEP_SRC, C, CB, BD)
             _add_rows(tab, cnt, sdig_ptr, (b * HS + shead).to(tl.int64) * TS, srows, suse, vals, K, p, D, FWD, BD)
         tl.debug_barrier()
