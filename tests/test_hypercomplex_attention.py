@@ -6,7 +6,7 @@ inputs, custom-op checks and bad input."""
 import pytest
 import torch
 from _custom_ops import custom_op_tests, op as custom_op
-from _helpers import dtype_id, need
+from _helpers import dtype_id, need, run_isolated
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
@@ -249,3 +249,57 @@ def test_public_op_compiles_with_backward(n):
     want = torch.autograd.grad(OPS[n](q, k, v, backend="triton").square().sum(), (q, k, v))
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=f"compiled {name}")
+
+
+_WRITES = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)  # the jitted kernels, not the interpreter's
+import torch, triton
+from torch._higher_order_ops import triton_kernel_wrap as tkw
+import geokern.kernels.hypercomplex_attention as tk
+if not torch.cuda.is_available():  # the analysis only builds TTIR: any CUDA target will do
+    from triton.backends.compiler import GPUTarget
+    class Target:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+    triton.runtime.driver.set_active(Target())
+B, H, Hk, T, D = 1, 2, 1, 65, 16
+t = lambda *s: torch.zeros(*s)  # noqa: E731
+q, k, v, qn, kn, e, et = t(B, H, T, D), t(B, Hk, T, D), t(B, Hk, T, D), t(B, H, T, D), t(B, Hk, T, D), t(64, 64), t(64, 64)
+strides = dict(zip([f"s{c}{i}" for c in "qkvab" for i in range(4)], tk._strides(q, k, v, qn, kn)))
+sizes = dict(H=H, G=H // Hk, Tq=T, Tk=T, D=D, off=0, qk_scale=0.36, scale=0.25)
+stats = dict(lse_ptr=t(B, H, T), delta_ptr=t(B, H, T), dy_ptr=t(B, H, T, D))
+for n in (4, 8):
+    meta = dict(CAUSAL=True, N=n, PREC="ieee", BLOCK_M=32, BLOCK_N=32, BLOCK_D=D, VW=D if n == 4 else 8 * D)
+    ins = dict(q_ptr=q, k_ptr=k, v_ptr=v, qn_ptr=qn, kn_ptr=kn, **strides, **meta)
+    kernels = {
+        "fwd": (tk.hypercomplex_attention_fwd_kernel, dict(
+            ins, e_ptr=e, y_ptr=t(B, H, T, D), lse_ptr=t(B, H, T), **{s: sizes[s] for s in list(sizes)[:-1]})),
+        "dq": (tk.hypercomplex_attention_bwd_dq_kernel, dict(
+            ins, e_ptr=e, et_ptr=et, **stats, dq_ptr=t(B, H, T, D), dqn_ptr=t(B, H, T, D), **sizes)),
+        "dkdv": (tk.hypercomplex_attention_bwd_dkdv_kernel, dict(
+            ins, et_ptr=et, **stats, dk_ptr=t(B, Hk, T, D), dkn_ptr=t(B, Hk, T, D), dv_ptr=t(B, Hk, T, D), **sizes)),
+    }
+    for name, (kernel, kw) in kernels.items():
+        kw = {a: kw[a] for a in kernel.arg_names}
+        if hasattr(tkw, "identify_accessed_tensors"):  # newer torch
+            written = [d.name for d in tkw.identify_accessed_tensors(kernel, kw, {}).read_writes.writes]
+        else:
+            written = tkw.identify_mutated_tensors(kernel, kw, {})
+        print(n, name, sorted(written))
+"""
+
+
+def test_compile_sees_the_kernels_write_only_their_outputs():
+    """torch.compile clones every tensor that its analysis of a user Triton kernel's TTIR says the
+    kernel writes, and writes it back into an input. The dq kernel's store offsets came from a
+    helper that also loaded q, q^, dy, lse, delta and E^T (the analysis counts every argument of a
+    call whose result reaches a stored-to address): those looked written, and compiling the public
+    op with its backward failed on the H100 (a copy back into q, a leaf requiring grad). The TTIR
+    needs no GPU."""
+    pytest.importorskip("triton")
+    out = run_isolated(_WRITES, timeout=300)
+    for n in (4, 8):
+        assert f"{n} fwd ['lse_ptr', 'y_ptr']" in out, out
+        assert f"{n} dq ['dq_ptr', 'dqn_ptr']" in out, out
+        assert f"{n} dkdv ['dk_ptr', 'dkn_ptr', 'dv_ptr']" in out, out

@@ -37,7 +37,13 @@ _PRELUDE = """
 
 def test_hypercomplex_attention_kernels_compile_for_sm90():
     """The forward and both backward kernels, for both algebras (N = 4, 8), causal and not,
-    float32 ("ieee" dots) and bfloat16, with the launcher's tiles (_blocks)."""
+    float32 ("ieee" dots) and bfloat16, with the launcher's tiles (_blocks). The two cases with a
+    backward compile with float64 scalars (qk_scale, scale), as torch.compile passes Python floats
+    (eager launches pass float32, the third case): before the kernels cast them at entry, fp64 P
+    and dS reached _bad_column_terms' loop and the compiled backward failed on the H100
+    ("Loop-carried variable a has initial type fp32 but is re-assigned to fp64"). With float64
+    scalars no float64 arithmetic is left beyond the entry casts (at most 3 .f64 per scalar:
+    the parameter, its load, the cast)."""
     run_isolated(_PRELUDE + """
     from geokern.kernels.hypercomplex_attention import (_blocks, hypercomplex_attention_bwd_dkdv_kernel as dkdv,
                                                         hypercomplex_attention_bwd_dq_kernel as dq,
@@ -56,16 +62,19 @@ def test_hypercomplex_attention_kernels_compile_for_sm90():
                     BLOCK_D=block_d, VW=block_d * (1 if n == 4 else 8))
         t = f"*{dt}"
         ins = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "qn_ptr": t, "kn_ptr": t}
-        compile_ok(fwd, {**ins, "e_ptr": "*fp32", "y_ptr": t, "lse_ptr": "*fp32", **strides, **ints,
-                         "qk_scale": "fp32"}, meta, warps)
-        if not bwd:
-            continue
-        scalars = {**strides, **ints, "qk_scale": "fp32", "scale": "fp32"}
-        stats = {"lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-        compile_ok(dq, {**ins, "e_ptr": "*fp32", "et_ptr": "*fp32", "dy_ptr": t, **stats, "dq_ptr": t, "dqn_ptr": t,
-                        **scalars}, meta, warps)
-        compile_ok(dkdv, {**ins, "et_ptr": "*fp32", "dy_ptr": t, **stats, "dk_ptr": t, "dkn_ptr": t, "dv_ptr": t,
-                          **scalars}, meta, warps)
+        for ft in ("fp64",) if bwd else ("fp32",):
+            out = [(1, compile_ok(fwd, {**ins, "e_ptr": "*fp32", "y_ptr": t, "lse_ptr": "*fp32", **strides, **ints,
+                                    "qk_scale": ft}, meta, warps))]
+            if bwd:
+                scalars = {**strides, **ints, "qk_scale": ft, "scale": ft}
+                stats = {"lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+                out.append((2, compile_ok(dq, {**ins, "e_ptr": "*fp32", "et_ptr": "*fp32", "dy_ptr": t, **stats,
+                                           "dq_ptr": t, "dqn_ptr": t, **scalars}, meta, warps)))
+                out.append((2, compile_ok(dkdv, {**ins, "et_ptr": "*fp32", "dy_ptr": t, **stats, "dk_ptr": t,
+                                             "dkn_ptr": t, "dv_ptr": t, **scalars}, meta, warps)))
+            for i, (nscalars, o) in enumerate(out):
+                f64 = o.asm["ptx"].count(".f64") if ft == "fp64" else 0
+                assert f64 <= 3 * nscalars, (("fwd", "dq", "dkdv")[i], dt, n, ft, f64)
     """, timeout=300)
 
 

@@ -39,14 +39,20 @@ def hypercomplex_attention_bwd_dq_kernel(
 ):
     # as the forward; dy, dq, dqn: [B, H, Tq, D] contiguous, lse, delta: [B, H, Tq] float32.
     # One program: BLOCK_M queries of one (batch, head) -> dq (score path) and d q^ (rotor path).
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into P, dS and the
+    # loop state (_bad_column_terms' accumulators), so cast once here (nonfinite_dq gets these)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     hk = bh % H // G
     DT = q_ptr.dtype.element_ty
-    offs_m, offs_d, mvalid, dvalid, io, iomask, q, qn, dy, lse2, delta, do = _dq_rows(
-        q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3, sa0, sa1, sa2, sa3, pid_m, bh, H, Tq, D,
-        N, BLOCK_M, BLOCK_D)
+    # the stores' offsets come from a helper that takes no pointer (_dq_offsets says why)
+    offs_m, offs_d, mvalid, dvalid, row, io, iomask = _dq_offsets(pid_m, bh, Tq, D, BLOCK_M, BLOCK_D)
+    q, qn, dy, lse2, delta, do = _dq_rows(q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3,
+                                          sa0, sa1, sa2, sa3, bh, H, D, offs_m, offs_d, mvalid, dvalid, row, io,
+                                          iomask, N, BLOCK_M, BLOCK_D)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, VW), dtype=tl.float32)
     hi = Tk
@@ -88,6 +94,9 @@ def hypercomplex_attention_bwd_dkdv_kernel(
 ):
     # as the forward; dk, dkn, dv: [B, H / G, Tk, D] contiguous. One program: BLOCK_N keys of one
     # (batch, kv head), summed over the G query heads that read them (no atomics).
+    # inductor passes Python floats as fp64 (eager Triton: fp32): cast once, as the dq kernel
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     Hk = H // G
@@ -144,11 +153,14 @@ def hypercomplex_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_rows(q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3, sa0, sa1, sa2, sa3, pid_m, bh, H,
-             Tq, D, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A dq program's query rows: offsets, masks, q, q^, dy, lse (log2 units), delta and dO'."""
-    b = bh // H
-    h = bh % H
+def _dq_offsets(pid_m, bh, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A dq program's query rows: offsets, masks, the rows of lse / delta and the offsets io (mask
+    iomask) of dy, dq and d q^. Apart from _dq_rows, which takes pointers: torch.compile's analysis
+    of a user kernel's TTIR counts every argument of a call whose result reaches a stored-to address
+    as written, so offsets returned by a helper that took q_ptr made q (and q^, dy, lse, delta, E^T)
+    look written: functionalization then copied the results back into q, a leaf requiring grad
+    under torch.compile ("a leaf Variable that requires grad is being used in an in-place
+    operation"; test_hypercomplex_attention.py checks the analysis on CPU)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mvalid = offs_m < Tq
@@ -156,13 +168,23 @@ def _dq_rows(q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, s
     row = bh.to(tl.int64) * Tq + offs_m
     io = row[:, None] * D + offs_d[None, :]
     iomask = mvalid[:, None] & dvalid[None, :]
+    return offs_m, offs_d, mvalid, dvalid, row, io, iomask
+
+
+@triton.jit
+def _dq_rows(q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3, sa0, sa1, sa2, sa3, bh, H, D,
+             offs_m, offs_d, mvalid, dvalid, row, io, iomask, N: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """A dq program's query rows (_dq_offsets): q, q^, dy, lse (log2 units), delta and dO'."""
+    b = bh // H
+    h = bh % H
     q = load_rows(q_ptr, b, h, offs_m, offs_d, sq0, sq1, sq2, sq3, mvalid, dvalid)
     qn = load_rows(qn_ptr, b, h, offs_m, offs_d, sa0, sa1, sa2, sa3, mvalid, dvalid).to(tl.float32)
     dy = tl.load(dy_ptr + io, mask=iomask, other=0.0).to(tl.float32)
     lse2 = tl.load(lse_ptr + row, mask=mvalid, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + row, mask=mvalid, other=0.0)
     do = dvalue_tile(qn, dy, et_ptr, N, BLOCK_M, BLOCK_D).to(q_ptr.dtype.element_ty)
-    return offs_m, offs_d, mvalid, dvalid, io, iomask, q, qn, dy, lse2, delta, do
+    return q, qn, dy, lse2, delta, do
 
 
 @triton.jit
@@ -236,9 +258,11 @@ def nonfinite_dq(
     b = bh // H
     hk = bh % H // G
     DT = q_ptr.dtype.element_ty
-    offs_m, offs_d, mvalid, dvalid, io, iomask, q, qn, dy, lse2, delta, do = _dq_rows(
-        q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3, sa0, sa1, sa2, sa3, pid_m, bh, H, Tq, D,
-        N, BLOCK_M, BLOCK_D)
+    # the stores' offsets come from a helper that takes no pointer (_dq_offsets says why)
+    offs_m, offs_d, mvalid, dvalid, row, io, iomask = _dq_offsets(pid_m, bh, Tq, D, BLOCK_M, BLOCK_D)
+    q, qn, dy, lse2, delta, do = _dq_rows(q_ptr, qn_ptr, et_ptr, dy_ptr, lse_ptr, delta_ptr, sq0, sq1, sq2, sq3,
+                                          sa0, sa1, sa2, sa3, bh, H, D, offs_m, offs_d, mvalid, dvalid, row, io,
+                                          iomask, N, BLOCK_M, BLOCK_D)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, VW), dtype=tl.float32)
     hi = Tk

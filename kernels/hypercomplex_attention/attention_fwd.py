@@ -40,6 +40,9 @@ def hypercomplex_attention_fwd_kernel(
     # q, qn: [B, H, Tq, D]; k, v, kn: [B, H / G, Tk, D] (any strides); y: [B, H, Tq, D] and
     # lse: [B, H, Tq] contiguous. One program: BLOCK_M queries of one (batch, head).
     # off = Tk - Tq: query i sees keys j <= i + off when CAUSAL. qk_scale = scale * log2(e).
+    # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 scores would change m_i's
+    # type in the loop, so cast once here (nonfinite_fwd gets the cast value)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
