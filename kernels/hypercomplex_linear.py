@@ -21,6 +21,7 @@ Signs are one integer NEG: bit (p * n + b) set when block (p, b) is negated (at 
 63 bits: the diagonal blocks, W_0, are never negated).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -162,6 +163,112 @@ def hypercomplex_linear_bwd_weight_kernel(
     tl.store(out, narrow(acc, dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
 
+def _decode_configs():
+    # BM, BN and the split count are the launcher's (decode_plan): the workspace's size depends
+    # on them; only the K step and the pipeline are tuned here.
+    return [triton.Config({"BK": bk}, num_warps=w, num_stages=s)
+            for bk, w, s in [(64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3), (64, 8, 5), (32, 4, 6)]]
+
+
+_DECODE_CONFIGS = autotune_configs(
+    _decode_configs,
+    test=[triton.Config({"BK": 64}, num_warps=8, num_stages=3)],
+    interp=[triton.Config({"BK": 16})],
+)
+
+
+@triton.autotune(configs=_DECODE_CONFIGS, key=["M", "KB", "NB", "N", "HAS_BIAS", "SPLIT", "BM", "BN"])
+@triton.jit
+def hypercomplex_linear_decode_kernel(
+    a_ptr, w0, w1, w2, w3, w4, w5, w6, w7, bias_ptr, c_ptr,
+    M, KB, NB, splits,
+    sam, sak, swk, swn,
+    NEG: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """The same product as hypercomplex_linear_fwd_kernel (same arguments and NEG), for few rows.
+
+    One program owns BM rows x BN columns of ALL n output blocks (and one of `splits` slices of
+    the K tiles), so each weight tile it loads serves every output block that uses it: W_c's
+    tile (k, j) enters output block p through input block b = p ^ c, for every p. The n
+    accumulators are one [N * BM, BN] tile whose row block p is output block p; per step
+    (K tile t, component c) the A operand is the n x-tiles stacked in the order b = p ^ c,
+    row block p negated where NEG says (p, b) is. That makes one dot of N * BM = 64 to 256
+    rows per W_c tile (a Hopper wgmma needs 64 rows per warp group: n separate [BM, BN]
+    accumulators with BM = 16 or 32 would each be a small mma.sync dot, n times the
+    instructions for the same work), one loop and one software pipeline as in the GEMM kernel.
+    c is the inner index (it % N), so consecutive steps read the same x columns (permuted)
+    while they are hot, and the n component tiles of one K tile one after another.
+
+    Bytes (n components [O, I], x [M, n I], 16-bit, one row tile): the minimum is the weights
+    once, 2 n O I, plus x and y (2 n M (I + O)): at 32 x 8192 x 8192, 32 MB (quaternion) /
+    16 MB (octonion) of weights against 1 MB of x and y. This kernel reads every weight element
+    from DRAM exactly once (the column tiles and K slices partition each W_c; no other program
+    reads the tile). x is re-read: every program reads the n x-tiles of its K slice once per
+    component, N * BM * BK elements per step against BK * BN of weight, so the x traffic
+    (from L2: x is 0.5 MB) is n * BM / BN times the weight bytes (quaternion, BM = 32,
+    BN = 64: 2x; octonion: 4x). With SPLIT (splits > 1) each program writes a float32
+    partial [BM, n BN] to the workspace c_ptr [splits, M, N * NB] (4 splits n M O bytes,
+    written and read back once by hypercomplex_linear_split_sum_kernel: 4 MB / 8 MB at the
+    decode size with the default plan, L2-resident), summed in split order: deterministic,
+    no atomics. The old kernel reads each weight element n times (once per output block's
+    program; L2 absorbs some of it) and launches n times fewer programs per column tile."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(NB, BN)
+    jt = pid % tiles_n
+    s = (pid // tiles_n) % splits
+    pm = pid // (tiles_n * splits)
+    R = tl.arange(0, N * BM)
+    p = R // BM  # row block of the stacked tile = output block
+    rows = pm.to(tl.int64) * BM + R % BM
+    cols = jt * BN + tl.arange(0, BN)
+    row_ok = rows < M
+    col_ok = cols < NB
+    a_rows = a_ptr + rows[:, None] * sam
+    w_cols = cols[None, :].to(tl.int64) * swn
+    negs = tl.full((N * BM,), NEG, tl.int64) >> (p * N).to(tl.int64)  # bit b: block (p, b) negated
+    tiles_k = tl.cdiv(KB, BK)
+    per = tl.cdiv(tiles_k, splits)
+    t0 = s * per
+    steps = tl.maximum(tl.minimum(tiles_k - t0, per), 0)  # a trailing slice may be empty: zeros
+    acc = tl.zeros((N * BM, BN), dtype=tl.float32)
+    for it in range(0, N * steps):
+        c = it % N
+        k = (t0 + it // N) * BK + tl.arange(0, BK)
+        k_ok = k < KB
+        b = p ^ c
+        neg = (negs >> b.to(tl.int64)) & 1
+        x = tl.load(a_rows + (b * KB)[:, None].to(tl.int64) * sak + k[None, :].to(tl.int64) * sak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(_pick(c, w0, w1, w2, w3, w4, w5, w6, w7, N) + k[:, None].to(tl.int64) * swk + w_cols,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mm_acc(_negate_if(x, neg[:, None]), w, acc, PRECISION)
+    ok = row_ok[:, None] & col_ok[None, :]
+    ycols = (p * NB)[:, None] + cols[None, :]
+    if SPLIT:
+        out = c_ptr + (s.to(tl.int64) * M + rows[:, None]) * (N * NB) + ycols
+        tl.store(out, acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ycols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(c_ptr + rows[:, None] * (N * NB) + ycols, narrow(acc, c_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def hypercomplex_linear_split_sum_kernel(ws_ptr, bias_ptr, c_ptr, total, cols, splits,
+                                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """c = sum over the splits of the float32 partials ws [splits, total], in split order (the
+    same sum on every run), plus bias [cols] (c is [total / cols, cols]), narrowed once."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(ws_ptr + s * total + i, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + i % cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(c_ptr + i, narrow(acc, c_ptr.dtype.element_ty), mask=ok)
+
+
 def neg_mask(sign, transpose=False):
     """NEG of a sign table (sign[p][b] = +-1): bit p * n + b set where the block is negated;
     transpose=True for the transposed block matrix (dx), bit b * n + p."""
@@ -197,11 +304,54 @@ def _gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision):
     return out
 
 
-def hypercomplex_linear_fwd(x, weights, bias, out, sign, precision):
+DECODE_MAX_ROWS = 64  # a guess until timed on the H100 (geokern.bench.hypercomplex_linear)
+
+
+def decode_plan(M, n, NB, KB, sms, block_n=0, num_splits=0):
+    """(BM, BN, splits) of the decode kernel. BM: the rows padded to a power of two, at least 16
+    (tl.dot's least size) and at most 256 / n, so the stacked accumulator N * BM x BN stays at
+    most 256 x BN. BN = 64 by default: smaller BN means more x re-reads (n BM / BN times the
+    weight bytes), larger BN fewer column tiles to spread over the SMs. Splits: enough K slices
+    that the programs fill the SMs once (4 for the quaternion decode size on 132 SMs, 8 for
+    the octonion), capped at 16 and at the K tiles of 64 there are."""
+    BM = max(16, min(triton.next_power_of_2(max(M, 1)), 256 // n))
+    BN = block_n or 64
+    tiles = triton.cdiv(M, BM) * triton.cdiv(NB, BN)
+    S = num_splits or max(1, min(16, sms // tiles, triton.cdiv(KB, 64)))
+    return BM, BN, S
+
+
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _decode_gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision, block_n=0, num_splits=0):
+    M, n = a.shape[0], len(weights)
+    if M == 0 or NB == 0:
+        return out
+    BM, BN, S = decode_plan(M, n, NB, KB, _sm_count(a.device), block_n, num_splits)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(NB, BN) * S,)
+    dst = out if S == 1 else a.new_empty((S, M, n * NB), dtype=torch.float32)
+    launch(hypercomplex_linear_decode_kernel)[grid](
+        a, *_ptrs(weights), bias if bias is not None else a, dst, M, KB, NB, S, a.stride(0), a.stride(1), swk, swn,
+        NEG=neg, N=n, HAS_BIAS=bias is not None, SPLIT=S > 1, PRECISION=_precision(precision), BM=BM, BN=BN)
+    if S > 1:
+        total, block = M * n * NB, 1024
+        launch(hypercomplex_linear_split_sum_kernel)[(triton.cdiv(total, block),)](
+            dst, bias if bias is not None else dst, out, total, n * NB, S, HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def hypercomplex_linear_fwd(x, weights, bias, out, sign, precision, decode_max_rows=DECODE_MAX_ROWS, block_n=0,
+                            num_splits=0):
     """out = x @ W_expanded^T + bias. x: [M, n * I]; weights: n x [O, I] sharing strides;
-    out: [M, n * O] contiguous."""
+    out: [M, n * O] contiguous. M <= decode_max_rows runs the decode kernel (block_n, num_splits:
+    its column tile and K slices, 0 = decode_plan's choice), more rows the GEMM kernel."""
     w = weights[0]
     O, I = w.shape
+    if x.shape[0] <= decode_max_rows:
+        return _decode_gemm(x, weights, bias, out, I, O, w.stride(1), w.stride(0), neg_mask(sign), precision,
+                            block_n, num_splits)
     return _gemm(x, weights, bias, out, I, O, w.stride(1), w.stride(0), neg_mask(sign), precision)
 
 

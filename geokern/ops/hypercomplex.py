@@ -289,12 +289,15 @@ def _shared_strides(weights):
 # torch.library.triton_op traces the bodies for their fakes (wrap_triton skips the kernels).
 
 
-def _linear_triton(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+def _linear_triton(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                   decode_max_rows: int = tkl.DECODE_MAX_ROWS, decode_block_n: int = 0,
+                   decode_splits: int = 0) -> torch.Tensor:
     n = len(weights)
     out = x.new_empty((x.shape[0], n * weights[0].shape[0]))
     _, sign = ref.left_mul_blocks(n)
     return tkl.hypercomplex_linear_fwd(x, _shared_strides(weights), None if bias is None else bias.contiguous(),
-                                      out, sign, _matmul_precision(x.dtype))
+                                      out, sign, _matmul_precision(x.dtype), decode_max_rows, decode_block_n,
+                                      decode_splits)
 
 
 def _linear_backward_triton(
@@ -326,15 +329,16 @@ _LINEAR_KERNELS = {
 
 @bound_once
 class HypercomplexLinearFunction(torch.autograd.Function):
-    """y = x @ expand(W)^T + bias on the Triton kernels; x is 2-D [M, n I]."""
+    """y = x @ expand(W)^T + bias on the Triton kernels; x is 2-D [M, n I]; knobs: the forward's
+    (decode_max_rows, decode_block_n, decode_splits)."""
 
     @staticmethod
-    def forward(x, bias, *weights):
-        return _LINEAR_KERNELS[len(weights)][0](x, list(weights), bias)
+    def forward(x, bias, knobs, *weights):
+        return _LINEAR_KERNELS[len(weights)][0](x, list(weights), bias, *knobs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, bias, *weights = inputs
+        x, bias, _, *weights = inputs
         ctx.save_for_backward(x, *weights)
         ctx.has_bias = bias is not None
 
@@ -344,9 +348,9 @@ class HypercomplexLinearFunction(torch.autograd.Function):
         refuse_double_backward(_LINEAR_NAMES[n])
         x, *weights = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db = _LINEAR_KERNELS[n][1](grad.contiguous(), x, weights, need[0], any(need[2:]), need[1] and ctx.has_bias)
-        dws = dw.unbind(0) if any(need[2:]) else (None,) * n
-        return (dx if need[0] else None, db if need[1] and ctx.has_bias else None, *dws)
+        dx, dw, db = _LINEAR_KERNELS[n][1](grad.contiguous(), x, weights, need[0], any(need[3:]), need[1] and ctx.has_bias)
+        dws = dw.unbind(0) if any(need[3:]) else (None,) * n
+        return (dx if need[0] else None, db if need[1] and ctx.has_bias else None, None, *dws)
 
 
 # ---- linear layers: public ops ----------------------------------------------------------------
@@ -389,7 +393,7 @@ def _linear_check(op, n, x, weights, bias):
         raise ValueError(f"{op}: bias must have shape ({n * O},) = ({n} * {names[0]}.shape[0],), got {tuple(bias.shape)}")
 
 
-def _linear(x, weights, bias, backend):
+def _linear(x, weights, bias, backend, decode_max_rows=tkl.DECODE_MAX_ROWS, decode_block_n=0, decode_splits=0):
     n = len(weights)
     op = _LINEAR_NAMES[n]
     _linear_check(op, n, x, weights, bias)
@@ -408,18 +412,30 @@ def _linear(x, weights, bias, backend):
     if be == "torch":
         return ref.hypercomplex_linear(x, weights, bias)
     lead = x.shape[:-1]
-    y = HypercomplexLinearFunction.apply(x.reshape(lead.numel(), x.shape[-1]), bias, *weights)  # in may be 0
+    knobs = (decode_max_rows, decode_block_n, decode_splits)
+    y = HypercomplexLinearFunction.apply(x.reshape(lead.numel(), x.shape[-1]), bias, knobs, *weights)  # in may be 0
     return y.reshape(*lead, y.shape[-1])
 
 
-def quaternion_linear(x, Wr, Wi, Wj, Wk, bias=None, *, backend: str | None = None) -> torch.Tensor:
+def quaternion_linear(x, Wr, Wi, Wj, Wk, bias=None, *, backend: str | None = None,
+                      decode_max_rows: int = tkl.DECODE_MAX_ROWS, decode_block_n: int = 0,
+                      decode_splits: int = 0) -> torch.Tensor:
     """Quaternion linear layer: x [..., in] -> [..., out], components [out/4, in/4] each
     (nn.Linear orientation), features in blocks [r | i | j | k]; equals
-    F.linear(x, [[Wr, -Wi, -Wj, -Wk], [Wi, Wr, -Wk, Wj], [Wj, Wk, Wr, -Wi], [Wk, -Wj, Wi, Wr]], bias)."""
-    return _linear(x, [Wr, Wi, Wj, Wk], bias, backend)
+    F.linear(x, [[Wr, -Wi, -Wj, -Wk], [Wi, Wr, -Wk, Wj], [Wj, Wk, Wr, -Wi], [Wk, -Wj, Wi, Wr]], bias).
+
+    Triton forward knobs: at most decode_max_rows rows (of x flattened to 2-D) run the decode
+    kernel, which reads each weight element once (0: always the GEMM kernel); decode_block_n
+    and decode_splits are its column tile and K-slice count (0: its plan's choice; see
+    geokern.kernels.hypercomplex_linear.decode_plan). The result is the same up to rounding."""
+    return _linear(x, [Wr, Wi, Wj, Wk], bias, backend, decode_max_rows, decode_block_n, decode_splits)
 
 
-def octonion_linear(x, W0, W1, W2, W3, W4, W5, W6, W7, bias=None, *, backend: str | None = None) -> torch.Tensor:
+def octonion_linear(x, W0, W1, W2, W3, W4, W5, W6, W7, bias=None, *, backend: str | None = None,
+                    decode_max_rows: int = tkl.DECODE_MAX_ROWS, decode_block_n: int = 0,
+                    decode_splits: int = 0) -> torch.Tensor:
     """Octonion linear layer: as quaternion_linear with eight components [out/8, in/8] and
-    the Cayley-Dickson table (geokern.reference.hypercomplex.left_mul_blocks(8))."""
-    return _linear(x, [W0, W1, W2, W3, W4, W5, W6, W7], bias, backend)
+    the Cayley-Dickson table (geokern.reference.hypercomplex.left_mul_blocks(8)); the same
+    Triton forward knobs."""
+    return _linear(x, [W0, W1, W2, W3, W4, W5, W6, W7], bias, backend, decode_max_rows, decode_block_n,
+                   decode_splits)
