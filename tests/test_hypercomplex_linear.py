@@ -19,6 +19,12 @@ KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(7, 3, 5), (1, 5, 4), (19, 17, 18)] if not HAS_CUDA else [(7, 3, 5), (1, 5, 4), (129, 67, 33), (300, 128, 64)]
 
 
+# Triton forward variants (the op's knobs): the GEMM kernel, the decode kernel whole-K and with
+# K split across programs (float32 partials summed by a second kernel); backend "torch" ignores them
+VARIANTS = {"gemm": dict(decode_max_rows=0), "decode": dict(decode_max_rows=1 << 30, decode_splits=1),
+            "decode-split": dict(decode_max_rows=1 << 30, decode_splits=3, decode_block_n=16)}
+
+
 def _id(shape):
     return "M{}-O{}-I{}".format(*shape)
 
@@ -35,11 +41,11 @@ def _grads(out, leaves, g):
     return torch.autograd.grad(out, [t for t in leaves if t is not None], g)
 
 
-def _check_against_reference(n, x, ws, b, backend, tag):
+def _check_against_reference(n, x, ws, b, backend, tag, variant="gemm"):
     leaves = [x, b, *ws]
     leaves = [t.detach().requires_grad_() if t is not None else None for t in leaves]
     x_, b_, *w_ = leaves
-    y = OPS[n](x_, *w_, bias=b_, backend=backend)
+    y = OPS[n](x_, *w_, bias=b_, backend=backend, **VARIANTS[variant])
     l64 = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
     y64 = ref.hypercomplex_linear(l64[0], l64[2:], l64[1])
     lsame = [t.detach().requires_grad_() if t is not None else None for t in leaves]
@@ -52,26 +58,44 @@ def _check_against_reference(n, x, ws, b, backend, tag):
         assert_close(f"{tag} {nm}", got, want, same)
 
 
+# (backend, forward variant): the reference once, the Triton kernels in every variant
+BACKEND_VARIANTS = [("torch", "gemm")] + [("triton", v) for v in VARIANTS]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES + [torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("n", [4, 8])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_matches_reference(backend, n, dtype, shape):
+@pytest.mark.parametrize("backend,variant", BACKEND_VARIANTS, ids=["-".join(bv) for bv in BACKEND_VARIANTS])
+def test_matches_reference(backend, variant, n, dtype, shape):
     need(backend)
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take 16-bit and float32 inputs (float64 runs on the reference)")
     x, ws, b = _inputs(n, *shape, dtype)
-    _check_against_reference(n, x, ws, b, backend, f"{backend} n={n}")
+    _check_against_reference(n, x, ws, b, backend, f"{backend} {variant} n={n}", variant)
 
 
 @pytest.mark.parametrize("n", [4, 8])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_bias_3d_strided(backend, n):
+@pytest.mark.parametrize("backend,variant", BACKEND_VARIANTS, ids=["-".join(bv) for bv in BACKEND_VARIANTS])
+def test_no_bias_3d_strided(backend, variant, n):
     need(backend)
     # (batch, seq, features) with x a non-contiguous view, and components that are strided views
     x = torch.randn(2, n * 6, 3, device=DEVICE).transpose(1, 2)
     wt = torch.randn(n, 6, 5, device=DEVICE).transpose(1, 2)  # [n, 5, 6] with strides (30, 1, 5)
-    _check_against_reference(n, x, list(wt.unbind(0)), None, backend, f"{backend} strided n={n}")
+    _check_against_reference(n, x, list(wt.unbind(0)), None, backend, f"{backend} {variant} strided n={n}", variant)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_agree_bf16(variant, n):
+    """Every forward variant against the GEMM kernel at bfloat16 with a bias, more rows than one
+    decode row tile holds (n = 8 stacks at most 32 rows) and a split count that leaves the last
+    K slice empty (K tiles 2 of 16 at I = 20 under the interpreter: slices of 1, the third empty)."""
+    need("triton")
+    x, ws, b = _inputs(n, 37, 19, 20, torch.bfloat16)
+    y = OPS[n](x, *ws, bias=b, backend="triton", **VARIANTS[variant])
+    y64 = ref.hypercomplex_linear(x.double(), [w.double() for w in ws], b.double())
+    want = OPS[n](x, *ws, bias=b, backend="triton", decode_max_rows=0)
+    assert_close(f"{variant} n={n}", y, y64, want)
 
 
 def _layer_and_dense(n, fin, fout, backend):
