@@ -1,4 +1,5 @@
-"""Every Triton entry kernel of the hypercomplex-attention and LIoR families, the ultrametric
+"""Every Triton entry kernel of the hypercomplex-attention and LIoR families, the hypercomplex
+linear decode kernel, the ultrametric
 signature and top-1 kernels (and the ultrametric scan and read kernels and the LIoR kernels with
 float64 scalars, as torch.compile passes them) compiles to sm_90
 machine code, on any machine (no GPU needed: Triton's bundled ptxas runs on the CPU).
@@ -310,3 +311,34 @@ def test_contrastive_many_kernel_compiles_for_sm90():
                    dict(ACT=tk._KIND[act], W_DT=wdt, PREC=prec, HAS_CLIP=clip, BM=bm, BN=bn, BK=bk, RB=128),
                    warps, stages)
     """, timeout=300)
+
+
+def test_hypercomplex_linear_decode_kernel_compiles_for_sm90():
+    """The decode forward (kernels/hypercomplex_linear.py) with decode_plan's tiles at the decode
+    size (32 rows: BM = 32, a stacked [n * 32, 64] accumulator) and at one row (BM = 16), both
+    algebras, bfloat16 (tensor-core dots; must become wgmma: its N * BM rows are >= 64) and
+    float32 ("ieee" dots), whole-K and split (float32 partials), every autotune config on the
+    first case; and the split-sum kernel. The interpreter runs what the compiler may refuse."""
+    run_isolated(_PRELUDE + """
+    from geokern.kernels import hypercomplex_linear as hl
+    from geokern.reference.hypercomplex import left_mul_blocks
+
+    kernel = hl.hypercomplex_linear_decode_kernel
+    assert kernel.configs
+    ints = {name: "i32" for name in ("M", "KB", "NB", "splits", "sam", "sak", "swk", "swn")}
+    # (dtype, n, rows, split)
+    cases = [("bf16", 4, 32, True), ("bf16", 8, 32, False), ("bf16", 8, 1, True), ("fp32", 4, 7, False)]
+    for i, (dt, n, M, split) in enumerate(cases):
+        BM, BN, _ = hl.decode_plan(M, n, 8192 // n, 8192 // n, 132)
+        t = f"*{dt}"
+        sig = {"a_ptr": t, **{f"w{c}": t for c in range(8)}, "bias_ptr": t, "c_ptr": "*fp32" if split else t, **ints}
+        meta = dict(NEG=hl.neg_mask(left_mul_blocks(n)[1]), N=n, HAS_BIAS=not split, SPLIT=split,
+                    PRECISION="ieee" if dt == "fp32" else "tf32", BM=BM, BN=BN)
+        for cfg in kernel.configs if i == 0 else kernel.configs[:1]:
+            out = compile_ok(kernel.fn, sig, {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+            if dt == "bf16":
+                assert "wgmma" in out.asm["ptx"], (n, M, cfg, "no wgmma: the stacked dot fell back to mma.sync")
+    compile_ok(hl.hypercomplex_linear_split_sum_kernel, {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "c_ptr": "*bf16",
+                                                         "total": "i32", "cols": "i32", "splits": "i32"},
+               dict(HAS_BIAS=True, BLOCK=1024))
+    """, timeout=400)
