@@ -335,9 +335,22 @@ def test_hypercomplex_linear_decode_kernel_compiles_for_sm90():
         meta = dict(NEG=hl.neg_mask(left_mul_blocks(n)[1]), N=n, HAS_BIAS=not split, SPLIT=split,
                     PRECISION="ieee" if dt == "fp32" else "tf32", BM=BM, BN=BN)
         for cfg in kernel.configs if i == 0 else kernel.configs[:1]:
-            out = compile_ok(kernel.fn, sig, {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
-            if dt == "bf16":
-                assert "wgmma" in out.asm["ptx"], (n, M, cfg, "no wgmma: the stacked dot fell back to mma.sync")
+            # any strides (a strided x or weights: neither vectorised nor pipelined, but it compiles)
+            compile_ok(kernel.fn, sig, {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+        # as a contiguous launch specialises it: unit K strides (constexpr 1), 16-divisible pointers
+        # and sizes. Then the loads must be asynchronous copies (the loop is software-pipelined)
+        # and the bf16 dots wgmma (the stacked N * BM >= 64 rows; [16, 64] tiles would be mma.sync)
+        cfg = kernel.configs[1]
+        cons = {**meta, **cfg.kwargs, "sak": 1, "swk": 1}
+        full = {name: "constexpr" if name in cons else sig[name] for name in kernel.arg_names}
+        attrs = {(j,): [["tt.divisibility", 16]] for j, name in enumerate(kernel.arg_names)
+                 if full[name].startswith("*") or name in ("KB", "NB", "sam", "swn")}
+        out = triton.compile(ASTSource(fn=kernel.fn, signature=full, constexprs=cons, attrs=attrs), target=TARGET,
+                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ptx = out.asm["ptx"]
+        assert "cp.async" in ptx, (dt, n, M, "the decode kernel's K loop is not pipelined")
+        if dt == "bf16":
+            assert "wgmma" in ptx, (n, M, "no wgmma: the stacked dot fell back to mma.sync")
     compile_ok(hl.hypercomplex_linear_split_sum_kernel, {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "c_ptr": "*bf16",
                                                          "total": "i32", "cols": "i32", "splits": "i32"},
                dict(HAS_BIAS=True, BLOCK=1024))
