@@ -17,6 +17,9 @@ Programs that read the same weight rows (the n output blocks of one column tile)
 adjacent in launch order, so for skinny inputs (decode) the weights come from DRAM about
 once and the other n - 1 reads hit L2.
 
+For few rows (decode) hypercomplex_linear_decode_kernel computes the same product with one
+program per column tile of all n output blocks, so each weight element is read once.
+
 Signs are one integer NEG: bit (p * n + b) set when block (p, b) is negated (at most
 63 bits: the diagonal blocks, W_0, are never negated).
 """
@@ -206,8 +209,9 @@ def hypercomplex_linear_decode_kernel(
     from DRAM exactly once (the column tiles and K slices partition each W_c; no other program
     reads the tile). x is re-read: every program reads the n x-tiles of its K slice once per
     component, N * BM * BK elements per step against BK * BN of weight, so the x traffic
-    (from L2: x is 0.5 MB) is n * BM / BN times the weight bytes (quaternion, BM = 32,
-    BN = 64: 2x; octonion: 4x). With SPLIT (splits > 1) each program writes a float32
+    (from L2: x is 0.5 MB; the pipelined copies are cp.async.cg, which skip L1) is n * BM / BN
+    times the weight bytes (quaternion, BM = 32, BN = 64: 2x; octonion: 4x); a larger BN
+    (decode_block_n) trades that for fewer programs. With SPLIT (splits > 1) each program writes a float32
     partial [BM, n BN] to the workspace c_ptr [splits, M, N * NB] (4 splits n M O bytes,
     written and read back once by hypercomplex_linear_split_sum_kernel: 4 MB / 8 MB at the
     decode size with the default plan, L2-resident), summed in split order: deterministic,

@@ -31,6 +31,9 @@ sum_i W[o, i] (x) x_i, the Hamilton (Cayley-Dickson) product with the weight on 
 The Triton kernels (geokern.kernels.hypercomplex_linear) are one tensor-core GEMM with
 float32 accumulation whose weight tiles are read from the component matrices with a sign,
 forward and dx, and one that reduces dW straight into the n component matrices; the
+forward of at most decode_max_rows rows (64 by default, not yet timed) runs a decode kernel
+instead, one program per column tile of all n output blocks, which reads each weight element
+once instead of n times (the backward keeps the GEMM kernels); the
 n x n expanded weight never exists. float16 / bfloat16 / float32 (tf32 as nn.Linear
 uses it: when torch.get_float32_matmul_precision() is not "highest"); float64 runs on the
 reference (backend="torch"). The CUDA backend of these ops is not built yet: asking for it
