@@ -189,7 +189,9 @@ def hypercomplex_linear_decode_kernel(
     NEG: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """The same product as hypercomplex_linear_fwd_kernel (same arguments and NEG), for few rows.
+    """a: [M, N * KB]; components as in hypercomplex_linear_fwd_kernel (same NEG); c: [M, N * NB],
+    or with SPLIT float32 partials [splits, M, N * NB]. One program: BM rows x BN columns of all
+    N output blocks over one K slice. The same product as the GEMM kernel, for few rows.
 
     One program owns BM rows x BN columns of ALL n output blocks (and one of `splits` slices of
     the K tiles), so each weight tile it loads serves every output block that uses it: W_c's
