@@ -24,7 +24,10 @@ Signs are one integer NEG: bit (p * n + b) set when block (p, b) is negated (at 
 63 bits: the diagonal blocks, W_0, are never negated).
 """
 
+import functools
+
 import torch
+
 import triton
 import triton.language as tl
 
@@ -328,7 +331,14 @@ def decode_plan(M, n, NB, KB, sms, block_n=0, num_splits=0):
 
 
 def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index):
+    # once per device: get_device_properties on every call is host time a decode loop pays
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _decode_gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision, block_n=0, num_splits=0):

@@ -254,6 +254,9 @@ def test_bad_input(n):
     need("triton")
     with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16 or float32"):
         op(x.double(), *(w.double() for w in ws), backend="triton")
+    for knob, bad in (("decode_max_rows", -1), ("decode_splits", 1.5), ("decode_block_n", 24), ("decode_block_n", 8)):
+        with pytest.raises(ValueError, match=f"{f}: {knob} must be"):
+            op(x, *ws, backend="triton", **{knob: bad})
 
 
 # ---- autocast -----------------------------------------------------------------

@@ -396,6 +396,14 @@ def _linear_check(op, n, x, weights, bias):
         raise ValueError(f"{op}: bias must have shape ({n * O},) = ({n} * {names[0]}.shape[0],), got {tuple(bias.shape)}")
 
 
+def _check_decode_knobs(op, max_rows, block_n, splits):
+    for name, v in (("decode_max_rows", max_rows), ("decode_splits", splits)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{op}: {name} must be an int >= 0 (0: {'never the decode kernel' if name == 'decode_max_rows' else 'the plan picks'}), got {v!r}")
+    if isinstance(block_n, bool) or not isinstance(block_n, int) or (block_n != 0 and (block_n < 16 or block_n & (block_n - 1))):
+        raise ValueError(f"{op}: decode_block_n must be 0 (the plan picks) or a power of two >= 16, got {block_n!r}")
+
+
 def _linear(x, weights, bias, backend, decode_max_rows=tkl.DECODE_MAX_ROWS, decode_block_n=0, decode_splits=0):
     n = len(weights)
     op = _LINEAR_NAMES[n]
@@ -414,6 +422,7 @@ def _linear(x, weights, bias, backend, decode_max_rows=tkl.DECODE_MAX_ROWS, deco
                             "(backend='torch' runs float64)")
     if be == "torch":
         return ref.hypercomplex_linear(x, weights, bias)
+    _check_decode_knobs(op, decode_max_rows, decode_block_n, decode_splits)
     lead = x.shape[:-1]
     knobs = (decode_max_rows, decode_block_n, decode_splits)
     y = HypercomplexLinearFunction.apply(x.reshape(lead.numel(), x.shape[-1]), bias, knobs, *weights)  # in may be 0
