@@ -72,19 +72,20 @@ def lior_step(m, ring, x, j, pos, rho, eta, xi):
 
 def _seq_configs():
     # TC = 0: the step loop (one [BD] load per step, issued when the step runs). TC > 0: the chunked
-    # loop, TC steps' loads ([TC, BD] tiles) issued one chunk ahead; BD = 128 columns per warp
-    # keeps each column's TC rows in one thread for float32 (kernels/lior.md: bytes in flight)
-    step = [triton.Config({"BD": bd, "TC": 0}, num_warps=w) for bd in (32, 64, 128, 256, 512) for w in (1, 2, 4)
-            if bd >= 32 * w]
-    chunk = [triton.Config({"BD": 128 * w * k, "TC": tc}, num_warps=w)
-             for w in (1, 2, 4) for k in (1, 2) for tc in (8, 16, 32) if tc * k <= 32]
+    # loop, [CH, BD] tiles of x (CH ~ TC steps) loaded one chunk ahead, BD = 32 x warps x VEC
+    # columns so that each thread holds VEC columns' CH rows (a column's rows in one thread: the
+    # row pick folds). Bytes in flight per SM ~ (B D / 132) x CH x e whatever BD (kernels/lior.md)
+    step = [triton.Config({"BD": bd, "TC": 0, "VEC": 4}, num_warps=w) for bd in (32, 64, 128, 256, 512)
+            for w in (1, 2, 4) if bd >= 32 * w]
+    chunk = [triton.Config({"BD": 32 * w * vec, "TC": tc, "VEC": vec}, num_warps=w)
+             for w in (1, 2, 4) for vec in (1, 2, 4) for tc in (8, 16, 32) if vec * tc <= 64]
     return step + chunk
 
 
-# test (GEOKERN_AUTOTUNE=0) and interp: one config each, the chunked loop (the step loop's tests pass
-# their config to the launcher)
-_SEQ_CONFIGS = autotune_configs(_seq_configs, test=[triton.Config({"BD": 128, "TC": 16}, num_warps=1)],
-                                interp=[triton.Config({"BD": 16, "TC": 8}, num_warps=1)])
+# test (GEOKERN_AUTOTUNE=0) and interp: one config each, the chunked loop (tests of the step loop
+# and of other chunks pass their config to the launcher)
+_SEQ_CONFIGS = autotune_configs(_seq_configs, test=[triton.Config({"BD": 128, "TC": 32, "VEC": 1}, num_warps=4)],
+                                interp=[triton.Config({"BD": 16, "TC": 8, "VEC": 1}, num_warps=1)])
 
 
 @triton.jit
@@ -98,7 +99,8 @@ def _row(tile, sel):
 @triton.jit
 def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rho, eta, xi,
                                P: tl.constexpr, PP: tl.constexpr, HAS_J: tl.constexpr, HAS_M0: tl.constexpr,
-                               HAS_H: tl.constexpr, BD: tl.constexpr, TC: tl.constexpr):
+                               HAS_H: tl.constexpr, BD: tl.constexpr, TC: tl.constexpr,
+                               VEC: tl.constexpr):
     """x, out [T, B, D], j [T, B], m0 [B, D], h [P, B, D] (x_{-P} .. x_{-1}). A program owns row b and
     BD columns; it walks t in chunks of a multiple of P so that ring slot t % P is a compile-time
     row of the register ring [PP, BD] (PP = P rounded up to a power of two). TC = 0: chunks of P,
@@ -145,7 +147,10 @@ def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rh
         CP: tl.constexpr = TC if TC >= PP else PP  # the tile's rows: a power of two >= CH
         tt = tl.arange(0, CP)[:, None]
         tr = tl.arange(0, CP)
-        col = b * D + d[None, :]
+        # VEC consecutive columns per thread at most (the contiguity the compiler may assume): a
+        # thread holds VEC x CH values of x per tile, so a small VEC buys a long chunk in registers
+        dv = tl.max_contiguous(d, VEC)
+        col = b * D + dv[None, :]
         cok = (tt < CH) & dok[None, :]
         # j [CH] rides in the x tile's layout, loaded by the tile's first column only (the others
         # read nothing): summed over the columns it becomes a [CH] vector that every thread holds
@@ -177,16 +182,18 @@ def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rh
                          narrow(m, out_ptr.dtype.element_ty), mask=ok)
 
 
-_BWD_CONFIGS = autotune_configs(lambda: [c for c in _seq_configs() if c.kwargs["TC"] == 0],
-                                test=[triton.Config({"BD": 128, "TC": 0}, num_warps=1)],
-                                interp=[triton.Config({"BD": 16, "TC": 0}, num_warps=1)])
+# the backward has the step loop only (TC = 0; VEC unused there)
+_BWD_CONFIGS = autotune_configs(lambda: [triton.Config({"BD": c.kwargs["BD"]}, num_warps=c.num_warps)
+                                         for c in _seq_configs() if c.kwargs["TC"] == 0],
+                                test=[triton.Config({"BD": 128}, num_warps=1)],
+                                interp=[triton.Config({"BD": 16}, num_warps=1)])
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["T", "B", "D", "HAS_J"], reset_to_zero=["dj_ptr"])
 @triton.jit
 def lior_recurrence_bwd_kernel(g_ptr, x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, dx_ptr, dm0_ptr, dh_ptr, dj_ptr,
                                T, B, D, rho, eta, xi, P: tl.constexpr, PP: tl.constexpr, HAS_J: tl.constexpr,
-                               HAS_M0: tl.constexpr, HAS_H: tl.constexpr, BD: tl.constexpr, TC: tl.constexpr):
+                               HAS_M0: tl.constexpr, HAS_H: tl.constexpr, BD: tl.constexpr):
     """Adjoint lam_t = g_t + a_{t+1} lam_{t+1}, walked from T - 1 down: dx_t = b_t lam_t - c_{t+P}
     lam_{t+P} (the ring holds c lam of the last P steps), dm0 = a_0 lam_0, dh_i = -c_i lam_i, and
     dj [T, B] += sum over this program's columns of lam_t (a'_t m_{t-1} + b'_t x_t - c'_t x_{t-P})
