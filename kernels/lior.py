@@ -182,6 +182,15 @@ def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rh
                          narrow(m, out_ptr.dtype.element_ty), mask=ok)
 
 
+# the forward restricted to the step loop, autotuned over its old configs: the benchmark's
+# "triton step loop" row, the baseline the chunked loop is measured against in the same run
+lior_recurrence_fwd_step_kernel = triton.autotune(
+    configs=autotune_configs(lambda: [c for c in _seq_configs() if c.kwargs["TC"] == 0],
+                             test=[triton.Config({"BD": 128, "TC": 0, "VEC": 4}, num_warps=1)],
+                             interp=[triton.Config({"BD": 16, "TC": 0, "VEC": 4}, num_warps=1)]),
+    key=["T", "B", "D", "HAS_J"])(lior_recurrence_fwd_kernel.fn)
+
+
 # the backward has the step loop only (TC = 0; VEC unused there)
 _BWD_CONFIGS = autotune_configs(lambda: [triton.Config({"BD": c.kwargs["BD"]}, num_warps=c.num_warps)
                                          for c in _seq_configs() if c.kwargs["TC"] == 0],
@@ -258,11 +267,15 @@ def _launch_seq(kernel, config, grid_b, D):
 
 def lior_recurrence_fwd(x, j, m0, h, out, rho, eta, xi, P, config=None):
     """out [T, B, D] = the recurrence over x [T, B, D] (j [T, B], m0 [B, D], h [P, B, D] or None).
-    config: a triton.Config (BD, TC, warps) instead of the autotuner's choice."""
+    config: a triton.Config (BD, TC, VEC, warps) instead of the autotuner's choice, or "step": the
+    autotuner over the step loop's configs only."""
     T, B, D = x.shape
     if out.numel() == 0:
         return
-    kernel, grid, kw = _launch_seq(lior_recurrence_fwd_kernel, config, B, D)
+    if config == "step":  # the step loop's configs only, autotuned (the benchmark's baseline row)
+        kernel, grid, kw = _launch_seq(lior_recurrence_fwd_step_kernel, None, B, D)
+    else:
+        kernel, grid, kw = _launch_seq(lior_recurrence_fwd_kernel, config, B, D)
     kernel[grid](
         x, x if j is None else j, x if m0 is None else m0, x if h is None else h, out, T, B, D, rho, eta, xi,
         P=P, PP=_pp(P), HAS_J=j is not None, HAS_M0=m0 is not None, HAS_H=h is not None, **kw)
