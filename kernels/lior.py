@@ -71,22 +71,40 @@ def lior_step(m, ring, x, j, pos, rho, eta, xi):
 
 
 def _seq_configs():
-    return [triton.Config({"BD": bd}, num_warps=w) for bd in (32, 64, 128, 256, 512) for w in (1, 2, 4)
-            if bd >= 32 * w]
+    # TC = 0: the step loop (one [BD] load per step, issued when the step runs). TC > 0: the chunked
+    # loop, [CH, BD] tiles of x (CH ~ TC steps) loaded one chunk ahead, BD = 32 x warps x VEC
+    # columns so that each thread holds VEC columns' CH rows (a column's rows in one thread: the
+    # row pick folds). Bytes in flight per SM ~ (B D / 132) x CH x e whatever BD (kernels/lior.md)
+    step = [triton.Config({"BD": bd, "TC": 0, "VEC": 4}, num_warps=w) for bd in (32, 64, 128, 256, 512)
+            for w in (1, 2, 4) if bd >= 32 * w]
+    chunk = [triton.Config({"BD": 32 * w * vec, "TC": tc, "VEC": vec}, num_warps=w)
+             for w in (1, 2, 4) for vec in (1, 2, 4) for tc in (8, 16, 32) if vec * tc <= 64]
+    return step + chunk
 
 
-_SEQ_CONFIGS = autotune_configs(_seq_configs, test=[triton.Config({"BD": 128}, num_warps=1)],
-                                interp=[triton.Config({"BD": 16}, num_warps=1)])
+# test (GEOKERN_AUTOTUNE=0) and interp: one config each, the chunked loop (tests of the step loop
+# and of other chunks pass their config to the launcher)
+_SEQ_CONFIGS = autotune_configs(_seq_configs, test=[triton.Config({"BD": 128, "TC": 32, "VEC": 1}, num_warps=4)],
+                                interp=[triton.Config({"BD": 16, "TC": 8, "VEC": 1}, num_warps=1)])
+
+
+@triton.jit
+def _row(tile, sel):
+    """The row of a register tile [R, N] where sel ([R, 1], a compile-time row) holds: a select and
+    a sum that fold to a register pick when a column's rows sit in one thread."""
+    return tl.sum(tl.where(sel, tile, 0.0), 0)
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=["T", "B", "D", "HAS_J"])
 @triton.jit
 def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rho, eta, xi,
                                P: tl.constexpr, PP: tl.constexpr, HAS_J: tl.constexpr, HAS_M0: tl.constexpr,
-                               HAS_H: tl.constexpr, BD: tl.constexpr):
+                               HAS_H: tl.constexpr, BD: tl.constexpr, TC: tl.constexpr,
+                               VEC: tl.constexpr):
     """x, out [T, B, D], j [T, B], m0 [B, D], h [P, B, D] (x_{-P} .. x_{-1}). A program owns row b and
-    BD columns; it walks t in chunks of P so that ring slot t % P is a compile-time row of the
-    register ring [PP, BD] (PP = P rounded up to a power of two)."""
+    BD columns; it walks t in chunks of a multiple of P so that ring slot t % P is a compile-time
+    row of the register ring [PP, BD] (PP = P rounded up to a power of two). TC = 0: chunks of P,
+    each step's x loaded as the step runs; TC > 0: chunks of about TC steps loaded one chunk ahead."""
     acc: tl.constexpr = tl.float32
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     rho, eta, xi = tl.cast(rho, acc), tl.cast(eta, acc), tl.cast(xi, acc)
@@ -104,24 +122,83 @@ def lior_recurrence_fwd_kernel(x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, T, B, D, rh
     else:
         ring = tl.zeros([PP, BD], acc)
     row_stride = B * D
-    for t0 in range(0, T, P):
-        for i in tl.static_range(P):
-            t = t0 + i
-            ok = dok & (t < T)
-            off = tl.cast(t, tl.int64) * row_stride + b * D + d
-            xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(acc)
-            old = tl.sum(tl.where(rows == i, ring, 0.0), 0)
-            ring = tl.where(rows == i, xv[None, :], ring)
+    if TC == 0:
+        # the step loop: each step's load is issued when the step runs (P steps unrolled per trip)
+        for t0 in range(0, T, P):
+            for i in tl.static_range(P):
+                t = t0 + i
+                ok = dok & (t < T)
+                off = tl.cast(t, tl.int64) * row_stride + b * D + d
+                xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(acc)
+                old = tl.sum(tl.where(rows == i, ring, 0.0), 0)
+                ring = tl.where(rows == i, xv[None, :], ring)
+                if HAS_J:
+                    jv = tl.load(j_ptr + tl.cast(t, tl.int64) * B + b, mask=t < T, other=0.0).to(acc)
+                    a, bb, c, _, _, _ = _gate(jv, rho, eta, xi)
+                    m = a * m + bb * xv - c * old
+                else:
+                    m = rho * m + eta * xv - xi * old
+                tl.store(out_ptr + off, narrow(m, out_ptr.dtype.element_ty), mask=ok)
+    else:
+        # the chunked loop: CH steps (a multiple of P, so that ring slot t % P stays a compile-time
+        # row) per trip; the next chunk's x [CH, BD] and j [CH] are loaded before this chunk's steps
+        # run, so a chunk's loads are in flight while the previous chunk computes (kernels/lior.md)
+        CH: tl.constexpr = P * (TC // P) if TC >= P else P
+        CP: tl.constexpr = TC if TC >= PP else PP  # the tile's rows: a power of two >= CH
+        tt = tl.arange(0, CP)[:, None]
+        tr = tl.arange(0, CP)
+        # VEC consecutive columns per thread at most (the contiguity the compiler may assume): a
+        # thread holds VEC x CH values of x per tile, so a small VEC buys a long chunk in registers
+        dv = tl.max_contiguous(d, VEC)
+        col = b * D + dv[None, :]
+        cok = (tt < CH) & dok[None, :]
+        # j [CH] rides in the x tile's layout, loaded by the tile's first column only (the others
+        # read nothing): summed over the columns it becomes a [CH] vector that every thread holds
+        # whole, so a step's j is a register pick, not a shuffle (a [CH, 1] load's own layout spreads
+        # rows over threads)
+        c0 = (tl.arange(0, BD) == 0)[None, :] & (tt < CH)
+        xn = tl.load(x_ptr + tt.to(tl.int64) * row_stride + col, mask=cok & (tt < T), other=0.0)
+        if HAS_J:
+            jn = tl.load(j_ptr + tt.to(tl.int64) * B + b + 0 * col, mask=c0 & (tt < T), other=0.0)
+        for t0 in range(0, T, CH):
+            xc = xn.to(acc)
+            tn = t0 + CH + tt
+            xn = tl.load(x_ptr + tn.to(tl.int64) * row_stride + col, mask=cok & (tn < T), other=0.0)
             if HAS_J:
-                jv = tl.load(j_ptr + tl.cast(t, tl.int64) * B + b, mask=t < T, other=0.0).to(acc)
-                a, bb, c, _, _, _ = _gate(jv, rho, eta, xi)
-                m = a * m + bb * xv - c * old
-            else:
-                m = rho * m + eta * xv - xi * old
-            tl.store(out_ptr + off, narrow(m, out_ptr.dtype.element_ty), mask=ok)
+                jc = tl.sum(jn.to(acc), 1)  # one nonzero term per row: exact, NaN kept
+                jn = tl.load(j_ptr + tn.to(tl.int64) * B + b + 0 * col, mask=c0 & (tn < T), other=0.0)
+            for i in tl.static_range(CH):
+                t = t0 + i
+                ok = dok & (t < T)
+                xv = _row(xc, tt == i)
+                old = tl.sum(tl.where(rows == i % P, ring, 0.0), 0)
+                ring = tl.where(rows == i % P, xv[None, :], ring)
+                if HAS_J:
+                    a, bb, c, _, _, _ = _gate(_row(jc, tr == i), rho, eta, xi)
+                    m = a * m + bb * xv - c * old
+                else:
+                    m = rho * m + eta * xv - xi * old
+                tl.store(out_ptr + tl.cast(t, tl.int64) * row_stride + b * D + d,
+                         narrow(m, out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_SEQ_CONFIGS, key=["T", "B", "D", "HAS_J"], reset_to_zero=["dj_ptr"])
+# the forward restricted to the step loop, autotuned over its old configs: the benchmark's
+# "triton step loop" row, the baseline the chunked loop is measured against in the same run
+lior_recurrence_fwd_step_kernel = triton.autotune(
+    configs=autotune_configs(lambda: [c for c in _seq_configs() if c.kwargs["TC"] == 0],
+                             test=[triton.Config({"BD": 128, "TC": 0, "VEC": 4}, num_warps=1)],
+                             interp=[triton.Config({"BD": 16, "TC": 0, "VEC": 4}, num_warps=1)]),
+    key=["T", "B", "D", "HAS_J"])(lior_recurrence_fwd_kernel.fn)
+
+
+# the backward has the step loop only (TC = 0; VEC unused there)
+_BWD_CONFIGS = autotune_configs(lambda: [triton.Config({"BD": c.kwargs["BD"]}, num_warps=c.num_warps)
+                                         for c in _seq_configs() if c.kwargs["TC"] == 0],
+                                test=[triton.Config({"BD": 128}, num_warps=1)],
+                                interp=[triton.Config({"BD": 16}, num_warps=1)])
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["T", "B", "D", "HAS_J"], reset_to_zero=["dj_ptr"])
 @triton.jit
 def lior_recurrence_bwd_kernel(g_ptr, x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, dx_ptr, dm0_ptr, dh_ptr, dj_ptr,
                                T, B, D, rho, eta, xi, P: tl.constexpr, PP: tl.constexpr, HAS_J: tl.constexpr,
@@ -179,27 +256,42 @@ def _pp(P):
     return triton.next_power_of_2(P)
 
 
-def lior_recurrence_fwd(x, j, m0, h, out, rho, eta, xi, P):
-    """out [T, B, D] = the recurrence over x [T, B, D] (j [T, B], m0 [B, D], h [P, B, D] or None)."""
+def _launch_seq(kernel, config, grid_b, D):
+    """kernel ready for `[grid](args, **flags)`: autotuned, or with one triton.Config (tests and the
+    benchmark's old-vs-new rows pass it) bypassing the autotuner."""
+    if config is None:
+        return launch(kernel), lambda meta: (grid_b, triton.cdiv(D, meta["BD"])), {}
+    kw = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return launch(kernel.fn), (grid_b, triton.cdiv(D, config.kwargs["BD"])), kw
+
+
+def lior_recurrence_fwd(x, j, m0, h, out, rho, eta, xi, P, config=None):
+    """out [T, B, D] = the recurrence over x [T, B, D] (j [T, B], m0 [B, D], h [P, B, D] or None).
+    config: a triton.Config (BD, TC, VEC, warps) instead of the autotuner's choice, or "step": the
+    autotuner over the step loop's configs only."""
     T, B, D = x.shape
     if out.numel() == 0:
         return
-    grid = lambda meta: (B, triton.cdiv(D, meta["BD"]))  # noqa: E731
-    launch(lior_recurrence_fwd_kernel)[grid](
+    if isinstance(config, str) and config == "step":  # the step loop's configs only, autotuned (the benchmark's baseline row)
+        kernel, grid, kw = _launch_seq(lior_recurrence_fwd_step_kernel, None, B, D)
+    else:
+        kernel, grid, kw = _launch_seq(lior_recurrence_fwd_kernel, config, B, D)
+    kernel[grid](
         x, x if j is None else j, x if m0 is None else m0, x if h is None else h, out, T, B, D, rho, eta, xi,
-        P=P, PP=_pp(P), HAS_J=j is not None, HAS_M0=m0 is not None, HAS_H=h is not None)
+        P=P, PP=_pp(P), HAS_J=j is not None, HAS_M0=m0 is not None, HAS_H=h is not None, **kw)
 
 
-def lior_recurrence_bwd(g, x, j, m0, h, out, dx, dm0, dh, dj, rho, eta, xi, P):
-    """dx [T, B, D], dm0 [B, D], dh [P, B, D] written; dj [T, B] float32 (zeros) accumulated."""
+def lior_recurrence_bwd(g, x, j, m0, h, out, dx, dm0, dh, dj, rho, eta, xi, P, config=None):
+    """dx [T, B, D], dm0 [B, D], dh [P, B, D] written; dj [T, B] float32 (zeros) accumulated.
+    config: as in lior_recurrence_fwd."""
     T, B, D = x.shape
     if B * D == 0:
         return
-    grid = lambda meta: (B, triton.cdiv(D, meta["BD"]))  # noqa: E731
-    launch(lior_recurrence_bwd_kernel)[grid](
+    kernel, grid, kw = _launch_seq(lior_recurrence_bwd_kernel, config, B, D)
+    kernel[grid](
         g, x, x if j is None else j, x if m0 is None else m0, x if h is None else h, out, dx, dm0, dh,
         dj, T, B, D, rho, eta, xi, P=P, PP=_pp(P), HAS_J=j is not None, HAS_M0=m0 is not None,
-        HAS_H=h is not None)
+        HAS_H=h is not None, **kw)
 
 
 @triton.jit

@@ -107,7 +107,7 @@ def test_octonion_second_pass_is_not_pipelined():
 
 def test_lior_kernels_compile_for_sm90():
     """The step, the recurrence forward / backward (every autotune config once, each flag both
-    ways) and the action, float32 and bfloat16."""
+    ways; the forward's step loop and its chunked loop) and the action, float32 and bfloat16."""
     run_isolated(_PRELUDE + """
     from geokern.kernels import lior
 
@@ -127,7 +127,10 @@ def test_lior_kernels_compile_for_sm90():
         t = f"*{dt}"
         flags = dict(P=p, PP=lior._pp(p), HAS_J=has_j, HAS_M0=has_m0, HAS_H=has_h)
         # every autotune config on the first case (its tile sizes and warps), one on the others
-        for cfg in fwd.configs if i == 0 else fwd.configs[:1]:
+        # (and the first chunked-loop config, TC > 0, on every case)
+        chunked = [c for c in fwd.configs if c.kwargs.get("TC", 0) > 0][:1]
+        assert chunked, "no autotune config of the forward takes the chunked loop"
+        for cfg in fwd.configs if i == 0 else fwd.configs[:1] + chunked:
             compile_ok(fwd.fn, {"x_ptr": t, "j_ptr": t, "m0_ptr": t, "h_ptr": t, "out_ptr": t, **dims},
                        {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
         for cfg in bwd.configs if i == 0 else bwd.configs[-1:]:

@@ -286,3 +286,53 @@ def test_public_recurrence_compiles_with_backward():
     want = torch.autograd.grad(ref.lior_recurrence(x, j).square().sum(), (x, j))
     for name, a, w in zip(("dx", "dj"), got, want):
         assert_close(f"compiled {name}", a, w.double(), w)
+
+
+# ---- the forward's loops, each config the GPU autotuner may pick ---------------------------------
+
+# (BD, TC, VEC, warps): the step loop (TC 0); chunks shorter than, equal to and longer than p, not
+# multiples of p (TC 8 with p 3: chunks of 6 in a tile of 8; p 9 > TC: chunks of p in a tile of 16)
+FWD_LOOPS = [(16, 0, 4, 1), (16, 4, 1, 1), (16, 8, 1, 1), (32, 16, 2, 1), (8, 32, 1, 1)]
+
+
+@pytest.mark.parametrize("loop", FWD_LOOPS, ids=lambda c: f"BD{c[0]}-TC{c[1]}-VEC{c[2]}")
+@pytest.mark.parametrize("p", [1, 3, 4, 9])
+def test_recurrence_forward_loops_match_reference(loop, p):
+    need("triton")
+    import triton
+
+    from geokern.kernels import lior as tk
+    bd, tc, vec, warps = loop
+    cfg = triton.Config({"BD": bd, "TC": tc, "VEC": vec}, num_warps=warps)
+    # T: shorter than a chunk, one chunk and a ragged tail; D: a partial column block
+    for T, gate, state, dtype in ((5, True, True, torch.float32), (37, False, False, torch.float32),
+                                  (37, True, True, torch.bfloat16), (1, False, True, torch.float32)):
+        B, D = 2, 21
+        x, j = rand(T, B, D, dtype=dtype), (rand(T, B, dtype=dtype) if gate else None)
+        m0, h = (rand(B, D, dtype=dtype), rand(p, B, D, dtype=dtype)) if state else (None, None)
+        out = torch.full_like(x, float("nan"))
+        tk.lior_recurrence_fwd(x, j, m0, h, out, *GAINS.values(), p, config=cfg)
+        want = ref.lior_recurrence(x.double(), _d(j), **GAINS, p=p, m0=_d(m0), history=_d(h))
+        same = ref.lior_recurrence(x, j, **GAINS, p=p, m0=m0, history=h)
+        assert_close(f"loop {loop} p={p} T={T} {dtype_id(dtype)}", out, want, same)
+
+
+def test_recurrence_forward_loops_keep_nan_in_their_row():
+    """NaN in x[t] or j[t] reaches m[t' >= t] of its row only, in the chunked loop too (the j tile
+    is summed over columns: its one loaded term per row carries the NaN)."""
+    need("triton")
+    import triton
+
+    from geokern.kernels import lior as tk
+    T, B, D, p = 19, 3, 10, 3
+    x, j = rand(T, B, D), rand(T, B)
+    x[7, 1, 4] = float("nan")
+    j[11, 2] = float("nan")
+    for cfg in (triton.Config({"BD": 16, "TC": 0, "VEC": 4}, num_warps=1),
+                triton.Config({"BD": 8, "TC": 8, "VEC": 1}, num_warps=1)):
+        out = torch.empty_like(x)
+        tk.lior_recurrence_fwd(x, j, None, None, out, *GAINS.values(), p, config=cfg)
+        bad = out.isnan()
+        assert bad[7:, 1, 4].all() and bad[11:, 2].all(), cfg
+        assert not bad[:7, 1].any() and not bad[:11, 2].any() and not bad[:, 0].any(), cfg
+        assert not bad[:, 1, :4].any() and not bad[:, 1, 5:].any(), cfg

@@ -22,6 +22,7 @@ import torch
 from geokern import _backend
 from geokern.bench.registry import Case
 from geokern.metric import diag
+from geokern.kernels import lior as tk
 from geokern.ops import lior as ops
 from geokern.reference import lior as ref
 
@@ -41,7 +42,13 @@ def _seq_fwd_case(T, B, D, dt, gate):
         x = torch.randn(T, B, D, device="cuda", dtype=dtype)
         return x, (torch.randn(T, B, device="cuda", dtype=dtype) if gate else None)
 
-    impls = {"triton": functools.partial(ops.lior_recurrence, backend="triton", **GAINS)} if _triton_available() else {}
+    def step_loop(x, j):  # the forward's old loop alone (kernels/lior.md: the chunked loop's baseline)
+        out = torch.empty_like(x)
+        tk.lior_recurrence_fwd(x, j, None, None, out, *GAINS.values(), 4, config="step")
+        return out
+
+    impls = {"triton": functools.partial(ops.lior_recurrence, backend="triton", **GAINS),
+             "triton step loop": step_loop} if _triton_available() else {}
     e = dtype.itemsize
     return Case(
         op="lior_recurrence" + ("+gate" if gate else ""), shape=f"T{T}-B{B}-D{D}", dtype=dt, direction="fwd",
