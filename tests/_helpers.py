@@ -49,3 +49,20 @@ def run_isolated(code, timeout=600):
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, f"isolated run failed (exit {run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
     return run.stdout
+
+
+# The start of a child process that asks inductor which tensors a Triton kernel writes (the analysis
+# compile leans on: a tensor it counts as written is copied back, a leaf input included): the
+# jitted kernels, and a CUDA target when there is no GPU (the analysis only builds TTIR).
+WRITES_PRELUDE = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)  # the jitted kernels, not the interpreter's
+import torch, triton
+from torch._higher_order_ops import triton_kernel_wrap as tkw
+if not torch.cuda.is_available():  # the analysis only builds TTIR: any CUDA target will do
+    from triton.backends.compiler import GPUTarget
+    class Target:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+    triton.runtime.driver.set_active(Target())
+"""

@@ -6,7 +6,7 @@ inputs, custom-op checks and bad input."""
 import pytest
 import torch
 from _custom_ops import custom_op_tests, op as custom_op
-from _helpers import dtype_id, need, run_isolated
+from _helpers import dtype_id, need, run_isolated, WRITES_PRELUDE
 from _tolerance import assert_close
 from conftest import DEVICE, HAS_CUDA
 
@@ -251,18 +251,8 @@ def test_public_op_compiles_with_backward(n):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=f"compiled {name}")
 
 
-_WRITES = """
-import os
-os.environ.pop("TRITON_INTERPRET", None)  # the jitted kernels, not the interpreter's
-import torch, triton
-from torch._higher_order_ops import triton_kernel_wrap as tkw
+_WRITES = WRITES_PRELUDE + """
 import geokern.kernels.hypercomplex_attention as tk
-if not torch.cuda.is_available():  # the analysis only builds TTIR: any CUDA target will do
-    from triton.backends.compiler import GPUTarget
-    class Target:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-    triton.runtime.driver.set_active(Target())
 B, H, Hk, T, D = 1, 2, 1, 65, 16
 t = lambda *s: torch.zeros(*s)  # noqa: E731
 q, k, v, qn, kn, e, et = t(B, H, T, D), t(B, Hk, T, D), t(B, Hk, T, D), t(B, H, T, D), t(B, Hk, T, D), t(64, 64), t(64, 64)

@@ -5,7 +5,7 @@ sizes past 2**31 elements."""
 
 import pytest
 import torch
-from _helpers import BACKENDS, capturable, gpu, run_isolated
+from _helpers import BACKENDS, capturable, gpu, run_isolated, WRITES_PRELUDE
 from _tropical import need
 from conftest import DEVICE, HAS_CUDA
 
@@ -229,18 +229,8 @@ def test_compile_dynamic(backend):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=f"T={T} {name}")
 
 
-_WRITES = """
-import os
-os.environ.pop("TRITON_INTERPRET", None)  # the jitted kernels, not the interpreter's
-import torch, triton
-from torch._higher_order_ops import triton_kernel_wrap as tkw
+_WRITES = WRITES_PRELUDE + """
 from geokern.kernels import tropical as tk
-if not torch.cuda.is_available():  # the analysis only builds TTIR: any CUDA target will do
-    from triton.backends.compiler import GPUTarget
-    class Target:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-    triton.runtime.driver.set_active(Target())
 B, H, T, D = 1, 2, 40, 16
 t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
 q, k, v = t(B, H, T, D), t(B, H, T, D), t(B, H, T, D)
