@@ -195,9 +195,9 @@ def test_triton_refusals_and_cuda():
 
 def _op_samples(qualname):
     x, planes, weight = make(CASES[0])
-    P = planes.float().contiguous().cuda()
+    P = planes.float().contiguous().to(DEVICE)
     xh, P2, _ = make(CASES[4], torch.bfloat16)
-    return [(x.cuda(), weight.cuda(), P, 3, 0), (xh.cuda(), None, P2[None].float().cuda(), 3, 16)]
+    return [(x.to(DEVICE), weight.to(DEVICE), P, 3, 0), (xh.to(DEVICE), None, P2[None].float().to(DEVICE), 3, 16)]
 
 
 test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_signatures_", _op_samples)

@@ -289,7 +289,7 @@ def test_bad_mode_float64_and_cuda():
 
 def _op_samples(qualname):
     q, k, v, keep, causal = make(CPU_CASES[1])
-    q, k, v, keep = q.cuda(), k.cuda(), v.cuda(), keep.cuda()
+    q, k, v, keep = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), keep.to(DEVICE)
     fwd = (q, k, v, keep, ALPHA, BETA, causal)
     if "backward" not in qualname:
         return [fwd, (q, k, v, None, 2.0, 32.0, False)]

@@ -285,7 +285,7 @@ def test_triton_refusals_and_cuda():
 
 def _op_samples(qualname):
     a = make(CASES[1])
-    c = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
+    c = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
     return [(c["q"], c["k"], c["q_digits"], c["k_digits"], c["key_padding_mask"], True, 0, 0),
             (c["q"], c["k"], c["q_digits"], c["k_digits"], None, False, 16, 32)]
 
