@@ -294,33 +294,82 @@ def lior_recurrence_bwd(g, x, j, m0, h, out, dx, dm0, dh, dj, rho, eta, xi, P, c
         HAS_H=h is not None, **kw)
 
 
+def _action_configs():
+    # RE: the [BB, BF] tile's elements, BB = RE // BF rows (the old launcher's rule was RE 4096: BB 256
+    # at n = 16, 256 programs for B = 65536). AHEAD 0: the old loop (a step's loads issued after the
+    # previous step's reduction and store); AHEAD 1: the next step's tile loaded before this step's
+    # reduction (a register double buffer; one feature block only, F <= BF). kernels/lior.md
+    return [triton.Config({"RE": re, "AHEAD": ahead}, num_warps=w)
+            for re in (512, 1024, 2048, 4096) for ahead in (0, 1) for w in (1, 2, 4) if re >= 128 * w]
+
+
+# the old launcher's choice (BB = 4096 // BF rows, the F loop per step, default warps and stages): the
+# benchmark's "triton old config" row
+ACTION_OLD_CONFIG = triton.Config({"RE": 4096, "AHEAD": 0}, num_warps=4, num_stages=3)
+
+_ACTION_CONFIGS = autotune_configs(_action_configs, test=[triton.Config({"RE": 1024, "AHEAD": 1}, num_warps=2)],
+                                   interp=[triton.Config({"RE": 64, "AHEAD": 1}, num_warps=1)])
+
+
+def _action_rows(RE, BF):
+    return max(1, RE // BF)
+
+
+# integral and mean are read and written in place: restored after each config the autotuner times
+@triton.autotune(configs=_ACTION_CONFIGS, key=["W", "B", "F", "ONE_F"], restore_value=["int_ptr", "mean_ptr"])
 @triton.jit
 def lior_action_kernel(phi_ptr, w_ptr, r_ptr, cost_ptr, int_ptr, mean_ptr, count_ptr, W, B, F, s_pw, s_pb,
-                       s_rw, s_rb, eps, dtau, BB: tl.constexpr, BF: tl.constexpr):
+                       s_rw, s_rb, eps, dtau, BF: tl.constexpr, ONE_F: tl.constexpr, RE: tl.constexpr,
+                       AHEAD: tl.constexpr):
     """phi [W, B, F] (feature stride 1), w [F], R read at t * s_rw + b * s_rb (stride 0 where it
     broadcasts); cost [W, B] written; integral, mean [B] and count [] (steps before this window)
-    read, integral and mean written. A program owns BB rows and walks the W steps."""
+    read, integral and mean written. A program owns BB = RE // BF rows and walks the W steps; ONE_F:
+    F <= BF (one feature block), which the look-ahead loop (AHEAD 1) needs; else the old loop runs."""
     acc: tl.constexpr = tl.float32
+    BB: tl.constexpr = RE // BF if RE >= BF else 1
     # inductor passes Python floats as fp64 (eager Triton: fp32); fp64 would leak into the loop state
     eps, dtau = tl.cast(eps, acc), tl.cast(dtau, acc)
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rok = rb < B
     rb64 = rb.to(tl.int64)
     total = tl.zeros([BB], acc)
-    for t in range(0, W):
-        q = tl.zeros([BB], acc)
-        for f0 in range(0, F, BF):
-            f = f0 + tl.arange(0, BF)
-            fok = f < F
-            wv = tl.load(w_ptr + f, mask=fok, other=0.0).to(acc)
-            v = tl.load(phi_ptr + tl.cast(t, tl.int64) * s_pw + rb64[:, None] * s_pb + f[None, :],
-                        mask=rok[:, None] & fok[None, :], other=0.0).to(acc)
-            q += tl.sum(v * v * wv[None, :], 1)
-        q = tl.where(q < 0, 0.0, q)  # max(q, 0) that keeps NaN
-        r = tl.load(r_ptr + tl.cast(t, tl.int64) * s_rw + rb64 * s_rb, mask=rok, other=0.0).to(acc)
-        cost = r * tl.sqrt(q + eps)
-        tl.store(cost_ptr + tl.cast(t, tl.int64) * B + rb64, narrow(cost, cost_ptr.dtype.element_ty), mask=rok)
-        total += cost
+    if AHEAD > 0 and ONE_F:
+        # the next step's v [BB, BF] and R [BB] are loaded before this step's reduction and store,
+        # so a program always has a step's loads in flight (kernels/lior.md, bytes in flight)
+        f = tl.arange(0, BF)
+        fok = f < F
+        wv = tl.load(w_ptr + f, mask=fok, other=0.0).to(acc)
+        vptr = phi_ptr + rb64[:, None] * s_pb + f[None, :]
+        vok = rok[:, None] & fok[None, :]
+        rptr = r_ptr + rb64 * s_rb
+        vn = tl.load(vptr, mask=vok & (W > 0), other=0.0)
+        rn = tl.load(rptr, mask=rok & (W > 0), other=0.0)
+        for t in range(0, W):
+            v = vn.to(acc)
+            r = rn.to(acc)
+            tn = tl.cast(t + 1, tl.int64)
+            vn = tl.load(vptr + tn * s_pw, mask=vok & (tn < W), other=0.0)
+            rn = tl.load(rptr + tn * s_rw, mask=rok & (tn < W), other=0.0)
+            q = tl.zeros([BB], acc) + tl.sum(v * v * wv[None, :], 1)  # as the old loop adds: 0 + sum
+            q = tl.where(q < 0, 0.0, q)  # max(q, 0) that keeps NaN
+            cost = r * tl.sqrt(q + eps)
+            tl.store(cost_ptr + tl.cast(t, tl.int64) * B + rb64, narrow(cost, cost_ptr.dtype.element_ty), mask=rok)
+            total += cost
+    else:
+        for t in range(0, W):
+            q = tl.zeros([BB], acc)
+            for f0 in range(0, F, BF):
+                f = f0 + tl.arange(0, BF)
+                fok = f < F
+                wv = tl.load(w_ptr + f, mask=fok, other=0.0).to(acc)
+                v = tl.load(phi_ptr + tl.cast(t, tl.int64) * s_pw + rb64[:, None] * s_pb + f[None, :],
+                            mask=rok[:, None] & fok[None, :], other=0.0).to(acc)
+                q += tl.sum(v * v * wv[None, :], 1)
+            q = tl.where(q < 0, 0.0, q)  # max(q, 0) that keeps NaN
+            r = tl.load(r_ptr + tl.cast(t, tl.int64) * s_rw + rb64 * s_rb, mask=rok, other=0.0).to(acc)
+            cost = r * tl.sqrt(q + eps)
+            tl.store(cost_ptr + tl.cast(t, tl.int64) * B + rb64, narrow(cost, cost_ptr.dtype.element_ty), mask=rok)
+            total += cost
     n0 = tl.load(count_ptr).to(acc)
     n1 = n0 + W
     integ = tl.load(int_ptr + rb64, mask=rok, other=0.0).to(acc)
@@ -330,14 +379,19 @@ def lior_action_kernel(phi_ptr, w_ptr, r_ptr, cost_ptr, int_ptr, mean_ptr, count
     tl.store(mean_ptr + rb64, narrow(mu, mean_ptr.dtype.element_ty), mask=rok)
 
 
-def lior_action(phi, w, r, cost, integral, mean, count, eps, dtau):
+def lior_action(phi, w, r, cost, integral, mean, count, eps, dtau, config=None):
     """cost [W, B] written; integral, mean [B] updated from count [] (advanced by the caller).
-    r is [W, B]-shaped (expanded: any strides)."""
+    r is [W, B]-shaped (expanded: any strides). config: a triton.Config (RE, AHEAD, warps) instead
+    of the autotuner's choice (ACTION_OLD_CONFIG: the old launcher's)."""
     W, B, F = phi.shape
     if B == 0:
         return
     BF = min(triton.next_power_of_2(max(F, 1)), 128)
-    BB = max(1, min(triton.next_power_of_2(B), 4096 // BF))
-    launch(lior_action_kernel)[(triton.cdiv(B, BB),)](
+    if config is None:
+        kernel, grid, kw = launch(lior_action_kernel), lambda meta: (triton.cdiv(B, _action_rows(meta["RE"], BF)),), {}
+    else:
+        kw = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel, grid = launch(lior_action_kernel.fn), (triton.cdiv(B, _action_rows(config.kwargs["RE"], BF)),)
+    kernel[grid](
         phi, w, r, cost, integral, mean, count, W, B, F, phi.stride(0), phi.stride(1), r.stride(0), r.stride(1),
-        eps, dtau, BB=BB, BF=BF)
+        eps, dtau, BF=BF, ONE_F=F <= BF, **kw)

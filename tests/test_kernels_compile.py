@@ -138,14 +138,21 @@ def test_lior_kernels_compile_for_sm90():
                                 "dx_ptr": t, "dm0_ptr": t, "dh_ptr": t, "dj_ptr": "*fp32", **dims},
                        {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
 
-    # BB, BF as lior_action picks them: one feature (BF = 1), many (BF = 128), one row (BB = 1)
-    for dt, bb, bf in (("fp32", 4096, 1), ("bf16", 32, 128), ("fp32", 1, 4)):
+    # BF as lior_action picks it (one feature: BF = 1, many: BF = 128, F > 128: ONE_F False), every
+    # autotune config (RE, AHEAD, warps) on the first case and the old launcher's on every case
+    act, full = lior.lior_action_kernel, lior._action_configs()
+    assert any(c.kwargs["AHEAD"] > 0 for c in full)
+    assert any(c.kwargs == lior.ACTION_OLD_CONFIG.kwargs and c.num_warps == lior.ACTION_OLD_CONFIG.num_warps
+               for c in full), "the old launcher's config is no longer among the autotuner's"
+    for i, (dt, bf, one_f) in enumerate((("fp32", 16, True), ("bf16", 128, True), ("fp32", 1, True),
+                                         ("fp32", 128, False))):
         f32 = "*fp32"
-        compile_ok(lior.lior_action_kernel, {"phi_ptr": f"*{dt}", "w_ptr": f32, "r_ptr": f32, "cost_ptr": f32,
-                                             "int_ptr": f32, "mean_ptr": f32, "count_ptr": "*i64", "W": "i32",
-                                             "B": "i32", "F": "i32", "s_pw": "i32", "s_pb": "i32", "s_rw": "i32",
-                                             "s_rb": "i32", "eps": "fp32", "dtau": "fp32"},
-                   dict(BB=bb, BF=bf))
+        for cfg in full if i == 0 else [lior.ACTION_OLD_CONFIG, full[-1]]:
+            compile_ok(act.fn, {"phi_ptr": f"*{dt}", "w_ptr": f32, "r_ptr": f32, "cost_ptr": f32,
+                                "int_ptr": f32, "mean_ptr": f32, "count_ptr": "*i64", "W": "i32",
+                                "B": "i32", "F": "i32", "s_pw": "i32", "s_pb": "i32", "s_rw": "i32",
+                                "s_rb": "i32", "eps": "fp32", "dtau": "fp32"},
+                       dict(BF=bf, ONE_F=one_f, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
     """, timeout=300)
 
 
@@ -169,7 +176,8 @@ def test_lior_kernels_take_float64_scalars_without_float64_loops():
              (lior.lior_recurrence_bwd_kernel.fn, {**flags, "HAS_J": False,
                                                    **lior.lior_recurrence_bwd_kernel.configs[0].kwargs},
               ("rho", "eta", "xi")),
-             (lior.lior_action_kernel, dict(BB=32, BF=128), ("eps", "dtau"))]
+             (lior.lior_action_kernel.fn, dict(BF=128, ONE_F=True, RE=4096, AHEAD=1), ("eps", "dtau")),
+             (lior.lior_action_kernel.fn, dict(BF=16, ONE_F=True, RE=4096, AHEAD=0), ("eps", "dtau"))]
     for kernel, cons, floats in cases:
         for ft in ("fp32", "fp64"):
             sig = {n: (("*i64" if n in ("pos_ptr", "count_ptr") else "*fp32") if n.endswith("_ptr")

@@ -336,3 +336,56 @@ def test_recurrence_forward_loops_keep_nan_in_their_row():
         assert bad[7:, 1, 4].all() and bad[11:, 2].all(), cfg
         assert not bad[:7, 1].any() and not bad[:11, 2].any() and not bad[:, 0].any(), cfg
         assert not bad[:, 1, :4].any() and not bad[:, 1, 5:].any(), cfg
+
+
+# ---- the action's loops, each config the GPU autotuner may pick ----------------------------------
+
+# (RE, AHEAD, warps): the old loop (AHEAD 0) at the old launcher's tile and a small one, the
+# look-ahead loop (AHEAD 1) at 32-64 rows for n = 16 and at a tile under one row's BF (RE < BF: 1 row)
+ACTION_LOOPS = [(4096, 0, 4), (256, 0, 1), (512, 1, 1), (1024, 1, 2), (64, 1, 1), (8, 1, 1)]
+
+
+@pytest.mark.parametrize("loop", ACTION_LOOPS, ids=lambda c: f"RE{c[0]}-AHEAD{c[1]}-w{c[2]}")
+def test_action_loops_match_reference(loop):
+    """Every loop against the float64 reference: partial row blocks (B not a multiple of the rows),
+    n not a power of two, one step (W 1: the look-ahead's first load is its last), phi in bfloat16 /
+    float16, R broadcast over steps (stride 0), n > 128 (two feature blocks: the look-ahead config
+    falls back to the old loop), and NaN in v and R kept in their (step, row)."""
+    need("triton")
+    import triton
+
+    from geokern.kernels import lior as tk
+    re, ahead, warps = loop
+    cfg = triton.Config({"RE": re, "AHEAD": ahead}, num_warps=warps)
+    for W, B, n, dtype, r_kind, nan in ((7, 45, 16, torch.float32, "step-row", False),
+                                        (1, 70, 6, torch.float32, "row", False),
+                                        (5, 33, 13, torch.bfloat16, "step-row", True),
+                                        (4, 20, 16, torch.float16, "row", True),
+                                        (3, 9, 130, torch.float32, "step-row", True)):
+        phi = rand(W, B, n, dtype=dtype)
+        w = torch.rand(n, device=DEVICE) - 0.1  # some negative weights: q may fall below 0 (clamped)
+        R = torch.rand(W, B, device=DEVICE) + 0.5 if r_kind == "step-row" else \
+            (torch.rand(B, device=DEVICE) + 0.5).expand(W, B)
+        if nan:
+            phi[W // 2, B - 1, n - 1] = float("nan")
+            R = R.clone()
+            R[0, 3] = float("nan")
+        integral, mean = torch.rand(B, device=DEVICE), torch.rand(B, device=DEVICE)
+        count = torch.tensor(3, dtype=torch.int64, device=DEVICE)
+        i0, mu0 = integral.clone(), mean.clone()
+        cost = torch.full((W, B), float("nan"), device=DEVICE)
+        tk.lior_action(phi, w, R, cost, integral, mean, count, 1e-8, 0.1, config=cfg)
+        q = (phi.double().square() * w.double()).sum(-1).clamp_min(0)  # clamp keeps NaN
+        want = R.double() * (q + 1e-8).sqrt()
+        bad = torch.zeros(W, B, dtype=torch.bool, device=DEVICE)
+        if nan:
+            bad[W // 2, B - 1] = bad[0, 3] = True
+        assert torch.equal(cost.isnan(), bad) and torch.equal(want.isnan(), bad), loop
+        ok = ~bad.any(0)  # the rows without NaN, compared
+
+        def fin(t):
+            return t.nan_to_num(0.0)
+        assert_close(f"action {loop} W{W} B{B} n{n} {dtype_id(dtype)}", fin(cost), fin(want))
+        assert_close(f"action {loop} integral", integral[ok], (i0.double() + 0.1 * want.sum(0))[ok])
+        assert_close(f"action {loop} mean", mean[ok], ((mu0.double() * 3 + want.sum(0)) / (3 + W))[ok])
+        assert torch.equal(integral.isnan(), bad.any(0)) and torch.equal(mean.isnan(), bad.any(0)), loop

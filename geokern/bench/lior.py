@@ -127,9 +127,18 @@ def _action_case(W, B, n):
     def run(backend):
         return lambda v, R, lam, i, m, c: ops.lior_action_(v, R, diag(lam), i, m, c, dtau=0.1, backend=backend)
 
+    def old_config(v, R, lam, i, m, c):  # the old launcher's tile and loop (kernels/lior.md: the baseline)
+        phi, w = diag(lam).features(v)
+        cost = torch.empty(W, B, device="cuda")
+        tk.lior_action(phi, w.float().contiguous(), torch.broadcast_to(R, (W, B)), cost, i, m, c, 1e-8, 0.1,
+                       config=tk.ACTION_OLD_CONFIG)
+        c.add_(W)
+        return cost
+
+    impls = {"triton": run("triton"), "triton old config": old_config} if _triton_available() else {}
     return Case(
         op="lior_action_", shape=f"W{W}-B{B}-n{n}", dtype="fp32", direction="fwd", make_inputs=make,
-        impls={"triton": run("triton")} if _triton_available() else {}, peers={"torch eager": run("torch")},
+        impls=impls, peers={"torch eager": run("torch")},
         reference=lambda v, R, lam, i, m, c: ref.lior_action(v, R, diag(lam), 1e-8, 0.1)[0],
         # v and R read, the cost written, the state (3 x B) read and written
         amount=4 * (W * B * n + 2 * W * B + 4 * B), metric="TB/s", ceiling="copy_tb_s", tol=1e-5,
