@@ -133,7 +133,14 @@ def test_lior_kernels_compile_for_sm90():
         for cfg in fwd.configs if i == 0 else fwd.configs[:1] + chunked:
             compile_ok(fwd.fn, {"x_ptr": t, "j_ptr": t, "m0_ptr": t, "h_ptr": t, "out_ptr": t, **dims},
                        {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
-        for cfg in bwd.configs if i == 0 else bwd.configs[-1:]:
+        bchunked = [c for c in lior._bwd_configs() if c.kwargs["TC"] > 0]
+        assert bchunked and any(c.kwargs["TC"] == 0 for c in lior._bwd_configs()), "the backward's two loops"
+        # the first case: every step-loop config and each chunk shape (TC, VEC) once (the warps only
+        # spread the same code wider); the others: a step-loop config and the first and longest chunks
+        longest = max(bchunked, key=lambda c: c.kwargs["VEC"] * c.kwargs["TC"] * c.num_warps)
+        shapes = {(c.kwargs["TC"], c.kwargs["VEC"]): c for c in reversed(bchunked)}
+        first = [c for c in lior._bwd_configs() if c.kwargs["TC"] == 0] + list(shapes.values())
+        for cfg in first if i == 0 else [lior._bwd_configs()[0], bchunked[0], longest]:
             compile_ok(bwd.fn, {"g_ptr": t, "x_ptr": t, "j_ptr": t, "m0_ptr": t, "h_ptr": t, "out_ptr": t,
                                 "dx_ptr": t, "dm0_ptr": t, "dh_ptr": t, "dj_ptr": "*fp32", **dims},
                        {**flags, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
@@ -175,6 +182,9 @@ def test_lior_kernels_take_float64_scalars_without_float64_loops():
               ("rho", "eta", "xi")),
              (lior.lior_recurrence_bwd_kernel.fn, {**flags, "HAS_J": False,
                                                    **lior.lior_recurrence_bwd_kernel.configs[0].kwargs},
+              ("rho", "eta", "xi")),
+             (lior.lior_recurrence_bwd_kernel.fn, {**flags, "BD": 128, "TC": 8, "VEC": 1}, ("rho", "eta", "xi")),
+             (lior.lior_recurrence_bwd_kernel.fn, {**flags, "HAS_J": False, "BD": 128, "TC": 8, "VEC": 1},
               ("rho", "eta", "xi")),
              (lior.lior_action_kernel.fn, dict(BF=128, ONE_F=True, RE=4096, AHEAD=1), ("eps", "dtau")),
              (lior.lior_action_kernel.fn, dict(BF=16, ONE_F=True, RE=4096, AHEAD=0), ("eps", "dtau"))]

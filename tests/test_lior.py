@@ -389,3 +389,84 @@ def test_action_loops_match_reference(loop):
         assert_close(f"action {loop} integral", integral[ok], (i0.double() + 0.1 * want.sum(0))[ok])
         assert_close(f"action {loop} mean", mean[ok], ((mu0.double() * 3 + want.sum(0)) / (3 + W))[ok])
         assert torch.equal(integral.isnan(), bad.any(0)) and torch.equal(mean.isnan(), bad.any(0)), loop
+
+
+# ---- the backward's loops, each config the GPU autotuner may pick --------------------------------
+
+# (BD, TC, VEC, warps): the step loop (TC 0); chunks shorter than, equal to and longer than p, not
+# multiples of p, several D-blocks (BD 8 with D 21: three programs add into one dj[t, b])
+BWD_LOOPS = [(16, 0, 4, 1), (16, 4, 1, 1), (16, 8, 1, 1), (32, 16, 2, 1), (8, 32, 1, 1)]
+
+
+@pytest.mark.parametrize("loop", BWD_LOOPS, ids=lambda c: f"BD{c[0]}-TC{c[1]}-VEC{c[2]}")
+@pytest.mark.parametrize("p", [1, 3, 4, 9])
+def test_recurrence_backward_loops_match_reference(loop, p):
+    """dx, dj, dm0, dhistory of each loop against float64 autograd through the reference: T shorter
+    than a chunk, a ragged tail, T = 1, with and without the gate and the state, bfloat16."""
+    need("triton")
+    import triton
+
+    from geokern.kernels import lior as tk
+    bd, tc, vec, warps = loop
+    cfg = triton.Config({"BD": bd, "TC": tc, "VEC": vec}, num_warps=warps)
+    for T, gate, state, dtype in ((5, True, True, torch.float32), (37, False, False, torch.float32),
+                                  (37, True, True, torch.bfloat16), (1, True, False, torch.float32),
+                                  (23, True, False, torch.float32), (23, False, True, torch.float32)):
+        B, D = 2, 21
+        x, j = rand(T, B, D, dtype=dtype), (rand(T, B, dtype=dtype) if gate else None)
+        m0, h = (rand(B, D, dtype=dtype), rand(p, B, D, dtype=dtype)) if state else (None, None)
+        out = ref.lior_recurrence(x, j, **GAINS, p=p, m0=m0, history=h).to(dtype)
+        g = rand(T, B, D, dtype=dtype)
+        dx, dm0, dh = torch.full_like(x, float("nan")), x.new_full((B, D), float("nan")), \
+            x.new_full((p, B, D), float("nan"))
+        dj = torch.zeros(T, B, device=DEVICE)
+        tk.lior_recurrence_bwd(g, x, j, m0, h, out, dx, dm0, dh, dj, *GAINS.values(), p, config=cfg)
+        leaves = [t for t in (x, j, m0, h) if t is not None]
+        l64 = [t.double().requires_grad_() for t in leaves]
+        it = iter(l64)
+        args = [next(it) if t is not None else None for t in (x, j, m0, h)]
+        want = dict(zip([n for n, t in zip(("dx", "dj", "dm0", "dh"), (x, j, m0, h)) if t is not None],
+                        torch.autograd.grad(ref.lior_recurrence(args[0], args[1], **GAINS, p=p, m0=args[2],
+                                                                history=args[3]), l64, g.double())))
+        ld = [t.clone().requires_grad_() for t in leaves]
+        it = iter(ld)
+        args = [next(it) if t is not None else None for t in (x, j, m0, h)]
+        same = dict(zip(want, torch.autograd.grad(ref.lior_recurrence(args[0], args[1], **GAINS, p=p, m0=args[2],
+                                                                      history=args[3]), ld, g)))
+        got = {"dx": dx, "dj": dj, "dm0": dm0, "dh": dh}
+        name = f"bwd loop {loop} p={p} T={T} gate={gate} state={state} {dtype_id(dtype)}"
+        for k in want:
+            assert_close(f"{name} {k}", got[k], want[k], same[k])
+        if not gate:
+            assert not dj.any(), f"{name}: dj written without a gate"
+        if not state:  # the gradients to a zero state are still defined: compare with a zero state's
+            z64 = [t.double().requires_grad_() for t in (x, torch.zeros(B, D, device=DEVICE),
+                                                         torch.zeros(p, B, D, device=DEVICE))]
+            w = torch.autograd.grad(ref.lior_recurrence(z64[0], _d(j), **GAINS, p=p, m0=z64[1], history=z64[2]),
+                                    z64[1:], g.double())
+            assert_close(f"{name} dm0", dm0, w[0])
+            assert_close(f"{name} dh", dh, w[1])
+
+
+def test_recurrence_backward_loops_keep_nan_in_their_row():
+    """NaN in g[t] reaches dx[t' <= t] of its row (the adjoint walks backwards), and dj of that row
+    only: the chunked loop's per-chunk dj sums keep it to its (t, b)."""
+    need("triton")
+    import triton
+
+    from geokern.kernels import lior as tk
+    T, B, D, p = 19, 3, 10, 3
+    x, j = rand(T, B, D), rand(T, B)
+    out = ref.lior_recurrence(x, j, **GAINS, p=p)
+    g = rand(T, B, D)
+    g[11, 1, 4] = float("nan")
+    for cfg in (triton.Config({"BD": 16, "TC": 0, "VEC": 4}, num_warps=1),
+                triton.Config({"BD": 8, "TC": 8, "VEC": 1}, num_warps=1)):
+        dx, dm0, dh = torch.empty_like(x), torch.empty(B, D, device=DEVICE), torch.empty(p, B, D, device=DEVICE)
+        dj = torch.zeros(T, B, device=DEVICE)
+        tk.lior_recurrence_bwd(g, x, j, None, None, out, dx, dm0, dh, dj, *GAINS.values(), p, config=cfg)
+        bad = dx.isnan()
+        assert bad[:12, 1, 4].all() and not bad[12:].any(), cfg
+        assert not bad[:, 0].any() and not bad[:, 2].any() and not bad[:, 1, :4].any(), cfg
+        assert dj[:12, 1].isnan().all() and not dj[12:].isnan().any(), cfg
+        assert not dj[:, 0].isnan().any() and not dj[:, 2].isnan().any(), cfg

@@ -79,10 +79,18 @@ def _seq_bwd_case(T, B, D, dt):
         dx, _, _, dj = ops._KERNELS["triton"]["bwd"](g, x, j, None, None, out, *GAINS.values(), p)
         return dx, dj
 
+    def step_loop(g, x, j, out):  # the backward's old loop alone (kernels/lior.md: the chunked loop's baseline)
+        T_, B_, D_ = x.shape
+        dx, dm0, dh = torch.empty_like(x), x.new_empty((B_, D_)), x.new_empty((p, B_, D_))
+        dj = torch.zeros(T_, B_, device="cuda")
+        tk.lior_recurrence_bwd(g, x, j, None, None, out, dx, dm0, dh, dj, *GAINS.values(), p, config="step")
+        return dx, dj
+
     e = dtype.itemsize
     return Case(
         op="lior_recurrence+gate", shape=f"T{T}-B{B}-D{D}", dtype=dt, direction="bwd", make_inputs=make,
-        impls={"triton": triton} if _triton_available() else {}, peers={}, reference=reference,
+        impls={"triton": triton, "triton step loop": step_loop} if _triton_available() else {}, peers={},
+        reference=reference,
         amount=4 * T * B * D * e + T * B * (e + 4), metric="TB/s", ceiling="copy_tb_s", tol=TOL[dt],
         input_bytes=3 * T * B * D * e,
     )
