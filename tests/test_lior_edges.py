@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _helpers import need
+from _helpers import WRITES_PRELUDE, need, run_isolated
 from conftest import DEVICE
 
 import geokern
@@ -251,3 +251,38 @@ def test_deterministic_mode_gate_backward():
         geokern.lior_recurrence(x, j, backend="torch").sum().backward()
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
+_WRITES = WRITES_PRELUDE + """
+from geokern.kernels import lior as tk
+t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
+W, B, F, T, D, P = 4, 64, 16, 8, 32, 4
+act = dict(phi_ptr=t(W, B, F), w_ptr=t(F), r_ptr=t(W, B), cost_ptr=t(W, B), int_ptr=t(B), mean_ptr=t(B),
+           count_ptr=t(1, dt=torch.int64), W=W, B=B, F=F, s_pw=B * F, s_pb=F, s_rw=B, s_rb=1, eps=1e-8, dtau=0.1,
+           BF=16, ONE_F=True)
+bwd = dict(g_ptr=t(T, B, D), x_ptr=t(T, B, D), j_ptr=t(T, B), m0_ptr=t(B, D), h_ptr=t(P, B, D), out_ptr=t(T, B, D),
+           dx_ptr=t(T, B, D), dm0_ptr=t(B, D), dh_ptr=t(P, B, D), dj_ptr=t(T, B), T=T, B=B, D=D, rho=0.9, eta=1.0,
+           xi=0.5, P=P, PP=P, HAS_J=True, HAS_M0=True, HAS_H=True)
+cases = [("action", tk.lior_action_kernel, act, dict(RE=4096, AHEAD=0)), ("action", tk.lior_action_kernel, act,
+         dict(RE=512, AHEAD=1)), ("bwd", tk.lior_recurrence_bwd_kernel, bwd, dict(BD=32, TC=0, VEC=4)),
+         ("bwd", tk.lior_recurrence_bwd_kernel, bwd, dict(BD=32, TC=8, VEC=1))]
+for name, kernel, kw, cfg in cases:
+    k2 = {**kw, **cfg}
+    if hasattr(tkw, "identify_accessed_tensors"):  # newer torch
+        written = [d.name for d in tkw.identify_accessed_tensors(kernel.fn, k2, {}).read_writes.writes]
+    else:
+        written = tkw.identify_mutated_tensors(kernel.fn, k2, {})
+    print(name, cfg, sorted(written))
+"""
+
+
+def test_compile_sees_the_kernels_write_only_their_outputs():
+    """torch.compile copies every tensor its TTIR analysis says a user Triton kernel writes: the
+    action's loops (the old one and the look-ahead) write only cost, integral and mean, the
+    backward's (the step loop and the chunked one) only dx, dm0, dh, dj. The TTIR needs no GPU."""
+    pytest.importorskip("triton")
+    out = run_isolated(_WRITES)
+    for loop in ("{'RE': 4096, 'AHEAD': 0}", "{'RE': 512, 'AHEAD': 1}"):
+        assert f"action {loop} ['cost_ptr', 'int_ptr', 'mean_ptr']" in out, out
+    for loop in ("{'BD': 32, 'TC': 0, 'VEC': 4}", "{'BD': 32, 'TC': 8, 'VEC': 1}"):
+        assert f"bwd {loop} ['dh_ptr', 'dj_ptr', 'dm0_ptr', 'dx_ptr']" in out, out
