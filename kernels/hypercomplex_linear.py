@@ -17,6 +17,12 @@ Programs that read the same weight rows (the n output blocks of one column tile)
 adjacent in launch order, so for skinny inputs (decode) the weights come from DRAM about
 once and the other n - 1 reads hit L2.
 
+hypercomplex_linear_fwd_blocked_kernel (gemm_variant="blocked", not yet timed) is the same
+product with the K loop split per component block: the weight pointer and the sign chosen once
+per block, the sign applied to the float32 accumulator between blocks (an exact negation), so
+neither dot operand passes through registers on its way from shared memory (wgmma's A operand
+is then a shared-memory descriptor; the stepwise kernel's sign-flipped x tile is in registers).
+
 For few rows (decode) hypercomplex_linear_decode_kernel computes the same product with one
 program per column tile of all n output blocks, so each weight element is read once.
 
