@@ -17,6 +17,12 @@ Programs that read the same weight rows (the n output blocks of one column tile)
 adjacent in launch order, so for skinny inputs (decode) the weights come from DRAM about
 once and the other n - 1 reads hit L2.
 
+hypercomplex_linear_fwd_blocked_kernel (gemm_variant="blocked", not yet timed) is the same
+product with the K loop split per component block: the weight pointer and the sign chosen once
+per block, the sign applied to the float32 accumulator between blocks (an exact negation), so
+neither dot operand passes through registers on its way from shared memory (wgmma's A operand
+is then a shared-memory descriptor; the stepwise kernel's sign-flipped x tile is in registers).
+
 For few rows (decode) hypercomplex_linear_decode_kernel computes the same product with one
 program per column tile of all n output blocks, so each weight element is read once.
 
@@ -126,6 +132,70 @@ def hypercomplex_linear_fwd_kernel(
         x = tl.load(a_rows + (b * KB + k)[None, :].to(tl.int64) * sak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + k[:, None].to(tl.int64) * swk + w_cols, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mm_acc(_negate_if(x, neg), w, acc, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + p * NB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = c_ptr + rows[:, None] * (N * NB) + (p * NB + cols)[None, :]
+    tl.store(out, narrow(acc, c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "KB", "NB", "N", "HAS_BIAS"])
+@triton.jit
+def hypercomplex_linear_fwd_blocked_kernel(
+    a_ptr, w0, w1, w2, w3, w4, w5, w6, w7, bias_ptr, c_ptr,
+    M, KB, NB,
+    sam, sak, swk, swn,
+    NEG: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The product of hypercomplex_linear_fwd_kernel (same arguments, same tiles and launch
+    order), with the K loop split per component block: `for b in static_range(N)` around a
+    plain K loop. Per block, once: the weight's base pointer (component p ^ b; p is per
+    program, so chosen at run time, but once per block instead of once per K step) and the
+    block's sign. The sign goes on the float32 ACCUMULATOR, not on an operand: acc holds the
+    signed sum so far times the current block's sign, negated (exactly) where the sign changes
+    between blocks and once at the end if the last block's is negative. So both dot operands
+    go from the loads (shared memory, when pipelined) straight to the dot, with nothing applied
+    to them in registers. The inner loop advances the x and W pointers by a constant per step
+    (no offset recomputation) and has no mask: its full BK tiles run unmasked, the block's
+    remainder (KB % BK) is one masked step after it. Rows and columns past the ends are read
+    wrapped (index modulo M, NB: real elements, results not stored) instead of masked.
+
+    Cost of the split: N inner loops per tile, each a pipeline of its own (its prologue's copies
+    are not overlapped with the previous block's last dots), and N - 1 (+1) passes over the
+    accumulator for the signs; whether that beats the stepwise kernel is the H100's to say."""
+    pid = tl.program_id(0)
+    tiles_nb = tl.cdiv(NB, BN)
+    pm, pn = _grouped(pid, tl.cdiv(M, BM), tiles_nb * N, GROUP_M)
+    p = pn % N
+    jt = pn // N
+    rows = pm.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = jt * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    a_rows = a_ptr + (rows % M)[:, None] * sam + kk[None, :].to(tl.int64) * sak
+    w_off = kk[:, None].to(tl.int64) * swk + (cols % NB)[None, :].to(tl.int64) * swn
+    full = KB // BK
+    rem = KB - full * BK
+    neg_row = tl.full((), NEG, tl.int64) >> (p * N).to(tl.int64)  # bit b: block (p, b) negated
+    cur = (neg_row & 1).to(tl.int32)  # acc = (-1)^cur * (the signed sum so far)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for b in tl.static_range(N):
+        if b > 0:
+            nb = ((neg_row >> b) & 1).to(tl.int32)
+            acc = acc * (1 - 2 * (nb ^ cur)).to(tl.float32)  # exact: * 1 or * -1
+            cur = nb
+        xp = a_rows + (b * KB).to(tl.int64) * sak
+        wp = _pick(p ^ b, w0, w1, w2, w3, w4, w5, w6, w7, N) + w_off
+        for kt in range(0, full):
+            acc = mm_acc(tl.load(xp), tl.load(wp), acc, PRECISION)
+            xp += BK * sak
+            wp += BK * swk
+        if rem > 0:
+            x = tl.load(xp, mask=kk[None, :] < rem, other=0.0)
+            w = tl.load(wp, mask=kk[:, None] < rem, other=0.0)
+            acc = mm_acc(x, w, acc, PRECISION)
+    acc = acc * (1 - 2 * cur).to(tl.float32)
+    row_ok = rows < M
+    col_ok = cols < NB
     if HAS_BIAS:
         acc += tl.load(bias_ptr + p * NB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = c_ptr + rows[:, None] * (N * NB) + (p * NB + cols)[None, :]
@@ -303,11 +373,21 @@ def _gemm_grid(n, M, NB):
     return lambda meta: (triton.cdiv(M, meta["BM"]) * n * triton.cdiv(NB, meta["BN"]),)
 
 
-def _gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision):
+GEMM_VARIANTS = ("stepwise", "blocked")
+GEMM_VARIANT = "stepwise"  # until the H100 times "blocked" beside it (geokern.bench.hypercomplex_linear)
+
+
+def _gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision, variant="stepwise"):
+    """The GEMM kernel: variant "stepwise" (hypercomplex_linear_fwd_kernel: one K loop over all
+    blocks, the sign on the x tile) or "blocked" (hypercomplex_linear_fwd_blocked_kernel: a K
+    loop per block, the sign on the accumulator). The same product up to float32 rounding."""
+    if variant not in GEMM_VARIANTS:
+        raise ValueError(f"gemm variant must be one of {GEMM_VARIANTS}, got {variant!r}")
     M = a.shape[0]
     if M == 0 or NB == 0:
         return out
-    launch(hypercomplex_linear_fwd_kernel)[_gemm_grid(len(weights), M, NB)](
+    kernel = hypercomplex_linear_fwd_blocked_kernel if variant == "blocked" else hypercomplex_linear_fwd_kernel
+    launch(kernel)[_gemm_grid(len(weights), M, NB)](
         a, *_ptrs(weights), bias if bias is not None else a, out, M, KB, NB, a.stride(0), a.stride(1), swk, swn,
         NEG=neg, N=len(weights), HAS_BIAS=bias is not None, PRECISION=_precision(precision))
     return out
@@ -359,16 +439,17 @@ def _decode_gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision, block_
 
 
 def hypercomplex_linear_fwd(x, weights, bias, out, sign, precision, decode_max_rows=DECODE_MAX_ROWS, block_n=0,
-                            num_splits=0):
+                            num_splits=0, gemm_variant=GEMM_VARIANT):
     """out = x @ W_expanded^T + bias. x: [M, n * I]; weights: n x [O, I] sharing strides;
     out: [M, n * O] contiguous. M <= decode_max_rows runs the decode kernel (block_n, num_splits:
-    its column tile and K slices, 0 = decode_plan's choice), more rows the GEMM kernel."""
+    its column tile and K slices, 0 = decode_plan's choice), more rows the GEMM kernel
+    (gemm_variant: "stepwise" or "blocked", see _gemm)."""
     w = weights[0]
     O, I = w.shape
     if x.shape[0] <= decode_max_rows:
         return _decode_gemm(x, weights, bias, out, I, O, w.stride(1), w.stride(0), neg_mask(sign), precision,
                             block_n, num_splits)
-    return _gemm(x, weights, bias, out, I, O, w.stride(1), w.stride(0), neg_mask(sign), precision)
+    return _gemm(x, weights, bias, out, I, O, w.stride(1), w.stride(0), neg_mask(sign), precision, gemm_variant)
 
 
 def hypercomplex_linear_bwd_input(grad, weights, dx, sign, precision):

@@ -19,9 +19,12 @@ KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(7, 3, 5), (1, 5, 4), (19, 17, 18)] if not HAS_CUDA else [(7, 3, 5), (1, 5, 4), (129, 67, 33), (300, 128, 64)]
 
 
-# Triton forward variants (the op's knobs): the GEMM kernel, the decode kernel whole-K and with
+# Triton forward variants (the op's knobs): the GEMM kernel (stepwise: one K loop over all blocks;
+# blocked: a K loop per block, the sign on the accumulator), the decode kernel whole-K and with
 # K split across programs (float32 partials summed by a second kernel); backend "torch" ignores them
-VARIANTS = {"gemm": dict(decode_max_rows=0), "decode": dict(decode_max_rows=1 << 30, decode_splits=1),
+VARIANTS = {"gemm": dict(decode_max_rows=0, gemm_variant="stepwise"),
+            "gemm-blocked": dict(decode_max_rows=0, gemm_variant="blocked"),
+            "decode": dict(decode_max_rows=1 << 30, decode_splits=1),
             "decode-split": dict(decode_max_rows=1 << 30, decode_splits=3, decode_block_n=16)}
 
 
@@ -96,6 +99,40 @@ def test_variants_agree_bf16(variant, n):
     y64 = ref.hypercomplex_linear(x.double(), [w.double() for w in ws], b.double())
     want = OPS[n](x, *ws, bias=b, backend="triton", decode_max_rows=0)
     assert_close(f"{variant} n={n}", y, y64, want)
+
+
+# (rows, O, I) for the blocked GEMM: I a multiple of the K tile (16 under the interpreter: the
+# unmasked loop alone, then with a remainder step), I below one tile (the remainder alone), one row
+BLOCKED_SHAPES = [(33, 16, 32), (20, 9, 48), (17, 24, 40), (5, 7, 3), (1, 16, 16)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n", [4, 8])
+def test_blocked_gemm_equals_stepwise(n, dtype, shape, bias):
+    """The blocked GEMM variant against the reference and against the stepwise kernel: the same
+    products summed in the same order (the sign moved from the x tile to the accumulator is an
+    exact negation), so the two agree exactly under the interpreter (float32 tiles, upcast dots)."""
+    need("triton")
+    x, ws, b = _inputs(n, *shape, dtype, bias=bias)
+    y = OPS[n](x, *ws, bias=b, backend="triton", **VARIANTS["gemm-blocked"])
+    y64 = ref.hypercomplex_linear(x.double(), [w.double() for w in ws], None if b is None else b.double())
+    step = OPS[n](x, *ws, bias=b, backend="triton", **VARIANTS["gemm"])
+    assert_close(f"blocked n={n}", y, y64, step)
+    if DEVICE.type == "cpu":
+        assert torch.equal(y, step), "blocked and stepwise differ under the interpreter"
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_blocked_gemm_strided_weights(n):
+    """Components that are strided views (K stride 5, not 1) and an x with a row stride past its
+    width: the blocked kernel's pointer increments follow the strides."""
+    need("triton")
+    x = torch.randn(21, n * 24 + 7, device=DEVICE)[:, 3:3 + n * 24]
+    wt = torch.randn(n, 24, 11, device=DEVICE).transpose(1, 2)  # [n, 11, 24] with strides (264, 1, 11)
+    _check_against_reference(n, x, list(wt.unbind(0)), torch.randn(n * 11, device=DEVICE), "triton",
+                             f"blocked strided n={n}", "gemm-blocked")
 
 
 def _layer_and_dense(n, fin, fout, backend):
@@ -254,7 +291,8 @@ def test_bad_input(n):
     need("triton")
     with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16 or float32"):
         op(x.double(), *(w.double() for w in ws), backend="triton")
-    for knob, bad in (("decode_max_rows", -1), ("decode_splits", 1.5), ("decode_block_n", 24), ("decode_block_n", 8)):
+    for knob, bad in (("decode_max_rows", -1), ("decode_splits", 1.5), ("decode_block_n", 24), ("decode_block_n", 8),
+                      ("gemm_variant", "fast"), ("gemm_variant", 1)):
         with pytest.raises(ValueError, match=f"{f}: {knob} must be"):
             op(x, *ws, backend="triton", **{knob: bad})
 

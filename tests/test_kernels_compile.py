@@ -1,5 +1,5 @@
 """Every Triton entry kernel of the hypercomplex-attention and LIoR families, the hypercomplex
-linear decode kernel, the ultrametric
+linear decode kernel and blocked GEMM kernel, the ultrametric
 signature and top-1 kernels (and the ultrametric scan and read kernels and the LIoR kernels with
 float64 scalars, as torch.compile passes them) compiles to sm_90
 machine code, on any machine (no GPU needed: Triton's bundled ptxas runs on the CPU).
@@ -375,4 +375,52 @@ def test_hypercomplex_linear_decode_kernel_compiles_for_sm90():
     compile_ok(hl.hypercomplex_linear_split_sum_kernel, {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "c_ptr": "*bf16",
                                                          "total": "i32", "cols": "i32", "splits": "i32"},
                dict(HAS_BIAS=True, BLOCK=1024))
+    """, timeout=400)
+
+
+def test_hypercomplex_linear_blocked_gemm_compiles_for_sm90():
+    """The blocked large-M forward (hypercomplex_linear_fwd_blocked_kernel: a K loop per component
+    block, unrolled N times, each with its own software pipeline) for both algebras, bfloat16
+    and float32 ("ieee" dots), bias or not: the largest tiles (128 x 256, 8 warps, 3 stages:
+    the most shared memory) and one small-tile config (16 rows) as a contiguous launch
+    specialises it (unit K strides, 16-divisible pointers and sizes), and once with any strides.
+    Specialised, every inner loop must be pipelined (cp.async), the bfloat16 dots of tiles of
+    at least 64 rows wgmma (both operands from shared memory: no sign applied to either), and
+    the N loops' buffers must fit the H100's 227 KiB of shared memory (the compiler does not
+    check that without a device; the launch would fail). Every autotune config took almost
+    10 minutes on this CPU (too slow for this module); these take about 25 s."""
+    run_isolated(_PRELUDE + """
+    import re
+    from geokern.kernels import hypercomplex_linear as hl
+    from geokern.reference.hypercomplex import left_mul_blocks
+
+    kernel = hl.hypercomplex_linear_fwd_blocked_kernel
+    assert kernel.configs
+    ints = {name: "i32" for name in ("M", "KB", "NB", "sam", "sak", "swk", "swn")}
+    big = max(kernel.configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"] * c.num_stages)
+    small = min(kernel.configs, key=lambda c: c.kwargs["BM"])
+    # (dtype, n, bias, configs, any strides too)
+    for dt, n, bias, cfgs, any_strides in (("bf16", 4, True, (big, small), False), ("bf16", 8, False, (big,), True),
+                                           ("fp32", 4, True, (small,), False)):
+        t = f"*{dt}"
+        sig = {"a_ptr": t, **{f"w{c}": t for c in range(8)}, "bias_ptr": t, "c_ptr": t, **ints}
+        meta = dict(NEG=hl.neg_mask(left_mul_blocks(n)[1]), N=n, HAS_BIAS=bias,
+                    PRECISION="ieee" if dt == "fp32" else "tf32")
+        for cfg in cfgs:
+            if any_strides:  # a strided x or weights: compiles, not necessarily pipelined
+                compile_ok(kernel.fn, sig, {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+            cons = {**meta, **cfg.kwargs, "sak": 1, "swk": 1}
+            full = {name: "constexpr" if name in cons else sig[name] for name in kernel.arg_names}
+            attrs = {(k,): [["tt.divisibility", 16]] for k, name in enumerate(kernel.arg_names)
+                     if full[name].startswith("*") or name in ("KB", "NB", "sam", "swn")}
+            out = triton.compile(ASTSource(fn=kernel.fn, signature=full, constexprs=cons, attrs=attrs),
+                                 target=TARGET, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            ptx, tag = out.asm["ptx"], (dt, n, str(cfg))
+            assert "cp.async" in ptx, (tag, "the blocked kernel's K loops are not pipelined")
+            if dt == "bf16" and cfg.kwargs["BM"] >= 64:
+                assert "wgmma" in ptx, (tag, "no wgmma: the blocked kernel's dots fell back to mma.sync")
+                # A from shared memory: a descriptor after the accumulator list, not a second
+                # register list (the stepwise kernel's sign-flipped x tile is the latter)
+                assert not re.search(r"wgmma\\.mma_async[^;]*\\}\\s*,\\s*\\{", ptx), (tag, "A operand in registers")
+            assert out.metadata.shared <= 232448, (tag, out.metadata.shared, "more shared memory than an H100 has")
     """, timeout=400)

@@ -17,7 +17,10 @@ is against. Our rows: "triton" is the op with its defaults (the decode kernel up
 decode_max_rows rows); "triton gemm kernel[graph]" and "triton decode kernel[graph]" force one
 kernel each (the GEMM kernel: one program per output block and column tile, every weight
 element read n times; the decode kernel: one program per column tile of all n blocks, each
-read once), so one run times both beside nn.Linear. Issue #19's targets: 4096 rows forward <= 1.11x cuBLAS, forward + backward
+read once), so one run times both beside nn.Linear. At the training size the forward also
+has "triton gemm stepwise kernel" and "triton gemm blocked kernel" (the op's gemm_variant
+forced: a K loop over all blocks with the sign on the x tile, or a K loop per block with the
+sign on the accumulator), beside cuBLAS F.linear on the expanded W. Issue #19's targets: 4096 rows forward <= 1.11x cuBLAS, forward + backward
 <= 1.11x the three GEMMs; decode in a graph >= 2.5x nn.Linear (octonion >= 4x).
 """
 
@@ -58,6 +61,16 @@ def _ours(x, w, b, dense, dy):
 def _ours_gemm(x, w, b, dense, dy):
     """The GEMM kernel whatever the rows (one program per output block and column tile)."""
     return ops._linear(x, list(w.unbind(0)), b, "triton", decode_max_rows=0)
+
+
+def _ours_gemm_stepwise(x, w, b, dense, dy):
+    """The GEMM kernel, stepwise variant (one K loop over all blocks, the sign on the x tile)."""
+    return ops._linear(x, list(w.unbind(0)), b, "triton", decode_max_rows=0, gemm_variant="stepwise")
+
+
+def _ours_gemm_blocked(x, w, b, dense, dy):
+    """The GEMM kernel, blocked variant (a K loop per block, the sign on the accumulator)."""
+    return ops._linear(x, list(w.unbind(0)), b, "triton", decode_max_rows=0, gemm_variant="blocked")
 
 
 def _ours_decode(x, w, b, dense, dy):
@@ -110,6 +123,9 @@ def _train_case(n, direction):
     M, fin, fout = TRAIN
     fb = direction == "fwd+bwd"
     impls = {"triton": _ours_fwd_bwd if fb else _ours} if _triton_ok() else {}
+    if impls and not fb:  # the two GEMM variants side by side (gemm_variant; "triton" is the default's)
+        impls.update({"triton gemm stepwise kernel": _ours_gemm_stepwise,
+                      "triton gemm blocked kernel": _ours_gemm_blocked})
     peers = ({"cuBLAS three GEMMs (expanded W)": _three_gemms, "expand-then-matmul layer": _expand_layer_fwd_bwd} if fb
              else {"cuBLAS F.linear (expanded W)": _dense, "expand-then-matmul layer": _expand_layer})
     return Case(

@@ -33,7 +33,9 @@ float32 accumulation whose weight tiles are read from the component matrices wit
 forward and dx, and one that reduces dW straight into the n component matrices; the
 forward of at most decode_max_rows rows (64 by default, not yet timed) runs a decode kernel
 instead, one program per column tile of all n output blocks, which reads each weight element
-once instead of n times (the backward keeps the GEMM kernels); the
+once instead of n times (the backward keeps the GEMM kernels); more rows run the GEMM kernel
+in variant gemm_variant ("stepwise", the default, or "blocked": a K loop per component block
+with the sign on the accumulator, not yet timed; dx always runs "stepwise"); the
 n x n expanded weight never exists. float16 / bfloat16 / float32 (tf32 as nn.Linear
 uses it: when torch.get_float32_matmul_precision() is not "highest"); float64 runs on the
 reference (backend="torch"). The CUDA backend of these ops is not built yet: asking for it
@@ -294,13 +296,13 @@ def _shared_strides(weights):
 
 def _linear_triton(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
                    decode_max_rows: int = tkl.DECODE_MAX_ROWS, decode_block_n: int = 0,
-                   decode_splits: int = 0) -> torch.Tensor:
+                   decode_splits: int = 0, gemm_variant: str = tkl.GEMM_VARIANT) -> torch.Tensor:
     n = len(weights)
     out = x.new_empty((x.shape[0], n * weights[0].shape[0]))
     _, sign = ref.left_mul_blocks(n)
     return tkl.hypercomplex_linear_fwd(x, _shared_strides(weights), None if bias is None else bias.contiguous(),
                                       out, sign, _matmul_precision(x.dtype), decode_max_rows, decode_block_n,
-                                      decode_splits)
+                                      decode_splits, gemm_variant)
 
 
 def _linear_backward_triton(
@@ -333,7 +335,7 @@ _LINEAR_KERNELS = {
 @bound_once
 class HypercomplexLinearFunction(torch.autograd.Function):
     """y = x @ expand(W)^T + bias on the Triton kernels; x is 2-D [M, n I]; knobs: the forward's
-    (decode_max_rows, decode_block_n, decode_splits)."""
+    (decode_max_rows, decode_block_n, decode_splits, gemm_variant)."""
 
     @staticmethod
     def forward(x, bias, knobs, *weights):
@@ -396,7 +398,10 @@ def _linear_check(op, n, x, weights, bias):
         raise ValueError(f"{op}: bias must have shape ({n * O},) = ({n} * {names[0]}.shape[0],), got {tuple(bias.shape)}")
 
 
-def _check_decode_knobs(op, max_rows, block_n, splits):
+def _check_decode_knobs(op, max_rows, block_n, splits, gemm_variant=tkl.GEMM_VARIANT):
+    if not isinstance(gemm_variant, str) or gemm_variant not in tkl.GEMM_VARIANTS:
+        raise ValueError(f"{op}: gemm_variant must be one of {', '.join(map(repr, tkl.GEMM_VARIANTS))}, "
+                         f"got {gemm_variant!r}")
     for name, v in (("decode_max_rows", max_rows), ("decode_splits", splits)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{op}: {name} must be an int >= 0 (0: {'never the decode kernel' if name == 'decode_max_rows' else 'the plan picks'}), got {v!r}")
@@ -404,7 +409,8 @@ def _check_decode_knobs(op, max_rows, block_n, splits):
         raise ValueError(f"{op}: decode_block_n must be 0 (the plan picks) or a power of two >= 16, got {block_n!r}")
 
 
-def _linear(x, weights, bias, backend, decode_max_rows=tkl.DECODE_MAX_ROWS, decode_block_n=0, decode_splits=0):
+def _linear(x, weights, bias, backend, decode_max_rows=tkl.DECODE_MAX_ROWS, decode_block_n=0, decode_splits=0,
+            gemm_variant=tkl.GEMM_VARIANT):
     n = len(weights)
     op = _LINEAR_NAMES[n]
     _linear_check(op, n, x, weights, bias)
@@ -422,16 +428,16 @@ def _linear(x, weights, bias, backend, decode_max_rows=tkl.DECODE_MAX_ROWS, deco
                             "(backend='torch' runs float64)")
     if be == "torch":
         return ref.hypercomplex_linear(x, weights, bias)
-    _check_decode_knobs(op, decode_max_rows, decode_block_n, decode_splits)
+    _check_decode_knobs(op, decode_max_rows, decode_block_n, decode_splits, gemm_variant)
     lead = x.shape[:-1]
-    knobs = (decode_max_rows, decode_block_n, decode_splits)
+    knobs = (decode_max_rows, decode_block_n, decode_splits, gemm_variant)
     y = HypercomplexLinearFunction.apply(x.reshape(lead.numel(), x.shape[-1]), bias, knobs, *weights)  # in may be 0
     return y.reshape(*lead, y.shape[-1])
 
 
 def quaternion_linear(x, Wr, Wi, Wj, Wk, bias=None, *, backend: str | None = None,
                       decode_max_rows: int = tkl.DECODE_MAX_ROWS, decode_block_n: int = 0,
-                      decode_splits: int = 0) -> torch.Tensor:
+                      decode_splits: int = 0, gemm_variant: str = tkl.GEMM_VARIANT) -> torch.Tensor:
     """Quaternion linear layer: x [..., in] -> [..., out], components [out/4, in/4] each
     (nn.Linear orientation), features in blocks [r | i | j | k]; equals
     F.linear(x, [[Wr, -Wi, -Wj, -Wk], [Wi, Wr, -Wk, Wj], [Wj, Wk, Wr, -Wi], [Wk, -Wj, Wi, Wr]], bias).
@@ -439,15 +445,20 @@ def quaternion_linear(x, Wr, Wi, Wj, Wk, bias=None, *, backend: str | None = Non
     Triton forward knobs: at most decode_max_rows rows (of x flattened to 2-D) run the decode
     kernel, which reads each weight element once (0: always the GEMM kernel); decode_block_n
     and decode_splits are its column tile and K-slice count (0: its plan's choice; see
-    geokern.kernels.hypercomplex_linear.decode_plan). The result is the same up to rounding."""
-    return _linear(x, [Wr, Wi, Wj, Wk], bias, backend, decode_max_rows, decode_block_n, decode_splits)
+    geokern.kernels.hypercomplex_linear.decode_plan). More rows run the GEMM kernel in variant
+    gemm_variant: "stepwise" (the default until timed: one K loop over all blocks, each x tile
+    sign-flipped in registers) or "blocked" (a K loop per block, the sign on the accumulator).
+    The result is the same up to rounding (the two GEMM variants: the same sums, bit for bit
+    under the interpreter)."""
+    return _linear(x, [Wr, Wi, Wj, Wk], bias, backend, decode_max_rows, decode_block_n, decode_splits,
+                   gemm_variant)
 
 
 def octonion_linear(x, W0, W1, W2, W3, W4, W5, W6, W7, bias=None, *, backend: str | None = None,
                     decode_max_rows: int = tkl.DECODE_MAX_ROWS, decode_block_n: int = 0,
-                    decode_splits: int = 0) -> torch.Tensor:
+                    decode_splits: int = 0, gemm_variant: str = tkl.GEMM_VARIANT) -> torch.Tensor:
     """Octonion linear layer: as quaternion_linear with eight components [out/8, in/8] and
     the Cayley-Dickson table (geokern.reference.hypercomplex.left_mul_blocks(8)); the same
     Triton forward knobs."""
     return _linear(x, [W0, W1, W2, W3, W4, W5, W6, W7], bias, backend, decode_max_rows, decode_block_n,
-                   decode_splits)
+                   decode_splits, gemm_variant)
