@@ -348,9 +348,11 @@ def hypercomplex_linear_split_sum_kernel(ws_ptr, bias_ptr, c_ptr, total, cols, s
     tl.store(c_ptr + i, narrow(acc, c_ptr.dtype.element_ty), mask=ok)
 
 
+@functools.lru_cache(None)
 def neg_mask(sign, transpose=False):
-    """NEG of a sign table (sign[p][b] = +-1): bit p * n + b set where the block is negated;
-    transpose=True for the transposed block matrix (dx), bit b * n + p."""
+    """NEG of a sign table (sign[p][b] = +-1, tuples: left_mul_blocks's): bit p * n + b set where
+    the block is negated; transpose=True for the transposed block matrix (dx), bit b * n + p.
+    Cached: every forward and backward call asks for it (an n^2 Python loop otherwise)."""
     n = len(sign)
     bits = 0
     for p in range(n):

@@ -275,15 +275,8 @@ def lior_recurrence_bwd_kernel(g_ptr, x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, dx_p
         c0 = (tl.arange(0, BD) == 0)[None, :] & (tt < CH)  # the tile's first column: j in, dj out
         nch = tl.cdiv(T, CH)
         # the first chunk walked: the last in time
-        tn = (nch - 1) * CH + tt
-        okn = cok & (tn < T) & (tn >= 0)  # T = 0: no chunk, nothing loaded
-        offn = tn.to(tl.int64) * row_stride + col
-        gn = tl.load(g_ptr + offn, mask=okn, other=0.0)
-        if HAS_J:
-            xn = tl.load(x_ptr + offn, mask=okn, other=0.0)
-            mpn = tl.load(out_ptr + offn - row_stride, mask=okn & (tn >= 1), other=0.0)
-            xon = tl.load(x_ptr + offn - P * row_stride, mask=okn & (tn >= P), other=0.0)
-            jn = tl.load(j_ptr + tn.to(tl.int64) * B + b + 0 * col, mask=c0 & (tn < T) & (tn >= 0), other=0.0)
+        gn, xn, mpn, xon, jn = _bwd_chunk_loads(g_ptr, x_ptr, out_ptr, j_ptr, (nch - 1) * CH + tt, cok, c0, col,
+                                                row_stride, T, B, b, P, HAS_J)
         for cc in range(0, nch):
             t0 = (nch - 1 - cc) * CH
             gc = gn.to(acc)
@@ -300,15 +293,9 @@ def lior_recurrence_bwd_kernel(g_ptr, x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, dx_p
                     xoc += tl.load(h_ptr + tc.to(tl.int64) * row_stride + col, mask=okc & (tc < P),
                                    other=0.0).to(acc)
                 djc = tl.sum(tl.zeros([CP, BD], acc), 1)
-            tn = t0 - CH + tt  # the chunk before in time (none before t0 = 0: masked)
-            okn = cok & (tn >= 0)
-            offn = tn.to(tl.int64) * row_stride + col
-            gn = tl.load(g_ptr + offn, mask=okn, other=0.0)
-            if HAS_J:
-                xn = tl.load(x_ptr + offn, mask=okn, other=0.0)
-                mpn = tl.load(out_ptr + offn - row_stride, mask=okn & (tn >= 1), other=0.0)
-                xon = tl.load(x_ptr + offn - P * row_stride, mask=okn & (tn >= P), other=0.0)
-                jn = tl.load(j_ptr + tn.to(tl.int64) * B + b + 0 * col, mask=c0 & (tn >= 0), other=0.0)
+            # the chunk before in time (none before t0 = 0: masked)
+            gn, xn, mpn, xon, jn = _bwd_chunk_loads(g_ptr, x_ptr, out_ptr, j_ptr, t0 - CH + tt, cok, c0, col,
+                                                    row_stride, T, B, b, P, HAS_J)
             for k in tl.static_range(CH):
                 i = CH - 1 - k
                 t = t0 + i
@@ -336,6 +323,25 @@ def lior_recurrence_bwd_kernel(g_ptr, x_ptr, j_ptr, m0_ptr, h_ptr, out_ptr, dx_p
     tl.store(dm0_ptr + b * D + d, narrow(a_next * lam, dm0_ptr.dtype.element_ty), mask=dok)
     tl.store(dh_ptr + rows * row_stride + b * D + d[None, :], narrow(-ring, dh_ptr.dtype.element_ty),
              mask=(rows < P) & dok[None, :])
+
+
+@triton.jit
+def _bwd_chunk_loads(g_ptr, x_ptr, out_ptr, j_ptr, tn, cok, c0, col, row_stride, T, B, b, P: tl.constexpr,
+                     HAS_J: tl.constexpr):
+    """The chunked backward's tiles of the time steps tn [CP, 1], as loaded (x's dtype): g, and
+    with a gate x, m_{t-1}, x_{t-P} and j (j in the tile's first column c0 only; without a gate
+    the last four are g again, unused). Steps outside [0, T) load zeros (T = 0: nothing)."""
+    okn = cok & (tn < T) & (tn >= 0)
+    offn = tn.to(tl.int64) * row_stride + col
+    gn = tl.load(g_ptr + offn, mask=okn, other=0.0)
+    if HAS_J:
+        xn = tl.load(x_ptr + offn, mask=okn, other=0.0)
+        mpn = tl.load(out_ptr + offn - row_stride, mask=okn & (tn >= 1), other=0.0)
+        xon = tl.load(x_ptr + offn - P * row_stride, mask=okn & (tn >= P), other=0.0)
+        jn = tl.load(j_ptr + tn.to(tl.int64) * B + b + 0 * col, mask=c0 & (tn < T) & (tn >= 0), other=0.0)
+    else:
+        xn, mpn, xon, jn = gn, gn, gn, gn
+    return gn, xn, mpn, xon, jn
 
 
 # the backward restricted to the step loop (its old configs): the benchmark's "triton step loop" row
