@@ -86,8 +86,10 @@ parallel() {  # parallel NAME SELECT... -- CMD...: CMD + one shard's test ids in
   for f in "$OUT/$name".[0-9]*.log; do cat "$f"; rm -f "$f"; done
   return $rc
 }
-# --durations: what the suite's time on the GPU goes to (3175 tests no longer end within one 600 s device call)
-want tests && step tests parallel tests -m "not huge" $K -- env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider --durations=15
+# --durations: what the suite's time on the GPU goes to (3175 tests no longer end within one 600 s device call);
+# -v: one line per test, so a process cut by a time limit still says which test it was in (with -q a
+# cut process left dots only, and the test that held it could not be named)
+want tests && step tests parallel tests -m "not huge" $K -- env GEOKERN_AUTOTUNE=0 $PY -m pytest -v -p no:cacheprovider --durations=15
 # tensors past 2**31 elements: one process at a time (each test takes much of the GPU's memory)
 want huge && step huge env GEOKERN_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m huge $K tests
 # memcheck over every kernel test, CUDA and Triton (not the compile tests: inductor's own kernels

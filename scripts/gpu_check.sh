@@ -55,6 +55,9 @@ memcheck() {  # compute-sanitizer memcheck over the kernel tests (MEMCHECK: whic
   return $r
 }
 logs() { grep -hsE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$@" | cut -c1-240 | tail -40; }
+cut_at() {  # the test each process cut by LIMIT was in (its -v log's last line: the id, no result yet)
+  for f in "$@"; do [ -f "$f" ] && ! tail -3 "$f" | grep -qE " in [0-9.]+s" && echo "cut: $(basename "$f") in $(tail -1 "$f" | cut -c1-200)"; done
+}
 if [[ "$STAGES" == *" suite "* ]]; then
   JOBS=${JOBS:-8} STEPS="tests" BENCH=0 timeout "${LIMIT:-480}" bash scripts/gpu.sh "$OUT/tests" >/dev/null 2>&1 &
   tp=$!
@@ -66,6 +69,7 @@ if [[ "$STAGES" == *" suite "* ]]; then
   echo "tests exit $trc, sanitizer exit $src, $((SECONDS - t0)) s"
   # (a process cut by LIMIT leaves its shard log, not gpu.log's copy of it: both are read)
   logs "$OUT"/tests/gpu.log "$OUT"/tests/tests.[0-9]*.log "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log
+  cut_at "$OUT"/tests/tests.[0-9]*.log
 elif [[ "$STAGES" == *" memcheck "* ]]; then
   # memcheck alone (the suite ran in an earlier call): PART=i/n splits it as it splits the suite
   memcheck; echo "sanitizer exit $?, $((SECONDS - t0)) s"
