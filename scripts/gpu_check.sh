@@ -11,7 +11,12 @@
 #   compare     the headline rows beside older trees (.base, .pre where present; scripts/compare.sh,
 #               REPEATS times, default 3), alone on the GPU
 #   overhead    what a call costs (#16): the overhead benchmark family and scripts/profile_calls.py
-#               (autotuning on, as users run it), in OUT/overhead
+#               (autotuning on, as users run it), in OUT/overhead. Both write their JSON after every
+#               call/dtype pair and stop starting pairs at --budget (their limit less a margin for the
+#               import, the last pair and the table). Estimated ~130 s + ~80 s on the H100 (d29c939, all
+#               46 pairs: ~6 s a pair, mostly compiling and autotuning, and the profile ~0.9 s each of 184
+#               profiles; both limits were hit, ~465 s needed): the family's kernels are compiled by
+#               OVERHEAD_JOBS processes at once first, the profile skips the second dtype's floors.
 #   new         the newest families' tests and benchmarks (FAMILIES, default: ultrametric
 #               hypercomplex_linear hypercomplex_attention lior contrastive, ultrametric_retrieval; OUT/new;
 #               NEW_TESTS=0 skips the tests when the suite stage ran them; BENCH_MATCH: only the cases
@@ -88,8 +93,10 @@ if [[ "$STAGES" == *" compare "* ]]; then
 fi
 if [[ "$STAGES" == *" overhead "* ]]; then
   unset GEOKERN_AUTOTUNE
-  timeout "${OVERHEAD_LIMIT:-300}" python3 -m geokern.bench --family overhead --out "$OUT/overhead" 2>&1 | tail -40
-  timeout "${PROFILE_LIMIT:-200}" python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" 2>&1 | tail -20
+  ol=${OVERHEAD_LIMIT:-200} pl=${PROFILE_LIMIT:-110}
+  timeout "$ol" python3 -m geokern.bench --family overhead --out "$OUT/overhead" --budget $((ol - 40)) \
+    --jobs "${OVERHEAD_JOBS:-8}" 2>&1 | grep -vE '^  .* fwd (floor|cuda|triton)$' | sed -n 1,80p  # the table's first rows (#16's decode shape, one per family); sed reads on: no SIGPIPE
+  timeout "$pl" python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" --budget $((pl - 25)) 2>&1 | tail -3
   echo "overhead done, $((SECONDS - t0)) s"
 fi
 if [[ "$STAGES" == *" new "* ]]; then

@@ -86,16 +86,24 @@ def test_the_floor_is_an_empty_op_through_a_function():
     assert torch.ops.geokern_bench.noop.default([x]).shape == (1,)
 
 
-def test_measure_plumbing_with_a_fake_graph(monkeypatch):
-    """measure's rows on CPU: the reference backend, the graph's time replaced by a constant."""
-    call = overhead.Call("quaternion_mul", "2x4", lambda dt: (torch.randn(2, 4, dtype=dt), torch.randn(2, 4, dtype=dt)),
-                         lambda be, a, b: geokern.quaternion_mul(a, b, backend=be))
-    monkeypatch.setattr(overhead, "CALLS", [call])
+def _cpu_family(monkeypatch, calls):
+    """measure on CPU: the given calls, fp32 only, the graph's time a constant."""
+    monkeypatch.setattr(overhead, "CALLS", calls)
     monkeypatch.setattr(overhead, "DTYPES", {"fp32": torch.float32})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(overhead, "_graph_time", lambda fn, inputs, n, repeats: 1e-6)
+
+
+def _cpu_call(op, shape):
+    return overhead.Call(op, shape, lambda dt: (torch.randn(2, 4, dtype=dt), torch.randn(2, 4, dtype=dt)),
+                         lambda be, a, b: geokern.quaternion_mul(a, b, backend=be))
+
+
+def test_measure_plumbing_with_a_fake_graph(monkeypatch):
+    """measure's rows on CPU: the reference backend, the graph's time replaced by a constant."""
+    _cpu_family(monkeypatch, [_cpu_call("quaternion_mul", "2x4")])
     rows = overhead.measure(n=5, repeats=1, backends=("torch", "cuda"), progress=lambda s: None)
     floor, torch_row, bad = rows
     assert floor["backend"] == "floor" and floor["error"] is None and floor["floor_us"] > 0 < floor["floor_aten_us"]
@@ -108,6 +116,84 @@ def test_measure_plumbing_with_a_fake_graph(monkeypatch):
     text = io.StringIO()
     overhead.print_table(rows, file=text)
     assert "quaternion_mul" in text.getvalue() and "[" in text.getvalue()
+
+
+def test_plan_puts_the_decode_shape_then_one_pair_per_module_first():
+    pairs = overhead.plan()
+    labels = [c.label(d) for c, d in pairs]
+    assert len(labels) == len(set(labels)) == len(overhead.CALLS) * len(overhead.DTYPES)
+    assert all(c.shape.startswith("decode-") for c, _ in pairs[:len(overhead.DTYPES)])
+    modules = {overhead._module(c) for c in overhead.CALLS}
+    head = pairs[:len(overhead.DTYPES) + len(modules)]
+    assert {overhead._module(c) for c, _ in head} == modules
+    assert [c.label(d) for c, d in overhead.plan("quaternion_mul")] == ["quaternion_mul 4x4 fp32 fwd", "quaternion_mul 4x4 bf16 fwd"]
+
+
+def test_a_measure_cut_midway_leaves_a_partial_json(monkeypatch, tmp_path):
+    """The runner's checkpoint after every pair: a call that dies in the second pair (as a time
+    limit's kill would) leaves the first pair's rows on disk, marked partial."""
+    import json
+
+    from geokern.bench import runner
+
+    def dies(be, a, b):
+        raise KeyboardInterrupt  # not an Exception: measure does not catch it into the row
+
+    _cpu_family(monkeypatch, [_cpu_call("quaternion_mul", "2x4"), overhead.Call("quaternion_conj", "2x4", _cpu_call("", "").make, dies)])
+    header = {"device": "cpu"}
+    with pytest.raises(KeyboardInterrupt):
+        overhead.measure(n=3, repeats=1, backends=("torch",), progress=lambda s: None,
+                         checkpoint=lambda rows: runner._save(str(tmp_path), "overhead", header, rows, partial=True))
+    saved = json.loads((tmp_path / "overhead.json").read_text())
+    assert saved["partial"] is True and saved["device"] == "cpu"
+    assert [(r["op"], r["backend"]) for r in saved["rows"]] == [("quaternion_mul", "floor"), ("quaternion_mul", "torch")]
+    assert saved["rows"][1]["eager_us"] > 0
+    overhead.print_table(saved["rows"], file=io.StringIO())
+
+
+def test_measure_stops_starting_pairs_when_told(monkeypatch):
+    _cpu_family(monkeypatch, [_cpu_call("quaternion_mul", "2x4"), _cpu_call("quaternion_conj", "2x4")])
+    said, saved = [], []
+    stops = iter([False, True])
+    rows = overhead.measure(n=3, repeats=1, backends=("torch",), progress=said.append,
+                            checkpoint=lambda rows: saved.append(len(rows)), stop=lambda: next(stops))
+    assert [r["op"] for r in rows] == ["quaternion_mul"] * 2 and saved == [2]
+    assert said[-1].startswith("budget spent: 1 of 2") and "quaternion_conj 2x4 fp32 fwd" in said[-1]
+
+
+def test_the_runner_s_budget_marks_the_family_partial(monkeypatch, tmp_path):
+    """--budget 0: no pair starts, and the JSON says the family did not finish."""
+    import json
+
+    from geokern.bench import runner
+
+    _cpu_family(monkeypatch, [_cpu_call("quaternion_mul", "2x4")])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "cpu")
+    assert runner.main(["--family", "overhead", "--out", str(tmp_path), "--budget", "0"]) == 0
+    saved = json.loads((tmp_path / "overhead.json").read_text())
+    assert saved["partial"] is True and saved["rows"] == [] and saved["ceilings"] is None
+
+
+def test_warm_workers_share_the_plan(monkeypatch):
+    seen = []
+    monkeypatch.setattr(overhead, "_warm", lambda pairs, backends: seen.append([c.label(d) for c, d in pairs]))
+    everything = [c.label(d) for c, d in overhead.plan()]
+    for i in range(3):
+        overhead._warm_worker(i, 3, None, ["cuda"])
+    assert sorted(sum(seen, [])) == sorted(everything) and all(seen)
+
+
+def test_precompile_processes_reach_the_warm_up(capfd):
+    """One compile process on a CPU-only machine: it gets as far as the first input's copy to the
+    GPU (an import or argument error would fail before), and its failure is reported, not raised."""
+    said = []
+    pairs = overhead.plan(r"^quaternion_mul 4x4 fp32 fwd$")
+    overhead.precompile(pairs, 4, ("torch",), progress=said.append, timeout=120)
+    if torch.cuda.is_available():
+        assert said[-1].startswith("precompiled 1 pairs in 1 processes (0 failed)"), said
+    else:
+        assert said[-1].startswith("precompiled 1 pairs in 1 processes (1 failed)"), said
+        assert "CUDA" in said[0] or "NVIDIA" in said[0], said[0]
 
 
 @gpu

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -160,7 +161,12 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>/)")
     p.add_argument("--commit", help="the commit to record in the result files (default: git rev-parse HEAD)")
     p.add_argument("--match", help="only the cases whose 'op shape dtype direction' matches this regular expression")
+    p.add_argument("--budget", type=float, help="seconds from the start after which no further case starts (the rows "
+                   "so far are written, marked partial): set it under an outer time limit to keep the table")
+    p.add_argument("--jobs", type=int, default=0, help="a family that times its own way (overhead): processes that "
+                   "compile its Triton kernels at once before it times anything (default 0: none)")
     args = p.parse_args(argv)
+    start = time.monotonic()
     if not torch.cuda.is_available():
         print("geokern.bench times GPU kernels and needs a CUDA device; none is visible here.")
         return 0
@@ -170,9 +176,12 @@ def main(argv=None):
 
     out = args.out or os.path.join("benchmarks", "results", _device_slug())
     os.makedirs(out, exist_ok=True)
-    print("measuring ceilings ...", flush=True)
-    ceils = ceilings.measure(do_bench)
-    print(", ".join(f"{k} = {v:.2f}" for k, v in ceils.items()), flush=True)
+    fams = args.family or registry.families()
+    ceils = None  # a run of own-timing families only (overhead) compares nothing with the ceilings
+    if not all(registry.own_timing(f) for f in fams):
+        print("measuring ceilings ...", flush=True)
+        ceils = ceilings.measure(do_bench)
+        print(", ".join(f"{k} = {v:.2f}" for k, v in ceils.items()), flush=True)
     info = geokern.info()
     header = {
         "device": torch.cuda.get_device_name(0),
@@ -186,15 +195,23 @@ def main(argv=None):
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    for fam in args.family or registry.families():
+    spent = []  # set once --budget stopped a case from starting
+
+    def stop():
+        if args.budget is not None and time.monotonic() - start > args.budget:
+            spent.append(True)
+        return bool(spent)
+
+    for fam in fams:
         own = registry.own_timing(fam)
+        checkpoint = lambda so_far, fam=fam: _save(out, fam, header, so_far, partial=True)  # noqa: E731
         if own:  # host wall clock, not do_bench (geokern/bench/overhead.py says why)
-            rows = own.measure(args.match, lambda s: print("  " + s, file=sys.stderr, flush=True))
+            rows = own.measure(args.match, lambda s: print("  " + s, file=sys.stderr, flush=True),
+                               checkpoint=checkpoint, stop=stop, jobs=args.jobs)
         else:
-            rows = _run_cases(fam, args.match, ceils, do_bench, tqdm,
-                              lambda so_far: _save(out, fam, header, so_far, partial=True))
+            rows = _run_cases(fam, args.match, ceils, do_bench, tqdm, checkpoint, stop)
             plot(fam, rows, os.path.join(out, f"{fam}.png"))
-        _save(out, fam, header, rows)
+        _save(out, fam, header, rows, partial=bool(spent))
         print(f"\n== {fam} ({header['device']}, torch {header['torch']}, triton {header['triton']}) ==")
         (own.print_table if own else print_table)(rows)
     return 0
@@ -207,12 +224,15 @@ def _save(out, fam, header, rows, partial=False):
         json.dump({**header, **({"partial": True} if partial else {}), "rows": rows}, f, indent=1)
 
 
-def _run_cases(fam, match, ceils, do_bench, tqdm, checkpoint=lambda rows: None):
+def _run_cases(fam, match, ceils, do_bench, tqdm, checkpoint=lambda rows: None, stop=lambda: False):
     cases = [c for c in registry.cases(fam)
              if not match or re.search(match, f"{c.op} {c.shape} {c.dtype} {c.direction}")]
     bar = tqdm(total=len(cases), desc=fam, file=sys.stderr) if tqdm else None
     rows = []
-    for case in cases:
+    for i, case in enumerate(cases):
+        if stop():
+            print(f"  budget spent: {len(cases) - i} of {len(cases)} {fam} cases not run", file=sys.stderr, flush=True)
+            break
         rows += run_case(case, ceils, do_bench, (bar.set_postfix_str if bar else (lambda s: print("  " + s, file=sys.stderr, flush=True))))
         checkpoint(rows)
         if bar:
