@@ -189,6 +189,37 @@ def test_hypercomplex_attention_tiles_fit_shared_memory():
     """, timeout=400)
 
 
+def test_octonion_dkdv_gemm_operands_keep_their_layout():
+    """nonfinite_dkdv's dk GEMM must not take q in dO's layout. When it zeroed q's bad rows by a
+    select with a row flag reduced from dO' ([rows, 8 BLOCK_D], a reshaped dot result), the 16-bit
+    octonion TTGIR stored q into the wgmma's swizzled buffer from a 64 x 256 linear layout whose
+    column bases lay outside q's 32 columns, and on the H100 dk of the keys hidden from a NaN
+    query row came out finite but wrong (attention_bwd._gemm_operand). No local_alloc of the
+    dkdv kernel may take a tensor in a linear layout with a basis beyond the tensor's shape."""
+    run_isolated(_LOWER + """
+    import ast, re
+
+    def bad_allocs(ttgir):
+        layouts = {}
+        for name, body in re.findall(r"^#(linear\\d*) = #ttg\\.linear<\\{(.*)\\}>$", ttgir, flags=re.M):
+            layouts[name] = [v for part in re.findall(r"\\w+ = (\\[.*?\\]\\])", body + ",")
+                             for v in ast.literal_eval(part)]
+        seen, out = 0, []
+        for shape, name in re.findall(r"ttg\\.local_alloc %\\S+ : \\(tensor<([\\dx]+)x\\w+, #(\\w+)>\\)", ttgir):
+            seen += 1
+            dims = [int(x) for x in shape.split("x")]
+            if any(c >= d for basis in layouts.get(name, []) for c, d in zip(basis, dims)):
+                out.append((shape, name))
+        return seen, out
+
+    for dt, D, Tq, Tk, H, Hk in (("bf16", 24, 20, 27, 2, 2), ("f16", 16, 20, 20, 2, 1)):
+        ttgir, _ = lower(*launch_args("dkdv", dt, 8, D, Tq, Tk, H, Hk))
+        seen, bad = bad_allocs(ttgir)
+        assert seen >= 6 and "nonfinite_dkdv" in ttgir, (dt, seen)  # the check sees the second pass
+        assert not bad, (dt, D, bad)
+    """, timeout=300)
+
+
 def test_lior_kernels_compile_for_sm90():
     """The step, the recurrence forward / backward (every autotune config once, each flag both
     ways; the forward's step loop and its chunked loop) and the action, float32 and bfloat16."""
