@@ -46,6 +46,7 @@ def test_hypercomplex_attention_kernels_compile_for_sm90():
     scalars no float64 arithmetic is left beyond the entry casts (at most 3 .f64 per scalar:
     the parameter, its load, the cast)."""
     run_isolated(_PRELUDE + """
+    import torch
     from geokern.kernels.hypercomplex_attention import (_blocks, hypercomplex_attention_bwd_dkdv_kernel as dkdv,
                                                         hypercomplex_attention_bwd_dq_kernel as dq,
                                                         hypercomplex_attention_fwd_kernel as fwd)
@@ -58,21 +59,21 @@ def test_hypercomplex_attention_kernels_compile_for_sm90():
     for dt, n, d, causal, bwd in (("fp32", 4, 64, True, True), ("bf16", 8, 16, False, True),
                                   ("bf16", 8, 64, True, False)):
         block_d = max(16, triton.next_power_of_2(d))
-        bm, bn, warps = _blocks(n, block_d)
+        bm, bn, warps, stages = _blocks(n, block_d, torch.float32 if dt == "fp32" else torch.bfloat16)
         meta = dict(CAUSAL=causal, N=n, PREC="ieee" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn,
                     BLOCK_D=block_d, VW=block_d * (1 if n == 4 else 8))
         t = f"*{dt}"
         ins = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "qn_ptr": t, "kn_ptr": t}
         for ft in ("fp64",) if bwd else ("fp32",):
             out = [(1, compile_ok(fwd, {**ins, "e_ptr": "*fp32", "y_ptr": t, "lse_ptr": "*fp32", **strides, **ints,
-                                    "qk_scale": ft}, meta, warps))]
+                                    "qk_scale": ft}, meta, warps, stages))]
             if bwd:
                 scalars = {**strides, **ints, "qk_scale": ft, "scale": ft}
                 stats = {"lse_ptr": "*fp32", "delta_ptr": "*fp32"}
                 out.append((2, compile_ok(dq, {**ins, "e_ptr": "*fp32", "et_ptr": "*fp32", "dy_ptr": t, **stats,
-                                           "dq_ptr": t, "dqn_ptr": t, **scalars}, meta, warps)))
+                                           "dq_ptr": t, "dqn_ptr": t, **scalars}, meta, warps, stages)))
                 out.append((2, compile_ok(dkdv, {**ins, "et_ptr": "*fp32", "dy_ptr": t, **stats, "dk_ptr": t,
-                                             "dkn_ptr": t, "dv_ptr": t, **scalars}, meta, warps)))
+                                             "dkn_ptr": t, "dv_ptr": t, **scalars}, meta, warps, stages)))
             for i, (nscalars, o) in enumerate(out):
                 f64 = o.asm["ptx"].count(".f64") if ft == "fp64" else 0
                 assert f64 <= 3 * nscalars, (("fwd", "dq", "dkdv")[i], dt, n, ft, f64)
@@ -86,11 +87,12 @@ def test_octonion_second_pass_is_not_pipelined():
     asynchronous copy; the main kernel's pipelined loop does (the check sees them)."""
     run_isolated(_PRELUDE + """
     import re
+    import torch
     from geokern.kernels.hypercomplex_attention import _blocks, hypercomplex_attention_fwd_kernel as fwd
 
     strides = {f"s{t}{i}": "i32" for t in "qkvab" for i in range(4)}
     ints = {name: "i32" for name in ("H", "G", "Tq", "Tk", "D", "off")}
-    bm, bn, warps = _blocks(8, 16)
+    bm, bn, warps, _ = _blocks(8, 16, torch.float32)
     meta = dict(CAUSAL=False, N=8, PREC="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=16, VW=128)
     ins = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr", "qn_ptr", "kn_ptr")}
     ptx = compile_ok(fwd, {**ins, "e_ptr": "*fp32", "y_ptr": "*fp32", "lse_ptr": "*fp32", **strides, **ints,
@@ -102,6 +104,119 @@ def test_octonion_second_pass_is_not_pipelined():
     assert len(main) == 1 and "ret;" in second, [f[:80] for f in funcs]
     assert "cp.async" in main[0], "the main kernel's key loop is no longer pipelined: the check sees nothing"
     assert "cp.async" not in second, "nonfinite_fwd's key loop is software-pipelined again"
+    """, timeout=300)
+
+
+# A kernel lowered as a launch specialises it (the binder Triton's launcher uses, fed CPU tensors:
+# 16-byte aligned pointers, ints divisible by 16 or equal to 1), only as far as LLVM IR, where Triton
+# fixes its shared memory: no ptxas, which takes minutes for these kernels on two cores. Without the
+# specialisation nothing is vectorised or pipelined and the shared memory comes out smaller.
+_LOWER = """
+    import os
+    os.environ["TRITON_INTERPRET"] = "0"  # before triton.jit decorates the kernels
+    import torch, triton
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    import geokern.kernels.hypercomplex_attention as K
+
+    BACKEND = make_backend(GPUTarget("cuda", 90, 32))
+    DTS = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+    def launch_args(which, dt, n, D, Tq=128, Tk=128, H=2, Hk=2):
+        # (kernel, args, meta) as hypercomplex_attention_fwd / _bwd launch it, causal (the superset:
+        # the non-finite second passes are compiled in)
+        q = torch.zeros(1, H, Tq, D, dtype=DTS[dt])
+        k = torch.zeros(1, Hk, Tk, D, dtype=DTS[dt])
+        meta = K._common(q, k, True, n)[-1]
+        rows, e, st = torch.zeros(1, H, Tq), torch.zeros(64, 64), K._strides(q, k, k, q, k)
+        sc = (H, H // Hk, Tq, Tk, D, Tk - Tq, 0.5, 0.5)
+        if which == "fwd":
+            return K.hypercomplex_attention_fwd_kernel, (q, k, k, q, k, e, q, rows, *st, *sc[:-1]), meta
+        if which == "dq":
+            return K.hypercomplex_attention_bwd_dq_kernel, (q, k, k, q, k, e, e, q, rows, rows, q, q, *st, *sc), meta
+        return K.hypercomplex_attention_bwd_dkdv_kernel, (q, k, k, q, k, e, q, rows, rows, k, k, k, *st, *sc), meta
+
+    def lower(kernel, args, meta):
+        # (TTGIR text, shared memory bytes)
+        bound, spec, _ = create_function_from_signature(kernel.signature, kernel.params, BACKEND)(*args, **meta)
+        options = {"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]}
+        consts = {k: v for k, v in meta.items() if k not in options}
+        _, sig, constexprs, attrs = kernel._pack_args(BACKEND, {**consts, **options}, bound, spec, options)
+        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+        opts = BACKEND.parse_options(options)
+        metadata, stages = {"hash": "0", "target": BACKEND.target, **opts.__dict__}, {}
+        BACKEND.add_stages(stages, opts, src.language)
+        ctx = ir.context()
+        ir.load_dialects(ctx)
+        BACKEND.load_dialects(ctx)
+        mod = src.make_ir(BACKEND.target, opts, BACKEND.get_codegen_implementation(opts), BACKEND.get_module_map(), ctx)
+        for ext, stage in stages.items():
+            mod = stage(mod, metadata)
+            if ext == "ttgir":
+                ttgir = str(mod)
+            if ext == "llir":
+                return ttgir, metadata["shared"]
+"""
+
+
+def test_hypercomplex_attention_tiles_fit_shared_memory():
+    """The launcher's tiles and stages (_blocks) fit the H100's 232448 bytes of shared memory:
+    the H100 refused the float32 octonion backward at D = 24 (BLOCK_D = 32, 64 x 64 tiles: 287744
+    bytes, OutOfResources at launch; D = 64 at 32 x 32: 274944, D = 128 at 16 x 16: 271616, and the
+    float32 quaternion forward and backward at D = 128: 278784, 345088). The largest cases of each
+    kernel (float32; the widest value rows) in two processes, and the 16-bit tiles the benchmarks
+    measured kept (unchanged: at most 164864 bytes, the bfloat16 quaternion backward at D = 128,
+    as read with Triton 3.6). The kernels have no autotune lists: a launch, with GEOKERN_AUTOTUNE
+    or without, takes _blocks' one config."""
+    run_isolated(_LOWER + """
+    from concurrent.futures import ProcessPoolExecutor
+
+    def shared(case):
+        return case, lower(*launch_args(*case))[1]
+
+    # 16-bit: the tiles the benchmarks measured (no change), float32: smaller where they did not fit
+    for n, bd, rows in ((4, 16, 64), (4, 128, 64), (8, 16, 64), (8, 32, 64), (8, 64, 32), (8, 128, 16)):
+        for dt in (torch.bfloat16, torch.float16):
+            assert K._blocks(n, bd, dt) == (rows, rows, 4, 3), (n, bd, dt, K._blocks(n, bd, dt))
+    cases = [("dkdv", "f32", 8, 24), ("dkdv", "f32", 8, 64), ("dkdv", "f32", 8, 128), ("dkdv", "f32", 4, 128),
+             ("fwd", "f32", 4, 128), ("dq", "f32", 8, 128)]
+    with ProcessPoolExecutor(2) as pool:
+        for case, sh in pool.map(shared, cases):
+            print(case, K._blocks(case[2], max(16, triton.next_power_of_2(case[3])), DTS[case[1]]), sh)
+            assert sh <= K.SMEM_LIMIT, (case, sh, "more shared memory than an H100 has")
+    """, timeout=400)
+
+
+def test_octonion_dkdv_gemm_operands_keep_their_layout():
+    """nonfinite_dkdv's dk GEMM must not take q in dO's layout. When it zeroed q's bad rows by a
+    select with a row flag reduced from dO' ([rows, 8 BLOCK_D], a reshaped dot result), the 16-bit
+    octonion TTGIR stored q into the wgmma's swizzled buffer from a 64 x 256 linear layout whose
+    column bases lay outside q's 32 columns, and on the H100 dk of the keys hidden from a NaN
+    query row came out finite but wrong (attention_bwd._gemm_operand). No local_alloc of the
+    dkdv kernel may take a tensor in a linear layout with a basis beyond the tensor's shape."""
+    run_isolated(_LOWER + """
+    import ast, re
+
+    def bad_allocs(ttgir):
+        layouts = {}
+        for name, body in re.findall(r"^#(linear\\d*) = #ttg\\.linear<\\{(.*)\\}>$", ttgir, flags=re.M):
+            layouts[name] = [v for part in re.findall(r"\\w+ = (\\[.*?\\]\\])", body + ",")
+                             for v in ast.literal_eval(part)]
+        seen, out = 0, []
+        for shape, name in re.findall(r"ttg\\.local_alloc %\\S+ : \\(tensor<([\\dx]+)x\\w+, #(\\w+)>\\)", ttgir):
+            seen += 1
+            dims = [int(x) for x in shape.split("x")]
+            if any(c >= d for basis in layouts.get(name, []) for c, d in zip(basis, dims)):
+                out.append((shape, name))
+        return seen, out
+
+    for dt, D, Tq, Tk, H, Hk in (("bf16", 24, 20, 27, 2, 2), ("f16", 16, 20, 20, 2, 1)):
+        ttgir, _ = lower(*launch_args("dkdv", dt, 8, D, Tq, Tk, H, Hk))
+        seen, bad = bad_allocs(ttgir)
+        assert seen >= 6 and "nonfinite_dkdv" in ttgir, (dt, seen)  # the check sees the second pass
+        assert not bad, (dt, D, bad)
     """, timeout=300)
 
 

@@ -25,15 +25,28 @@ def _prec(dtype):
         return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 
-def _blocks(n, block_d):
-    """(BLOCK_M, BLOCK_N, warps): the octonion accumulators are [rows, 8 * BLOCK_D] float32, so
-    their tiles shrink to keep rows * width <= 16K floats (the register budget the retrieval
-    kernels measured); the quaternion ones are flash-attention's 64 x 64."""
+# The H100's shared memory per block (227 KiB): Triton only checks it at launch, where it raises
+# OutOfResources. tests/test_kernels_compile.py checks every (n, BLOCK_D, dtype) against it.
+SMEM_LIMIT = 232448
+
+
+def _blocks(n, block_d, dtype):
+    """(BLOCK_M, BLOCK_N, warps, stages). The octonion accumulators are [rows, 8 * BLOCK_D] float32,
+    so the tiles shrink to keep rows * width within a budget: 16K for 16-bit inputs (the register
+    budget the retrieval kernels measured; quaternions get flash-attention's 64 x 64), 8K for
+    float32, whose "ieee" dots are FMA dots that stage each [rows, width] float32 operand in shared
+    memory (the backward's P^T dO' and values dO'^T: ~17 bytes of shared memory per unit of rows *
+    width at 64 x 64 or 32 x 32, 287744 > 232448 bytes for D = 24 octonions). width is at least
+    2 BLOCK_D (the quaternion backward's q, q^, dy buffers: float32 D = 128 at 64 x 64 needed
+    345088 bytes). At the 16-row floor of tl.dot (float32 octonions, D > 64) the budget is still
+    exceeded: those loops are not software-pipelined (stages 1), which drops their double buffers
+    (16 x 16, D = 128 backward: 271616 -> 222208 bytes)."""
     if interpret_mode():
-        return 16, 16, 4
-    vw = block_d * (1 if n == 4 else 8)
-    rows = max(16, min(64, 16384 // vw))
-    return rows, rows, 4
+        return 16, 16, 4, 3
+    width = max(block_d * (1 if n == 4 else 8), 2 * block_d)
+    budget = 8192 if dtype == torch.float32 else 16384
+    rows = max(16, min(64, budget // width))
+    return rows, rows, 4, (1 if rows * width > budget else 3)
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()]
@@ -42,10 +55,10 @@ def _common(q, k, causal, n):
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
-    bm, bn, warps = _blocks(n, block_d)
+    bm, bn, warps, stages = _blocks(n, block_d, q.dtype)
     vw = block_d * (1 if n == 4 else 8)
     meta = dict(CAUSAL=bool(causal), N=n, PREC=_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, VW=vw,
-                num_warps=warps)
+                num_warps=warps, num_stages=stages)
     return B, H, Hk, Tq, Tk, D, meta
 
 def hypercomplex_attention_fwd(q, k, v, qn, kn, e, y, lse, causal, scale, n):
