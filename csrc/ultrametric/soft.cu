@@ -60,20 +60,28 @@ __device__ __forceinline__ void load_digits(const VT* p, int K, float (&r)[kMaxK
   for (int l = 0; l < kMaxK; ++l) r[l] = l < K ? static_cast<float>(p[l]) : 0.f;
 }
 
-// lcp of one pair: sum over levels of exp2(nb c_l), c_l the running sum of squared differences
-// d = q_l - k_l. `mine` are the digits of the warp's own row (registers), `other` the pair's
-// other row (memory; the query's when MINE_IS_Q is false). K exp2.
-template <bool MINE_IS_Q, typename VT>
-__device__ __forceinline__ float soft_lcp(const float (&mine)[kMaxK], const VT* other, int K, float nb) {
-  float c = 0.f, lcp = 0.f;
+// Walks the levels of one pair: per level l, d = q_l - k_l (formed before any scaling), c += d d,
+// and f(l, d, P_l) with P_l = exp2(nb c) the partial product (one exp2). `mine` are the digits of
+// the warp's own row (registers), `other` the pair's other row (memory; the query's when
+// MINE_IS_Q is false).
+template <bool MINE_IS_Q, typename VT, typename F>
+__device__ __forceinline__ void walk_levels(const float (&mine)[kMaxK], const VT* other, int K, float nb, F&& f) {
+  float c = 0.f;
 #pragma unroll
   for (int l = 0; l < kMaxK; ++l) {
     if (l >= K) break;
     const float o = static_cast<float>(other[l]);
     const float d = MINE_IS_Q ? mine[l] - o : o - mine[l];
     c = fmaf(d, d, c);
-    lcp += ex2(c * nb);
+    f(l, d, ex2(c * nb));
   }
+}
+
+// lcp of one pair: the sum of its partial products. K exp2.
+template <bool MINE_IS_Q, typename VT>
+__device__ __forceinline__ float soft_lcp(const float (&mine)[kMaxK], const VT* other, int K, float nb) {
+  float lcp = 0.f;
+  walk_levels<MINE_IS_Q>(mine, other, K, nb, [&](int, float, float P) { lcp += P; });
   return lcp;
 }
 
@@ -82,16 +90,11 @@ __device__ __forceinline__ float soft_lcp(const float (&mine)[kMaxK], const VT* 
 template <bool MINE_IS_Q, typename VT>
 __device__ __forceinline__ void level_grads(const float (&mine)[kMaxK], const VT* other, int K, float nb, float g,
                                             float lcp, float (&acc)[kMaxK]) {
-  float c = 0.f, below = 0.f;
-#pragma unroll
-  for (int l = 0; l < kMaxK; ++l) {
-    if (l >= K) break;
-    const float o = static_cast<float>(other[l]);
-    const float d = MINE_IS_Q ? mine[l] - o : o - mine[l];
-    c = fmaf(d, d, c);
+  float below = 0.f;
+  walk_levels<MINE_IS_Q>(mine, other, K, nb, [&](int l, float d, float P) {
     acc[l] = fmaf(g * (lcp - below), d, acc[l]);
-    below += ex2(c * nb);
-  }
+    below += P;
+  });
 }
 
 // x[t] summed over the warp's lanes, lane t receiving the sum of entry t: 31 shuffles. Stage O
@@ -117,6 +120,18 @@ __device__ __forceinline__ float reduce_scatter32(float (&x)[32], int lane) {
 __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(kFull, x, o);
   return x;
+}
+
+// out[l] = scale times the warp's sum of acc[l] (the digit gradient of the warp's row), by lane 0;
+// 0 + x so that a row nothing was added to gets +0.
+template <typename VT>
+__device__ __forceinline__ void store_levels(VT* out, const float (&acc)[kMaxK], int K, float scale, int lane) {
+#pragma unroll
+  for (int l = 0; l < kMaxK; ++l) {
+    if (l >= K) break;
+    const float t = warp_sum(acc[l]);
+    if (lane == 0) out[l] = static_cast<VT>(0.f + scale * t);
+  }
 }
 
 __device__ __forceinline__ bool key_kept(const SoftParams& a, int b, int j) {
@@ -277,13 +292,7 @@ __global__ void __launch_bounds__(kThreads) ultrametric_soft_dq_kernel(const Sof
     const float dp = reduce_scatter32(part, lane);
     if (vis) level_grads<true>(qd, kr, a.K, a.nb, pc * (dp - delta) * a.lna, lcp, dq);
   }
-  VT* out = static_cast<VT*>(a.dq) + row * a.K;
-#pragma unroll
-  for (int l = 0; l < kMaxK; ++l) {
-    if (l >= a.K) break;
-    const float t = warp_sum(dq[l]);
-    if (lane == 0) out[l] = static_cast<VT>(0.f - a.c0 * t);  // +0 where nothing was added
-  }
+  store_levels(static_cast<VT*>(a.dq) + row * a.K, dq, a.K, -a.c0, lane);
 }
 
 // Grid: a warp per key row (B Hkv Tk rows); lanes own the queries of its R heads that see it
@@ -339,13 +348,7 @@ __global__ void __launch_bounds__(kThreads) ultrametric_soft_dkv_kernel(const So
       }
     }
   }
-  VT* dko = static_cast<VT*>(a.dk) + row * a.K;
-#pragma unroll
-  for (int l = 0; l < kMaxK; ++l) {
-    if (l >= a.K) break;
-    const float t = warp_sum(dk[l]);
-    if (lane == 0) dko[l] = static_cast<VT>(a.c0 * t);
-  }
+  store_levels(static_cast<VT*>(a.dk) + row * a.K, dk, a.K, a.c0, lane);
   VT* dvo = static_cast<VT*>(a.dv) + row * a.D;
 #pragma unroll
   for (int e = 0; e < NC; ++e)
@@ -381,7 +384,7 @@ Dims check(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, co
   GK_CHECK(beta >= 0 && beta < INFINITY, op, ": lcp_beta must be a finite number >= 0, got ", beta);
   GK_CHECK(!causal || d.Tq <= d.Tk || d.Tq == 1, op, ": causal attention needs Tk >= Tq (or Tq == 1), got Tq ",
            d.Tq, ", Tk ", d.Tk);
-  GK_CHECK(d.Tk <= INT32_MAX / 2 && d.Tq <= INT32_MAX / 2 && d.B * d.H * d.Tq <= int64_t(INT32_MAX) * kWarps &&
+  GK_CHECK(d.B <= INT32_MAX && d.Tk <= INT32_MAX / 2 && d.Tq <= INT32_MAX / 2 && d.B * d.H * d.Tq <= int64_t(INT32_MAX) * kWarps &&
                d.B * d.Hkv * d.Tk <= int64_t(INT32_MAX) * kWarps,
            op, ": B ", d.B, ", H ", d.H, ", Tq ", d.Tq, ", Tk ", d.Tk, " past the kernels' int32 positions and grid");
   if (keep.has_value())
