@@ -32,8 +32,9 @@ CPU_CASES = [
     (1, 2, 1, 23, 31, 8, 17, False, True),
     (1, 1, 1, 1, 1, 1, 4, True, False),
 ]
+# the last: K = 16, D = 200, the largest the CUDA kernels take in registers (K <= 16, D <= 256)
 GPU_CASES = [(2, 8, 2, 1000, 1000, 8, 64, True, True), (1, 4, 4, 300, 700, 6, 128, True, False),
-             (1, 4, 2, 513, 513, 8, 65, False, True)] if HAS_CUDA else []
+             (1, 4, 2, 513, 513, 8, 65, False, True), (1, 4, 2, 129, 257, 16, 200, True, True)] if HAS_CUDA else []
 ALPHA, BETA = 1.7, 6.0  # a beta at which partial matches matter (32 makes the kernel nearly hard)
 
 
@@ -89,7 +90,8 @@ def test_reference_is_the_spec(case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]] + GPU_CASES[:1], ids=_id)
+@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]] + GPU_CASES[:1]
+                         + GPU_CASES[3:], ids=_id)
 def test_gradients(case, backend):
     """dq, dk (float digits) and dv against the float64 reference's autograd."""
     need(backend)

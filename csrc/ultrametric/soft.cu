@@ -384,8 +384,9 @@ Dims check(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, co
   GK_CHECK(beta >= 0 && beta < INFINITY, op, ": lcp_beta must be a finite number >= 0, got ", beta);
   GK_CHECK(!causal || d.Tq <= d.Tk || d.Tq == 1, op, ": causal attention needs Tk >= Tq (or Tq == 1), got Tq ",
            d.Tq, ", Tk ", d.Tk);
-  GK_CHECK(d.B <= INT32_MAX && d.Tk <= INT32_MAX / 2 && d.Tq <= INT32_MAX / 2 && d.B * d.H * d.Tq <= int64_t(INT32_MAX) * kWarps &&
-               d.B * d.Hkv * d.Tk <= int64_t(INT32_MAX) * kWarps,
+  const int64_t max_rows = int64_t(INT32_MAX) * kWarps;  // blocks of kWarps rows on the grid's x
+  GK_CHECK(d.B <= INT32_MAX && d.Tk <= INT32_MAX / 2 && d.Tq <= INT32_MAX / 2 && d.B * d.H * d.Tq <= max_rows &&
+               d.B * d.Hkv * d.Tk <= max_rows,
            op, ": B ", d.B, ", H ", d.H, ", Tq ", d.Tq, ", Tk ", d.Tk, " past the kernels' int32 positions and grid");
   if (keep.has_value())
     GK_CHECK(keep->device() == v.device() && keep->scalar_type() == dtype::b8 && keep->is_contiguous() &&
