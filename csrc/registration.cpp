@@ -61,6 +61,11 @@ STABLE_TORCH_LIBRARY(geokern, m) {
   // forward's lse. Knobs, 0 = choose: chunk (positions per scan chunk), num_segments (segments per group).
   m.def("ultrametric_attention_cuda(Tensor q_digits, Tensor k_digits, Tensor v, Tensor? keep, float alpha, int p, bool causal, int chunk, int num_segments) -> (Tensor, Tensor)");
   m.def("ultrametric_attention_backward_cuda(Tensor grad, Tensor q_digits, Tensor k_digits, Tensor lse, Tensor? keep, float alpha, int p, bool causal, int chunk, int num_segments) -> Tensor");
+  // Soft-mode ultrametric attention (csrc/ultrametric/soft.cu): q [B, H, Tq, K], k [B, Hkv, Tk, K] float
+  // digits and v [B, Hkv, Tk, D] of one dtype, keep [B, Tk] bool; returns (y [B, H, Tq, D], lse [B, H, Tq]
+  // float32). The backward returns (dq, dk, dv) from grad and the forward's y and lse.
+  m.def("ultrametric_soft_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor? keep, float alpha, float lcp_beta, bool causal) -> (Tensor, Tensor)");
+  m.def("ultrametric_soft_attention_backward_cuda(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? keep, Tensor y, Tensor lse, float alpha, float lcp_beta, bool causal) -> (Tensor, Tensor, Tensor)");
   m.def("ultrametric_cache_query_cuda(Tensor tab, Tensor cnt, Tensor q_digits, Tensor(a3!) y, Tensor(a4!) lse, float alpha, int p) -> ()");
 }
 

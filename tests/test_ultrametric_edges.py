@@ -112,11 +112,11 @@ def test_check_digits_false_skips_only_the_range_check(backend):
 
 
 def test_cuda_backend_refusals():
-    """The soft mode has no CUDA kernels (issue #18; the message names what has them); the hard
-    mode's CUDA backend refuses CPU tensors naming v and the way out (runs on every machine)."""
-    with pytest.raises(RuntimeError, match="mode='soft'.*#18.*hard mode.*have a CUDA backend"):
-        geokern.ultrametric_attention(torch.rand(1, 2, 5, 3, device=DEVICE), torch.rand(1, 1, 5, 3, device=DEVICE),
-                                      torch.randn(1, 1, 5, 4, device=DEVICE), mode="soft", backend="cuda")
+    """The CUDA backend, hard and soft mode, refuses CPU tensors naming v and the way out (runs on
+    every machine)."""
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, v is on cpu.*backend='torch'"):
+        geokern.ultrametric_attention(torch.rand(1, 2, 5, 3), torch.rand(1, 1, 5, 3), torch.randn(1, 1, 5, 4),
+                                      mode="soft", backend="cuda")
     cpu = {k: t.cpu() for k, t in _args().items()}
     with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, v is on cpu.*backend='torch'"):
         geokern.ultrametric_attention(**cpu, backend="cuda")

@@ -146,7 +146,7 @@ def test_decode_equals_full(backend):
     assert rel_err(got, full) < 1e-5, "every step"
 
 
-@pytest.mark.parametrize("mode, backend", [("hard", "triton"), ("soft", "triton"), ("hard", "cuda")])
+@pytest.mark.parametrize("mode, backend", [("hard", "triton"), ("soft", "triton"), ("hard", "cuda"), ("soft", "cuda")])
 def test_forward_reads_nothing_on_the_host(monkeypatch, mode, backend):
     """No .item(), int(tensor), bool(tensor) in forward (Triton or CUDA backend, straight-through
     on in hard mode): the digits are in range by construction, so the op's host check is skipped."""
@@ -166,8 +166,8 @@ def test_forward_reads_nothing_on_the_host(monkeypatch, mode, backend):
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the Triton kernels needs CUDA tensors (the interpreter runs eager)")
 @pytest.mark.parametrize("straight_through, mode, backend",
                          [(False, "hard", "triton"), (True, "hard", "triton"), (False, "soft", "triton"),
-                          (False, "hard", "cuda"), (True, "hard", "cuda")],
-                         ids=["hard", "straight-through", "soft", "hard-cuda", "straight-through-cuda"])
+                          (False, "hard", "cuda"), (True, "hard", "cuda"), (False, "soft", "cuda")],
+                         ids=["hard", "straight-through", "soft", "hard-cuda", "straight-through-cuda", "soft-cuda"])
 def test_compiles_fullgraph_without_host_sync(straight_through, mode, backend):
     """torch.compile(fullgraph=True) traces forward whole, and the eager forward runs under
     torch.cuda's sync debug mode set to error. (The torch backend, the reference, compresses
@@ -218,8 +218,7 @@ def test_bad_input_and_repr():
 # ---- soft mode (their kernel mode) ---------------------------------------------------
 
 
-# the soft mode has no CUDA kernels (issue #18): 'cuda' refuses it, test_soft_mode_cuda_backend_refuses
-SOFT_BACKENDS = ["torch", "triton"]
+SOFT_BACKENDS = ["torch", "triton", "cuda"]
 
 
 @pytest.mark.parametrize("backend", SOFT_BACKENDS)
@@ -245,14 +244,14 @@ def test_soft_mode_matches_plain_torch(case, backend):
         assert rel_err(a, b) < 1e-4, f"{backend} soft grad {name}: {rel_err(a, b):.2e}"
 
 
-def test_soft_mode_cuda_backend_refuses():
-    """The module in soft mode with backend='cuda' raises at the call, naming issue #18 and the
-    backends that have the soft kernel (the op's refusal is test_ultrametric_edges.py::
-    test_cuda_backend_refusals). The soft check comes before the device check: runs on every machine."""
-    m = module("cuda", mode="soft")
-    with pytest.raises(RuntimeError,
-                       match="backend='cuda' is not built for mode='soft'.*#18.*backend='triton' or 'torch'"):
-        m(*inputs())
+def test_soft_mode_cuda_backend_refuses_cpu_tensors():
+    """The module in soft mode passes backend='cuda' through to the op, which refuses CPU tensors
+    naming v and the way out (the op's refusal: test_ultrametric_edges.py::test_cuda_backend_refusals;
+    on a GPU SOFT_BACKENDS runs it). Runs on every machine."""
+    m = module("cuda", mode="soft").cpu()
+    x, keep = inputs()
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, v is on cpu"):
+        m(x.cpu(), keep.cpu())
 
 
 def test_soft_mode_has_no_cache():

@@ -2,12 +2,14 @@
 float64 reference and a dense float64 re-implementation of the spec's formula; causal /
 non-causal / chunked prefill / decode, padding, GQA, lse, gradients to q, k (float digits) and v
 against the reference's autograd, the clamp and large weights, equality with the hard mode on
-hard digits, hidden non-finite values, bad input, custom-op checks."""
+hard digits, hidden non-finite values, bad input, custom-op checks. The kernel backends, Triton and
+CUDA (csrc/ultrametric/soft.cu), run every kernel test; the CUDA one is deterministic."""
 
 import math
 
 import pytest
 import torch
+import _custom_ops
 from _custom_ops import custom_op_tests
 from _helpers import DTYPES, dtype_id, need
 from _tolerance import assert_close, lse_weight_floor, rel_err
@@ -15,9 +17,11 @@ from _ultrametric import digits, soft_brute
 from conftest import DEVICE, HAS_CUDA
 
 import geokern
+from geokern import _backend
 from geokern.reference import ultrametric as ref
 
-BACKENDS = ["torch", "triton"]  # "cuda": not built for this op (issue #18)
+KERNELS = ["triton", "cuda"]
+BACKENDS = ["torch", *KERNELS]
 
 # (B, H, Hkv, Tq, Tk, K, D, causal, padded)
 CPU_CASES = [
@@ -28,8 +32,9 @@ CPU_CASES = [
     (1, 2, 1, 23, 31, 8, 17, False, True),
     (1, 1, 1, 1, 1, 1, 4, True, False),
 ]
+# the last: K = 16, D = 200, the largest the CUDA kernels take in registers (K <= 16, D <= 256)
 GPU_CASES = [(2, 8, 2, 1000, 1000, 8, 64, True, True), (1, 4, 4, 300, 700, 6, 128, True, False),
-             (1, 4, 2, 513, 513, 8, 65, False, True)] if HAS_CUDA else []
+             (1, 4, 2, 513, 513, 8, 65, False, True), (1, 4, 2, 129, 257, 16, 200, True, True)] if HAS_CUDA else []
 ALPHA, BETA = 1.7, 6.0  # a beta at which partial matches matter (32 makes the kernel nearly hard)
 
 
@@ -85,7 +90,8 @@ def test_reference_is_the_spec(case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]] + GPU_CASES[:1], ids=_id)
+@pytest.mark.parametrize("case", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]] + GPU_CASES[:1]
+                         + GPU_CASES[3:], ids=_id)
 def test_gradients(case, backend):
     """dq, dk (float digits) and dv against the float64 reference's autograd."""
     need(backend)
@@ -105,7 +111,8 @@ def test_gradients(case, backend):
     # reference, which divides by den, stayed near 2e-7 at Tk = 256 and 1000 on the CPU): the floor
     # grows with log2(Tk alpha^K), 2.7e-6 more there, 1.4e-6 at Tk = 37, K = 4. A wrong weight or a
     # missed key is off by orders of magnitude more.
-    floor = lse_weight_floor(Tk, ALPHA**K) if backend == "triton" else 0.0
+    # the CUDA backward forms its weights from the forward's lse the same way (csrc/ultrametric/soft.cu)
+    floor = lse_weight_floor(Tk, ALPHA**K) if backend in KERNELS else 0.0
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert_close(name, a, b.float(), extra_floor=floor)
     if keep is not None:
@@ -118,7 +125,7 @@ def test_gradients(case, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtypes(dtype, backend):
     need(backend)
-    if backend == "triton" and dtype == torch.float64:
+    if backend in KERNELS and dtype == torch.float64:
         pytest.skip("float64 runs on backend='torch' (test_bad_input checks the error)")
     q, k, v, keep, causal = make(CPU_CASES[1], dtype, grad=True)
     y, lse = run(backend, q, k, v, keep, causal)
@@ -136,12 +143,14 @@ def test_dtypes(dtype, backend):
         assert_close(name, a, b.to(dtype), c)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("p", [2, 3])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_equals_hard_mode_on_hard_digits(p, causal):
+def test_equals_hard_mode_on_hard_digits(p, causal, backend):
     """Integer-valued digits at lcp_beta = 32: exp(-32) stands for 0, and the soft kernel is the
     hard mode (float32 tolerance), y and lse, with padding and GQA."""
     need("triton")
+    need(backend)
     B, H, Hkv, T, K, D = 1, 4, 2, 41, 5, 12
     qd, kd = digits(B, H, T, K, p), digits(B, Hkv, T, K, p)
     v = torch.randn(B, Hkv, T, D, device=DEVICE)
@@ -149,7 +158,7 @@ def test_equals_hard_mode_on_hard_digits(p, causal):
     hard, lh = geokern.ultrametric_attention(qd, kd, v, alpha=2.0, p=p, causal=causal, key_padding_mask=keep,
                                              return_lse=True, backend="triton")
     soft, ls = geokern.ultrametric_attention(qd.float(), kd.float(), v, alpha=2.0, mode="soft", lcp_beta=32.0,
-                                             causal=causal, key_padding_mask=keep, return_lse=True, backend="triton")
+                                             causal=causal, key_padding_mask=keep, return_lse=True, backend=backend)
     hard64, lh64 = ref.ultrametric_attention(qd, kd, v.double(), 2.0, p=p, causal=causal, key_padding_mask=keep,
                                              return_lse=True)
     assert_close("y soft vs hard (float64)", soft, hard64.float())
@@ -159,19 +168,20 @@ def test_equals_hard_mode_on_hard_digits(p, causal):
     assert_close("lse soft vs hard", ls[fin], lh64[fin].float())
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("alpha", [0.05, 1.0, 1e6], ids=["clamp", "alpha1", "huge"])
-def test_weight_extremes(alpha):
+def test_weight_extremes(alpha, backend):
     """alpha = 0.05, K = 8: every weight is under 1e-9 for near-equal digits, so the spec's clamp
     of the weight sum holds (y is not a weighted mean there, and its gradient drops the sum's
     term); alpha = 1: uniform weights, no digit gradient; alpha = 1e6: weights up to 1e48, past
     float32 without the online maximum."""
-    need("triton")
+    need(backend)
     B, H, T, K, D = 1, 2, 23, 8, 8
     base = torch.rand(B, H, 1, K, device=DEVICE, dtype=torch.float64)
     q = (base + 0.01 * torch.rand(B, H, T, K, device=DEVICE, dtype=torch.float64)).float().requires_grad_()
     k = (base + 0.01 * torch.rand(B, H, T, K, device=DEVICE, dtype=torch.float64)).float().requires_grad_()
     v = torch.randn(B, H, T, D, device=DEVICE, requires_grad=True)
-    y, lse = run("triton", q, k, v, None, True, alpha=alpha)
+    y, lse = run(backend, q, k, v, None, True, alpha=alpha)
     dy = torch.randn_like(y)
     got = (y, *torch.autograd.grad(y, (q, k, v), dy))
     x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -200,10 +210,11 @@ def test_weight_extremes(alpha):
         assert rel_err(lse, l64) < 1e-6, "lse"
 
 
-def test_hidden_non_finite_values_stay_hidden():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_hidden_non_finite_values_stay_hidden(backend):
     """A padded key or a later key (causal) with NaN / inf values reaches no query; a visible NaN
-    reaches exactly the queries that see it."""
-    need("triton")
+    reaches exactly the queries that see it; +inf and -inf seen together give NaN."""
+    need(backend)
     B, H, T, K, D = 1, 2, 37, 3, 16
     q, k = torch.rand(B, H, T, K, device=DEVICE), torch.rand(B, H, T, K, device=DEVICE)
     v = torch.randn(B, H, T, D, device=DEVICE)
@@ -212,14 +223,18 @@ def test_hidden_non_finite_values_stay_hidden():
     v[0, :, 5] = float("nan")  # padded
     v[0, :, 20, :3] = float("nan")  # visible from position 20 on
     v[0, :, 30, 3] = float("inf")
-    y, _ = run("triton", q, k, v, keep, True)
+    v[0, :, 33, 4] = float("inf")
+    v[0, :, 35, 4] = -float("inf")
+    y, _ = run(backend, q, k, v, keep, True)
     assert not y[:, :, :20].isnan().any(), "NaN leaked to queries before the NaN key"
     assert y[:, :, 20:, :3].isnan().all(), "a visible NaN must reach every query that sees it"
-    assert not y[:, :, :, 3:].isnan().any(), "NaN in channels without one"
+    assert not y[:, :, :, 5:].isnan().any() and not y[..., 3].isnan().any(), "NaN in channels without one"
     assert y[:, :, 30:, 3].isposinf().all() and y[:, :, :30, 3].isfinite().all(), "+inf reaches exactly its viewers"
+    assert y[:, :, 33:35, 4].isposinf().all() and y[:, :, 35:, 4].isnan().all(), "+inf, then +inf and -inf: NaN"
+    assert y[:, :, :33, 4].isfinite().all(), "channel 4 before its infinities"
     qn = q.clone()
     qn[0, 1, 7, 2] = float("nan")  # a NaN digit: its own row only
-    yn, _ = run("triton", qn, k, v.nan_to_num(0.0, 0.0, 0.0), keep, True)
+    yn, _ = run(backend, qn, k, v.nan_to_num(0.0, 0.0, 0.0), keep, True)
     assert yn[0, 1, 7].isnan().all() and yn.isnan().sum() == D, "a NaN query digit must reach its row only"
 
 
@@ -275,16 +290,54 @@ def test_bad_input(name, backend):
         geokern.ultrametric_attention(**_args(**over), **kw)
 
 
-def test_bad_mode_float64_and_cuda():
+def test_bad_mode_and_cuda_on_cpu():
     with pytest.raises(ValueError, match="mode must be 'hard' or 'soft'"):
         geokern.ultrametric_attention(**_args(), mode="kernel")
-    with pytest.raises(RuntimeError, match="#18"):
-        geokern.ultrametric_attention(**_args(), mode="soft", backend="cuda")
-    need("triton")
+    cpu = {n: t.cpu() for n, t in _args().items()}
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, v is on cpu"):
+        geokern.ultrametric_attention(**cpu, mode="soft", backend="cuda")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_float64_refused(backend):
+    need(backend)
     a64 = {n: t.double() for n, t in _args().items()}
     with pytest.raises(ValueError, match="float64"):
-        geokern.ultrametric_attention(**a64, mode="soft", backend="triton")
+        geokern.ultrametric_attention(**a64, mode="soft", backend=backend)
     assert geokern.ultrametric_attention(**a64, mode="soft", backend="torch").dtype == torch.float64
+
+
+@pytest.mark.parametrize("over", [dict(q_digits=torch.rand(1, 2, 5, 17), k_digits=torch.rand(1, 1, 5, 17)),
+                                  dict(v=torch.randn(1, 1, 5, 257))], ids=["K17", "D257"])
+def test_cuda_register_limits(over):
+    """The CUDA kernels hold K <= 16 digits and D <= 256 channels per row in registers: more is
+    refused by name, pointing to the Triton backend (which has no such limit)."""
+    need("cuda")
+    with pytest.raises(ValueError, match="CUDA backend holds K <= 16 digits and D <= 256.*backend='triton'"):
+        geokern.ultrametric_attention(**_args(**{n: t.to(DEVICE) for n, t in over.items()}), mode="soft",
+                                      backend="cuda")
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[2], CPU_CASES[4]] + GPU_CASES[:1], ids=_id)
+def test_cuda_backward_is_deterministic(case):
+    """Under torch.use_deterministic_algorithms(True) the CUDA backward runs (each of dq, dk, dv is
+    written once by its owner: no atomics) and repeats bit for bit; the Triton backward (dq:
+    float32 atomics) raises there, naming the deterministic backends."""
+    need("cuda")
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        q, k, v, keep, causal = make(case, grad=True)
+        dy = torch.randn(*q.shape[:3], v.shape[3], device=DEVICE)
+        grads = [torch.autograd.grad(run("cuda", q, k, v, keep, causal)[0], (q, k, v), dy) for _ in range(2)]
+        for name, a, b in zip(("dq", "dk", "dv"), *grads):
+            assert torch.equal(a, b), f"{name}: two deterministic runs differ"
+        if _backend.why_unavailable("triton", torch.device(DEVICE)) is None:
+            y, _ = run("triton", q, k, v, keep, causal)
+            with pytest.raises(RuntimeError, match="deterministic.*backend='torch' or 'cuda'"):
+                torch.autograd.grad(y, (q, k, v), dy)
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
 
 
 def _op_samples(qualname):
@@ -293,7 +346,7 @@ def _op_samples(qualname):
     fwd = (q, k, v, keep, ALPHA, BETA, causal)
     if "backward" not in qualname:
         return [fwd, (q, k, v, None, 2.0, 32.0, False)]
-    y, lse = torch.ops.geokern.ultrametric_soft_attention_triton.default(*fwd)
+    y, lse = _custom_ops.op(qualname.replace("_backward", ""))(*fwd)  # the forward of the same backend
     return [(torch.randn_like(y), q, k, v, keep, y, lse, ALPHA, BETA, causal)]
 
 
@@ -301,36 +354,39 @@ test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_soft_attenti
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")
-def test_public_op_compiles_with_backward():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_public_op_compiles_with_backward(backend):
+    need(backend)
     q, k, v, keep, causal = make(CPU_CASES[0], grad=True)
-    f = torch.compile(lambda a, b, c: run("triton", a, b, c, keep, causal)[0].square().sum(), fullgraph=True)
+    f = torch.compile(lambda a, b, c: run(backend, a, b, c, keep, causal)[0].square().sum(), fullgraph=True)
     got = torch.autograd.grad(f(q, k, v), (q, k, v))
-    want = torch.autograd.grad(run("triton", q, k, v, keep, causal)[0].square().sum(), (q, k, v))
+    want = torch.autograd.grad(run(backend, q, k, v, keep, causal)[0].square().sum(), (q, k, v))
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert_close(f"{name} compiled", a, b.double())
 
 
-def test_non_contiguous_inputs_and_double_backward():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous_inputs_and_double_backward(backend):
     """Views with other strides give the contiguous inputs' result and gradients; a double backward
-    through the Triton kernels is refused by name (the torch backend has it)."""
-    need("triton")
+    through the Triton and CUDA kernels is refused by name (the torch backend has it)."""
+    need(backend)
     B, H, T, K, D = 1, 2, 21, 4, 8
     qb = torch.rand(B, T, H, K, device=DEVICE).requires_grad_()
     kb = torch.rand(B, T, H, K, device=DEVICE).requires_grad_()
     vb = torch.randn(B, T, H, 2 * D, device=DEVICE).requires_grad_()
     views = (qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)[..., ::2])
     assert not any(t.is_contiguous() for t in views)
-    y, _ = run("triton", *views, None, True)
+    y, _ = run(backend, *views, None, True)
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, (qb, kb, vb), dy)
     xs = [t.detach().contiguous().requires_grad_() for t in views]
-    y0, _ = run("triton", *xs, None, True)
+    y0, _ = run(backend, *xs, None, True)
     want = torch.autograd.grad(y0, xs, dy)
     assert torch.equal(y, y0), "y from strided views"
     for name, a, b, t in zip(("dq", "dk", "dv"), got, want, views):
         ga = a.transpose(1, 2)[..., ::2] if name == "dv" else a.transpose(1, 2)
         assert torch.equal(ga, b), f"{name} from strided views"
     assert not got[2].transpose(1, 2)[..., 1::2].any(), "dv: the skipped columns got a gradient"
-    y, _ = run("triton", *xs, None, True)
+    y, _ = run(backend, *xs, None, True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y.sum(), xs[0], create_graph=True)

@@ -12,14 +12,23 @@ baseline: other weights, not checked), and the dense soft kernel as their module
 at 4096, 512 GiB at 16384), which runs out of memory from about T = 4096 on (fwd+bwd earlier) and
 is skipped there with the error.
 
+Implementations: "triton" and, where geokern._C is built, "cuda" (csrc/ultrametric/soft.cu, a warp
+per row). The amount is the Triton count for both; the CUDA backward has no atomics and pays for it
+with a second recomputation (2K + 1 more exponentials per pair: fwd+bwd 5K + 3), so its fraction
+of the ceiling understates its special-function work by that ratio.
+
 Correctness before timing: the forward against the query-chunked reference on batch 0, heads 0-1
 (the whole batch would take minutes at 16k); the fwd+bwd rows against the reference's gradients
 on batch 0, head 0, computed by query chunks (each chunk's keys end where its queries end, so the
 reference's causal offset places it; O(chunk T K) memory).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from geokern import _backend
 
 from geokern.bench.registry import Case
 from geokern.ops import ultrametric as ops
@@ -47,8 +56,17 @@ def _make(T, grad=False):
     return make
 
 
-def _ours(qs, ks, v, *_):
-    return ops.ultrametric_attention(qs, ks, v, alpha=ALPHA, mode="soft", lcp_beta=BETA, backend="triton")
+def _ours(qs, ks, v, *_, backend="triton"):
+    return ops.ultrametric_attention(qs, ks, v, alpha=ALPHA, mode="soft", lcp_beta=BETA, backend=backend)
+
+
+def _backends():
+    """The kernel backends of the soft mode that can run here: triton, and cuda where _C is built."""
+    return [b for b in _backend.available(torch.device("cuda")) if b in ("triton", "cuda")]
+
+
+def _impls(wrap):
+    return {b: wrap(functools.partial(_ours, backend=b)) for b in _backends()}
 
 
 def _sdpa(qs, ks, v, q, k):
@@ -104,7 +122,7 @@ def _grad_value(qs, ks, v, *_):
 
 def _fwd_case(T):
     return Case(op="ultrametric_attention soft", shape=f"B{B}H{H}T{T}K{K}D{D}", dtype="bf16", direction="fwd",
-                make_inputs=_make(T), impls={"triton": _checked(_ours)},
+                make_inputs=_make(T), impls=_impls(_checked),
                 peers={"sdpa causal": _sdpa, "dense soft (theirs)": _checked(_dense)}, reference=_value,
                 amount=_pairs(T) * (K + 1), metric="Tops/s", ceiling="sfu_tops", tol=TOL,
                 input_bytes=B * H * T * (2 * K + 3 * D) * 2, baselines=("sdpa causal",))
@@ -112,7 +130,7 @@ def _fwd_case(T):
 
 def _fwd_bwd_case(T):
     return Case(op="ultrametric_attention soft", shape=f"B{B}H{H}T{T}K{K}D{D}", dtype="bf16", direction="fwd+bwd",
-                make_inputs=_make(T, grad=True), impls={"triton": _grads(_ours)},
+                make_inputs=_make(T, grad=True), impls=_impls(_grads),
                 peers={"sdpa causal": _grads(_sdpa), "dense soft (theirs)": _grads(_dense)}, reference=_grad_value,
                 amount=_pairs(T) * (3 * K + 2), metric="Tops/s", ceiling="sfu_tops", tol=TOL,
                 input_bytes=B * H * T * (2 * K + 3 * D) * 2, baselines=("sdpa causal",))

@@ -11,7 +11,7 @@ class UltrametricCausalSelfAttention(nn.Module):
     """model_guided_research's UltrametricCausalSelfAttention (spec section 3) on
     geokern.ultrametric_attention, in either of their modes: mode="hard" (their trie mode, the
     default) is O(T K D) instead of their O(T^2 K) dense soft kernel; mode="soft" (their kernel
-    mode) is the soft LCP kernel, fused (O(T^2 K) work, O(T) memory on the Triton backend).
+    mode) is the soft LCP kernel, fused (O(T^2 K) work, O(T) memory on the Triton and CUDA backends).
 
     Per head, q and k (head_dim each) become K digits in base p through one learned bias-free
     map to_digits (nn.Linear(head_dim, K), weight [K, head_dim], shared by every head and by q
@@ -48,7 +48,7 @@ class UltrametricCausalSelfAttention(nn.Module):
     decode under torch.no_grad()). One token per call is ultrametric_decode_step_; T > 1 merges
     the cache's read with the op over x by their log-sum-exps. The cache checks the digits on the
     host (except under CUDA-graph capture). backend is passed to the op and the cache ("torch",
-    "triton", "cuda": hard mode only, None = auto).
+    "triton", "cuda", None = auto; the decode cache has no soft mode).
     """
 
     def __init__(self, d_model, n_heads, *, n_kv_heads=None, K=8, p=2, alpha=2.0, lcp_beta=32.0,

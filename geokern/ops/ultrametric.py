@@ -19,12 +19,15 @@ Choices:
 - The kernels hold dense bucket tables: the Triton and CUDA backends take sum_{l<=K} p^l <= 2^16
   codes (e.g. p = 2, K <= 15) and say so beyond; the torch backend (the reference) takes any size
   up to 63-bit codes.
-- Backends: "triton", "cuda" and "torch". "cuda" (csrc/ultrametric/attention.cu: the Triton design,
-  warp per row, float32 FMA loops) runs the hard mode, forward and backward; the soft mode has no
-  CUDA kernels (issue #18) and refuses it; the hard mode's straight-through part (the soft kernel's
-  gradient) runs on Triton under backend='cuda'. float64 runs on "torch" only. "auto" takes Triton
-  for CUDA tensors, the reference for CPU tensors: the CUDA kernels (of attention and of the decode
-  state, _ultrametric_cache) are not yet measured, and auto picks them only once they are faster.
+- Backends: "triton", "cuda" and "torch". "cuda" runs the hard mode (csrc/ultrametric/attention.cu:
+  the Triton design, warp per row, float32 FMA loops), forward and backward, and the soft mode
+  (csrc/ultrametric/soft.cu: a warp per query row forward; backward a query-owner pass for dq and a
+  key-owner pass for dk and dv, no atomics; K <= 16 digits and D <= 256 channels, held in
+  registers, more is refused naming backend='triton'); the hard mode's straight-through part (the
+  soft kernel's gradient) stays on Triton under backend='cuda'. float64 runs on "torch" only.
+  "auto" takes Triton for CUDA tensors, the reference for CPU tensors: the CUDA kernels (of both
+  modes and of the decode state, _ultrametric_cache) are not yet measured (the soft mode's not yet
+  run on a GPU either), and auto picks them only once they are faster.
 - Tuning knobs: chunk (positions per scan chunk, 0: 64 on the GPU) and num_segments (parallel
   segments per (batch, key head), 0: enough for two programs per SM), carried in the schema; the
   CUDA backend plans the same chunks and segments.
@@ -35,14 +38,17 @@ Choices:
   torch.use_deterministic_algorithms(True) the Triton and CUDA hard mode, the soft mode's Triton
   backward (dq: float32 atomics) and the Triton and CUDA UltrametricCache.append raise as torch's
   nondeterministic ops do (warn with warn_only=True); backend='torch' is the deterministic
-  alternative.
+  alternative (and for the soft mode backend='cuda', whose every output row has one owner).
 - Empty inputs (B, H, Tq or D zero, or no key) take the reference: y zeros / empty, lse -inf.
 - Double backward through the Triton and CUDA backends is refused (backend='torch' has it).
 - mode="soft": the soft LCP kernel (reference.soft_lcp_attention) on float digits, differentiable
   in q, k and v; the Triton backend is one fused flash-style kernel (O(T) memory, K + 1
-  exponentials per pair forward, 2K + 1 backward; geokern.kernels.ultrametric.soft). The
-  straight-through gradient of the hard mode uses the same kernel on the Triton backend.
+  exponentials per pair forward, 2K + 1 backward; geokern.kernels.ultrametric.soft); the CUDA
+  backend has the same numerics, K + 1 forward and 2 (2K + 1) backward (two recomputing passes
+  instead of atomics). The straight-through gradient of the hard mode uses the Triton kernel.
 """
+
+import math
 
 import torch
 
@@ -60,9 +66,7 @@ __all__ += ["ultrametric_signatures", "ultrametric_top1"]  # signatures and top-
 
 _OP = "ultrametric_attention"
 _PREFER = ("triton",)
-_NO_CUDA = ("backend='cuda' is not built for mode='soft' (its CUDA kernels are issue #18; the hard mode and the "
-            "decode state, UltrametricCache / ultrametric_decode_step_, have a CUDA backend); use backend='triton' "
-            "or 'torch'")
+_SOFT_CUDA_MAX_K, _SOFT_CUDA_MAX_D = 16, 256  # csrc/ultrametric/soft.cu: digits and channels held in registers
 
 
 # ---- custom ops ------------------------------------------------------------------
@@ -112,6 +116,52 @@ def _ultrametric_soft_attention_backward_triton(
     return dq.to(q.dtype), dk, dv
 
 
+def _ultrametric_soft_attention_fake(q, k, v, keep, alpha, lcp_beta, causal):
+    B, H, Tq, _ = q.shape
+    return v.new_empty((B, H, Tq, v.shape[3])), v.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+def _ultrametric_soft_attention_cpu(q, k, v, keep, alpha, lcp_beta, causal):
+    """The CUDA soft op on CPU tensors: the reference."""
+    y, lse = ref.soft_lcp_attention(q, k, v, alpha, lcp_beta, causal=causal, key_padding_mask=keep, return_lse=True)
+    return y, lse.float()
+
+
+def _ultrametric_soft_attention_backward_fake(grad, q, k, v, keep, y, lse, alpha, lcp_beta, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _ultrametric_soft_attention_backward_cpu(grad, q, k, v, keep, y, lse, alpha, lcp_beta, causal):
+    """The CUDA soft backward op on CPU tensors: the gradient formulas of kernels/ultrametric/soft.py
+    written out densely ([B, H, Tq, Tk, K]: for small inputs, opcheck's; the op layer runs the torch
+    backend on CPU tensors, never this). y and lse are recomputed (the reference's)."""
+    B, H, Tq, K = q.shape
+    Hkv, Tk, acc = k.shape[1], k.shape[2], ref.acc_dtype(v.dtype)
+    R = H // Hkv
+    kr, vr = k.to(acc).repeat_interleave(R, dim=1), v.to(acc).repeat_interleave(R, dim=1)
+    d = q.to(acc)[:, :, :, None] - kr[:, :, None]  # [B, H, Tq, Tk, K]
+    P = torch.exp(-lcp_beta * d.square()).cumprod(-1)
+    lcp = P.sum(-1)
+    vis = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=v.device)
+    if causal:
+        vis = vis & (torch.arange(Tk, device=v.device) <= torch.arange(Tq, device=v.device)[:, None] + Tk - Tq)
+    if keep is not None:
+        vis = vis & keep[:, None, None, :]
+    w = torch.where(vis, torch.tensor(float(alpha), dtype=acc) ** lcp, 0.0)
+    den = w.sum(-1, keepdim=True)
+    pc = w / den.clamp_min(ref.CLAMP)
+    dy = grad.to(acc)
+    yy = pc @ vr
+    delta = torch.where(den > ref.CLAMP, (dy * yy).sum(-1, keepdim=True), 0.0)
+    g = torch.where(vis, pc * (dy @ vr.transpose(-1, -2) - delta) * math.log(alpha), 0.0)
+    rest = P.flip(-1).cumsum(-1).flip(-1)  # R_m = sum_{l>=m} P_l
+    h = g[..., None] * rest * d
+    dq = -2.0 * lcp_beta * h.sum(3)
+    dk = (2.0 * lcp_beta * h.sum(2)).view(B, Hkv, R, Tk, K).sum(2)
+    dv = (pc.transpose(-1, -2) @ dy).view(B, Hkv, R, Tk, v.shape[3]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def _ultrametric_attention_fake(q_digits, k_digits, v, keep, alpha, p, causal, chunk, num_segments):
     B, H, Tq, _ = q_digits.shape
     return v.new_empty((B, H, Tq, v.shape[3])), v.new_empty((B, H, Tq), dtype=torch.float32)
@@ -153,6 +203,11 @@ _SOFT_KERNELS = {  # (forward, backward) per kernel backend
     "triton": (
         triton_op("ultrametric_soft_attention_triton", _ultrametric_soft_attention_triton),
         triton_op("ultrametric_soft_attention_backward_triton", _ultrametric_soft_attention_backward_triton),
+    ),
+    "cuda": (  # None without geokern._C
+        cuda_op("ultrametric_soft_attention_cuda", _ultrametric_soft_attention_fake, _ultrametric_soft_attention_cpu),
+        cuda_op("ultrametric_soft_attention_backward_cuda", _ultrametric_soft_attention_backward_fake,
+                _ultrametric_soft_attention_backward_cpu),
     ),
 }
 
@@ -224,8 +279,8 @@ class UltrametricSoftAttentionFunction(torch.autograd.Function):
         q, k, v, keep, y, lse = ctx.saved_tensors
         if not any(ctx.needs_input_grad[:3]):
             return (None,) * 8
-        alert_nondeterministic(f"{_OP} backward (mode='soft', backend='{ctx.backend}')",  # dq: float32 atomics
-                               "backend='torch'")
+        if ctx.backend == "triton":  # dq: float32 atomics (the CUDA backward has an owner per output row)
+            alert_nondeterministic(f"{_OP} backward (mode='soft', backend='triton')", "backend='torch' or 'cuda'")
         dq, dk, dv = _SOFT_KERNELS[ctx.backend][1](gy.contiguous(), q, k, v, keep, y, lse, *ctx.args)
         need = ctx.needs_input_grad
         return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None, None
@@ -281,10 +336,8 @@ def _kernel_limits(be, B, H, Hkv, K, p, v):
         check_grid_rows(_OP, "triton", B, H)
 
 
-def _backend_for(backend, device, soft=False):
+def _backend_for(backend, device):
     if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
-        if soft:
-            raise RuntimeError(f"{_OP}: {_NO_CUDA}")
         if device.type != "cuda":  # before resolve's generic message: name the tensor and the way out
             raise RuntimeError(f"{_OP}: backend='cuda' needs CUDA tensors, v is on {device} (use backend='torch' "
                                "on the CPU)")
@@ -343,8 +396,10 @@ def ultrametric_attention(
     differentiable in q_digits, k_digits and v. On hard digits (integer values) it equals the hard
     mode where exp(-lcp_beta) stands for 0. The Triton backend runs it as one fused flash-style
     kernel: O(Tq Tk K) work, O(T) memory, K + 1 exponentials per pair forward (exp2 with
-    sqrt(lcp_beta log2 e) folded into the digits and log2 alpha into the weight) and 2K + 1
-    backward; the torch backend is the dense, query-chunked reference. p, q_soft / k_soft and the
+    -lcp_beta log2 e folded into one constant and log2 alpha into the weight) and 2K + 1
+    backward; the CUDA backend (K <= 16, D <= 256) has the same numerics, warp per row, with a
+    deterministic backward of 2 (2K + 1) exponentials per pair (not yet run on a GPU; auto keeps
+    Triton, nothing measured); the torch backend is the dense, query-chunked reference. p, q_soft / k_soft and the
     hard-mode knobs (chunk, num_segments, check_digits) do not apply to it; q_soft / k_soft are
     refused there.
 
@@ -392,7 +447,7 @@ def ultrametric_attention(
         y, lse = UltrametricAttentionFunction.apply(q_digits.contiguous(), k_digits.contiguous(), v.contiguous(), keep,
                                                     float(alpha), p, causal, chunk, num_segments, be)
     if soft and torch.is_grad_enabled() and (q_soft.requires_grad or k_soft.requires_grad):
-        # the soft kernel has no CUDA backend: its Triton one carries the straight-through gradient
+        # the straight-through gradient stays on the Triton soft kernel (the CUDA one is not yet run on a GPU)
         ys, _ = _soft(q_soft, k_soft, v.detach(), alpha, lcp_beta, causal, key_padding_mask,
                       "triton" if be == "cuda" else be)
         y = y + (ys - ys.detach())
@@ -413,14 +468,20 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     check_same(_OP, {"v": v, "q_digits": q, "k_digits": k})
     if key_padding_mask is not None and key_padding_mask.device != v.device:
         raise ValueError(f"{_OP}: key_padding_mask is on {key_padding_mask.device} but v is on {v.device}")
-    be = _backend_for(backend, v.device, soft=True)
+    be = _backend_for(backend, v.device)
     if be == "torch" or B * H * Tq * D == 0 or Tk == 0:
         return ref.soft_lcp_attention(q, k, v, alpha, lcp_beta, causal=causal, key_padding_mask=key_padding_mask,
                                       return_lse=True)
+    name = "Triton" if be == "triton" else "CUDA"
     if v.dtype == torch.float64:
-        raise ValueError(f"{_OP}: the Triton backend takes float16 / bfloat16 / float32 digits and v, got float64 "
+        raise ValueError(f"{_OP}: the {name} backend takes float16 / bfloat16 / float32 digits and v, got float64 "
                          "(use backend='torch')")
-    check_grid_rows(_OP, "triton", B, H)
+    if be == "triton":
+        check_grid_rows(_OP, "triton", B, H)
+    elif K > _SOFT_CUDA_MAX_K or D > _SOFT_CUDA_MAX_D:
+        raise ValueError(f"{_OP} (mode='soft'): the CUDA backend holds K <= {_SOFT_CUDA_MAX_K} digits and D <= "
+                         f"{_SOFT_CUDA_MAX_D} channels per row in registers, got K = {K}, D = {D} (use "
+                         "backend='triton')")
     keep = None if key_padding_mask is None else key_padding_mask.contiguous()
     return UltrametricSoftAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), keep, float(alpha),
                                                   float(lcp_beta), causal, be)
