@@ -8,7 +8,7 @@ here put keys in one key block and in several."""
 
 import pytest
 import torch
-from _helpers import dtype_id, need
+from _helpers import dtype_id, need, run_isolated
 from _tolerance import assert_close
 from conftest import DEVICE
 
@@ -238,3 +238,51 @@ def test_octonion_inf_in_v_backward(causal):
         if fin.any():
             assert_close(f"triton {name} (finite entries)", got[fin], want[fin])
     assert torch.isfinite(grads["triton"][2]).all(), "dv"
+
+
+def test_octonion_epilogue_split_is_exact():
+    """The octonion epilogue GEMMs (common._emm) run on bfloat16 tensor cores from a float32
+    operand split as a = hi + mid + lo, three bfloat16 (common._split3, by truncation): the three
+    sum back to a bit for bit (float64 sums) over magnitudes 1e-30 .. 3.4e38, near float32's
+    largest (where hi rounded to nearest would be inf), negative and zero; below 2^-110 the pieces
+    under float32's normal range can be lost (absolute error < 2^-126). Runs the kernel code under
+    the interpreter."""
+    run_isolated("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch, triton
+    import triton.language as tl
+    from geokern.kernels.hypercomplex_attention.common import _split3
+
+    @triton.jit
+    def split(a_ptr, h_ptr, m_ptr, l_ptr, n: tl.constexpr):
+        i = tl.arange(0, n)
+        hi, mid, lo = _split3(tl.load(a_ptr + i))
+        tl.store(h_ptr + i, hi.to(tl.float32))
+        tl.store(m_ptr + i, mid.to(tl.float32))
+        tl.store(l_ptr + i, lo.to(tl.float32))
+
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 14
+    mant = torch.rand(n, generator=g, dtype=torch.float64) + 1
+    expo = torch.randint(-99, 128, (n,), generator=g).double()
+    a = (mant * 2.0 ** expo).float()  # 2^-99 (1.6e-30) .. 2^128 (finite: float32's top binade)
+    a[:64] = torch.finfo(torch.float32).max * (1 - torch.arange(64) * 2.0 ** -24)  # within 0.4% of max
+    a[64:128] = torch.tensor(3.4e38) * (1 - torch.rand(64, generator=g, dtype=torch.float64) * 0.004).float()
+    a[128:192] = 0.0
+    a = torch.where(torch.rand(n, generator=g) < 0.5, -a, a).contiguous()
+    assert torch.isfinite(a).all()
+    h, m, l = (torch.empty_like(a) for _ in range(3))
+    split[(1,)](a, h, m, l, n)
+    for name, x in (("hi", h), ("mid", m), ("lo", l)):
+        assert torch.equal(x, x.bfloat16().float()), (name, "not a bfloat16")
+        assert torch.isfinite(x).all(), name
+    s = h.double() + m.double() + l.double()
+    bad = (s != a.double()).nonzero().flatten()
+    assert not len(bad), [(a[i].item(), h[i].item(), m[i].item(), l[i].item()) for i in bad[:5]]
+    tiny = torch.tensor([1e-33, -1e-36, 3e-38, -1e-40, 1e-44, 2.0 ** -110 * 1.999, 2.0 ** -126, -2.0 ** -149])
+    ht, mt, lt = (torch.empty_like(tiny) for _ in range(3))
+    split[(1,)](tiny, ht, mt, lt, 8)
+    err = (ht.double() + mt.double() + lt.double() - tiny.double()).abs()
+    assert (err < 2.0 ** -126).all(), err  # subnormal pieces may be flushed (the interpreter's casts)
+    """, timeout=120)

@@ -32,21 +32,28 @@ SMEM_LIMIT = 232448
 
 def _blocks(n, block_d, dtype):
     """(BLOCK_M, BLOCK_N, warps, stages). The octonion accumulators are [rows, 8 * BLOCK_D] float32,
-    so the tiles shrink to keep rows * width within a budget: 16K for 16-bit inputs (the register
-    budget the retrieval kernels measured; quaternions get flash-attention's 64 x 64), 8K for
-    float32, whose "ieee" dots are FMA dots that stage each [rows, width] float32 operand in shared
-    memory (the backward's P^T dO' and values dO'^T: ~17 bytes of shared memory per unit of rows *
-    width at 64 x 64 or 32 x 32, 287744 > 232448 bytes for D = 24 octonions). width is at least
-    2 BLOCK_D (the quaternion backward's q, q^, dy buffers: float32 D = 128 at 64 x 64 needed
-    345088 bytes). At the 16-row floor of tl.dot (float32 octonions, D > 64) the budget is still
-    exceeded: those loops are not software-pipelined (stages 1), which drops their double buffers
-    (16 x 16, D = 128 backward: 271616 -> 222208 bytes)."""
+    so the tiles shrink to keep rows * width within two budgets (width: the value row, at least
+    2 BLOCK_D for the quaternion backward's q, q^, dy buffers):
+
+    registers: 16K for 16-bit inputs (the budget the retrieval kernels measured; quaternions get
+    flash-attention's 64 x 64), 4K for float32 octonions, whose "ieee" dots are FMA GEMMs holding
+    both [rows, width] operands in registers. Above a thread's 255 registers ptxas does not spill a
+    little: it falls back to 32 registers and kilobytes of local-memory stack per thread, which is
+    slow and reserved per CUDA context for every resident thread (tests/test_kernels_resources.py).
+    Both algebras run on 8 warps, which halves each thread's share of the tiles (the octonions'
+    wide ones above all).
+
+    shared memory: 8K for float32 (the FMA dots stage each float32 operand in shared memory, ~17
+    bytes per unit of rows * width; 287744 > 232448 bytes for D = 24 octonions at 64 x 64). At the
+    16-row floor of tl.dot the budget can still be exceeded (float32 octonions, D = 128): those
+    loops are not software-pipelined (stages 1), which drops their double buffers."""
     if interpret_mode():
         return 16, 16, 4, 3
     width = max(block_d * (1 if n == 4 else 8), 2 * block_d)
-    budget = 8192 if dtype == torch.float32 else 16384
-    rows = max(16, min(64, budget // width))
-    return rows, rows, 4, (1 if rows * width > budget else 3)
+    smem = 8192 if dtype == torch.float32 else 16384
+    regs = 4096 if dtype == torch.float32 and n == 8 else 16384
+    rows = max(16, min(64, min(smem, regs) // width))
+    return rows, rows, 8, (1 if rows * width > smem else 3)
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()]

@@ -19,8 +19,8 @@ E[t * 8 + u, s * 8 + r] = G[r, s, t, u] (reference.hypercomplex_attention.epilog
 import triton
 import triton.language as tl
 
+from geokern.kernels._common import _INTERPRET
 from geokern.kernels.hypercomplex import _hconj, _hmul
-from geokern.kernels._common import mm
 
 
 @triton.jit
@@ -42,13 +42,61 @@ def _load_e(e_ptr, N: tl.constexpr):
 
 
 @triton.jit
+def _bf16_trunc(x):
+    """x float32 with the low 16 bits of its encoding cleared: its leading 8 significant bits,
+    exactly a bfloat16 (toward zero, so it never overflows to inf as rounding near float32's
+    largest values would)."""
+    return (x.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split3(a):
+    """a float32 = hi + mid + lo, three bfloat16 (see _emm)."""
+    hi = _bf16_trunc(a)
+    r1 = a - hi  # exact: the low 16 bits of a's significand
+    mid = _bf16_trunc(r1)
+    return hi.to(tl.bfloat16), mid.to(tl.bfloat16), (r1 - mid).to(tl.bfloat16)
+
+
+@triton.jit
+def _dot16(a, b, acc):
+    """acc + a @ b in float32 for bfloat16 a, b. The interpreter's 16-bit dot multiplies the
+    bfloat16 encodings as integers (triton 3.8 stores them as uint16): it gets float32 copies,
+    whose float32 dot forms the same exact products."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _emm(a, e_ptr, N: tl.constexpr):
+    """a [rows, N * N] float32 @ E (E's entries +-1 / 0) as three bfloat16 tensor-core GEMMs with
+    float32 accumulation. a = hi + mid + lo exactly: hi = a truncated to 8 significant bits, mid the
+    remainder (at most 16 significant bits) truncated likewise, lo what is left (at most 8 bits).
+    Exact for |a| >= 2^-110; below, pieces under float32's normal range can be lost (bfloat16's
+    subnormal floor, flushing casts): an absolute error < 2^-126.
+    E is exact in bfloat16, so every product is exact and only the float32 accumulation rounds, as
+    in an FMA GEMM. Why not the float32 ("ieee") dot: it is an FMA GEMM holding both operands in
+    registers, and for the octonion tiles (rows = BLOCK_M * BLOCK_D / 8, 64 columns) that demand is
+    far above 255 registers, where ptxas gives up and allocates 32 registers with kilobytes of
+    local-memory stack per thread (slow, and the stack is reserved for every resident thread of
+    every SM in each CUDA context). The interpreter runs the same split (only its dot differs, _dot16)."""
+    e = _load_e(e_ptr, N).to(tl.bfloat16)
+    hi, mid, lo = _split3(a)
+    z = _dot16(lo, e, None)  # smallest first
+    z = _dot16(mid, e, z)
+    return _dot16(hi, e, z)
+
+
+@triton.jit
 def output_tile(qn, acc, e_ptr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """y [ROWS, BLOCK_D] float32 from q^ [ROWS, BLOCK_D] and the averaged values acc [ROWS, VW]."""
     R: tl.constexpr = ROWS * BLOCK_D // N
     if N == 4:
         return tl.reshape(_hmul(tl.reshape(qn, (R, N)), tl.reshape(acc, (R, N)), N, R), (ROWS, BLOCK_D))
     else:
-        z = mm(tl.reshape(acc, (R, N * N)), _load_e(e_ptr, N), "ieee")  # [R, s * 8 + r]; E is +-1 / 0: exact
+        z = _emm(tl.reshape(acc, (R, N * N)), e_ptr, N)  # [R, s * 8 + r]
         z = tl.reshape(z, (R, N, N))
         y = tl.sum(tl.reshape(qn, (R, N))[:, :, None] * z, axis=1)
         return tl.reshape(y, (ROWS, BLOCK_D))
@@ -64,7 +112,7 @@ def dvalue_tile(qn, dy, et_ptr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl
         return tl.reshape(_hmul(_hconj(tl.reshape(qn, (R, N)), N), tl.reshape(dy, (R, N)), N, R), (ROWS, BLOCK_D))
     else:
         x = tl.reshape(qn, (R, N))[:, :, None] * tl.reshape(dy, (R, N))[:, None, :]  # [R, s, r]
-        dm = mm(tl.reshape(x, (R, N * N)), _load_e(et_ptr, N), "ieee")
+        dm = _emm(tl.reshape(x, (R, N * N)), et_ptr, N)
         return tl.reshape(dm, (ROWS, BLOCK_D * N))
 
 
@@ -76,7 +124,7 @@ def dquery_tile(dy, acc, e_ptr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl
     if N == 4:
         return tl.reshape(_hmul(tl.reshape(dy, (R, N)), _hconj(tl.reshape(acc, (R, N)), N), N, R), (ROWS, BLOCK_D))
     else:
-        z = tl.reshape(mm(tl.reshape(acc, (R, N * N)), _load_e(e_ptr, N), "ieee"), (R, N, N))
+        z = tl.reshape(_emm(tl.reshape(acc, (R, N * N)), e_ptr, N), (R, N, N))
         return tl.reshape(tl.sum(z * tl.reshape(dy, (R, N))[:, None, :], axis=2), (ROWS, BLOCK_D))
 
 
