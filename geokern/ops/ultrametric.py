@@ -469,7 +469,7 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     if key_padding_mask is not None and key_padding_mask.device != v.device:
         raise ValueError(f"{_OP}: key_padding_mask is on {key_padding_mask.device} but v is on {v.device}")
     be = _backend_for(backend, v.device)
-    if be == "torch" or B * H * Tq * D == 0 or Tk == 0:
+    if be == "torch" or B * H * Tq * D == 0 or Tk == 0 or K == 0:  # K = 0: lcp 0, equal weights
         return ref.soft_lcp_attention(q, k, v, alpha, lcp_beta, causal=causal, key_padding_mask=key_padding_mask,
                                       return_lse=True)
     name = "Triton" if be == "triton" else "CUDA"

@@ -40,8 +40,9 @@ def _blocks(n, block_d, dtype):
     both [rows, width] operands in registers. Above a thread's 255 registers ptxas does not spill a
     little: it falls back to 32 registers and kilobytes of local-memory stack per thread, which is
     slow and reserved per CUDA context for every resident thread (tests/test_kernels_resources.py).
-    Both algebras run on 8 warps, which halves each thread's share of the tiles (the octonions'
-    wide ones above all).
+    Octonions and float32 run on 8 warps, which halves each thread's share of the tiles (float32
+    quaternions at D = 128 fell back to 32 registers on 4); 16-bit quaternions keep flash
+    attention's 4 warps, which stay at 255 registers and under 1 KB of stack.
 
     shared memory: 8K for float32 (the FMA dots stage each float32 operand in shared memory, ~17
     bytes per unit of rows * width; 287744 > 232448 bytes for D = 24 octonions at 64 x 64). At the
@@ -53,7 +54,8 @@ def _blocks(n, block_d, dtype):
     smem = 8192 if dtype == torch.float32 else 16384
     regs = 4096 if dtype == torch.float32 and n == 8 else 16384
     rows = max(16, min(64, min(smem, regs) // width))
-    return rows, rows, 8, (1 if rows * width > smem else 3)
+    warps = 8 if n == 8 or dtype == torch.float32 else 4
+    return rows, rows, warps, (1 if rows * width > smem else 3)
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()]
