@@ -95,6 +95,25 @@ def _grouped(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     return first_m + (pid % per_group) % gm, (pid % per_group) // gm
 
 
+@triton.jit
+def _block_tile(M, NB, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(p, rows, cols) of this program: BM rows (int64) x BN columns of output block p. The n output
+    blocks of one column tile are neighbours in launch order: they share weight rows."""
+    pm, pn = _grouped(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NB, BN) * N, GROUP_M)
+    rows = pm.to(tl.int64) * BM + tl.arange(0, BM)
+    return pn % N, rows, (pn // N) * BN + tl.arange(0, BN)
+
+
+@triton.jit
+def _store_block(acc, bias_ptr, c_ptr, p, rows, cols, M, NB, N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """c[rows, p * NB + cols] = acc (+ bias), the rows and columns past the ends left alone."""
+    col_ok = cols < NB
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + p * NB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = c_ptr + rows[:, None] * (N * NB) + (p * NB + cols)[None, :]
+    tl.store(out, narrow(acc, c_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
+
+
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "KB", "NB", "N", "HAS_BIAS"])
 @triton.jit
 def hypercomplex_linear_fwd_kernel(
@@ -109,13 +128,7 @@ def hypercomplex_linear_fwd_kernel(
     # c[:, p * NB + j] = sum_b sign(p, b) sum_k a[:, b * KB + k] W_{p ^ b}(k, j) (+ bias).
     # The forward (a = x, KB = in / n, W(k, j) = W[j, k]) and dx (a = dy, KB = out / n,
     # W(k, j) = W[k, j], NEG transposed). One program: BM rows x BN columns of one block p.
-    pid = tl.program_id(0)
-    tiles_nb = tl.cdiv(NB, BN)
-    pm, pn = _grouped(pid, tl.cdiv(M, BM), tiles_nb * N, GROUP_M)
-    p = pn % N  # the n output blocks of one column tile are neighbours: they share weight rows
-    jt = pn // N
-    rows = pm.to(tl.int64) * BM + tl.arange(0, BM)
-    cols = jt * BN + tl.arange(0, BN)
+    p, rows, cols = _block_tile(M, NB, N, BM, BN, GROUP_M)
     row_ok = rows < M
     col_ok = cols < NB
     a_rows = a_ptr + rows[:, None] * sam
@@ -132,10 +145,7 @@ def hypercomplex_linear_fwd_kernel(
         x = tl.load(a_rows + (b * KB + k)[None, :].to(tl.int64) * sak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + k[:, None].to(tl.int64) * swk + w_cols, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mm_acc(_negate_if(x, neg), w, acc, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + p * NB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out = c_ptr + rows[:, None] * (N * NB) + (p * NB + cols)[None, :]
-    tl.store(out, narrow(acc, c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_block(acc, bias_ptr, c_ptr, p, rows, cols, M, NB, N, HAS_BIAS)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "KB", "NB", "N", "HAS_BIAS"])
@@ -163,13 +173,7 @@ def hypercomplex_linear_fwd_blocked_kernel(
     Cost of the split: N inner loops per tile, each a pipeline of its own (its prologue's copies
     are not overlapped with the previous block's last dots), and N - 1 (+1) passes over the
     accumulator for the signs; whether that beats the stepwise kernel is the H100's to say."""
-    pid = tl.program_id(0)
-    tiles_nb = tl.cdiv(NB, BN)
-    pm, pn = _grouped(pid, tl.cdiv(M, BM), tiles_nb * N, GROUP_M)
-    p = pn % N
-    jt = pn // N
-    rows = pm.to(tl.int64) * BM + tl.arange(0, BM)
-    cols = jt * BN + tl.arange(0, BN)
+    p, rows, cols = _block_tile(M, NB, N, BM, BN, GROUP_M)
     kk = tl.arange(0, BK)
     a_rows = a_ptr + (rows % M)[:, None] * sam + kk[None, :].to(tl.int64) * sak
     w_off = kk[:, None].to(tl.int64) * swk + (cols % NB)[None, :].to(tl.int64) * swn
@@ -194,12 +198,7 @@ def hypercomplex_linear_fwd_blocked_kernel(
             w = tl.load(wp, mask=kk[:, None] < rem, other=0.0)
             acc = mm_acc(x, w, acc, PRECISION)
     acc = acc * (1 - 2 * cur).to(tl.float32)
-    row_ok = rows < M
-    col_ok = cols < NB
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + p * NB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out = c_ptr + rows[:, None] * (N * NB) + (p * NB + cols)[None, :]
-    tl.store(out, narrow(acc, c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_block(acc, bias_ptr, c_ptr, p, rows, cols, M, NB, N, HAS_BIAS)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M", "O", "I", "N"])
