@@ -214,22 +214,10 @@ def _finite(x):
 @triton.jit
 def _gemm_operand(x):
     """x with its NaN and inf entries zeroed, in x's own layout (abs(x) < inf, not _finite: the
-    compiler would share _finite's mask, which badq has in dO's layout).
-
-    nonfinite_dkdv once zeroed a bad row of q by tl.where(badq[:, None], 0.0, q), with badq
-    reduced from dO' (octonions: [rows, 8 BLOCK_D], a layout made by reshaping a dot result). The
-    select put q into dO's layout: in the sm_90 TTGIR of 16-bit octonions the dk GEMM's operand
-    was `ttg.local_alloc %dk_308 : (tensor<64x32xbf16, #linear5>) -> !ttg.memdesc<64x32xbf16,
-    #shared, #smem>` with #linear5 = #ttg.linear<{register = [[0, 1], [0, 2], [0, 64], [0, 128],
-    ...], lane = [[0, 4], [0, 8], [0, 16], [0, 32], [1, 0]], ...}>, a 64 x 256 layout whose column
-    bases 32, 64, 128 lie outside q's 32 columns, stored into the wgmma's swizzled buffer. Only
-    that path met such a layout (the main loop's q: #blocked; nonfinite_dq's k: #blocked2; float32
-    octonions had it too, into an unswizzled buffer read by FMA dots, and passed), and only it
-    failed on the H100: dk of the keys hidden from a query row with NaN in q, finite but 0.5-0.6
-    off in bfloat16 and float16 (test_hidden_garbage_backward[*-q-bf16-8], [*-q-f16-8]); the CPU
-    interpreter passes with the GPU's 64 x 64 tiles. The H100 has not yet run this form: that the
-    store into swizzled shared memory from that layout is what went wrong is inferred from the IR,
-    not observed (test_kernels_compile.py checks no such operand is back)."""
+    compiler would share _finite's mask, which badq has in dO's layout). Selecting q's bad rows by
+    badq instead put q into dO's wider [rows, 8 BLOCK_D] layout before the dk GEMM's store into
+    swizzled shared memory, the probable cause of a wrong 16-bit dk on the H100 (README.md beside
+    this file; test_kernels_compile.py checks no such operand is back)."""
     return tl.where(tl.abs(x.to(tl.float32)) < float("inf"), x, 0.0).to(x.dtype)
 
 

@@ -19,7 +19,8 @@ E[t * 8 + u, s * 8 + r] = G[r, s, t, u] (reference.hypercomplex_attention.epilog
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import _INTERPRET
+from geokern._backend import interpret_mode
+from geokern.kernels._common import mm, mm_acc
 from geokern.kernels.hypercomplex import _hconj, _hmul
 
 
@@ -58,15 +59,8 @@ def _split3(a):
     return hi.to(tl.bfloat16), mid.to(tl.bfloat16), (r1 - mid).to(tl.bfloat16)
 
 
-@triton.jit
-def _dot16(a, b, acc):
-    """acc + a @ b in float32 for bfloat16 a, b. The interpreter's 16-bit dot multiplies the
-    bfloat16 encodings as integers (triton 3.8 stores them as uint16): it gets float32 copies,
-    whose float32 dot forms the same exact products."""
-    if _INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc=acc, out_dtype=tl.float32)
+# the split's bfloat16 dots: tensor cores on the GPU, float32 copies under the interpreter (mm)
+_SPLIT_PREC = tl.constexpr("upcast" if interpret_mode() else "tf32")
 
 
 @triton.jit
@@ -81,12 +75,12 @@ def _emm(a, e_ptr, N: tl.constexpr):
     registers, and for the octonion tiles (rows = BLOCK_M * BLOCK_D / 8, 64 columns) that demand is
     far above 255 registers, where ptxas gives up and allocates 32 registers with kilobytes of
     local-memory stack per thread (slow, and the stack is reserved for every resident thread of
-    every SM in each CUDA context). The interpreter runs the same split (only its dot differs, _dot16)."""
+    every SM in each CUDA context). The interpreter runs the same split (only its dot differs, mm's "upcast")."""
     e = _load_e(e_ptr, N).to(tl.bfloat16)
     hi, mid, lo = _split3(a)
-    z = _dot16(lo, e, None)  # smallest first
-    z = _dot16(mid, e, z)
-    return _dot16(hi, e, z)
+    z = mm(lo, e, _SPLIT_PREC)  # smallest first
+    z = mm_acc(mid, e, z, _SPLIT_PREC)
+    return mm_acc(hi, e, z, _SPLIT_PREC)
 
 
 @triton.jit
