@@ -344,3 +344,35 @@ def test_public_op_compiles_with_backward(n):
     want = torch.autograd.grad(OPS[n](*[leaves[0], *leaves[2:]], bias=leaves[1], backend="triton").float().square().sum(), leaves)
     for i, (a, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, w, msg=f"compiled grad {i}")
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_op_bodies_trace_on_fake_tensors(n, monkeypatch):
+    """The Triton ops' bodies around their launches, traced on fake tensors as torch.compile
+    traces a torch.library.triton_op (make_fx), on any machine: the launchers stubbed, nothing
+    between the op boundary and the kernels may depend on tensor data. The sign table once came
+    from tensor ops inside the body (left_mul_blocks), and fullgraph failed on the H100 with
+    "Could not guard on data-dependent expression Eq(u0, 1)"."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from geokern.ops import hypercomplex as ops
+
+    seen, signs = [], []
+
+    def stub(name, result):
+        def launcher(*args):
+            seen.append(name)
+            signs.append(next(a for a in args if isinstance(a, tuple)))
+            return args[result].zero_()
+        monkeypatch.setattr(ops.tkl, f"hypercomplex_linear_{name}", launcher)
+
+    stub("fwd", 3), stub("bwd_input", 2), stub("bwd_weight", 2)
+    x, ws, b = _inputs(n, 5, 3, 4, torch.float32)
+    g = torch.randn(5, n * 3, dtype=torch.float32, device=DEVICE)
+    body = lambda x, b, g, *ws: (ops._linear_triton(x, list(ws), b),  # noqa: E731
+                                 *ops._linear_backward_triton(g, x, list(ws), True, True, True))
+    for mode in ("fake", "symbolic"):
+        y, dx, dw, db = make_fx(body, tracing_mode=mode)(x, b, g, *ws)(x, b, g, *ws)
+        assert y.shape == (5, n * 3) and dx.shape == x.shape and dw.shape == (n, 3, 4) and db.shape == (n * 3,)
+    assert seen == ["fwd", "bwd_input", "bwd_weight"] * 2, seen  # one per trace (the graph holds their zero_)
+    assert all(s == ref.left_mul_blocks(n)[1] for s in signs), "the launchers got another sign table"

@@ -270,6 +270,10 @@ def octonion_conj(a: torch.Tensor, *, backend: str | None = None) -> torch.Tenso
 _LINEAR_NAMES = {4: "quaternion_linear", 8: "octonion_linear"}
 _LINEAR_PREFER = ("triton",)  # no CUDA kernel yet
 _LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# n -> the sign table of left multiplication, read once here: left_mul_blocks derives it with
+# tensor ops, which torch.compile traced inside the ops' bodies as data-dependent values
+# (fullgraph failed on the H100: "Could not guard on data-dependent expression Eq(u0, 1)")
+_LINEAR_SIGNS = {n: ref.left_mul_blocks(n)[1] for n in _LINEAR_NAMES}
 
 
 def _matmul_precision(dtype):
@@ -299,9 +303,8 @@ def _linear_triton(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
                    decode_splits: int = 0, gemm_variant: str = tkl.GEMM_VARIANT) -> torch.Tensor:
     n = len(weights)
     out = x.new_empty((x.shape[0], n * weights[0].shape[0]))
-    _, sign = ref.left_mul_blocks(n)
     return tkl.hypercomplex_linear_fwd(x, _shared_strides(weights), None if bias is None else bias.contiguous(),
-                                      out, sign, _matmul_precision(x.dtype), decode_max_rows, decode_block_n,
+                                      out, _LINEAR_SIGNS[n], _matmul_precision(x.dtype), decode_max_rows, decode_block_n,
                                       decode_splits, gemm_variant)
 
 
@@ -310,7 +313,7 @@ def _linear_backward_triton(
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, (O, I) = len(weights), weights[0].shape
-    _, sign = ref.left_mul_blocks(n)
+    sign = _LINEAR_SIGNS[n]
     prec = _matmul_precision(x.dtype)
     dx, dw, db = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
     if need_input:

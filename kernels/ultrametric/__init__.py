@@ -170,14 +170,19 @@ def ultrametric_cache_query(tab, cnt, qd, y, lse, alpha, p):
 # ---- soft mode (soft.py) ---------------------------------------------------------------
 
 
-def soft_blocks(D, fwd):
-    """(BM, BN, warps) of the soft kernels: 16 x 16 under the interpreter (CI time). On the GPU
-    the largest tiles that compile for sm_90 without register spills (ptxas, K = 8, D = 64,
-    bf16; not yet timed): forward 64 x 64 on 8 warps (4 warps spill), backward 32 queries x 64
-    keys on 8 warps (it holds five pair tiles: lcp, c, the level sum, pc and dL/dlcp)."""
+def soft_blocks(D, fwd, dtype):
+    """(BM, BN, warps) of the soft kernels for head dim D and v's dtype: 16 x 16 under the
+    interpreter (CI time). On the GPU the largest tiles that compile for sm_90 without register
+    spills (ptxas, K = 8, D = 64, bf16; not yet timed): forward 64 x 64 on 8 warps (4 warps
+    spill), backward 32 queries x 64 keys on 8 warps (it holds five pair tiles: lcp, c, the
+    level sum, pc and dL/dlcp). The float32 forward past D = 128 takes 32 keys a step: with 64
+    its three pipeline stages of [64, 256] value tiles need 237568 bytes of shared memory, over
+    the H100's 232448 (the launch failed there); 32 keys need 118784."""
     if interpret_mode():
         return 16, 16, 4
-    return (64, 64, 8) if fwd else (32, 64, 8)
+    if not fwd:
+        return 32, 64, 8
+    return (64, 32, 8) if dtype.itemsize == 4 and _bd(D) > 128 else (64, 64, 8)
 
 
 def _soft_prec(dtype):
@@ -196,7 +201,7 @@ def ultrametric_soft_attention_fwd(q, k, v, keep, y, lse, alpha, beta, causal):
     (all contiguous): writes y [B, H, Tq, D] (v's dtype) and lse [B, H, Tq] float32. Tk >= 1."""
     B, H, Tq, K = q.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], v.shape[3]
-    BM, BN, warps = soft_blocks(D, True)
+    BM, BN, warps = soft_blocks(D, True, v.dtype)
     nb, log2a = _soft_scalars(alpha, beta)
     launch(ultrametric_soft_attention_fwd_kernel)[(triton.cdiv(Tq, BM), B * H)](
         q, k, v, keep if keep is not None else v, y, lse, H, H // Hkv, Tq, Tk, D, nb, log2a,
@@ -209,7 +214,7 @@ def ultrametric_soft_attention_bwd(dy, q, k, v, keep, y, lse, dq, dk, dv, alpha,
     added to atomically), dk [B, Hkv, Tk, K] and dv [B, Hkv, Tk, D] (each written once)."""
     B, H, Tq, K = q.shape
     Hkv, Tk, D = k.shape[1], k.shape[2], v.shape[3]
-    BM, BN, warps = soft_blocks(D, False)
+    BM, BN, warps = soft_blocks(D, False, v.dtype)
     nb, log2a = _soft_scalars(alpha, beta)
     # per query: log2 max(den, 1e-9) and dy . y, zero where the clamp holds (y no longer depends on den)
     lse2 = lse * math.log2(math.e)
