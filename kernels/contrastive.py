@@ -252,7 +252,9 @@ def contrastive_many(meta, tiles, ws, norm, badb, cnt, n_tiles, lr_beta, max_nor
     prec = ("tf32" if tf32 else "ieee") if act_dtype == torch.float32 else "tf32"  # 16-bit: no choice
     if interpret_mode():
         prec = "upcast"
-    launch(contrastive_many_kernel)[(2 * n_tiles,)](
+    # launched as is, not through launch(): no triton_op runs this (raw address tables), so a
+    # wrap_triton kernel would go through torch's higher-order op on every eager call
+    contrastive_many_kernel[(2 * n_tiles,)](
         meta, tiles, ws, norm, badb, cnt, n_tiles, norm.numel(), float(lr_beta), float(max_norm or 0.0),
         ACT=_KIND[act_dtype], W_DT=_KIND[w_dtype], PREC=prec, HAS_CLIP=max_norm is not None, BM=block_m, BN=block_n,
         BK=block_k, RB=128, num_warps=num_warps, num_stages=num_stages,

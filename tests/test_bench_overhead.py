@@ -208,3 +208,52 @@ def test_measure_on_the_gpu():
         assert math.isfinite(r["eager_us"]) and r["eager_us"] > 0
         if r["backend"] != "floor":
             assert 0 < r["graph_us"] < r["eager_us"] * 10
+
+
+def test_eager_calls_launch_their_triton_kernels_directly(monkeypatch):
+    """Every case's eager call on the Triton backend (the decode case aside: large inputs), on
+    any machine: each kernel launch must run with wrap_triton off, so the kernel starts directly.
+    With it on (the plain-eager shortcut of _registry.triton_op ran the op's body without turning
+    it off) each launch went through torch's triton_kernel_wrapper_mutation higher-order op, and a
+    Triton op's call cost hundreds of microseconds of host time on the H100 (quaternion_mul:
+    295 us, the CUDA backend's 37). Without a GPU the kernels run under the interpreter
+    (conftest), whose launch() returns them unwrapped; the flag it would see is what counts."""
+    import sys
+
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from geokern.kernels import _common
+
+    seen = []
+
+    def recording_launch(kernel):
+        seen.append(is_wrap_triton_enabled())
+        return original(kernel)
+
+    original = _common.launch
+    for name, module in list(sys.modules.items()):
+        if name.startswith("geokern.kernels") and getattr(module, "launch", None) is original:
+            monkeypatch.setattr(module, "launch", recording_launch)
+    from conftest import DEVICE
+
+    monkeypatch.setattr(overhead, "DEVICE", DEVICE)
+    monkeypatch.setattr(overhead, "_ultrametric_caches", {})
+    monkeypatch.setattr(overhead, "_lior_states", {})
+    ran = []
+    for call in overhead.CALLS:
+        if call.shape.startswith("decode-"):
+            continue
+        inputs = call.make(torch.float32)
+        before = len(seen)
+        try:
+            call.run("triton", *inputs)
+        except (RuntimeError, ValueError) as e:
+            if "not built" in str(e) or "no triton" in str(e).lower():
+                continue  # the op has no Triton backend
+            raise
+        # the grouped contrastive update launches its kernel itself (no triton_op: raw address tables)
+        direct = call.op == "contrastive_update_many_"
+        assert direct or len(seen) > before, f"{call.label('float32')}: no kernel launched through launch()"
+        assert not any(seen[before:]), f"{call.label('float32')}: a launch went through wrap_triton's higher-order op"
+        ran.append(call.op)
+    assert len(ran) >= 15, ran

@@ -139,11 +139,12 @@ class Call:
         return f"{self.op} {self.shape} {dtype} fwd"
 
 
+DEVICE = "cuda"  # where the inputs go (a CPU test of the calls sets "cpu")
 # Inputs are drawn on the CPU and copied over: a capture that fails inside a row (reported in that
 # row) may leave the CUDA generator mid-capture; the next row's CUDA draw then raised "Offset
 # increment outside graph capture" (the H100 run of 43ec3e4 lost the family's later rows to it).
 def _randn(*shape):
-    return lambda dtype: torch.randn(*shape, dtype=dtype).cuda()
+    return lambda dtype: torch.randn(*shape, dtype=dtype).to(DEVICE)
 
 
 def _inputs(*parts):
@@ -152,11 +153,11 @@ def _inputs(*parts):
 
 
 def _positive(*shape):
-    return lambda dtype: (torch.rand(*shape) + 0.5).cuda()
+    return lambda dtype: (torch.rand(*shape) + 0.5).to(DEVICE)
 
 
 def _digits(*shape):
-    return lambda dtype: torch.randint(0, 2, (*shape, 8)).cuda()
+    return lambda dtype: torch.randint(0, 2, (*shape, 8)).to(DEVICE)
 
 
 def _ultrametric_step_make(dtype):
@@ -167,7 +168,7 @@ def _ultrametric_step_make(dtype):
 def _ultrametric_step_run(backend, q, k, v):
     cache = _ultrametric_caches.get(backend)
     if cache is None:
-        cache = _ultrametric_caches[backend] = geokern.UltrametricCache(1, 2, 16, 8, device="cuda", backend=backend)
+        cache = _ultrametric_caches[backend] = geokern.UltrametricCache(1, 2, 16, 8, device=DEVICE, backend=backend)
     cache.reset()  # the same state before every call, so eager and graph replays give the same output
     return geokern.ultrametric_decode_step_(cache, q, k, v)
 
@@ -179,9 +180,9 @@ _lior_states = {}
 def _lior_state(backend, dtype, B, D, p=4):
     key = (backend, dtype, B, D)
     if key not in _lior_states:
-        _lior_states[key] = (torch.zeros(B, D, device="cuda", dtype=dtype),
-                             torch.zeros(p, B, D, device="cuda", dtype=dtype),
-                             torch.zeros((), device="cuda", dtype=torch.int64))
+        _lior_states[key] = (torch.zeros(B, D, device=DEVICE, dtype=dtype),
+                             torch.zeros(p, B, D, device=DEVICE, dtype=dtype),
+                             torch.zeros((), device=DEVICE, dtype=torch.int64))
     m, ring, pos = _lior_states[key]
     for t in (m, ring, pos):  # the same state before every call: eager and graph replays agree
         t.zero_()

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from torch._C._functorch import peek_interpreter_stack as _functorch_level
+from torch._library.triton import set_wrap_triton_enabled
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 from geokern import _ext
@@ -60,7 +61,12 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
 
     def call(*args, **kwargs):
         if _plain_eager(args, kwargs):
-            return impl(*args, **kwargs)
+            # wrap_triton off, as triton_op's own eager kernel runs the body: launch()'s kernels
+            # then start directly. On, every launch went through the triton_kernel_wrapper_mutation
+            # higher-order op's Python dispatch (quaternion_mul's Triton call: 295 us of host time
+            # on the H100, its CUDA backend's 37; benchmarks/results, af39454)
+            with set_wrap_triton_enabled(False):
+                return impl(*args, **kwargs)
         return call.op(*args, **kwargs)
 
     call.op = op
