@@ -59,6 +59,27 @@ def _time(fn, input_sets, do_bench):
     return do_bench(lambda: fn(*next(it)), warmup=25, rep=200, return_mode="median")
 
 
+HOST_CALLS = 20  # back-to-back calls timed on the host clock per row
+HOST_BOUND = 0.8  # host time per call >= this fraction of the timed ms: the row is marked host-bound
+
+
+def _host_ms(fn, input_sets, calls=HOST_CALLS, clock=time.perf_counter):
+    """The host's own time per call: `calls` calls back to back, timed before the one
+    synchronisation after them. do_bench's events measure the GPU's span of a call, which is
+    the host's time instead when the host cannot keep the GPU fed: then the row times the
+    wrapper, not the kernel (the Triton ops' launches through torch's higher-order op made
+    whole benchmark tables of the H100 host-bound, unnoticed; af39454)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    it = itertools.cycle(input_sets)
+    sync()
+    t0 = clock()
+    for _ in range(calls):
+        fn(*next(it))
+    host = (clock() - t0) / calls * 1e3
+    sync()
+    return host
+
+
 def run_case(case, ceils, do_bench, progress):
     sets = [case.make_inputs()]
     if case.input_bytes:
@@ -72,17 +93,17 @@ def run_case(case, ceils, do_bench, progress):
             out = fn(*sets[0])
             err = 0.0 if name in case.baselines else _rel_err(out, ref)
         except Exception as e:  # an unsupported peer (out of memory, compile failure)
-            timed[name] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            timed[name] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", None)
             torch.cuda.empty_cache()
             continue
         if not err <= case.tol:
-            timed[name] = (None, f"failed check: relative error {err:.2e} > {case.tol:.0e}")
+            timed[name] = (None, f"failed check: relative error {err:.2e} > {case.tol:.0e}", None)
             continue
-        timed[name] = (_time(fn, sets, do_bench), None)
+        timed[name] = (_time(fn, sets, do_bench), None, _host_ms(fn, sets))
     peer_name = next(iter(case.peers), None)
     peer_ms = timed.get(peer_name, (None,))[0] if peer_name else None
     rows = []
-    for name, (ms, err) in timed.items():
+    for name, (ms, err, host_ms) in timed.items():
         is_peer = name in case.peers
         value = case.amount / (ms * 1e-3) / 1e12 if ms else None
         rows.append(
@@ -100,6 +121,8 @@ def run_case(case, ceils, do_bench, progress):
                 "speedup_vs_peer": (peer_ms / ms) if (ms and peer_ms and not is_peer) else None,
                 "fraction_of_ceiling": (value / ceils[case.ceiling]) if value else None,
                 "error": err,
+                "host_ms": host_ms,
+                "host_bound": bool(ms and host_ms is not None and host_ms >= HOST_BOUND * ms),
             }
         )
     del sets
@@ -124,6 +147,8 @@ def print_table(rows, file=sys.stdout):
         )
         if r.get("error"):
             line += f"  [{r['error']}]"
+        if r.get("host_bound"):
+            line += f"  [host-bound: {r['host_ms']:.4f} ms of host time a call]"
         print(line, file=file)
 
 
