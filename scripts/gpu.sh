@@ -65,7 +65,7 @@ shards() {  # shards NAME SELECT...: the ids pytest selects with SELECT, in JOBS
   # alternates (octonion / quaternion, ...), so round-robin gave some processes every expensive
   # variant (the octonion attention tests, whose kernels take the longest to compile): five of
   # fourteen processes had done 35% of their tests when the others had finished.
-  $PY -m pytest --collect-only -q -p no:cacheprovider "$@" tests 2>/dev/null | grep '::' |
+  $PY -m pytest --collect-only -q -p no:cacheprovider "$@" tests 2>/dev/null | grep '::' | LC_ALL=C sort -u |
     awk 'BEGIN { srand(12345) } { printf "%.12f\t%s\n", rand(), $0 }' | sort -k1,1 | cut -f2- |
     awk -v part="${PART:-1/1}" 'BEGIN { split(part, a, "/") } (NR - 1) % a[2] == a[1] - 1' >"$OUT/$name.ids"
   awk -v n="$JOBS" -v f="$OUT/$name.ids." '{ print > (f (NR % n)) }' "$OUT/$name.ids"
