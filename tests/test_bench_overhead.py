@@ -210,8 +210,14 @@ def test_measure_on_the_gpu():
             assert 0 < r["graph_us"] < r["eager_us"] * 10
 
 
+# in-place updates and ops without a gradient: their forward only
+NO_BACKWARD = {"ultrametric_decode_step_", "ultrametric_signatures", "contrastive_update_", "contrastive_update_many_",
+               "lior_recurrence_step_", "lior_action_"}
+
+
 def test_eager_calls_launch_their_triton_kernels_directly(monkeypatch):
-    """Every case's eager call on the Triton backend (the decode case aside: large inputs), on
+    """Every case's eager call on the Triton backend, forward and backward (the decode case aside:
+    large inputs), on
     any machine: each kernel launch must run with wrap_triton off, so the kernel starts directly.
     With it on (the plain-eager shortcut of _registry.triton_op ran the op's body without turning
     it off) each launch went through torch's triton_kernel_wrapper_mutation higher-order op, and a
@@ -244,9 +250,15 @@ def test_eager_calls_launch_their_triton_kernels_directly(monkeypatch):
         if call.shape.startswith("decode-"):
             continue
         inputs = call.make(torch.float32)
+        if call.op not in NO_BACKWARD:  # the backward's launches too
+            inputs = tuple(t.requires_grad_() if t.is_floating_point() else t for t in inputs)
         before = len(seen)
         try:
-            call.run("triton", *inputs)
+            out = call.run("triton", *inputs)
+            if call.op not in NO_BACKWARD:
+                outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+                assert outs, f"{call.op}: no output requires grad"
+                torch.autograd.backward([o.float().sum() for o in outs])
         except (RuntimeError, ValueError) as e:
             if "not built" in str(e) or "no triton" in str(e).lower():
                 continue  # the op has no Triton backend
