@@ -217,8 +217,78 @@ def test_decode_cache_errors():
                                          torch.randn(1, 1, 2, 4, device=DEVICE))
     with pytest.raises(ValueError, match="v must"):
         cache.append(digits(1, 1, 1, 3, 2), torch.randn(1, 1, 1, 5, device=DEVICE))
-    with pytest.raises(ValueError, match="k_digits"):
-        cache.append(torch.full((1, 1, 1, 3), 2, device=DEVICE), torch.randn(1, 1, 1, 4, device=DEVICE))
+    # an out-of-range digit: refused on request (the host read); by default NaN, tested below
+    with pytest.raises(ValueError, match="k_digits must hold digits in \\[0, p - 1\\] = \\[0, 1\\]"):
+        cache.append(torch.full((1, 1, 1, 3), 2, device=DEVICE), torch.randn(1, 1, 1, 4, device=DEVICE),
+                     check_digits=True)
+    with pytest.raises(ValueError, match="q_digits must hold digits in \\[0, p - 1\\]"):
+        geokern.ultrametric_decode_step_(cache, torch.full((1, 1, 1, 3), -1, device=DEVICE),
+                                         digits(1, 1, 1, 3, 2), torch.randn(1, 1, 1, 4, device=DEVICE),
+                                         check_digits=True)
+    with pytest.raises(TypeError, match="check_digits must be a bool"):
+        cache.query(digits(1, 1, 1, 3, 2), check_digits=1)
+    assert cache.length == 0 and cache.cnt.sum() == 0, "a refused step appended its key"
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+@pytest.mark.parametrize("alpha", [2.0, 0.5], ids=["prefix", "siblings"])
+def test_decode_bad_digits_are_nan(backend, alpha):
+    """Unchecked digits outside [0, p - 1] (the default: no host read) are never a silently wrong
+    answer: a bad query row gets y and lse NaN, the other rows their right value; a kept bad key
+    turns every later query of its group NaN (both read paths: alpha > 1 reads the prefix buckets,
+    alpha <= 1 the disjoint siblings); a padded bad key adds nothing; a uint8 digit >= p counts."""
+    need(backend)
+    B, H, Hkv, K, D, p = 2, 2, 1, 3, 4, 3
+    kd, v = digits(B, Hkv, 6, K, p), torch.randn(B, Hkv, 6, D, device=DEVICE)
+    cache = geokern.UltrametricCache(B, Hkv, D, K, p=p, alpha=alpha, device=DEVICE, backend=backend)
+    cache.append(kd, v)
+    qd = digits(B, H, 3, K, p)
+    qd[0, 1, 1, 2] = p
+    qd[1, 0, 2, 0] = -1
+    y, lse = cache.query(qd, return_lse=True)
+    bad = torch.zeros(B, H, 3, dtype=torch.bool, device=DEVICE)
+    bad[0, 1, 1] = bad[1, 0, 2] = True
+    assert y[bad].isnan().all() and lse[bad].isnan().all(), "a bad query row is not NaN"
+    want, lwant = brute(qd.clamp(0, p - 1), kd, v, alpha, causal=False)
+    assert rel_err(y[~bad], want[~bad]) < 1e-5 and rel_err(lse[~bad], lwant[~bad]) < 1e-5, "the good rows"
+    cache.append(digits(B, Hkv, 1, K, p).to(torch.uint8).fill_(p), v[:, :, :1],
+                 torch.tensor([[False], [True]], device=DEVICE))  # batch 0 padded, batch 1 kept
+    y = cache.query(digits(B, H, 3, K, p))
+    assert y[1].isnan().all(), "a kept bad key did not poison its group"
+    assert y[0].isfinite().all(), "a padded bad key (or another group's) entered"
+    out = (torch.empty(B, H, 1, D, device=DEVICE), torch.empty(B, H, 1, device=DEVICE))
+    geokern.ultrametric_decode_step_(cache, digits(B, H, 1, K, p), digits(B, Hkv, 1, K, p), v[:, :, :1], out=out,
+                                     return_lse=True)
+    assert out[0][1].isnan().all() and out[0][0].isfinite().all() and out[1].isfinite().all(), "the step after"
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_decode_step_reads_nothing_back(backend):
+    """Issue #16: a decode step launches no digit-range reduction (min / max / aminmax) and reads
+    no scalar back (item: a device-to-host copy and a stream sync per call on a GPU, 226 us of an
+    8.8 us CUDA step on the H100), nor fills a buffer. Recorded by the profiler (no dispatch mode,
+    which would route the Triton op through the dispatcher) after a warm-up step."""
+    need(backend)
+    B, H, K, D = 1, 2, 8, 16
+    cache = geokern.UltrametricCache(B, H, D, K, device=DEVICE, backend=backend)
+    qd, kd, v = digits(B, H, 1, K, 2), digits(B, H, 1, K, 2), torch.randn(B, H, 1, D, device=DEVICE)
+    out = (torch.empty(B, H, 1, D, device=DEVICE), torch.empty(B, H, 1, device=DEVICE))
+    geokern.ultrametric_decode_step_(cache, qd, kd, v, out=out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            geokern.ultrametric_decode_step_(cache, qd, kd, v, out=out)
+    ops = {e.name for e in prof.events()}
+    # not aten::fill_: the Triton interpreter's copies of the arguments (new_empty) fill under the
+    # test suite's deterministic mode; a fill of the op's own shows as ones / zeros / zero_
+    banned = {"aten::item", "aten::_local_scalar_dense", "aten::min", "aten::max", "aten::aminmax", "aten::amin",
+              "aten::amax", "aten::zero_", "aten::zeros", "aten::ones", "aten::full"}
+    if backend == "torch":  # its gathers and index_add_ build index and scratch tensors, but read nothing back
+        banned -= {"aten::zero_", "aten::zeros", "aten::ones", "aten::full"}
+    assert not ops & banned, sorted(ops & banned)
+    assert ops, "the profiler saw no op"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        geokern.ultrametric_decode_step_(cache, qd, kd, v, out=out, check_digits=True)
+    assert {e.name for e in prof.events()} & {"aten::_local_scalar_dense"}, "check_digits=True read nothing: the probe is blind"
 
 
 @gpu

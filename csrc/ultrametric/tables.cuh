@@ -35,9 +35,9 @@ struct Digits {
     }
   }
 
-  // Clamped to [0, p - 1]: the ops check digit values, except under CUDA-graph capture and with
-  // check_digits=False (a host read would synchronise), where the clamp keeps every table access
-  // in bounds.
+  // Clamped to [0, p - 1]: digits the ops do not check on the host (check_digits=False, CUDA-graph
+  // capture, the decode state by default: a host read would synchronise) keep every table access
+  // in bounds; the decode kernels mark them NaN besides (bad_digits).
   __device__ __forceinline__ int at(int64_t i, int p) const {
     return int(min(max(raw(i), 0LL), static_cast<long long>(p - 1)));
   }
@@ -63,6 +63,19 @@ inline int64_t num_codes(int64_t p, int64_t K) {
     if (n > kMaxCodes) return kMaxCodes + 1;
   }
   return n;
+}
+
+// Whether digit row `row` holds a digit outside [0, p - 1] (before the clamp of Digits::at), on
+// every lane (a ballot: every lane must call it). The decode kernels mark such rows NaN: their ops
+// do not read the digits on the host by default (a sync per step).
+__device__ __forceinline__ bool bad_digits(const Digits& dig, int64_t row, int K, int p) {
+  const int lane = threadIdx.x % 32;
+  bool bad = false;
+  for (int l = lane; l < K; l += 32) {
+    const long long d = dig.raw(row * K + l);
+    bad = bad || d < 0 || d >= p;
+  }
+  return __any_sync(kFull, bad);
 }
 
 // Blocks of `per_block` warps for one warp per row.

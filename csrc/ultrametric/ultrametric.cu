@@ -30,7 +30,8 @@ struct AppendParams {
 };
 
 // One warp per key (group g, position t); lanes stride over D, so the atomics of a level are
-// one coalesced RED per 32 channels. A padded key adds nothing, whatever its v.
+// one coalesced RED per 32 channels. A padded key adds nothing, whatever its v; a kept key with a
+// digit outside [0, p - 1] adds NaN (v / NaN) to its clamped digits' buckets.
 template <typename VT>
 __global__ void __launch_bounds__(kThreads) ultrametric_cache_append_kernel(const AppendParams a) {
   const int64_t key = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -39,7 +40,8 @@ __global__ void __launch_bounds__(kThreads) ultrametric_cache_append_kernel(cons
   if (a.keep && !a.keep[(g / a.Hkv) * a.T + t]) return;
   int code, digit;
   prefix_code(a.dig, key, a.K, a.p, code, digit);
-  add_row(a.tab + g * a.N * a.D, a.cnt + g * a.N, code, a.K, a.D, static_cast<const VT*>(a.v) + key * a.D, 1.f);
+  const float div = bad_digits(a.dig, key, a.K, a.p) ? NAN : 1.f;
+  add_row(a.tab + g * a.N * a.D, a.cnt + g * a.N, code, a.K, a.D, static_cast<const VT*>(a.v) + key * a.D, div);
 }
 
 struct QueryParams {
@@ -55,7 +57,8 @@ struct QueryParams {
 
 // One warp per query (b, h, t), reading its group b * Hkv + h / R: den through read_den, then
 // lanes own VEC consecutive channels (float4 loads and stores where D % 4 == 0 and the buffers
-// are 16-byte aligned) and sum the rows through read_acc.
+// are 16-byte aligned) and sum the rows through read_acc. A query with a digit outside [0, p - 1]
+// gets y and lse NaN (fmaxf would drop a NaN den, so the divisor is set NaN itself).
 template <int VEC>
 __global__ void __launch_bounds__(kThreads) ultrametric_cache_query_kernel(const QueryParams q) {
   const int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -67,9 +70,10 @@ __global__ void __launch_bounds__(kThreads) ultrametric_cache_query_kernel(const
   const int* cnt = q.cnt + g * q.N;
   int code, digit;
   prefix_code(q.dig, i, q.rw.K, q.rw.p, code, digit);
+  const bool bad = bad_digits(q.dig, i, q.rw.K, q.rw.p);
   const float den = read_den(q.rw, cnt, code, digit);
-  const float clamped = fmaxf(den, 1e-9f);
-  if (lane == 0) q.lse[i] = cnt[0] > 0 ? logf(den) : -INFINITY;  // the root counts every key
+  const float clamped = bad ? NAN : fmaxf(den, 1e-9f);
+  if (lane == 0) q.lse[i] = bad ? NAN : cnt[0] > 0 ? logf(den) : -INFINITY;  // the root counts every key
   float* y = q.y + i * q.D;
   for (int c0 = 0; c0 < q.D; c0 += 32 * VEC) {  // warp-uniform bounds: the shuffles need every lane
     const int c = c0 + lane * VEC;

@@ -36,14 +36,21 @@ def _rows(digits, p, N, Hkv, alpha=None):
     return codes + g * N
 
 
+def _bad(digits, p):
+    """[B, heads, T] bool: rows with a digit outside [0, p - 1], computed on the device (no host
+    read): the kernels' NaN marking (UltrametricCache's docstring)."""
+    return ((digits < 0) | (digits >= p)).any(-1)
+
+
 def _cache_append_torch(tab, cnt, k_digits, v, keep, p):
     G, N, D = tab.shape
     B, Hkv, T, K = k_digits.shape
     keep = torch.ones(B, T, dtype=torch.bool, device=v.device) if keep is None else keep
     keep4 = keep.view(B, 1, T, 1)
     rows = _rows(k_digits, p, N, Hkv).reshape(-1)
+    vk = torch.where(_bad(k_digits, p).unsqueeze(-1), float("nan"), v.float())
     # a padded key adds zeros: where, not a product, so its NaN never enters
-    vk = torch.where(keep4, v.float(), 0.0).unsqueeze(3).expand(-1, -1, -1, K + 1, -1)
+    vk = torch.where(keep4, vk, 0.0).unsqueeze(3).expand(-1, -1, -1, K + 1, -1)
     tab.view(G * N, D).index_add_(0, rows, vk.reshape(rows.numel(), D))
     cnt.view(G * N).index_add_(0, rows, keep4.expand(B, Hkv, T, K + 1).reshape(-1).int())
 
@@ -53,8 +60,9 @@ def _cache_query_torch(tab, cnt, q_digits, y, lse, alpha, p):
     rows, w = _rows(q_digits, p, N, G // q_digits.shape[0], alpha)
     num, den, seen = ref.read_buckets(tab.view(G * N, D), cnt.view(G * N), rows, w)
     yy, ll = ref._finish(num, den, seen, torch.float32)
-    y.copy_(yy)
-    lse.copy_(ll)
+    bad = _bad(q_digits, p)
+    y.copy_(torch.where(bad.unsqueeze(-1), float("nan"), yy))
+    lse.copy_(torch.where(bad, float("nan"), ll))
 
 
 def _cache_append_fake(tab, cnt, k_digits, v, keep, p):
@@ -111,7 +119,18 @@ class UltrametricCache:
     index_add_ / gathers on the same tables); "auto" takes Triton for CUDA tensors (the CUDA
     kernels are not yet measured faster), the torch backend for CPU tensors. The Triton and CUDA
     appends add with float32 atomics: under torch.use_deterministic_algorithms(True) they raise as
-    torch's nondeterministic ops do (backend='torch' is deterministic)."""
+    torch's nondeterministic ops do (backend='torch' is deterministic).
+
+    Digits outside [0, p - 1]: append, query and ultrametric_decode_step_ do not read the digits
+    on the host by default (check_digits=False), since on a GPU that read is a device-to-host copy
+    and a stream sync per call (226 us of an 8.8 us CUDA decode step on the H100, issue #16), and
+    no sync-free host check can raise for a tensor the host has not read. Instead every backend
+    marks them on the device, so a bad digit is never a silently wrong answer:
+    - a query with an out-of-range digit gets y and lse NaN (that query row only);
+    - a kept key with an out-of-range digit is added as NaN values: every query of its (batch, key
+      head) group from then on reads y NaN (lse stays the log of the weight sum), until reset().
+    check_digits=True reads the digits' range on the host first and raises ValueError naming the
+    argument and the range (a sync on a GPU; skipped under CUDA-graph capture and torch.compile)."""
 
     def __init__(self, batch, kv_heads, head_dim, K, *, p=2, alpha=2.0, device=None, backend=None):
         for name, x, lo in (("batch", batch, 1), ("kv_heads", kv_heads, 1), ("head_dim", head_dim, 1), ("K", K, 1)):
@@ -135,7 +154,7 @@ class UltrametricCache:
         self.cnt.zero_()
         self.length = 0
 
-    def _check(self, name, digits, heads, T, v=None, mask=None):
+    def _check(self, name, digits, heads, T, v=None, mask=None, check_digits=False):
         if not isinstance(digits, torch.Tensor) or digits.dtype not in ref.INT_DTYPES or digits.dim() != 4 \
                 or digits.shape[0] != self.B or digits.shape[3] != self.K or (heads and digits.shape[1] != heads) \
                 or digits.shape[1] % self.Hkv or (T is not None and digits.shape[2] != T):
@@ -144,8 +163,13 @@ class UltrametricCache:
                              f"{getattr(digits, 'dtype', type(digits).__name__)} {tuple(getattr(digits, 'shape', ()))}")
         if digits.device != self.tab.device:
             raise ValueError(f"UltrametricCache: {name} is on {digits.device}, the cache on {self.tab.device}")
-        if host_reads_allowed(digits):
-            ref.check_digits(name, digits, self.p)  # a host check; under capture or compile the kernels clamp
+        if check_digits is not True and check_digits is not False:
+            raise TypeError(f"UltrametricCache: check_digits must be a bool, got {check_digits!r}")
+        if check_digits and host_reads_allowed(digits):  # opt-in: a host sync (the class docstring)
+            try:
+                ref.check_digits(name, digits, self.p)
+            except ValueError as e:
+                raise ValueError(f"UltrametricCache: {e}") from None
         if v is not None:
             want = (self.B, self.Hkv, digits.shape[2], self.D)
             if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point or tuple(v.shape) != want \
@@ -161,10 +185,14 @@ class UltrametricCache:
                              f"{self.tab.device}, got {getattr(mask, 'dtype', type(mask).__name__)} "
                              f"{tuple(getattr(mask, 'shape', ()))} on {getattr(mask, 'device', None)}")
 
-    def append(self, k_digits, v, key_padding_mask=None):
+    def append(self, k_digits, v, key_padding_mask=None, *, check_digits=False):
         """Add T keys: k_digits [B, Hkv, T, K], v [B, Hkv, T, D] (any float dtype; the CUDA backend:
-        not float64), key_padding_mask [B, T] (True = keep) or None."""
-        self._check("k_digits", k_digits, self.Hkv, None, v, key_padding_mask)
+        not float64), key_padding_mask [B, T] (True = keep) or None. A key with a digit outside
+        [0, p - 1] poisons its group with NaN unless check_digits=True refuses it (class docstring)."""
+        self._check("k_digits", k_digits, self.Hkv, None, v, key_padding_mask, check_digits)
+        self._append(k_digits, v, key_padding_mask)
+
+    def _append(self, k_digits, v, key_padding_mask):
         T = v.shape[2]
         if T:
             v = v.detach()
@@ -176,10 +204,15 @@ class UltrametricCache:
                 _KERNELS[self.backend][0](self.tab, self.cnt, k_digits.contiguous(), v.contiguous(), keep, self.p)
         self.length += T
 
-    def query(self, q_digits, *, out=None, return_lse=False):
+    def query(self, q_digits, *, out=None, return_lse=False, check_digits=False):
         """q_digits [B, H, Tq, K] against every appended key: y [B, H, Tq, D] float32 (and lse
-        [B, H, Tq]); out=(y, lse) float32 buffers of those shapes are written instead of new ones."""
-        self._check("q_digits", q_digits, 0, None)
+        [B, H, Tq]); out=(y, lse) float32 buffers of those shapes are written instead of new ones.
+        A query with a digit outside [0, p - 1] gets y and lse NaN unless check_digits=True refuses
+        it (class docstring)."""
+        self._check("q_digits", q_digits, 0, None, check_digits=check_digits)
+        return self._query(q_digits, out, return_lse)
+
+    def _query(self, q_digits, out, return_lse):
         B, H, Tq, _ = q_digits.shape
         if out is None:
             out = (torch.empty(B, H, Tq, self.D, device=self.tab.device), torch.empty(B, H, Tq, device=self.tab.device))
@@ -198,15 +231,19 @@ class UltrametricCache:
         return (y, lse) if return_lse else y
 
 
-def ultrametric_decode_step_(cache, q_digits, k_digits, v, *, key_padding_mask=None, out=None, return_lse=False):
+def ultrametric_decode_step_(cache, q_digits, k_digits, v, *, key_padding_mask=None, out=None, return_lse=False,
+                             check_digits=False):
     """One decode token in place: append the key (k_digits [B, Hkv, 1, K], v [B, Hkv, 1, D]) to
     `cache` (an UltrametricCache, whose backend runs it), then attend q_digits [B, H, 1, K] over
     every key so far (a query sees its own key, as causal attention does). Returns y [B, H, 1, D]
     float32 (and lse); with out=(y, lse) it writes those buffers and allocates nothing: capturable
-    in a CUDA graph."""
+    in a CUDA graph. No host read or sync: digits outside [0, p - 1] turn y (and for a bad query
+    lse) NaN, as UltrametricCache's docstring says; check_digits=True raises ValueError for them
+    instead, at the cost of a host sync per call on a GPU."""
     if not isinstance(cache, UltrametricCache):
         raise TypeError(f"ultrametric_decode_step_: cache must be an UltrametricCache, got {type(cache).__name__}")
-    cache._check("k_digits", k_digits, cache.Hkv, 1)
-    cache._check("q_digits", q_digits, 0, 1)
-    cache.append(k_digits, v, key_padding_mask)
-    return cache.query(q_digits, out=out, return_lse=return_lse)
+    # each input checked once (append / query would check again)
+    cache._check("k_digits", k_digits, cache.Hkv, 1, v, key_padding_mask, check_digits)
+    cache._check("q_digits", q_digits, 0, 1, check_digits=check_digits)
+    cache._append(k_digits, v, key_padding_mask)
+    return cache._query(q_digits, out, return_lse)

@@ -79,11 +79,12 @@ def _keep(keep, B, T, device):
 
 
 def _summary(tab, cnt, sdig, val, lse, keep, Hkv, NS, src_off, Tk, K, p, N, slots, S, cps, nchunks, C,
-             scale_lse, keep_src, count):
+             scale_lse, keep_src, count, poison=False):
     B, HS, TS, D = val.shape
     launch(ultrametric_summary_kernel)[(S, B * Hkv)](
         sdig, val, lse, keep, tab, cnt, HS, NS, TS, src_off, Tk, Hkv, K, p, N, D, slots, cps, nchunks,
-        SCALE_LSE=scale_lse, KEEP_SRC=keep_src, COUNT=count, C=C, CB=chunk_block(C), BD=_bd(D), num_warps=4)
+        SCALE_LSE=scale_lse, KEEP_SRC=keep_src, COUNT=count, C=C, CB=chunk_block(C), BD=_bd(D), POISON=poison,
+        num_warps=4)
 
 
 def _prefix(t, S, reverse):
@@ -92,13 +93,13 @@ def _prefix(t, S, reverse):
         t, S, width, REVERSE=reverse, BLOCK=PREFIX_BLOCK, num_warps=4)
 
 
-def _read(tab, cnt, tdig, out, lse, keep, Hkv, tgt_off, Tk, K, p, N, slots, slot, alpha, fwd, C):
+def _read(tab, cnt, tdig, out, lse, keep, Hkv, tgt_off, Tk, K, p, N, slots, slot, alpha, fwd, C, poison=False):
     B, HT, TT, _ = tdig.shape
     D = out.shape[-1]
     C = chunk_block(C)  # targets per program: any power of two (every target reads the same table)
     launch(ultrametric_read_kernel)[(triton.cdiv(TT, C), B * HT)](
         tdig, tab, cnt, out, lse, keep, HT, HT // Hkv, TT, tgt_off, Tk, Hkv, K, p, N, D, slots, slot,
-        *_weights(alpha), FWD=fwd, EXCL=alpha <= 1, C=C, BD=_bd(D), num_warps=4)
+        *_weights(alpha), FWD=fwd, EXCL=alpha <= 1, C=C, BD=_bd(D), POISON=poison, num_warps=4)
 
 
 def _run(fwd, qd, kd, src, lse, keep, out, out_lse, alpha, p, N, causal, chunk, num_segments):
@@ -153,18 +154,23 @@ def ultrametric_attention_bwd(qd, kd, dy, lse, keep, dv, alpha, p, N, causal, ch
 
 def ultrametric_cache_append(tab, cnt, kd, v, keep, p):
     """Add T keys to the decode tables tab [B * Hkv, N, D] float32, cnt [B * Hkv, N] int32 in place:
-    kd [B, Hkv, T, K], v [B, Hkv, T, D], keep [B, T] bool or None. One program per group."""
+    kd [B, Hkv, T, K], v [B, Hkv, T, D], keep [B, T] bool or None. One program per group. A kept key
+    with a digit outside [0, p - 1] adds NaN values (to its clamped digits' buckets)."""
     B, Hkv, T, K = kd.shape
     C = default_chunk()
-    _summary(tab, cnt, kd, v, v, _keep(keep, B, T, v.device), Hkv, 1, 0, T, K, p, tab.shape[1], 1, 1,
-             triton.cdiv(T, C), triton.cdiv(T, C), C, False, True, True)
+    # keep None: no keep tensor (KEEP_SRC off, v stands in for the unread pointer), not a torch.ones
+    # fill launched every decode step
+    _summary(tab, cnt, kd, v, v, v if keep is None else keep, Hkv, 1, 0, T, K, p, tab.shape[1], 1, 1,
+             triton.cdiv(T, C), triton.cdiv(T, C), C, False, keep is not None, True, poison=True)
 
 
 def ultrametric_cache_query(tab, cnt, qd, y, lse, alpha, p):
-    """Every query qd [B, H, Tq, K] against every key in the decode tables: y [B, H, Tq, D], lse."""
+    """Every query qd [B, H, Tq, K] against every key in the decode tables: y [B, H, Tq, D], lse.
+    A query with a digit outside [0, p - 1] gets y and lse NaN."""
     B, H, Tq, K = qd.shape
     Hkv = tab.shape[0] // B
-    _read(tab, cnt, qd, y, lse, lse, Hkv, 0, Tq, K, p, tab.shape[1], 1, 0, alpha, True, default_chunk())
+    _read(tab, cnt, qd, y, lse, lse, Hkv, 0, Tq, K, p, tab.shape[1], 1, 0, alpha, True, default_chunk(),
+          poison=True)
 
 
 # ---- soft mode (soft.py) ---------------------------------------------------------------

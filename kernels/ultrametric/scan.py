@@ -25,11 +25,23 @@ from geokern.kernels._common import _INTERPRET
 
 @triton.jit
 def _digit(dig_ptr, digbase, rows, valid, l, K, p):
-    """Digit l of each row as int32, clamped to [0, p - 1]: the ops check digit values, except the
-    decode step under CUDA-graph capture (a host check would synchronise), where the clamp keeps
-    every table access in bounds."""
+    """Digit l of each row as int32, clamped to [0, p - 1]: digits unchecked on the host (the
+    decode state's ops by default, check_digits=False, capture and tracing) stay in bounds; the
+    decode kernels mark such rows NaN besides (_bad_rows)."""
     d = tl.load(dig_ptr + (digbase + rows) * K + l, mask=valid, other=0).to(tl.int32)
     return tl.minimum(tl.maximum(d, 0), p - 1)
+
+
+@triton.jit
+def _bad_rows(dig_ptr, digbase, rows, valid, K, p):
+    """Whether each valid row holds a digit outside [0, p - 1] (unclamped): the decode state's
+    kernels (POISON) turn such rows into NaN rather than let the clamp answer for them, since its
+    ops do not read the digits on the host (a sync per step)."""
+    bad = tl.zeros_like(rows) != 0
+    for l in range(K):
+        d = tl.load(dig_ptr + (digbase + rows) * K + l, mask=valid, other=0).to(tl.int64)
+        bad = bad | (d < 0) | (d >= p)
+    return bad & valid
 
 
 @triton.jit
@@ -217,11 +229,12 @@ def ultrametric_summary_kernel(
     sdig_ptr, val_ptr, lse_ptr, keep_ptr, tab_ptr, cnt_ptr,
     HS, NS, TS, SRC_OFF, Tk, Hkv, K, p, N, D, SLOTS, CPS, nchunks,
     SCALE_LSE: tl.constexpr, KEEP_SRC: tl.constexpr, COUNT: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
-    BD: tl.constexpr,
+    BD: tl.constexpr, POISON: tl.constexpr,
 ):
     # sdig: [B, HS, TS, K] int; val: [B, HS, TS, D]; tab: [B * Hkv, SLOTS, N, D] fp32, cnt [.., N] i32.
     # One program: segment s (chunks [s * CPS, (s + 1) * CPS) of C positions) of one group g;
-    # adds its sources (NS heads per group) into table (g, s). grid (segments, B * Hkv).
+    # adds its sources (NS heads per group) into table (g, s). grid (segments, B * Hkv). POISON (the
+    # decode append): a source with an out-of-range digit adds NaN values (_bad_rows).
     s = tl.program_id(0)
     g = tl.program_id(1)
     b = g // Hkv
@@ -233,7 +246,10 @@ def ultrametric_summary_kernel(
             head = hk * NS + r
             rows, use, vals = _src_rows(c * C, b, head, keep_ptr, val_ptr, lse_ptr, HS, TS, SRC_OFF, Tk, D,
                                         SCALE_LSE, KEEP_SRC, C, CB, BD)
-            _add_rows(tab, cnt, sdig_ptr, (b * HS + head).to(tl.int64) * TS, rows, use, vals, K, p, D, COUNT, BD)
+            digbase = (b * HS + head).to(tl.int64) * TS
+            if POISON:
+                vals = tl.where(_bad_rows(sdig_ptr, digbase, rows, use, K, p)[:, None], float("nan"), vals)
+            _add_rows(tab, cnt, sdig_ptr, digbase, rows, use, vals, K, p, D, COUNT, BD)
 
 
 @triton.jit
@@ -258,11 +274,12 @@ def ultrametric_prefix_kernel(tab_ptr, S, WIDTH, REVERSE: tl.constexpr, BLOCK: t
 def ultrametric_read_kernel(
     tdig_ptr, tab_ptr, cnt_ptr, out_ptr, lse_ptr, keep_ptr,
     HT, TR, TT, TGT_OFF, Tk, Hkv, K, p, N, D, SLOTS, slot, log2a, am1,
-    FWD: tl.constexpr, EXCL: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+    FWD: tl.constexpr, EXCL: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, POISON: tl.constexpr,
 ):
     # tdig: [B, HT, TT, K]; out: [B, HT, TT, D] (lse [B, HT, TT] forward). One program: C targets of
     # one (batch, target head), grid (cdiv(TT, C), B * HT); they read table (group, slot) only
-    # (non-causal attention, decode): every source is visible to every target.
+    # (non-causal attention, decode): every source is visible to every target. POISON (the decode
+    # query, forward): a target with an out-of-range digit gets y and lse NaN (_bad_rows).
     log2a, am1 = _f32(log2a), _f32(am1)
     bh = tl.program_id(1)
     b = bh // HT
@@ -273,6 +290,11 @@ def ultrametric_read_kernel(
     cnt = cnt_ptr + (g.to(tl.int64) * SLOTS + slot) * N
     base = bh.to(tl.int64) * TT
     acc, den, seen = _read_rows(tab, cnt, tdig_ptr, base, rows, valid, K, p, log2a, am1, D, FWD, EXCL, C, BD)
+    if POISON:
+        bad = _bad_rows(tdig_ptr, base, rows, valid, K, p)
+        acc = tl.where(bad[:, None], float("nan"), acc)
+        den = tl.where(bad, float("nan"), den)
+        seen = seen | bad  # lse = log(NaN), not the -inf of a query that sees no key
     _store_rows(out_ptr, lse_ptr, keep_ptr, base, rows, valid, acc, den, seen, b, rows + TGT_OFF, Tk, D, FWD, BD)
 
 
