@@ -333,7 +333,8 @@ def test_ultrametric_kernels_take_float64_scalars_without_float64_loops():
     cases = [(sc.ultrametric_scan_kernel, dict(FWD=True, SCALE_LSE=False, KEEP_SRC=True, EXCL=excl, C=64, CB=64,
                                                BD=64))
              for excl in (False, True)]  # EXCL: alpha <= 1 reads disjoint buckets
-    cases += [(sc.ultrametric_read_kernel, dict(FWD=True, EXCL=excl, C=64, BD=64)) for excl in (False, True)]
+    # POISON: the decode query's marking of out-of-range digits (on with EXCL, off without)
+    cases += [(sc.ultrametric_read_kernel, dict(FWD=True, EXCL=excl, C=64, BD=64, POISON=excl)) for excl in (False, True)]
     for kernel, cons in cases:
         for ft in ("fp32", "fp64"):
             sig = {n: ptrs.get(n, ft if n in ("log2a", "am1") else "i32")
@@ -369,7 +370,7 @@ def test_ultrametric_scan_kernels_compile_for_sm90_with_small_chunks():
         blocks = dict(C=C, CB=um.chunk_block(C), BD=um._bd(D))
         cons = dict(FWD=fwd, SCALE_LSE=not fwd, KEEP_SRC=fwd, EXCL=excl, **blocks)
         compile_ok(sc.ultrametric_scan_kernel, sig_of(sc.ultrametric_scan_kernel, cons, dt), cons)
-        cons = dict(SCALE_LSE=not fwd, KEEP_SRC=fwd, COUNT=fwd, **blocks)
+        cons = dict(SCALE_LSE=not fwd, KEEP_SRC=fwd, COUNT=fwd, **blocks, POISON=fwd)  # POISON: the decode append's
         compile_ok(sc.ultrametric_summary_kernel, sig_of(sc.ultrametric_summary_kernel, cons, dt), cons)
     """, timeout=300)
 
