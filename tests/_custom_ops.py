@@ -8,11 +8,18 @@ op's too: tests/test_ext.py checks csrc/registration.cpp declares the same) and 
 CPU implementation. A Triton-backend op traces its kernels for CUDA tensors only (the eager
 kernels are checked under the interpreter by the family's other tests); without a GPU its
 test_opcheck checks only that the samples bind to the op's schema (check_samples_bind), so a
-sample that no longer matches the schema fails on CPU too, not first on the GPU."""
+sample that no longer matches the schema fails on CPU too, not first on the GPU. Its
+test_fake_trace runs everywhere: what torch.compile traces of the op on fake tensors, the launches
+stubbed (check_fake_trace)."""
+
+import contextlib
+import sys
 
 import pytest
 import torch
 from conftest import HAS_CUDA
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from geokern import _ext
 from geokern.ops import _registry
@@ -58,17 +65,21 @@ def cuda_op(name):
     return op(f"geokern::{name}" if _ext.HAS_C else _mirror(f"geokern::{name}"))
 
 
+def _named(qualname, prefix):
+    return qualname.split("::")[1].startswith(prefix)
+
+
+def triton_ops(prefix):
+    """Qualified names of the Triton-backend ops named `<prefix>...` (a str or a tuple of them)."""
+    return [q for backend, q in _registry.CUSTOM_OPS if backend == "triton" and _named(q, prefix)]
+
+
 def ops_here(prefix, triton_everywhere=False):
     """Qualified names of the custom ops named `<prefix>...` (a str or a tuple of them) that can be
     checked on this machine: the CUDA-backend ops (or their mirrors, without geokern._C)
     everywhere, the Triton-backend ops with a GPU (everywhere with triton_everywhere)."""
-
-    def ours(qualname):
-        return qualname.split("::")[1].startswith(prefix)
-
-    cuda = [q if _ext.HAS_C else _mirror(q) for q in _registry.CUDA_OPS if ours(q)]
-    triton = [q for backend, q in _registry.CUSTOM_OPS if backend == "triton" and ours(q)]
-    return cuda + (triton if HAS_CUDA or triton_everywhere else [])
+    cuda = [q if _ext.HAS_C else _mirror(q) for q in _registry.CUDA_OPS if _named(q, prefix)]
+    return cuda + (triton_ops(prefix) if HAS_CUDA or triton_everywhere else [])
 
 
 def _runs_here(qualname):
@@ -104,6 +115,63 @@ def check_opcheck(qualname, samples):
         torch.library.opcheck(op(qualname), args)
 
 
+@contextlib.contextmanager
+def _launches_stubbed():
+    """Every launch() of the kernel modules (geokern.kernels.*, each bound `launch` from
+    geokern.kernels._common) returns a stub meanwhile, whose `[grid](...)` does nothing (the
+    kernels do not run) but count itself in the list yielded. Every Triton op's body launches
+    through launch(); kernels/contrastive.py's contrastive_many starts its kernel directly, but
+    no op's body calls it (ContrastiveGroup does, outside any op)."""
+    from geokern.kernels._common import launch
+
+    launched = []
+
+    class Stub:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.kernel)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("geokern.kernels") and getattr(module, "launch", None) is launch:
+                patch.setattr(module, "launch", Stub)
+        yield launched
+
+
+def check_fake_trace(qualname, samples):
+    """What torch.compile traces of the Triton op on fake tensors, traced by make_fx on each
+    sample, fake and with symbolic shapes, the launches stubbed: nothing there may depend on
+    tensor data (.item(), bool(tensor), a table computed with tensor ops), or fullgraph compile
+    fails with "Could not guard on data-dependent expression" (the hypercomplex linear ops' sign
+    table, 0d5bac9). That is the op's body, up to its launches, which the samples must reach;
+    for an op registered with an opaque_fake, torch.compile calls the op as one opaque kernel
+    and traces that fake instead, never the body. The samples' tensors are the traced inputs,
+    their other arguments constants (as dynamo's first compile takes them). Outputs are not
+    compared: the kernels did not run."""
+    body, opaque_fake = _registry.TRITON_OPS[qualname]
+    traced = body if opaque_fake is None else opaque_fake
+    with _launches_stubbed() as launched:
+        for i, args in enumerate(samples):
+            leaves, spec = tree_flatten(args)
+            at = [j for j, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+
+            def call(*tensors):
+                filled = list(leaves)
+                for j, t in zip(at, tensors):
+                    filled[j] = t
+                return traced(*tree_unflatten(filled, spec))
+
+            for mode in ("fake", "symbolic"):
+                try:
+                    make_fx(call, tracing_mode=mode)(*(leaves[j] for j in at))
+                except Exception as e:
+                    raise AssertionError(f"{qualname}: sample {i} does not trace on fake tensors "
+                                         f"(tracing_mode={mode!r}): {type(e).__name__}: {e}") from e
+    assert launched or opaque_fake is not None, f"{qualname}: no sample's trace reached a kernel launch"
+
+
 def check_compile(qualname, samples):
     eager = op(qualname)
     # Every op compiles through the same OpOverload.__call__ code object: without a reset
@@ -116,10 +184,11 @@ def check_compile(qualname, samples):
 
 
 def custom_op_tests(prefix, samples):
-    """(test_opcheck, test_compile_fullgraph) over every custom op named `<prefix>...` here,
-    for a test module to bind at module level in one line:
+    """(test_opcheck, test_compile_fullgraph, test_fake_trace) over every custom op named
+    `<prefix>...` here (test_fake_trace: the Triton ops, on every machine), for a test module to
+    bind at module level in one line:
 
-        test_opcheck, test_compile_fullgraph = custom_op_tests("maxplus_", op_samples)
+        test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("maxplus_", op_samples)
 
     samples(qualname) -> a list of argument tuples for that op (qualname may be a mirror's:
     an op the samples call, say the forward of a backward's op, is op(<qualname without
@@ -146,4 +215,8 @@ def custom_op_tests(prefix, samples):
     def test_compile_fullgraph(qualname):
         check_compile(qualname, samples(qualname))
 
-    return test_opcheck, test_compile_fullgraph
+    @pytest.mark.parametrize("qualname", triton_ops(prefix), ids=op_id)
+    def test_fake_trace(qualname):
+        check_fake_trace(qualname, samples(qualname))
+
+    return test_opcheck, test_compile_fullgraph, test_fake_trace

@@ -176,7 +176,7 @@ def _op_samples(qualname):
 
 # hypercomplex_mul / _conj only: "hypercomplex_" alone also named the attention ops
 # (hypercomplex_attention_*, tests/test_hypercomplex_attention.py), which got these samples
-test_opcheck, test_compile_fullgraph = custom_op_tests(("hypercomplex_mul", "hypercomplex_conj"), _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests(("hypercomplex_mul", "hypercomplex_conj"), _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public ops with their kernels needs CUDA tensors")

@@ -237,7 +237,7 @@ def _op_samples(qualname):
     return [(torch.randn_like(y), q, k, v, qn, kn, e, et, y, lse, True, 0.25, 8)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("hypercomplex_attention_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("hypercomplex_attention_", _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

@@ -329,8 +329,10 @@ def _op_samples(qualname):
     return [(x, ws, b), (x.float(), [w.float() for w in ws], None), (x[:0], ws, b)]
 
 
-test_opcheck_quaternion, test_compile_fullgraph_quaternion = custom_op_tests("quaternion_linear", _op_samples)
-test_opcheck_octonion, test_compile_fullgraph_octonion = custom_op_tests("octonion_linear", _op_samples)
+(test_opcheck_quaternion, test_compile_fullgraph_quaternion,
+ test_fake_trace_quaternion) = custom_op_tests("quaternion_linear", _op_samples)
+(test_opcheck_octonion, test_compile_fullgraph_octonion,
+ test_fake_trace_octonion) = custom_op_tests("octonion_linear", _op_samples)
 
 
 @gpu

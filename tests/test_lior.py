@@ -275,7 +275,7 @@ def _op_samples(qualname):
     return [(x, j, m0, h, 0.9, 1.0, 0.5, p), (x, None, None, None, 0.9, 1.0, 0.5, 3)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("lior_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("lior_", _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

@@ -205,7 +205,7 @@ def _op_samples(qualname):
     return [(A, B, False, True, True, 0), (A.transpose(-1, -2)[..., :5, :], B[:7], True, False, False, 2)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("maxplus_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("maxplus_", _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

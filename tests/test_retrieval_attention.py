@@ -388,7 +388,7 @@ def attention_op_samples(qualname):
     return out
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("retrieval_attention_", attention_op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("retrieval_attention_", attention_op_samples)
 
 def test_no_bank_gradient_convention():
     """Without a bank, every backend's backward returns empty float32 [0] tensors as the bank's gradients."""

@@ -226,4 +226,4 @@ def cost_op_samples(qualname):
             (torch.randn(2, 1, 5, 4, device=DEVICE), q, k2, w, rp, 1e-8)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("retrieval_cost_", cost_op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("retrieval_cost_", cost_op_samples)

@@ -347,7 +347,7 @@ def _op_samples(qualname):
     return [(rand(*q.shape), q, k, idx, jm, True), (rand(*q.shape), q, k, idx, jm, False)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("tropical_attention_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("tropical_attention_", _op_samples)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiling the public op with its kernels needs CUDA tensors")

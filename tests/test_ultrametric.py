@@ -196,7 +196,7 @@ def _op_samples(qualname):
     return [(grad, qd, kd, lse, keep, 1.7, p, causal, 0, 0), (grad, qd, kd, lse, None, 1.7, p, False, 16, 2)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_attention_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("ultrametric_attention_", _op_samples)
 
 
 def test_input_checks_trace_under_compile():

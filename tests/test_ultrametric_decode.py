@@ -140,4 +140,4 @@ def _op_samples(qualname):
     return [(tab, cnt, qd, y, lse, 2.0, 3), (tab, cnt, qd, y.clone(), lse.clone(), 0.5, 3)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_cache_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("ultrametric_cache_", _op_samples)

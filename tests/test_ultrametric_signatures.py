@@ -200,4 +200,4 @@ def _op_samples(qualname):
     return [(x.to(DEVICE), weight.to(DEVICE), P, 3, 0), (xh.to(DEVICE), None, P2[None].float().to(DEVICE), 3, 16)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_signatures_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("ultrametric_signatures_", _op_samples)

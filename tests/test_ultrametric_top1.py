@@ -290,7 +290,7 @@ def _op_samples(qualname):
             (c["q"], c["k"], c["q_digits"], c["k_digits"], None, False, 16, 32)]
 
 
-test_opcheck, test_compile_fullgraph = custom_op_tests("ultrametric_top1_", _op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("ultrametric_top1_", _op_samples)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -20,6 +20,10 @@ CUSTOM_OPS = []  # (backend, qualified name): every op geokern defines, for test
 # qualified name -> (fake, cpu_impl) of every CUDA-backend op, recorded with or without _C: the
 # tests check the fake and CPU implementations everywhere (tests/_custom_ops.py)
 CUDA_OPS = {}
+# qualified name -> (body, opaque_fake) of every Triton-backend op: torch.compile traces the body
+# on fake tensors (the opaque_fake instead, where not None), so nothing there may depend on tensor
+# data; the tests trace it on any machine with the launches stubbed (tests/_custom_ops.py)
+TRITON_OPS = {}
 
 
 def cuda_op(name, fake, cpu_impl):
@@ -58,6 +62,7 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
         op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args)
         op.register_fake(opaque_fake)
     CUSTOM_OPS.append(("triton", qualname))
+    TRITON_OPS[qualname] = (impl, opaque_fake)
 
     def call(*args, **kwargs):
         if _plain_eager(args, kwargs):
