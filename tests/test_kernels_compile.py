@@ -407,9 +407,10 @@ def test_ultrametric_soft_kernels_compile_for_sm90():
     """The soft-mode forward and backward (kernels/ultrametric/soft.py) with the launcher's GPU
     tiles: bfloat16 causal with a padding mask (tensor-core dots), float32 non-causal ("ieee"
     dots), K = 8 and K = 3 (KP = 4); with float64 scalars (torch.compile) no float64 arithmetic
-    is left past the entry casts. And the largest head dim (D = 256) at float32 and K = 16 in
-    the H100's shared memory (the compiler does not check it without a device: the float32
-    forward's 64-key tiles needed 237568 bytes and failed at launch there)."""
+    is left past the entry casts. And the widest value rows (D = 256 and the largest, SOFT_MAX_D =
+    512, at float32 and bfloat16, K = 16) in the H100's shared memory (the compiler does not check
+    it without a device: the float32 forward's 64-key tiles at D = 256 needed 237568 bytes and
+    failed at launch there)."""
     run_isolated(_PRELUDE + """
     import inspect
     import torch
@@ -420,7 +421,8 @@ def test_ultrametric_soft_kernels_compile_for_sm90():
     floats = ("nb", "log2a", "lna", "c0")
     dts = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for dt, K, D, causal, keep, ft in (("bf16", 8, 64, True, True, "fp32"), ("fp32", 3, 64, False, False, "fp64"),
-                                       ("fp32", 16, 256, True, True, "fp32")):
+                                       ("fp32", 16, 256, True, True, "fp32"), ("fp32", 16, 512, True, True, "fp32"),
+                                       ("bf16", 16, 512, False, False, "fp32")):
         t = f"*{dt}"
         ptrs = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "keep_ptr": "*i1" if keep else t, "y_ptr": t, "dy_ptr": t,
                 "lse_ptr": "*fp32", "lsc_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": t,

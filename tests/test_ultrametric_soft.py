@@ -320,11 +320,23 @@ def test_float64_refused(backend):
                                   dict(v=torch.randn(1, 1, 5, 257))], ids=["K17", "D257"])
 def test_cuda_register_limits(over):
     """The CUDA kernels hold K <= 16 digits and D <= 256 channels per row in registers: more is
-    refused by name, pointing to the Triton backend (which has no such limit)."""
+    refused by name, pointing to the Triton backend (D <= 512) and the torch one."""
     need("cuda")
     with pytest.raises(ValueError, match="CUDA backend holds K <= 16 digits and D <= 256.*backend='triton'"):
         geokern.ultrametric_attention(**_args(**{n: t.to(DEVICE) for n, t in over.items()}), mode="soft",
                                       backend="cuda")
+
+
+def test_triton_head_dim_limit():
+    """The Triton kernels' tiles fit shared memory to D = 512 (kernels.ultrametric.SOFT_MAX_D): past
+    it backend='triton' is refused by name, and auto computes on the torch backend instead."""
+    need("triton")
+    args = _args(v=torch.randn(1, 1, 5, 513, device=DEVICE))
+    with pytest.raises(ValueError, match="Triton backend's tiles hold D <= 512 channels.*got D = 513.*'torch'"):
+        geokern.ultrametric_attention(**args, mode="soft", backend="triton")
+    got = geokern.ultrametric_attention(**args, mode="soft", backend="auto")
+    want = geokern.ultrametric_attention(**args, mode="soft", backend="torch")
+    assert torch.equal(got, want), "auto past the Triton limit is not the torch backend's result"
 
 
 @pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[2], CPU_CASES[4]] + GPU_CASES[:1], ids=_id)

@@ -469,6 +469,8 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     if key_padding_mask is not None and key_padding_mask.device != v.device:
         raise ValueError(f"{_OP}: key_padding_mask is on {key_padding_mask.device} but v is on {v.device}")
     be = _backend_for(backend, v.device)
+    if be == "triton" and D > tk.SOFT_MAX_D and (_backend.DEFAULT_BACKEND if backend is None else backend) == "auto":
+        be = "torch"  # only auto may pick another backend than the one asked for
     if be == "torch" or B * H * Tq * D == 0 or Tk == 0 or K == 0:  # K = 0: lcp 0, equal weights
         return ref.soft_lcp_attention(q, k, v, alpha, lcp_beta, causal=causal, key_padding_mask=key_padding_mask,
                                       return_lse=True)
@@ -476,12 +478,15 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     if v.dtype == torch.float64:
         raise ValueError(f"{_OP}: the {name} backend takes float16 / bfloat16 / float32 digits and v, got float64 "
                          "(use backend='torch')")
+    if be == "triton" and D > tk.SOFT_MAX_D:
+        raise ValueError(f"{_OP} (mode='soft'): the Triton backend's tiles hold D <= {tk.SOFT_MAX_D} channels in "
+                         f"shared memory, got D = {D} (use backend='torch')")
     if be == "triton":
         check_grid_rows(_OP, "triton", B, H)
     elif K > _SOFT_CUDA_MAX_K or D > _SOFT_CUDA_MAX_D:
         raise ValueError(f"{_OP} (mode='soft'): the CUDA backend holds K <= {_SOFT_CUDA_MAX_K} digits and D <= "
                          f"{_SOFT_CUDA_MAX_D} channels per row in registers, got K = {K}, D = {D} (use "
-                         "backend='triton')")
+                         f"backend='triton' for D <= {tk.SOFT_MAX_D}, else backend='torch')")
     keep = None if key_padding_mask is None else key_padding_mask.contiguous()
     return UltrametricSoftAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), keep, float(alpha),
                                                   float(lcp_beta), causal, be)

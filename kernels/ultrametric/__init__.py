@@ -25,7 +25,7 @@ from geokern.kernels.ultrametric.soft import (ultrametric_soft_attention_bwd_ker
 
 __all__ = ["ultrametric_attention_fwd", "ultrametric_attention_bwd", "ultrametric_cache_append",
            "ultrametric_cache_query", "ultrametric_soft_attention_fwd", "ultrametric_soft_attention_bwd",
-           "soft_blocks", "MAX_CODES", "default_chunk", "chunk_block", "plan"]
+           "soft_blocks", "SOFT_MAX_D", "MAX_CODES", "default_chunk", "chunk_block", "plan"]
 
 MAX_CODES = 1 << 16  # dense bucket tables (int32 codes, [N, D] float32 per group and segment)
 SCRATCH_BYTES = 1 << 28  # segment tables beyond this many bytes: fewer segments
@@ -176,19 +176,26 @@ def ultrametric_cache_query(tab, cnt, qd, y, lse, alpha, p):
 # ---- soft mode (soft.py) ---------------------------------------------------------------
 
 
+SOFT_MAX_D = 512  # the soft kernels' widest head dim: soft_blocks' tiles fit the H100's shared memory to here
+
+
 def soft_blocks(D, fwd, dtype):
-    """(BM, BN, warps) of the soft kernels for head dim D and v's dtype: 16 x 16 under the
-    interpreter (CI time). On the GPU the largest tiles that compile for sm_90 without register
-    spills (ptxas, K = 8, D = 64, bf16; not yet timed): forward 64 x 64 on 8 warps (4 warps
-    spill), backward 32 queries x 64 keys on 8 warps (it holds five pair tiles: lcp, c, the
-    level sum, pc and dL/dlcp). The float32 forward past D = 128 takes 32 keys a step: with 64
-    its three pipeline stages of [64, 256] value tiles need 237568 bytes of shared memory, over
-    the H100's 232448 (the launch failed there); 32 keys need 118784."""
+    """(BM, BN, warps) of the soft kernels for head dim D <= SOFT_MAX_D and v's dtype: 16 x 16 under
+    the interpreter (CI time). On the GPU the largest tiles that compile for sm_90 without register
+    spills (ptxas, K = 8, D = 64, bf16; not yet timed): forward 64 queries on 8 warps (4 warps
+    spill), backward 32 queries on 8 warps (it holds five pair tiles: lcp, c, the level sum, pc and
+    dL/dlcp). The keys per step shrink as a value row widens (w = 2^ceil(log2 D) x element bytes):
+    the pipeline's three stages of [BN, w] value tiles must fit the H100's 232448 bytes of shared
+    memory. Read from the sm_90 compiles (K = 16): forward 64 keys to w = 512 (bf16 D 256: 106496
+    bytes), 32 to 1024 (float32 D 256: 118784; 64 needed 237568 and failed to launch on the H100),
+    16 to 2048 (float32 D 512: 131072; float32 D 1024 needs 262144 even at 16: SOFT_MAX_D);
+    backward 64 keys to w = 1024 (bf16 D 512: 139264), 32 to 2048 (float32 D 512: 135168)."""
     if interpret_mode():
         return 16, 16, 4
-    if not fwd:
-        return 32, 64, 8
-    return (64, 32, 8) if dtype.itemsize == 4 and _bd(D) > 128 else (64, 64, 8)
+    w = _bd(D) * dtype.itemsize
+    if fwd:
+        return 64, 64 if w <= 512 else 32 if w <= 1024 else 16, 8
+    return 32, 64 if w <= 1024 else 32, 8
 
 
 def _soft_prec(dtype):
