@@ -10,9 +10,11 @@ from geokern._backend import AUTOTUNE, interpret_mode
 def launch(kernel):
     """`kernel` ready for `[grid](...)` from inside a torch.library.triton_op.
 
-    On the GPU through torch.library.wrap_triton, so torch.compile traces into the kernel
-    (eagerly it simply runs it); under TRITON_INTERPRET=1 the interpreter's kernels cannot
-    be wrapped, so they run directly (eager only)."""
+    On the GPU through torch.library.wrap_triton, so torch.compile traces into the kernel; an
+    eager call runs it directly only with wrap_triton off (geokern's ops turn it off:
+    geokern.ops._registry.launching_directly; on, each launch goes through a higher-order op,
+    hundreds of microseconds). Under TRITON_INTERPRET=1 the interpreter's kernels cannot be
+    wrapped, so they run directly (eager only)."""
     if interpret_mode():
         return kernel
     from torch.library import wrap_triton

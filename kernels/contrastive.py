@@ -96,7 +96,8 @@ META = tl.constexpr(20)  # META_COLS padded to an even width
 @triton.jit
 def _as_ptr(addr, KIND: tl.constexpr):
     """An int64 address from the table as a pointer to KIND ("fp32", "bf16", "fp16"): strings, not
-    tl dtypes, as constexprs, so the launch passes only plain values through torch's wrap_triton."""
+    tl dtypes, as constexprs, so the launch passes only plain values (what torch.compile's capture
+    of a Triton launch takes)."""
     if KIND == "bf16":
         return addr.to(tl.pointer_type(tl.bfloat16))
     elif KIND == "fp16":

@@ -140,6 +140,18 @@ def _launches_stubbed():
         yield launched
 
 
+def _clear_reference_caches():
+    """Empty the lru caches of geokern.reference's helpers: warm (any earlier test), a cached helper
+    returns without running the tensor ops a body would trace through it (left_mul_blocks did)."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("geokern.reference"):
+            for f in vars(module).values():
+                if callable(getattr(f, "cache_clear", None)):
+                    f.cache_clear()
+
+
 def check_fake_trace(qualname, samples):
     """What torch.compile traces of the Triton op on fake tensors, traced by make_fx on each
     sample, fake and with symbolic shapes, the launches stubbed: nothing there may depend on
@@ -152,6 +164,7 @@ def check_fake_trace(qualname, samples):
     compared: the kernels did not run."""
     body, opaque_fake = _registry.TRITON_OPS[qualname]
     traced = body if opaque_fake is None else opaque_fake
+    _clear_reference_caches()
     with _launches_stubbed() as launched:
         for i, args in enumerate(samples):
             leaves, spec = tree_flatten(args)

@@ -82,3 +82,26 @@ def test_eager_bodies_launch_kernels_directly(probe):
         call(x)
     assert call.wrapping == [False, False], call.wrapping
     assert is_wrap_triton_enabled(), "an eager call left wrap_triton off"
+
+
+def test_opaque_ops_launch_directly_through_the_dispatcher_too():
+    """An op made with opaque_fake is a plain custom op whose kernel is the body itself (no
+    triton_op kernel to turn wrap_triton off): run through the dispatcher (any call that is not
+    plain eager, e.g. under a dispatch mode or from a compiled graph) it must still launch directly."""
+    wrapping = []
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        wrapping.append(is_wrap_triton_enabled())
+        return x.clone()
+
+    call = _registry.triton_op("registry_opaque_probe_triton", body, opaque_fake=lambda x: torch.empty_like(x))
+    try:
+        x = torch.randn(3)
+        call(x)
+        call.op(x)
+        with _Seen():
+            call(x)
+        assert wrapping == [False, False, False], wrapping
+    finally:
+        _registry.CUSTOM_OPS.remove(("triton", "geokern::registry_opaque_probe_triton"))
+        _registry.TRITON_OPS.pop("geokern::registry_opaque_probe_triton")

@@ -24,6 +24,7 @@ from geokern.bench.registry import Case
 from geokern.metric import diag
 from geokern.kernels import lior as tk
 from geokern.ops import lior as ops
+from geokern.ops._registry import launching_directly
 from geokern.reference import lior as ref
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,6 +43,7 @@ def _seq_fwd_case(T, B, D, dt, gate):
         x = torch.randn(T, B, D, device="cuda", dtype=dtype)
         return x, (torch.randn(T, B, device="cuda", dtype=dtype) if gate else None)
 
+    @launching_directly  # as the ops launch (the launcher called outside any op)
     def step_loop(x, j):  # the forward's old loop alone (kernels/lior.md: the chunked loop's baseline)
         out = torch.empty_like(x)
         tk.lior_recurrence_fwd(x, j, None, None, out, *GAINS.values(), 4, config="step")
@@ -79,6 +81,7 @@ def _seq_bwd_case(T, B, D, dt):
         dx, _, _, dj = ops._KERNELS["triton"]["bwd"](g, x, j, None, None, out, *GAINS.values(), p)
         return dx, dj
 
+    @launching_directly
     def step_loop(g, x, j, out):  # the backward's old loop alone (kernels/lior.md: the chunked loop's baseline)
         T_, B_, D_ = x.shape
         dx, dm0, dh = torch.empty_like(x), x.new_empty((B_, D_)), x.new_empty((p, B_, D_))
@@ -135,6 +138,7 @@ def _action_case(W, B, n):
     def run(backend):
         return lambda v, R, lam, i, m, c: ops.lior_action_(v, R, diag(lam), i, m, c, dtau=0.1, backend=backend)
 
+    @launching_directly
     def old_config(v, R, lam, i, m, c):  # the old launcher's tile and loop (kernels/lior.md: the baseline)
         phi, w = diag(lam).features(v)
         cost = torch.empty(W, B, device="cuda")

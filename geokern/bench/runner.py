@@ -59,25 +59,23 @@ def _time(fn, input_sets, do_bench):
     return do_bench(lambda: fn(*next(it)), warmup=25, rep=200, return_mode="median")
 
 
-HOST_CALLS = 20  # back-to-back calls timed on the host clock per row
+HOST_CALLS = 20  # back-to-back calls timed on the host clock per row, at most
+HOST_BUDGET_MS = 50  # and about this long at most (a 0.8 s call: once)
 HOST_BOUND = 0.8  # host time per call >= this fraction of the timed ms: the row is marked host-bound
 
 
-def _host_ms(fn, input_sets, calls=HOST_CALLS, clock=time.perf_counter):
-    """The host's own time per call: `calls` calls back to back, timed before the one
-    synchronisation after them. do_bench's events measure the GPU's span of a call, which is
-    the host's time instead when the host cannot keep the GPU fed: then the row times the
-    wrapper, not the kernel (the Triton ops' launches through torch's higher-order op made
-    whole benchmark tables of the H100 host-bound, unnoticed; af39454)."""
+def _host_ms(fn, input_sets, ms, clock=time.perf_counter):
+    """The host's own time per call (ms): calls back to back, timed before the one
+    synchronisation after them (overhead.loop_time). do_bench's events measure the GPU's span of a
+    call, which is the host's time instead when the host cannot keep the GPU fed: then the row
+    times the wrapper, not the kernel (the Triton ops' launches through torch's higher-order op did
+    that on the H100, unnoticed; af39454). A call that synchronises inside reads as host-bound too."""
+    from geokern.bench.overhead import loop_time
+
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     it = itertools.cycle(input_sets)
-    sync()
-    t0 = clock()
-    for _ in range(calls):
-        fn(*next(it))
-    host = (clock() - t0) / calls * 1e3
-    sync()
-    return host
+    n = max(1, min(HOST_CALLS, int(HOST_BUDGET_MS / ms))) if ms else HOST_CALLS
+    return loop_time(lambda: fn(*next(it)), n, clock=clock, sync=sync)[1] * 1e3
 
 
 def run_case(case, ceils, do_bench, progress):
@@ -99,7 +97,8 @@ def run_case(case, ceils, do_bench, progress):
         if not err <= case.tol:
             timed[name] = (None, f"failed check: relative error {err:.2e} > {case.tol:.0e}", None)
             continue
-        timed[name] = (_time(fn, sets, do_bench), None, _host_ms(fn, sets))
+        ms = _time(fn, sets, do_bench)
+        timed[name] = (ms, None, _host_ms(fn, sets, ms))
     peer_name = next(iter(case.peers), None)
     peer_ms = timed.get(peer_name, (None,))[0] if peer_name else None
     rows = []

@@ -6,15 +6,22 @@ opcheck and torch.compile run on machines without a GPU. Triton-backend ops are
 torch.library.triton_op (geokern::<op>_triton), so torch.compile sees into them.
 """
 
+import contextlib
+import functools
 import inspect
 import warnings
 
 import torch
 from torch._C._functorch import peek_interpreter_stack as _functorch_level
-from torch._library.triton import set_wrap_triton_enabled
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 from geokern import _ext
+
+try:
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # a private helper (torch 2.11-2.14 have it): without it launches stay correct, only slower
+    def set_wrap_triton_enabled(enabled):
+        return contextlib.nullcontext()
 
 CUSTOM_OPS = []  # (backend, qualified name): every op geokern defines, for tests and docs
 # qualified name -> (fake, cpu_impl) of every CUDA-backend op, recorded with or without _C: the
@@ -56,22 +63,18 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
     torch.compile calls it as one opaque kernel and does not trace into its launches. For an op
     whose traced launches inductor cannot compile (see the call site for which and why)."""
     qualname = f"geokern::{name}"
+    direct = launching_directly(impl)
     if opaque_fake is None:
         op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
-    else:
-        op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args)
+    else:  # the custom op's kernel is the body itself: it must turn wrap_triton off on its own
+        op = torch.library.custom_op(qualname, direct, mutates_args=mutates_args)
         op.register_fake(opaque_fake)
     CUSTOM_OPS.append(("triton", qualname))
     TRITON_OPS[qualname] = (impl, opaque_fake)
 
     def call(*args, **kwargs):
         if _plain_eager(args, kwargs):
-            # wrap_triton off, as triton_op's own eager kernel runs the body: launch()'s kernels
-            # then start directly. On, every launch went through the triton_kernel_wrapper_mutation
-            # higher-order op's Python dispatch (quaternion_mul's Triton call: 295 us of host time
-            # on the H100, its CUDA backend's 37; benchmarks/results, af39454)
-            with set_wrap_triton_enabled(False):
-                return impl(*args, **kwargs)
+            return direct(*args, **kwargs)
         return call.op(*args, **kwargs)
 
     call.op = op
@@ -80,6 +83,21 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def launching_directly(impl):
+    """`impl` run with torch's wrap_triton off, as triton_op's own eager kernel runs a body: its
+    launch() kernels then start directly. On, each launch goes through the
+    triton_kernel_wrapper_mutation higher-order op's Python dispatch (quaternion_mul's Triton call
+    cost 295 us of host time on the H100 that way, its CUDA backend's 37; benchmarks/results,
+    af39454). Keeps impl's signature (custom_op reads the schema from it)."""
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        with set_wrap_triton_enabled(False):
+            return impl(*args, **kwargs)
+
+    return run
 
 
 def _plain_eager(args, kwargs):
