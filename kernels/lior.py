@@ -194,9 +194,9 @@ lior_recurrence_fwd_step_kernel = triton.autotune(
 # the backward: the step loop (TC 0, the old one) and the chunked loop walked backwards in time
 # (TC > 0). With a gate a chunk holds four tiles (g, x, m_{t-1}, x_{t-P}) and their next ones, so
 # VEC x TC <= 32 (the forward's one tile pair allows 64), and TC <= 16: Triton 3.6 (torch
-# 2.11's) took 154 s to compile a 32-step chunk (VEC 1) for sm_90 on the 2-core CPU machine, each
-# alone (TC 16: 7 s; the forward's TC 32: 13 s beside other compiles), which an autotuned first
-# backward would pay once per warp count (Triton 3.8 not measured)
+# 2.11's) took 154 s to compile a 32-step chunk (VEC 1) for sm_90 on the 2-core CPU machine (TC 16:
+# 7 s; the forward's TC 32: 13 s; all with other work running), which an autotuned first backward
+# would pay once per warp count (Triton 3.8 not measured)
 def _bwd_configs():
     step = [triton.Config({"BD": c.kwargs["BD"], "TC": 0, "VEC": 4}, num_warps=c.num_warps)
             for c in _seq_configs() if c.kwargs["TC"] == 0]
