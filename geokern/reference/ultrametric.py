@@ -262,9 +262,10 @@ def check_digits(name, d, p, values=True):
     if num_codes(p, K) > 1 << 63:
         raise ValueError(f"{name}: K={K} digits in base p={p} need prefix codes of more than 63 bits "
                          f"(sum of p**l for l <= K is {num_codes(p, K)} > 2**63); use fewer digits or a smaller p")
-    if values and d.numel() and (int(d.min()) < 0 or int(d.max()) > p - 1):
-        raise ValueError(f"{name} must hold digits in [0, p - 1] = [0, {p - 1}], found min {int(d.min())} "
-                         f"max {int(d.max())}")
+    if values and d.numel():
+        lo, hi = torch.stack(torch.aminmax(d)).tolist()  # one reduction and one host read, not two of each
+        if lo < 0 or hi > p - 1:
+            raise ValueError(f"{name} must hold digits in [0, p - 1] = [0, {p - 1}], found min {lo} max {hi}")
 
 
 def prefix_codes(digits, p, values=True):
