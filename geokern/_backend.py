@@ -57,10 +57,15 @@ def why_unavailable(backend, device):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def requested(backend):
+    """The backend a call asked for: `backend`, or GEOKERN_BACKEND's default where it is None
+    (where "auto" alone may fall back to another backend than the one it resolved to)."""
+    return DEFAULT_BACKEND if backend is None else backend
+
+
 def resolve(op, backend, device, prefer=("cuda", "triton")):
     """The backend to run `op` with for tensors on `device`."""
-    if backend is None:
-        backend = DEFAULT_BACKEND
+    backend = requested(backend)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

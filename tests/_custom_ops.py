@@ -122,8 +122,6 @@ def _launches_stubbed():
     kernels do not run) but count itself in the list yielded. Every Triton op's body launches
     through launch(); kernels/contrastive.py's contrastive_many starts its kernel directly, but
     no op's body calls it (ContrastiveGroup does, outside any op)."""
-    from geokern.kernels._common import launch
-
     launched = []
 
     class Stub:
@@ -134,17 +132,23 @@ def _launches_stubbed():
             return lambda *args, **kwargs: launched.append(self.kernel)
 
     with pytest.MonkeyPatch.context() as patch:
-        for name, module in list(sys.modules.items()):
-            if name.startswith("geokern.kernels") and getattr(module, "launch", None) is launch:
-                patch.setattr(module, "launch", Stub)
+        replace_launch(patch, Stub)
         yield launched
+
+
+def replace_launch(patch, replacement):
+    """`replacement` as launch() in every kernel module (geokern.kernels.*, each binds
+    geokern.kernels._common.launch by name), through `patch`, a pytest MonkeyPatch."""
+    from geokern.kernels._common import launch
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("geokern.kernels") and getattr(module, "launch", None) is launch:
+            patch.setattr(module, "launch", replacement)
 
 
 def _clear_reference_caches():
     """Empty the lru caches of geokern.reference's helpers: warm (any earlier test), a cached helper
     returns without running the tensor ops a body would trace through it (left_mul_blocks did)."""
-    import sys
-
     for name, module in list(sys.modules.items()):
         if name.startswith("geokern.reference"):
             for f in vars(module).values():

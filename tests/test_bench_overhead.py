@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _custom_ops import replace_launch
 from _helpers import capturable, gpu
 
 import geokern
@@ -224,8 +225,6 @@ def test_eager_calls_launch_their_triton_kernels_directly(monkeypatch):
     Triton op's call cost hundreds of microseconds of host time on the H100 (quaternion_mul:
     295 us, the CUDA backend's 37). Without a GPU the kernels run under the interpreter
     (conftest), whose launch() returns them unwrapped; the flag it would see is what counts."""
-    import sys
-
     from torch._library.triton import is_wrap_triton_enabled
 
     from geokern.kernels import _common
@@ -237,9 +236,7 @@ def test_eager_calls_launch_their_triton_kernels_directly(monkeypatch):
         return original(kernel)
 
     original = _common.launch
-    for name, module in list(sys.modules.items()):
-        if name.startswith("geokern.kernels") and getattr(module, "launch", None) is original:
-            monkeypatch.setattr(module, "launch", recording_launch)
+    replace_launch(monkeypatch, recording_launch)
     from conftest import DEVICE
 
     monkeypatch.setattr(overhead, "DEVICE", DEVICE)

@@ -100,7 +100,7 @@ _KERNELS = {
 
 
 def _backend_for(backend, device):
-    if (backend or _backend.DEFAULT_BACKEND) == "cuda" and device.type != "cuda":
+    if _backend.requested(backend) == "cuda" and device.type != "cuda":
         raise RuntimeError(f"UltrametricCache: backend='cuda' needs a CUDA device= for the tables, got device={device} "
                            "(use backend='torch' on the CPU)")
     return _backend.resolve("UltrametricCache", backend, device, _PREFER)

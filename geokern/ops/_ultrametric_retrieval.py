@@ -42,7 +42,7 @@ def _no_cuda(op):
 
 
 def _backend_for(op, backend, device):
-    if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
+    if _backend.requested(backend) == "cuda":
         raise RuntimeError(_no_cuda(op))
     return _backend.resolve(op, backend, device, ("triton",))
 

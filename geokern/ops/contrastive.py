@@ -195,7 +195,7 @@ def _check_phase(W, named, op=_OP, wname="W"):
 
 
 def _resolve(backend, device, dtypes, op=_OP):
-    if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
+    if _backend.requested(backend) == "cuda":
         raise RuntimeError(f"{op}: {_NO_CUDA}")
     be = _backend.resolve(op, backend, device, _PREFER)
     if be == "triton" and any(d not in _KERNEL_DTYPES for d in dtypes):

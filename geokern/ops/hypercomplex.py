@@ -418,7 +418,7 @@ def _linear(x, weights, bias, backend, decode_max_rows=tkl.DECODE_MAX_ROWS, deco
     op = _LINEAR_NAMES[n]
     _linear_check(op, n, x, weights, bias)
     x, weights, bias = _linear_autocast(x, weights, bias)
-    requested = _backend.DEFAULT_BACKEND if backend is None else backend
+    requested = _backend.requested(backend)
     if requested == "cuda":
         raise RuntimeError(f"{op}: backend='cuda' is unavailable: the CUDA kernel of this op is not built yet "
                            "(use backend='triton' or 'torch')")

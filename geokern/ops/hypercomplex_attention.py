@@ -152,7 +152,7 @@ def _attention(n, q, k, v, causal, scale, normalize, backend):
     op = _NAMES[n]
     q, k, v = autocast_promote(q, k, v)
     _check(op, n, q, k, v, causal, scale, normalize)
-    requested = _backend.DEFAULT_BACKEND if backend is None else backend
+    requested = _backend.requested(backend)
     if requested == "cuda":
         raise RuntimeError(f"{op}: " + _NO_CUDA.format(op=op))
     be = _backend.resolve(op, backend, q.device, ("triton",))

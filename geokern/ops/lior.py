@@ -149,7 +149,7 @@ def _check_params(op, params):
 
 def _composition_only(op, backend, device):
     """The torch-op composition's backend; an explicit kernel backend is refused, saying why."""
-    if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
+    if _backend.requested(backend) == "cuda":
         raise RuntimeError(f"{op}: {_NO_CUDA}")
     be = _backend.resolve(op, backend, device, ())
     if be == "triton":
@@ -159,7 +159,7 @@ def _composition_only(op, backend, device):
 
 
 def _kernel_backend(op, backend, device, dtype):
-    if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
+    if _backend.requested(backend) == "cuda":
         raise RuntimeError(f"{op}: {_NO_CUDA}; use backend='triton' or 'torch'")
     be = _backend.resolve(op, backend, device, _PREFER)
     if be == "triton" and dtype not in _KERNEL_DTYPES:

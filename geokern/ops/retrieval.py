@@ -342,7 +342,7 @@ def _kernel_backend(op, backend, device, dtype, prefer):
     be = _backend.resolve(op, backend, device, prefer)
     if be in ("triton", "cuda") and dtype not in _KERNEL_DTYPES:
         # only "auto" may pick another backend; GEOKERN_BACKEND=triton is as explicit as backend="triton"
-        if (_backend.DEFAULT_BACKEND if backend is None else backend) == "auto":
+        if _backend.requested(backend) == "auto":
             return "torch"
         raise TypeError(f"{op}: backend='{be}' supports query dtypes float16, bfloat16, float32; "
                         f"got {dtype} (use backend='torch')")
@@ -512,7 +512,7 @@ def curvature_scalar(R4: torch.Tensor, g_inv: torch.Tensor, eps: float = 1e-8, *
         raise ValueError(f"{op}: leading dims of R4 {tuple(R4.shape)} and g_inv {tuple(g_inv.shape)} "
                          "do not broadcast") from None
     _check_number(op, "eps", eps)
-    asked = _backend.DEFAULT_BACKEND if backend is None else backend
+    asked = _backend.requested(backend)
     if asked in ("triton", "cuda"):
         raise RuntimeError(f"{op}: backend={asked!r} is unavailable: curvature_scalar has only the "
                            "PyTorch implementation, which backend='torch' and backend='auto' run (no kernel "

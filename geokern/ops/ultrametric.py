@@ -337,7 +337,7 @@ def _kernel_limits(be, B, H, Hkv, K, p, v):
 
 
 def _backend_for(backend, device):
-    if backend == "cuda" or (backend is None and _backend.DEFAULT_BACKEND == "cuda"):
+    if _backend.requested(backend) == "cuda":
         if device.type != "cuda":  # before resolve's generic message: name the tensor and the way out
             raise RuntimeError(f"{_OP}: backend='cuda' needs CUDA tensors, v is on {device} (use backend='torch' "
                                "on the CPU)")
@@ -469,7 +469,7 @@ def _soft(q, k, v, alpha, lcp_beta, causal, key_padding_mask, backend):
     if key_padding_mask is not None and key_padding_mask.device != v.device:
         raise ValueError(f"{_OP}: key_padding_mask is on {key_padding_mask.device} but v is on {v.device}")
     be = _backend_for(backend, v.device)
-    if be == "triton" and D > tk.SOFT_MAX_D and (_backend.DEFAULT_BACKEND if backend is None else backend) == "auto":
+    if be == "triton" and D > tk.SOFT_MAX_D and _backend.requested(backend) == "auto":
         be = "torch"  # only auto may pick another backend than the one asked for
     if be == "torch" or B * H * Tq * D == 0 or Tk == 0 or K == 0:  # K = 0: lcp 0, equal weights
         return ref.soft_lcp_attention(q, k, v, alpha, lcp_beta, causal=causal, key_padding_mask=key_padding_mask,
