@@ -17,6 +17,9 @@
 #               46 pairs: ~6 s a pair, mostly compiling and autotuning, and the profile ~0.9 s each of 184
 #               profiles; both limits were hit, ~465 s needed): the family's kernels are compiled by
 #               OVERHEAD_JOBS processes at once first, the profile skips the second dtype's floors.
+#   ncu         Nsight Compute counters of the kernels behind the done-means rows that miss their targets
+#               (scripts/ncu_rows.py; NCU_MATCH, NCU_IMPLS (default triton), NCU_LIMIT seconds, default 300):
+#               OUT/ncu/rows.txt, one line per kernel: throughputs, occupancy, registers, top stalls
 #   new         the newest families' tests and benchmarks (FAMILIES, default: ultrametric
 #               hypercomplex_linear hypercomplex_attention lior contrastive, ultrametric_retrieval; OUT/new;
 #               NEW_TESTS=0 skips the tests when the suite stage ran them; BENCH_MATCH: only the cases
@@ -103,6 +106,17 @@ if [[ "$STAGES" == *" overhead "* ]]; then
   timeout "$pl" python3 scripts/profile_calls.py --out "$OUT/overhead/profile_calls" --budget $((pl - 25)) 2>&1 | tail -3
   echo "overhead done, $((SECONDS - t0)) s"
 fi
+# BENCH_MATCH=done: the rows the issues' done-means name (#17-#22), 153 timed entries instead of ~290
+done_rows='^ultrametric_attention B1H16T32768K8D64 bf16 fwd$|^ultrametric_attention B1H16T65536K8D64 bf16 fwd\+bwd$|^ultrametric_decode_step_ B32H16ctx(4096|1048576)|^ultrametric_attention soft B4H16T(1024|4096|16384)K8D64|^ultrametric_signatures|^ultrametric_top1 B1H8T8192D64K8 bf16|_linear (4096x|32x8192)|^(quaternion|octonion)_attention B4H16T(1024|4096|16384)D64|^sdpa \(baseline\) B4H16T(1024|4096|16384)D64|^lior_recurrence(\+gate)? T(1024|2048)|^lior_recurrence_step_(\+gate)? B(4096|8192)|^lior_action_ W64|^lior_memory_conv|^contrastive_update_many_|^contrastive_update_ in(4096-out4096|8192)'
+if [[ "$STAGES" == *" ncu "* ]]; then
+  # the hardware counters of the done-means rows that miss (scripts/ncu_rows.py): their measured cause
+  unset GEOKERN_AUTOTUNE
+  miss_rows='^ultrametric_attention B1H16T32768K8D64 bf16 fwd$|^ultrametric_attention soft B4H16T16384K8D64 bf16 fwd$|^(quaternion|octonion)_linear 4096x4096x4096 bf16 fwd$|^(quaternion|octonion)_attention B4H16T16384D64 bf16 fwd$|^lior_recurrence\+gate T2048-B32-D2048 bf16 fwd$|^lior_recurrence_step_\+gate B8192-D4096-p4 bf16 fwd$|^lior_action_ W64'
+  nl=${NCU_LIMIT:-300}
+  timeout "$nl" python3 scripts/ncu_rows.py profile "$OUT/ncu" --match "${NCU_MATCH:-$miss_rows}" --impls "${NCU_IMPLS:-triton}" \
+    --budget $((nl - 90)) 2>&1 | tail -30
+  echo "ncu done, $((SECONDS - t0)) s"
+fi
 if [[ "$STAGES" == *" new "* ]]; then
   mkdir -p "$OUT/new"
   fams=${FAMILIES:-ultrametric ultrametric_retrieval hypercomplex_linear hypercomplex_attention lior contrastive}
@@ -111,8 +125,6 @@ if [[ "$STAGES" == *" new "* ]]; then
     GEOKERN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $files >"$OUT/new/tests.log" 2>&1
     echo "new families' tests exit $?, $((SECONDS - t0)) s"; grep -E "^FAILED|^ERROR|passed|failed" "$OUT/new/tests.log" | cut -c1-300 | tail -30
   fi
-  # BENCH_MATCH=done: the rows the issues' done-means name (#17-#22), 153 timed entries instead of ~290
-  done_rows='^ultrametric_attention B1H16T32768K8D64 bf16 fwd$|^ultrametric_attention B1H16T65536K8D64 bf16 fwd\+bwd$|^ultrametric_decode_step_ B32H16ctx(4096|1048576)|^ultrametric_attention soft B4H16T(1024|4096|16384)K8D64|^ultrametric_signatures|^ultrametric_top1 B1H8T8192D64K8 bf16|_linear (4096x|32x8192)|^(quaternion|octonion)_attention B4H16T(1024|4096|16384)D64|^sdpa \(baseline\) B4H16T(1024|4096|16384)D64|^lior_recurrence(\+gate)? T(1024|2048)|^lior_recurrence_step_(\+gate)? B(4096|8192)|^lior_action_ W64|^lior_memory_conv|^contrastive_update_many_|^contrastive_update_ in(4096-out4096|8192)'
   match=${BENCH_MATCH:-}
   [ "$match" = done ] && match=$done_rows
   for f in $fams; do
