@@ -66,6 +66,10 @@ memcheck() {  # compute-sanitizer memcheck over the kernel tests (MEMCHECK: whic
   fi
   return $r
 }
+huge() {  # the tests past 2**31 elements, one process
+  python3 -m pytest -q -p no:cacheprovider -m huge tests >"$OUT/huge.log" 2>&1
+  echo "huge exit $?, $((SECONDS - t0)) s"; tail -5 "$OUT/huge.log"
+}
 logs() { grep -hsE "passed|failed|^FAILED|^ERROR|ERROR SUMMARY" "$@" | cut -c1-240 | tail -40; }
 cut_at() {  # the test each process cut by LIMIT was in (its -v log's last line: the id, no result yet)
   for f in "$@"; do [ -f "$f" ] && ! tail -3 "$f" | grep -qE " in [0-9.]+s" && echo "cut: $(basename "$f") in $(tail -1 "$f" | cut -c1-200)"; done
@@ -83,14 +87,16 @@ if [[ "$STAGES" == *" suite "* ]]; then
   logs "$OUT"/tests/gpu.log "$OUT"/tests/tests.[0-9]*.log "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer_triton/gpu.log
   cut_at "$OUT"/tests/tests.[0-9]*.log
 elif [[ "$STAGES" == *" memcheck "* ]]; then
-  # memcheck alone (the suite ran in an earlier call): PART=i/n splits it as it splits the suite
+  # memcheck alone (the suite ran in an earlier call): PART=i/n splits it as it splits the suite.
+  # HUGE_BESIDE=1 with the huge stage: the huge tests run at the same time (correctness only; ~40 GB
+  # of memcheck processes beside them: fits an H200, may run out of memory on an H100)
+  hp=
+  if [[ "$STAGES" == *" huge "* && -n "${HUGE_BESIDE:-}" ]]; then huge & hp=$!; STAGES=${STAGES/ huge / }; fi
   memcheck; echo "sanitizer exit $?, $((SECONDS - t0)) s"
   logs "$OUT"/sanitizer/gpu.log "$OUT"/sanitizer/sanitizer.[0-9]*.log "$OUT"/sanitizer_triton/gpu.log "$OUT"/sanitizer_triton/sanitizer.[0-9]*.log
+  [ -n "$hp" ] && wait $hp
 fi
-if [[ "$STAGES" == *" huge "* ]]; then
-  python3 -m pytest -q -p no:cacheprovider -m huge tests >"$OUT/huge.log" 2>&1
-  echo "huge exit $?, $((SECONDS - t0)) s"; tail -5 "$OUT/huge.log"
-fi
+[[ "$STAGES" == *" huge "* ]] && huge
 if [[ "$STAGES" == *" compare "* ]]; then
   unset GEOKERN_AUTOTUNE
   olds=()
