@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make gpu [OUT=folder] [SELECT=family] [BENCH=0] [STEPS="build tests sanitizer bench"] [WHEEL=dist/x.whl] [PART=i/n]: the one
+# make gpu [OUT=folder] [SELECT=family] [BENCH=0] [STEPS="build tests sanitizer bench"] [WHEEL=dist/x.whl] [PART=i/n] [IDS=file] [ORDER=reverse]: the one
 # script for a GPU machine that may have no network (python3 there already has torch, triton, pytest, ninja).
 # Builds geokern._C (or, given WHEEL, installs that wheel and tests the installed package instead),
 # runs the whole test suite on CUDA, compute-sanitizer (memcheck) over the CUDA
@@ -65,7 +65,9 @@ shards() {  # shards NAME SELECT...: the ids pytest selects with SELECT, in JOBS
   # alternates (octonion / quaternion, ...), so round-robin gave some processes every expensive
   # variant (the octonion attention tests, whose kernels take the longest to compile): five of
   # fourteen processes had done 35% of their tests when the others had finished.
+  # IDS=file: only the selected ids that the file lists (e.g. the ids a cut memcheck did not reach)
   $PY -m pytest --collect-only -q -p no:cacheprovider "$@" tests 2>/dev/null | grep '::' | LC_ALL=C sort -u |
+    { if [ -n "${IDS:-}" ]; then grep -Fxf "$IDS"; else cat; fi; } |
     awk 'BEGIN { srand(12345) } { printf "%.12f\t%s\n", rand(), $0 }' | sort -k1,1 | cut -f2- |
     awk -v part="${PART:-1/1}" 'BEGIN { split(part, a, "/") } (NR - 1) % a[2] == a[1] - 1' >"$OUT/$name.ids"
   awk -v n="$JOBS" -v f="$OUT/$name.ids." '{ print > (f (NR % n)) }' "$OUT/$name.ids"
