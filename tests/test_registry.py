@@ -105,3 +105,35 @@ def test_opaque_ops_launch_directly_through_the_dispatcher_too():
     finally:
         _registry.CUSTOM_OPS.remove(("triton", "geokern::registry_opaque_probe_triton"))
         _registry.TRITON_OPS.pop("geokern::registry_opaque_probe_triton")
+
+
+def test_plain_eager_writes_bump_version_counters():
+    """The direct call skips the dispatcher, which bumps the version counter of each argument the
+    op declares written: without the bump, a backward through a value saved before the write would
+    silently use the new value. The body writes through .data, as a kernel writes through a
+    pointer: invisibly to autograd."""
+
+    def body(x: torch.Tensor, y: torch.Tensor) -> None:
+        y.data.add_(x)
+
+    call = _registry.triton_op("registry_write_probe_triton", body, mutates_args=("y",))
+    try:
+        for pass_y in (lambda x, y: call(x, y), lambda x, y: call(x, y=y)):
+            a = torch.ones(3, requires_grad=True)
+            y = torch.zeros(3)
+            saved = (a * y).sum()  # saves y for the backward
+            before = y._version
+            pass_y(torch.ones(3), y)
+            assert y._version > before and torch.equal(y, torch.ones(3))
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                saved.backward()
+    finally:
+        _registry.CUSTOM_OPS.remove(("triton", "geokern::registry_write_probe_triton"))
+
+
+def test_mutates_args_must_name_parameters_of_the_body():
+    def body(x: torch.Tensor) -> None:
+        pass
+
+    with pytest.raises(ValueError, match=r"mutates_args \['z'\]"):
+        _registry.triton_op("registry_bad_probe_triton", body, mutates_args=("z",))

@@ -57,12 +57,16 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
     `impl` launches its kernels through geokern.kernels._common.launch, so torch.compile
     traces into them on the GPU; on CPU tensors under TRITON_INTERPRET=1 the kernels run
     directly (eager only: tracing CPU Triton ops is unsupported). `mutates_args` names the
-    arguments written in place (a decode state). The op itself is the callable's `.op`.
+    arguments written in place (a decode state). The op itself is the callable's `.op`. A plain
+    eager call bumps the autograd version counter of each tensor it writes, as the dispatcher
+    does for the op, so a backward through a value saved before the write raises instead of
+    silently using the new value.
 
     `opaque_fake` (a fake implementation) makes the op a plain torch.library.custom_op instead:
     torch.compile calls it as one opaque kernel and does not trace into its launches. For an op
     whose traced launches inductor cannot compile (see the call site for which and why)."""
     qualname = f"geokern::{name}"
+    written = _mutated_positions(impl, mutates_args)
     direct = launching_directly(impl)
     if opaque_fake is None:
         op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
@@ -74,7 +78,12 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
 
     def call(*args, **kwargs):
         if _plain_eager(args, kwargs):
-            return direct(*args, **kwargs)
+            out = direct(*args, **kwargs)
+            for i, n in written:
+                t = args[i] if i < len(args) else kwargs.get(n)
+                if isinstance(t, torch.Tensor):
+                    torch.autograd.graph.increment_version(t)
+            return out
         return call.op(*args, **kwargs)
 
     call.op = op
@@ -83,6 +92,16 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _mutated_positions(impl, mutates_args):
+    """(position, name) of each argument of `impl` named in mutates_args: the direct call skips
+    the dispatcher, which is what bumps a written tensor's version counter."""
+    names = list(inspect.signature(impl).parameters)
+    missing = [n for n in mutates_args if n not in names]
+    if missing:
+        raise ValueError(f"triton_op {impl.__name__}: mutates_args {missing} are not parameters of the body {names}")
+    return tuple((names.index(n), n) for n in mutates_args)
 
 
 def launching_directly(impl):
