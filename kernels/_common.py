@@ -7,6 +7,23 @@ import triton.language as tl
 from geokern._backend import AUTOTUNE, interpret_mode
 
 
+def next_pow2(n):
+    """triton.next_power_of_2 of a host size in plain Python: Triton's is a constexpr_function, whose
+    host call costs 2-8 us (up to six per launch). Anything but a plain int (a SymInt while
+    torch.compile traces with dynamic shapes) goes to Triton's, which keeps it symbolic."""
+    if type(n) is int and n > 0:
+        return 1 << (n - 1).bit_length()
+    return triton.next_power_of_2(n)
+
+
+def cdiv(a, b):
+    """triton.cdiv of host sizes in plain Python (a constexpr_function too: ~4 us a host call, and
+    launchers make several); non-int arguments (SymInts) go to Triton's."""
+    if type(a) is int and type(b) is int:
+        return (a + b - 1) // b
+    return triton.cdiv(a, b)
+
+
 def launch(kernel):
     """`kernel` ready for `[grid](...)` from inside a torch.library.triton_op.
 

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import autotune_configs, launch, narrow
+from geokern.kernels._common import autotune_configs, cdiv, launch, narrow
 from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_strides, row_layout, row_offset
 from geokern.reference.maxplus import int_bound, int_overflow, int_sentinel
 
@@ -370,7 +370,7 @@ def _check_programs(n, what):
 
 def _grid(batch, M, N):
     def grid(meta):
-        return (batch * triton.cdiv(M, meta["RM"] * meta["TM"]) * triton.cdiv(N, meta["RN"] * meta["TN"]),)
+        return (batch * cdiv(M, meta["RM"] * meta["TM"]) * cdiv(N, meta["RN"] * meta["TN"]),)
 
     return grid
 
@@ -384,7 +384,7 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus):
     if c.numel() == 0:
         return
     # before the operand copies: a refused launch allocates nothing
-    _check_programs(batch * triton.cdiv(M, _MIN_BM) * triton.cdiv(N, _MIN_BN), "forward")
+    _check_programs(batch * cdiv(M, _MIN_BM) * cdiv(N, _MIN_BN), "forward")
     if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
         return _fwd_packed(a, b, c, lead, minplus)
     a, b, zero, consts, (fa, fb) = _inputs(a, b, lead, minplus)
@@ -502,12 +502,12 @@ def _int_prepare(x, k_dim, consts, minplus):
     if interpret_mode():
         br, bl = min(br, 16), min(bl, 16)
     f = torch.zeros((x3.shape[0], R), dtype=torch.int32, device=x.device)
-    rb = triton.cdiv(R, br)
+    rb = cdiv(R, br)
     # chunks of L: a multiple of bl, at least bl, no more than axis 1's limit of them
-    cl = bl * max(triton.cdiv(L, bl * _PREPARE_CHUNKS), triton.cdiv(L, bl * _MAX_AXIS1), 1)
+    cl = bl * max(cdiv(L, bl * _PREPARE_CHUNKS), cdiv(L, bl * _MAX_AXIS1), 1)
     _check_programs(x3.shape[0] * rb, "range check")
     if f.numel() and L:
-        launch(int_prepare_kernel)[(x3.shape[0] * rb, triton.cdiv(L, cl))](
+        launch(int_prepare_kernel)[(x3.shape[0] * rb, cdiv(L, cl))](
             x3, y, f, R, L, rb, cl, *strides,
             Q=int_bound(x.dtype), S_IN=consts["S_IN"], SENT=int_sentinel(x.dtype, "minplus" if minplus else "maxplus"),
             MIN=minplus, BR=br, BL=bl, num_warps=4,
@@ -545,6 +545,6 @@ def maxplus_bwd(g, idx, da, db, lead):
     sizes, (sa, sb, _) = lay
     args = sizes[1:] + sa + [da.stride(-2), da.stride(-1)] + sb + [db.stride(-2), db.stride(-1)]
     bm, bn = (16, 16) if interpret_mode() else (32, 128)
-    grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (batch * cdiv(M, bm) * cdiv(N, bn),)
     _check_programs(grid[0], "backward")
     launch(maxplus_bwd_kernel)[grid](g, idx, da, db, M, N, K, *args, BM=bm, BN=bn, num_warps=4)
