@@ -55,7 +55,6 @@ def _wrap(t):
     """geokern.reference.contrastive.wrap_angle in float32: lands in [-PI, PI) for every t."""
     t = tl.minimum(tl.maximum(t, ANGLE_MAX * -1.0), ANGLE_MAX)
     t = t - TWO_PI * tl.floor((t + PI) / TWO_PI)
-    t = t - TWO_PI * tl.floor((t + PI) / TWO_PI)
     t = tl.where(t >= PI, t - TWO_PI, t)
     return tl.where(t < PI * -1.0, t + TWO_PI, t)
 

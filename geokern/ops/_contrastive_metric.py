@@ -111,8 +111,7 @@ def contrastive_metric_update_(metric, x_free, dL, lr, beta, *, backend=None, ro
     lam, theta, pairs = ref._metric_state(metric)
     n = lam.shape[0]
     dl = dL if isinstance(dL, torch.Tensor) else None
-    dtypes = (lam.dtype, theta.dtype, x_free.dtype) + (() if dl is None else (dl.dtype,))
-    be = _resolve(backend, lam.device, dtypes, op=_OP)
+    be = _resolve(backend, lam.device, (lam.dtype, theta.dtype, x_free.dtype), op=_OP)
     if be == "triton" and n > tk.MAX_N:
         if backend == "triton":
             raise ValueError(f"{_OP}: the Triton backend holds v in one program: n must be <= {tk.MAX_N}, got {n} "

@@ -15,6 +15,8 @@ updated and b is skipped (b's own finite check). W and b are updated in place un
 Centred variant (centred=True): the two phases are nudged at +beta (passed as n) and -beta
 (passed as f), and the difference is divided by 2 beta instead of beta.
 
+The metric / rotor update of the same section's last paragraph is metric_delta (below).
+
 Choices where the spec is silent:
 - A phase with no rows has no mean: refused (ValueError), never a silent zero or NaN update.
 - The gate and the clip are decided on the device: no .item(), no host synchronisation; the skip
@@ -89,14 +91,14 @@ ANGLE_RATE = -0.01  # theta_k += ANGLE_RATE * s * dL * atan2(v_j, v_i) * r
 
 
 def wrap_angle(t):
-    """t (float32 or float64) wrapped to [-pi, pi) in its own dtype, for every finite t (and +-inf:
-    clamped first). |t| is clamped to ANGLE_MAX, then reduced twice (the first reduction of a large
-    angle is off by a few units: k * 2 pi is rounded), then moved across a boundary that rounding
-    left it on. pi is the dtype's: float32's rounds up, so the float32 range is [-pi32, pi32)."""
+    """t (float32 or float64) wrapped to [-pi, pi) in its own dtype, for every finite t (and +-inf).
+    |t| is clamped to ANGLE_MAX first: past it the rounded k * 2 pi misses t by more than 2 pi. Up
+    to it, one reduction lands within a few units of the range (float32: 1e8 has ulp 8), and one
+    step of 2 pi across the boundary it missed brings it in, exactly (Sterbenz: t -+ 2 pi is exact
+    there). pi is the dtype's: float32's rounds up, so the float32 range is [-pi32, pi32)."""
     pi, two_pi = math.pi, 2.0 * math.pi
     t = t.clamp(-ANGLE_MAX, ANGLE_MAX)
-    for _ in range(2):
-        t = t - two_pi * torch.floor((t + pi) / two_pi)
+    t = t - two_pi * torch.floor((t + pi) / two_pi)
     t = torch.where(t >= pi, t - two_pi, t)
     return torch.where(t < -pi, t + two_pi, t)
 
@@ -112,8 +114,8 @@ def _metric_state(metric):
 
 
 def metric_delta(metric, x_free, dL, lr, beta):
-    """(dlam [n], dtheta [P], ok) of the metric update, in float32 (float64 when lam, theta, x_free
-    or a tensor dL is float64); ok: a 0-dim bool tensor, the device-side gate.
+    """(dlam [n], dtheta [P], ok) of the metric update, in float32 (float64 when lam, theta or x_free
+    is float64; a tensor dL is cast to it); ok: a 0-dim bool tensor, the device-side gate.
 
     v = the mean of x_free's rows ([..., n] flattened), rotated by the metric's current angles
     (RotorDiag.rotate with float32 / float64 cos and sin); c = (lr / beta) * dL;
@@ -123,7 +125,7 @@ def metric_delta(metric, x_free, dL, lr, beta):
     overflows float32 skips the update there). dL: a Python number or a 0-dim tensor."""
     lam, theta, pairs = _metric_state(metric)
     dl_t = dL if isinstance(dL, torch.Tensor) else None
-    acc = _acc_dtype(lam, theta, x_free, *(() if dl_t is None else (dl_t,)))
+    acc = _acc_dtype(lam, theta, x_free)  # a float64 dL is cast: a scalar does not set the precision
     n = lam.shape[0]
     mean = x_free.reshape(-1, n).to(acc).mean(0)
     lam_a, theta_a = lam.to(acc), theta.to(acc)
