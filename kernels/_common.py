@@ -83,3 +83,29 @@ def mm_acc(a, b, acc, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc=acc, input_precision=PREC)
+
+
+@triton.jit
+def atan2(y, x):
+    """atan2(y, x) of float32 y, x, within 3 ulp (the interpreter has no libdevice, so both run
+    this): Cephes atanf's polynomial on t = min / max of |y|, |x| in [0, 1], reduced past
+    tan(pi / 8) by atan(t) = pi / 4 + atan((t - 1) / (t + 1)), then the octant and quadrant.
+    IEEE's special cases: +-0 and +-inf in either argument by their signs (atan2(+-0, -0) =
+    +-pi, atan2(+-inf, -inf) = +-3 pi / 4), NaN in either gives NaN. Signs are applied by
+    multiplying (Triton negates as 0 - a, which turns -0.0 into +0.0)."""
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    steep = ay > ax
+    hi = tl.where(steep, ay, ax)
+    lo = tl.where(steep, ax, ay)
+    # 0 / 0 and inf / inf have no ratio: both zero gives angle 0 (then the signs), both inf pi / 4
+    t = tl.where(hi == 0.0, 0.0, tl.where(ax == ay, 1.0, lo / tl.where(hi == 0.0, 1.0, hi)))
+    big = t > 0.41421356237309503
+    u = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    z = u * u
+    p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * u + u
+    r = tl.where(big, 0.78539816339744831 + p, p)
+    r = tl.where(steep, 1.5707963267948966 - r, r)
+    r = tl.where(x.to(tl.int32, bitcast=True) < 0, 3.1415926535897931 - r, r)  # sign bit: -0.0 too
+    r = r * tl.where(y.to(tl.int32, bitcast=True) < 0, -1.0, 1.0)
+    return tl.where((x != x) | (y != y), x + y, r)

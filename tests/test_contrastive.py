@@ -378,7 +378,7 @@ def op_samples(qualname):
     return [(W, b, *acts, 0.5, 1.0, 0.1, False, True), (W, b, *acts, 0.5, 1.0, None, True, False)]
 
 
-test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("contrastive_", op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests(("contrastive_update_", "contrastive_stats_"), op_samples)
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
