@@ -21,9 +21,14 @@ DEFAULT_BACKEND = os.environ.get("GEOKERN_BACKEND", "auto")
 AUTOTUNE = os.environ.get("GEOKERN_AUTOTUNE", "1") != "0"
 
 
+# read once: triton.jit reads TRITON_INTERPRET when it decorates, at import, so a later change would
+# not reach the kernels anyway, and every launch asks (an environment read is ~1 us of host time)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpret_mode():
-    """Triton's CPU interpreter is on (triton.jit reads TRITON_INTERPRET at decoration time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton's CPU interpreter is on (as it was when geokern was imported)."""
+    return _INTERPRET
 
 
 def _find_triton():

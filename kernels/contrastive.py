@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import launch, mm_acc, narrow
+from geokern.kernels._common import cdiv, launch, mm_acc, narrow
 
 BLOCK = 1024  # elements per program: 4 KB of float32 G per program, enough to hide latency
 F32_MAX = tl.constexpr(3.4028234663852886e38)  # constexpr: a jit function reads no plain globals
@@ -72,8 +72,8 @@ def contrastive_apply(w, g, b, gb, norm_g, s, max_norm):
     """Launch the apply on contiguous w, g (same numel), b, gb (same numel; b may be empty);
     norm_g: float64 0-dim ||g||; s: the float scale of dW = s g; max_norm: float or None."""
     n_w, n_b = w.numel(), b.numel()
-    w_blocks = triton.cdiv(n_w, BLOCK)
-    grid = (w_blocks + triton.cdiv(n_b, BLOCK),)
+    w_blocks = cdiv(n_w, BLOCK)
+    grid = (w_blocks + cdiv(n_b, BLOCK),)
     if grid[0] == 0:
         return
     launch(contrastive_apply_kernel)[grid](

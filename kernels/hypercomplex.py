@@ -11,7 +11,7 @@ float64 inputs). Notes: csrc/hypercomplex/README.md, section Triton.
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import launch, narrow
+from geokern.kernels._common import cdiv, launch, narrow
 from geokern.kernels._layout import layout_for, row_offset
 
 
@@ -179,7 +179,7 @@ def hypercomplex_mul_fwd(a, b, c, lead, n):
         return c
     a, b, dense, args = _layout_args(a, b, lead, n)
     block = _block(n)
-    launch(hypercomplex_mul_fwd_kernel)[(triton.cdiv(rows, block),)](
+    launch(hypercomplex_mul_fwd_kernel)[(cdiv(rows, block),)](
         a, b, c, rows, *args, N=n, DENSE=dense, BLOCK=block, num_warps=4)
     return c
 
@@ -191,7 +191,7 @@ def hypercomplex_conj_fwd(a, c, n):
         return c
     a, _, dense, args = _layout_args(a, a, a.shape[:-1], n)
     block = _block(n)
-    launch(hypercomplex_conj_fwd_kernel)[(triton.cdiv(rows, block),)](
+    launch(hypercomplex_conj_fwd_kernel)[(cdiv(rows, block),)](
         a, c, rows, *args[:8], N=n, DENSE=dense, BLOCK=block, num_warps=4)
     return c
 
@@ -203,6 +203,6 @@ def hypercomplex_mul_bwd(g, a, b, da, db, lead, n):
         return da, db
     a, b, dense, args = _layout_args(a, b, lead, n)
     block = _block(n)
-    launch(hypercomplex_mul_bwd_kernel)[(triton.cdiv(rows, block),)](
+    launch(hypercomplex_mul_bwd_kernel)[(cdiv(rows, block),)](
         g, a, b, da, db, rows, *args, N=n, DENSE=dense, BLOCK=block, num_warps=4)
     return da, db

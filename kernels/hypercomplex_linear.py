@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import autotune_configs, launch, mm_acc, narrow
+from geokern.kernels._common import autotune_configs, cdiv, launch, mm_acc, narrow, next_pow2
 
 
 def _gemm_configs():
@@ -371,7 +371,7 @@ def _ptrs(weights):
 
 
 def _gemm_grid(n, M, NB):
-    return lambda meta: (triton.cdiv(M, meta["BM"]) * n * triton.cdiv(NB, meta["BN"]),)
+    return lambda meta: (cdiv(M, meta["BM"]) * n * cdiv(NB, meta["BN"]),)
 
 
 GEMM_VARIANTS = ("stepwise", "blocked")
@@ -404,10 +404,10 @@ def decode_plan(M, n, NB, KB, sms, block_n=0, num_splits=0):
     weight bytes), larger BN fewer column tiles to spread over the SMs. Splits: enough K slices
     that the programs fill the SMs once (4 for the quaternion decode size on 132 SMs, 8 for
     the octonion), capped at 16 and at the K tiles of 64 there are."""
-    BM = max(16, min(triton.next_power_of_2(max(M, 1)), 256 // n))
+    BM = max(16, min(next_pow2(max(M, 1)), 256 // n))
     BN = block_n or 64
-    tiles = triton.cdiv(M, BM) * triton.cdiv(NB, BN)
-    S = num_splits or max(1, min(16, sms // tiles, triton.cdiv(KB, 64)))
+    tiles = cdiv(M, BM) * cdiv(NB, BN)
+    S = num_splits or max(1, min(16, sms // tiles, cdiv(KB, 64)))
     return BM, BN, S
 
 
@@ -427,14 +427,14 @@ def _decode_gemm(a, weights, bias, out, KB, NB, swk, swn, neg, precision, block_
     if M == 0 or NB == 0:
         return out
     BM, BN, S = decode_plan(M, n, NB, KB, _sm_count(a.device), block_n, num_splits)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(NB, BN) * S,)
+    grid = (cdiv(M, BM) * cdiv(NB, BN) * S,)
     dst = out if S == 1 else a.new_empty((S, M, n * NB), dtype=torch.float32)
     launch(hypercomplex_linear_decode_kernel)[grid](
         a, *_ptrs(weights), bias if bias is not None else a, dst, M, KB, NB, S, a.stride(0), a.stride(1), swk, swn,
         NEG=neg, N=n, HAS_BIAS=bias is not None, SPLIT=S > 1, PRECISION=_precision(precision), BM=BM, BN=BN)
     if S > 1:
         total, block = M * n * NB, 1024
-        launch(hypercomplex_linear_split_sum_kernel)[(triton.cdiv(total, block),)](
+        launch(hypercomplex_linear_split_sum_kernel)[(cdiv(total, block),)](
             dst, bias if bias is not None else dst, out, total, n * NB, S, HAS_BIAS=bias is not None, BLOCK=block)
     return out
 

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import autotune_configs, launch, narrow
+from geokern.kernels._common import autotune_configs, cdiv, launch, narrow
 from geokern.kernels._layout import MAX_DIMS, broadcast_strides, contiguous_strides, row_layout, row_offset
 from geokern.reference.maxplus import int_bound, int_overflow, int_sentinel
 
@@ -167,7 +167,7 @@ def maxplus_fwd_kernel(
     STAGES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # a: At [.., K, Mp], b: Bt [.., K, Np] (k-major padded copies, K a multiple of BK) -> C, argmax,
-    # margin: [batch, M, N] contiguous; integers: fa [batch, M], fb [batch, N] int8 out-of-range flags
+    # margin: [batch, M, N] contiguous; integers: fa [batch, M], fb [batch, N] int32 out-of-range flags
     # (_int_prepare). One program: one (RM * TM) x (RN * TN) tile of C of one batch index (axis 0 =
     # batch x tiles, tile rows grouped by GROUP_M); one thread: RM x RN entries.
     bat, om, on, a_ptrs, b_ptrs = _tile_ptrs(
@@ -370,7 +370,7 @@ def _check_programs(n, what):
 
 def _grid(batch, M, N):
     def grid(meta):
-        return (batch * triton.cdiv(M, meta["RM"] * meta["TM"]) * triton.cdiv(N, meta["RN"] * meta["TN"]),)
+        return (batch * cdiv(M, meta["RM"] * meta["TM"]) * cdiv(N, meta["RN"] * meta["TN"]),)
 
     return grid
 
@@ -384,7 +384,7 @@ def maxplus_fwd(a, b, c, idx, margin, lead, minplus):
     if c.numel() == 0:
         return
     # before the operand copies: a refused launch allocates nothing
-    _check_programs(batch * triton.cdiv(M, _MIN_BM) * triton.cdiv(N, _MIN_BN), "forward")
+    _check_programs(batch * cdiv(M, _MIN_BM) * cdiv(N, _MIN_BN), "forward")
     if a.is_cuda and not interpret_mode() and idx is None and margin is None and a.dtype in _PACKED_KIND:
         return _fwd_packed(a, b, c, lead, minplus)
     a, b, zero, consts, (fa, fb) = _inputs(a, b, lead, minplus)
@@ -437,7 +437,7 @@ def _fwd_packed(a, b, c, lead, minplus):
 def _inputs(a, b, lead, minplus):
     """(a, b, the semiring zero for padding, _int_constants, flags): integer inputs clamped to
     the stand-in S_IN (the sentinel, and anything beyond, becomes the stand-in: their zero),
-    flags the out-of-range rows of A and columns of B for the kernels, int8 (*lead, M) and
+    flags the out-of-range rows of A and columns of B for the kernels, int32 (*lead, M) and
     (*lead, N) (found by the same pass that clamps; None for floats)."""
     consts = _int_constants(a.dtype, minplus)
     if not consts["IS_INT"]:
@@ -453,20 +453,23 @@ def _inputs(a, b, lead, minplus):
 @triton.jit
 def int_prepare_kernel(
     x_ptr, y_ptr, f_ptr,
-    R, L, RB,
+    R, L, RB, CL,
     sxb, sxr, sxl, syb, syr, syl,
     Q: tl.constexpr, S_IN: tl.constexpr, SENT: tl.constexpr, MIN: tl.constexpr,
     BR: tl.constexpr, BL: tl.constexpr,
 ):
-    # x: [batch, R, L] integers (any strides) -> y: x clamped to S_IN (y's strides), f: [batch, R] int8
-    # contiguous, 1 where the row holds a value neither in [-Q, Q] nor the sentinel SENT. One program:
-    # BR rows of one batch index over all of L (axis 0 = batch x RB row blocks).
+    # x: [batch, R, L] integers (any strides) -> y: x clamped to S_IN (y's strides), f: [batch, R] int32
+    # contiguous and zeroed, set to 1 where the row holds a value neither in [-Q, Q] nor the sentinel
+    # SENT. One program: BR rows of one batch index over CL of L (axis 0 = batch x RB row blocks,
+    # axis 1 = L's chunks), so a short wide operand (B's columns reduce along K) still fills the GPU:
+    # with whole rows per program B's column pass ran 32 programs at 4096^2 and took about 0.5 ms.
     pid = tl.program_id(0).to(tl.int64)
     bat = pid // RB
     r = (pid % RB) * BR + tl.arange(0, BR)
+    l_lo = tl.program_id(1).to(tl.int64) * CL
     bad = tl.zeros((BR,), tl.int32)
-    for l0 in range(0, L, BL):
-        l = l0 + tl.arange(0, BL)
+    for l0 in range(0, CL, BL):
+        l = l_lo + l0 + tl.arange(0, BL)
         m = (r < R)[:, None] & (l < L)[None, :]
         x = tl.load(x_ptr + bat * sxb + r[:, None] * sxr + l[None, :] * sxl, mask=m, other=0)
         xi = x.to(tl.int32)
@@ -478,27 +481,34 @@ def int_prepare_kernel(
             y = tl.maximum(xi, S_IN)
         tl.store(y_ptr + bat * syb + r[:, None] * syr + l[None, :] * syl, y.to(x.dtype), mask=m)
         bad = tl.maximum(bad, tl.max(out.to(tl.int32), axis=1))
-    tl.store(f_ptr + bat * R + r, bad.to(tl.int8), mask=r < R)
+    # only a flagged row writes (the order of the chunks' writes cannot matter: max)
+    tl.atomic_max(f_ptr + bat * R + r, bad, mask=(r < R) & (bad != 0))
+
+
+_PREPARE_CHUNKS = 16  # L's chunks per row block, for 16 x the programs of whole-row blocks
+_MAX_AXIS1 = 65535  # grid axis 1 (y) limit
 
 
 def _int_prepare(x, k_dim, consts, minplus):
-    """(x clamped to the stand-in, int8 flags of x's out-of-range rows (k_dim=-1: A's rows) or
+    """(x clamped to the stand-in, int32 flags of x's out-of-range rows (k_dim=-1: A's rows) or
     columns (k_dim=-2: B's columns), shaped (*x's batch, M or N)): one pass over x."""
     x3 = x.reshape(-1, *x.shape[-2:])
     y = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     sx, sy = x3.stride(), y.stride()
     if k_dim == -1:  # rows of A: reduce along its last (contiguous) dim
         R, L, strides, (br, bl) = x3.shape[1], x3.shape[2], (sx[0], sx[1], sx[2], sy[0], sy[1], sy[2]), (8, 128)
-    else:  # columns of B: reduce along its rows
-        R, L, strides, (br, bl) = x3.shape[2], x3.shape[1], (sx[0], sx[2], sx[1], sy[0], sy[2], sy[1]), (128, 8)
+    else:  # columns of B: reduce along its rows (64 int16 columns: a 128-byte row segment a load)
+        R, L, strides, (br, bl) = x3.shape[2], x3.shape[1], (sx[0], sx[2], sx[1], sy[0], sy[2], sy[1]), (64, 16)
     if interpret_mode():
         br, bl = min(br, 16), min(bl, 16)
-    f = torch.empty((x3.shape[0], R), dtype=torch.int8, device=x.device)
-    rb = triton.cdiv(R, br)
+    f = torch.zeros((x3.shape[0], R), dtype=torch.int32, device=x.device)
+    rb = cdiv(R, br)
+    # chunks of L: a multiple of bl, at least bl, no more than axis 1's limit of them
+    cl = bl * max(cdiv(L, bl * _PREPARE_CHUNKS), cdiv(L, bl * _MAX_AXIS1), 1)
     _check_programs(x3.shape[0] * rb, "range check")
-    if f.numel():
-        launch(int_prepare_kernel)[(x3.shape[0] * rb,)](
-            x3, y, f, R, L, rb, *strides,
+    if f.numel() and L:
+        launch(int_prepare_kernel)[(x3.shape[0] * rb, cdiv(L, cl))](
+            x3, y, f, R, L, rb, cl, *strides,
             Q=int_bound(x.dtype), S_IN=consts["S_IN"], SENT=int_sentinel(x.dtype, "minplus" if minplus else "maxplus"),
             MIN=minplus, BR=br, BL=bl, num_warps=4,
         )
@@ -535,6 +545,6 @@ def maxplus_bwd(g, idx, da, db, lead):
     sizes, (sa, sb, _) = lay
     args = sizes[1:] + sa + [da.stride(-2), da.stride(-1)] + sb + [db.stride(-2), db.stride(-1)]
     bm, bn = (16, 16) if interpret_mode() else (32, 128)
-    grid = (batch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (batch * cdiv(M, bm) * cdiv(N, bn),)
     _check_programs(grid[0], "backward")
     launch(maxplus_bwd_kernel)[grid](g, idx, da, db, M, N, K, *args, BM=bm, BN=bn, num_warps=4)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import autotune_configs, launch, narrow
+from geokern.kernels._common import autotune_configs, cdiv, launch, narrow, next_pow2
 
 
 def _blocks():
@@ -217,7 +217,7 @@ def tropical_attention_bwd_kernel(
 
 def scratch_numel(B, H, Tq):
     BQ, BJ = _blocks()
-    return B * H * triton.cdiv(Tq, BQ) * BQ * BJ
+    return B * H * cdiv(Tq, BQ) * BQ * BJ
 
 
 def tropical_attention_fwd(q, k, v, y, idx, jm, mg, scratch, causal, center):
@@ -231,13 +231,13 @@ def tropical_attention_fwd(q, k, v, y, idx, jm, mg, scratch, causal, center):
     BQ, BJ = _blocks()
     qt = q.transpose(-1, -2).contiguous()  # d-major: a Q / K column is one contiguous vector
     kt = k.transpose(-1, -2).contiguous()
-    grid = (triton.cdiv(Tq, BQ), B * H)
+    grid = (cdiv(Tq, BQ), B * H)
     launch(tropical_attention_fwd_kernel)[grid](
         qt, kt, v, y, idx if idx is not None else y, jm if jm is not None else y,
         mg if mg is not None else y, scratch,
         H, H // Hkv, Tq, Tk, D, *v.stride(),
         CAUSAL=causal, CENTER=center, ARGMAX=idx is not None, MARGIN=mg is not None,
-        BQ=BQ, BJ=BJ, BD=triton.next_power_of_2(D),
+        BQ=BQ, BJ=BJ, BD=next_pow2(D),
     )
 
 
@@ -249,9 +249,9 @@ def tropical_attention_bwd(g, q, k, idx, jm, dq, dk, dv, center):
     if g.numel() == 0:
         return
     BQ = 16 if interpret_mode() else 32
-    grid = (triton.cdiv(Tq, BQ), B * H)
+    grid = (cdiv(Tq, BQ), B * H)
     launch(tropical_attention_bwd_kernel)[grid](
         g, q, k, idx, jm if jm is not None else idx, dq, dk, dv,
         H, H // Hkv, Tq, Tk, D, *q.stride(), *k.stride(),
-        CENTER=center, BQ=BQ, BD=triton.next_power_of_2(D), num_warps=4,
+        CENTER=center, BQ=BQ, BD=next_pow2(D), num_warps=4,
     )

@@ -122,6 +122,21 @@ def test_non_finite_db_alone_skips_b_only(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_update_bumps_version_counters(backend):
+    """A backward through W or b saved before the update raises, as after any in-place op,
+    instead of silently using the updated values (the Triton kernels write through pointers)."""
+    need(backend)
+    W, b, *acts = make(7, 5, 3, 4)
+    a = torch.ones_like(W, requires_grad=True)
+    c = torch.ones_like(b, requires_grad=True)
+    saved_w, saved_b = (a * W).sum(), (c * b).sum()
+    geokern.contrastive_update_(W, b, *acts, 0.5, 1.0, backend=backend)
+    for saved in (saved_w, saved_b):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("gram", [False, True], ids=["direct", "gram"])
 def test_clip_is_exact(gram, backend):
     need(backend)
@@ -363,7 +378,7 @@ def op_samples(qualname):
     return [(W, b, *acts, 0.5, 1.0, 0.1, False, True), (W, b, *acts, 0.5, 1.0, None, True, False)]
 
 
-test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("contrastive_", op_samples)
+test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests(("contrastive_update_", "contrastive_stats_"), op_samples)
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])

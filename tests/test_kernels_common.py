@@ -31,3 +31,18 @@ def test_narrow_rounds_to_nearest_even_like_torch(dtype):
     assert torch.isnan(y[0]), "narrow: NaN did not stay NaN"
     same = (y[1:].float() == want[1:].float()) | (y[1:].isnan() & want[1:].isnan())
     assert same.all(), f"narrow to {dtype}: {(~same).sum().item()} of {x.numel() - 1} differ from torch's rounding"
+
+
+def test_host_size_helpers_match_triton():
+    """next_pow2 and cdiv are Triton's host helpers in plain Python (theirs cost microseconds a call):
+    the same value for every plain int, and Triton's own answer for anything else (a numpy int here,
+    a SymInt under torch.compile)."""
+    import numpy as np
+    import triton
+
+    from geokern.kernels._common import cdiv, next_pow2
+
+    sizes = list(range(0, 4100)) + [2**31 - 1, 2**31, 2**31 + 1, 2**40 + 3]
+    assert [next_pow2(n) for n in sizes] == [triton.next_power_of_2(n) for n in sizes]
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in sizes[:600] + sizes[-4:] for b in (1, 2, 3, 16, 127, 2**20))
+    assert next_pow2(np.int64(300)) == 512 and cdiv(np.int64(300), 7) == 43

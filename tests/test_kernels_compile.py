@@ -555,3 +555,44 @@ def test_hypercomplex_linear_blocked_gemm_compiles_for_sm90():
                 assert not re.search(r"wgmma\\.mma_async[^;]*\\}\\s*,\\s*\\{", ptx), (tag, "A operand in registers")
             assert out.metadata.shared <= 232448, (tag, out.metadata.shared, "more shared memory than an H100 has")
     """, timeout=400)
+
+
+def test_maxplus_int_range_pass_compiles_for_sm90():
+    """The integer range pass (clamp + out-of-range flags by atomic max over L's chunks) for int16
+    and int32, both semirings, with both of the launcher's tiles (A's rows, B's columns)."""
+    run_isolated(_PRELUDE + """
+    from geokern.kernels import maxplus as mk
+    from geokern.reference.maxplus import int_bound, int_sentinel
+
+    for dt, ty in (("int16", "i16"), ("int32", "i32")):
+        import torch
+        tdt = getattr(torch, dt)
+        for minplus in (False, True):
+            consts = mk._int_constants(tdt, minplus)
+            sig = {"x_ptr": f"*{ty}", "y_ptr": f"*{ty}", "f_ptr": "*i32", "R": "i32", "L": "i32", "RB": "i32",
+                   "CL": "i32", **{s: "i32" for s in ("sxb", "sxr", "sxl", "syb", "syr", "syl")}}
+            for br, bl in ((8, 128), (64, 16)):
+                out = compile_ok(mk.int_prepare_kernel, sig, dict(
+                    Q=int_bound(tdt), S_IN=consts["S_IN"], SENT=int_sentinel(tdt, "minplus" if minplus else "maxplus"),
+                    MIN=minplus, BR=br, BL=bl))
+                assert "atom" in out.asm["ptx"] or "red." in out.asm["ptx"], "the flags' atomic max is gone"
+    """, timeout=300)
+
+
+def test_contrastive_metric_kernels_compile_for_sm90():
+    """The metric / rotor update (its rotation loop, the float32 atan2, the gate, the wrap) for
+    float32 and bfloat16 state, dL from a pointer and as a float64 scalar (as torch.compile passes
+    Python floats), and the parallel row-sum stage with 64-bit row counts."""
+    run_isolated(_PRELUDE + """
+    from geokern.kernels import contrastive_metric as tk
+
+    for dt, dl_ptr, ft, rows in (("fp32", True, "fp32", "i32"), ("bf16", False, "fp64", "i64")):
+        compile_ok(tk.metric_update_kernel,
+                   {"src_ptr": f"*{dt}", "n_src": rows, "src_stride": "i32", "n_rows": rows, "lam_ptr": f"*{dt}",
+                    "lam_stride": "i32", "theta_ptr": f"*{dt}", "theta_stride": "i32", "pairs_ptr": "*i32",
+                    "n_pairs": "i32", "dl_ptr": "*fp32", "dl_value": ft, "s": ft, "n": "i32"},
+                   dict(DL_PTR=dl_ptr, BLOCK_R=64, BLOCK_N=64, BLOCK_P=64))
+        compile_ok(tk.row_sums_kernel,
+                   {"x_ptr": f"*{dt}", "n_rows": rows, "stride": "i32", "part_ptr": "*fp32", "n": "i32",
+                    "rows_per_program": "i32"}, dict(BLOCK_R=64, BLOCK_N=64))
+    """, timeout=300)

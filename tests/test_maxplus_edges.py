@@ -233,6 +233,27 @@ def test_int_out_of_range_flags_follow_broadcast_batches(semiring, backend):
         assert marked[1, :, 2].all() and marked[:, 2, :, 5].all() and marked.sum() == 3 * 6 + 2 * 5 - 1
 
 
+@pytest.mark.parametrize("semiring", ["maxplus", "minplus"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int_out_of_range_flags_in_every_chunk_of_k(semiring, backend):
+    """The range pass splits K into chunks (and rows / columns into blocks) over many programs: an
+    out-of-range value in the last, a middle or the first chunk flags its row of A or column of B,
+    and nothing else."""
+    need(backend)
+    dt = torch.int16
+    q = ref.int_bound(dt)
+    A = torch.randint(-q, q + 1, (41, 300), device=DEVICE).to(dt)
+    B = torch.randint(-q, q + 1, (300, 37), device=DEVICE).to(dt)
+    A[33, 299], A[5, 150], A[40, 0] = q + 1, -q - 1, q + 7
+    B[299, 36], B[131, 17], B[0, 2] = -q - 1, q + 1, -q - 9
+    c = geokern.maxplus_matmul(A, B, semiring=semiring, backend=backend)
+    assert torch.equal(c, ref.maxplus_matmul(A, B, semiring=semiring)), f"{backend} {semiring}"
+    marked = c == ref.int_overflow(dt, semiring)
+    rows, cols = [33, 5, 40], [36, 17, 2]
+    assert marked[rows].all() and marked[:, cols].all()
+    assert marked.sum() == 3 * 37 + 3 * 41 - 9
+
+
 # ---- double backward ----------------------------------------------------------------------
 
 

@@ -45,7 +45,7 @@ import torch
 import geokern
 from geokern import _backend
 from geokern.bench import _retrieval_decode as decode
-from geokern.metric import diag
+from geokern.metric import diag, rotor_diag
 from geokern.ops._registry import bound_once
 
 # N_CALLS x REPEATS calls per number; a row takes 2 numbers, its floor 2 more. 200 x 5 (was 500 x 7:
@@ -254,6 +254,25 @@ def _contrastive_many_make(dtype):
     return (_randn(4, 16, 16)(f32), _randn(4, 16)(f32), *[_randn(4, 4, 16)(dtype) for _ in range(4)])
 
 
+def _metric_run(backend, lam0, theta0, x):
+    """contrastive_metric_update_ of a rotor_diag metric (8 coordinates, 4 planes) on a per-backend
+    copy of (lam0, theta0), reset first as in _contrastive_run; dL a 0-dim device tensor."""
+    key = ("metric", backend, id(lam0))
+    if key not in _contrastive_params:
+        _contrastive_params[key] = (rotor_diag(lam0.clone(), theta0.clone(), [(0, 1), (2, 3), (4, 5), (6, 7)]),
+                                    x.new_tensor(0.3))
+    m, dL = _contrastive_params[key]
+    m.lam.copy_(lam0)
+    m.theta.copy_(theta0)
+    geokern.contrastive_metric_update_(m, x, dL, 0.1, 1.0, backend=backend)
+    return m.lam, m.theta
+
+
+def _metric_make(dtype):
+    """lam [8] (positive), theta [4] in float32, x_free [16, 8] in `dtype`."""
+    return _positive(8)(torch.float32), _randn(4)(torch.float32), _randn(16, 8)(dtype)
+
+
 CALLS = [
     Call("quaternion_mul", "4x4", _inputs(_randn(4, 4), _randn(4, 4)),
          lambda be, a, b: geokern.quaternion_mul(a, b, backend=be)),
@@ -286,6 +305,8 @@ CALLS = [
          lambda be, *inputs: _contrastive_run(be, *inputs)),
     Call("contrastive_update_many_", "L4-out16-in16-N4", _contrastive_many_make,
          lambda be, *inputs: _contrastive_many_run(be, *inputs)),
+    Call("contrastive_metric_update_", "rotor-n8-P4-N16", _metric_make,
+         lambda be, *inputs: _metric_run(be, *inputs)),
     Call("retrieval_cost", "B4-n8-M16", _inputs(_randn(4, 8), _randn(16, 8), _positive(4, 1), _positive(8)),
          lambda be, q, k, r, lam: geokern.retrieval_cost(q, k, r, diag(lam), EPS, backend=be)),
     Call("retrieval_attention", "B4-n8-T16-dv16",

@@ -57,12 +57,16 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
     `impl` launches its kernels through geokern.kernels._common.launch, so torch.compile
     traces into them on the GPU; on CPU tensors under TRITON_INTERPRET=1 the kernels run
     directly (eager only: tracing CPU Triton ops is unsupported). `mutates_args` names the
-    arguments written in place (a decode state). The op itself is the callable's `.op`.
+    arguments written in place (a decode state). The op itself is the callable's `.op`. A plain
+    eager call bumps the autograd version counter of each tensor it writes, as the dispatcher
+    does for the op, so a backward through a value saved before the write raises instead of
+    silently using the new value.
 
     `opaque_fake` (a fake implementation) makes the op a plain torch.library.custom_op instead:
     torch.compile calls it as one opaque kernel and does not trace into its launches. For an op
     whose traced launches inductor cannot compile (see the call site for which and why)."""
     qualname = f"geokern::{name}"
+    written = _mutated_positions(impl, mutates_args)
     direct = launching_directly(impl)
     if opaque_fake is None:
         op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args)
@@ -74,7 +78,13 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
 
     def call(*args, **kwargs):
         if _plain_eager(args, kwargs):
-            return direct(*args, **kwargs)
+            out = direct(*args, **kwargs)
+            for i, n in written:
+                t = args[i] if i < len(args) else kwargs.get(n)
+                for w in (t if isinstance(t, (list, tuple)) else (t,)):  # a Tensor[] argument: each
+                    if isinstance(w, torch.Tensor):
+                        torch.autograd.graph.increment_version(w)
+            return out
         return call.op(*args, **kwargs)
 
     call.op = op
@@ -83,6 +93,16 @@ def triton_op(name, impl, mutates_args=(), opaque_fake=None):
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _mutated_positions(impl, mutates_args):
+    """(position, name) of each argument of `impl` named in mutates_args: the direct call skips
+    the dispatcher, which is what bumps a written tensor's version counter."""
+    names = list(inspect.signature(impl).parameters)
+    missing = [n for n in mutates_args if n not in names]
+    if missing:
+        raise ValueError(f"triton_op {impl.__name__}: mutates_args {missing} are not parameters of the body {names}")
+    return tuple((names.index(n), n) for n in mutates_args)
 
 
 def launching_directly(impl):
@@ -113,6 +133,37 @@ def _plain_eager(args, kwargs):
             if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
                 return False
     return True
+
+
+_CONSTANTS = {}  # (value's hex, shape, dtype, device) -> tensor, oldest first
+_MAX_CONSTANTS = 64
+
+
+def constant(value, shape, dtype, device):
+    """A tensor of `shape` filled with the number `value` (rounded to dtype), for a number argument a
+    kernel reads from memory (retrieval's and LIoR's R): made once per value, shape, dtype and device
+    in plain eager calls, so a call launches no fill and copies nothing from the host. Keyed by the
+    float's hex, so -0.0 and 0.0 stay apart. Under tracing, a dispatch mode or stream capture it is
+    made fresh (a traced graph or a captured one must own what it reads). The oldest entry goes past
+    _MAX_CONSTANTS (a schedule of values must not grow the cache): only eager launches hold an
+    entry, and the allocator keeps a freed block for its stream's pending work."""
+    v = float(value)
+    if (torch.compiler.is_compiling() or _dispatch_mode() is not None
+            or (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return torch.full(shape, v, dtype=dtype, device=device)
+    key = (v.hex(), tuple(shape), dtype, torch.device(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        # rounded to dtype on the host first: past float32's range torch.full raises, a number rounds to inf
+        # and never an inference tensor: a later call with autograd may save it for its backward
+        with torch.inference_mode(False):
+            t = torch.tensor(v, dtype=torch.float64).to(dtype).expand(shape).contiguous().to(device)
+        if t.is_cuda:  # made on this stream: a call on another stream must not read it before the fill
+            torch.cuda.current_stream(t.device).synchronize()
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            del _CONSTANTS[next(iter(_CONSTANTS))]
+        _CONSTANTS[key] = t
+    return t
 
 
 def bound_once(cls):

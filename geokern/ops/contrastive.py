@@ -200,7 +200,7 @@ def _resolve(backend, device, dtypes, op=_OP):
     be = _backend.resolve(op, backend, device, _PREFER)
     if be == "triton" and any(d not in _KERNEL_DTYPES for d in dtypes):
         if backend == "triton":
-            raise TypeError(f"{op}: the Triton backend takes float16 / bfloat16 / float32 W, b and activities, "
+            raise TypeError(f"{op}: the Triton backend takes float16 / bfloat16 / float32 tensors, "
                             f"got {sorted({str(d) for d in dtypes})} (use backend='torch' for float64)")
         be = "torch"  # auto: float64 runs the reference, as documented
     return be
@@ -400,7 +400,8 @@ def all_reduce_stats_(stats, group=None):
         st.reduced = True
 
 
-# the many-layer grouped update (its own module: it imports this one's checks)
+# the many-layer grouped update and the metric update (their own modules: they import this one's checks)
 from geokern.ops._contrastive_many import ContrastiveGroup, contrastive_update_many_  # noqa: E402
+from geokern.ops._contrastive_metric import contrastive_metric_update_  # noqa: E402
 
-__all__ += ["contrastive_update_many_", "ContrastiveGroup"]
+__all__ += ["contrastive_update_many_", "ContrastiveGroup", "contrastive_metric_update_"]

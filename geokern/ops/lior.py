@@ -27,7 +27,7 @@ from geokern import _backend
 from geokern._checks import FLOAT_DTYPES, check_same, check_tensor
 from geokern.kernels import lior as tk
 from geokern.metric import Metric
-from geokern.ops._registry import alert_nondeterministic, bound_once, refuse_double_backward, triton_op
+from geokern.ops._registry import alert_nondeterministic, bound_once, constant, refuse_double_backward, triton_op
 from geokern.reference import lior as ref
 
 __all__ = ["lior_params", "lior_kernel", "lior_memory_conv", "lior_recurrence", "lior_recurrence_step_",
@@ -355,6 +355,6 @@ def lior_action_(v: torch.Tensor, R, metric: Metric, integral: torch.Tensor, mea
             return cost
         phi, w = metric.features(v)
         phi = phi if phi.stride(-1) == 1 else phi.contiguous()
-        r = torch.as_tensor(R, dtype=torch.float32, device=v.device).to(torch.float32)
+        r = R.to(torch.float32) if isinstance(R, torch.Tensor) else constant(R, (), torch.float32, v.device)
         r = torch.broadcast_to(r, (W, B))
         return _KERNELS[be]["action"](phi, w.float().contiguous(), r, integral, mean, count, float(eps), float(dtau))

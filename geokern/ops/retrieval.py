@@ -27,7 +27,8 @@ from geokern import _backend
 from geokern._checks import broadcast_shapes, check_same, check_tensor
 from geokern.kernels import retrieval as tk
 from geokern.metric import Diag, Metric
-from geokern.ops._registry import alert_nondeterministic, bound_once, cuda_op, refuse_double_backward, triton_op
+from geokern.ops._registry import (alert_nondeterministic, bound_once, constant, cuda_op, refuse_double_backward,
+                                   triton_op)
 from geokern.ops._retrieval_args import (_autocast, _check_bank, _check_broadcast,
                                          _check_knobs, _check_number, _check_r_number)
 from geokern.reference import retrieval as ref
@@ -361,7 +362,7 @@ def _features(metric, query, keys):
 def _r4(R, lead, squeeze, device):
     if isinstance(R, torch.Tensor):
         return _user_to4(R.to(torch.float32), lead, squeeze)
-    return torch.full((1, 1, 1, 1), float(R), dtype=torch.float32, device=device)
+    return constant(R, (1, 1, 1, 1), torch.float32, device)
 
 
 # ---- public ops ------------------------------------------------------------------

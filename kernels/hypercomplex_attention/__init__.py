@@ -7,10 +7,9 @@ contiguous outputs; float16 / bfloat16 / float32 (float32 dots exact: "ieee").
 """
 
 import torch
-import triton
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import launch
+from geokern.kernels._common import cdiv, launch, next_pow2
 from geokern.kernels.hypercomplex_attention.attention_bwd import (hypercomplex_attention_bwd_dkdv_kernel,
                                                                   hypercomplex_attention_bwd_dq_kernel)
 from geokern.kernels.hypercomplex_attention.attention_fwd import hypercomplex_attention_fwd_kernel
@@ -63,7 +62,7 @@ def _strides(*ts):
 def _common(q, k, causal, n):
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     bm, bn, warps, stages = _blocks(n, block_d, q.dtype)
     vw = block_d * (1 if n == 4 else 8)
     meta = dict(CAUSAL=bool(causal), N=n, PREC=_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, VW=vw,
@@ -76,7 +75,7 @@ def hypercomplex_attention_fwd(q, k, v, qn, kn, e, y, lse, causal, scale, n):
     B, H, Hk, Tq, Tk, D, meta = _common(q, k, causal, n)
     if y.numel() == 0:
         return y, lse
-    grid = (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)
+    grid = (cdiv(Tq, meta["BLOCK_M"]), B * H)
     launch(hypercomplex_attention_fwd_kernel)[grid](
         q, k, v, qn, kn, e, y, lse, *_strides(q, k, v, qn, kn),
         H, H // Hk, Tq, Tk, D, Tk - Tq, scale * LOG2E, **meta)
@@ -91,10 +90,10 @@ def hypercomplex_attention_bwd(q, k, v, qn, kn, e, et, dy, y, lse, dq, dqn, dk, 
     strides = _strides(q, k, v, qn, kn)
     scalars = (H, H // Hk, Tq, Tk, D, Tk - Tq, scale * LOG2E, scale)
     if dq.numel():
-        launch(hypercomplex_attention_bwd_dq_kernel)[(triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+        launch(hypercomplex_attention_bwd_dq_kernel)[(cdiv(Tq, meta["BLOCK_M"]), B * H)](
             q, k, v, qn, kn, e, et, dy, lse, delta, dq, dqn, *strides, *scalars, **meta)
     if dk.numel():
-        launch(hypercomplex_attention_bwd_dkdv_kernel)[(triton.cdiv(Tk, meta["BLOCK_N"]), B * Hk)](
+        launch(hypercomplex_attention_bwd_dkdv_kernel)[(cdiv(Tk, meta["BLOCK_N"]), B * Hk)](
             q, k, v, qn, kn, et, dy, lse, delta, dk, dkn, dv, *strides, *scalars, **meta)
 
 def flops(B, H, Tq, Tk, D, n, causal):

@@ -13,11 +13,10 @@ README.md beside this file holds the measurements behind the tuning choices.
 import math
 
 import torch
-import triton
 
 from geokern._backend import interpret_mode
 from geokern._checks import broadcast_shapes
-from geokern.kernels._common import launch
+from geokern.kernels._common import cdiv, launch, next_pow2
 from geokern.kernels.retrieval.attention_bwd import retrieval_attention_bwd_dq_kernel, retrieval_attention_bwd_kernel
 from geokern.kernels.retrieval.attention_fwd import retrieval_attention_fwd_kernel
 from geokern.kernels.retrieval.common import (MASK_KEY, MASK_NONE, MASK_PAIR, R_BATCH, R_KEY, R_PAIR, R_QUERY,
@@ -47,7 +46,7 @@ def _programs(n):
 
 
 def _pow2(n):
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _prec(dtype):
@@ -135,7 +134,7 @@ def sqnorm(x, w, xw=None, split=False):
     if out.numel() == 0:
         return out
     bl = 64
-    launch(sqnorm_kernel)[(_programs(triton.cdiv(l, bl) * nb0 * nb1),)](
+    launch(sqnorm_kernel)[(_programs(cdiv(l, bl) * nb0 * nb1),)](
         x, w, out, out if xw is None else xw, *x.stride(), nb1, l, d, WRITE_XW=xw is not None, SPLIT=split, BLOCK_L=bl,
         BLOCK_D=_pow2(d))
     return out
@@ -164,7 +163,7 @@ def retrieval_attention_fwd(q, k, v, w, r, mask, bk, bv, br, beta, eps, pipeline
     two = bank or seg  # the kernel ignores segment 2 without HAS_BANK: any valid tensors do
     me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.bool)
     eb = even_block()
-    grid = lambda meta: (_programs(triton.cdiv(lq, meta["BLOCK_M"]) * nb),)  # noqa: E731
+    grid = lambda meta: (_programs(cdiv(lq, meta["BLOCK_M"]) * nb),)  # noqa: E731
     args = (qe, w, seg.ke, seg.kn, seg.ve, seg.r, me, two.ke, two.kn, two.ve, two.r, out, lse,
             *qe.stride(), *seg.strides(True), *two.strides(False), lead[1], lq, seg.m, two.m, d, dv,
             float(beta) * LOG2E, float(eps))
@@ -274,7 +273,7 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
     b_dk, b_dv, b_dr = (dk2, dv2, dr2) if bank is not None else (dw.new_zeros(1), dw.new_zeros(1), dw.new_zeros(1))
     me = seg.me if seg.me is not None else r.new_zeros((1,), dtype=torch.bool)
     eb = even_block()
-    nblk = lambda bn: triton.cdiv(seg.m, bn) + (triton.cdiv(bank.m, bn) if bank is not None else 0)  # noqa: E731
+    nblk = lambda bn: cdiv(seg.m, bn) + (cdiv(bank.m, bn) if bank is not None else 0)  # noqa: E731
     grid = lambda meta: (_programs(nblk(meta["BLOCK_N"]) * nb),)  # noqa: E731
     launch(retrieval_attention_bwd_kernel)[grid](
         qw, qn, do, lse, delta, w, dqa, rs, dw,
@@ -290,7 +289,7 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
     )
     rows = nb * lq
     br_ = 64
-    launch(retrieval_attention_bwd_dq_kernel)[(triton.cdiv(rows, br_),)](qe, dqa, rs, w, dq, dw, rows, d,
+    launch(retrieval_attention_bwd_dq_kernel)[(cdiv(rows, br_),)](qe, dqa, rs, w, dq, dw, rows, d,
                                                                           BLOCK_R=br_, BLOCK_D=bd)
     return finish()
 
@@ -300,7 +299,7 @@ def retrieval_attention_bwd(do, q, k, v, w, r, mask, bk, bv, br, out, lse, dlse,
 
 def _blocks(f):
     """(BLOCK_X = BLOCK_Y, BLOCK_F): at most 4096 pair-feature differences in a tile."""
-    bf = max(16, triton.next_power_of_2(f))
+    bf = max(16, next_pow2(f))
     if interpret_mode():
         return 8, bf
     bxy = 4
@@ -321,7 +320,7 @@ def retrieval_cost_fwd(q, k, w, r, eps):
     if out.numel() == 0:
         return out
     bxy, bf = _blocks(min(f, 32))
-    grid = (_programs(triton.cdiv(lq, bxy) * triton.cdiv(m, bxy) * lead[0] * lead[1]),)
+    grid = (_programs(cdiv(lq, bxy) * cdiv(m, bxy) * lead[0] * lead[1]),)
     launch(retrieval_cost_fwd_kernel)[grid](
         q, k, w, r, out, *_bstrides(q), *_bstrides(k), *_bstrides(r), lead[1], lq, m, f, float(eps),
         BLOCK_X=bxy, BLOCK_Y=bxy, BLOCK_F=bf)
@@ -332,7 +331,7 @@ def _side(x, y, w, g, sg, r, sr, out, outw, drx, drp, lead, lx, ly, eps):
     nx0, nx1 = out.shape[0], out.shape[1]
     f = x.shape[3]
     bxy, bf = _blocks(f)
-    grid = (_programs(triton.cdiv(lx, bxy) * nx0 * nx1),)
+    grid = (_programs(cdiv(lx, bxy) * nx0 * nx1),)
     dummy = out
     launch(retrieval_cost_bwd_kernel)[grid](
         x, y, w, g, r, out, outw if outw is not None else dummy, drx if drx is not None else dummy,

@@ -14,10 +14,9 @@ design, its bytes and flops, and what is measured.
 import math
 
 import torch
-import triton
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import launch
+from geokern.kernels._common import cdiv, launch, next_pow2
 from geokern.kernels.ultrametric.scan import (ultrametric_prefix_kernel, ultrametric_read_kernel,
                                               ultrametric_scan_kernel, ultrametric_summary_kernel)
 from geokern.kernels.ultrametric.soft import (ultrametric_soft_attention_bwd_kernel,
@@ -38,7 +37,7 @@ def default_chunk():
 
 
 def _bd(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def chunk_block(C):
@@ -46,7 +45,7 @@ def chunk_block(C):
     power of two (tl.arange) and >= 16, the least K of tl.dot on sm_90 for the 16-bit count dots
     (8 for float32; 16 in triton 3.6): a smaller chunk (chunk=4) once failed to compile on the
     GPU, which the interpreter does not check. The rows past C are masked off."""
-    return max(16, triton.next_power_of_2(C))
+    return max(16, next_pow2(C))
 
 
 def _weights(alpha):
@@ -62,16 +61,16 @@ def plan(Tk, groups, N, D, device, chunk=0, num_segments=0):
     in parallel (grid segments x groups); by default enough for two programs per SM, each at
     least one chunk, their tables within SCRATCH_BYTES."""
     C = chunk or default_chunk()
-    nchunks = triton.cdiv(Tk, C)
+    nchunks = cdiv(Tk, C)
     if num_segments:
         S = num_segments
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        S = triton.cdiv(2 * sms, max(1, groups))
+        S = cdiv(2 * sms, max(1, groups))
         S = min(S, max(1, SCRATCH_BYTES // max(1, groups * N * (D + 1) * 4)))
     S = max(1, min(S, nchunks))
-    cps = triton.cdiv(max(nchunks, 1), S)
-    return C, triton.cdiv(max(nchunks, 1), cps), cps, nchunks
+    cps = cdiv(max(nchunks, 1), S)
+    return C, cdiv(max(nchunks, 1), cps), cps, nchunks
 
 
 def _keep(keep, B, T, device):
@@ -89,7 +88,7 @@ def _summary(tab, cnt, sdig, val, lse, keep, Hkv, NS, src_off, Tk, K, p, N, slot
 
 def _prefix(t, S, reverse):
     G, width = t.shape[0], t[0, 0].numel()
-    launch(ultrametric_prefix_kernel)[(triton.cdiv(width, PREFIX_BLOCK), G)](
+    launch(ultrametric_prefix_kernel)[(cdiv(width, PREFIX_BLOCK), G)](
         t, S, width, REVERSE=reverse, BLOCK=PREFIX_BLOCK, num_warps=4)
 
 
@@ -97,7 +96,7 @@ def _read(tab, cnt, tdig, out, lse, keep, Hkv, tgt_off, Tk, K, p, N, slots, slot
     B, HT, TT, _ = tdig.shape
     D = out.shape[-1]
     C = chunk_block(C)  # targets per program: any power of two (every target reads the same table)
-    launch(ultrametric_read_kernel)[(triton.cdiv(TT, C), B * HT)](
+    launch(ultrametric_read_kernel)[(cdiv(TT, C), B * HT)](
         tdig, tab, cnt, out, lse, keep, HT, HT // Hkv, TT, tgt_off, Tk, Hkv, K, p, N, D, slots, slot,
         *_weights(alpha), FWD=fwd, EXCL=alpha <= 1, C=C, BD=_bd(D), POISON=poison, num_warps=4)
 
@@ -161,7 +160,7 @@ def ultrametric_cache_append(tab, cnt, kd, v, keep, p):
     # keep None: no keep tensor (KEEP_SRC off, v stands in for the unread pointer), not a torch.ones
     # fill launched every decode step
     _summary(tab, cnt, kd, v, v, v if keep is None else keep, Hkv, 1, 0, T, K, p, tab.shape[1], 1, 1,
-             triton.cdiv(T, C), triton.cdiv(T, C), C, False, keep is not None, True, poison=True)
+             cdiv(T, C), cdiv(T, C), C, False, keep is not None, True, poison=True)
 
 
 def ultrametric_cache_query(tab, cnt, qd, y, lse, alpha, p):
@@ -216,7 +215,7 @@ def ultrametric_soft_attention_fwd(q, k, v, keep, y, lse, alpha, beta, causal):
     Hkv, Tk, D = k.shape[1], k.shape[2], v.shape[3]
     BM, BN, warps = soft_blocks(D, True, v.dtype)
     nb, log2a = _soft_scalars(alpha, beta)
-    launch(ultrametric_soft_attention_fwd_kernel)[(triton.cdiv(Tq, BM), B * H)](
+    launch(ultrametric_soft_attention_fwd_kernel)[(cdiv(Tq, BM), B * H)](
         q, k, v, keep if keep is not None else v, y, lse, H, H // Hkv, Tq, Tk, D, nb, log2a,
         K=K, CAUSAL=causal, HAS_KEEP=keep is not None, PREC=_soft_prec(v.dtype), BM=BM, BN=BN, BD=_bd(D),
         num_warps=warps)
@@ -234,8 +233,8 @@ def ultrametric_soft_attention_bwd(dy, q, k, v, keep, y, lse, dq, dk, dv, alpha,
     lsc = torch.clamp_min(lse2, math.log2(1e-9)).contiguous()
     delta = torch.where(lse2 > math.log2(1e-9), (dy.float() * y.float()).sum(-1), 0.0).contiguous()
     dq.zero_()
-    launch(ultrametric_soft_attention_bwd_kernel)[(triton.cdiv(Tk, BN), B * Hkv)](
+    launch(ultrametric_soft_attention_bwd_kernel)[(cdiv(Tk, BN), B * Hkv)](
         q, k, v, keep if keep is not None else v, dy, lsc, delta, dq, dk, dv, H, H // Hkv, Tq, Tk, D, nb, log2a,
         math.log(alpha), 2.0 * beta,
-        K=K, KP=max(2, triton.next_power_of_2(K)), CAUSAL=causal, HAS_KEEP=keep is not None,
+        K=K, KP=max(2, next_pow2(K)), CAUSAL=causal, HAS_KEEP=keep is not None,
         PREC=_soft_prec(v.dtype), BM=BM, BN=BN, BD=_bd(D), num_warps=warps)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import _INTERPRET, launch
+from geokern.kernels._common import _INTERPRET, cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -70,8 +70,8 @@ def ultrametric_signatures_kernel(
 def blocks(D, K, block_t=0):
     """(BT, BC, BD, BK): tokens per program (block_t, 0: 16 under the interpreter, 64 for
     D <= 128 else 32), the Din step, and D and K padded to powers of two >= 16 (tl.dot's least)."""
-    BD = max(16, triton.next_power_of_2(D))
-    BK = max(16, triton.next_power_of_2(K))
+    BD = max(16, next_pow2(D))
+    BK = max(16, next_pow2(K))
     BT = block_t or (16 if interpret_mode() else (64 if BD <= 128 else 32))
     return BT, (32 if interpret_mode() else 64), BD, BK
 
@@ -85,7 +85,7 @@ def ultrametric_signatures_fwd(x, weight, planes, out, block_t=0):
     BT, BC, BD, BK = blocks(D, K, block_t)
     Din = x.shape[-1] if weight is not None else D
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    launch(ultrametric_signatures_kernel)[(triton.cdiv(T, BT), H, B)](
+    launch(ultrametric_signatures_kernel)[(cdiv(T, BT), H, B)](
         x, x if weight is None else weight, planes, out, T, H, Din, D, K, 0 if planes.shape[0] == 1 else K * D,
         HAS_W=weight is not None, PREC=prec, BT=BT, BC=BC, BD=BD, BK=BK, num_warps=4 if BD <= 128 else 8)
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from geokern._backend import interpret_mode
-from geokern.kernels._common import launch
+from geokern.kernels._common import cdiv, launch, next_pow2
 from geokern.kernels.ultrametric.signatures import dot_f32acc
 
 
@@ -87,7 +87,7 @@ def blocks(D, block_m=0, block_n=0):
     """(BM, BN, BD): queries per program, keys per tile (0: 16 / 16 under the interpreter, else
     64 / 64) and D padded to a power of two >= 16."""
     small = interpret_mode()
-    return (block_m or (16 if small else 64)), (block_n or (16 if small else 64)), max(16, triton.next_power_of_2(D))
+    return (block_m or (16 if small else 64)), (block_n or (16 if small else 64)), max(16, next_pow2(D))
 
 
 def ultrametric_top1_fwd(q, k, qd, kd, keep, idx, lcp, sim, causal, block_m=0, block_n=0):
@@ -96,7 +96,7 @@ def ultrametric_top1_fwd(q, k, qd, kd, keep, idx, lcp, sim, causal, block_m=0, b
     B, H, Tq, D = q.shape
     Hkv, Tk, K = k.shape[1], k.shape[2], qd.shape[3]
     BM, BN, BD = blocks(D, block_m, block_n)
-    launch(ultrametric_top1_kernel)[(triton.cdiv(Tq, BM), B * H)](
+    launch(ultrametric_top1_kernel)[(cdiv(Tq, BM), B * H)](
         q, k, qd, kd, qd if keep is None else keep, idx, lcp, sim, H, H // Hkv, Hkv, Tq, Tk, D, K, Tk - Tq,
         HAS_KEEP=keep is not None, CAUSAL=causal, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         BM=BM, BN=BN, BD=BD, num_warps=4 if BD <= 128 else 8)
