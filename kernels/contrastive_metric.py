@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from geokern.kernels._common import atan2, launch, narrow
+from geokern.kernels._common import atan2, cdiv, launch, narrow, next_pow2
 
 F32_MAX = tl.constexpr(3.4028234663852886e38)
 PI = tl.constexpr(3.1415926535897931)  # as float32: 3.14159274 (rounds up); the range is [-PI, PI)
@@ -133,12 +133,12 @@ def metric_update(x, lam, theta, pairs, dl, dl_value, s, rows_per_program):
     sums blocks of that many rows in parallel first (0: one program reads every row)."""
     n_rows, n = x.shape
     n_pairs = theta.numel()
-    block_n = max(2, triton.next_power_of_2(n))
+    block_n = max(2, next_pow2(n))
     block_r = max(1, min(64, TILE // block_n))
-    block_p = max(1, min(triton.next_power_of_2(max(n_pairs, 1)), TILE // block_n))
+    block_p = max(1, min(next_pow2(max(n_pairs, 1)), TILE // block_n))
     src, n_src, stride = x, n_rows, x.stride(0)
     if 0 < rows_per_program < n_rows:
-        programs = triton.cdiv(n_rows, rows_per_program)
+        programs = cdiv(n_rows, rows_per_program)
         src = torch.empty(programs, n, device=x.device, dtype=torch.float32)
         launch(row_sums_kernel)[(programs,)](x, n_rows, x.stride(0), src, n, rows_per_program,
                                              BLOCK_R=block_r, BLOCK_N=block_n)
