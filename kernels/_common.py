@@ -99,9 +99,10 @@ def atan2(y, x):
     hi = tl.where(steep, ay, ax)
     lo = tl.where(steep, ax, ay)
     # 0 / 0 and inf / inf have no ratio: both zero gives angle 0 (then the signs), both inf pi / 4
-    t = tl.where(hi == 0.0, 0.0, tl.where(ax == ay, 1.0, lo / tl.where(hi == 0.0, 1.0, hi)))
+    # div_rn: a plain / compiles to div.full.f32 (up to 2 ulp), which would eat the 3-ulp budget
+    t = tl.where(hi == 0.0, 0.0, tl.where(ax == ay, 1.0, tl.div_rn(lo, tl.where(hi == 0.0, 1.0, hi))))
     big = t > 0.41421356237309503
-    u = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    u = tl.where(big, tl.div_rn(t - 1.0, t + 1.0), t)
     z = u * u
     p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * u + u
     r = tl.where(big, 0.78539816339744831 + p, p)

@@ -63,7 +63,7 @@ def _wrap(t):
 def _angles(v, cols, p0, pairs_ptr, theta_ptr, theta_stride, n_pairs, g, BLOCK_P: tl.constexpr):
     """Angles p0 .. p0 + BLOCK_P: (theta + dtheta before the wrap, their offsets, mask, and the
     count of non-finite increments and angles)."""
-    offs = p0 + tl.arange(0, BLOCK_P)
+    offs = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
     pm = offs < n_pairs
     a = tl.load(pairs_ptr + 2 * offs, mask=pm, other=-1)
     b = tl.load(pairs_ptr + 2 * offs + 1, mask=pm, other=-1)
@@ -85,13 +85,13 @@ def metric_update_kernel(src_ptr, n_src, src_stride, n_rows, lam_ptr, lam_stride
     float32 partial sums; n_rows: N, the mean's divisor. lam: [n], theta: [n_pairs] (strided, any
     float dtype), pairs: int32 [n_pairs, 2]. dL: dl_ptr's 0-dim value (DL_PTR) or dl_value; s =
     lr / beta. Updates lam and theta in place, or stores nothing where the gate fails."""
-    cols = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)  # 64-bit: lam / theta may be views with large strides
     cm = cols < n
     v = _block_sum(src_ptr, 0, n_src, src_stride, cols, n, BLOCK_R, BLOCK_N) / tl.full([], n_rows, tl.float32)
     for p in range(0, n_pairs):  # the metric's Givens rotations, in order
         a = tl.load(pairs_ptr + 2 * p)
         b = tl.load(pairs_ptr + 2 * p + 1)
-        th = tl.load(theta_ptr + p * theta_stride).to(tl.float32)
+        th = tl.load(theta_ptr + tl.full([], p, tl.int64) * theta_stride).to(tl.float32)
         c = tl.cos(th)
         sn = tl.sin(th)
         va = tl.sum(tl.where(cols == a, v, 0.0), 0)

@@ -444,7 +444,7 @@ def _inputs(a, b, lead, minplus):
         return a, b, consts["ZERO"], consts, (None, None)
     a, fa = _int_prepare(a, -1, consts, minplus)
     b, fb = _int_prepare(b, -2, consts, minplus)
-    # the flags of broadcast batch dims repeated: batch x M bytes, where C has batch x M x N entries
+    # the flags of broadcast batch dims repeated: batch x M int32s, where C has batch x M x N entries
     fa = fa.expand(*lead, fa.shape[-1]).contiguous()
     fb = fb.expand(*lead, fb.shape[-1]).contiguous()
     return a, b, consts["S_IN"], consts, (fa, fb)

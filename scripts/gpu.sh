@@ -70,6 +70,12 @@ shards() {  # shards NAME SELECT...: the ids pytest selects with SELECT, in JOBS
     { if [ -n "${IDS:-}" ]; then grep -Fxf "$IDS"; else cat; fi; } |
     awk 'BEGIN { srand(12345) } { printf "%.12f\t%s\n", rand(), $0 }' | sort -k1,1 | cut -f2- |
     awk -v part="${PART:-1/1}" 'BEGIN { split(part, a, "/") } (NR - 1) % a[2] == a[1] - 1' >"$OUT/$name.ids"
+  # nothing selected: no shard and no process (pytest given no ids would run the whole suite); an
+  # IDS file that matches no collected id is an error, an empty SELECT only a note
+  if [ ! -s "$OUT/$name.ids" ]; then
+    echo "$name: no test id selected${IDS:+ (IDS=$IDS matches none)}" >&2
+    [ -z "${IDS:-}" ]; return
+  fi
   awk -v n="$JOBS" -v f="$OUT/$name.ids." '{ print > (f (NR % n)) }' "$OUT/$name.ids"
   # ORDER=reverse: each process runs its shard from the end, so a call cut by its time limit covers
   # what an earlier cut call of the same shards (same ids, run from the start) did not reach
@@ -80,7 +86,8 @@ parallel() {  # parallel NAME SELECT... -- CMD...: CMD + one shard's test ids in
   local sel=()
   while [ "$1" != "--" ]; do sel+=("$1"); shift; done
   shift
-  shards "$name" "${sel[@]}"
+  shards "$name" "${sel[@]}" || return 1
+  [ -s "$OUT/$name.ids" ] || return 0
   local pids=() rc=0
   for ids in "$OUT/$name".ids.*; do
     # exit 5: nothing selected in this shard, which is no failure

@@ -439,10 +439,11 @@ test_opcheck, test_compile_fullgraph, test_fake_trace = custom_op_tests("contras
 
 @pytest.mark.huge
 @pytest.mark.skipif(not HAS_CUDA, reason="tensors past 2**31 elements need a GPU")
-@pytest.mark.parametrize("rpp", [0, 1 << 20])
+@pytest.mark.parametrize("rpp", [2**25 + 7, 1 << 20], ids=["one-program", "row-sums"])
 def test_rows_past_2_31_elements(rpp):
     """x_free [2**25 + 7, 64] bf16 (2**31 + 448 elements), zero but its first and last rows: a row
-    offset that wraps at 2**31 reads another (zero) row in place of the last."""
+    offset that wraps at 2**31 reads another (zero) row in place of the last. rows_per_program = N:
+    one program reads every row (0 would choose the row-sum stage at this N)."""
     run_isolated(f"""
 import torch, geokern, geokern.metric as gm
 from geokern.reference import contrastive as ref

@@ -587,11 +587,13 @@ def test_contrastive_metric_kernels_compile_for_sm90():
     from geokern.kernels import contrastive_metric as tk
 
     for dt, dl_ptr, ft, rows in (("fp32", True, "fp32", "i32"), ("bf16", False, "fp64", "i64")):
-        compile_ok(tk.metric_update_kernel,
+        out = compile_ok(tk.metric_update_kernel,
                    {"src_ptr": f"*{dt}", "n_src": rows, "src_stride": "i32", "n_rows": rows, "lam_ptr": f"*{dt}",
                     "lam_stride": "i32", "theta_ptr": f"*{dt}", "theta_stride": "i32", "pairs_ptr": "*i32",
                     "n_pairs": "i32", "dl_ptr": "*fp32", "dl_value": ft, "s": ft, "n": "i32"},
                    dict(DL_PTR=dl_ptr, BLOCK_R=64, BLOCK_N=64, BLOCK_P=64))
+        # atan2's two divisions correctly rounded (a plain / is div.full.f32, up to 2 ulp off)
+        assert "div.rn.f32" in out.asm["ptx"], "atan2 lost its div_rn"
         compile_ok(tk.row_sums_kernel,
                    {"x_ptr": f"*{dt}", "n_rows": rows, "stride": "i32", "part_ptr": "*fp32", "n": "i32",
                     "rows_per_program": "i32"}, dict(BLOCK_R=64, BLOCK_N=64))

@@ -129,6 +129,7 @@ def test_plain_eager_writes_bump_version_counters():
                 saved.backward()
     finally:
         _registry.CUSTOM_OPS.remove(("triton", "geokern::registry_write_probe_triton"))
+        _registry.TRITON_OPS.pop("geokern::registry_write_probe_triton")
 
 
 def test_plain_eager_writes_bump_each_tensor_of_a_list_argument():
@@ -144,6 +145,7 @@ def test_plain_eager_writes_bump_each_tensor_of_a_list_argument():
         assert all(y._version > b for y, b in zip(ys, before))
     finally:
         _registry.CUSTOM_OPS.remove(("triton", "geokern::registry_list_write_probe_triton"))
+        _registry.TRITON_OPS.pop("geokern::registry_list_write_probe_triton")
 
 
 def test_mutates_args_must_name_parameters_of_the_body():

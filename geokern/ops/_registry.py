@@ -141,25 +141,27 @@ _MAX_CONSTANTS = 64
 
 def constant(value, shape, dtype, device):
     """A tensor of `shape` filled with the number `value` (rounded to dtype), for a number argument a
-    kernel reads from memory (retrieval's and LIoR's R): made once per value, shape, dtype and device
-    in plain eager calls, so a call launches no fill and copies nothing from the host. Keyed by the
-    float's hex, so -0.0 and 0.0 stay apart. Under tracing, a dispatch mode or stream capture it is
-    made fresh (a traced graph or a captured one must own what it reads). The oldest entry goes past
-    _MAX_CONSTANTS (a schedule of values must not grow the cache): only eager launches hold an
-    entry, and the allocator keeps a freed block for its stream's pending work."""
+    kernel reads from memory (retrieval's and LIoR's R): made once per value, shape, dtype, device
+    and CUDA stream in plain eager calls, so a call launches no fill and copies nothing from the
+    host. Keyed by the float's hex, so -0.0 and 0.0 stay apart. Per stream, because the allocator
+    ties a block to the stream that made it: an entry read on another stream could be evicted and
+    its block reused while that stream still reads it. Under tracing, a dispatch mode or stream
+    capture it is made fresh (a traced graph or a captured one must own what it reads). The oldest
+    entry goes past _MAX_CONSTANTS (a schedule of values must not grow the cache)."""
     v = float(value)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     if (torch.compiler.is_compiling() or _dispatch_mode() is not None
-            or (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            or (cuda and torch.cuda.is_current_stream_capturing())):
         return torch.full(shape, v, dtype=dtype, device=device)
-    key = (v.hex(), tuple(shape), dtype, torch.device(device))
+    key = (v.hex(), tuple(shape), dtype, device, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
     t = _CONSTANTS.get(key)
     if t is None:
-        # rounded to dtype on the host first: past float32's range torch.full raises, a number rounds to inf
-        # and never an inference tensor: a later call with autograd may save it for its backward
+        # rounded to dtype on the host first (past float32's range torch.full raises where a number
+        # rounds to inf), filled on this stream; never an inference tensor (a later call with
+        # autograd may save it for its backward)
         with torch.inference_mode(False):
-            t = torch.tensor(v, dtype=torch.float64).to(dtype).expand(shape).contiguous().to(device)
-        if t.is_cuda:  # made on this stream: a call on another stream must not read it before the fill
-            torch.cuda.current_stream(t.device).synchronize()
+            t = torch.full(shape, torch.tensor(v, dtype=torch.float64).to(dtype).item(), dtype=dtype, device=device)
         if len(_CONSTANTS) >= _MAX_CONSTANTS:
             del _CONSTANTS[next(iter(_CONSTANTS))]
         _CONSTANTS[key] = t
