@@ -8,7 +8,6 @@ eager call with the same rotation planes: their int32 table is copied to the dev
 cached, a copy that a capture cannot hold).
 """
 
-import functools
 import math
 
 import torch
@@ -37,10 +36,19 @@ _KERNELS = {"triton": triton_op("contrastive_metric_update_triton", _contrastive
                                 mutates_args=("lam", "theta"))}
 
 
-@functools.lru_cache(64)
+_PAIRS = {}  # (pairs, device) -> int32 [P, 2] table
+
+
 def _pairs_table(pairs, device):
-    """The rotation planes as int32 [P, 2] on `device`, made once per (pairs, device)."""
-    return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
+    """The rotation planes as int32 [P, 2] on `device`, made once per (pairs, device) and never
+    freed: an evicted table's block could be reused on its stream while a launch on another stream
+    still reads it, and a captured graph keeps reading the address it captured. A model has a few
+    rotor metrics, each a few planes."""
+    key = (pairs, device)
+    t = _PAIRS.get(key)
+    if t is None:
+        t = _PAIRS[key] = torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
+    return t
 
 
 def _check(metric, x_free, dL, lr, beta, rows_per_program):

@@ -135,7 +135,7 @@ def _plain_eager(args, kwargs):
     return True
 
 
-_CONSTANTS = {}  # (value's hex, shape, dtype, device) -> tensor, oldest first
+_CONSTANTS = {}  # (value's hex, shape, dtype, device, CUDA stream) -> tensor, oldest first
 _MAX_CONSTANTS = 64
 
 
